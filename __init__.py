@@ -1,0 +1,1 @@
+"""Lets the installer map the repository root as edgeseek.app, the home of cli.py."""

@@ -1,0 +1,48 @@
+"""QMatrix: a weight matrix in its quantized form, with the kernels of its format attached.
+
+The model code only ever does `W(x)`: x (K,) for decode or (T, K) for a batch of tokens.
+The repacked layout is built lazily on first use, so loading a model touches no weight bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .registry import get_format
+
+
+class QMatrix:
+    __slots__ = ("fmt", "raw", "shape", "_packed", "name")
+
+    def __init__(self, qtype, raw: np.ndarray, shape: tuple[int, int], name: str = ""):
+        self.fmt = get_format(qtype)
+        self.raw = raw  # (N, row_bytes) uint8, a view on the file's mmap
+        self.shape = shape  # (N, K): y = W @ x
+        self.name = name
+        self._packed = None
+
+    @property
+    def packed(self):
+        if self._packed is None:
+            self._packed = self.fmt.pack(self.raw)
+        return self._packed
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            return self.fmt.matvec(self.packed, x)
+        if x.shape[0] == 1:
+            return self.fmt.matvec(self.packed, x[0])[None, :]
+        return self.fmt.matmul(self.packed, x)
+
+    def dequantize(self) -> np.ndarray:
+        """The whole matrix as float32 (N, K): for small tensors and tests, never a hot path."""
+        n, k = self.shape
+        blocks = self.raw.reshape(-1, self.fmt.type_size)
+        return self.fmt.dequantize(blocks).reshape(n, k)
+
+    def __repr__(self) -> str:
+        return f"QMatrix({self.name!r}, {self.fmt.qtype.name}, {self.shape})"
