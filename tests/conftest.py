@@ -2,7 +2,7 @@ import importlib.util
 
 import pytest
 
-from models_cache import DEEPSEEK_TOKENIZER, GEMMA3, SMOLLM2, fetch
+import models_cache
 
 
 def _has(module: str) -> bool:
@@ -15,14 +15,14 @@ requires_torch = pytest.mark.skipif(not (_has("torch") and _has("transformers"))
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    return fetch(SMOLLM2)
+    return models_cache.smollm2()
 
 
 @pytest.fixture(scope="session")
 def gemma3_path():
-    return fetch(GEMMA3)
+    return models_cache.gemma3()
 
 
 @pytest.fixture(scope="session")
 def deepseek_tokenizer_json():
-    return fetch(DEEPSEEK_TOKENIZER)
+    return models_cache.deepseek_tokenizer_json()
