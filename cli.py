@@ -1,9 +1,359 @@
-"""The edgeseek command."""
-import typer
+"""The `edgeseek` command: chat, generate, inspect, pull, list, bench.
 
-app = typer.Typer(no_args_is_help=True)
+All terminal rendering lives here; the engine below only yields text and stats.
+Data goes to stdout, messages and progress to stderr; user mistakes exit non-zero with one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from edgeseek.errors import EdgeseekError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Run DeepSeek-style MoE (and llama/qwen2) GGUF models on ordinary hardware.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+_no_color = bool(os.environ.get("NO_COLOR"))
+out = Console(no_color=_no_color, highlight=False, soft_wrap=True)
+err = Console(stderr=True, no_color=_no_color, highlight=False)
+
+MODEL_HELP = "GGUF file or known model name (edgeseek list); default: $EDGESEEK_MODEL or smollm2-135m."
+
+
+def _fail(message: str, code: int = 1):
+    err.print(f"[red]error:[/red] {message}", markup=True)
+    raise typer.Exit(code)
+
+
+def _load(model: Optional[str], n_ctx: int):
+    from edgeseek import hub
+    from edgeseek.engine import load
+
+    path = hub.resolve(model)
+    with err.status(f"Loading {path.name}…", spinner="dots") if err.is_terminal else _nullcontext():
+        return load(path, n_ctx=n_ctx)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed):
+    from edgeseek.sampler import SamplerConfig
+
+    return SamplerConfig(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repeat_penalty=repeat_penalty, seed=seed)
+
+
+def _stats_line(r, engine) -> str:
+    if r is None:
+        return ""
+    return (f"[ prompt: {r.prompt_tokens} tok, {r.prompt_tps:.1f} t/s | generation: {r.generation_tokens} tok, "
+            f"{r.generation_tps:.1f} t/s | first token {r.ttft:.2f} s ]")
+
+
+# Sampling options shared by chat and generate; defaults as llama.cpp's.
+TEMP = typer.Option(0.8, "--temp", envvar="EDGESEEK_TEMP", help="Temperature; 0 = greedy.")
+TOP_K = typer.Option(40, "--top-k")
+TOP_P = typer.Option(0.95, "--top-p")
+MIN_P = typer.Option(0.05, "--min-p")
+REPEAT = typer.Option(1.0, "--repeat-penalty", help="1.0 = off.")
+SEED = typer.Option(None, "--seed", help="Random seed (default: random).")
+CTX = typer.Option(4096, "--ctx", envvar="EDGESEEK_CTX", help="Context length in tokens.")
 
 
 @app.command()
-def version():
-    print("edgeseek")
+def generate(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Prompt text; read from stdin when absent."),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens"),
+    temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reply and its stats as one JSON object."),
+):
+    """Reply to one prompt on stdout, nothing else: pipe-friendly.
+
+    Examples:
+      edgeseek generate -p "Why is the sky blue?"
+      echo "Write a haiku" | edgeseek generate model.gguf --temp 0 --json
+    """
+    from edgeseek.chat import prompt_ids
+    from edgeseek.generate import stream_generate
+
+    if prompt is None:
+        if sys.stdin.isatty():
+            _fail("no prompt: pass -p TEXT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    engine = _load(model, ctx)
+    if raw or engine.chat_template is None:
+        ids = engine.tokenizer.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = prompt_ids(engine, engine.chat_template.render(messages, add_generation_prompt=True))
+    sampler = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    text, last = [], None
+    try:
+        for r in stream_generate(engine, ids, max_tokens=max_tokens, sampler=sampler):
+            last = r
+            if as_json:
+                text.append(r.text)
+            else:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        err.print("\n[interrupted]")
+        raise typer.Exit(130)
+    if as_json:
+        print(json.dumps({
+            "model": str(engine.path), "text": "".join(text), "finish_reason": last.finish_reason,
+            "prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
+            "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
+            "ttft_s": round(last.ttft, 4), "load_s": round(engine.load_seconds, 3),
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+
+
+CHAT_HELP = """Commands:
+  /help                 this help
+  /clear                forget the conversation
+  /system [TEXT]        show or set the system prompt (clears the conversation)
+  /set NAME VALUE       sampling option: temperature top_k top_p min_p repeat_penalty seed max_tokens
+  /stats                the last reply's speed
+  /save FILE, /load FILE  the conversation as JSON
+  /bye                  leave (or Ctrl+D)
+Multi-line input: start and end it with three double quotes (\"\"\"). Ctrl+C stops a reply."""
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt, or @FILE to read it from a file."),
+    max_tokens: int = typer.Option(1024, "-n", "--max-tokens"),
+    temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
+):
+    """Chat with a model in the terminal (streaming, the model's own chat template).
+
+    Examples:
+      edgeseek chat
+      edgeseek chat DeepSeek-V2-Lite-Chat-Q4_K_M.gguf -s "Answer briefly." --temp 0.6
+    """
+    from edgeseek.chat import ChatSession
+
+    if system and system.startswith("@"):
+        system = Path(system[1:]).read_text(encoding="utf-8")
+    engine = _load(model, ctx)
+    session = ChatSession(engine, system=system, max_tokens=max_tokens,
+                          sampler=_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed))
+    try:
+        import readline  # noqa: F401  (input history and line editing for input())
+    except ImportError:
+        pass
+    err.print(f"[bold]{engine.path.name}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s. "
+              "/help for commands, Ctrl+D to leave.")
+    while True:
+        try:
+            text = _read_message()
+        except EOFError:
+            err.print()
+            return
+        except KeyboardInterrupt:
+            err.print("\nUse Ctrl+D or /bye to leave.")
+            continue
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            if _slash(session, text.strip()):
+                return
+            continue
+        _reply(session, text)
+
+
+def _read_message() -> str:
+    prompt = ">>> " if sys.stdin.isatty() else ""
+    line = input(prompt)
+    if not line.strip().startswith('"""'):
+        return line
+    lines = [line.strip()[3:]]
+    while not lines[-1].rstrip().endswith('"""'):
+        lines.append(input("... " if prompt else ""))
+    lines[-1] = lines[-1].rstrip()[:-3]
+    return "\n".join(lines).strip("\n")
+
+
+def _reply(session, text: str) -> None:
+    from edgeseek.chat import ThinkSplitter
+
+    split = ThinkSplitter()
+    t_think = None
+    thought = 0.0
+    status = err.status("", spinner="dots") if err.is_terminal else _nullcontext()
+    status.__enter__()
+    started = False
+    try:
+        for r in session.send(text):
+            if not started:
+                status.__exit__(None, None, None)
+                started = True
+            for kind, part in split.feed(r.text) + (split.flush() if r.finish_reason else []):
+                if kind == "think":
+                    t_think = t_think or time.perf_counter()
+                    out.print(part, end="", style="dim", markup=False)
+                else:
+                    if t_think is not None:
+                        thought += time.perf_counter() - t_think
+                        t_think = None
+                        out.print(f"\n[dim](thought for {thought:.1f} s)[/dim]\n", end="")
+                    out.print(part, end="", markup=False)
+    except KeyboardInterrupt:
+        out.print()
+        err.print("[stopped]")
+        return
+    finally:
+        if not started:
+            status.__exit__(None, None, None)
+    out.print()
+    err.print(_stats_line(session.last, session.engine), style="dim", markup=False)
+
+
+def _slash(session, line: str) -> bool:
+    """Runs a slash command; True means leave."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/bye", "/exit", "/quit"):
+        return True
+    if cmd in ("/help", "/?"):
+        err.print(CHAT_HELP, markup=False)
+    elif cmd == "/clear":
+        session.clear()
+        err.print("Conversation cleared.")
+    elif cmd == "/system":
+        if arg:
+            session.system = arg
+            session.clear()
+            err.print("System prompt set; conversation cleared.")
+        else:
+            err.print(session.system or "(no system prompt)", markup=False)
+    elif cmd == "/set":
+        name, _, value = arg.partition(" ")
+        try:
+            _set_option(session, name, value.strip())
+        except ValueError as e:
+            err.print(f"error: {e}", markup=False)
+    elif cmd == "/stats":
+        err.print(_stats_line(session.last, session.engine) or "No reply yet.", markup=False)
+    elif cmd in ("/save", "/load"):
+        if not arg:
+            err.print(f"usage: {cmd} FILE")
+            return False
+        try:
+            if cmd == "/save":
+                session.save(arg)
+                err.print(f"Saved {len(session.messages)} messages to {arg}.")
+            else:
+                session.load(arg)
+                err.print(f"Loaded {len(session.messages)} messages from {arg}.")
+        except (EdgeseekError, OSError) as e:
+            err.print(f"error: {e}", markup=False)
+    else:
+        err.print(f"Unknown command {cmd}; /help lists them.", markup=False)
+    return False
+
+
+_ALIASES = {"temp": "temperature", "num_predict": "max_tokens", "seed": "seed"}
+
+
+def _set_option(session, name: str, value: str) -> None:
+    name = _ALIASES.get(name, name)
+    if not name or not value:
+        raise ValueError("usage: /set NAME VALUE")
+    if name == "max_tokens":
+        session.max_tokens = int(value)
+    else:
+        cast = {"top_k": int, "repeat_last_n": int, "seed": int}.get(name, float)
+        try:
+            parsed = cast(value)
+        except ValueError:
+            raise ValueError(f"{name}: not a number: {value!r}") from None
+        session.sampler = session.sampler.updated(**{name: parsed})
+    err.print(f"Set {name} = {value}.")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Show a model's architecture, size, tensor types and chat template.
+
+    Example: edgeseek inspect model.gguf --json
+    """
+    from edgeseek import hub
+    from edgeseek.inspect import describe
+
+    info = describe(hub.resolve(model))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        if key in ("tensor_types", "chat_template"):
+            continue
+        table.add_row(key, str(value))
+    out.print(table)
+    types = Table("type", "tensors", "bytes")
+    for name, t in info["tensor_types"].items():
+        types.add_row(name, str(t["count"]), f"{t['bytes'] / 1e6:.1f} MB")
+    out.print(types)
+    if info.get("chat_template"):
+        out.print("chat template:", style="bold")
+        out.print(info["chat_template"], markup=False)
+
+
+@app.command("list")
+def list_models():
+    """Known models and whether they are in the cache. Example: edgeseek list"""
+    from edgeseek import hub
+
+    for name, m in hub.KNOWN_MODELS.items():
+        mark = "pulled" if hub.is_pulled(name) else "-"
+        print(f"{name}\t{mark}\t{m.description}")
+
+
+@app.command()
+def pull(name: str = typer.Argument(..., help="A known model name (edgeseek list).")):
+    """Fetch a known model into the cache. Example: edgeseek pull smollm2-135m"""
+    from edgeseek import hub
+
+    print(hub.pull(name))
+
+
+def main():
+    try:
+        app()
+    except EdgeseekError as e:
+        err.print(f"error: {e}", markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

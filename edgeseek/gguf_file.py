@@ -49,7 +49,7 @@ class GGUFFile:
             self.reader = GGUFReader(self.path, "r")
         except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as e:
             # GGUFReader indexes past the end of the mmap when the header is cut short.
-            raise GGUFError(f"{self.path}: truncated or corrupt GGUF header/metadata ({e})") from e
+            raise GGUFError(f"{self.path}: truncated or corrupt GGUF file ({size} bytes; {e})") from e
         self.tensors: dict[str, TensorInfo] = {}
         for t in self.reader.tensors:
             qtype = GGMLQuantizationType(t.tensor_type)
