@@ -18,6 +18,19 @@ from .errors import GGUFError
 _MISSING = object()
 
 
+class _Reader(GGUFReader):
+    """GGUFReader over a plain ndarray view of its mmap: numpy.memmap's per-slice bookkeeping made
+    parsing a 50k-token vocabulary take 4 s; the plain view takes 0.7 s. Still memory-mapped."""
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -46,7 +59,7 @@ class GGUFFile:
         if magic != b"GGUF":
             raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
         try:
-            self.reader = GGUFReader(self.path, "r")
+            self.reader = _Reader(self.path, "r")
         except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as e:
             # GGUFReader indexes past the end of the mmap when the header is cut short.
             raise GGUFError(f"{self.path}: truncated or corrupt GGUF file ({size} bytes; {e})") from e
