@@ -14,10 +14,24 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from edgeseek.errors import EdgeseekError
 
+
+class _Group(TyperGroup):
+    """User mistakes (bad file, bad option value) end in one line on stderr and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeseekError as e:
+            err.print(f"error: {e}", markup=False)
+            ctx.exit(1)
+
+
 app = typer.Typer(
+    cls=_Group,
     no_args_is_help=True,
     help="Run DeepSeek-style MoE (and llama/qwen2) GGUF models on ordinary hardware.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -31,7 +45,7 @@ MODEL_HELP = "GGUF file or known model name (edgeseek list); default: $EDGESEEK_
 
 
 def _fail(message: str, code: int = 1):
-    err.print(f"[red]error:[/red] {message}", markup=True)
+    err.print(f"error: {message}", markup=False)
     raise typer.Exit(code)
 
 
@@ -348,11 +362,7 @@ def pull(name: str = typer.Argument(..., help="A known model name (edgeseek list
 
 
 def main():
-    try:
-        app()
-    except EdgeseekError as e:
-        err.print(f"error: {e}", markup=False)
-        sys.exit(1)
+    app()
 
 
 if __name__ == "__main__":
