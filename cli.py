@@ -39,7 +39,7 @@ app = typer.Typer(
 )
 _no_color = bool(os.environ.get("NO_COLOR"))
 out = Console(no_color=_no_color, highlight=False, soft_wrap=True)
-err = Console(stderr=True, no_color=_no_color, highlight=False)
+err = Console(stderr=True, no_color=_no_color, highlight=False, soft_wrap=True)
 
 MODEL_HELP = "GGUF file or known model name (edgeseek list); default: $EDGESEEK_MODEL or smollm2-135m."
 
