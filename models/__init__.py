@@ -1,0 +1,26 @@
+"""One module per architecture; `load_model` picks it from `general.architecture`."""
+from __future__ import annotations
+
+from edgeseek.errors import UnsupportedError
+
+
+def _llama(gguf, expert_store, n_ctx):
+    from .llama import LlamaModel
+    return LlamaModel(gguf, n_ctx)
+
+
+def _deepseek2(gguf, expert_store, n_ctx):
+    from .deepseek2 import DeepSeek2Model
+    return DeepSeek2Model(gguf, expert_store=expert_store, n_ctx=n_ctx)
+
+
+ARCHITECTURES = {"llama": _llama, "qwen2": _llama, "deepseek2": _deepseek2}
+
+
+def load_model(gguf, expert_store=None, n_ctx: int = 4096):
+    build = ARCHITECTURES.get(gguf.arch)
+    if build is None:
+        raise UnsupportedError(
+            f"{gguf.path}: architecture {gguf.arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
+    return build(gguf, expert_store, n_ctx)

@@ -1,0 +1,127 @@
+"""Pieces every architecture uses: RMSNorm, rope (llama.cpp's NORM and NEOX kinds, YaRN), SiLU,
+softmax, embedding lookup, and weight loading from a GGUF file."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeseek.errors import GGUFError
+from edgeseek.quantize import QMatrix, get_format
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (T, D) float32 -> x / rms(x) * weight, in float32 as llama.cpp does."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(ms + eps)).astype(np.float32) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+# --- weights -----------------------------------------------------------------------------------
+def vector(gguf, name: str, length: int | None = None) -> np.ndarray:
+    """A 1-D tensor (norm weight, bias) as float32."""
+    t = gguf.tensor(name)
+    if len(t.shape) != 1 or (length is not None and t.shape[0] != length):
+        raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {t.shape}, expected ({length},)")
+    return dense(gguf, name).reshape(-1)
+
+
+def dense(gguf, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Any tensor as a float32 array in numpy order: for small tensors only."""
+    t = gguf.tensor(name, shape)
+    fmt = get_format(t.qtype)
+    return fmt.dequantize(np.ascontiguousarray(t.raw).reshape(-1, fmt.type_size)).reshape(t.shape)
+
+
+def matrix(gguf, name: str, shape: tuple[int, int]) -> QMatrix:
+    """A 2-D weight (out, in) kept in its file quantization: y = W @ x."""
+    t = gguf.tensor(name, shape)
+    return QMatrix(t.qtype, t.raw, t.shape, name)
+
+
+class Embedding:
+    """token_embd rows looked up without dequantizing the whole table: (V, D)."""
+
+    def __init__(self, gguf, name: str, shape: tuple[int, int]):
+        t = gguf.tensor(name, shape)
+        self.raw = t.raw  # (V, row_bytes)
+        self.fmt = get_format(t.qtype)
+        self.shape = t.shape
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise ValueError(f"token id out of range [0, {self.shape[0]})")
+        rows = np.ascontiguousarray(self.raw[ids]).reshape(-1, self.fmt.type_size)
+        return self.fmt.dequantize(rows).reshape(len(ids), self.shape[1])
+
+
+# --- rope ------------------------------------------------------------------------------------
+def rope_freqs(dim: int, base: float, factors: np.ndarray | None = None) -> np.ndarray:
+    """theta_i = base^(-2i/dim), i < dim/2, divided by per-frequency factors (llama3's rope_freqs)."""
+    inv = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if factors is not None:
+        inv = inv / factors.astype(np.float64)
+    return inv
+
+
+def yarn_freqs(dim: int, base: float, factor: float, orig_ctx: int, beta_fast: float = 32.0,
+               beta_slow: float = 1.0) -> np.ndarray:
+    """YaRN's blend of interpolated and extrapolated frequencies (llama.cpp ggml rope_yarn)."""
+    inv = rope_freqs(dim, base)
+
+    def corr_dim(n_rot):
+        return dim * math.log(orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(0.0, math.floor(corr_dim(beta_fast)))
+    high = min(dim - 1.0, math.ceil(corr_dim(beta_slow)))
+    i = np.arange(dim // 2, dtype=np.float64)
+    ramp = np.clip((i - low) / max(0.001, high - low), 0.0, 1.0)
+    extrapolate = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate by the factor
+    return inv / factor * (1.0 - extrapolate) + inv * extrapolate
+
+
+class Rope:
+    """Rotary embedding on the first `dim` values of each head.
+
+    kind "norm" rotates adjacent pairs (x[2i], x[2i+1]) (llama, deepseek2 in GGUF);
+    "neox" rotates (x[i], x[i + dim/2]) (qwen2). `mscale` multiplies cos and sin (YaRN).
+    """
+
+    def __init__(self, dim: int, inv_freq: np.ndarray, kind: str = "norm", mscale: float = 1.0):
+        self.dim, self.inv_freq, self.kind, self.mscale = dim, inv_freq, kind, mscale
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x (T, H, head_dim) float32, positions (T,) -> rotated copy."""
+        ang = positions[:, None].astype(np.float64) * self.inv_freq[None, :]  # (T, dim/2)
+        cos = (np.cos(ang) * self.mscale).astype(np.float32)[:, None, :]
+        sin = (np.sin(ang) * self.mscale).astype(np.float32)[:, None, :]
+        out = x.copy()
+        d = self.dim
+        if self.kind == "norm":
+            a, b = x[..., 0:d:2], x[..., 1:d:2]
+            out[..., 0:d:2] = a * cos - b * sin
+            out[..., 1:d:2] = a * sin + b * cos
+        else:
+            a, b = x[..., : d // 2], x[..., d // 2: d]
+            out[..., : d // 2] = a * cos - b * sin
+            out[..., d // 2: d] = a * sin + b * cos
+        return out
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float) -> np.ndarray:
+    """q (G, H, T, d) against k (G, S, d), v (G, S, dv) where the T queries sit at positions
+    start..start+T-1 of the S keys; -> (G, H, T, dv)."""
+    T, S = q.shape[2], k.shape[1]
+    scores = np.matmul(q, k[:, None].transpose(0, 1, 3, 2)) * scale  # (G, H, T, S)
+    if T > 1:
+        mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
+        scores[..., mask] = -np.inf
+    return np.matmul(softmax(scores), v[:, None])  # (G, H, T, dv)

@@ -1,0 +1,131 @@
+"""Dense llama-family models: `llama` (SmolLM2, the R1 Llama distills) and `qwen2` (the R1 Qwen
+distills: q/k/v biases, NEOX rope). Graph as llama.cpp's src/models/llama.cpp and qwen2.cpp."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import Embedding, Rope, causal_attention, matrix, rms_norm, rope_freqs, silu, vector
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    arch: str  # "llama" or "qwen2"
+    vocab_size: int
+    n_layer: int
+    n_embd: int  # hidden size D
+    n_head: int
+    n_head_kv: int  # grouped-query attention: n_head / n_head_kv query heads share a key head
+    head_dim: int
+    n_ff: int  # feed-forward width F
+    rms_eps: float
+    rope_base: float
+    rope_dim: int  # rotated values per head
+    rope_scale: float  # linear rope scaling factor (positions divided by it)
+    context_length: int
+
+    @classmethod
+    def from_gguf(cls, g) -> "LlamaConfig":
+        n_embd = g.arch_meta("embedding_length")
+        n_head = g.arch_meta("attention.head_count")
+        head_dim = g.arch_meta("attention.key_length", n_embd // n_head)
+        scaling = g.arch_meta("rope.scaling.type", "none")
+        return cls(
+            arch=g.arch,
+            vocab_size=g.arch_meta("vocab_size", None) or len(g.meta("tokenizer.ggml.tokens")),
+            n_layer=g.arch_meta("block_count"),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=g.arch_meta("attention.head_count_kv", n_head),
+            head_dim=head_dim,
+            n_ff=g.arch_meta("feed_forward_length"),
+            rms_eps=g.arch_meta("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_base=g.arch_meta("rope.freq_base", 10000.0),
+            rope_dim=g.arch_meta("rope.dimension_count", head_dim),
+            rope_scale=g.arch_meta("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
+            context_length=g.arch_meta("context_length", 4096),
+        )
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: k, v (n_layer, n_head_kv, n_ctx, head_dim)."""
+
+    def __init__(self, cfg: LlamaConfig, n_ctx: int):
+        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.n_ctx = n_ctx
+        self.pos = 0
+
+    def truncate(self, n: int) -> None:
+        self.pos = min(self.pos, n)
+
+
+class Layer:
+    def __init__(self, g, i: int, c: LlamaConfig):
+        D, H, Hkv, d = c.n_embd, c.n_head, c.n_head_kv, c.head_dim
+        p = f"blk.{i}."
+        self.attn_norm = vector(g, p + "attn_norm.weight", D)
+        self.attn_q = matrix(g, p + "attn_q.weight", (H * d, D))
+        self.attn_k = matrix(g, p + "attn_k.weight", (Hkv * d, D))
+        self.attn_v = matrix(g, p + "attn_v.weight", (Hkv * d, D))
+        self.attn_output = matrix(g, p + "attn_output.weight", (D, H * d))
+        bias = (lambda n, k: vector(g, p + n, k) if g.has(p + n) else None)
+        self.attn_q_b, self.attn_k_b, self.attn_v_b = (
+            bias("attn_q.bias", H * d), bias("attn_k.bias", Hkv * d), bias("attn_v.bias", Hkv * d))
+        self.ffn_norm = vector(g, p + "ffn_norm.weight", D)
+        self.ffn_gate = matrix(g, p + "ffn_gate.weight", (c.n_ff, D))
+        self.ffn_up = matrix(g, p + "ffn_up.weight", (c.n_ff, D))
+        self.ffn_down = matrix(g, p + "ffn_down.weight", (D, c.n_ff))
+
+
+class LlamaModel:
+    def __init__(self, g, n_ctx: int = 4096):
+        self.config = c = LlamaConfig.from_gguf(g)
+        self.n_ctx = n_ctx
+        self.token_embd = Embedding(g, "token_embd.weight", (c.vocab_size, c.n_embd))
+        self.layers = [Layer(g, i, c) for i in range(c.n_layer)]
+        self.output_norm = vector(g, "output_norm.weight", c.n_embd)
+        tied = not g.has("output.weight")  # tied embeddings: the output head is token_embd
+        self.output = matrix(g, "token_embd.weight" if tied else "output.weight", (c.vocab_size, c.n_embd))
+        factors = vector(g, "rope_freqs.weight") if g.has("rope_freqs.weight") else None  # llama3 scaling
+        inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
+        self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm")
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        return KVCache(self.config, n_ctx or self.n_ctx)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last."""
+        c = self.config
+        T = len(tokens)
+        start = cache.pos
+        if start + T > cache.n_ctx:
+            raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
+        pos = np.arange(start, start + T)
+        x = self.token_embd(np.asarray(tokens))  # (T, D)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attn_norm, c.rms_eps)
+            x = x + self.attention(L, h, cache, i, pos)
+            h = rms_norm(x, L.ffn_norm, c.rms_eps)
+            x = x + L.ffn_down(silu(L.ffn_gate(h)) * L.ffn_up(h))
+        cache.pos = start + T
+        if not all_logits:
+            x = x[-1:]
+        return self.output(rms_norm(x, self.output_norm, c.rms_eps))
+
+    def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:
+        c = self.config
+        T, H, Hkv, d = len(pos), c.n_head, c.n_head_kv, c.head_dim
+        q, k, v = L.attn_q(h), L.attn_k(h), L.attn_v(h)  # (T, H*d), (T, Hkv*d), (T, Hkv*d)
+        if L.attn_q_b is not None:
+            q, k, v = q + L.attn_q_b, k + L.attn_k_b, v + L.attn_v_b
+        q = self.rope(q.reshape(T, H, d), pos)
+        k = self.rope(k.reshape(T, Hkv, d), pos)
+        s0, s1 = pos[0], pos[-1] + 1
+        cache.k[i, :, s0:s1] = k.transpose(1, 0, 2)  # (Hkv, T, d)
+        cache.v[i, :, s0:s1] = v.reshape(T, Hkv, d).transpose(1, 0, 2)
+        qg = q.reshape(T, Hkv, H // Hkv, d).transpose(1, 2, 0, 3)  # (Hkv, H/Hkv, T, d)
+        o = causal_attention(qg, cache.k[i, :, :s1], cache.v[i, :, :s1], s0, 1.0 / np.sqrt(d))
+        return L.attn_output(o.transpose(2, 0, 1, 3).reshape(T, H * d))

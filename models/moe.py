@@ -1,0 +1,73 @@
+"""Mixture of experts: a pure routing function and the expert math over whatever store serves them.
+
+Routing follows llama.cpp's build_moe_ffn (src/llama-graph.cpp), which is what DeepSeek's reference
+code does for V2 (softmax, greedy or group-limited) and V3 (sigmoid + selection bias, groups).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import silu, softmax
+
+SOFTMAX, SIGMOID = 1, 2  # GGUF expert_gating_func
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    n_expert: int
+    n_used: int  # experts per token (top-k)
+    gating: int = SOFTMAX  # SOFTMAX or SIGMOID
+    n_group: int = 1  # expert groups; groups ranked by the sum of their top-2 selection scores
+    n_group_used: int = 1
+    norm_weights: bool = False  # divide the chosen weights by their sum (norm_topk_prob)
+    scale: float = 1.0  # routed_scaling_factor
+
+
+def route(logits: np.ndarray, cfg: RouterConfig, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits (T, E) -> (expert ids (T, k) int64, weights (T, k) float32).
+
+    The selection bias (V3's e_score_correction_bias) only ranks experts; the weights come from the
+    unbiased scores.
+    """
+    T, E = logits.shape
+    probs = softmax(logits) if cfg.gating == SOFTMAX else 1.0 / (1.0 + np.exp(-logits))  # (T, E)
+    select = probs + bias if bias is not None else probs.copy()
+    if cfg.n_group > 1:
+        groups = select.reshape(T, cfg.n_group, E // cfg.n_group)  # (T, G, E/G)
+        top2 = -np.partition(-groups, 1, axis=-1)[..., :2].sum(-1)  # (T, G) sum of top-2
+        keep = np.argsort(-top2, axis=-1, kind="stable")[:, : cfg.n_group_used]  # (T, g)
+        masked = np.full_like(groups, -np.inf)
+        rows = np.arange(T)[:, None]
+        masked[rows, keep] = groups[rows, keep]
+        select = masked.reshape(T, E)
+    ids = np.argsort(-select, axis=-1, kind="stable")[:, : cfg.n_used]  # (T, k)
+    weights = np.take_along_axis(probs, ids, axis=-1)
+    if cfg.norm_weights:
+        weights = weights / np.maximum(weights.sum(-1, keepdims=True), 6.103515625e-5)
+    if cfg.scale not in (0.0, 1.0):
+        weights = weights * cfg.scale
+    return ids, weights.astype(np.float32)
+
+
+def ffn(x: np.ndarray, gate, up, down) -> np.ndarray:
+    """SwiGLU feed-forward: down(silu(gate x) * up x); x (T, D) -> (T, D)."""
+    return down(silu(gate(x)) * up(x))
+
+
+def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int) -> np.ndarray:
+    """sum_i w_i * expert_i(x) for each token; x (T, D), ids/weights (T, k) -> (T, D).
+
+    Tokens are grouped by expert so that each expert's weights are read once per call, with all
+    the tokens routed to it as one batch.
+    """
+    out = np.zeros_like(x)
+    experts, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(ids.shape)
+    mats = store.experts(layer, experts)
+    for j, (gate, up, down) in enumerate(mats):
+        tok, slot = np.nonzero(inverse == j)
+        y = ffn(x[tok], gate, up, down)  # (n, D)
+        out[tok] += y * weights[tok, slot][:, None]
+    return out
