@@ -33,5 +33,5 @@ def _make(qt):
     _Ref.__name__ = f"Reference{qt.name}"
 
 
-for _qt in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K):
+for _qt in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K):
     _make(_qt)

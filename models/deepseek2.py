@@ -1,0 +1,239 @@
+"""DeepSeek V2 / V2-Lite / V3 / R1 (GGUF arch `deepseek2`): MLA attention over a latent KV cache,
+routed + shared experts. Graph as llama.cpp's src/models/deepseek2.cpp, math as
+shared/reference/deepseek2-gguf.md.
+
+Letters in shapes: T tokens, S cached positions, D hidden, H heads, C kv_lora rank (512),
+R rope dims per head (64), N nope dims per head (128), V value dims per head (128), E experts.
+
+Attention runs in the absorbed form whatever the file's layout: attn_k_b (H, C, N) folds into the
+query (q_lat = k_b @ q_nope) and attn_v_b (H, V, C) into the output, so the cache holds only the
+normalized latent c~ (C) and the roped k_pe (R) per token per layer. The legacy attn_kv_b layout
+(H*(N+V), C) is split into the same two matrices at load.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeseek.errors import GGUFError
+from edgeseek.experts import MmapExpertStore
+
+from .common import Embedding, Rope, dense, matrix, rms_norm, rope_freqs, softmax, vector, yarn_freqs
+from .moe import RouterConfig, ffn, moe, route
+
+
+@dataclass(frozen=True)
+class DeepSeek2Config:
+    arch: str
+    vocab_size: int
+    n_layer: int
+    n_embd: int  # D
+    n_head: int  # H
+    q_lora_rank: int  # 0: no q-LoRA (V2-Lite), the query comes from attn_q
+    kv_lora_rank: int  # C
+    qk_nope: int  # N
+    qk_rope: int  # R
+    v_head: int  # V
+    n_ff: int  # dense layers' width
+    n_ff_exp: int  # each expert's width
+    n_expert: int
+    n_expert_used: int
+    n_expert_shared: int
+    n_dense_lead: int  # leading dense layers (first_k_dense_replace)
+    router: RouterConfig
+    rms_eps: float
+    rope_base: float
+    yarn_factor: float  # 1: no YaRN
+    yarn_orig_ctx: int
+    yarn_beta_fast: float
+    yarn_beta_slow: float
+    yarn_log_mul: float  # 0.1 * mscale_all_dim, as the GGUF stores it
+    rope_attn_factor: float
+    context_length: int
+    mla_layout: bool  # file holds attn_k_b / attn_v_b (else the legacy attn_kv_b)
+
+    @classmethod
+    def from_gguf(cls, g) -> "DeepSeek2Config":
+        m = g.arch_meta
+        rope = m("rope.dimension_count")
+        k_mla, v_mla = m("attention.key_length_mla", 0), m("attention.value_length_mla", 0)
+        mla = bool(k_mla and v_mla)
+        k_len = k_mla if mla else m("attention.key_length")
+        v_len = v_mla if mla else m("attention.value_length")
+        if mla != g.has("blk.0.attn_k_b.weight"):
+            raise GGUFError(f"{g.path}: key_length_mla/value_length_mla say MLA layout={mla}, "
+                            f"but tensor blk.0.attn_k_b.weight is {'missing' if mla else 'present'}")
+        yarn = m("rope.scaling.type", "none") == "yarn"
+        n_expert = m("expert_count", 0)
+        return cls(
+            arch=g.arch,
+            vocab_size=m("vocab_size", None) or len(g.meta("tokenizer.ggml.tokens")),
+            n_layer=m("block_count"),
+            n_embd=m("embedding_length"),
+            n_head=m("attention.head_count"),
+            q_lora_rank=m("attention.q_lora_rank", 0),
+            kv_lora_rank=m("attention.kv_lora_rank"),
+            qk_nope=k_len - rope,
+            qk_rope=rope,
+            v_head=v_len,
+            n_ff=m("feed_forward_length"),
+            n_ff_exp=m("expert_feed_forward_length", 0),
+            n_expert=n_expert,
+            n_expert_used=m("expert_used_count", 0),
+            n_expert_shared=m("expert_shared_count", 0),
+            n_dense_lead=m("leading_dense_block_count", 0),
+            router=RouterConfig(
+                n_expert=n_expert,
+                n_used=m("expert_used_count", 0),
+                gating=m("expert_gating_func", 1),  # absent: softmax, as llama.cpp assumes
+                n_group=m("expert_group_count", 1) or 1,
+                n_group_used=m("expert_group_used_count", 1) or 1,
+                norm_weights=bool(m("expert_weights_norm", False)),
+                scale=m("expert_weights_scale", 1.0),
+            ),
+            rms_eps=m("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_base=m("rope.freq_base", 10000.0),
+            yarn_factor=m("rope.scaling.factor", 1.0) if yarn else 1.0,
+            yarn_orig_ctx=m("rope.scaling.original_context_length", m("context_length", 4096)),
+            yarn_beta_fast=m("rope.scaling.yarn_beta_fast", 32.0),
+            yarn_beta_slow=m("rope.scaling.yarn_beta_slow", 1.0),
+            yarn_log_mul=m("rope.scaling.yarn_log_multiplier", 0.0),
+            rope_attn_factor=m("rope.scaling.attn_factor", 1.0),
+            context_length=m("context_length", 4096),
+            mla_layout=mla,
+        )
+
+    @property
+    def kq_scale(self) -> float:
+        """1/sqrt(N+R), times mscale^2 with mscale = 1 + 0.1 * mscale_all_dim * ln(factor) (YaRN)."""
+        mscale = self.rope_attn_factor
+        if self.yarn_factor > 1.0:
+            mscale *= 1.0 + self.yarn_log_mul * math.log(self.yarn_factor)
+        return mscale * mscale / math.sqrt(self.qk_nope + self.qk_rope)
+
+
+class LatentCache:
+    """Per layer and token: the normalized latent c~ (C) and the roped shared key k_pe (R)."""
+
+    def __init__(self, cfg: DeepSeek2Config, n_ctx: int):
+        self.c = np.zeros((cfg.n_layer, n_ctx, cfg.kv_lora_rank), np.float32)  # (L, S, C)
+        self.k_pe = np.zeros((cfg.n_layer, n_ctx, cfg.qk_rope), np.float32)  # (L, S, R)
+        self.n_ctx = n_ctx
+        self.pos = 0
+
+    def truncate(self, n: int) -> None:
+        self.pos = min(self.pos, n)
+
+
+class Layer:
+    def __init__(self, g, i: int, c: DeepSeek2Config):
+        D, H, C, N, R, V = c.n_embd, c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope, c.v_head
+        p = f"blk.{i}."
+        self.attn_norm = vector(g, p + "attn_norm.weight", D)
+        if c.q_lora_rank:
+            self.attn_q_a = matrix(g, p + "attn_q_a.weight", (c.q_lora_rank, D))
+            self.attn_q_a_norm = vector(g, p + "attn_q_a_norm.weight", c.q_lora_rank)
+            self.attn_q_b = matrix(g, p + "attn_q_b.weight", (H * (N + R), c.q_lora_rank))
+        else:
+            self.attn_q = matrix(g, p + "attn_q.weight", (H * (N + R), D))
+        self.attn_kv_a_mqa = matrix(g, p + "attn_kv_a_mqa.weight", (C + R, D))
+        self.attn_kv_a_norm = vector(g, p + "attn_kv_a_norm.weight", C)
+        if c.mla_layout:
+            self.attn_k_b = dense(g, p + "attn_k_b.weight", (H, C, N))  # (H, C, N)
+            self.attn_v_b = dense(g, p + "attn_v_b.weight", (H, V, C))  # (H, V, C)
+        else:
+            kv_b = dense(g, p + "attn_kv_b.weight", (H * (N + V), C)).reshape(H, N + V, C)
+            self.attn_k_b = np.ascontiguousarray(kv_b[:, :N, :].transpose(0, 2, 1))  # (H, C, N)
+            self.attn_v_b = np.ascontiguousarray(kv_b[:, N:, :])  # (H, V, C)
+        self.attn_output = matrix(g, p + "attn_output.weight", (D, H * V))
+        self.ffn_norm = vector(g, p + "ffn_norm.weight", D)
+        self.dense = i < c.n_dense_lead
+        if self.dense:
+            self.ffn_gate = matrix(g, p + "ffn_gate.weight", (c.n_ff, D))
+            self.ffn_up = matrix(g, p + "ffn_up.weight", (c.n_ff, D))
+            self.ffn_down = matrix(g, p + "ffn_down.weight", (D, c.n_ff))
+        else:
+            self.ffn_gate_inp = dense(g, p + "ffn_gate_inp.weight", (c.n_expert, D))  # (E, D) router
+            b = p + "exp_probs_b.bias"
+            self.exp_probs_b = vector(g, b, c.n_expert) if g.has(b) else None
+            if c.n_expert_shared:
+                F = c.n_ff_exp * c.n_expert_shared
+                self.ffn_gate_shexp = matrix(g, p + "ffn_gate_shexp.weight", (F, D))
+                self.ffn_up_shexp = matrix(g, p + "ffn_up_shexp.weight", (F, D))
+                self.ffn_down_shexp = matrix(g, p + "ffn_down_shexp.weight", (D, F))
+
+
+class DeepSeek2Model:
+    def __init__(self, g, expert_store=None, n_ctx: int = 4096):
+        self.config = c = DeepSeek2Config.from_gguf(g)
+        self.n_ctx = n_ctx
+        self.token_embd = Embedding(g, "token_embd.weight", (c.vocab_size, c.n_embd))
+        self.layers = [Layer(g, i, c) for i in range(c.n_layer)]
+        self.output_norm = vector(g, "output_norm.weight", c.n_embd)
+        head = "output.weight" if g.has("output.weight") else "token_embd.weight"
+        self.output = matrix(g, head, (c.vocab_size, c.n_embd))
+        self.experts = expert_store or MmapExpertStore(g, c.n_expert, c.n_embd, c.n_ff_exp)
+        if c.yarn_factor > 1.0:
+            inv = yarn_freqs(c.qk_rope, c.rope_base, c.yarn_factor, c.yarn_orig_ctx,
+                             c.yarn_beta_fast, c.yarn_beta_slow)
+        else:
+            inv = rope_freqs(c.qk_rope, c.rope_base)
+        # llama.cpp cancels YaRN's own cos/sin magnitude scaling for deepseek2 and moves it into
+        # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
+        self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor)
+
+    def new_cache(self, n_ctx: int | None = None) -> LatentCache:
+        return LatentCache(self.config, n_ctx or self.n_ctx)
+
+    def forward(self, tokens: np.ndarray, cache: LatentCache, all_logits: bool = False) -> np.ndarray:
+        """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last."""
+        c = self.config
+        T = len(tokens)
+        start = cache.pos
+        if start + T > cache.n_ctx:
+            raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
+        pos = np.arange(start, start + T)
+        x = self.token_embd(np.asarray(tokens))  # (T, D)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attn_norm, c.rms_eps)
+            x = x + self.attention(L, h, cache, i, pos)
+            h = rms_norm(x, L.ffn_norm, c.rms_eps)
+            x = x + (ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down) if L.dense else self.moe(L, h, i))
+        cache.pos = start + T
+        if not all_logits:
+            x = x[-1:]
+        return self.output(rms_norm(x, self.output_norm, c.rms_eps))
+
+    def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
+        c = self.config
+        T, H, C, N, R, V = len(pos), c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope, c.v_head
+        if c.q_lora_rank:
+            q = L.attn_q_b(rms_norm(L.attn_q_a(h), L.attn_q_a_norm, c.rms_eps))
+        else:
+            q = L.attn_q(h)
+        q = q.reshape(T, H, N + R)  # each head: [nope N | rope R]
+        q_pe = self.rope(q[:, :, N:], pos)  # (T, H, R)
+        q_lat = np.einsum("hcn,thn->thc", L.attn_k_b, q[:, :, :N])  # (T, H, C)
+
+        kv = L.attn_kv_a_mqa(h)  # (T, C + R): [latent | k_pe]
+        s0, s1 = pos[0], pos[-1] + 1
+        cache.c[i, s0:s1] = rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps)
+        cache.k_pe[i, s0:s1] = self.rope(kv[:, None, C:], pos)[:, 0]
+        lat, k_pe = cache.c[i, :s1], cache.k_pe[i, :s1]  # (S, C), (S, R)
+
+        scores = (q_lat @ lat.T + q_pe @ k_pe.T) * c.kq_scale  # (T, H, S)
+        if T > 1:
+            future = np.arange(s1)[None, :] > pos[:, None]  # (T, S)
+            scores = np.where(future[:, None, :], -np.inf, scores)
+        o_lat = softmax(scores) @ lat  # (T, H, C)
+        o = np.einsum("hvc,thc->thv", L.attn_v_b, o_lat)  # (T, H, V)
+        return L.attn_output(o.reshape(T, H * V))
+
+    def moe(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
+        ids, weights = route(h @ L.ffn_gate_inp.T, self.config.router, L.exp_probs_b)  # (T, k)
+        out = moe(h, ids, weights, self.experts, i)
+        if self.config.n_expert_shared:
+            out += ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)
+        return out
