@@ -115,11 +115,14 @@ class DeepSeek2Config:
 
 
 class LatentCache:
-    """Per layer and token: the normalized latent c~ (C) and the roped shared key k_pe (R)."""
+    """Per layer and token: the normalized latent c~ (C) and the roped shared key k_pe (R).
+
+    float16, as llama.cpp's default cache type: (512 + 64) * 2 bytes per token per layer.
+    """
 
     def __init__(self, cfg: DeepSeek2Config, n_ctx: int):
-        self.c = np.zeros((cfg.n_layer, n_ctx, cfg.kv_lora_rank), np.float32)  # (L, S, C)
-        self.k_pe = np.zeros((cfg.n_layer, n_ctx, cfg.qk_rope), np.float32)  # (L, S, R)
+        self.c = np.zeros((cfg.n_layer, n_ctx, cfg.kv_lora_rank), np.float16)  # (L, S, C)
+        self.k_pe = np.zeros((cfg.n_layer, n_ctx, cfg.qk_rope), np.float16)  # (L, S, R)
         self.n_ctx = n_ctx
         self.pos = 0
 
@@ -221,7 +224,8 @@ class DeepSeek2Model:
         s0, s1 = pos[0], pos[-1] + 1
         cache.c[i, s0:s1] = rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps)
         cache.k_pe[i, s0:s1] = self.rope(kv[:, None, C:], pos)[:, 0]
-        lat, k_pe = cache.c[i, :s1], cache.k_pe[i, :s1]  # (S, C), (S, R)
+        lat = cache.c[i, :s1].astype(np.float32)  # (S, C)
+        k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
 
         scores = (q_lat @ lat.T + q_pe @ k_pe.T) * c.kq_scale  # (T, H, S)
         if T > 1:

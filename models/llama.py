@@ -49,12 +49,15 @@ class LlamaConfig:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: k, v (n_layer, n_head_kv, n_ctx, head_dim)."""
+    """Keys and values of every layer, preallocated: k, v (n_layer, n_head_kv, n_ctx, head_dim).
+
+    Stored as float16, as llama.cpp's default cache type: half the memory, and the same rounding.
+    """
 
     def __init__(self, cfg: LlamaConfig, n_ctx: int):
         shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = np.zeros(shape, np.float16)
+        self.v = np.zeros(shape, np.float16)
         self.n_ctx = n_ctx
         self.pos = 0
 
@@ -127,5 +130,7 @@ class LlamaModel:
         cache.k[i, :, s0:s1] = k.transpose(1, 0, 2)  # (Hkv, T, d)
         cache.v[i, :, s0:s1] = v.reshape(T, Hkv, d).transpose(1, 0, 2)
         qg = q.reshape(T, Hkv, H // Hkv, d).transpose(1, 2, 0, 3)  # (Hkv, H/Hkv, T, d)
-        o = causal_attention(qg, cache.k[i, :, :s1], cache.v[i, :, :s1], s0, 1.0 / np.sqrt(d))
+        k_all = cache.k[i, :, :s1].astype(np.float32)  # (Hkv, S, d)
+        v_all = cache.v[i, :, :s1].astype(np.float32)
+        o = causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))
         return L.attn_output(o.transpose(2, 0, 1, 3).reshape(T, H * d))
