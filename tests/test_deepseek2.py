@@ -1,69 +1,62 @@
-"""DeepSeek V3-style and V2-Lite-style models (tiny, random) against llama.cpp and transformers.
+"""DeepSeek V3-style and V2-Lite-style models (tiny, random weights) against llama.cpp and
+transformers on the committed fixtures of tests/fixtures/deepseek2 (see its README).
 
-Fixtures: tests/fixtures/deepseek2_fixtures.py builds the checkpoints with transformers and converts
-them with llama.cpp's own converter (F32, Q8_0, legacy attn_kv_b layout, Q4_K_M, Q4_0).
-
-Tolerances: F32 files agree with llama.cpp and transformers to float rounding at every position.
-Quantized files: llama.cpp also quantizes activations to 8 bits; random weights route on near-ties,
-so a quantization difference can flip one expert at a few positions (llama.cpp's own quantized
-logits differ from transformers' the same way). Those files must agree closely at most positions.
+Tolerances are relative to the logit spread (std of transformers' logits, about 1):
+- F32 files: within 0.5% of llama.cpp's and of transformers' logits at every position.
+- Quantized files: within 1% of transformers run on the file's own dequantized weights (the
+  model math is exact), and close to llama.cpp's at most positions: llama.cpp quantizes
+  activations to 8 bits, and on random weights that flips a routing choice at a few positions.
 """
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import edgeseek
-from conftest import requires_llama_cpp, requires_torch
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-import deepseek2_fixtures as F  # noqa: E402
-
-pytestmark = [requires_llama_cpp, requires_torch]
-FILES = ["F32", "F32-legacy", "Q8_0", "Q4_K_M", "Q4_K_M-legacy", "Q4_0"]
+FIXTURES = Path(__file__).parent / "fixtures" / "deepseek2"
+FILES = sorted(p.stem for p in FIXTURES.glob("*.gguf"))
 
 
-@pytest.fixture(scope="module", params=["v3", "v2lite"])
-def kind(request):
-    return request.param, F.fixtures(request.param)
+def _run(name, tokens=None):
+    gold = np.load(FIXTURES / f"{name}.npz")
+    tokens = gold["tokens"] if tokens is None else tokens
+    engine = edgeseek.load(FIXTURES / f"{name}.gguf", n_ctx=128)
+    return engine, gold, engine.model.forward(tokens, engine.model.new_cache(), all_logits=True)
 
 
-def _ours(path, tokens):
-    engine = edgeseek.load(path, n_ctx=128)
-    return engine, engine.model.forward(tokens, engine.model.new_cache(), all_logits=True)
+def test_every_fixture_is_covered():
+    assert {"v3-f32", "v3-f32-legacy", "v3-q8_0", "v3-q4_k_m", "v3-q4_0", "v2lite-f32", "v2lite-q8_0",
+            "v3h256-q4_k_m", "v2lite27-q8_0"} <= set(FILES)
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_logits_match_llama_cpp(kind, name):
-    k, meta = kind
-    tokens = meta["tokens"]
-    ref = F.llama_cpp_logits(meta["files"][name], tokens)
-    _, ours = _ours(meta["files"][name], tokens)
-    per_pos = np.abs(ours - ref).max(axis=1)  # (64,) worst logit difference at each position
-    if name.startswith("F32"):
+def test_logits_match_the_oracles(name):
+    _, gold, ours = _run(name)
+    spread = gold["logits_transformers"].std()
+    per_pos = np.abs(ours - gold["logits_llama_cpp"]).max(axis=1) / spread  # (64,)
+    if "f32" in name:
         assert per_pos.max() < 5e-3, per_pos.max()
-        assert np.abs(ours - meta["transformers"]).max() < 1e-3
-    elif k == "v2lite":
-        assert per_pos.max() < 0.05, per_pos.max()
-    else:
-        assert np.median(per_pos) < 0.1, np.median(per_pos)
-        assert np.mean(per_pos < 0.2) >= 0.85, np.sort(per_pos)[-10:]
+        assert np.abs(ours - gold["logits_transformers"]).max() / spread < 5e-3
+        return
+    exact = np.abs(ours - gold["logits_transformers_dequant"]).max(axis=1) / spread
+    deep = name.startswith("v2lite27")  # 27 random layers amplify rounding into routing flips
+    assert (np.mean(exact < 1e-2) >= 0.9) if deep else exact.max() < 1e-2, np.sort(exact)[-5:]
+    limit = 0.3 if deep else 0.1
+    assert np.median(per_pos) < limit, np.median(per_pos)
 
 
-@pytest.mark.parametrize("name", ["F32", "Q4_K_M"])
-def test_prefill_equals_step_by_step_decode(kind, name):
-    _, meta = kind
-    tokens = meta["tokens"][:24]
-    engine, prefill = _ours(meta["files"][name], tokens)
+@pytest.mark.parametrize("name", ["v3-f32", "v3-q4_k_m", "v2lite-q8_0", "v3h256-q4_k_m"])
+def test_prefill_equals_step_by_step_decode(name):
+    engine, gold, _ = _run(name)
+    tokens = gold["tokens"][:24]
+    prefill = engine.model.forward(tokens, engine.model.new_cache(), all_logits=True)
     cache = engine.model.new_cache()
     steps = np.concatenate([engine.model.forward(tokens[i:i + 1], cache) for i in range(len(tokens))])
-    assert np.abs(steps - prefill).max() < 1e-3 * max(1.0, np.abs(prefill).max())
+    assert np.abs(steps - prefill).max() < 2e-3 * gold["logits_transformers"].std()
 
 
-def test_both_mla_layouts_give_the_same_model(kind):
-    _, meta = kind
-    tokens = meta["tokens"][:16]
-    _, a = _ours(meta["files"]["F32"], tokens)
-    _, b = _ours(meta["files"]["F32-legacy"], tokens)
-    assert np.abs(a - b).max() < 1e-4
+def test_both_mla_layouts_give_the_same_model():
+    _, _, a = _run("v3-f32")
+    _, _, b = _run("v3-f32-legacy")
+    assert np.abs(a - b).max() < 1e-3
