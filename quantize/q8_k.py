@@ -1,0 +1,62 @@
+"""Q8_K: the 8-bit activations the K-quant kernels multiply with, as llama.cpp's CPU backend does.
+
+llama.cpp quantizes the activation vector to Q8_K before every Q4_K/Q5_K/Q6_K dot product
+(ggml-quants.c quantize_row_q8_K_ref; ggml-cpu uses it unchanged on x86): per 256 values one
+float32 d = max / -127 of the value of largest magnitude, int8 q = nearest(x / d) (at most 127), and
+the sum of every 16 q (int16 `bsums`), which the kernels use for the min term of Q4_K/Q5_K and the
+-32 offset of Q6_K. Computing with the same activations keeps edgeseek's products close to
+llama.cpp's.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .kquants import F32, QK_K, check_rows, nearest_int
+
+
+@njit(cache=True)
+def _quantize_block(x, qs, bsums):
+    # x (256,) float32 -> qs (256,) int8, bsums (16,) int32; returns d
+    amax = F32(0.0)
+    xmax = F32(0.0)
+    for j in range(QK_K):
+        ax = abs(x[j])
+        if ax > amax:
+            amax = ax
+            xmax = x[j]
+    if amax == 0:
+        qs[:] = 0
+        bsums[:] = 0
+        return F32(0.0)
+    iscale = F32(-127.0) / xmax
+    for j in range(QK_K):
+        qs[j] = min(127, nearest_int(iscale * x[j]))
+    for j in range(QK_K // 16):
+        s = 0
+        for i in range(16):
+            s += qs[16 * j + i]
+        bsums[j] = s
+    return F32(1.0) / iscale
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows(x, qs, d, bsums):
+    # x (T, K) float32 -> qs (T, K) int8, d (T, K // 256) float32, bsums (T, K // 16) int32
+    nb = x.shape[1] // QK_K
+    for t in prange(x.shape[0] * nb):
+        r, i = t // nb, t % nb
+        d[r, i] = _quantize_block(x[r, QK_K * i: QK_K * (i + 1)], qs[r, QK_K * i: QK_K * (i + 1)],
+                                  bsums[r, 16 * i: 16 * (i + 1)])
+
+
+def quantize(x: np.ndarray):
+    """Activations (T, K) float32 -> (qs (T, K) int8, d (T, K // 256) float32,
+    bsums (T, K // 16) int32), llama.cpp's Q8_K fields."""
+    x = check_rows(x, "Q8_K")
+    t, k = x.shape
+    qs = np.empty((t, k), np.int8)
+    d = np.empty((t, k // QK_K), np.float32)
+    bsums = np.empty((t, k // 16), np.int32)
+    _quantize_rows(x, qs, d, bsums)
+    return qs, d, bsums
