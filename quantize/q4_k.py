@@ -9,6 +9,8 @@ Value i of sub-block j: x = d * sc_j * q - dmin * m_j.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
@@ -104,6 +106,139 @@ def _quantize_rows(x, out):
                             mins, ls, lm)
 
 
+# --- kernels ----------------------------------------------------------------------------------
+# Rows are repacked into tiles of TILE rows with the rows innermost, so that the vector loops run
+# across the rows of a tile (DESIGN.md, kernels): byte l of group g of super-block b of every row
+# of the tile lies side by side. Scales and mins are decoded at pack time; activations are Q8_K;
+# products accumulate in int32 per super-block: sum_j sc_j * sum_l q * x8 for the scales,
+# sum_j m_j * (sum of x8 over sub-block j) for the mins, as ggml_vec_dot_q4_K_q8_K does.
+
+
+class PackedQ4K(NamedTuple):
+    qs: np.ndarray  # (n_tiles, nb, 4, 32, TILE) uint8: byte l of group g of each row
+    sc: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit scale of sub-block j
+    mn: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit min of sub-block j
+    d: np.ndarray  # (n_tiles, nb, TILE) float32
+    dmin: np.ndarray  # (n_tiles, nb, TILE) float32
+    n: int  # rows of the matrix (the last tile is padded with zero rows)
+
+
+def scales_mins(scales: np.ndarray):
+    """(..., 12) packed bytes -> 6-bit scales (..., 8) and mins (..., 8), uint8."""
+    s = scales.reshape(*scales.shape[:-1], 3, 4)
+    a, b, c = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = np.concatenate([a & 63, (c & 0xF) | ((a >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def pack(raw: np.ndarray) -> PackedQ4K:
+    blocks = blocks_by_tile(raw, TYPE_SIZE)  # (n_tiles, TILE, nb, 144)
+    hd = blocks[..., 0:4].copy().view(np.float16).astype(np.float32)  # (n_tiles, TILE, nb, 2)
+    sc, mn = scales_mins(blocks[..., 4:16])  # (n_tiles, TILE, nb, 8) each
+    qs = blocks[..., 16:].reshape(*blocks.shape[:3], 4, 32)
+    return PackedQ4K(
+        qs=np.ascontiguousarray(qs.transpose(0, 2, 3, 4, 1)),
+        sc=np.ascontiguousarray(sc.transpose(0, 2, 3, 1)),
+        mn=np.ascontiguousarray(mn.transpose(0, 2, 3, 1)),
+        d=np.ascontiguousarray(hd[..., 0].transpose(0, 2, 1)),
+        dmin=np.ascontiguousarray(hd[..., 1].transpose(0, 2, 1)),
+        n=raw.shape[0],
+    )
+
+
+@njit(cache=True)
+def _block_dot(w, sc, x, isum):
+    # isum[r] = sum_j sc[j, r] * sum_l q(r, 32j + l) * x[32j + l] over one super-block of a tile.
+    # w (4, 32, TILE) uint8, sc (8, TILE) uint8, x (256,) int8, isum (TILE,) int32.
+    # The 32 products per sub-block are written as four loops of 8: LLVM unrolls each and
+    # vectorizes across the rows with the sums in registers (one 32-long loop it vectorizes
+    # along l instead, with a horizontal sum per row).
+    isum[:] = 0
+    for g in range(4):
+        wg = w[g]
+        xl = x[64 * g: 64 * g + 32]  # values of sub-block 2g (low nibbles)
+        xh = x[64 * g + 32: 64 * g + 64]  # sub-block 2g + 1 (high nibbles)
+        for r in range(TILE):
+            lo = 0
+            hi = 0
+            for l in range(0, 8):
+                q = np.int32(wg[l, r])
+                lo += (q & 0xF) * np.int32(xl[l])
+                hi += (q >> 4) * np.int32(xh[l])
+            for l in range(8, 16):
+                q = np.int32(wg[l, r])
+                lo += (q & 0xF) * np.int32(xl[l])
+                hi += (q >> 4) * np.int32(xh[l])
+            for l in range(16, 24):
+                q = np.int32(wg[l, r])
+                lo += (q & 0xF) * np.int32(xl[l])
+                hi += (q >> 4) * np.int32(xh[l])
+            for l in range(24, 32):
+                q = np.int32(wg[l, r])
+                lo += (q & 0xF) * np.int32(xl[l])
+                hi += (q >> 4) * np.int32(xh[l])
+            isum[r] += np.int32(lo) * np.int32(sc[2 * g, r]) + np.int32(hi) * np.int32(sc[2 * g + 1, r])
+
+
+@njit(cache=True)
+def _accumulate(acc, isum, mn, d, dmin, xd, xs):
+    # acc (TILE,) += xd * (d * isum - dmin * sum_j mn_j * xs_j) for one super-block
+    for r in range(TILE):
+        msum = 0
+        for j in range(8):
+            msum += np.int32(mn[j, r]) * xs[j]
+        acc[r] += xd * (d[r] * F32(isum[r]) - dmin[r] * F32(msum))
+
+
+@njit(parallel=True, cache=True)
+def _matvec(qs, sc, mn, d, dmin, xq, xd, xs, y):
+    # xq (K,) int8, xd (nb,) float32, xs (nb, 8) int32 sums per 32 values; y (n_tiles, TILE)
+    for t in prange(qs.shape[0]):
+        isum = np.empty(TILE, np.int32)
+        acc = np.zeros(TILE, np.float32)
+        for b in range(qs.shape[1]):
+            _block_dot(qs[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
+            _accumulate(acc, isum, mn[t, b], d[t, b], dmin[t, b], xd[b], xs[b])
+        y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matmul(qs, sc, mn, d, dmin, xq, xd, xs, y):
+    # xq (T, K) int8, xd (T, nb), xs (T, nb, 8); y (n_tiles, T, TILE). Each super-block of a tile
+    # is read once from memory and used for all T tokens.
+    n_tok = xq.shape[0]
+    for t in prange(qs.shape[0]):
+        isum = np.empty(TILE, np.int32)
+        acc = np.zeros((n_tok, TILE), np.float32)
+        for b in range(qs.shape[1]):
+            for k in range(n_tok):
+                _block_dot(qs[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
+                _accumulate(acc[k], isum, mn[t, b], d[t, b], dmin[t, b], xd[k, b], xs[k, b])
+        y[t] = acc
+
+
+def _activations(x: np.ndarray):
+    """x (T, K) -> Q8_K (qs, d, sums per 32 values (T, nb, 8))."""
+    xq, xd, bsums = q8_k.quantize(x)
+    xs = bsums.reshape(x.shape[0], -1, 8, 2).sum(-1, dtype=np.int32)
+    return xq, xd, xs
+
+
+def matvec(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
+    xq, xd, xs = _activations(x.reshape(1, -1))
+    y = np.empty((p.qs.shape[0], TILE), np.float32)
+    _matvec(p.qs, p.sc, p.mn, p.d, p.dmin, xq[0], xd[0], xs[0], y)
+    return y.reshape(-1)[: p.n]
+
+
+def matmul(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
+    xq, xd, xs = _activations(x)
+    y = np.empty((p.qs.shape[0], x.shape[0], TILE), np.float32)
+    _matmul(p.qs, p.sc, p.mn, p.d, p.dmin, xq, xd, xs, y)
+    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
+
+
 class Q4_K(QuantFormat):
     qtype = GGMLQuantizationType.Q4_K
 
@@ -120,3 +255,12 @@ class Q4_K(QuantFormat):
         out = np.empty((rows.shape[0], rows.shape[1] // QK_K, TYPE_SIZE), np.uint8)
         _quantize_rows(rows, out)
         return out.reshape(*x.shape[:-1], -1)
+
+    def pack(self, raw: np.ndarray) -> PackedQ4K:
+        return pack(raw)
+
+    def matvec(self, packed: PackedQ4K, x: np.ndarray) -> np.ndarray:
+        return matvec(packed, check_rows(x, "Q4_K matvec"))
+
+    def matmul(self, packed: PackedQ4K, x: np.ndarray) -> np.ndarray:
+        return matmul(packed, check_rows(x, "Q4_K matmul"))
