@@ -47,6 +47,21 @@ def matrix(gguf, name: str, shape: tuple[int, int]) -> QMatrix:
     return QMatrix(t.qtype, t.raw, t.shape, name)
 
 
+def pack_all(model) -> int:
+    """Build the kernel layout of every weight now instead of on first use; returns the bytes of
+    quantized weights packed. Routed experts are packed through the model's expert store."""
+    mats = [m for L in model.layers for m in vars(L).values() if isinstance(m, QMatrix)] + [model.output]
+    store = getattr(model, "experts", None)
+    if store is not None:
+        c = model.config
+        for i, L in enumerate(model.layers):
+            if not getattr(L, "dense", True):
+                mats += [m for triple in store.experts(i, np.arange(c.n_expert)) for m in triple]
+    for m in mats:
+        m.packed  # noqa: B018  (builds and keeps the layout)
+    return sum(m.nbytes for m in mats)
+
+
 class Embedding:
     """token_embd rows looked up without dequantizing the whole table: (V, D)."""
 

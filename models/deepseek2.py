@@ -20,7 +20,7 @@ import numpy as np
 from edgeseek.errors import GGUFError
 from edgeseek.experts import MmapExpertStore
 
-from .common import Embedding, Rope, dense, matrix, rms_norm, rope_freqs, softmax, vector, yarn_freqs
+from .common import pack_all, Embedding, Rope, dense, matrix, rms_norm, rope_freqs, softmax, vector, yarn_freqs
 from .moe import RouterConfig, ffn, moe, route
 
 
@@ -186,6 +186,10 @@ class DeepSeek2Model:
         # llama.cpp cancels YaRN's own cos/sin magnitude scaling for deepseek2 and moves it into
         # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
         self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor)
+
+    def pack(self) -> int:
+        """Repack every weight for the kernels now (else each is packed on first use)."""
+        return pack_all(self)
 
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
         return LatentCache(self.config, n_ctx or self.n_ctx)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import Embedding, Rope, causal_attention, matrix, rms_norm, rope_freqs, silu, vector
+from .common import pack_all, Embedding, Rope, causal_attention, matrix, rms_norm, rope_freqs, silu, vector
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,10 @@ class LlamaModel:
         factors = vector(g, "rope_freqs.weight") if g.has("rope_freqs.weight") else None  # llama3 scaling
         inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
         self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm")
+
+    def pack(self) -> int:
+        """Repack every weight for the kernels now (else each is packed on first use)."""
+        return pack_all(self)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx or self.n_ctx)
