@@ -11,12 +11,15 @@ Value i of sub-block j: x = d * sc_j * (q - 32), q in 0..63.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .kquants import (F32, GROUP_MAX_EPS, QK_K, check_rows, f16_to_f32, f32_to_f16,
-                      make_qx_quants, nearest_int)
+from . import q8_k
+from .kquants import (F32, GROUP_MAX_EPS, QK_K, TILE, blocks_by_tile, check_rows, f16_to_f32,
+                      f32_to_f16, make_qx_quants, nearest_int)
 from .registry import QuantFormat
 
 TYPE_SIZE = 210
@@ -95,6 +98,117 @@ def _quantize_rows(x, out):
             _quantize_block(x[r, QK_K * i: QK_K * (i + 1)], out[r, i], L, scales)
 
 
+# --- kernels ----------------------------------------------------------------------------------
+# Tiles of TILE rows with the rows innermost (see q4_k.py): the file's ql and qh bytes of every row
+# of the tile side by side, int8 scales and d decoded at pack time. With Q8_K activations the
+# unsigned levels q (0..63) accumulate in int32, and the -32 offset is taken off once per
+# super-block with the sums of 16 activations: sum_j sc_j * (sum_l q * x8 - 32 * bsum_j), as
+# ggml_vec_dot_q6_K_q8_K does.
+
+
+class PackedQ6K(NamedTuple):
+    ql: np.ndarray  # (n_tiles, nb, 128, TILE) uint8
+    qh: np.ndarray  # (n_tiles, nb, 64, TILE) uint8
+    sc: np.ndarray  # (n_tiles, nb, 16, TILE) int8
+    d: np.ndarray  # (n_tiles, nb, TILE) float32
+    n: int  # rows of the matrix (the last tile is padded with zero rows)
+
+
+def pack(raw: np.ndarray) -> PackedQ6K:
+    blocks = blocks_by_tile(raw, TYPE_SIZE)  # (n_tiles, TILE, nb, 210)
+    return PackedQ6K(
+        ql=np.ascontiguousarray(blocks[..., QL:QH].transpose(0, 2, 3, 1)),
+        qh=np.ascontiguousarray(blocks[..., QH:SC].transpose(0, 2, 3, 1)),
+        sc=np.ascontiguousarray(blocks[..., SC:D].view(np.int8).transpose(0, 2, 3, 1)),
+        d=np.ascontiguousarray(blocks[..., D:].copy().view(np.float16)[..., 0].astype(np.float32)
+                               .transpose(0, 2, 1)),
+        n=raw.shape[0],
+    )
+
+
+@njit(cache=True)
+def _block_dot(ql, qh, sc, x, isum):
+    # isum[r] = sum_j sc[j, r] * sum_l q(r, 16j + l) * x[16j + l] over one super-block of a tile,
+    # q unsigned. ql (128, TILE), qh (64, TILE) uint8, sc (16, TILE) int8, x (256,) int8.
+    # In half h, bytes l of ql, ql + 32 and qh give values l, l + 32, l + 64, l + 96: four
+    # sub-blocks at a time. The loops over l are 8 long so that LLVM unrolls them and vectorizes
+    # across the rows (see q4_k._block_dot).
+    isum[:] = 0
+    for h in range(2):
+        for l0 in range(0, 32, 8):
+            j = 8 * h + l0 // 16  # sub-block of value 128h + l; +2, +4, +6 for the three others
+            x1 = x[128 * h + l0: 128 * h + l0 + 8]
+            x2 = x[128 * h + 32 + l0: 128 * h + 40 + l0]
+            x3 = x[128 * h + 64 + l0: 128 * h + 72 + l0]
+            x4 = x[128 * h + 96 + l0: 128 * h + 104 + l0]
+            for r in range(TILE):
+                a1 = 0
+                a2 = 0
+                a3 = 0
+                a4 = 0
+                for l in range(8):
+                    b0 = np.int32(ql[64 * h + l0 + l, r])
+                    b1 = np.int32(ql[64 * h + 32 + l0 + l, r])
+                    hb = np.int32(qh[32 * h + l0 + l, r])
+                    a1 += ((b0 & 0xF) | ((hb & 3) << 4)) * np.int32(x1[l])
+                    a2 += ((b1 & 0xF) | ((hb & 0xC) << 2)) * np.int32(x2[l])
+                    a3 += ((b0 >> 4) | (hb & 0x30)) * np.int32(x3[l])
+                    a4 += ((b1 >> 4) | ((hb >> 2) & 0x30)) * np.int32(x4[l])
+                isum[r] += (np.int32(a1) * np.int32(sc[j, r]) + np.int32(a2) * np.int32(sc[j + 2, r])
+                            + np.int32(a3) * np.int32(sc[j + 4, r]) + np.int32(a4) * np.int32(sc[j + 6, r]))
+
+
+@njit(cache=True)
+def _accumulate(acc, isum, sc, d, xd, bsums):
+    # acc (TILE,) += xd * d * (isum - 32 * sum_j sc_j * bsums_j) for one super-block
+    for r in range(TILE):
+        corr = 0
+        for j in range(16):
+            corr += np.int32(sc[j, r]) * bsums[j]
+        acc[r] += xd * d[r] * F32(isum[r] - 32 * corr)
+
+
+@njit(parallel=True, cache=True)
+def _matvec(ql, qh, sc, d, xq, xd, bsums, y):
+    # xq (K,) int8, xd (nb,) float32, bsums (nb, 16) int32 sums per 16 values; y (n_tiles, TILE)
+    for t in prange(ql.shape[0]):
+        isum = np.empty(TILE, np.int32)
+        acc = np.zeros(TILE, np.float32)
+        for b in range(ql.shape[1]):
+            _block_dot(ql[t, b], qh[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
+            _accumulate(acc, isum, sc[t, b], d[t, b], xd[b], bsums[b])
+        y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matmul(ql, qh, sc, d, xq, xd, bsums, y):
+    # xq (T, K) int8, xd (T, nb), bsums (T, nb, 16); y (n_tiles, T, TILE). Each super-block of a
+    # tile is read once from memory and used for all T tokens.
+    n_tok = xq.shape[0]
+    for t in prange(ql.shape[0]):
+        isum = np.empty(TILE, np.int32)
+        acc = np.zeros((n_tok, TILE), np.float32)
+        for b in range(ql.shape[1]):
+            for k in range(n_tok):
+                _block_dot(ql[t, b], qh[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
+                _accumulate(acc[k], isum, sc[t, b], d[t, b], xd[k, b], bsums[k, b])
+        y[t] = acc
+
+
+def matvec(p: PackedQ6K, x: np.ndarray) -> np.ndarray:
+    xq, xd, bsums = q8_k.quantize(x.reshape(1, -1))
+    y = np.empty((p.ql.shape[0], TILE), np.float32)
+    _matvec(p.ql, p.qh, p.sc, p.d, xq[0], xd[0], bsums.reshape(1, -1, 16)[0], y)
+    return y.reshape(-1)[: p.n]
+
+
+def matmul(p: PackedQ6K, x: np.ndarray) -> np.ndarray:
+    xq, xd, bsums = q8_k.quantize(x)
+    y = np.empty((p.ql.shape[0], x.shape[0], TILE), np.float32)
+    _matmul(p.ql, p.qh, p.sc, p.d, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
+    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
+
+
 class Q6_K(QuantFormat):
     qtype = GGMLQuantizationType.Q6_K
 
@@ -111,3 +225,12 @@ class Q6_K(QuantFormat):
         out = np.empty((rows.shape[0], rows.shape[1] // QK_K, TYPE_SIZE), np.uint8)
         _quantize_rows(rows, out)
         return out.reshape(*x.shape[:-1], -1)
+
+    def pack(self, raw: np.ndarray) -> PackedQ6K:
+        return pack(raw)
+
+    def matvec(self, packed: PackedQ6K, x: np.ndarray) -> np.ndarray:
+        return matvec(packed, check_rows(x, "Q6_K matvec"))
+
+    def matmul(self, packed: PackedQ6K, x: np.ndarray) -> np.ndarray:
+        return matmul(packed, check_rows(x, "Q6_K matmul"))
