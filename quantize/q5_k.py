@@ -8,12 +8,16 @@ Value l of sub-block j: x = d * sc_j * (q4 + 16 * bit) - dmin * m_j.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .kquants import (F32, QK_K, check_rows, f16_to_f32, f32_to_f16, make_qkx2_quants,
-                      nearest_int, pack_scale_min_k4, scale_min_k4)
+from . import q8_k
+from .kquants import (F32, QK_K, TILE, blocks_by_tile, check_rows, f16_to_f32, f32_to_f16,
+                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
+from .q4_k import scales_mins
 from .registry import QuantFormat
 
 TYPE_SIZE = 176
@@ -106,6 +110,119 @@ def _quantize_rows(x, out):
                             mins, ls, lm)
 
 
+# --- kernels ----------------------------------------------------------------------------------
+# As Q4_K's (see q4_k.py), with the qh bytes of every row of the tile side by side as well.
+
+
+class PackedQ5K(NamedTuple):
+    qs: np.ndarray  # (n_tiles, nb, 4, 32, TILE) uint8: byte l of group g of each row
+    qh: np.ndarray  # (n_tiles, nb, 32, TILE) uint8: fifth bits, bit j for sub-block j
+    sc: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit scale of sub-block j
+    mn: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit min of sub-block j
+    d: np.ndarray  # (n_tiles, nb, TILE) float32
+    dmin: np.ndarray  # (n_tiles, nb, TILE) float32
+    n: int  # rows of the matrix (the last tile is padded with zero rows)
+
+
+def pack(raw: np.ndarray) -> PackedQ5K:
+    blocks = blocks_by_tile(raw, TYPE_SIZE)  # (n_tiles, TILE, nb, 176)
+    hd = blocks[..., 0:4].copy().view(np.float16).astype(np.float32)  # (n_tiles, TILE, nb, 2)
+    sc, mn = scales_mins(blocks[..., 4:16])  # (n_tiles, TILE, nb, 8) each
+    qs = blocks[..., QS:].reshape(*blocks.shape[:3], 4, 32)
+    return PackedQ5K(
+        qs=np.ascontiguousarray(qs.transpose(0, 2, 3, 4, 1)),
+        qh=np.ascontiguousarray(blocks[..., QH:QS].transpose(0, 2, 3, 1)),
+        sc=np.ascontiguousarray(sc.transpose(0, 2, 3, 1)),
+        mn=np.ascontiguousarray(mn.transpose(0, 2, 3, 1)),
+        d=np.ascontiguousarray(hd[..., 0].transpose(0, 2, 1)),
+        dmin=np.ascontiguousarray(hd[..., 1].transpose(0, 2, 1)),
+        n=raw.shape[0],
+    )
+
+
+@njit(cache=True)
+def _block_dot(w, wh, sc, x, isum):
+    # isum[r] = sum_j sc[j, r] * sum_l q(r, 32j + l) * x[32j + l] over one super-block of a tile.
+    # w (4, 32, TILE), wh (32, TILE), sc (8, TILE) uint8, x (256,) int8, isum (TILE,) int32.
+    # Loops over l are 8 long so that LLVM unrolls them and vectorizes across the rows
+    # (see q4_k._block_dot).
+    isum[:] = 0
+    for g in range(4):
+        wg = w[g]
+        bit_lo = np.int32(1 << (2 * g))  # fifth bits of sub-blocks 2g and 2g + 1
+        bit_hi = np.int32(2 << (2 * g))
+        for l0 in range(0, 32, 8):
+            xl = x[64 * g + l0: 64 * g + l0 + 8]  # values of sub-block 2g (low nibbles)
+            xh = x[64 * g + 32 + l0: 64 * g + 40 + l0]  # sub-block 2g + 1 (high nibbles)
+            for r in range(TILE):
+                lo = 0
+                hi = 0
+                for l in range(8):
+                    q = np.int32(wg[l0 + l, r])
+                    h = np.int32(wh[l0 + l, r])
+                    lo += ((q & 0xF) + (16 if h & bit_lo else 0)) * np.int32(xl[l])
+                    hi += ((q >> 4) + (16 if h & bit_hi else 0)) * np.int32(xh[l])
+                isum[r] += np.int32(lo) * np.int32(sc[2 * g, r]) + np.int32(hi) * np.int32(sc[2 * g + 1, r])
+
+
+@njit(cache=True)
+def _accumulate(acc, isum, mn, d, dmin, xd, xs):
+    # acc (TILE,) += xd * (d * isum - dmin * sum_j mn_j * xs_j) for one super-block
+    for r in range(TILE):
+        msum = 0
+        for j in range(8):
+            msum += np.int32(mn[j, r]) * xs[j]
+        acc[r] += xd * (d[r] * F32(isum[r]) - dmin[r] * F32(msum))
+
+
+@njit(parallel=True, cache=True)
+def _matvec(qs, qh, sc, mn, d, dmin, xq, xd, xs, y):
+    # xq (K,) int8, xd (nb,) float32, xs (nb, 8) int32 sums per 32 values; y (n_tiles, TILE)
+    for t in prange(qs.shape[0]):
+        isum = np.empty(TILE, np.int32)
+        acc = np.zeros(TILE, np.float32)
+        for b in range(qs.shape[1]):
+            _block_dot(qs[t, b], qh[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
+            _accumulate(acc, isum, mn[t, b], d[t, b], dmin[t, b], xd[b], xs[b])
+        y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matmul(qs, qh, sc, mn, d, dmin, xq, xd, xs, y):
+    # xq (T, K) int8, xd (T, nb), xs (T, nb, 8); y (n_tiles, T, TILE). Each super-block of a tile
+    # is read once from memory and used for all T tokens.
+    n_tok = xq.shape[0]
+    for t in prange(qs.shape[0]):
+        isum = np.empty(TILE, np.int32)
+        acc = np.zeros((n_tok, TILE), np.float32)
+        for b in range(qs.shape[1]):
+            for k in range(n_tok):
+                _block_dot(qs[t, b], qh[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
+                _accumulate(acc[k], isum, mn[t, b], d[t, b], dmin[t, b], xd[k, b], xs[k, b])
+        y[t] = acc
+
+
+def _activations(x: np.ndarray):
+    """x (T, K) -> Q8_K (qs, d, sums per 32 values (T, nb, 8))."""
+    xq, xd, bsums = q8_k.quantize(x)
+    xs = bsums.reshape(x.shape[0], -1, 8, 2).sum(-1, dtype=np.int32)
+    return xq, xd, xs
+
+
+def matvec(p: PackedQ5K, x: np.ndarray) -> np.ndarray:
+    xq, xd, xs = _activations(x.reshape(1, -1))
+    y = np.empty((p.qs.shape[0], TILE), np.float32)
+    _matvec(p.qs, p.qh, p.sc, p.mn, p.d, p.dmin, xq[0], xd[0], xs[0], y)
+    return y.reshape(-1)[: p.n]
+
+
+def matmul(p: PackedQ5K, x: np.ndarray) -> np.ndarray:
+    xq, xd, xs = _activations(x)
+    y = np.empty((p.qs.shape[0], x.shape[0], TILE), np.float32)
+    _matmul(p.qs, p.qh, p.sc, p.mn, p.d, p.dmin, xq, xd, xs, y)
+    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
+
+
 class Q5_K(QuantFormat):
     qtype = GGMLQuantizationType.Q5_K
 
@@ -122,3 +239,12 @@ class Q5_K(QuantFormat):
         out = np.empty((rows.shape[0], rows.shape[1] // QK_K, TYPE_SIZE), np.uint8)
         _quantize_rows(rows, out)
         return out.reshape(*x.shape[:-1], -1)
+
+    def pack(self, raw: np.ndarray) -> PackedQ5K:
+        return pack(raw)
+
+    def matvec(self, packed: PackedQ5K, x: np.ndarray) -> np.ndarray:
+        return matvec(packed, check_rows(x, "Q5_K matvec"))
+
+    def matmul(self, packed: PackedQ5K, x: np.ndarray) -> np.ndarray:
+        return matmul(packed, check_rows(x, "Q5_K matmul"))
