@@ -25,7 +25,8 @@ class QuantFormat:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.qtype]
-        FORMATS[cls.qtype] = cls()
+        if "qtype" in cls.__dict__:  # a shared base class names no type of its own
+            FORMATS[cls.qtype] = cls()
 
     # --- reference ------------------------------------------------------------------------------
     def dequantize(self, blocks: np.ndarray) -> np.ndarray:
