@@ -1,0 +1,194 @@
+"""K-quant formats Q4_K, Q5_K, Q6_K and the Q8_K activations.
+
+Oracles: gguf-py's dequantizers (bit-exact), llama.cpp's quantizers and dot products through its
+ggml libraries (live when llama-cpp-python is installed, else a stored golden made by llama.cpp),
+and float64 products of gguf-py's dequantized weights.
+
+Bound for the kernels: they multiply with Q8_K activations x8 * dx (|dx| = max|x| / 127 per 256
+values), so against the float product of the same weights W,
+    |y - W @ x| <= sum over blocks b of |dx_b| / 2 * sum_{k in b} |W_k|,
+and against the float product with the rounded activations, |y - W @ (x8 * dx)| only carries
+float32 rounding: 1e-5 of |W| @ |x8 * dx|.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from conftest import requires_llama_cpp
+from edgeseek.gguf_file import GGUFFile
+from edgeseek.quantize import QMatrix, get_format, q4_k, q5_k, q6_k, q8_k  # noqa: F401 (registers)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "kquants"
+sys.path.insert(0, str(FIXTURES))
+import ggml_ref  # noqa: E402
+import make_kquants_golden  # noqa: E402
+
+KINDS = ["Q4_K", "Q5_K", "Q6_K"]
+FP16_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets of d (and dmin)
+
+
+def fmt(kind):
+    return get_format(T[kind])
+
+
+def random_blocks(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, type_size) random bytes with finite fp16 scales of a plausible size."""
+    blocks = rng.integers(0, 256, (n, fmt(kind).type_size), dtype=np.uint8)
+    for off in FP16_OFFSETS[kind]:
+        scale = (np.abs(rng.standard_normal(n)) * 0.01).astype(np.float16)
+        blocks[:, off:off + 2] = scale.view(np.uint8).reshape(n, 2)
+    return blocks
+
+
+def q8k_dequantized(x: np.ndarray) -> np.ndarray:
+    """x (T, K) -> the Q8_K activations as float64, x8 * dx."""
+    qs, d, _ = q8_k.quantize(x)
+    return (qs.reshape(x.shape[0], -1, 256) * d[..., None].astype(np.float64)).reshape(x.shape)
+
+
+def assert_within_q8k_bound(y, W, x):
+    """y (T, N) from the kernels, W (N, K) float weights, x (T, K) activations: the bounds of the
+    module docstring."""
+    W = W.astype(np.float64)
+    xh = q8k_dequantized(x)
+    exact = xh @ W.T
+    np.testing.assert_array_less(np.abs(y - exact), 1e-5 * (np.abs(xh) @ np.abs(W).T) + 1e-30)
+    _, d, _ = q8_k.quantize(x)  # (T, nb)
+    absw = np.abs(W).reshape(W.shape[0], -1, 256).sum(-1)  # (N, nb)
+    bound = (np.abs(d.astype(np.float64)) / 2) @ absw.T * (1 + 1e-4)  # (T, N)
+    np.testing.assert_array_less(np.abs(y - x.astype(np.float64) @ W.T), bound + 1e-30)
+
+
+# --- dequantize --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_random_blocks_bit_exact(kind):
+    blocks = random_blocks(kind, 300, np.random.default_rng(1))
+    ours = fmt(kind).dequantize(blocks)
+    assert ours.dtype == np.float32 and ours.shape == (300 * 256,)
+    np.testing.assert_array_equal(ours, quants.dequantize(blocks, T[kind]).reshape(-1))
+
+
+def test_dequantize_gemma_tensors_bit_exact(gemma3_path):
+    f = GGUFFile(gemma3_path)
+    seen = set()
+    for t in f.tensors.values():
+        if t.qtype.name in KINDS:
+            blocks = np.asarray(t.raw).reshape(-1, fmt(t.qtype.name).type_size)
+            ours = fmt(t.qtype.name).dequantize(blocks)
+            np.testing.assert_array_equal(ours, quants.dequantize(blocks, t.qtype).reshape(-1),
+                                          err_msg=t.name)
+            seen.add(t.qtype.name)
+    assert seen == {"Q4_K", "Q6_K"}
+
+
+# --- quantize ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantize_matches_llama_cpp_golden(kind):
+    golden = np.load(FIXTURES / "kquants_golden.npz")
+    np.testing.assert_array_equal(fmt(kind).quantize(golden["x"]), golden[kind])
+
+
+def test_q8_k_matches_llama_cpp_golden():
+    golden = np.load(FIXTURES / "kquants_golden.npz")
+    x = golden["x"]
+    qs, d, bsums = q8_k.quantize(x)
+    ref = golden["Q8_K"].reshape(x.shape[0], -1, 292)
+    np.testing.assert_array_equal(d, ref[..., :4].copy().view(np.float32)[..., 0])
+    np.testing.assert_array_equal(qs, ref[..., 4:260].view(np.int8).reshape(x.shape))
+    nonzero = d != 0  # llama.cpp leaves the sums of an all-zero block unwritten
+    np.testing.assert_array_equal(bsums.reshape(*d.shape, 16)[nonzero],
+                                  ref[..., 260:].copy().view(np.int16)[nonzero])
+
+
+@requires_llama_cpp
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantize_bit_identical_to_llama_cpp(kind):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((40, 1024)) * rng.lognormal(0, 2, (40, 1))).astype(np.float32)
+    x = np.concatenate([x, make_kquants_golden.edge_rows(rng).reshape(-1, 1024)])
+    np.testing.assert_array_equal(fmt(kind).quantize(x), ggml_ref.quantize(x, kind))
+
+
+@requires_llama_cpp
+def test_q8_k_bit_identical_to_llama_cpp():
+    x = (np.random.default_rng(8).standard_normal((7, 768)) * 3).astype(np.float32)
+    qs, d, bsums = q8_k.quantize(x)
+    for row in range(7):
+        ref = ggml_ref.quantize_q8_k(x[row]).reshape(-1, 292)
+        np.testing.assert_array_equal(d[row], ref[:, :4].copy().view(np.float32)[:, 0])
+        np.testing.assert_array_equal(qs[row], ref[:, 4:260].view(np.int8).reshape(-1))
+        np.testing.assert_array_equal(bsums[row], ref[:, 260:].copy().view(np.int16).reshape(-1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantize_shapes_and_errors(kind):
+    x = np.random.default_rng(9).standard_normal((2, 3, 512)).astype(np.float32)
+    q = fmt(kind).quantize(x)
+    assert q.shape == (2, 3, 2 * fmt(kind).type_size) and q.dtype == np.uint8
+    with pytest.raises(ValueError, match="multiple of 256"):
+        fmt(kind).quantize(np.zeros((2, 320), np.float32))
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n, k", [(1, 256), (3, 512), (131, 768), (257, 2048)])
+def test_matvec_within_q8k_bound(kind, n, k):
+    rng = np.random.default_rng(n + k)
+    raw = random_blocks(kind, n * k // 256, rng).reshape(n, -1)
+    W = quants.dequantize(raw, T[kind]).reshape(n, k)
+    x = rng.standard_normal(k).astype(np.float32)
+    y = fmt(kind).matvec(fmt(kind).pack(raw), x)
+    assert y.shape == (n,) and y.dtype == np.float32
+    assert_within_q8k_bound(y[None], W, x[None])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n_tok", [1, 3, 64])
+def test_matmul_within_q8k_bound(kind, n_tok):
+    rng = np.random.default_rng(n_tok)
+    n, k = 131, 512
+    raw = random_blocks(kind, n * k // 256, rng).reshape(n, -1)
+    W = quants.dequantize(raw, T[kind]).reshape(n, k)
+    x = (rng.standard_normal((n_tok, k)) * rng.lognormal(0, 1, (n_tok, 1))).astype(np.float32)
+    p = fmt(kind).pack(raw)
+    y = fmt(kind).matmul(p, x)
+    assert y.shape == (n_tok, n) and y.dtype == np.float32
+    assert_within_q8k_bound(y, W, x)
+    np.testing.assert_array_equal(y[n_tok // 2], fmt(kind).matvec(p, x[n_tok // 2]))
+
+
+@requires_llama_cpp
+@pytest.mark.parametrize("kind", KINDS)
+def test_matvec_matches_llama_cpp_vec_dot(kind):
+    rng = np.random.default_rng(11)
+    n, k = 67, 1536
+    raw = ggml_ref.quantize(rng.standard_normal((n, k)).astype(np.float32), kind)
+    x = rng.standard_normal(k).astype(np.float32)
+    y = fmt(kind).matvec(fmt(kind).pack(raw), x)
+    q8 = ggml_ref.quantize_q8_k(x)
+    ref = np.array([ggml_ref.vec_dot(kind, raw[i], q8, k) for i in range(n)])
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_gemma_matrices_through_qmatrix(gemma3_path):
+    f = GGUFFile(gemma3_path)
+    rng = np.random.default_rng(12)
+    for name in ("blk.2.ffn_down.weight", "blk.0.ffn_down.weight"):  # Q4_K, Q6_K
+        t = f.tensor(name)
+        m = QMatrix(t.qtype, t.raw, t.shape, name)
+        W = quants.dequantize(np.asarray(t.raw), t.qtype).reshape(t.shape)
+        x = rng.standard_normal((3, t.shape[1])).astype(np.float32)
+        assert_within_q8k_bound(m(x[0])[None], W, x[:1])
+        assert_within_q8k_bound(m(x), W, x)
