@@ -13,7 +13,6 @@ import numpy as np
 from numba import njit
 
 QK_K = 256  # values per super-block
-TILE = 128  # rows per kernel tile: the kernels' vector loops run across the rows of a tile
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -206,15 +205,15 @@ def pack_scale_min_k4(ls, lm, s):
 # --- tiles ------------------------------------------------------------------------------------
 
 
-def blocks_by_tile(raw: np.ndarray, type_size: int) -> np.ndarray:
-    """(N, row_bytes) uint8 rows -> (n_tiles, TILE, nb, type_size) with zero rows padding the last
+def blocks_by_tile(raw: np.ndarray, type_size: int, tile: int) -> np.ndarray:
+    """(N, row_bytes) uint8 rows -> (n_tiles, tile, nb, type_size) with zero rows padding the last
     tile (an all-zero K-quant block has d = 0 and contributes nothing)."""
     n, row_bytes = raw.shape
     nb_ = row_bytes // type_size
-    n_tiles = -(-n // TILE)
-    out = np.zeros((n_tiles * TILE, nb_, type_size), np.uint8)
+    n_tiles = -(-n // tile)
+    out = np.zeros((n_tiles * tile, nb_, type_size), np.uint8)
     out[:n] = raw.reshape(n, nb_, type_size)
-    return out.reshape(n_tiles, TILE, nb_, type_size)
+    return out.reshape(n_tiles, tile, nb_, type_size)
 
 
 def check_rows(x: np.ndarray, what: str) -> np.ndarray:
@@ -223,3 +222,47 @@ def check_rows(x: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"{what}: row length {x.shape[-1]} is not a multiple of {QK_K}")
     return x
 
+
+
+# --- prompt kernels: levels unpacked once per super-block, reused for every token ------------
+
+
+@njit(cache=True)
+def dot_levels32(lv, sc, x, isum):
+    """isum[r] = sum_j sc[j, r] * sum_l lv[32j + l, r] * x[32j + l]: one super-block of unpacked
+    levels lv (256, tile) uint8 with 8 sub-blocks of 32, scales sc (8, tile), x (256,) int8.
+    The sums run as loops of 8 so that LLVM unrolls them and vectorizes across the rows."""
+    isum[:] = 0
+    for j in range(8):
+        w = lv[32 * j: 32 * j + 32]
+        xs = x[32 * j: 32 * j + 32]
+        for r in range(isum.shape[0]):
+            s = 0
+            for l in range(0, 8):
+                s += np.int32(w[l, r]) * np.int32(xs[l])
+            for l in range(8, 16):
+                s += np.int32(w[l, r]) * np.int32(xs[l])
+            for l in range(16, 24):
+                s += np.int32(w[l, r]) * np.int32(xs[l])
+            for l in range(24, 32):
+                s += np.int32(w[l, r]) * np.int32(xs[l])
+            isum[r] += np.int32(s) * np.int32(sc[j, r])
+
+
+@njit(cache=True)
+def dot_levels16(lv, sc, x, isum):
+    """As dot_levels32 for 16 sub-blocks of 16 (Q6_K), two sub-blocks at a time."""
+    isum[:] = 0
+    for j in range(0, 16, 2):
+        w = lv[16 * j: 16 * j + 32]
+        xs = x[16 * j: 16 * j + 32]
+        for r in range(isum.shape[0]):
+            s0 = 0
+            s1 = 0
+            for l in range(0, 8):
+                s0 += np.int32(w[l, r]) * np.int32(xs[l])
+                s1 += np.int32(w[16 + l, r]) * np.int32(xs[16 + l])
+            for l in range(8, 16):
+                s0 += np.int32(w[l, r]) * np.int32(xs[l])
+                s1 += np.int32(w[16 + l, r]) * np.int32(xs[16 + l])
+            isum[r] += np.int32(s0) * np.int32(sc[j, r]) + np.int32(s1) * np.int32(sc[j + 1, r])

@@ -15,12 +15,15 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, QK_K, TILE, blocks_by_tile, check_rows, f16_to_f32, f32_to_f16,
+from .kquants import (F32, QK_K, blocks_by_tile, check_rows, f16_to_f32, f32_to_f16,
                       make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
 from .q4_k import scales_mins
 from .registry import QuantFormat
 
 TYPE_SIZE = 176
+# Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
+# module so that numba's cache of the kernels follows it.
+TILE = 128
 QH, QS = 16, 48  # byte offsets of qh and qs in a block
 
 
@@ -125,7 +128,7 @@ class PackedQ5K(NamedTuple):
 
 
 def pack(raw: np.ndarray) -> PackedQ5K:
-    blocks = blocks_by_tile(raw, TYPE_SIZE)  # (n_tiles, TILE, nb, 176)
+    blocks = blocks_by_tile(raw, TYPE_SIZE, TILE)  # (n_tiles, TILE, nb, 176)
     hd = blocks[..., 0:4].copy().view(np.float16).astype(np.float32)  # (n_tiles, TILE, nb, 2)
     sc, mn = scales_mins(blocks[..., 4:16])  # (n_tiles, TILE, nb, 8) each
     qs = blocks[..., QS:].reshape(*blocks.shape[:3], 4, 32)

@@ -18,11 +18,14 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, GROUP_MAX_EPS, QK_K, TILE, blocks_by_tile, check_rows, f16_to_f32,
+from .kquants import (F32, GROUP_MAX_EPS, QK_K, blocks_by_tile, check_rows, f16_to_f32,
                       f32_to_f16, make_qx_quants, nearest_int)
 from .registry import QuantFormat
 
 TYPE_SIZE = 210
+# Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
+# module so that numba's cache of the kernels follows it.
+TILE = 128
 QL, QH, SC, D = 0, 128, 192, 208  # byte offsets in a block
 
 
@@ -99,26 +102,35 @@ def _quantize_rows(x, out):
 
 
 # --- kernels ----------------------------------------------------------------------------------
-# Tiles of TILE rows with the rows innermost (see q4_k.py): the file's ql and qh bytes of every row
-# of the tile side by side, int8 scales and d decoded at pack time. With Q8_K activations the
-# unsigned levels q (0..63) accumulate in int32, and the -32 offset is taken off once per
-# super-block with the sums of 16 activations: sum_j sc_j * (sum_l q * x8 - 32 * bsum_j), as
-# ggml_vec_dot_q6_K_q8_K does.
+# Tiles of TILE rows with the rows innermost (see q4_k.py). The four 6-bit values that the file
+# spreads over two ql nibbles and one qh byte (values l, l + 32, l + 64, l + 96 of a half) are
+# repacked into three bytes, a = v1 | v4[0:2] << 6, b = v2 | v4[2:4] << 6, c = v3 | v4[4:6] << 6,
+# which take fewer operations to take apart. Int8 scales and d are decoded at pack time. With
+# Q8_K activations the unsigned levels q (0..63) accumulate in int32, and the -32 offset is taken
+# off once per super-block with the sums of 16 activations: sum_j sc_j * (sum_l q * x8 - 32 *
+# bsum_j), as ggml_vec_dot_q6_K_q8_K does.
 
 
 class PackedQ6K(NamedTuple):
-    ql: np.ndarray  # (n_tiles, nb, 128, TILE) uint8
-    qh: np.ndarray  # (n_tiles, nb, 64, TILE) uint8
+    q3: np.ndarray  # (n_tiles, nb, 3, 64, TILE) uint8: bytes a, b, c of triplet 32h + l
     sc: np.ndarray  # (n_tiles, nb, 16, TILE) int8
     d: np.ndarray  # (n_tiles, nb, TILE) float32
     n: int  # rows of the matrix (the last tile is padded with zero rows)
 
 
 def pack(raw: np.ndarray) -> PackedQ6K:
-    blocks = blocks_by_tile(raw, TYPE_SIZE)  # (n_tiles, TILE, nb, 210)
+    blocks = blocks_by_tile(raw, TYPE_SIZE, TILE)  # (n_tiles, TILE, nb, 210)
+    ql = blocks[..., QL:QH].reshape(*blocks.shape[:3], 2, 64)  # [h, byte]
+    qh = blocks[..., QH:SC].reshape(*blocks.shape[:3], 2, 32)
+    lo, hi = ql[..., :32], ql[..., 32:]
+    v1 = (lo & 0xF) | ((qh & 3) << 4)  # values l, l + 32, l + 64, l + 96 of half h
+    v2 = (hi & 0xF) | ((qh & 0xC) << 2)
+    v3 = (lo >> 4) | (qh & 0x30)
+    v4 = (hi >> 4) | ((qh >> 2) & 0x30)
+    q3 = np.stack([v1 | (v4 << 6), v2 | ((v4 >> 2) << 6), v3 | ((v4 >> 4) << 6)], axis=3)
+    q3 = q3.reshape(*blocks.shape[:3], 3, 64)  # (n_tiles, TILE, nb, 3, 64)
     return PackedQ6K(
-        ql=np.ascontiguousarray(blocks[..., QL:QH].transpose(0, 2, 3, 1)),
-        qh=np.ascontiguousarray(blocks[..., QH:SC].transpose(0, 2, 3, 1)),
+        q3=np.ascontiguousarray(q3.transpose(0, 2, 3, 4, 1)),
         sc=np.ascontiguousarray(blocks[..., SC:D].view(np.int8).transpose(0, 2, 3, 1)),
         d=np.ascontiguousarray(blocks[..., D:].copy().view(np.float16)[..., 0].astype(np.float32)
                                .transpose(0, 2, 1)),
@@ -127,13 +139,14 @@ def pack(raw: np.ndarray) -> PackedQ6K:
 
 
 @njit(cache=True)
-def _block_dot(ql, qh, sc, x, isum):
+def _block_dot(q3, sc, x, isum):
     # isum[r] = sum_j sc[j, r] * sum_l q(r, 16j + l) * x[16j + l] over one super-block of a tile,
-    # q unsigned. ql (128, TILE), qh (64, TILE) uint8, sc (16, TILE) int8, x (256,) int8.
-    # In half h, bytes l of ql, ql + 32 and qh give values l, l + 32, l + 64, l + 96: four
-    # sub-blocks at a time. The loops over l are 8 long so that LLVM unrolls them and vectorizes
-    # across the rows (see q4_k._block_dot).
+    # q unsigned. q3 (3, 64, TILE) uint8, sc (16, TILE) int8, x (256,) int8.
+    # Triplet 32h + l holds values 128h + l + {0, 32, 64, 96}: four sub-blocks at a time. The
+    # loops over l are 8 long so that LLVM unrolls them and vectorizes across the rows (see
+    # q4_k._block_dot).
     isum[:] = 0
+    pa, pb, pc = q3[0], q3[1], q3[2]
     for h in range(2):
         for l0 in range(0, 32, 8):
             j = 8 * h + l0 // 16  # sub-block of value 128h + l; +2, +4, +6 for the three others
@@ -147,13 +160,13 @@ def _block_dot(ql, qh, sc, x, isum):
                 a3 = 0
                 a4 = 0
                 for l in range(8):
-                    b0 = np.int32(ql[64 * h + l0 + l, r])
-                    b1 = np.int32(ql[64 * h + 32 + l0 + l, r])
-                    hb = np.int32(qh[32 * h + l0 + l, r])
-                    a1 += ((b0 & 0xF) | ((hb & 3) << 4)) * np.int32(x1[l])
-                    a2 += ((b1 & 0xF) | ((hb & 0xC) << 2)) * np.int32(x2[l])
-                    a3 += ((b0 >> 4) | (hb & 0x30)) * np.int32(x3[l])
-                    a4 += ((b1 >> 4) | ((hb >> 2) & 0x30)) * np.int32(x4[l])
+                    a = np.int32(pa[32 * h + l0 + l, r])
+                    b = np.int32(pb[32 * h + l0 + l, r])
+                    c = np.int32(pc[32 * h + l0 + l, r])
+                    a1 += (a & 63) * np.int32(x1[l])
+                    a2 += (b & 63) * np.int32(x2[l])
+                    a3 += (c & 63) * np.int32(x3[l])
+                    a4 += ((a >> 6) | ((b >> 4) & 0xC) | ((c >> 2) & 0x30)) * np.int32(x4[l])
                 isum[r] += (np.int32(a1) * np.int32(sc[j, r]) + np.int32(a2) * np.int32(sc[j + 2, r])
                             + np.int32(a3) * np.int32(sc[j + 4, r]) + np.int32(a4) * np.int32(sc[j + 6, r]))
 
@@ -169,43 +182,43 @@ def _accumulate(acc, isum, sc, d, xd, bsums):
 
 
 @njit(parallel=True, cache=True)
-def _matvec(ql, qh, sc, d, xq, xd, bsums, y):
+def _matvec(q3, sc, d, xq, xd, bsums, y):
     # xq (K,) int8, xd (nb,) float32, bsums (nb, 16) int32 sums per 16 values; y (n_tiles, TILE)
-    for t in prange(ql.shape[0]):
+    for t in prange(q3.shape[0]):
         isum = np.empty(TILE, np.int32)
         acc = np.zeros(TILE, np.float32)
-        for b in range(ql.shape[1]):
-            _block_dot(ql[t, b], qh[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
+        for b in range(q3.shape[1]):
+            _block_dot(q3[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
             _accumulate(acc, isum, sc[t, b], d[t, b], xd[b], bsums[b])
         y[t] = acc
 
 
 @njit(parallel=True, cache=True)
-def _matmul(ql, qh, sc, d, xq, xd, bsums, y):
+def _matmul(q3, sc, d, xq, xd, bsums, y):
     # xq (T, K) int8, xd (T, nb), bsums (T, nb, 16); y (n_tiles, T, TILE). Each super-block of a
     # tile is read once from memory and used for all T tokens.
     n_tok = xq.shape[0]
-    for t in prange(ql.shape[0]):
+    for t in prange(q3.shape[0]):
         isum = np.empty(TILE, np.int32)
         acc = np.zeros((n_tok, TILE), np.float32)
-        for b in range(ql.shape[1]):
+        for b in range(q3.shape[1]):
             for k in range(n_tok):
-                _block_dot(ql[t, b], qh[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
+                _block_dot(q3[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
                 _accumulate(acc[k], isum, sc[t, b], d[t, b], xd[k, b], bsums[k, b])
         y[t] = acc
 
 
 def matvec(p: PackedQ6K, x: np.ndarray) -> np.ndarray:
     xq, xd, bsums = q8_k.quantize(x.reshape(1, -1))
-    y = np.empty((p.ql.shape[0], TILE), np.float32)
-    _matvec(p.ql, p.qh, p.sc, p.d, xq[0], xd[0], bsums.reshape(1, -1, 16)[0], y)
+    y = np.empty((p.q3.shape[0], TILE), np.float32)
+    _matvec(p.q3, p.sc, p.d, xq[0], xd[0], bsums.reshape(1, -1, 16)[0], y)
     return y.reshape(-1)[: p.n]
 
 
 def matmul(p: PackedQ6K, x: np.ndarray) -> np.ndarray:
     xq, xd, bsums = q8_k.quantize(x)
-    y = np.empty((p.ql.shape[0], x.shape[0], TILE), np.float32)
-    _matmul(p.ql, p.qh, p.sc, p.d, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
+    y = np.empty((p.q3.shape[0], x.shape[0], TILE), np.float32)
+    _matmul(p.q3, p.sc, p.d, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
     return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
 
 
