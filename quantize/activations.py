@@ -32,8 +32,17 @@ def _quantize_block(x, q):
     return f16_to_f32(f32_to_f16(d)), f16_to_f32(f32_to_f16(d * np.float32(s)))
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _quantize_rows(x, q, d, s):
+    # one vector (decode) is a few microseconds of work: no thread hand-off
+    nb = x.shape[1] // QK
+    for i in range(x.shape[0] * nb):
+        t, b = i // nb, i % nb
+        d[t, b], s[t, b] = _quantize_block(x[t, QK * b: QK * (b + 1)], q[t, QK * b: QK * (b + 1)])
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows_parallel(x, q, d, s):
     nb = x.shape[1] // QK
     for i in prange(x.shape[0] * nb):
         t, b = i // nb, i % nb
@@ -49,5 +58,5 @@ def quantize_q8(x: np.ndarray):
     q = np.empty((t, k), np.int8)
     d = np.empty((t, k // QK), np.float32)
     s = np.empty((t, k // QK), np.float32)
-    _quantize_rows(x, q, d, s)
+    (_quantize_rows_parallel if t * k >= 65536 else _quantize_rows)(x, q, d, s)
     return q, d, s

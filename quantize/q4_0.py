@@ -7,6 +7,8 @@ from gguf import GGMLQuantizationType
 from numba import int32, njit, prange
 
 from . import tiles
+from .activations import QK
+from .tiles import TILE, qh_at, scale_add
 from .kquants import f16_to_f32
 from .registry import QuantFormat
 
@@ -32,6 +34,31 @@ def dot(qs, qh, xq, isum):
             isum[r] += ((q & int32(15)) - int32(8)) * lo + ((q >> int32(4)) - int32(8)) * hi
 
 
+@njit(parallel=True, cache=True)
+def _matvec(qs, qh, d, m, has_min, xq, xd, xs, y):
+    # qs (nt, nb, bytes, TILE), qh (nt, nb, TILE) or placeholder, d/m (nt, nb, TILE); y (nt, TILE)
+    for t in prange(qs.shape[0]):
+        acc = np.zeros(TILE, np.float32)
+        isum = np.empty(TILE, np.int32)
+        for b in range(qs.shape[1]):
+            dot(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
+            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
+        y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matmul(qs, qh, d, m, has_min, xq, xd, xs, y):
+    # xq (T, K), xd/xs (T, nb); y (nt, T, TILE): each block of a tile serves all T tokens from L1
+    for t in prange(qs.shape[0]):
+        acc = np.zeros((xq.shape[0], TILE), np.float32)
+        isum = np.empty(TILE, np.int32)
+        for b in range(qs.shape[1]):
+            for k in range(xq.shape[0]):
+                dot(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
+                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
+        y[t] = acc
+
+
 class Q4_0(QuantFormat):
     qtype = GGMLQuantizationType.Q4_0
 
@@ -47,7 +74,7 @@ class Q4_0(QuantFormat):
         return qs, tiles.NO_QH, tiles.to_tiles(tiles.fp16_field(b, 0)), None, raw.shape[0]
 
     def matvec(self, packed, x):
-        return tiles.matvec(dot, packed, x)
+        return tiles.matvec(_matvec, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(dot, packed, x)
+        return tiles.matmul(_matmul, packed, x)

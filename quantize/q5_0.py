@@ -9,6 +9,8 @@ from gguf import GGMLQuantizationType
 from numba import int32, njit, prange, uint32
 
 from . import tiles
+from .activations import QK
+from .tiles import TILE, qh_at, scale_add
 from .kquants import f16_to_f32
 from .registry import QuantFormat
 
@@ -56,10 +58,58 @@ def dot_q5_1(qs, qh, xq, isum):
     _dot5(qs, qh, xq, isum, int32(0))
 
 
+@njit(parallel=True, cache=True)
+def _matvec_q5_0(qs, qh, d, m, has_min, xq, xd, xs, y):
+    # qs (nt, nb, bytes, TILE), qh (nt, nb, TILE) or placeholder, d/m (nt, nb, TILE); y (nt, TILE)
+    for t in prange(qs.shape[0]):
+        acc = np.zeros(TILE, np.float32)
+        isum = np.empty(TILE, np.int32)
+        for b in range(qs.shape[1]):
+            dot_q5_0(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
+            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
+        y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matmul_q5_0(qs, qh, d, m, has_min, xq, xd, xs, y):
+    # xq (T, K), xd/xs (T, nb); y (nt, T, TILE): each block of a tile serves all T tokens from L1
+    for t in prange(qs.shape[0]):
+        acc = np.zeros((xq.shape[0], TILE), np.float32)
+        isum = np.empty(TILE, np.int32)
+        for b in range(qs.shape[1]):
+            for k in range(xq.shape[0]):
+                dot_q5_0(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
+                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
+        y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matvec_q5_1(qs, qh, d, m, has_min, xq, xd, xs, y):
+    for t in prange(qs.shape[0]):
+        acc = np.zeros(TILE, np.float32)
+        isum = np.empty(TILE, np.int32)
+        for b in range(qs.shape[1]):
+            dot_q5_1(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
+            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
+        y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matmul_q5_1(qs, qh, d, m, has_min, xq, xd, xs, y):
+    for t in prange(qs.shape[0]):
+        acc = np.zeros((xq.shape[0], TILE), np.float32)
+        isum = np.empty(TILE, np.int32)
+        for b in range(qs.shape[1]):
+            for k in range(xq.shape[0]):
+                dot_q5_1(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
+                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
+        y[t] = acc
+
+
 class _Q5(QuantFormat):
     qtype = GGMLQuantizationType.Q5_0  # block and byte sizes; each subclass names its own type
     has_min = False
-    dot = staticmethod(dot_q5_0)
+    kernels = (_matvec_q5_0, _matmul_q5_0)
 
     def dequantize(self, blocks):
         blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, self.type_size)
@@ -76,10 +126,10 @@ class _Q5(QuantFormat):
         return qs, qh, tiles.to_tiles(tiles.fp16_field(b, 0)), m, raw.shape[0]
 
     def matvec(self, packed, x):
-        return tiles.matvec(self.dot, packed, x)
+        return tiles.matvec(self.kernels[0], packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(self.dot, packed, x)
+        return tiles.matmul(self.kernels[1], packed, x)
 
 
 class Q5_0(_Q5):
@@ -89,4 +139,4 @@ class Q5_0(_Q5):
 class Q5_1(_Q5):
     qtype = GGMLQuantizationType.Q5_1
     has_min = True
-    dot = staticmethod(dot_q5_1)
+    kernels = (_matvec_q5_1, _matmul_q5_1)

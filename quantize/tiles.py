@@ -6,15 +6,15 @@ with unit stride, which LLVM vectorizes (one zmm register holds 16 rows' int32 s
 mins are pre-converted to float32 at pack time. Activations are int8 per 32-value block
 (activations.py), products are summed in int32 per block, then scaled in float32.
 
-Each format supplies its block dot product `dot(qs, qh, xq, isum)`: qs (bytes, TILE) of one block,
-qh (TILE,) uint32 high bits (5-bit formats; a placeholder otherwise), xq (32,) int8 -> isum (TILE,)
-int32. The drivers take it as a first-class function, so numba compiles one specialised kernel per
-format.
+Each format writes its block dot product `dot(qs, qh, xq, isum)` (qs (bytes, TILE) of one block,
+qh (TILE,) uint32 high bits or a placeholder, xq (32,) int8 -> isum (TILE,) int32) and the two
+small prange drivers `_matvec` / `_matmul` around it (alike in every format); numba cannot cache kernels
+that take a function as an argument, so each format compiles its own.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .activations import QK, quantize_q8
 
@@ -36,8 +36,8 @@ def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-@njit(cache=True)
-def _scale_add(acc, isum, d, m, xd, xs, has_min):
+@njit(cache=True, inline="always")
+def scale_add(acc, isum, d, m, xd, xs, has_min):
     if has_min:
         for r in range(acc.shape[0]):
             acc[r] += np.float32(isum[r]) * (d[r] * xd) + m[r] * xs
@@ -46,49 +46,28 @@ def _scale_add(acc, isum, d, m, xd, xs, has_min):
             acc[r] += np.float32(isum[r]) * (d[r] * xd)
 
 
-@njit(parallel=True, cache=True)
-def _matvec(dot, qs, qh, d, m, has_min, xq, xd, xs, y):
-    # qs (nt, nb, bytes, TILE), qh (nt, nb, TILE) or the (1, 1, TILE) placeholder, d/m (nt, nb, TILE); y (nt, TILE)
-    for t in prange(qs.shape[0]):
-        acc = np.zeros(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            dot(qs[t, b], qh[min(np.int64(t), qh.shape[0] - 1), min(np.int64(b), qh.shape[1] - 1)], xq[QK * b: QK * (b + 1)], isum)
-            _scale_add(acc, isum, d[t, b], m[t, b] if has_min else d[t, b], xd[b], xs[b], has_min)
-        y[t] = acc
-
-
-@njit(parallel=True, cache=True)
-def _matmul(dot, qs, qh, d, m, has_min, xq, xd, xs, y):
-    # As _matvec for T tokens: xq (T, K), xd/xs (T, nb); y (nt, T, TILE). Each block of a tile is
-    # read from memory once and used for every token while it sits in L1.
-    n_tok = xq.shape[0]
-    for t in prange(qs.shape[0]):
-        acc = np.zeros((n_tok, TILE), np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            for k in range(n_tok):
-                dot(qs[t, b], qh[min(np.int64(t), qh.shape[0] - 1), min(np.int64(b), qh.shape[1] - 1)], xq[k, QK * b: QK * (b + 1)], isum)
-                _scale_add(acc[k], isum, d[t, b], m[t, b] if has_min else d[t, b], xd[k, b], xs[k, b], has_min)
-        y[t] = acc
-
-
 NO_QH = np.zeros((1, 1, TILE), np.uint32)
 
 
-def matvec(dot, p, x: np.ndarray) -> np.ndarray:
+def matvec(kernel, p, x: np.ndarray) -> np.ndarray:
     """p: a packed tuple (qs, qh, d, m, n_rows) as the formats build it; x (K,) -> (N,)."""
     qs, qh, d, m, n = p
     xq, xd, xs = quantize_q8(x.reshape(1, -1))
     y = np.empty((qs.shape[0], TILE), np.float32)
-    _matvec(dot, qs, qh, d, m if m is not None else d, m is not None, xq[0], xd[0], xs[0], y)
+    kernel(qs, qh, d, m if m is not None else d, m is not None, xq[0], xd[0], xs[0], y)
     return y.reshape(-1)[:n]
 
 
-def matmul(dot, p, x: np.ndarray) -> np.ndarray:
-    """x (T, K) -> (T, N)."""
+def matmul(kernel, p, x: np.ndarray) -> np.ndarray:
+    """x (T, K) -> (T, N); `kernel` reads each block of a tile once for all T tokens."""
     qs, qh, d, m, n = p
     xq, xd, xs = quantize_q8(x)
     y = np.empty((qs.shape[0], x.shape[0], TILE), np.float32)
-    _matmul(dot, qs, qh, d, m if m is not None else d, m is not None, xq, xd, xs, y)
+    kernel(qs, qh, d, m if m is not None else d, m is not None, xq, xd, xs, y)
     return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, :n]
+
+
+@njit(cache=True, inline="always")
+def qh_at(qh, t, b):
+    """The high bits of tile t, block b, or the placeholder's row for formats without them."""
+    return qh[min(np.int64(t), qh.shape[0] - 1), min(np.int64(b), qh.shape[1] - 1)]
