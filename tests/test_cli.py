@@ -13,13 +13,15 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def first_tokens(smollm2_path):
-    """What llama.cpp generates greedily for the first golden prompt, as text: first 8 tokens."""
+    """The library's greedy reply to the first golden prompt, 8 tokens: what the CLI must print
+    (the numerics are tested against llama.cpp in test_smollm2_greedy.py)."""
     import edgeseek
-    from edgeseek.tokenizer import Tokenizer
-    from edgeseek.gguf_file import GGUFFile
+    from edgeseek.chat import prompt_ids
 
-    tok = Tokenizer.from_gguf(GGUFFile(smollm2_path))
-    return tok.decode(GOLDEN["cases"][0]["output_ids"][:8])
+    engine = edgeseek.load(smollm2_path, n_ctx=512)
+    messages = [{"role": "user", "content": GOLDEN["cases"][0]["prompt"]}]
+    ids = prompt_ids(engine, engine.chat_template.render(messages))
+    return edgeseek.generate(engine, ids, max_tokens=8, sampler=edgeseek.SamplerConfig.greedy())
 
 
 def test_generate_prints_only_the_reply(smollm2_path, first_tokens):
