@@ -216,10 +216,16 @@ def blocks_by_tile(raw: np.ndarray, type_size: int, tile: int) -> np.ndarray:
     return out.reshape(n_tiles, tile, nb_, type_size)
 
 
-def check_rows(x: np.ndarray, what: str) -> np.ndarray:
+def check_rows(x: np.ndarray, what: str, k: int | None = None, ndim: int | None = None) -> np.ndarray:
+    """x as contiguous float32 rows of a multiple of 256 values (of k values, in ndim dimensions,
+    when given)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{what}: activations of shape {x.shape}, expected {ndim} dimension(s)")
     if x.shape[-1] % QK_K:
         raise ValueError(f"{what}: row length {x.shape[-1]} is not a multiple of {QK_K}")
+    if k is not None and x.shape[-1] != k:
+        raise ValueError(f"{what}: activations of length {x.shape[-1]} for rows of {k} values")
     return x
 
 

@@ -16,8 +16,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, QK_K, blocks_by_tile, check_rows, dot_levels32, f16_to_f32,
-                      f32_to_f16, make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
+from .kquants import (F32, QK_K, blocks_by_tile, check_rows, f16_to_f32, f32_to_f16,
+                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
 from .registry import QuantFormat
 
 TYPE_SIZE = 144
@@ -206,30 +206,18 @@ def _matvec(qs, sc, mn, d, dmin, xq, xd, xs, y):
         y[t] = acc
 
 
-@njit(cache=True)
-def _levels(w, lv):
-    # w (4, 32, TILE) packed nibbles -> lv (256, TILE) uint8 levels 0..15 in value order
-    for g in range(4):
-        for l in range(32):
-            for r in range(TILE):
-                q = w[g, l, r]
-                lv[64 * g + l, r] = q & 0xF
-                lv[64 * g + 32 + l, r] = q >> 4
-
-
 @njit(parallel=True, cache=True)
 def _matmul(qs, sc, mn, d, dmin, xq, xd, xs, y):
     # xq (T, K) int8, xd (T, nb), xs (T, nb, 8); y (n_tiles, T, TILE). Each super-block of a tile
-    # is read once from memory, unpacked once, and used for all T tokens.
+    # is read once from memory and used for all T tokens. (Unpacking the nibbles once per
+    # super-block for all tokens, as q6_k does, measured slower here.)
     n_tok = xq.shape[0]
     for t in prange(qs.shape[0]):
-        lv = np.empty((QK_K, TILE), np.uint8)
         isum = np.empty(TILE, np.int32)
         acc = np.zeros((n_tok, TILE), np.float32)
         for b in range(qs.shape[1]):
-            _levels(qs[t, b], lv)
             for k in range(n_tok):
-                dot_levels32(lv, sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
+                _block_dot(qs[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
                 _accumulate(acc[k], isum, mn[t, b], d[t, b], dmin[t, b], xd[k, b], xs[k, b])
         y[t] = acc
 
@@ -276,7 +264,7 @@ class Q4_K(QuantFormat):
         return pack(raw)
 
     def matvec(self, packed: PackedQ4K, x: np.ndarray) -> np.ndarray:
-        return matvec(packed, check_rows(x, "Q4_K matvec"))
+        return matvec(packed, check_rows(x, "Q4_K matvec", packed.d.shape[1] * QK_K, 1))
 
     def matmul(self, packed: PackedQ4K, x: np.ndarray) -> np.ndarray:
-        return matmul(packed, check_rows(x, "Q4_K matmul"))
+        return matmul(packed, check_rows(x, "Q4_K matmul", packed.d.shape[1] * QK_K, 2))

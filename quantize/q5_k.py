@@ -15,8 +15,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, QK_K, blocks_by_tile, check_rows, f16_to_f32, f32_to_f16,
-                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
+from .kquants import (F32, QK_K, blocks_by_tile, check_rows, dot_levels32, f16_to_f32,
+                      f32_to_f16, make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
 from .q4_k import scales_mins
 from .registry import QuantFormat
 
@@ -190,17 +190,33 @@ def _matvec(qs, qh, sc, mn, d, dmin, xq, xd, xs, y):
         y[t] = acc
 
 
+@njit(cache=True)
+def _levels(w, wh, lv):
+    # w (4, 32, TILE), wh (32, TILE) -> lv (256, TILE) uint8 levels 0..31 in value order
+    for g in range(4):
+        bit_lo = np.uint8(1 << (2 * g))  # fifth bits of sub-blocks 2g and 2g + 1
+        bit_hi = np.uint8(2 << (2 * g))
+        for l in range(32):
+            for r in range(TILE):
+                q = w[g, l, r]
+                h = wh[l, r]
+                lv[64 * g + l, r] = (q & 0xF) + (16 if h & bit_lo else 0)
+                lv[64 * g + 32 + l, r] = (q >> 4) + (16 if h & bit_hi else 0)
+
+
 @njit(parallel=True, cache=True)
 def _matmul(qs, qh, sc, mn, d, dmin, xq, xd, xs, y):
     # xq (T, K) int8, xd (T, nb), xs (T, nb, 8); y (n_tiles, T, TILE). Each super-block of a tile
-    # is read once from memory and used for all T tokens.
+    # is read once from memory, unpacked once, and used for all T tokens.
     n_tok = xq.shape[0]
     for t in prange(qs.shape[0]):
+        lv = np.empty((QK_K, TILE), np.uint8)
         isum = np.empty(TILE, np.int32)
         acc = np.zeros((n_tok, TILE), np.float32)
         for b in range(qs.shape[1]):
+            _levels(qs[t, b], qh[t, b], lv)
             for k in range(n_tok):
-                _block_dot(qs[t, b], qh[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
+                dot_levels32(lv, sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
                 _accumulate(acc[k], isum, mn[t, b], d[t, b], dmin[t, b], xd[k, b], xs[k, b])
         y[t] = acc
 
@@ -247,7 +263,7 @@ class Q5_K(QuantFormat):
         return pack(raw)
 
     def matvec(self, packed: PackedQ5K, x: np.ndarray) -> np.ndarray:
-        return matvec(packed, check_rows(x, "Q5_K matvec"))
+        return matvec(packed, check_rows(x, "Q5_K matvec", packed.d.shape[1] * QK_K, 1))
 
     def matmul(self, packed: PackedQ5K, x: np.ndarray) -> np.ndarray:
-        return matmul(packed, check_rows(x, "Q5_K matmul"))
+        return matmul(packed, check_rows(x, "Q5_K matmul", packed.d.shape[1] * QK_K, 2))

@@ -18,8 +18,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, GROUP_MAX_EPS, QK_K, blocks_by_tile, check_rows, f16_to_f32,
-                      f32_to_f16, make_qx_quants, nearest_int)
+from .kquants import (F32, GROUP_MAX_EPS, QK_K, blocks_by_tile, check_rows, dot_levels16,
+                      f16_to_f32, f32_to_f16, make_qx_quants, nearest_int)
 from .registry import QuantFormat
 
 TYPE_SIZE = 210
@@ -193,17 +193,34 @@ def _matvec(q3, sc, d, xq, xd, bsums, y):
         y[t] = acc
 
 
+@njit(cache=True)
+def _levels(q3, lv):
+    # q3 (3, 64, TILE) -> lv (256, TILE) uint8 levels 0..63 in value order
+    for h in range(2):
+        for l in range(32):
+            for r in range(TILE):
+                a = q3[0, 32 * h + l, r]
+                b = q3[1, 32 * h + l, r]
+                c = q3[2, 32 * h + l, r]
+                lv[128 * h + l, r] = a & 63
+                lv[128 * h + 32 + l, r] = b & 63
+                lv[128 * h + 64 + l, r] = c & 63
+                lv[128 * h + 96 + l, r] = (a >> 6) | ((b >> 4) & 0xC) | ((c >> 2) & 0x30)
+
+
 @njit(parallel=True, cache=True)
 def _matmul(q3, sc, d, xq, xd, bsums, y):
     # xq (T, K) int8, xd (T, nb), bsums (T, nb, 16); y (n_tiles, T, TILE). Each super-block of a
-    # tile is read once from memory and used for all T tokens.
+    # tile is read once from memory, unpacked once, and used for all T tokens.
     n_tok = xq.shape[0]
     for t in prange(q3.shape[0]):
+        lv = np.empty((QK_K, TILE), np.uint8)
         isum = np.empty(TILE, np.int32)
         acc = np.zeros((n_tok, TILE), np.float32)
         for b in range(q3.shape[1]):
+            _levels(q3[t, b], lv)
             for k in range(n_tok):
-                _block_dot(q3[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
+                dot_levels16(lv, sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
                 _accumulate(acc[k], isum, sc[t, b], d[t, b], xd[k, b], bsums[k, b])
         y[t] = acc
 
@@ -243,7 +260,7 @@ class Q6_K(QuantFormat):
         return pack(raw)
 
     def matvec(self, packed: PackedQ6K, x: np.ndarray) -> np.ndarray:
-        return matvec(packed, check_rows(x, "Q6_K matvec"))
+        return matvec(packed, check_rows(x, "Q6_K matvec", packed.d.shape[1] * QK_K, 1))
 
     def matmul(self, packed: PackedQ6K, x: np.ndarray) -> np.ndarray:
-        return matmul(packed, check_rows(x, "Q6_K matmul"))
+        return matmul(packed, check_rows(x, "Q6_K matmul", packed.d.shape[1] * QK_K, 2))

@@ -169,6 +169,17 @@ def test_matmul_within_q8k_bound(kind, n_tok):
     np.testing.assert_array_equal(y[n_tok // 2], fmt(kind).matvec(p, x[n_tok // 2]))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernels_refuse_mismatched_activations(kind):
+    p = fmt(kind).pack(random_blocks(kind, 6, np.random.default_rng(0)).reshape(3, -1))
+    with pytest.raises(ValueError, match="length 256 for rows of 512"):
+        fmt(kind).matvec(p, np.zeros(256, np.float32))
+    with pytest.raises(ValueError, match="dimension"):
+        fmt(kind).matvec(p, np.zeros((2, 512), np.float32))
+    with pytest.raises(ValueError, match="dimension"):
+        fmt(kind).matmul(p, np.zeros(512, np.float32))
+
+
 @requires_llama_cpp
 @pytest.mark.parametrize("kind", KINDS)
 def test_matvec_matches_llama_cpp_vec_dot(kind):
