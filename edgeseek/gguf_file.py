@@ -5,6 +5,7 @@ Shapes are given in numpy order (outermost first), the reverse of the GGUF dims 
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,15 @@ class GGUFFile:
         if shape is not None and tuple(shape) != t.shape:
             raise GGUFError(f"{self.path}: tensor {name!r} has shape {t.shape}, expected {tuple(shape)}")
         return t
+
+    def release_pages(self) -> None:
+        """Drop this process's mapping of the file's pages (they stay in the page cache); pages
+        touched later fault back in. Call it once weights have been copied into another layout."""
+        base = self.reader.data
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+        if base is not None:
+            base.madvise(mmap.MADV_DONTNEED)
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, arch={self.arch!r}, tensors={len(self.tensors)})"

@@ -1,0 +1,133 @@
+"""edgeseek beside llama.cpp on the DeepSeek-V2-Lite-shaped files, same threads, same run.
+
+    python bench/bench_runtime.py [--kinds q4_0 q4_k_m] [--decode 128] [--prefill 512] [--cold]
+
+For each file (made by make_v2lite.py if missing): llama.cpp (llama-cpp-python, its default
+configuration: weights repacked for this CPU) and edgeseek, each in its own process, measure load
+time, time to the first token of a 32-token prompt, decode tokens/s (128 greedy tokens after it),
+prefill tokens/s (a 512-token prompt) and peak RSS. --cold drops the page cache before each run
+(root). Each edgeseek figure is given as a ratio to llama.cpp's and, for decode, as a fraction of
+the memory-bandwidth limit: measured read bandwidth / bytes of weights read per token (every
+tensor but the routed experts, plus 6 of 64 routed experts per MoE layer).
+
+Writes bench/results/runtime.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth with numba's threads: the best of a few passes over `size_mb`."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def total(a):
+        n = a.shape[0] // 64
+        s = 0.0
+        for i in prange(64):
+            s += a[i * n: (i + 1) * n].sum()
+        return s
+
+    a = np.ones(size_mb * (1 << 20) // 8, np.float64)
+    total(a)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def bytes_per_token(path: Path) -> int:
+    from edgeseek.gguf_file import GGUFFile
+
+    g = GGUFFile(path)
+    n_expert = g.arch_meta("expert_count")
+    n_used = g.arch_meta("expert_used_count")
+    total = 0
+    for t in g.tensors.values():
+        if t.name == "token_embd.weight":
+            continue  # one row per token
+        total += t.n_bytes * n_used // n_expert if "_exps." in t.name else t.n_bytes
+    return total
+
+
+def drop_caches():
+    subprocess.run(["sync"])
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def side(script: str, model: Path, args: list[str], cold: bool) -> dict:
+    if cold:
+        drop_caches()
+    cmd = [sys.executable, str(HERE / script), str(model), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", nargs="+", default=["q4_0", "q4_k_m"])
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--cold", action="store_true")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "runtime.json")
+    a = p.parse_args()
+    sys.path.insert(0, str(HERE))
+    from make_v2lite import write
+
+    bw = bandwidth_gbs()
+    args = ["--decode", str(a.decode), "--prompt", str(a.prompt), "--prefill", str(a.prefill)]
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "threads": 2, "bandwidth_gbs": round(bw, 1)},
+               "date": time.strftime("%Y-%m-%d"), "cold": a.cold, "files": {}}
+    rows = []
+    for kind in a.kinds:
+        model = write(kind, HERE / "data" / f"v2lite-{kind}.gguf")
+        bpt = bytes_per_token(model)
+        ref = side("llama_cpp_side.py", model, args, a.cold)
+        ours = side("edgeseek_side.py", model, args, a.cold)
+        limit = bw * 1e9 / bpt
+        entry = {"file": model.name, "bytes_per_token": bpt, "bandwidth_limit_tps": limit,
+                 "llama_cpp": ref, "edgeseek": ours,
+                 "ratio": {k: ours[k] / ref[k] for k in ("decode_tps", "prefill_tps")},
+                 "decode_fraction_of_limit": {"edgeseek": ours["decode_tps"] / limit,
+                                              "llama_cpp": ref["decode_tps"] / limit}}
+        results["files"][kind] = entry
+        rows.append((kind, entry))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"memory bandwidth {bw:.1f} GB/s, 2 threads{', cold page cache' if a.cold else ''}\n")
+    print("| file | | decode tok/s | prefill tok/s | load s | first token s | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, e in rows:
+        for who in ("llama_cpp", "edgeseek"):
+            r = e[who]
+            extra = ""
+            if who == "edgeseek":
+                extra = (f" ({e['ratio']['decode_tps']:.2f}x, {e['decode_fraction_of_limit']['edgeseek']:.0%}"
+                         f" of the {e['bandwidth_limit_tps']:.0f} tok/s limit)")
+            pre = f" ({e['ratio']['prefill_tps']:.2f}x)" if who == "edgeseek" else ""
+            load = r["load_s"] + r.get("pack_s", 0.0)
+            print(f"| {kind} | {who.replace('_', '.')} | {r['decode_tps']:.2f}{extra} | {r['prefill_tps']:.1f}{pre} | "
+                  f"{load:.1f} | {r['first_token_s']:.2f} | {r['peak_rss_bytes'] / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
