@@ -216,7 +216,8 @@ def blocks_by_tile(raw: np.ndarray, type_size: int, tile: int) -> np.ndarray:
     return out.reshape(n_tiles, tile, nb_, type_size)
 
 
-def check_rows(x: np.ndarray, what: str, k: int | None = None, ndim: int | None = None) -> np.ndarray:
+def check_rows(x: np.ndarray, what: str, k: int | None = None,
+               ndim: int | None = None) -> np.ndarray:
     """x as contiguous float32 rows of a multiple of 256 values (of k values, in ndim dimensions,
     when given)."""
     x = np.ascontiguousarray(x, dtype=np.float32)

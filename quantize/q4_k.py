@@ -4,7 +4,8 @@ Block (ggml-common.h block_q4_K):
     d      fp16        super-block scale of the scales
     dmin   fp16        super-block scale of the mins
     scales [12] uint8  8 x (6-bit scale, 6-bit min), packed as scale_min_k4 reads them
-    qs     [128] uint8 byte l of group g (0..3) holds value 64g + l (low nibble) and 64g + 32 + l (high)
+    qs     [128] uint8 byte l of group g (0..3) holds value 64g + l (low nibble) and
+                       64g + 32 + l (high nibble)
 Value i of sub-block j: x = d * sc_j * q - dmin * m_j.
 """
 from __future__ import annotations
@@ -181,35 +182,37 @@ def _block_dot(w, sc, x, isum):
                 q = np.int32(wg[l, r])
                 lo += (q & 0xF) * np.int32(xl[l])
                 hi += (q >> 4) * np.int32(xh[l])
-            isum[r] += np.int32(lo) * np.int32(sc[2 * g, r]) + np.int32(hi) * np.int32(sc[2 * g + 1, r])
+            isum[r] += (np.int32(lo) * np.int32(sc[2 * g, r])
+                        + np.int32(hi) * np.int32(sc[2 * g + 1, r]))
 
 
 @njit(cache=True)
-def _accumulate(acc, isum, mn, d, dmin, xd, xs):
-    # acc (TILE,) += xd * (d * isum - dmin * sum_j mn_j * xs_j) for one super-block
+def _accumulate(acc, isum, mn, d, dmin, xd, bsums):
+    # acc (TILE,) += xd * (d * isum - dmin * sum_j mn_j * (sum of x8 over sub-block j)) for one
+    # super-block; bsums (16,) are Q8_K's sums per 16 values
     for r in range(TILE):
         msum = 0
         for j in range(8):
-            msum += np.int32(mn[j, r]) * xs[j]
+            msum += np.int32(mn[j, r]) * (bsums[2 * j] + bsums[2 * j + 1])
         acc[r] += xd * (d[r] * F32(isum[r]) - dmin[r] * F32(msum))
 
 
 @njit(parallel=True, cache=True)
-def _matvec(qs, sc, mn, d, dmin, xq, xd, xs, y):
-    # xq (K,) int8, xd (nb,) float32, xs (nb, 8) int32 sums per 32 values; y (n_tiles, TILE)
+def _matvec(qs, sc, mn, d, dmin, xq, xd, bsums, y):
+    # xq (K,) int8, xd (nb,) float32, bsums (nb, 16) int32 sums per 16 values; y (n_tiles, TILE)
     for t in prange(qs.shape[0]):
         isum = np.empty(TILE, np.int32)
         acc = np.zeros(TILE, np.float32)
         for b in range(qs.shape[1]):
             _block_dot(qs[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
-            _accumulate(acc, isum, mn[t, b], d[t, b], dmin[t, b], xd[b], xs[b])
+            _accumulate(acc, isum, mn[t, b], d[t, b], dmin[t, b], xd[b], bsums[b])
         y[t] = acc
 
 
 @njit(parallel=True, cache=True)
-def _matmul(qs, sc, mn, d, dmin, xq, xd, xs, y):
-    # xq (T, K) int8, xd (T, nb), xs (T, nb, 8); y (n_tiles, T, TILE). Each super-block of a tile
-    # is read once from memory and used for all T tokens. (Unpacking the nibbles once per
+def _matmul(qs, sc, mn, d, dmin, xq, xd, bsums, y):
+    # xq (T, K) int8, xd (T, nb), bsums (T, nb, 16); y (n_tiles, T, TILE). Each super-block of a
+    # tile is read once from memory and used for all T tokens. (Unpacking the nibbles once per
     # super-block for all tokens, as q6_k does, measured slower here.)
     n_tok = xq.shape[0]
     for t in prange(qs.shape[0]):
@@ -218,28 +221,21 @@ def _matmul(qs, sc, mn, d, dmin, xq, xd, xs, y):
         for b in range(qs.shape[1]):
             for k in range(n_tok):
                 _block_dot(qs[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
-                _accumulate(acc[k], isum, mn[t, b], d[t, b], dmin[t, b], xd[k, b], xs[k, b])
+                _accumulate(acc[k], isum, mn[t, b], d[t, b], dmin[t, b], xd[k, b], bsums[k, b])
         y[t] = acc
 
 
-def _activations(x: np.ndarray):
-    """x (T, K) -> Q8_K (qs, d, sums per 32 values (T, nb, 8))."""
-    xq, xd, bsums = q8_k.quantize(x)
-    xs = bsums.reshape(x.shape[0], -1, 8, 2).sum(-1, dtype=np.int32)
-    return xq, xd, xs
-
-
 def matvec(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
-    xq, xd, xs = _activations(x.reshape(1, -1))
+    xq, xd, bsums = q8_k.quantize(x.reshape(1, -1))
     y = np.empty((p.qs.shape[0], TILE), np.float32)
-    _matvec(p.qs, p.sc, p.mn, p.d, p.dmin, xq[0], xd[0], xs[0], y)
+    _matvec(p.qs, p.sc, p.mn, p.d, p.dmin, xq[0], xd[0], bsums.reshape(-1, 16), y)
     return y.reshape(-1)[: p.n]
 
 
 def matmul(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
-    xq, xd, xs = _activations(x)
+    xq, xd, bsums = q8_k.quantize(x)
     y = np.empty((p.qs.shape[0], x.shape[0], TILE), np.float32)
-    _matmul(p.qs, p.sc, p.mn, p.d, p.dmin, xq, xd, xs, y)
+    _matmul(p.qs, p.sc, p.mn, p.d, p.dmin, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
     return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
 
 

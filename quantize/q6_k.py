@@ -167,8 +167,10 @@ def _block_dot(q3, sc, x, isum):
                     a2 += (b & 63) * np.int32(x2[l])
                     a3 += (c & 63) * np.int32(x3[l])
                     a4 += ((a >> 6) | ((b >> 4) & 0xC) | ((c >> 2) & 0x30)) * np.int32(x4[l])
-                isum[r] += (np.int32(a1) * np.int32(sc[j, r]) + np.int32(a2) * np.int32(sc[j + 2, r])
-                            + np.int32(a3) * np.int32(sc[j + 4, r]) + np.int32(a4) * np.int32(sc[j + 6, r]))
+                isum[r] += (np.int32(a1) * np.int32(sc[j, r])
+                            + np.int32(a2) * np.int32(sc[j + 2, r])
+                            + np.int32(a3) * np.int32(sc[j + 4, r])
+                            + np.int32(a4) * np.int32(sc[j + 6, r]))
 
 
 @njit(cache=True)
