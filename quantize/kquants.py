@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 QK_K = 256  # values per super-block
 
@@ -205,15 +205,33 @@ def pack_scale_min_k4(ls, lm, s):
 # --- tiles ------------------------------------------------------------------------------------
 
 
-def blocks_by_tile(raw: np.ndarray, type_size: int, tile: int) -> np.ndarray:
-    """(N, row_bytes) uint8 rows -> (n_tiles, tile, nb, type_size) with zero rows padding the last
-    tile (an all-zero K-quant block has d = 0 and contributes nothing)."""
+@njit(parallel=True, cache=True)
+def _tile_bytes(raw3, start, out):
+    # raw3 (N, nb, type_size) -> out (n_tiles, nb, width, tile): bytes start.. of each block
+    n, tile = raw3.shape[0], out.shape[3]
+    for t in prange(out.shape[0]):
+        rows = min(tile, n - t * tile)
+        for b in range(out.shape[1]):
+            for p in range(out.shape[2]):
+                for i in range(rows):
+                    out[t, b, p, i] = raw3[t * tile + i, b, start + p]
+
+
+def tile_bytes(raw: np.ndarray, type_size: int, tile: int, start: int, stop: int) -> np.ndarray:
+    """Bytes start:stop of every block of (N, row_bytes) rows, rows innermost in tiles of `tile`:
+    (n_tiles, nb, stop - start, tile) uint8. Zero rows pad the last tile (an all-zero K-quant
+    block has d = 0 and contributes nothing)."""
     n, row_bytes = raw.shape
-    nb_ = row_bytes // type_size
-    n_tiles = -(-n // tile)
-    out = np.zeros((n_tiles * tile, nb_, type_size), np.uint8)
-    out[:n] = raw.reshape(n, nb_, type_size)
-    return out.reshape(n_tiles, tile, nb_, type_size)
+    raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // type_size, type_size)
+    out = np.zeros((-(-n // tile), raw3.shape[1], stop - start, tile), np.uint8)
+    _tile_bytes(raw3, start, out)
+    return out
+
+
+def tile_fp16(raw: np.ndarray, type_size: int, tile: int, offset: int) -> np.ndarray:
+    """The fp16 at byte `offset` of every block, as float32 (n_tiles, nb, tile)."""
+    b = tile_bytes(raw, type_size, tile, offset, offset + 2).astype(np.uint16)
+    return (b[:, :, 0] | (b[:, :, 1] << 8)).view(np.float16).astype(np.float32)
 
 
 def check_rows(x: np.ndarray, what: str, k: int | None = None,

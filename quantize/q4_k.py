@@ -17,8 +17,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, QK_K, blocks_by_tile, check_rows, f16_to_f32, f32_to_f16,
-                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
+from .kquants import (F32, QK_K, check_rows, f16_to_f32, f32_to_f16, make_qkx2_quants,
+                      nearest_int, pack_scale_min_k4, scale_min_k4, tile_bytes, tile_fp16)
 from .registry import QuantFormat
 
 TYPE_SIZE = 144
@@ -127,26 +127,23 @@ class PackedQ4K(NamedTuple):
     n: int  # rows of the matrix (the last tile is padded with zero rows)
 
 
-def scales_mins(scales: np.ndarray):
-    """(..., 12) packed bytes -> 6-bit scales (..., 8) and mins (..., 8), uint8."""
-    s = scales.reshape(*scales.shape[:-1], 3, 4)
-    a, b, c = s[..., 0, :], s[..., 1, :], s[..., 2, :]
-    sc = np.concatenate([a & 63, (c & 0xF) | ((a >> 6) << 4)], axis=-1)
-    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+def scales_mins(s: np.ndarray):
+    """Packed scale bytes (n_tiles, nb, 12, TILE) -> 6-bit scales and mins (n_tiles, nb, 8, TILE)
+    (scale_min_k4 for every sub-block)."""
+    a, b, c = s[:, :, 0:4], s[:, :, 4:8], s[:, :, 8:12]
+    sc = np.concatenate([a & 63, (c & 0xF) | ((a >> 6) << 4)], axis=2)
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=2)
     return sc, mn
 
 
 def pack(raw: np.ndarray) -> PackedQ4K:
-    blocks = blocks_by_tile(raw, TYPE_SIZE, TILE)  # (n_tiles, TILE, nb, 144)
-    hd = blocks[..., 0:4].copy().view(np.float16).astype(np.float32)  # (n_tiles, TILE, nb, 2)
-    sc, mn = scales_mins(blocks[..., 4:16])  # (n_tiles, TILE, nb, 8) each
-    qs = blocks[..., 16:].reshape(*blocks.shape[:3], 4, 32)
+    sc, mn = scales_mins(tile_bytes(raw, TYPE_SIZE, TILE, 4, 16))  # (n_tiles, nb, 8, TILE) each
     return PackedQ4K(
-        qs=np.ascontiguousarray(qs.transpose(0, 2, 3, 4, 1)),
-        sc=np.ascontiguousarray(sc.transpose(0, 2, 3, 1)),
-        mn=np.ascontiguousarray(mn.transpose(0, 2, 3, 1)),
-        d=np.ascontiguousarray(hd[..., 0].transpose(0, 2, 1)),
-        dmin=np.ascontiguousarray(hd[..., 1].transpose(0, 2, 1)),
+        qs=tile_bytes(raw, TYPE_SIZE, TILE, 16, TYPE_SIZE).reshape(*sc.shape[:2], 4, 32, TILE),
+        sc=sc,
+        mn=mn,
+        d=tile_fp16(raw, TYPE_SIZE, TILE, 0),
+        dmin=tile_fp16(raw, TYPE_SIZE, TILE, 2),
         n=raw.shape[0],
     )
 

@@ -15,8 +15,9 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, QK_K, blocks_by_tile, check_rows, dot_levels32, f16_to_f32,
-                      f32_to_f16, make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
+from .kquants import (F32, QK_K, check_rows, dot_levels32, f16_to_f32, f32_to_f16,
+                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4, tile_bytes,
+                      tile_fp16)
 from .q4_k import scales_mins
 from .registry import QuantFormat
 
@@ -128,17 +129,14 @@ class PackedQ5K(NamedTuple):
 
 
 def pack(raw: np.ndarray) -> PackedQ5K:
-    blocks = blocks_by_tile(raw, TYPE_SIZE, TILE)  # (n_tiles, TILE, nb, 176)
-    hd = blocks[..., 0:4].copy().view(np.float16).astype(np.float32)  # (n_tiles, TILE, nb, 2)
-    sc, mn = scales_mins(blocks[..., 4:16])  # (n_tiles, TILE, nb, 8) each
-    qs = blocks[..., QS:].reshape(*blocks.shape[:3], 4, 32)
+    sc, mn = scales_mins(tile_bytes(raw, TYPE_SIZE, TILE, 4, 16))  # (n_tiles, nb, 8, TILE) each
     return PackedQ5K(
-        qs=np.ascontiguousarray(qs.transpose(0, 2, 3, 4, 1)),
-        qh=np.ascontiguousarray(blocks[..., QH:QS].transpose(0, 2, 3, 1)),
-        sc=np.ascontiguousarray(sc.transpose(0, 2, 3, 1)),
-        mn=np.ascontiguousarray(mn.transpose(0, 2, 3, 1)),
-        d=np.ascontiguousarray(hd[..., 0].transpose(0, 2, 1)),
-        dmin=np.ascontiguousarray(hd[..., 1].transpose(0, 2, 1)),
+        qs=tile_bytes(raw, TYPE_SIZE, TILE, QS, TYPE_SIZE).reshape(*sc.shape[:2], 4, 32, TILE),
+        qh=tile_bytes(raw, TYPE_SIZE, TILE, QH, QS),
+        sc=sc,
+        mn=mn,
+        d=tile_fp16(raw, TYPE_SIZE, TILE, 0),
+        dmin=tile_fp16(raw, TYPE_SIZE, TILE, 2),
         n=raw.shape[0],
     )
 

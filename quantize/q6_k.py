@@ -18,8 +18,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, GROUP_MAX_EPS, QK_K, blocks_by_tile, check_rows, dot_levels16,
-                      f16_to_f32, f32_to_f16, make_qx_quants, nearest_int)
+from .kquants import (F32, GROUP_MAX_EPS, QK_K, check_rows, dot_levels16, f16_to_f32, f32_to_f16,
+                      make_qx_quants, nearest_int, tile_bytes, tile_fp16)
 from .registry import QuantFormat
 
 TYPE_SIZE = 210
@@ -119,21 +119,19 @@ class PackedQ6K(NamedTuple):
 
 
 def pack(raw: np.ndarray) -> PackedQ6K:
-    blocks = blocks_by_tile(raw, TYPE_SIZE, TILE)  # (n_tiles, TILE, nb, 210)
-    ql = blocks[..., QL:QH].reshape(*blocks.shape[:3], 2, 64)  # [h, byte]
-    qh = blocks[..., QH:SC].reshape(*blocks.shape[:3], 2, 32)
-    lo, hi = ql[..., :32], ql[..., 32:]
+    ql = tile_bytes(raw, TYPE_SIZE, TILE, QL, QH)  # (n_tiles, nb, 128, TILE)
+    ql = ql.reshape(*ql.shape[:2], 2, 64, TILE)  # [h, byte]
+    qh = tile_bytes(raw, TYPE_SIZE, TILE, QH, SC).reshape(*ql.shape[:2], 2, 32, TILE)
+    lo, hi = ql[:, :, :, :32], ql[:, :, :, 32:]
     v1 = (lo & 0xF) | ((qh & 3) << 4)  # values l, l + 32, l + 64, l + 96 of half h
     v2 = (hi & 0xF) | ((qh & 0xC) << 2)
     v3 = (lo >> 4) | (qh & 0x30)
     v4 = (hi >> 4) | ((qh >> 2) & 0x30)
-    q3 = np.stack([v1 | (v4 << 6), v2 | ((v4 >> 2) << 6), v3 | ((v4 >> 4) << 6)], axis=3)
-    q3 = q3.reshape(*blocks.shape[:3], 3, 64)  # (n_tiles, TILE, nb, 3, 64)
+    q3 = np.stack([v1 | (v4 << 6), v2 | ((v4 >> 2) << 6), v3 | ((v4 >> 4) << 6)], axis=2)
     return PackedQ6K(
-        q3=np.ascontiguousarray(q3.transpose(0, 2, 3, 4, 1)),
-        sc=np.ascontiguousarray(blocks[..., SC:D].view(np.int8).transpose(0, 2, 3, 1)),
-        d=np.ascontiguousarray(blocks[..., D:].copy().view(np.float16)[..., 0].astype(np.float32)
-                               .transpose(0, 2, 1)),
+        q3=q3.reshape(*ql.shape[:2], 3, 64, TILE),
+        sc=tile_bytes(raw, TYPE_SIZE, TILE, SC, D).view(np.int8),
+        d=tile_fp16(raw, TYPE_SIZE, TILE, D),
         n=raw.shape[0],
     )
 

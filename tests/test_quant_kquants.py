@@ -193,6 +193,32 @@ def test_matvec_matches_llama_cpp_vec_dot(kind):
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+def _host_has_avx2() -> bool:
+    import llvmlite.binding as llvm
+    return llvm.get_host_cpu_features().get("avx2", False)
+
+
+@pytest.mark.skipif(not _host_has_avx2(), reason="checks x86 SIMD code")
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_dot_compiles_to_simd_integer_multiply_add(kind):
+    """The decode kernels' inner loops must stay vectorized across the rows of a tile: LLVM's
+    choice depends on the exact loop shapes (see q4_k._block_dot)."""
+    import re
+
+    import numba
+    mod = {"Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}[kind]
+    p = fmt(kind).pack(random_blocks(kind, 2, np.random.default_rng(0)).reshape(1, -1))
+    weights = {"Q4_K": ("qs", "sc"), "Q5_K": ("qs", "qh", "sc"), "Q6_K": ("q3", "sc")}[kind]
+    args = [getattr(p, w)[0, 0] for w in weights]  # one super-block of the first tile
+    fresh = numba.njit(mod._block_dot.py_func)  # uncached: inspect_asm needs a fresh compile
+    fresh(*args, np.zeros(256, np.int8), np.zeros(mod.TILE, np.int32))
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    # one vector multiply(-add) per product of the unrolled loop body over l; LLVM vectorizing
+    # along l instead leaves a handful
+    products = {"Q4_K": 64, "Q5_K": 16, "Q6_K": 32}[kind]
+    assert len(re.findall(r"\bv(?:pdpwssd|pmaddwd|pmulld)\s+[^\n]*[yz]mm", asm)) >= products
+
+
 def test_gemma_matrices_through_qmatrix(gemma3_path):
     f = GGUFFile(gemma3_path)
     rng = np.random.default_rng(12)
