@@ -31,8 +31,7 @@ def run(path: str, n_prefill: int = 512, n_prompt: int = 32, n_decode: int = 128
     engine = edgeseek.load(path, n_ctx=max(n_prefill, n_prompt + n_decode) + 8)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    engine.model.pack()
-    engine.gguf.release_pages()  # the packed copies are what the kernels read from now on
+    engine.model.pack(engine.gguf)  # the packed copies are what the kernels read from now on
     pack_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     vocab = engine.model.config.vocab_size

@@ -112,14 +112,23 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor {name!r} has shape {t.shape}, expected {tuple(shape)}")
         return t
 
-    def release_pages(self) -> None:
-        """Drop this process's mapping of the file's pages (they stay in the page cache); pages
-        touched later fault back in. Call it once weights have been copied into another layout."""
+    def release_pages(self, tensor: TensorInfo | None = None) -> None:
+        """Drop this process's mapping of a tensor's pages, or of the whole file (they stay in the
+        page cache; pages touched later fault back in). For weights already copied into another
+        layout: their file pages would otherwise count twice in the resident set."""
         base = self.reader.data
         while base is not None and not isinstance(base, mmap.mmap):
             base = getattr(base, "_mmap", None) or getattr(base, "base", None)
-        if base is not None:
+        if base is None:
+            return
+        if tensor is None:
             base.madvise(mmap.MADV_DONTNEED)
+            return
+        start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = tensor.offset + tensor.n_bytes
+        inner_end = end // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages only: neighbours stay
+        if inner_end > start:
+            base.madvise(mmap.MADV_DONTNEED, start, inner_end - start)
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, arch={self.arch!r}, tensors={len(self.tensors)})"

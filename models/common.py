@@ -47,19 +47,24 @@ def matrix(gguf, name: str, shape: tuple[int, int]) -> QMatrix:
     return QMatrix(t.qtype, t.raw, t.shape, name)
 
 
-def pack_all(model) -> int:
+def pack_all(model, gguf=None) -> int:
     """Build the kernel layout of every weight now instead of on first use; returns the bytes of
-    quantized weights packed. Routed experts are packed through the model's expert store."""
-    mats = [m for L in model.layers for m in vars(L).values() if isinstance(m, QMatrix)] + [model.output]
+    quantized weights packed. Routed experts are packed through the model's expert store. With
+    `gguf`, each tensor's file pages are released once packed, so the resident set holds one
+    copy of the weights, not two."""
+    total = 0
     store = getattr(model, "experts", None)
-    if store is not None:
-        c = model.config
-        for i, L in enumerate(model.layers):
-            if not getattr(L, "dense", True):
-                mats += [m for triple in store.experts(i, np.arange(c.n_expert)) for m in triple]
-    for m in mats:
-        m.packed  # noqa: B018  (builds and keeps the layout)
-    return sum(m.nbytes for m in mats)
+    for i, L in enumerate(model.layers + [None]):
+        mats = [model.output] if L is None else [m for m in vars(L).values() if isinstance(m, QMatrix)]
+        if L is not None and store is not None and not getattr(L, "dense", True):
+            mats += [m for triple in store.experts(i, np.arange(model.config.n_expert)) for m in triple]
+        for m in mats:
+            m.packed  # noqa: B018  (builds and keeps the layout)
+            total += m.nbytes
+        if gguf is not None:
+            for name in {m.name.split("[")[0] for m in mats}:
+                gguf.release_pages(gguf.tensor(name))
+    return total
 
 
 class Embedding:

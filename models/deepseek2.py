@@ -187,9 +187,10 @@ class DeepSeek2Model:
         # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
         self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor)
 
-    def pack(self) -> int:
-        """Repack every weight for the kernels now (else each is packed on first use)."""
-        return pack_all(self)
+    def pack(self, gguf=None) -> int:
+        """Repack every weight for the kernels now (else each is packed on first use); with the
+        GGUFFile, release the file pages of what was packed."""
+        return pack_all(self, gguf)
 
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
         return LatentCache(self.config, n_ctx or self.n_ctx)

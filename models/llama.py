@@ -96,9 +96,10 @@ class LlamaModel:
         inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
         self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm")
 
-    def pack(self) -> int:
-        """Repack every weight for the kernels now (else each is packed on first use)."""
-        return pack_all(self)
+    def pack(self, gguf=None) -> int:
+        """Repack every weight for the kernels now (else each is packed on first use); with the
+        GGUFFile, release the file pages of what was packed."""
+        return pack_all(self, gguf)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx or self.n_ctx)
