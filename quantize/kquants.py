@@ -1,5 +1,5 @@
 """Pieces shared by the K-quant formats (Q4_K, Q5_K, Q6_K): llama.cpp's rounding and scale search,
-fp16 conversion inside numba, and the row tiles the kernels read.
+fp16 conversion inside numba, and the prompt kernels' dot products over unpacked levels.
 
 Source: llama.cpp ggml/src/ggml-quants.c (nearest_int, make_qkx2_quants, make_qx_quants,
 get_scale_min_k4). llama.cpp builds that file without FMA contraction or fast-math, so every
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 QK_K = 256  # values per super-block
 
@@ -202,36 +202,7 @@ def pack_scale_min_k4(ls, lm, s):
             s[j] |= (lm[j] >> 4) << 6
 
 
-# --- tiles ------------------------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True)
-def _tile_bytes(raw3, start, out):
-    # raw3 (N, nb, type_size) -> out (n_tiles, nb, width, tile): bytes start.. of each block
-    n, tile = raw3.shape[0], out.shape[3]
-    for t in prange(out.shape[0]):
-        rows = min(tile, n - t * tile)
-        for b in range(out.shape[1]):
-            for p in range(out.shape[2]):
-                for i in range(rows):
-                    out[t, b, p, i] = raw3[t * tile + i, b, start + p]
-
-
-def tile_bytes(raw: np.ndarray, type_size: int, tile: int, start: int, stop: int) -> np.ndarray:
-    """Bytes start:stop of every block of (N, row_bytes) rows, rows innermost in tiles of `tile`:
-    (n_tiles, nb, stop - start, tile) uint8. Zero rows pad the last tile (an all-zero K-quant
-    block has d = 0 and contributes nothing)."""
-    n, row_bytes = raw.shape
-    raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // type_size, type_size)
-    out = np.zeros((-(-n // tile), raw3.shape[1], stop - start, tile), np.uint8)
-    _tile_bytes(raw3, start, out)
-    return out
-
-
-def tile_fp16(raw: np.ndarray, type_size: int, tile: int, offset: int) -> np.ndarray:
-    """The fp16 at byte `offset` of every block, as float32 (n_tiles, nb, tile)."""
-    b = tile_bytes(raw, type_size, tile, offset, offset + 2).astype(np.uint16)
-    return (b[:, :, 0] | (b[:, :, 1] << 8)).view(np.float16).astype(np.float32)
+# --- arguments --------------------------------------------------------------------------------
 
 
 def check_rows(x: np.ndarray, what: str, k: int | None = None,

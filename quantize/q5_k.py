@@ -16,9 +16,7 @@ from numba import njit, prange
 
 from . import q8_k
 from .kquants import (F32, QK_K, check_rows, dot_levels32, f16_to_f32, f32_to_f16,
-                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4, tile_bytes,
-                      tile_fp16)
-from .q4_k import scales_mins
+                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
 from .registry import QuantFormat
 
 TYPE_SIZE = 176
@@ -128,17 +126,37 @@ class PackedQ5K(NamedTuple):
     n: int  # rows of the matrix (the last tile is padded with zero rows)
 
 
+@njit(parallel=True, cache=True)
+def _pack(raw3, qs, qh, sc, mn, d, dmin):
+    # raw3 (N, nb, 176) file blocks -> the PackedQ5K arrays; rows past N are left as they are
+    n = raw3.shape[0]
+    for t in prange(qs.shape[0]):
+        for b in range(qs.shape[1]):
+            for i in range(min(TILE, n - t * TILE)):
+                blk = raw3[t * TILE + i, b]
+                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
+                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
+                for j in range(8):
+                    sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+                for l in range(32):
+                    qh[t, b, l, i] = blk[QH + l]
+                for g in range(4):
+                    for l in range(32):
+                        qs[t, b, g, l, i] = blk[QS + 32 * g + l]
+
+
 def pack(raw: np.ndarray) -> PackedQ5K:
-    sc, mn = scales_mins(tile_bytes(raw, TYPE_SIZE, TILE, 4, 16))  # (n_tiles, nb, 8, TILE) each
-    return PackedQ5K(
-        qs=tile_bytes(raw, TYPE_SIZE, TILE, QS, TYPE_SIZE).reshape(*sc.shape[:2], 4, 32, TILE),
-        qh=tile_bytes(raw, TYPE_SIZE, TILE, QH, QS),
-        sc=sc,
-        mn=mn,
-        d=tile_fp16(raw, TYPE_SIZE, TILE, 0),
-        dmin=tile_fp16(raw, TYPE_SIZE, TILE, 2),
-        n=raw.shape[0],
-    )
+    n, row_bytes = raw.shape
+    raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
+    n_tiles, nb = -(-n // TILE), raw3.shape[1]
+    qs = np.zeros((n_tiles, nb, 4, 32, TILE), np.uint8)
+    qh = np.zeros((n_tiles, nb, 32, TILE), np.uint8)
+    sc = np.zeros((n_tiles, nb, 8, TILE), np.uint8)
+    mn = np.zeros((n_tiles, nb, 8, TILE), np.uint8)
+    d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
+    dmin = np.zeros((n_tiles, nb, TILE), np.float32)
+    _pack(raw3, qs, qh, sc, mn, d, dmin)
+    return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
 
 
 @njit(cache=True)

@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from . import q8_k
 from .kquants import (F32, GROUP_MAX_EPS, QK_K, check_rows, dot_levels16, f16_to_f32, f32_to_f16,
-                      make_qx_quants, nearest_int, tile_bytes, tile_fp16)
+                      make_qx_quants, nearest_int)
 from .registry import QuantFormat
 
 TYPE_SIZE = 210
@@ -118,22 +118,38 @@ class PackedQ6K(NamedTuple):
     n: int  # rows of the matrix (the last tile is padded with zero rows)
 
 
+@njit(parallel=True, cache=True)
+def _pack(raw3, q3, sc, d):
+    # raw3 (N, nb, 210) file blocks -> the PackedQ6K arrays; rows past N are left as they are
+    n = raw3.shape[0]
+    for t in prange(q3.shape[0]):
+        for b in range(q3.shape[1]):
+            for i in range(min(TILE, n - t * TILE)):
+                blk = raw3[t * TILE + i, b]
+                d[t, b, i] = f16_to_f32(blk[D] | (blk[D + 1] << 8))
+                for j in range(16):
+                    sc[t, b, j, i] = np.int8(blk[SC + j])
+                for h in range(2):
+                    for l in range(32):
+                        lo = blk[QL + 64 * h + l]
+                        hi = blk[QL + 64 * h + 32 + l]
+                        qh = blk[QH + 32 * h + l]
+                        v4 = (hi >> 4) | ((qh >> 2) & 0x30)  # values l + {0, 32, 64, 96} of half h
+                        q3[t, b, 0, 32 * h + l, i] = (lo & 0xF) | ((qh & 3) << 4) | ((v4 & 3) << 6)
+                        q3[t, b, 1, 32 * h + l, i] = ((hi & 0xF) | ((qh & 0xC) << 2)
+                                                      | (((v4 >> 2) & 3) << 6))
+                        q3[t, b, 2, 32 * h + l, i] = (lo >> 4) | (qh & 0x30) | ((v4 >> 4) << 6)
+
+
 def pack(raw: np.ndarray) -> PackedQ6K:
-    ql = tile_bytes(raw, TYPE_SIZE, TILE, QL, QH)  # (n_tiles, nb, 128, TILE)
-    ql = ql.reshape(*ql.shape[:2], 2, 64, TILE)  # [h, byte]
-    qh = tile_bytes(raw, TYPE_SIZE, TILE, QH, SC).reshape(*ql.shape[:2], 2, 32, TILE)
-    lo, hi = ql[:, :, :, :32], ql[:, :, :, 32:]
-    v1 = (lo & 0xF) | ((qh & 3) << 4)  # values l, l + 32, l + 64, l + 96 of half h
-    v2 = (hi & 0xF) | ((qh & 0xC) << 2)
-    v3 = (lo >> 4) | (qh & 0x30)
-    v4 = (hi >> 4) | ((qh >> 2) & 0x30)
-    q3 = np.stack([v1 | (v4 << 6), v2 | ((v4 >> 2) << 6), v3 | ((v4 >> 4) << 6)], axis=2)
-    return PackedQ6K(
-        q3=q3.reshape(*ql.shape[:2], 3, 64, TILE),
-        sc=tile_bytes(raw, TYPE_SIZE, TILE, SC, D).view(np.int8),
-        d=tile_fp16(raw, TYPE_SIZE, TILE, D),
-        n=raw.shape[0],
-    )
+    n, row_bytes = raw.shape
+    raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
+    n_tiles, nb = -(-n // TILE), raw3.shape[1]
+    q3 = np.zeros((n_tiles, nb, 3, 64, TILE), np.uint8)
+    sc = np.zeros((n_tiles, nb, 16, TILE), np.int8)
+    d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
+    _pack(raw3, q3, sc, d)
+    return PackedQ6K(q3=q3, sc=sc, d=d, n=n)
 
 
 @njit(cache=True)
