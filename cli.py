@@ -108,7 +108,7 @@ def generate(
       echo "Write a haiku" | edgeseek generate model.gguf --temp 0 --json
     """
     from edgeseek.chat import prompt_ids
-    from edgeseek.generate import stream_generate
+    from edgeseek.generation import stream_generate
 
     if prompt is None:
         if sys.stdin.isatty():

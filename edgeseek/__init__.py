@@ -14,8 +14,8 @@ def __getattr__(name):
         from . import engine
         return getattr(engine, name)
     if name in ("generate_step", "stream_generate", "GenerationResponse", "generate"):
-        from . import generate
-        return getattr(generate, name)
+        from . import generation
+        return getattr(generation, name)
     if name in ("Sampler", "SamplerConfig"):
         from . import sampler
         return getattr(sampler, name)

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from .engine import Engine
 from .errors import EdgeseekError
-from .generate import GenerationResponse, stream_generate
+from .generation import GenerationResponse, stream_generate
 from .sampler import SamplerConfig
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgeseek.generate import _StopMatcher
+from edgeseek.generation import _StopMatcher
 from edgeseek.sampler import Sampler, SamplerConfig
 
 
