@@ -3,9 +3,13 @@ transformers on the committed fixtures of tests/fixtures/deepseek2 (see its READ
 
 Tolerances are relative to the logit spread (std of transformers' logits, about 1):
 - F32 files: within 0.5% of llama.cpp's and of transformers' logits at every position.
-- Quantized files: within 1% of transformers run on the file's own dequantized weights (the
-  model math is exact), and close to llama.cpp's at most positions: llama.cpp quantizes
-  activations to 8 bits, and on random weights that flips a routing choice at a few positions.
+- Quantized files: both engines quantize activations to 8 bits (bit-identically, see the quant
+  tests) but round floats in different orders, so each sits at its own distance from the exact
+  product: llama.cpp's median distance to transformers on the dequantized weights is 5-8% of the
+  spread on these files (fixtures README). Two such independent errors put the engines about
+  sqrt(2) times that apart, and on random weights a near-tie sometimes flips one routing choice
+  (the large maxima). So: median position within 15% of llama.cpp and of dequantized transformers,
+  and most positions within 30%.
 """
 from pathlib import Path
 
@@ -41,9 +45,10 @@ def test_logits_match_the_oracles(name):
         return
     exact = np.abs(ours - gold["logits_transformers_dequant"]).max(axis=1) / spread
     deep = name.startswith("v2lite27")  # 27 random layers amplify rounding into routing flips
-    assert (np.mean(exact < 1e-2) >= 0.9) if deep else exact.max() < 1e-2, np.sort(exact)[-5:]
-    limit = 0.3 if deep else 0.1
-    assert np.median(per_pos) < limit, np.median(per_pos)
+    limit = 0.3 if deep else 0.15
+    for dist in (per_pos, exact):
+        assert np.median(dist) < limit, np.median(dist)
+        assert np.mean(dist < 2 * limit) >= 0.8, np.sort(dist)[-8:]
 
 
 @pytest.mark.parametrize("name", ["v3-f32", "v3-q4_k_m", "v2lite-q8_0", "v3h256-q4_k_m"])
