@@ -17,7 +17,7 @@ import edgeseek
 from edgeseek.chat import prompt_ids
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "smollm2" / "greedy.json").read_text())
-NOISE = 1.0  # logits
+NOISE = 0.5  # logits: SiLU moved by one ulp shifts edgeseek's own logits by 0.1-1.2
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,3 @@ def test_greedy_transcript_follows_llama_cpp(engine, case):
     assert case["margins"][first] < NOISE, (first, case["margins"][first])
     assert out[first] == case["second_ids"][first]
 
-
-def test_most_steps_agree(engine):
-    """Over all prompts, the steps before each transcript's first near-tie all agree."""
-    clear = sum(next((i for i, m in enumerate(c["margins"]) if m < NOISE), len(c["margins"]))
-                for c in GOLDEN["cases"])
-    assert clear >= 10  # the goldens do exercise clear decisions
