@@ -131,6 +131,7 @@ def write(kind: str, out: Path, seed: int = 0) -> Path:
     if out.exists():
         return out
     t0 = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".gguf.partial")
     w = gguf.GGUFWriter(tmp, "deepseek2")
     a = "deepseek2."
