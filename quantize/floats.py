@@ -1,67 +1,179 @@
-"""F32, F16 and BF16 weights. Packing converts to float32 rows once and the products go to numpy's
-BLAS. llama.cpp rounds activations to the weight's type before an F16/BF16 product; so do these."""
+"""F32, F16 and BF16 weights.
+
+No repacking: the kernels read the file's rows as they are (a view on the mmap), so a big F16 or
+BF16 matrix is never doubled into float32. matvec decodes each half inside a numba loop over the
+row (vectorized, float32 sums); matmul decodes a chunk of rows at a time into float32 and hands it
+to BLAS, so the prefill runs at BLAS speed with one chunk of extra memory. F32 goes to BLAS
+directly. As llama.cpp does (vec_dot_type of F16 and BF16 in ggml-cpu.c), the activations are
+rounded to the weight's type before the product.
+"""
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
+from llvmlite import ir
+from numba import njit, prange, types, uint32
+from numba.extending import intrinsic
 
 from .registry import QuantFormat
 
+F32 = np.float32
+CHUNK_VALUES = 1 << 22  # float32 values decoded per BLAS call in matmul (16 MB)
 
-def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """uint32 bit pattern -> float32 (numba has no scalar view)."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """IEEE half bits (uint16) -> float32, exact: LLVM's fpext from half, which x86 with F16C runs
+    as vcvtph2ps (numba has no float16 type of its own)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(cache=True, inline="always")
+def bf16_to_f32(h):
+    return _f32_from_bits(uint32(uint32(h) << uint32(16)))
+
+
+def _make_kernels(decode):
+    """matvec and chunk decoder for rows of 16-bit floats; `decode` maps uint16 bits to float32."""
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def matvec(w, x, y):
+        # w (N, K) uint16 rows of the file, x (K,) float32 -> y (N,); reassoc lets LLVM keep
+        # vector partial sums along the row (as llama.cpp's ggml_vec_dot_f16 does)
+        for i in prange(w.shape[0]):
+            s = F32(0.0)
+            for k in range(w.shape[1]):
+                s += decode(w[i, k]) * x[k]
+            y[i] = s
+
+    @njit(parallel=True, cache=True)
+    def to_f32(w, out):
+        # w (n, K) uint16 -> out (n, K) float32
+        for i in prange(w.shape[0]):
+            for k in range(w.shape[1]):
+                out[i, k] = decode(w[i, k])
+
+    return matvec, to_f32
+
+
+_matvec_f16, _to_f32_f16 = _make_kernels(f16_to_f32)
+_matvec_bf16, _to_f32_bf16 = _make_kernels(bf16_to_f32)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 values as uint16 bits (ggml_compute_fp32_to_bf16: round to
+    nearest even, nan kept quiet), as gguf-py's BF16 quantizer."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    u = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), u)
+    return ((u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def _bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
     return (u16.astype(np.uint32) << 16).view(np.float32)
 
 
-def _round_bf16(x: np.ndarray) -> np.ndarray:
-    # round to nearest even on the upper 16 bits, as ggml's fp32 -> bf16
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return _bf16_to_f32(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16))
-
-
-class _Float(QuantFormat):
-    qtype = GGMLQuantizationType.F32  # block and byte sizes; each subclass names its own type
-
-    def to_f32(self, raw: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def round_activations(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def dequantize(self, blocks):
-        return self.to_f32(np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1))
-
-    def pack(self, raw):
-        return self.to_f32(np.ascontiguousarray(raw).reshape(-1)).reshape(raw.shape[0], -1)  # (N, K)
-
-    def matvec(self, packed, x):
-        return packed @ self.round_activations(x)
-
-    def matmul(self, packed, x):
-        return self.round_activations(x) @ packed.T
-
-
-class F32(_Float):
+class F32Format(QuantFormat):
     qtype = GGMLQuantizationType.F32
 
-    def to_f32(self, raw):
-        return raw.view(np.float32).copy()
+    def dequantize(self, blocks):
+        return np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1).view(np.float32).copy()
+
+    def quantize(self, x):
+        """(..., K) float32 -> (..., 4 K) uint8."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return x.view(np.uint8).reshape(*x.shape[:-1], -1)
+
+    def pack(self, raw):
+        return np.asarray(raw, dtype=np.uint8).view(np.float32)  # (N, K), a view on the file
+
+    def matvec(self, packed, x):
+        return packed @ np.asarray(x, dtype=np.float32)
+
+    def matmul(self, packed, x):
+        return np.asarray(x, dtype=np.float32) @ packed.T
 
 
-class F16(_Float):
+class _Half(QuantFormat):
+    """F16 and BF16: rows of 16-bit floats, read in place."""
+
+    qtype = GGMLQuantizationType.F16  # block and byte sizes; each subclass names its own type
+
+    def pack(self, raw):
+        return np.asarray(raw, dtype=np.uint8).view(np.uint16)  # (N, K), a view on the file
+
+    def dequantize(self, blocks):
+        return self.bits_to_f32(np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1).view(np.uint16))
+
+    def matvec(self, packed, x):
+        x = self.round_activations(x)
+        y = np.empty(packed.shape[0], np.float32)
+        self._matvec(packed, x, y)
+        return y
+
+    def matmul(self, packed, x):
+        x = self.round_activations(x)  # (T, K)
+        n, k = packed.shape
+        y = np.empty((x.shape[0], n), np.float32)
+        rows = max(64, CHUNK_VALUES // max(k, 1))
+        buf = np.empty((min(rows, n), k), np.float32)
+        for i in range(0, n, rows):
+            w = buf[:min(rows, n - i)]
+            self._to_f32(packed[i:i + rows], w)
+            np.matmul(x, w.T, out=y[:, i:i + rows])
+        return y
+
+
+class F16(_Half):
     qtype = GGMLQuantizationType.F16
+    _matvec = staticmethod(_matvec_f16)
+    _to_f32 = staticmethod(_to_f32_f16)
 
-    def to_f32(self, raw):
-        return raw.view(np.float16).astype(np.float32)
+    @staticmethod
+    def bits_to_f32(u16):
+        return u16.view(np.float16).astype(np.float32)
 
-    def round_activations(self, x):
-        return x.astype(np.float16).astype(np.float32)
+    @staticmethod
+    def round_activations(x):
+        return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+    def quantize(self, x):
+        """(..., K) float32 -> (..., 2 K) uint8 (round to nearest even, as numpy and ggml)."""
+        h = np.ascontiguousarray(x, dtype=np.float32).astype(np.float16)
+        return h.view(np.uint8).reshape(*h.shape[:-1], -1)
 
 
-class BF16(_Float):
+class BF16(_Half):
     qtype = GGMLQuantizationType.BF16
+    _matvec = staticmethod(_matvec_bf16)
+    _to_f32 = staticmethod(_to_f32_bf16)
 
-    def to_f32(self, raw):
-        return _bf16_to_f32(raw.view(np.uint16))
+    @staticmethod
+    def bits_to_f32(u16):
+        return _bf16_bits_to_f32(u16)
 
-    def round_activations(self, x):
-        return _round_bf16(x)
+    @staticmethod
+    def round_activations(x):
+        return _bf16_bits_to_f32(round_bf16(x))
+
+    def quantize(self, x):
+        """(..., K) float32 -> (..., 2 K) uint8, bit-identical to gguf-py's BF16."""
+        h = round_bf16(x)
+        return h.view(np.uint8).reshape(*h.shape[:-1], -1)

@@ -1,80 +1,126 @@
 """Q4_0: 32 values per 18-byte block: fp16 d, qs[16]; value j is the low nibble of qs[j], value
-j + 16 the high nibble; x = d * (q - 8) (ggml-common.h block_q4_0)."""
+j + 16 the high nibble; x = d * (q - 8) (ggml-common.h block_q4_0, ggml-quants.c).
+
+Kernel layout (tiles.py): the 16 quant bytes of a block as 4 uint32 words per row; word g holds
+the nibbles of values 4g..4g+3 (low) and 16+4g..16+4g+3 (high). The -8 offset is applied once
+per block through the exact sum of the int8 activations.
+"""
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import int32, njit, prange
+from numba import njit, prange, uint32
 
 from . import tiles
-from .activations import QK
-from .tiles import TILE, qh_at, scale_add
-from .kquants import f16_to_f32
 from .registry import QuantFormat
 
+F32 = np.float32
+QK = 32
+TYPE_SIZE = 18
 
-@njit(parallel=True, cache=True)
-def _dequantize(blocks, out):
-    for i in prange(blocks.shape[0]):
-        d = f16_to_f32(blocks[i, 0] | (np.uint16(blocks[i, 1]) << 8))
-        for j in range(16):
-            q = blocks[i, 2 + j]
-            out[i, j] = d * np.float32(np.int32(q & 15) - 8)
-            out[i, j + 16] = d * np.float32(np.int32(q >> 4) - 8)
+
+@njit(cache=True, inline="always")
+def nibble(v, shift):
+    """Bits shift..shift+3 of the uint32 v, as an int32 the kernels can multiply in 16 bits."""
+    return np.int32((v >> uint32(shift)) & uint32(15))
+
+
+@njit(cache=True, inline="always")
+def x16(xq, k, j):
+    # int8 activations held in int32: the int16 round trip tells LLVM they fit vpmaddwd
+    return np.int32(np.int16(xq[k, j]))
+
+
+@njit(cache=True, inline="always")
+def _word(v, xq, k, o, g):
+    # the 8 nibbles of word g of one row: values 4g..4g+3 (low nibbles), 16+4g..16+4g+3 (high);
+    # o = 32 * block: where the block's activations start
+    s = np.int32(0)
+    for i in range(4):
+        s = np.int32(s + nibble(v, 8 * i) * x16(xq, k, o + 4 * g + i)
+                     + nibble(v, 8 * i + 4) * x16(xq, k, o + 16 + 4 * g + i))
+    return s
+
+
+@njit(cache=True, inline="always")
+def row_dot(qs, t, b, r, xq, k):
+    """sum_j nibble_j * x_j over block b of row r of tile t, activation row k: qs (n_tiles, nb, 4,
+    TILE) uint32, xq (T, K) int32. The four words are written out (not a loop) so that LLVM sees
+    constant shifts and vectorizes the callers' loops over r."""
+    o = QK * b
+    return np.int32(np.int32(_word(qs[t, b, 0, r], xq, k, o, 0) + _word(qs[t, b, 1, r], xq, k, o, 1))
+                    + np.int32(_word(qs[t, b, 2, r], xq, k, o, 2) + _word(qs[t, b, 3, r], xq, k, o, 3)))
 
 
 @njit(cache=True)
-def dot(qs, qh, xq, isum):
-    # qs (16, TILE) uint8: byte j of each row's block holds values j and j + 16
-    isum[:] = 0
-    for j in range(16):
-        lo, hi = int32(xq[j]), int32(xq[j + 16])
-        for r in range(isum.shape[0]):
-            q = int32(qs[j, r])
-            isum[r] += ((q & int32(15)) - int32(8)) * lo + ((q >> int32(4)) - int32(8)) * hi
+def _tile(p, t, xq, xd, xsum, xs, acc):
+    for b in range(p.qs.shape[1]):
+        for k in range(xq.shape[0]):
+            off = np.int32(8) * xsum[k, b]  # the -8 of every quant
+            dx = xd[k, b]
+            for r in range(tiles.TILE):
+                acc[k, r] += F32(np.int32(row_dot(p.qs, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
 
 
 @njit(parallel=True, cache=True)
-def _matvec(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # qs (nt, nb, bytes, TILE), qh (nt, nb, TILE) or placeholder, d/m (nt, nb, TILE); y (nt, TILE)
-    for t in prange(qs.shape[0]):
-        acc = np.zeros(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            dot(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
-            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
-        y[t] = acc
+def _dequantize(blocks, d, out):
+    # blocks (n, 18) uint8, d (n,) float32 -> out (n, 32)
+    for i in prange(blocks.shape[0]):
+        for j in range(16):
+            q = blocks[i, 2 + j]
+            out[i, j] = d[i] * F32(np.int32(q & 15) - 8)
+            out[i, j + 16] = d[i] * F32(np.int32(q >> 4) - 8)
 
 
 @njit(parallel=True, cache=True)
-def _matmul(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # xq (T, K), xd/xs (T, nb); y (nt, T, TILE): each block of a tile serves all T tokens from L1
-    for t in prange(qs.shape[0]):
-        acc = np.zeros((xq.shape[0], TILE), np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            for k in range(xq.shape[0]):
-                dot(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
-                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
-        y[t] = acc
+def _quantize(x, d, qs):
+    # x (n, 32) float32 -> d (n,) float32 (stored as fp16 by the caller), qs (n, 16) uint8.
+    # gguf-py's Q4_0.quantize_blocks = ggml-quants.c quantize_row_q4_0_ref: the value of largest
+    # magnitude (first one on ties) maps to -8.
+    for i in prange(x.shape[0]):
+        amax = F32(0.0)
+        vmax = F32(0.0)
+        for j in range(QK):
+            if abs(x[i, j]) > amax:
+                amax = abs(x[i, j])
+                vmax = x[i, j]
+        di = vmax / F32(-8.0)
+        idi = F32(1.0) / di if di != 0 else F32(0.0)
+        d[i] = di
+        for j in range(16):
+            lo = min(np.int32(x[i, j] * idi + F32(8.5)), 15)
+            hi = min(np.int32(x[i, j + 16] * idi + F32(8.5)), 15)
+            qs[i, j] = np.uint8(lo | (hi << 4))
 
 
 class Q4_0(QuantFormat):
     qtype = GGMLQuantizationType.Q4_0
 
     def dequantize(self, blocks):
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, self.type_size)
-        out = np.empty((blocks.shape[0], 32), np.float32)
-        _dequantize(blocks, out)
+        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+        out = np.empty((blocks.shape[0], QK), np.float32)
+        _dequantize(blocks, tiles.fp16_field(blocks, 0), out)
         return out.reshape(-1)
 
+    def quantize(self, x):
+        """(..., K) float32 rows -> (..., K / 32 * 18) uint8, bit-identical to gguf-py."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[-1] % QK:
+            raise ValueError(f"Q4_0: row length {x.shape[-1]} is not a multiple of {QK}")
+        blocks = x.reshape(-1, QK)
+        d = np.empty(blocks.shape[0], np.float32)
+        out = np.empty((blocks.shape[0], TYPE_SIZE), np.uint8)
+        _quantize(blocks, d, out[:, 2:])
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return out.reshape(*x.shape[:-1], -1)
+
     def pack(self, raw):
-        b = raw.reshape(raw.shape[0], -1, self.type_size)  # (N, nb, 18)
-        qs = tiles.to_tiles(np.ascontiguousarray(b[..., 2:]))  # (nt, nb, 16, TILE)
-        return qs, tiles.NO_QH, tiles.to_tiles(tiles.fp16_field(b, 0)), None, raw.shape[0]
+        b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 18)
+        qs = tiles.to_tiles(tiles.words(b, 2, 18))  # (n_tiles, nb, 4, TILE) uint32
+        return tiles.Packed(qs, tiles.NONE, tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.NONE, b.shape[0])
 
     def matvec(self, packed, x):
-        return tiles.matvec(_matvec, packed, x)
+        return tiles.matvec(_tile, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_matmul, packed, x)
+        return tiles.matmul(_tile, packed, x)

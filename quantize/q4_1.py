@@ -1,81 +1,96 @@
 """Q4_1: 32 values per 20-byte block: fp16 d, fp16 m, qs[16] (nibbles as Q4_0); x = d * q + m
-(ggml-common.h block_q4_1). The min term uses Q8_1's per-block d * sum(q) of the activations."""
+(ggml-common.h block_q4_1, ggml-quants.c).
+
+Kernel layout as Q4_0 (4 uint32 words of nibbles per row and block). The min term uses Q8_1's
+s = fp16(d * sum(q)) of the activations, as ggml_vec_dot_q4_1_q8_1 does.
+"""
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import int32, njit, prange
+from numba import njit, prange
 
 from . import tiles
-from .activations import QK
-from .tiles import TILE, qh_at, scale_add
-from .kquants import f16_to_f32
+from .q4_0 import row_dot
 from .registry import QuantFormat
 
-
-@njit(parallel=True, cache=True)
-def _dequantize(blocks, out):
-    for i in prange(blocks.shape[0]):
-        d = f16_to_f32(blocks[i, 0] | (np.uint16(blocks[i, 1]) << 8))
-        m = f16_to_f32(blocks[i, 2] | (np.uint16(blocks[i, 3]) << 8))
-        for j in range(16):
-            q = blocks[i, 4 + j]
-            out[i, j] = d * np.float32(q & 15) + m
-            out[i, j + 16] = d * np.float32(q >> 4) + m
+F32 = np.float32
+QK = 32
+TYPE_SIZE = 20
 
 
 @njit(cache=True)
-def dot(qs, qh, xq, isum):
-    isum[:] = 0
-    for j in range(16):
-        lo, hi = int32(xq[j]), int32(xq[j + 16])
-        for r in range(isum.shape[0]):
-            q = int32(qs[j, r])
-            isum[r] += (q & int32(15)) * lo + (q >> int32(4)) * hi
+def _tile(p, t, xq, xd, xsum, xs, acc):
+    for b in range(p.qs.shape[1]):
+        for k in range(xq.shape[0]):
+            dx, sx = xd[k, b], xs[k, b]
+            for r in range(tiles.TILE):
+                acc[k, r] += F32(row_dot(p.qs, t, b, r, xq, k)) * (p.d[t, b, r] * dx) + p.m[t, b, r] * sx
 
 
 @njit(parallel=True, cache=True)
-def _matvec(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # qs (nt, nb, bytes, TILE), qh (nt, nb, TILE) or placeholder, d/m (nt, nb, TILE); y (nt, TILE)
-    for t in prange(qs.shape[0]):
-        acc = np.zeros(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            dot(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
-            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
-        y[t] = acc
+def _dequantize(blocks, d, m, out):
+    # blocks (n, 20) uint8, d, m (n,) float32 -> out (n, 32)
+    for i in prange(blocks.shape[0]):
+        for j in range(16):
+            q = blocks[i, 4 + j]
+            out[i, j] = d[i] * F32(q & 15) + m[i]
+            out[i, j + 16] = d[i] * F32(q >> 4) + m[i]
 
 
 @njit(parallel=True, cache=True)
-def _matmul(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # xq (T, K), xd/xs (T, nb); y (nt, T, TILE): each block of a tile serves all T tokens from L1
-    for t in prange(qs.shape[0]):
-        acc = np.zeros((xq.shape[0], TILE), np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            for k in range(xq.shape[0]):
-                dot(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
-                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
-        y[t] = acc
+def _quantize(x, d, m, qs):
+    # x (n, 32) float32 -> d, m (n,) float32 (stored as fp16 by the caller), qs (n, 16) uint8.
+    # gguf-py's Q4_1.quantize_blocks = ggml-quants.c quantize_row_q4_1_ref.
+    for i in prange(x.shape[0]):
+        lo = x[i, 0]
+        hi = x[i, 0]
+        for j in range(1, QK):
+            lo = min(lo, x[i, j])
+            hi = max(hi, x[i, j])
+        di = (hi - lo) / F32(15.0)
+        idi = F32(1.0) / di if di != 0 else F32(0.0)
+        d[i] = di
+        m[i] = lo
+        for j in range(16):
+            a = min(np.int32((x[i, j] - lo) * idi + F32(0.5)), 15)
+            c = min(np.int32((x[i, j + 16] - lo) * idi + F32(0.5)), 15)
+            qs[i, j] = np.uint8(a | (c << 4))
 
 
 class Q4_1(QuantFormat):
     qtype = GGMLQuantizationType.Q4_1
 
     def dequantize(self, blocks):
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, self.type_size)
-        out = np.empty((blocks.shape[0], 32), np.float32)
-        _dequantize(blocks, out)
+        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+        out = np.empty((blocks.shape[0], QK), np.float32)
+        _dequantize(blocks, tiles.fp16_field(blocks, 0), tiles.fp16_field(blocks, 2), out)
         return out.reshape(-1)
 
+    def quantize(self, x):
+        """(..., K) float32 rows -> (..., K / 32 * 20) uint8, bit-identical to gguf-py."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[-1] % QK:
+            raise ValueError(f"Q4_1: row length {x.shape[-1]} is not a multiple of {QK}")
+        blocks = x.reshape(-1, QK)
+        d = np.empty(blocks.shape[0], np.float32)
+        m = np.empty(blocks.shape[0], np.float32)
+        out = np.empty((blocks.shape[0], TYPE_SIZE), np.uint8)
+        _quantize(blocks, d, m, out[:, 4:])
+        out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, 2:4] = m.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return out.reshape(*x.shape[:-1], -1)
+
     def pack(self, raw):
-        b = raw.reshape(raw.shape[0], -1, self.type_size)  # (N, nb, 20)
-        qs = tiles.to_tiles(np.ascontiguousarray(b[..., 4:]))  # (nt, nb, 16, TILE)
-        d, m = tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.to_tiles(tiles.fp16_field(b, 2))
-        return qs, tiles.NO_QH, d, m, raw.shape[0]
+        b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 20)
+        return tiles.Packed(tiles.to_tiles(tiles.words(b, 4, 20)),  # (n_tiles, nb, 4, TILE) uint32
+                            tiles.NONE,
+                            tiles.to_tiles(tiles.fp16_field(b, 0)),
+                            tiles.to_tiles(tiles.fp16_field(b, 2)),
+                            b.shape[0])
 
     def matvec(self, packed, x):
-        return tiles.matvec(_matvec, packed, x)
+        return tiles.matvec(_tile, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_matmul, packed, x)
+        return tiles.matmul(_tile, packed, x)

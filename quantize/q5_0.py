@@ -1,142 +1,211 @@
-"""Q5_0 and Q5_1: 32 values per block with a 5th bit per value in qh (uint32, bit j for value j):
+"""Q5_0 and Q5_1: 32 values per block with the fifth bit of value j in bit j of qh (uint32):
 Q5_0 (22 bytes): fp16 d, qh[4], qs[16]; x = d * (q - 16). Q5_1 (24 bytes): fp16 d, fp16 m, qh[4],
-qs[16]; x = d * q + m. Nibbles as Q4_0 (ggml-common.h block_q5_0 / block_q5_1). Q5_1 is where
-llama-quantize's Q4_K_M puts Q5_K tensors whose rows are not a multiple of 256."""
+qs[16]; x = d * q + m. Nibbles as Q4_0 (ggml-common.h block_q5_0 / block_q5_1, ggml-quants.c).
+llama-quantize falls back to Q5_0 (Q4_K_M) or Q5_1 for K-quant tensors whose rows are not a
+multiple of 256: DeepSeek-V2-Lite's 1408-wide expert down projections.
+
+Kernel layout: the nibbles as Q4_0's 4 uint32 words per row and block, qh as one uint32 per row
+with its bits permuted (spread_fifth_bits) so that two shifts and masks put the fifth bits of a
+word's 8 values beside their nibbles. The -16 offset of Q5_0 enters through the exact activation
+sum, the min of Q5_1 through Q8_1's s.
+"""
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import int32, njit, prange, uint32
+from numba import njit, prange, uint32
 
 from . import tiles
-from .activations import QK
-from .tiles import TILE, qh_at, scale_add
-from .kquants import f16_to_f32
+from .q4_0 import x16
 from .registry import QuantFormat
+
+F32 = np.float32
+QK = 32
+
+
+@njit(cache=True, inline="always")
+def bit(h, j):
+    return np.int32((h >> uint32(j)) & uint32(1))
+
+
+def spread_fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """qh (...,) uint32, bit j = fifth bit of value j -> the same 32 bits permuted so that the
+    kernel finds them next to the nibbles: bit 8k + 2g <- value 4g + k, bit 8k + 2g + 1 <- value
+    16 + 4g + k. Shifting by 2g - 4 (2g - 3) and masking 0x10101010 then lines up bit 4 of byte k
+    with the low (high) nibbles of word g."""
+    j = np.arange(32, dtype=np.uint32)
+    g, k = (j % 16) // 4, j % 4
+    pos = (8 * k + 2 * g + j // 16).astype(np.uint32)  # (32,)
+    bits = (qh[..., None] >> j) & np.uint32(1)
+    return np.bitwise_or.reduce(bits << pos, axis=-1).astype(np.uint32)
+
+
+@njit(cache=True, inline="always")
+def _shift(h, a):
+    return (h >> uint32(a)) if a >= 0 else (h << uint32(-a))
+
+
+@njit(cache=True, inline="always")
+def _byte(v, k):
+    return np.int32((v >> uint32(8 * k)) & uint32(255))
+
+
+@njit(cache=True, inline="always")
+def _word5(v, h, xq, k, o, g):
+    # word g of one row: 5-bit values 4g..4g+3 in the bytes of lo, 16+4g..16+4g+3 in those of hi
+    lo = (v & uint32(0x0F0F0F0F)) | (_shift(h, 2 * g - 4) & uint32(0x10101010))
+    hi = ((v >> uint32(4)) & uint32(0x0F0F0F0F)) | (_shift(h, 2 * g - 3) & uint32(0x10101010))
+    s = np.int32(0)
+    for i in range(4):
+        s = np.int32(s + _byte(lo, i) * x16(xq, k, o + 4 * g + i) + _byte(hi, i) * x16(xq, k, o + 16 + 4 * g + i))
+    return s
+
+
+@njit(cache=True, inline="always")
+def row_dot5(p, t, b, r, xq, k):
+    """sum_j q5_j * x_j over block b of row r of tile t: p.qs (n_tiles, nb, 4, TILE) uint32
+    nibbles, p.qh (n_tiles, nb, TILE) uint32 fifth bits as spread_fifth_bits lays them out."""
+    o = QK * b
+    qs, h = p.qs, p.qh[t, b, r]
+    return np.int32(np.int32(_word5(qs[t, b, 0, r], h, xq, k, o, 0) + _word5(qs[t, b, 1, r], h, xq, k, o, 1))
+                    + np.int32(_word5(qs[t, b, 2, r], h, xq, k, o, 2) + _word5(qs[t, b, 3, r], h, xq, k, o, 3)))
+
+
+@njit(cache=True)
+def _tile_q5_0(p, t, xq, xd, xsum, xs, acc):
+    for b in range(p.qs.shape[1]):
+        for k in range(xq.shape[0]):
+            off = np.int32(16) * xsum[k, b]  # the -16 of every quant
+            dx = xd[k, b]
+            for r in range(tiles.TILE):
+                acc[k, r] += F32(np.int32(row_dot5(p, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
+
+
+@njit(cache=True)
+def _tile_q5_1(p, t, xq, xd, xsum, xs, acc):
+    for b in range(p.qs.shape[1]):
+        for k in range(xq.shape[0]):
+            dx, sx = xd[k, b], xs[k, b]
+            for r in range(tiles.TILE):
+                acc[k, r] += F32(row_dot5(p, t, b, r, xq, k)) * (p.d[t, b, r] * dx) + p.m[t, b, r] * sx
 
 
 @njit(parallel=True, cache=True)
-def _dequantize(blocks, out, has_min):
+def _dequantize(blocks, d, m, has_min, out):
+    # blocks (n, 22 or 24) uint8, d, m (n,) float32 -> out (n, 32)
     o = 4 if has_min else 2  # offset of qh
     for i in prange(blocks.shape[0]):
-        d = f16_to_f32(blocks[i, 0] | (np.uint16(blocks[i, 1]) << 8))
-        m = f16_to_f32(blocks[i, 2] | (np.uint16(blocks[i, 3]) << 8)) if has_min else np.float32(0.0)
         qh = (np.uint32(blocks[i, o]) | (np.uint32(blocks[i, o + 1]) << 8)
               | (np.uint32(blocks[i, o + 2]) << 16) | (np.uint32(blocks[i, o + 3]) << 24))
         for j in range(16):
             q = blocks[i, o + 4 + j]
-            lo = np.int32(q & 15) | np.int32(((qh >> j) & 1) << 4)
-            hi = np.int32(q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+            lo = np.int32(q & 15) | (bit(qh, j) << 4)
+            hi = np.int32(q >> 4) | (bit(qh, j + 16) << 4)
             if has_min:
-                out[i, j] = d * np.float32(lo) + m
-                out[i, j + 16] = d * np.float32(hi) + m
+                out[i, j] = d[i] * F32(lo) + m[i]
+                out[i, j + 16] = d[i] * F32(hi) + m[i]
             else:
-                out[i, j] = d * np.float32(lo - 16)
-                out[i, j + 16] = d * np.float32(hi - 16)
-
-
-@njit(cache=True)
-def _dot5(qs, qh, xq, isum, offset):
-    isum[:] = 0
-    for j in range(16):
-        lo, hi = int32(xq[j]), int32(xq[j + 16])
-        for r in range(isum.shape[0]):
-            q = int32(qs[j, r])
-            h = qh[r]
-            wl = (q & int32(15)) | int32(((h >> uint32(j)) & uint32(1)) << uint32(4))
-            wh = (q >> int32(4)) | int32(((h >> uint32(j + 16)) & uint32(1)) << uint32(4))
-            isum[r] += (wl - offset) * lo + (wh - offset) * hi
-
-
-@njit(cache=True)
-def dot_q5_0(qs, qh, xq, isum):
-    _dot5(qs, qh, xq, isum, int32(16))
-
-
-@njit(cache=True)
-def dot_q5_1(qs, qh, xq, isum):
-    _dot5(qs, qh, xq, isum, int32(0))
+                out[i, j] = d[i] * F32(lo - 16)
+                out[i, j + 16] = d[i] * F32(hi - 16)
 
 
 @njit(parallel=True, cache=True)
-def _matvec_q5_0(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # qs (nt, nb, bytes, TILE), qh (nt, nb, TILE) or placeholder, d/m (nt, nb, TILE); y (nt, TILE)
-    for t in prange(qs.shape[0]):
-        acc = np.zeros(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            dot_q5_0(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
-            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
-        y[t] = acc
-
-
-@njit(parallel=True, cache=True)
-def _matmul_q5_0(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # xq (T, K), xd/xs (T, nb); y (nt, T, TILE): each block of a tile serves all T tokens from L1
-    for t in prange(qs.shape[0]):
-        acc = np.zeros((xq.shape[0], TILE), np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            for k in range(xq.shape[0]):
-                dot_q5_0(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
-                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
-        y[t] = acc
-
-
-@njit(parallel=True, cache=True)
-def _matvec_q5_1(qs, qh, d, m, has_min, xq, xd, xs, y):
-    for t in prange(qs.shape[0]):
-        acc = np.zeros(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            dot_q5_1(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
-            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
-        y[t] = acc
-
-
-@njit(parallel=True, cache=True)
-def _matmul_q5_1(qs, qh, d, m, has_min, xq, xd, xs, y):
-    for t in prange(qs.shape[0]):
-        acc = np.zeros((xq.shape[0], TILE), np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            for k in range(xq.shape[0]):
-                dot_q5_1(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
-                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
-        y[t] = acc
+def _quantize(x, has_min, d, m, qh, qs):
+    # x (n, 32) float32 -> d, m (n,) float32 (stored as fp16 by the caller), qh (n,) uint32,
+    # qs (n, 16) uint8. gguf-py's Q5_0 / Q5_1.quantize_blocks = ggml-quants.c
+    # quantize_row_q5_0_ref (largest magnitude maps to -16) / quantize_row_q5_1_ref.
+    for i in prange(x.shape[0]):
+        if has_min:
+            lo = x[i, 0]
+            hi = x[i, 0]
+            for j in range(1, QK):
+                lo = min(lo, x[i, j])
+                hi = max(hi, x[i, j])
+            di = (hi - lo) / F32(31.0)
+            base, bias = lo, F32(0.5)
+        else:
+            amax = F32(0.0)
+            vmax = F32(0.0)
+            for j in range(QK):
+                if abs(x[i, j]) > amax:
+                    amax = abs(x[i, j])
+                    vmax = x[i, j]
+            di = vmax / F32(-16.0)
+            base, bias = F32(0.0), F32(16.5)
+        idi = F32(1.0) / di if di != 0 else F32(0.0)
+        d[i] = di
+        m[i] = base
+        h = np.uint32(0)
+        for j in range(QK):
+            q = min(np.int32((x[i, j] - base) * idi + bias), 31)
+            h |= np.uint32(q >> 4) << np.uint32(j)
+            if j < 16:
+                qs[i, j] = np.uint8(q & 15)
+            else:
+                qs[i, j - 16] |= np.uint8((q & 15) << 4)
+        qh[i] = h
 
 
 class _Q5(QuantFormat):
     qtype = GGMLQuantizationType.Q5_0  # block and byte sizes; each subclass names its own type
     has_min = False
-    kernels = (_matvec_q5_0, _matmul_q5_0)
+
+    @property
+    def qh_offset(self) -> int:
+        return 4 if self.has_min else 2
 
     def dequantize(self, blocks):
         blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, self.type_size)
-        out = np.empty((blocks.shape[0], 32), np.float32)
-        _dequantize(blocks, out, self.has_min)
+        out = np.empty((blocks.shape[0], QK), np.float32)
+        m = tiles.fp16_field(blocks, 2) if self.has_min else np.zeros(blocks.shape[0], np.float32)
+        _dequantize(blocks, tiles.fp16_field(blocks, 0), m, self.has_min, out)
         return out.reshape(-1)
 
+    def quantize(self, x):
+        """(..., K) float32 rows -> (..., K / 32 * type_size) uint8, bit-identical to gguf-py."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[-1] % QK:
+            raise ValueError(f"{self.qtype.name}: row length {x.shape[-1]} is not a multiple of {QK}")
+        blocks = x.reshape(-1, QK)
+        n = blocks.shape[0]
+        d, m = np.empty(n, np.float32), np.empty(n, np.float32)
+        qh, qs = np.empty(n, np.uint32), np.empty((n, 16), np.uint8)
+        _quantize(blocks, self.has_min, d, m, qh, qs)
+        o = self.qh_offset
+        out = np.empty((n, self.type_size), np.uint8)
+        out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        if self.has_min:
+            out[:, 2:4] = m.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, o:o + 4] = qh.view(np.uint8).reshape(-1, 4)
+        out[:, o + 4:] = qs
+        return out.reshape(*x.shape[:-1], -1)
+
     def pack(self, raw):
-        b = raw.reshape(raw.shape[0], -1, self.type_size)  # (N, nb, 22 or 24)
-        o = 4 if self.has_min else 2
-        qh = tiles.to_tiles(np.ascontiguousarray(b[..., o:o + 4]).view(np.uint32)[..., 0])  # (nt, nb, TILE)
-        qs = tiles.to_tiles(np.ascontiguousarray(b[..., o + 4:]))  # (nt, nb, 16, TILE)
-        m = tiles.to_tiles(tiles.fp16_field(b, 2)) if self.has_min else None
-        return qs, qh, tiles.to_tiles(tiles.fp16_field(b, 0)), m, raw.shape[0]
-
-    def matvec(self, packed, x):
-        return tiles.matvec(self.kernels[0], packed, x)
-
-    def matmul(self, packed, x):
-        return tiles.matmul(self.kernels[1], packed, x)
+        b = tiles.blocks_of(raw, self.type_size)  # (N, nb, 22 or 24)
+        o = self.qh_offset
+        return tiles.Packed(tiles.to_tiles(tiles.words(b, o + 4, o + 20)),  # (n_tiles, nb, 4, TILE)
+                            tiles.to_tiles(spread_fifth_bits(tiles.words(b, o, o + 4)[..., 0])),  # (n_tiles, nb, TILE)
+                            tiles.to_tiles(tiles.fp16_field(b, 0)),
+                            tiles.to_tiles(tiles.fp16_field(b, 2)) if self.has_min else tiles.NONE,
+                            b.shape[0])
 
 
 class Q5_0(_Q5):
     qtype = GGMLQuantizationType.Q5_0
 
+    def matvec(self, packed, x):
+        return tiles.matvec(_tile_q5_0, packed, x)
+
+    def matmul(self, packed, x):
+        return tiles.matmul(_tile_q5_0, packed, x)
+
 
 class Q5_1(_Q5):
     qtype = GGMLQuantizationType.Q5_1
     has_min = True
-    kernels = (_matvec_q5_1, _matmul_q5_1)
+
+    def matvec(self, packed, x):
+        return tiles.matvec(_tile_q5_1, packed, x)
+
+    def matmul(self, packed, x):
+        return tiles.matmul(_tile_q5_1, packed, x)

@@ -1,77 +1,103 @@
-"""Q8_0: 32 values per 34-byte block: fp16 d, int8 qs[32]; x = d * q (ggml-common.h block_q8_0)."""
+"""Q8_0: 32 values per 34-byte block: fp16 d, int8 qs[32]; x = d * q (ggml-common.h block_q8_0,
+ggml-quants.c).
+
+Kernel layout (tiles.py): byte j of every row of a tile side by side, (n_tiles, nb, 32, TILE),
+stored as q + 128 (uint8): zero-extended bytes let LLVM multiply in 16 bits (vpmaddwd / vpdpwssd);
+the +128 comes back out through the exact activation sum.
+"""
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import int32, njit, prange
+from numba import njit, prange
 
 from . import tiles
-from .activations import QK
-from .tiles import TILE, qh_at, scale_add
-from .kquants import f16_to_f32
+from .q4_0 import x16
 from .registry import QuantFormat
 
+F32 = np.float32
+QK = 32
+TYPE_SIZE = 34
 
-@njit(parallel=True, cache=True)
-def _dequantize(blocks, out):
-    for i in prange(blocks.shape[0]):
-        d = f16_to_f32(blocks[i, 0] | (np.uint16(blocks[i, 1]) << 8))
-        q = blocks[i, 2:34]
-        for j in range(32):
-            out[i, j] = d * np.float32(np.int8(q[j]))
+
+@njit(cache=True, inline="always")
+def _part(qs, t, b, r, xq, k, j0):
+    # 8 products of one row: bytes j0..j0+7; loops of 8 unroll fully, so LLVM vectorizes over r
+    s = np.int32(0)
+    for j in range(j0, j0 + 8):
+        s = np.int32(s + np.int32(qs[t, b, j, r]) * x16(xq, k, QK * b + j))
+    return s
 
 
 @njit(cache=True)
-def dot(qs, qh, xq, isum):
-    # qs (32, TILE) int8: byte j of each row's block
-    isum[:] = 0
-    for j in range(32):
-        x = int32(xq[j])
-        for r in range(isum.shape[0]):
-            isum[r] += int32(qs[j, r]) * x
+def _tile(p, t, xq, xd, xsum, xs, acc):
+    qs = p.qs  # (n_tiles, nb, 32, TILE) uint8: q + 128
+    for b in range(qs.shape[1]):
+        for k in range(xq.shape[0]):
+            off = np.int32(128) * xsum[k, b]
+            dx = xd[k, b]
+            for r in range(tiles.TILE):
+                s = np.int32(np.int32(_part(qs, t, b, r, xq, k, 0) + _part(qs, t, b, r, xq, k, 8))
+                             + np.int32(_part(qs, t, b, r, xq, k, 16) + _part(qs, t, b, r, xq, k, 24)))
+                acc[k, r] += F32(np.int32(s - off)) * (p.d[t, b, r] * dx)
 
 
 @njit(parallel=True, cache=True)
-def _matvec(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # qs (nt, nb, bytes, TILE), qh (nt, nb, TILE) or placeholder, d/m (nt, nb, TILE); y (nt, TILE)
-    for t in prange(qs.shape[0]):
-        acc = np.zeros(TILE, np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            dot(qs[t, b], qh_at(qh, t, b), xq[QK * b: QK * (b + 1)], isum)
-            scale_add(acc, isum, d[t, b], m[t, b], xd[b], xs[b], has_min)
-        y[t] = acc
+def _dequantize(blocks, d, out):
+    # blocks (n, 34) uint8, d (n,) float32 -> out (n, 32)
+    for i in prange(blocks.shape[0]):
+        for j in range(QK):
+            out[i, j] = d[i] * F32(np.int8(blocks[i, 2 + j]))
 
 
 @njit(parallel=True, cache=True)
-def _matmul(qs, qh, d, m, has_min, xq, xd, xs, y):
-    # xq (T, K), xd/xs (T, nb); y (nt, T, TILE): each block of a tile serves all T tokens from L1
-    for t in prange(qs.shape[0]):
-        acc = np.zeros((xq.shape[0], TILE), np.float32)
-        isum = np.empty(TILE, np.int32)
-        for b in range(qs.shape[1]):
-            for k in range(xq.shape[0]):
-                dot(qs[t, b], qh_at(qh, t, b), xq[k, QK * b: QK * (b + 1)], isum)
-                scale_add(acc[k], isum, d[t, b], m[t, b], xd[k, b], xs[k, b], has_min)
-        y[t] = acc
+def _quantize(x, d, qs):
+    # x (n, 32) float32 -> d (n,) float32 (stored as fp16 by the caller), qs (n, 32) int8.
+    # gguf-py's Q8_0.quantize_blocks = ggml-quants.c quantize_row_q8_0_ref: round half away from
+    # zero, computed as gguf-py's np_roundf does.
+    for i in prange(x.shape[0]):
+        amax = F32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[i, j]))
+        di = amax / F32(127.0)
+        idi = F32(1.0) / di if di != 0 else F32(0.0)
+        d[i] = di
+        for j in range(QK):
+            v = x[i, j] * idi
+            a = abs(v)
+            fl = np.floor(a)
+            r = fl + np.floor(F32(2.0) * (a - fl))
+            qs[i, j] = np.int8(-r if v < 0 else r)
 
 
 class Q8_0(QuantFormat):
     qtype = GGMLQuantizationType.Q8_0
 
     def dequantize(self, blocks):
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, self.type_size)
-        out = np.empty((blocks.shape[0], 32), np.float32)
-        _dequantize(blocks, out)
+        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+        out = np.empty((blocks.shape[0], QK), np.float32)
+        _dequantize(blocks, tiles.fp16_field(blocks, 0), out)
         return out.reshape(-1)
 
+    def quantize(self, x):
+        """(..., K) float32 rows -> (..., K / 32 * 34) uint8, bit-identical to gguf-py."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[-1] % QK:
+            raise ValueError(f"Q8_0: row length {x.shape[-1]} is not a multiple of {QK}")
+        blocks = x.reshape(-1, QK)
+        d = np.empty(blocks.shape[0], np.float32)
+        out = np.empty((blocks.shape[0], TYPE_SIZE), np.uint8)
+        _quantize(blocks, d, out[:, 2:].view(np.int8))
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return out.reshape(*x.shape[:-1], -1)
+
     def pack(self, raw):
-        b = raw.reshape(raw.shape[0], -1, self.type_size)  # (N, nb, 34)
-        qs = tiles.to_tiles(np.ascontiguousarray(b[..., 2:]).view(np.int8))  # (nt, nb, 32, TILE)
-        return qs, tiles.NO_QH, tiles.to_tiles(tiles.fp16_field(b, 0)), None, raw.shape[0]
+        b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 34)
+        qs = tiles.to_tiles(b[..., 2:] ^ np.uint8(0x80))  # (n_tiles, nb, 32, TILE) uint8: q + 128
+        return tiles.Packed(qs, tiles.NONE, tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.NONE, b.shape[0])
 
     def matvec(self, packed, x):
-        return tiles.matvec(_matvec, packed, x)
+        return tiles.matvec(_tile, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_matmul, packed, x)
+        return tiles.matmul(_tile, packed, x)

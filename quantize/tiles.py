@@ -1,34 +1,72 @@
-"""The rows-innermost tile layout and the kernel drivers shared by the 32-value block formats.
+"""The rows-innermost tile layout and the kernel drivers of the 32-value block formats (Q4_0, Q4_1,
+Q5_0, Q5_1, Q8_0).
 
-A matrix of N rows is cut into tiles of TILE rows; within a tile, for each block and each byte
-position, that byte of every row of the tile sits side by side. The inner loops then run over rows
-with unit stride, which LLVM vectorizes (one zmm register holds 16 rows' int32 sums). Scales and
-mins are pre-converted to float32 at pack time. Activations are int8 per 32-value block
-(activations.py), products are summed in int32 per block, then scaled in float32.
+A matrix of N rows is cut into tiles of TILE rows. Within a tile, for each block and each 32-bit
+word of the block's quants, that word of every row of the tile lies side by side: (n_tiles, nb,
+words, TILE). The inner loops of the kernels run across the rows of a tile with unit stride, which
+LLVM vectorizes: one zmm register holds 16 rows, products of 16-bit-range integers become
+vpmaddwd / vpdpwssd. Scales and mins are converted to float32 at pack time. Activations are int8
+per 32-value block (activations.py), products are summed in int32 per block and scaled in float32,
+as llama.cpp's ggml_vec_dot_q4_0_q8_0 and its siblings do (ggml-cpu/arch/x86/quants.c).
 
-Each format writes its block dot product `dot(qs, qh, xq, isum)` (qs (bytes, TILE) of one block,
-qh (TILE,) uint32 high bits or a placeholder, xq (32,) int8 -> isum (TILE,) int32) and the two
-small prange drivers `_matvec` / `_matmul` around it (alike in every format); numba cannot cache kernels
-that take a function as an argument, so each format compiles its own.
+Each format supplies `tile(p, t, xq, xd, xsum, xs, acc)`: the products of row tile t with every
+activation row k, added to acc (T, TILE) float32, from xq (T, K) int32 and per block the scale xd,
+the exact sum xsum and Q8_1's s, all (T, nb). It loops over blocks, and for each block over the T
+tokens: the block is read from memory once and used for every token while it sits in L1, so the
+matmul (prefill) is compute bound, not bound by memory bandwidth. The driver takes `tile` as an
+argument (numba compiles it once per format) and calls it once per tile: every call of a numba
+function costs two atomic reference counts per array argument, too much per block. Inside `tile`
+the block products are inline="always" helpers for the same reason.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .activations import QK, quantize_q8
 
-TILE = 64
+TILE = 64  # rows per tile: 4 zmm registers of int32 lanes; small enough to balance 576-row matrices
+
+
+class Packed(NamedTuple):
+    """A matrix in the kernel layout. Unused fields hold an empty (0, 0, 0) array."""
+
+    qs: np.ndarray  # (n_tiles, nb, words, TILE): uint32 words of 4-bit quants, or int8 bytes (Q8_0)
+    qh: np.ndarray  # (n_tiles, nb, TILE) uint32: fifth bits of the 5-bit formats
+    d: np.ndarray  # (n_tiles, nb, TILE) float32 scales
+    m: np.ndarray  # (n_tiles, nb, TILE) float32 mins (Q4_1, Q5_1)
+    n: int  # rows of the matrix; the last tile is padded with zero rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.qh.nbytes + self.d.nbytes + self.m.nbytes
+
+
+NONE = np.zeros((0, 0, 0), np.float32)
+
+
+def blocks_of(raw: np.ndarray, type_size: int) -> np.ndarray:
+    """(N, row_bytes) uint8 rows -> (N, nb, type_size)."""
+    raw = np.asarray(raw, dtype=np.uint8)
+    if raw.ndim != 2 or raw.shape[1] % type_size:
+        raise ValueError(f"rows of {raw.shape} bytes are not whole blocks of {type_size} bytes")
+    return raw.reshape(raw.shape[0], -1, type_size)
 
 
 def to_tiles(a: np.ndarray) -> np.ndarray:
     """(N, nb, *rest) -> (n_tiles, nb, *rest, TILE), rows padded with zeros to a whole tile."""
     n = a.shape[0]
-    nt = (n + TILE - 1) // TILE
+    nt = -(-n // TILE)
     padded = np.zeros((nt * TILE,) + a.shape[1:], a.dtype)
     padded[:n] = a
-    t = padded.reshape((nt, TILE) + a.shape[1:])
-    return np.ascontiguousarray(np.moveaxis(t, 1, -1))
+    return np.ascontiguousarray(np.moveaxis(padded.reshape((nt, TILE) + a.shape[1:]), 1, -1))
+
+
+def words(blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Bytes start:stop of each block as little-endian uint32 words: (N, nb, (stop - start) / 4)."""
+    return np.ascontiguousarray(blocks[..., start:stop]).view(np.uint32)
 
 
 def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -36,38 +74,34 @@ def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-@njit(cache=True, inline="always")
-def scale_add(acc, isum, d, m, xd, xs, has_min):
-    if has_min:
-        for r in range(acc.shape[0]):
-            acc[r] += np.float32(isum[r]) * (d[r] * xd) + m[r] * xs
-    else:
-        for r in range(acc.shape[0]):
-            acc[r] += np.float32(isum[r]) * (d[r] * xd)
+# --- drivers -------------------------------------------------------------------------------------
 
 
-NO_QH = np.zeros((1, 1, TILE), np.uint32)
+@njit(parallel=True, cache=True)
+def _matmul(tile, p, xq, xd, xsum, xs, y):
+    # xq (T, K) int32, xd/xsum/xs (T, nb); y (n_tiles, T, TILE)
+    for t in prange(p.qs.shape[0]):
+        acc = np.zeros((xq.shape[0], TILE), np.float32)
+        tile(p, t, xq, xd, xsum, xs, acc)
+        y[t] = acc
 
 
-def matvec(kernel, p, x: np.ndarray) -> np.ndarray:
-    """p: a packed tuple (qs, qh, d, m, n_rows) as the formats build it; x (K,) -> (N,)."""
-    qs, qh, d, m, n = p
-    xq, xd, xs = quantize_q8(x.reshape(1, -1))
-    y = np.empty((qs.shape[0], TILE), np.float32)
-    kernel(qs, qh, d, m if m is not None else d, m is not None, xq[0], xd[0], xs[0], y)
-    return y.reshape(-1)[:n]
+def _check(p: Packed, x: np.ndarray):
+    k = p.qs.shape[1] * QK
+    if x.shape[-1] != k:
+        raise ValueError(f"activation length {x.shape[-1]} does not match the matrix width {k}")
 
 
-def matmul(kernel, p, x: np.ndarray) -> np.ndarray:
-    """x (T, K) -> (T, N); `kernel` reads each block of a tile once for all T tokens."""
-    qs, qh, d, m, n = p
-    xq, xd, xs = quantize_q8(x)
-    y = np.empty((qs.shape[0], x.shape[0], TILE), np.float32)
-    kernel(qs, qh, d, m if m is not None else d, m is not None, xq, xd, xs, y)
-    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, :n]
+def matmul(block, p: Packed, x: np.ndarray) -> np.ndarray:
+    """x (T, K) or (K,) float32 -> (T, N) float32."""
+    _check(p, x)
+    a = quantize_q8(x, np.int32)
+    t = a.q.shape[0]
+    y = np.empty((p.qs.shape[0], t, TILE), np.float32)
+    _matmul(block, p, a.q, a.d, a.sums, a.s, y)
+    return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]
 
 
-@njit(cache=True, inline="always")
-def qh_at(qh, t, b):
-    """The high bits of tile t, block b, or the placeholder's row for formats without them."""
-    return qh[min(np.int64(t), qh.shape[0] - 1), min(np.int64(b), qh.shape[1] - 1)]
+def matvec(block, p: Packed, x: np.ndarray) -> np.ndarray:
+    """x (K,) float32 -> (N,) float32: the matmul of one token."""
+    return matmul(block, p, x)[0]
