@@ -20,6 +20,11 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def ffn(x: np.ndarray, gate, up, down) -> np.ndarray:
+    """SwiGLU feed-forward: down(silu(gate x) * up x); x (T, D) -> (T, D)."""
+    return down(silu(gate(x)) * up(x))
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)
@@ -145,3 +150,36 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, sc
         mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
         scores[..., mask] = -np.inf
     return np.matmul(softmax(scores), v[:, None])  # (G, H, T, dv)
+
+
+class DecoderModel:
+    """The pre-norm decoder every architecture here shares; a subclass supplies `attention` and
+    `feed_forward` for one layer, and the weights: token_embd, layers, output_norm, output."""
+
+    def attention(self, L, h: np.ndarray, cache, i: int, pos: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def feed_forward(self, L, h: np.ndarray, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def pack(self, gguf=None) -> int:
+        """Repack every weight for the kernels now (else each is packed on first use); with the
+        GGUFFile, release the file pages of what was packed."""
+        return pack_all(self, gguf)
+
+    def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
+        """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last."""
+        eps = self.config.rms_eps
+        T = len(tokens)
+        start = cache.pos
+        if start + T > cache.n_ctx:
+            raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
+        pos = np.arange(start, start + T)
+        x = self.token_embd(np.asarray(tokens))  # (T, D)
+        for i, L in enumerate(self.layers):
+            x = x + self.attention(L, rms_norm(x, L.attn_norm, eps), cache, i, pos)
+            x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)
+        cache.pos = start + T
+        if not all_logits:
+            x = x[-1:]
+        return self.output(rms_norm(x, self.output_norm, eps))

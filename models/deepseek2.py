@@ -20,8 +20,9 @@ import numpy as np
 from edgeseek.errors import GGUFError
 from edgeseek.experts import MmapExpertStore
 
-from .common import pack_all, Embedding, Rope, dense, matrix, rms_norm, rope_freqs, softmax, vector, yarn_freqs
-from .moe import RouterConfig, ffn, moe, route
+from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, rms_norm, rope_freqs, softmax, vector,
+                     yarn_freqs)
+from .moe import RouterConfig, moe, route
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class Layer:
                 self.ffn_down_shexp = matrix(g, p + "ffn_down_shexp.weight", (D, F))
 
 
-class DeepSeek2Model:
+class DeepSeek2Model(DecoderModel):
     def __init__(self, g, expert_store=None, n_ctx: int = 4096):
         self.config = c = DeepSeek2Config.from_gguf(g)
         self.n_ctx = n_ctx
@@ -187,32 +188,8 @@ class DeepSeek2Model:
         # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
         self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor)
 
-    def pack(self, gguf=None) -> int:
-        """Repack every weight for the kernels now (else each is packed on first use); with the
-        GGUFFile, release the file pages of what was packed."""
-        return pack_all(self, gguf)
-
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
         return LatentCache(self.config, n_ctx or self.n_ctx)
-
-    def forward(self, tokens: np.ndarray, cache: LatentCache, all_logits: bool = False) -> np.ndarray:
-        """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last."""
-        c = self.config
-        T = len(tokens)
-        start = cache.pos
-        if start + T > cache.n_ctx:
-            raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
-        pos = np.arange(start, start + T)
-        x = self.token_embd(np.asarray(tokens))  # (T, D)
-        for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attn_norm, c.rms_eps)
-            x = x + self.attention(L, h, cache, i, pos)
-            h = rms_norm(x, L.ffn_norm, c.rms_eps)
-            x = x + (ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down) if L.dense else self.moe(L, h, i))
-        cache.pos = start + T
-        if not all_logits:
-            x = x[-1:]
-        return self.output(rms_norm(x, self.output_norm, c.rms_eps))
 
     def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
         c = self.config
@@ -240,7 +217,9 @@ class DeepSeek2Model:
         o = np.einsum("hvc,thc->thv", L.attn_v_b, o_lat)  # (T, H, V)
         return L.attn_output(o.reshape(T, H * V))
 
-    def moe(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
+    def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
+        if L.dense:
+            return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
         ids, weights = route(h @ L.ffn_gate_inp.T, self.config.router, L.exp_probs_b)  # (T, k)
         out = moe(h, ids, weights, self.experts, i)
         if self.config.n_expert_shared:

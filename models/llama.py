@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import pack_all, Embedding, Rope, causal_attention, matrix, rms_norm, rope_freqs, silu, vector
+from .common import DecoderModel, Embedding, Rope, causal_attention, ffn, matrix, rope_freqs, vector
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Layer:
         self.ffn_down = matrix(g, p + "ffn_down.weight", (D, c.n_ff))
 
 
-class LlamaModel:
+class LlamaModel(DecoderModel):
     def __init__(self, g, n_ctx: int = 4096):
         self.config = c = LlamaConfig.from_gguf(g)
         self.n_ctx = n_ctx
@@ -96,32 +96,11 @@ class LlamaModel:
         inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
         self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm")
 
-    def pack(self, gguf=None) -> int:
-        """Repack every weight for the kernels now (else each is packed on first use); with the
-        GGUFFile, release the file pages of what was packed."""
-        return pack_all(self, gguf)
-
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx or self.n_ctx)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last."""
-        c = self.config
-        T = len(tokens)
-        start = cache.pos
-        if start + T > cache.n_ctx:
-            raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
-        pos = np.arange(start, start + T)
-        x = self.token_embd(np.asarray(tokens))  # (T, D)
-        for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attn_norm, c.rms_eps)
-            x = x + self.attention(L, h, cache, i, pos)
-            h = rms_norm(x, L.ffn_norm, c.rms_eps)
-            x = x + L.ffn_down(silu(L.ffn_gate(h)) * L.ffn_up(h))
-        cache.pos = start + T
-        if not all_logits:
-            x = x[-1:]
-        return self.output(rms_norm(x, self.output_norm, c.rms_eps))
+    def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
+        return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
 
     def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:
         c = self.config

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import silu, softmax
+from .common import ffn, softmax
 
 SOFTMAX, SIGMOID = 1, 2  # GGUF expert_gating_func
 
@@ -49,11 +49,6 @@ def route(logits: np.ndarray, cfg: RouterConfig, bias: np.ndarray | None = None)
     if cfg.scale not in (0.0, 1.0):
         weights = weights * cfg.scale
     return ids, weights.astype(np.float32)
-
-
-def ffn(x: np.ndarray, gate, up, down) -> np.ndarray:
-    """SwiGLU feed-forward: down(silu(gate x) * up x); x (T, D) -> (T, D)."""
-    return down(silu(gate(x)) * up(x))
 
 
 def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int) -> np.ndarray:
