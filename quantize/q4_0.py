@@ -52,14 +52,18 @@ def row_dot(qs, t, b, r, xq, k):
                     + np.int32(_word(qs[t, b, 2, r], xq, k, o, 2) + _word(qs[t, b, 3, r], xq, k, o, 3)))
 
 
-@njit(cache=True)
-def _tile(p, t, xq, xd, xsum, xs, acc):
-    for b in range(p.qs.shape[1]):
-        for k in range(xq.shape[0]):
-            off = np.int32(8) * xsum[k, b]  # the -8 of every quant
-            dx = xd[k, b]
-            for r in range(tiles.TILE):
-                acc[k, r] += F32(np.int32(row_dot(p.qs, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
+@njit(parallel=True, cache=True)
+def _matmul(p, xq, xd, xsum, xs, y):
+    # xq (T, K) int32; xd, xsum, xs (T, nb); y (n_tiles, T, TILE)
+    for t in prange(p.qs.shape[0]):
+        acc = np.zeros((xq.shape[0], tiles.TILE), np.float32)
+        for b in range(p.qs.shape[1]):
+            for k in range(xq.shape[0]):
+                off = np.int32(8) * xsum[k, b]  # the -8 of every quant
+                dx = xd[k, b]
+                for r in range(tiles.TILE):
+                    acc[k, r] += F32(np.int32(row_dot(p.qs, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
+        y[t] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -120,7 +124,7 @@ class Q4_0(QuantFormat):
         return tiles.Packed(qs, tiles.NONE, tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.NONE, b.shape[0])
 
     def matvec(self, packed, x):
-        return tiles.matvec(_tile, packed, x)
+        return tiles.matvec(_matmul, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_tile, packed, x)
+        return tiles.matmul(_matmul, packed, x)

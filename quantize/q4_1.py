@@ -19,13 +19,17 @@ QK = 32
 TYPE_SIZE = 20
 
 
-@njit(cache=True)
-def _tile(p, t, xq, xd, xsum, xs, acc):
-    for b in range(p.qs.shape[1]):
-        for k in range(xq.shape[0]):
-            dx, sx = xd[k, b], xs[k, b]
-            for r in range(tiles.TILE):
-                acc[k, r] += F32(row_dot(p.qs, t, b, r, xq, k)) * (p.d[t, b, r] * dx) + p.m[t, b, r] * sx
+@njit(parallel=True, cache=True)
+def _matmul(p, xq, xd, xsum, xs, y):
+    # xq (T, K) int32; xd, xsum, xs (T, nb); y (n_tiles, T, TILE)
+    for t in prange(p.qs.shape[0]):
+        acc = np.zeros((xq.shape[0], tiles.TILE), np.float32)
+        for b in range(p.qs.shape[1]):
+            for k in range(xq.shape[0]):
+                dx, sx = xd[k, b], xs[k, b]
+                for r in range(tiles.TILE):
+                    acc[k, r] += F32(row_dot(p.qs, t, b, r, xq, k)) * (p.d[t, b, r] * dx) + p.m[t, b, r] * sx
+        y[t] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -90,7 +94,7 @@ class Q4_1(QuantFormat):
                             b.shape[0])
 
     def matvec(self, packed, x):
-        return tiles.matvec(_tile, packed, x)
+        return tiles.matvec(_matmul, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_tile, packed, x)
+        return tiles.matmul(_matmul, packed, x)

@@ -71,23 +71,31 @@ def row_dot5(p, t, b, r, xq, k):
                     + np.int32(_word5(qs[t, b, 2, r], h, xq, k, o, 2) + _word5(qs[t, b, 3, r], h, xq, k, o, 3)))
 
 
-@njit(cache=True)
-def _tile_q5_0(p, t, xq, xd, xsum, xs, acc):
-    for b in range(p.qs.shape[1]):
-        for k in range(xq.shape[0]):
-            off = np.int32(16) * xsum[k, b]  # the -16 of every quant
-            dx = xd[k, b]
-            for r in range(tiles.TILE):
-                acc[k, r] += F32(np.int32(row_dot5(p, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
+@njit(parallel=True, cache=True)
+def _matmul_q5_0(p, xq, xd, xsum, xs, y):
+    # xq (T, K) int32; xd, xsum, xs (T, nb); y (n_tiles, T, TILE)
+    for t in prange(p.qs.shape[0]):
+        acc = np.zeros((xq.shape[0], tiles.TILE), np.float32)
+        for b in range(p.qs.shape[1]):
+            for k in range(xq.shape[0]):
+                off = np.int32(16) * xsum[k, b]  # the -16 of every quant
+                dx = xd[k, b]
+                for r in range(tiles.TILE):
+                    acc[k, r] += F32(np.int32(row_dot5(p, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
+        y[t] = acc
 
 
-@njit(cache=True)
-def _tile_q5_1(p, t, xq, xd, xsum, xs, acc):
-    for b in range(p.qs.shape[1]):
-        for k in range(xq.shape[0]):
-            dx, sx = xd[k, b], xs[k, b]
-            for r in range(tiles.TILE):
-                acc[k, r] += F32(row_dot5(p, t, b, r, xq, k)) * (p.d[t, b, r] * dx) + p.m[t, b, r] * sx
+@njit(parallel=True, cache=True)
+def _matmul_q5_1(p, xq, xd, xsum, xs, y):
+    # xq (T, K) int32; xd, xsum, xs (T, nb); y (n_tiles, T, TILE)
+    for t in prange(p.qs.shape[0]):
+        acc = np.zeros((xq.shape[0], tiles.TILE), np.float32)
+        for b in range(p.qs.shape[1]):
+            for k in range(xq.shape[0]):
+                dx, sx = xd[k, b], xs[k, b]
+                for r in range(tiles.TILE):
+                    acc[k, r] += F32(row_dot5(p, t, b, r, xq, k)) * (p.d[t, b, r] * dx) + p.m[t, b, r] * sx
+        y[t] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -194,10 +202,10 @@ class Q5_0(_Q5):
     qtype = GGMLQuantizationType.Q5_0
 
     def matvec(self, packed, x):
-        return tiles.matvec(_tile_q5_0, packed, x)
+        return tiles.matvec(_matmul_q5_0, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_tile_q5_0, packed, x)
+        return tiles.matmul(_matmul_q5_0, packed, x)
 
 
 class Q5_1(_Q5):
@@ -205,7 +213,7 @@ class Q5_1(_Q5):
     has_min = True
 
     def matvec(self, packed, x):
-        return tiles.matvec(_tile_q5_1, packed, x)
+        return tiles.matvec(_matmul_q5_1, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_tile_q5_1, packed, x)
+        return tiles.matmul(_matmul_q5_1, packed, x)

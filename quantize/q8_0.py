@@ -29,17 +29,21 @@ def _part(qs, t, b, r, xq, k, j0):
     return s
 
 
-@njit(cache=True)
-def _tile(p, t, xq, xd, xsum, xs, acc):
-    qs = p.qs  # (n_tiles, nb, 32, TILE) uint8: q + 128
-    for b in range(qs.shape[1]):
-        for k in range(xq.shape[0]):
-            off = np.int32(128) * xsum[k, b]
-            dx = xd[k, b]
-            for r in range(tiles.TILE):
-                s = np.int32(np.int32(_part(qs, t, b, r, xq, k, 0) + _part(qs, t, b, r, xq, k, 8))
-                             + np.int32(_part(qs, t, b, r, xq, k, 16) + _part(qs, t, b, r, xq, k, 24)))
-                acc[k, r] += F32(np.int32(s - off)) * (p.d[t, b, r] * dx)
+@njit(parallel=True, cache=True)
+def _matmul(p, xq, xd, xsum, xs, y):
+    # xq (T, K) int32; xd, xsum, xs (T, nb); y (n_tiles, T, TILE)
+    for t in prange(p.qs.shape[0]):
+        acc = np.zeros((xq.shape[0], tiles.TILE), np.float32)
+        qs = p.qs  # (n_tiles, nb, 32, TILE) uint8: q + 128
+        for b in range(qs.shape[1]):
+            for k in range(xq.shape[0]):
+                off = np.int32(128) * xsum[k, b]
+                dx = xd[k, b]
+                for r in range(tiles.TILE):
+                    s = np.int32(np.int32(_part(qs, t, b, r, xq, k, 0) + _part(qs, t, b, r, xq, k, 8))
+                                 + np.int32(_part(qs, t, b, r, xq, k, 16) + _part(qs, t, b, r, xq, k, 24)))
+                    acc[k, r] += F32(np.int32(s - off)) * (p.d[t, b, r] * dx)
+        y[t] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -97,7 +101,7 @@ class Q8_0(QuantFormat):
         return tiles.Packed(qs, tiles.NONE, tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.NONE, b.shape[0])
 
     def matvec(self, packed, x):
-        return tiles.matvec(_tile, packed, x)
+        return tiles.matvec(_matmul, packed, x)
 
     def matmul(self, packed, x):
-        return tiles.matmul(_tile, packed, x)
+        return tiles.matmul(_matmul, packed, x)

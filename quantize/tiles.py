@@ -1,22 +1,22 @@
-"""The rows-innermost tile layout and the kernel drivers of the 32-value block formats (Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0).
+"""The rows-innermost tile layout of the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+and the Python side of their kernels.
 
 A matrix of N rows is cut into tiles of TILE rows. Within a tile, for each block and each 32-bit
-word of the block's quants, that word of every row of the tile lies side by side: (n_tiles, nb,
-words, TILE). The inner loops of the kernels run across the rows of a tile with unit stride, which
-LLVM vectorizes: one zmm register holds 16 rows, products of 16-bit-range integers become
-vpmaddwd / vpdpwssd. Scales and mins are converted to float32 at pack time. Activations are int8
-per 32-value block (activations.py), products are summed in int32 per block and scaled in float32,
-as llama.cpp's ggml_vec_dot_q4_0_q8_0 and its siblings do (ggml-cpu/arch/x86/quants.c).
+word (Q8_0: each byte) of the block's quants, that word of every row of the tile lies side by side:
+(n_tiles, nb, words, TILE). The inner loops of the kernels run across the rows of a tile with unit
+stride, which LLVM vectorizes: one zmm register holds 16 rows, products of 16-bit-range integers
+become vpmaddwd / vpdpwssd. Scales and mins are converted to float32 at pack time. Activations are
+int8 per 32-value block (activations.py); products are summed in int32 per block and scaled in
+float32, as llama.cpp's ggml_vec_dot_q4_0_q8_0 and its siblings do (ggml-cpu/arch/x86/quants.c).
 
-Each format supplies `tile(p, t, xq, xd, xsum, xs, acc)`: the products of row tile t with every
-activation row k, added to acc (T, TILE) float32, from xq (T, K) int32 and per block the scale xd,
-the exact sum xsum and Q8_1's s, all (T, nb). It loops over blocks, and for each block over the T
-tokens: the block is read from memory once and used for every token while it sits in L1, so the
-matmul (prefill) is compute bound, not bound by memory bandwidth. The driver takes `tile` as an
-argument (numba compiles it once per format) and calls it once per tile: every call of a numba
-function costs two atomic reference counts per array argument, too much per block. Inside `tile`
-the block products are inline="always" helpers for the same reason.
+Each format module writes its kernel `_matmul(p, xq, xd, xsum, xs, y)` the same way: prange over
+row tiles; for each block of the tile, for each of the T activation rows, one vectorized loop over
+the rows of the tile. A block is read from memory once and used for every token while it sits in
+L1, so the matmul (prefill) is compute bound, not bound by memory bandwidth; the matvec is the
+matmul of one token. The block products are inline="always" helpers: a call of a numba function
+costs two atomic reference counts per array argument, too much per block; and the kernel is not a
+shared driver taking the format's function as an argument: numba's cache cannot store functions
+typed on another dispatcher, nor closures over one.
 """
 from __future__ import annotations
 
@@ -74,16 +74,7 @@ def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-# --- drivers -------------------------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True)
-def _matmul(tile, p, xq, xd, xsum, xs, y):
-    # xq (T, K) int32, xd/xsum/xs (T, nb); y (n_tiles, T, TILE)
-    for t in prange(p.qs.shape[0]):
-        acc = np.zeros((xq.shape[0], TILE), np.float32)
-        tile(p, t, xq, xd, xsum, xs, acc)
-        y[t] = acc
+# --- the Python side of the kernels ---------------------------------------------------------------
 
 
 def _check(p: Packed, x: np.ndarray):
@@ -92,16 +83,17 @@ def _check(p: Packed, x: np.ndarray):
         raise ValueError(f"activation length {x.shape[-1]} does not match the matrix width {k}")
 
 
-def matmul(block, p: Packed, x: np.ndarray) -> np.ndarray:
-    """x (T, K) or (K,) float32 -> (T, N) float32."""
+def matmul(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
+    """x (T, K) or (K,) float32 -> (T, N) float32 through the format's kernel
+    `kernel(p, xq, xd, xsum, xs, y)`: y (n_tiles, T, TILE) from the int8 activations of x."""
     _check(p, x)
     a = quantize_q8(x, np.int32)
     t = a.q.shape[0]
     y = np.empty((p.qs.shape[0], t, TILE), np.float32)
-    _matmul(block, p, a.q, a.d, a.sums, a.s, y)
+    kernel(p, a.q, a.d, a.sums, a.s, y)
     return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]
 
 
-def matvec(block, p: Packed, x: np.ndarray) -> np.ndarray:
+def matvec(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
     """x (K,) float32 -> (N,) float32: the matmul of one token."""
-    return matmul(block, p, x)[0]
+    return matmul(kernel, p, x)[0]
