@@ -7,14 +7,27 @@ keeps edgeseek's results within float rounding of llama.cpp's.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 QK = 32  # values per block
 F32 = np.float32
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """uint32 bit pattern -> float32 (numba has no scalar view)."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
 
 
 class Q8Activations(NamedTuple):
@@ -24,60 +37,67 @@ class Q8Activations(NamedTuple):
     s: np.ndarray  # (T, K/32) float32: Q8_1's fp16(d * sum(q)) (min terms of Q4_1, Q5_1)
 
 
-@njit(cache=True, inline="always")
-def fp16_round(f):
-    """float32 -> the nearest fp16 value (round half to even, overflow to inf), as float32."""
-    a = abs(np.float64(f))
-    if not a < 65520.0:  # rounds to infinity (or is nan)
-        return F32(f * np.inf) if a == a else F32(f)
-    if a < 6.103515625e-05:  # fp16 subnormal: steps of 2**-24
-        step = 5.960464477539063e-08
-    else:
-        step = math.ldexp(1.0, math.frexp(a)[1] - 11)  # 11 significant bits
-    return F32(math.copysign(np.rint(a / step) * step, f))
+@intrinsic
+def fp16_round(typingctx, f):
+    """float32 -> the nearest fp16 value (round half to even, overflow to inf), as float32:
+    LLVM's fptrunc to half and back (vcvtps2ph / vcvtph2ps with F16C)."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.float32), codegen
 
 
 @njit(cache=True, inline="always")
 def _quantize_row(x, q, d, sums, s):
     # x (K,) float32 -> q (K,) int8 or int32; d, sums, s (K/32,)
+    bits = x.view(np.uint32)
     for b in range(x.shape[0] // QK):
-        amax = F32(0.0)
+        top = np.uint32(0)  # max |x| through the bits: ordered as integers, and an integer max vectorizes
         for j in range(QK * b, QK * b + QK):
-            amax = max(amax, abs(x[j]))
+            top = max(top, np.uint32(bits[j] & np.uint32(0x7FFFFFFF)))
+        amax = f32_from_bits(top)
         db = amax / F32(127.0)
         idn = F32(127.0) / amax if amax != 0 else F32(0.0)
-        tot = 0
+        tot = np.int32(0)
         for j in range(QK * b, QK * b + QK):
             v = np.int32(np.rint(x[j] * idn))
             q[j] = v
-            tot += v
+            tot = np.int32(tot + v)
         d[b] = fp16_round(db)
         sums[b] = tot
         s[b] = fp16_round(db * F32(tot))
 
 
 @njit(cache=True)
-def _quantize_one(x, q, d, sums, s):
-    _quantize_row(x[0], q[0], d[0], sums[0], s[0])
+def _quantize_one(x, dtype):
+    # x (K,) -> one row; serial: a vector is too small to share between threads
+    nb = x.shape[0] // QK
+    q = np.empty((1, x.shape[0]), dtype)
+    d, sums, s = np.empty((1, nb), np.float32), np.empty((1, nb), np.int32), np.empty((1, nb), np.float32)
+    _quantize_row(x, q[0], d[0], sums[0], s[0])
+    return q, d, sums, s
 
 
 @njit(parallel=True, cache=True)
-def _quantize_rows(x, q, d, sums, s):
+def _quantize_rows(x, dtype):
+    # x (T, K)
+    nb = x.shape[1] // QK
+    q = np.empty(x.shape, dtype)
+    d, sums, s = np.empty((x.shape[0], nb), np.float32), np.empty((x.shape[0], nb), np.int32), np.empty((x.shape[0], nb), np.float32)
     for t in prange(x.shape[0]):
         _quantize_row(x[t], q[t], d[t], sums[t], s[t])
+    return q, d, sums, s
 
 
 def quantize_q8(x: np.ndarray, dtype=np.int8) -> Q8Activations:
     """x (T, K) or (K,) float32 -> Q8Activations with leading dimension T (1 for a vector).
     dtype int32 gives the values widened, as the kernels read them."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    x = x.reshape(1, -1) if x.ndim == 1 else x
-    t, k = x.shape
-    if k % QK:
-        raise ValueError(f"activation length {k} is not a multiple of {QK}")
-    q = np.empty((t, k), dtype)
-    d = np.empty((t, k // QK), np.float32)
-    sums = np.empty((t, k // QK), np.int32)
-    s = np.empty((t, k // QK), np.float32)
-    (_quantize_one if t == 1 else _quantize_rows)(x, q, d, sums, s)
-    return Q8Activations(q, d, sums, s)
+    if x.shape[-1] % QK:
+        raise ValueError(f"activation length {x.shape[-1]} is not a multiple of {QK}")
+    if x.ndim == 1:
+        return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
+    return Q8Activations(*_quantize_rows(x, np.dtype(dtype)))

@@ -15,22 +15,11 @@ from llvmlite import ir
 from numba import njit, prange, types, uint32
 from numba.extending import intrinsic
 
+from .activations import f32_from_bits
 from .registry import QuantFormat
 
 F32 = np.float32
 CHUNK_VALUES = 1 << 22  # float32 values decoded per BLAS call in matmul (16 MB)
-
-
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    """uint32 bit pattern -> float32 (numba has no scalar view)."""
-    if bits != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
 
 
 @intrinsic
@@ -48,7 +37,7 @@ def f16_to_f32(typingctx, bits):
 
 @njit(cache=True, inline="always")
 def bf16_to_f32(h):
-    return _f32_from_bits(uint32(uint32(h) << uint32(16)))
+    return f32_from_bits(uint32(uint32(h) << uint32(16)))
 
 
 def _make_kernels(decode):
