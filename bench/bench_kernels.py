@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import datetime
 import importlib
 import json
@@ -79,7 +80,7 @@ def bench_format(fmt, shapes, matmul_shapes, tokens, min_time, rng, cold_mb):
         packed = fmt.pack(raw)
         pack_s = time.perf_counter() - t0
         x = rng.standard_normal(k).astype(np.float32)
-        copies = [packed] + [fmt.pack(raw.copy()) for _ in range(int(cold_mb / mb))]  # own memory each
+        copies = [packed] + [copy.deepcopy(packed) for _ in range(int(cold_mb / mb))]  # own memory each
         n_copies = len(copies)
         turn = iter(range(1 << 62))
         best, med, reps = timed(lambda: fmt.matvec(copies[next(turn) % n_copies], x), min_time)
