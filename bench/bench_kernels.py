@@ -99,7 +99,6 @@ def bench_format(fmt, shapes, matmul_shapes, tokens, min_time, rng, cold_mb):
                                        "repeats": reps, "GFLOP_per_s": round(2 * n * k * t / best / 1e9, 1),
                                        "GB_per_s": round(raw.nbytes / best / 1e9, 2)}
         results.append(r)
-        del packed, raw
     return results
 
 

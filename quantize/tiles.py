@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
 
 from .activations import QK, quantize_q8
 
@@ -33,7 +32,7 @@ TILE = 64  # rows per tile: 4 zmm registers of int32 lanes; small enough to bala
 class Packed(NamedTuple):
     """A matrix in the kernel layout. Unused fields hold an empty (0, 0, 0) array."""
 
-    qs: np.ndarray  # (n_tiles, nb, words, TILE): uint32 words of 4-bit quants, or int8 bytes (Q8_0)
+    qs: np.ndarray  # (n_tiles, nb, words, TILE): uint32 words of 4-bit quants; Q8_0: (.., 32, TILE) uint8 q + 128
     qh: np.ndarray  # (n_tiles, nb, TILE) uint32: fifth bits of the 5-bit formats
     d: np.ndarray  # (n_tiles, nb, TILE) float32 scales
     m: np.ndarray  # (n_tiles, nb, TILE) float32 mins (Q4_1, Q5_1)
