@@ -3,8 +3,8 @@
 No repacking: the kernels read the file's rows as they are (a view on the mmap), so a big F16 or
 BF16 matrix is never doubled into float32. matvec decodes each half inside a numba loop over the
 row (vectorized, float32 sums); matmul decodes a chunk of rows at a time into float32 and hands it
-to BLAS, so the prefill runs at BLAS speed with one chunk of extra memory. F32 goes to BLAS
-directly. As llama.cpp does (vec_dot_type of F16 and BF16 in ggml-cpu.c), the activations are
+to BLAS, so the prefill runs at BLAS speed with one chunk of extra memory. F32: the same numba
+matvec, BLAS for the matmul. As llama.cpp does (vec_dot_type of F16 and BF16 in ggml-cpu.c), the activations are
 rounded to the weight's type before the product.
 """
 from __future__ import annotations
@@ -41,11 +41,11 @@ def bf16_to_f32(h):
 
 
 def _make_kernels(decode):
-    """matvec and chunk decoder for rows of 16-bit floats; `decode` maps uint16 bits to float32."""
+    """matvec and chunk decoder for rows of stored floats; `decode` maps a stored value to float32."""
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
     def matvec(w, x, y):
-        # w (N, K) uint16 rows of the file, x (K,) float32 -> y (N,); reassoc lets LLVM keep
+        # w (N, K) rows of the file, x (K,) float32 -> y (N,); reassoc lets LLVM keep
         # vector partial sums along the row (as llama.cpp's ggml_vec_dot_f16 does)
         for i in prange(w.shape[0]):
             s = F32(0.0)
@@ -55,7 +55,7 @@ def _make_kernels(decode):
 
     @njit(parallel=True, cache=True)
     def to_f32(w, out):
-        # w (n, K) uint16 -> out (n, K) float32
+        # w (n, K) rows of the file -> out (n, K) float32
         for i in prange(w.shape[0]):
             for k in range(w.shape[1]):
                 out[i, k] = decode(w[i, k])
@@ -63,8 +63,14 @@ def _make_kernels(decode):
     return matvec, to_f32
 
 
+@njit(cache=True, inline="always")
+def _same(v):
+    return v
+
+
 _matvec_f16, _to_f32_f16 = _make_kernels(f16_to_f32)
 _matvec_bf16, _to_f32_bf16 = _make_kernels(bf16_to_f32)
+_matvec_f32, _ = _make_kernels(_same)
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
@@ -94,7 +100,11 @@ class F32Format(QuantFormat):
         return np.asarray(raw, dtype=np.uint8).view(np.float32)  # (N, K), a view on the file
 
     def matvec(self, packed, x):
-        return packed @ np.asarray(x, dtype=np.float32)
+        # numba rather than BLAS: on a few cores, BLAS's own thread pool next to numba's
+        # oversubscribes them
+        y = np.empty(packed.shape[0], np.float32)
+        _matvec_f32(packed, np.ascontiguousarray(x, dtype=np.float32), y)
+        return y
 
     def matmul(self, packed, x):
         return np.asarray(x, dtype=np.float32) @ packed.T
