@@ -28,16 +28,24 @@ def bit(h, j):
     return np.int32((h >> uint32(j)) & uint32(1))
 
 
+def _spread_positions() -> np.ndarray:
+    # bit j of qh goes to bit 8k + 2g (+1 for j >= 16) with g = (j mod 16) // 4, k = j mod 4
+    j = np.arange(32)
+    return 8 * (j % 4) + 2 * ((j % 16) // 4) + j // 16
+
+
+# _SPREAD[i, v]: the spread bits of byte i of qh when that byte holds v; (4, 256) uint32
+_SPREAD = np.array([[sum(1 << int(_spread_positions()[8 * i + n]) for n in range(8) if v >> n & 1)
+                     for v in range(256)] for i in range(4)], np.uint32)
+
+
 def spread_fifth_bits(qh: np.ndarray) -> np.ndarray:
     """qh (...,) uint32, bit j = fifth bit of value j -> the same 32 bits permuted so that the
     kernel finds them next to the nibbles: bit 8k + 2g <- value 4g + k, bit 8k + 2g + 1 <- value
     16 + 4g + k. Shifting by 2g - 4 (2g - 3) and masking 0x10101010 then lines up bit 4 of byte k
     with the low (high) nibbles of word g."""
-    j = np.arange(32, dtype=np.uint32)
-    g, k = (j % 16) // 4, j % 4
-    pos = (8 * k + 2 * g + j // 16).astype(np.uint32)  # (32,)
-    bits = (qh[..., None] >> j) & np.uint32(1)
-    return np.bitwise_or.reduce(bits << pos, axis=-1).astype(np.uint32)
+    b = np.ascontiguousarray(qh, dtype=np.uint32).view(np.uint8).reshape(*qh.shape, 4)  # little-endian bytes
+    return _SPREAD[0][b[..., 0]] | _SPREAD[1][b[..., 1]] | _SPREAD[2][b[..., 2]] | _SPREAD[3][b[..., 3]]
 
 
 @njit(cache=True, inline="always")
