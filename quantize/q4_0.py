@@ -13,6 +13,7 @@ from numba import njit, prange, uint32
 
 from . import tiles
 from .registry import QuantFormat
+from .simd import HAVE_VNNI, add_f, band, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -64,6 +65,45 @@ def _matmul(p, xq, xd, xsum, xs, y):
                 for r in range(tiles.TILE):
                     acc[k, r] += F32(np.int32(row_dot(p.qs, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
         y[t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni(qs, d, xw, xd, xsum, y):
+    # The same products, four values at a time: byte i of word g holds values 4g + i (low nibble)
+    # and 16 + 4g + i (high nibble), so masking the word gives four unsigned bytes that vpdpbusd
+    # multiplies with the four int8 activations of an int32 word of xw and adds into each row's
+    # lane. qs (n_tiles, nb, 4, TILE) uint32, d (n_tiles, nb, TILE); xw (T, K / 4) int32 words of
+    # int8 activations; xd, xsum (T, nb); y (n_tiles, T, TILE). TILE = 64: four 16-lane chunks.
+    nt, nb, n_tok = qs.shape[0], qs.shape[1], xw.shape[0]
+    low = splat_i(0x0F0F0F0F)
+    for t in prange(nt):
+        for k in range(n_tok):
+            a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+            for b in range(nb):
+                s0 = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
+                s1, s2, s3 = s0, s0, s0
+                for g in range(4):
+                    lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
+                    o = ((t * nb + b) * 4 + g) * tiles.TILE
+                    v = load_i(qs, o)
+                    s0 = dpbusd(dpbusd(s0, band(v, low), lo), band(srl(v, 4), low), hi)
+                    v = load_i(qs, o + 16)
+                    s1 = dpbusd(dpbusd(s1, band(v, low), lo), band(srl(v, 4), low), hi)
+                    v = load_i(qs, o + 32)
+                    s2 = dpbusd(dpbusd(s2, band(v, low), lo), band(srl(v, 4), low), hi)
+                    v = load_i(qs, o + 48)
+                    s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
+                dx = splat_f(xd[k, b])
+                o = (t * nb + b) * tiles.TILE
+                a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_f(d, o), dx)))
+                a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)))
+                a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)))
+                a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)))
+            o = (t * n_tok + k) * tiles.TILE
+            store_f(y, o, a0)
+            store_f(y, o + 16, a1)
+            store_f(y, o + 32, a2)
+            store_f(y, o + 48, a3)
 
 
 @njit(parallel=True, cache=True)
@@ -124,7 +164,9 @@ class Q4_0(QuantFormat):
         return tiles.Packed(qs, tiles.NONE, tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.NONE, b.shape[0])
 
     def matvec(self, packed, x):
-        return tiles.matvec(_matmul, packed, x)
+        return self.matmul(packed, x)[0]
 
     def matmul(self, packed, x):
+        if HAVE_VNNI:
+            return tiles.matmul_vnni(_matmul_vnni, packed, x)
         return tiles.matmul(_matmul, packed, x)

@@ -20,11 +20,15 @@ from . import q8_k
 from .kquants import (F32, QK_K, check_rows, f16_to_f32, f32_to_f16, make_qkx2_quants,
                       nearest_int, pack_scale_min_k4, scale_min_k4)
 from .registry import QuantFormat
+from .simd import (HAVE_VNNI, add_f, add_i, band, dpbusd, load_f, load_i, load_u8, mul_f, mul_i, splat_f, splat_i,
+                   srl, store_f, sub_f, to_f, zero_f, zero_i)
 
 TYPE_SIZE = 144
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
 TILE = 128
+# The VNNI kernel's tiles: 16 rows, one vector; a tile's bytes lie in the order the kernel reads them.
+VTILE = 16
 
 
 # --- dequantize -------------------------------------------------------------------------------
@@ -120,6 +124,7 @@ def _quantize_rows(x, out):
 
 class PackedQ4K(NamedTuple):
     qs: np.ndarray  # (n_tiles, nb, 4, 32, TILE) uint8: byte l of group g of each row
+    #                 VNNI: (n_tiles, nb, 4, 8, TILE) uint32, bytes 4w..4w+3 of group g in word w
     sc: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit scale of sub-block j
     mn: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit min of sub-block j
     d: np.ndarray  # (n_tiles, nb, TILE) float32
@@ -144,16 +149,40 @@ def _pack(raw3, qs, sc, mn, d, dmin):
                         qs[t, b, g, l, i] = blk[16 + 32 * g + l]
 
 
+@njit(parallel=True, cache=True)
+def _pack_words(raw3, qs, sc, mn, d, dmin):
+    # as _pack, with qs (n_tiles, nb, 4, 8, VTILE, 4) uint8: word w of group g of each row
+    n = raw3.shape[0]
+    for t in prange(qs.shape[0]):
+        for b in range(qs.shape[1]):
+            for i in range(min(VTILE, n - t * VTILE)):
+                blk = raw3[t * VTILE + i, b]
+                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
+                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
+                for j in range(8):
+                    sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+                for g in range(4):
+                    for w in range(8):
+                        for u in range(4):
+                            qs[t, b, g, w, i, u] = blk[16 + 32 * g + 4 * w + u]
+
+
 def pack(raw: np.ndarray) -> PackedQ4K:
     n, row_bytes = raw.shape
     raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
-    n_tiles, nb = -(-n // TILE), raw3.shape[1]
-    qs = np.zeros((n_tiles, nb, 4, 32, TILE), np.uint8)
-    sc = np.zeros((n_tiles, nb, 8, TILE), np.uint8)
-    mn = np.zeros((n_tiles, nb, 8, TILE), np.uint8)
-    d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
-    dmin = np.zeros((n_tiles, nb, TILE), np.float32)
-    _pack(raw3, qs, sc, mn, d, dmin)
+    tile = VTILE if HAVE_VNNI else TILE
+    n_tiles, nb = -(-n // tile), raw3.shape[1]
+    sc = np.zeros((n_tiles, nb, 8, tile), np.uint8)
+    mn = np.zeros((n_tiles, nb, 8, tile), np.uint8)
+    d = np.zeros((n_tiles, nb, tile), np.float32)  # zero rows pad the last tile
+    dmin = np.zeros((n_tiles, nb, tile), np.float32)
+    if HAVE_VNNI:
+        qs = np.zeros((n_tiles, nb, 4, 8, tile, 4), np.uint8)
+        _pack_words(raw3, qs, sc, mn, d, dmin)
+        qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, tile)
+    else:
+        qs = np.zeros((n_tiles, nb, 4, 32, tile), np.uint8)
+        _pack(raw3, qs, sc, mn, d, dmin)
     return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
 
 
@@ -231,7 +260,44 @@ def _matmul(qs, sc, mn, d, dmin, xq, xd, bsums, y):
         y[t] = acc
 
 
+@njit(parallel=True, cache=True)
+def _matmul_vnni(qs, sc, mn, d, dmin, xw, xd, bsums, y):
+    # The products four values at a time (simd.dpbusd): word w of group g holds values 64g + 4w + i
+    # (low nibbles, sub-block 2g) and 64g + 32 + 4w + i (high nibbles, sub-block 2g + 1); int32
+    # sums per sub-block, times the 6-bit scales; the mins against Q8_K's block sums. One tile is
+    # 16 rows, one vector. qs (n_tiles, nb, 4, 8, 16) uint32; sc, mn (n_tiles, nb, 8, 16) uint8;
+    # d, dmin (n_tiles, nb, 16); xw (T, K / 4) int32 words of int8; bsums (T, nb, 16);
+    # y (n_tiles, T, 16).
+    nt, nb, n_tok = qs.shape[0], qs.shape[1], xw.shape[0]
+    low = splat_i(0x0F0F0F0F)
+    for t in prange(nt):
+        for k in range(n_tok):
+            acc = zero_f()
+            for b in range(nb):
+                isum = zero_i()
+                for g in range(4):
+                    lo, hi = zero_i(), zero_i()
+                    o = ((t * nb + b) * 4 + g) * 8 * VTILE
+                    xo = 64 * b + 16 * g
+                    for w in range(8):
+                        v = load_i(qs, o + w * VTILE)
+                        lo = dpbusd(lo, band(v, low), splat_i(xw[k, xo + w]))
+                        hi = dpbusd(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
+                    so = ((t * nb + b) * 8 + 2 * g) * VTILE
+                    isum = add_i(isum, add_i(mul_i(lo, load_u8(sc, so)), mul_i(hi, load_u8(sc, so + VTILE))))
+                msum = zero_i()
+                for j in range(8):
+                    bs = splat_i(bsums[k, b, 2 * j] + bsums[k, b, 2 * j + 1])
+                    msum = add_i(msum, mul_i(load_u8(mn, ((t * nb + b) * 8 + j) * VTILE), bs))
+                o = (t * nb + b) * VTILE
+                part = sub_f(mul_f(load_f(d, o), to_f(isum)), mul_f(load_f(dmin, o), to_f(msum)))
+                acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
+            store_f(y, (t * n_tok + k) * VTILE, acc)
+
+
 def matvec(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
+    if HAVE_VNNI:
+        return matmul(p, x.reshape(1, -1))[0]
     xq, xd, bsums = q8_k.quantize(x.reshape(1, -1))
     y = np.empty((p.qs.shape[0], TILE), np.float32)
     _matvec(p.qs, p.sc, p.mn, p.d, p.dmin, xq[0], xd[0], bsums.reshape(-1, 16), y)
@@ -240,6 +306,10 @@ def matvec(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
 
 def matmul(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
     xq, xd, bsums = q8_k.quantize(x)
+    if HAVE_VNNI:
+        y = np.empty((p.qs.shape[0], x.shape[0], VTILE), np.float32)
+        _matmul_vnni(p.qs, p.sc, p.mn, p.d, p.dmin, xq.view(np.int32), xd, bsums.reshape(x.shape[0], -1, 16), y)
+        return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
     y = np.empty((p.qs.shape[0], x.shape[0], TILE), np.float32)
     _matmul(p.qs, p.sc, p.mn, p.d, p.dmin, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
     return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]

@@ -93,6 +93,17 @@ def matmul(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
     return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]
 
 
+def matmul_vnni(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
+    """As matmul, for the kernels written on simd.dpbusd: `kernel(p.qs, p.d, xw, xd, xsum, y)`
+    with xw the int8 activations as int32 words of four."""
+    _check(p, x)
+    a = quantize_q8(x, np.int8)
+    t = a.q.shape[0]
+    y = np.empty((p.qs.shape[0], t, TILE), np.float32)
+    kernel(p.qs, p.d, a.q.view(np.int32), a.d, a.sums, y)
+    return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]
+
+
 def matvec(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
     """x (K,) float32 -> (N,) float32: the matmul of one token."""
     return matmul(kernel, p, x)[0]

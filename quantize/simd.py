@@ -1,0 +1,273 @@
+"""Sixteen-lane integer and float vectors inside numba kernels, for the dot products of the quant
+formats.
+
+LLVM's loop vectorizer turns the kernels' per-row loops into vector code, but it cannot form the one
+instruction these formats want: VNNI's vpdpbusd, which multiplies four unsigned bytes by four signed
+bytes in each 32-bit lane and adds the four products to the lane (llama.cpp's AVX-512 dot products
+are built on it, or on vpmaddubsw where VNNI is missing). The types and intrinsics here let a kernel
+say it directly, the way C code uses <immintrin.h>:
+
+    acc = dpbusd(acc, band(w, LOW4), splat_i(x4))   # 16 rows x 4 values each
+
+`VI` is <16 x i32>, `VF` is <16 x float>; they live in registers and never reach Python. `dpbusd`
+compiles to vpdpbusd where the CPU has AVX512-VNNI and to plain vector IR (widen, multiply, add
+groups of four) elsewhere, with the same result. Loads and stores take an array and a flat element
+index into it (C-contiguous arrays only).
+"""
+from __future__ import annotations
+
+import llvmlite.binding as ll
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+HAVE_VNNI = bool(ll.get_host_cpu_features().get("avx512vnni", False))
+
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+_VI = ir.VectorType(_I32, LANES)
+_VF = ir.VectorType(_F32, LANES)
+
+
+class VIType(types.Type):
+    def __init__(self):
+        super().__init__(name="VI16")
+
+
+class VFType(types.Type):
+    def __init__(self):
+        super().__init__(name="VF16")
+
+
+VI = VIType()
+VF = VFType()
+
+
+@register_model(VIType)
+class _VIModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VI)
+
+
+@register_model(VFType)
+class _VFModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF)
+
+
+def _lane_ptr(context, builder, aryty, ary, index, vecty):
+    """Pointer to element `index` (flat) of a C-contiguous array, cast to a vector pointer."""
+    a = context.make_array(aryty)(context, builder, ary)
+    p = builder.gep(a.data, [index])
+    return builder.bitcast(p, vecty.as_pointer())
+
+
+def _check_array(ary, kinds):
+    if not isinstance(ary, types.Array) or ary.layout != "C" or ary.dtype not in kinds:
+        raise TypeError(f"simd: needs a C-contiguous array of {kinds}, got {ary}")
+
+
+_INTS = (types.int32, types.uint32)
+
+
+@intrinsic
+def load_i(typingctx, ary, index):
+    """Lanes ary.flat[index : index + 16] of an int32 / uint32 array."""
+    _check_array(ary, _INTS)
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        return builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx, _VI), align=4)
+
+    return VI(ary, index), codegen
+
+
+@intrinsic
+def load_u8(typingctx, ary, index):
+    """Bytes ary.flat[index : index + 16] of a uint8 array, zero-extended to 16 int32 lanes."""
+    _check_array(ary, (types.uint8,))
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        v = builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx,
+                                   ir.VectorType(ir.IntType(8), LANES)), align=1)
+        return builder.zext(v, _VI)
+
+    return VI(ary, index), codegen
+
+
+@intrinsic
+def load_f(typingctx, ary, index):
+    """Lanes ary.flat[index : index + 16] of a float32 array."""
+    _check_array(ary, (types.float32,))
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        return builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx, _VF), align=4)
+
+    return VF(ary, index), codegen
+
+
+@intrinsic
+def store_f(typingctx, ary, index, v):
+    """ary.flat[index : index + 16] = v (float32 array)."""
+    _check_array(ary, (types.float32,))
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        builder.store(args[2], _lane_ptr(context, builder, sig.args[0], args[0], idx, _VF), align=4)
+        return context.get_dummy_value()
+
+    return types.none(ary, index, v), codegen
+
+
+def _splat(builder, scalar, vecty):
+    undef = ir.Constant(vecty, ir.Undefined)
+    v = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
+@intrinsic
+def splat_i(typingctx, x):
+    """All 16 lanes = the 32-bit integer x (its bits: an int8 quadruple packed in an int32 stays so)."""
+    if not isinstance(x, types.Integer):
+        raise TypeError("splat_i takes an integer")
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width != 32:
+            v = builder.trunc(v, _I32) if v.type.width > 32 else builder.sext(v, _I32)
+        return _splat(builder, v, _VI)
+
+    return VI(x), codegen
+
+
+@intrinsic
+def splat_f(typingctx, x):
+    """All 16 lanes = the float x (converted to float32)."""
+    if not isinstance(x, types.Float):
+        raise TypeError("splat_f takes a float")
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return _splat(builder, v, _VF)
+
+    return VF(x), codegen
+
+
+@intrinsic
+def zero_i(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VI, [0] * LANES)
+
+    return VI(), codegen
+
+
+@intrinsic
+def zero_f(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VF, [0.0] * LANES)
+
+    return VF(), codegen
+
+
+def _binary_i(op):
+    @intrinsic
+    def fn(typingctx, a, b):
+        if a != VI or b != VI:
+            raise TypeError(f"simd.{op} takes two VI vectors")
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(*args)
+
+        return VI(a, b), codegen
+
+    return fn
+
+
+add_i = _binary_i("add")
+sub_i = _binary_i("sub")
+mul_i = _binary_i("mul")  # vpmulld: low 32 bits of each product
+band = _binary_i("and_")
+bor = _binary_i("or_")
+
+
+def _shift(op):
+    @intrinsic
+    def fn(typingctx, a, n):
+        if a != VI or not isinstance(n, types.Integer):
+            raise TypeError(f"simd.{op} takes a VI vector and an integer shift")
+
+        def codegen(context, builder, sig, args):
+            count = context.cast(builder, args[1], sig.args[1], types.int32)
+            return getattr(builder, op)(args[0], _splat(builder, count, _VI))
+
+        return VI(a, n), codegen
+
+    return fn
+
+
+srl = _shift("lshr")  # logical shift right of each lane by a constant
+sll = _shift("shl")
+
+
+@intrinsic
+def dpbusd(typingctx, acc, a, b):
+    """acc + sum over the 4 bytes of each lane of (unsigned byte of a) * (signed byte of b)."""
+    if acc != VI or a != VI or b != VI:
+        raise TypeError("dpbusd takes three VI vectors")
+
+    def codegen(context, builder, sig, args):
+        acc_, a_, b_ = args
+        if HAVE_VNNI:
+            fnty = ir.FunctionType(_VI, [_VI, _VI, _VI])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+            return builder.call(fn, [acc_, a_, b_])
+        # Portable: widen the 64 bytes to int32, multiply, add each lane's group of four.
+        v64i8, v64i32 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(_I32, 64)
+        ua = builder.zext(builder.bitcast(a_, v64i8), v64i32)
+        sb = builder.sext(builder.bitcast(b_, v64i8), v64i32)
+        prod = builder.mul(ua, sb)
+        undef = ir.Constant(v64i32, ir.Undefined)
+        out = acc_
+        for j in range(4):
+            part = builder.shuffle_vector(prod, undef, ir.Constant(ir.VectorType(_I32, LANES),
+                                                                   [4 * i + j for i in range(LANES)]))
+            out = builder.add(out, part)
+        return out
+
+    return VI(acc, a, b), codegen
+
+
+@intrinsic
+def to_f(typingctx, a):
+    """int32 lanes -> float32 lanes."""
+    if a != VI:
+        raise TypeError("to_f takes a VI vector")
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _VF)
+
+    return VF(a), codegen
+
+
+def _binary_f(op):
+    @intrinsic
+    def fn(typingctx, a, b):
+        if a != VF or b != VF:
+            raise TypeError(f"simd.{op} takes two VF vectors")
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(*args)
+
+        return VF(a, b), codegen
+
+    return fn
+
+
+add_f = _binary_f("fadd")
+sub_f = _binary_f("fsub")
+mul_f = _binary_f("fmul")
+
