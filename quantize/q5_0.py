@@ -18,6 +18,8 @@ from numba import njit, prange, uint32
 from . import tiles
 from .q4_0 import x16
 from .registry import QuantFormat
+from .simd import (HAVE_VNNI, add_f, band, bor, dpbusd, load_f, load_i, mul_f, sll, splat_f, splat_i, srl, store_f,
+                   to_f, zero_f)
 
 F32 = np.float32
 QK = 32
@@ -104,6 +106,95 @@ def _matmul_q5_1(p, xq, xd, xsum, xs, y):
                 for r in range(tiles.TILE):
                     acc[k, r] += F32(row_dot5(p, t, b, r, xq, k)) * (p.d[t, b, r] * dx) + p.m[t, b, r] * sx
         y[t] = acc
+
+
+@njit(cache=True, inline="always")
+def _chunk5(qs, qh, o, oh, xw, k, b, s):
+    # s + sum_j q5_j * x_j for the 16 rows of a chunk of one block, four values at a time
+    # (simd.dpbusd): o = flat index of word 0 of the chunk in qs, oh of its fifth bits in qh
+    low, five = splat_i(0x0F0F0F0F), splat_i(0x10101010)
+    h = load_i(qh, oh)
+    xo = 8 * b
+    v = load_i(qs, o)
+    s = dpbusd(s, bor(band(v, low), band(sll(h, 4), five)), splat_i(xw[k, xo]))
+    s = dpbusd(s, bor(band(srl(v, 4), low), band(sll(h, 3), five)), splat_i(xw[k, xo + 4]))
+    v = load_i(qs, o + tiles.TILE)
+    s = dpbusd(s, bor(band(v, low), band(sll(h, 2), five)), splat_i(xw[k, xo + 1]))
+    s = dpbusd(s, bor(band(srl(v, 4), low), band(sll(h, 1), five)), splat_i(xw[k, xo + 5]))
+    v = load_i(qs, o + 2 * tiles.TILE)
+    s = dpbusd(s, bor(band(v, low), band(h, five)), splat_i(xw[k, xo + 2]))
+    s = dpbusd(s, bor(band(srl(v, 4), low), band(srl(h, 1), five)), splat_i(xw[k, xo + 6]))
+    v = load_i(qs, o + 3 * tiles.TILE)
+    s = dpbusd(s, bor(band(v, low), band(srl(h, 2), five)), splat_i(xw[k, xo + 3]))
+    s = dpbusd(s, bor(band(srl(v, 4), low), band(srl(h, 3), five)), splat_i(xw[k, xo + 7]))
+    return s
+
+
+@njit(cache=True, inline="always")
+def _scaled(acc, s, d, o, dx):
+    return add_f(acc, mul_f(to_f(s), mul_f(load_f(d, o), dx)))
+
+
+@njit(parallel=True, cache=True)
+def _matmul_q5_0_vnni(qs, qh, d, xw, xd, xsum, y):
+    # _matmul_q5_0 on simd.dpbusd; xw (T, K / 4) int32 words of int8. The four 16-row chunks of a
+    # tile advance together, so that the tile's bytes are read in order.
+    nt, nb, n_tok = qs.shape[0], qs.shape[1], xw.shape[0]
+    for t in prange(nt):
+        for k in range(n_tok):
+            a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+            for b in range(nb):
+                o, oh = (t * nb + b) * 4 * tiles.TILE, (t * nb + b) * tiles.TILE
+                s = splat_i(np.int32(-16) * xsum[k, b])  # the -16 of every quant
+                dx = splat_f(xd[k, b])
+                a0 = _scaled(a0, _chunk5(qs, qh, o, oh, xw, k, b, s), d, oh, dx)
+                a1 = _scaled(a1, _chunk5(qs, qh, o + 16, oh + 16, xw, k, b, s), d, oh + 16, dx)
+                a2 = _scaled(a2, _chunk5(qs, qh, o + 32, oh + 32, xw, k, b, s), d, oh + 32, dx)
+                a3 = _scaled(a3, _chunk5(qs, qh, o + 48, oh + 48, xw, k, b, s), d, oh + 48, dx)
+            o = (t * n_tok + k) * tiles.TILE
+            store_f(y, o, a0)
+            store_f(y, o + 16, a1)
+            store_f(y, o + 32, a2)
+            store_f(y, o + 48, a3)
+
+
+@njit(cache=True, inline="always")
+def _scaled_min(acc, s, d, m, o, dx, sx):
+    return add_f(acc, add_f(mul_f(to_f(s), mul_f(load_f(d, o), dx)), mul_f(load_f(m, o), sx)))
+
+
+@njit(parallel=True, cache=True)
+def _matmul_q5_1_vnni(qs, qh, d, m, xw, xd, xs, y):
+    # _matmul_q5_1 on simd.dpbusd
+    nt, nb, n_tok = qs.shape[0], qs.shape[1], xw.shape[0]
+    for t in prange(nt):
+        for k in range(n_tok):
+            a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+            for b in range(nb):
+                o, oh = (t * nb + b) * 4 * tiles.TILE, (t * nb + b) * tiles.TILE
+                s = splat_i(0)
+                dx, sx = splat_f(xd[k, b]), splat_f(xs[k, b])
+                a0 = _scaled_min(a0, _chunk5(qs, qh, o, oh, xw, k, b, s), d, m, oh, dx, sx)
+                a1 = _scaled_min(a1, _chunk5(qs, qh, o + 16, oh + 16, xw, k, b, s), d, m, oh + 16, dx, sx)
+                a2 = _scaled_min(a2, _chunk5(qs, qh, o + 32, oh + 32, xw, k, b, s), d, m, oh + 32, dx, sx)
+                a3 = _scaled_min(a3, _chunk5(qs, qh, o + 48, oh + 48, xw, k, b, s), d, m, oh + 48, dx, sx)
+            o = (t * n_tok + k) * tiles.TILE
+            store_f(y, o, a0)
+            store_f(y, o + 16, a1)
+            store_f(y, o + 32, a2)
+            store_f(y, o + 48, a3)
+
+
+def _run_vnni(kernel, p: tiles.Packed, x: np.ndarray, has_min: bool) -> np.ndarray:
+    tiles._check(p, x)
+    a = tiles.quantize_q8(x, np.int8)
+    t = a.q.shape[0]
+    y = np.empty((p.qs.shape[0], t, tiles.TILE), np.float32)
+    if has_min:
+        kernel(p.qs, p.qh, p.d, p.m, a.q.view(np.int32), a.d, a.s, y)
+    else:
+        kernel(p.qs, p.qh, p.d, a.q.view(np.int32), a.d, a.sums, y)
+    return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]
 
 
 @njit(parallel=True, cache=True)
@@ -210,9 +301,11 @@ class Q5_0(_Q5):
     qtype = GGMLQuantizationType.Q5_0
 
     def matvec(self, packed, x):
-        return tiles.matvec(_matmul_q5_0, packed, x)
+        return self.matmul(packed, x)[0]
 
     def matmul(self, packed, x):
+        if HAVE_VNNI:
+            return _run_vnni(_matmul_q5_0_vnni, packed, x, False)
         return tiles.matmul(_matmul_q5_0, packed, x)
 
 
@@ -221,7 +314,9 @@ class Q5_1(_Q5):
     has_min = True
 
     def matvec(self, packed, x):
-        return tiles.matvec(_matmul_q5_1, packed, x)
+        return self.matmul(packed, x)[0]
 
     def matmul(self, packed, x):
+        if HAVE_VNNI:
+            return _run_vnni(_matmul_q5_1_vnni, packed, x, True)
         return tiles.matmul(_matmul_q5_1, packed, x)
