@@ -106,13 +106,18 @@ def rel_rms(a, b) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)) / b.std())
 
 
-# (name, recipe, kwargs) -> rms(llama.cpp - transformers) / std(transformers) allowed. Quantized files are
-# judged loosely: llama.cpp also quantizes activations to 8 bits, and random routers sit on near-ties.
-LOGIT_CASES = [(n, r, {}, tol) for n in ["v3", "v2lite", "llama", "qwen2"] for r, tol in
-               [("f32", 0.01), ("f16", 0.02), ("bf16", 0.05), ("q8_0", 0.1), ("q4_k_m", 0.6), ("q4_0", 0.6)]]
-LOGIT_CASES += [("v3", "f32", {"legacy_mla": True}, 0.01), ("v3", "q8_0", {"legacy_mla": True}, 0.1),
-                ("v3h256", "q4_k_m", {}, 0.6), ("v3h256", "q5_k_s", {}, 0.4), ("v3h256", "q6_k", {}, 0.3),
-                ("v3fp8", "f32", {}, 0.01), ("v3fp8", "q4_k_m", {}, 0.6), ("v3fp8", "f32", {"keep_mtp": True}, 0.01)]
+# (name, recipe, kwargs) -> rms(llama.cpp - transformers) / std(transformers) allowed, about twice what
+# was measured. Quantized files are judged loosely: llama.cpp also quantizes activations to 8 bits, and
+# the random routers of the DeepSeek models sit on near-ties that quantization flips (measured: Q8_0 up
+# to 0.09, Q4_K_M up to 0.35, Q4_0 up to 0.47 of the logit spread; Llama / Qwen2 a third of that).
+TOL = {"f32": 0.002, "f16": 0.004, "bf16": 0.02, "q8_0": 0.15, "q6_k": 0.3, "q5_k_s": 0.5, "q4_k_m": 0.7,
+       "q4_0": 0.9}
+LOGIT_CASES = [(n, r, {}, TOL[r] / (3 if n in ("llama", "qwen2") and r != "f32" else 1))
+               for n in ["v3", "v2lite", "llama", "qwen2"] for r in ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0"]]
+LOGIT_CASES += [("v3", "f32", {"legacy_mla": True}, TOL["f32"]), ("v3", "q8_0", {"legacy_mla": True}, TOL["q8_0"]),
+                ("v3h256", "q4_k_m", {}, TOL["q4_k_m"]), ("v3h256", "q5_k_s", {}, TOL["q5_k_s"]),
+                ("v3h256", "q6_k", {}, TOL["q6_k"]), ("v3fp8", "f32", {}, TOL["f32"]),
+                ("v3fp8", "q4_k_m", {}, TOL["q4_k_m"]), ("v3fp8", "f32", {"keep_mtp": True}, TOL["f32"])]
 
 
 @pytest.mark.parametrize("name,recipe,kw,tol", LOGIT_CASES,
