@@ -21,6 +21,8 @@ from . import q8_k
 from .kquants import (F32, GROUP_MAX_EPS, QK_K, check_rows, dot_levels16, f16_to_f32, f32_to_f16,
                       make_qx_quants, nearest_int)
 from .registry import QuantFormat
+from .simd import (HAVE_VNNI, add_i, band, bor, dpbusd, load_f, load_i, load_i8, mul_f, mul_i, sll, splat_f,
+                   splat_i, srl, store_f, sub_i, to_f, zero_f, zero_i, add_f)
 
 TYPE_SIZE = 210
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
@@ -139,6 +141,82 @@ def _pack(raw3, q3, sc, d):
                         q3[t, b, 1, 32 * h + l, i] = ((hi & 0xF) | ((qh & 0xC) << 2)
                                                       | (((v4 >> 2) & 3) << 6))
                         q3[t, b, 2, 32 * h + l, i] = (lo >> 4) | (qh & 0x30) | ((v4 >> 4) << 6)
+
+
+# VNNI layout: tiles of VTILE = 16 rows (one vector); per super-block the file's ql and qh bytes as
+# 48 uint32 words (ql words 0..31, qh words 32..47) of each row, rows side by side; masks and shifts
+# rebuild four 6-bit levels per word for vpdpbusd.
+VTILE = 16
+
+
+class PackedQ6KWords(NamedTuple):
+    q: np.ndarray  # (n_tiles, nb, 48, VTILE) uint32
+    sc: np.ndarray  # (n_tiles, nb, 16, VTILE) int8
+    d: np.ndarray  # (n_tiles, nb, VTILE) float32
+    n: int
+
+
+def pack_words(raw: np.ndarray) -> PackedQ6KWords:
+    n, row_bytes = raw.shape
+    b = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
+    nt = -(-n // VTILE)
+    pad = np.zeros((nt * VTILE,) + b.shape[1:], np.uint8)
+    pad[:n] = b
+    pad = pad.reshape(nt, VTILE, b.shape[1], TYPE_SIZE)
+    q = np.ascontiguousarray(pad[..., :SC]).view(np.uint32)  # (nt, VTILE, nb, 48)
+    sc = pad[..., SC:D].view(np.int8)  # (nt, VTILE, nb, 16)
+    d = np.ascontiguousarray(pad[..., D:D + 2]).view(np.float16)[..., 0].astype(np.float32)  # (nt, VTILE, nb)
+    return PackedQ6KWords(q=np.ascontiguousarray(q.transpose(0, 2, 3, 1)),
+                          sc=np.ascontiguousarray(sc.transpose(0, 2, 3, 1)),
+                          d=np.ascontiguousarray(d.transpose(0, 2, 1)), n=n)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni(q, sc, d, xw, xd, bsums, y):
+    # q (n_tiles, nb, 48, 16) uint32; sc (n_tiles, nb, 16, 16) int8; d (n_tiles, nb, 16); xw (T, K / 4)
+    # int32 words of Q8_K int8; xd (T, nb); bsums (T, nb, 16); y (n_tiles, T, 16). In half h, ql word
+    # w (A) holds values 4w + i (low nibbles) and 64 + 4w + i (high), ql word 8 + w (B) values
+    # 32 + 4w + i and 96 + 4w + i, qh word w their high two bits (bits 0-1, 2-3, 4-5, 6-7).
+    nt, nb, n_tok = q.shape[0], q.shape[1], xw.shape[0]
+    m4, m2 = splat_i(0x0F0F0F0F), splat_i(0x03030303)
+    mc, m30 = splat_i(0x0C0C0C0C), splat_i(0x30303030)
+    for t in prange(nt):
+        for k in range(n_tok):
+            acc = zero_f()
+            for b in range(nb):
+                base = (t * nb + b) * 48 * VTILE
+                so = (t * nb + b) * 16 * VTILE
+                isum = zero_i()
+                for h in range(2):
+                    for wg in range(2):  # values 16 wg .. 16 wg + 15 of each quarter: sub-block 8h + 2 * quarter + wg
+                        s1, s2, s3, s4 = zero_i(), zero_i(), zero_i(), zero_i()
+                        for w in range(4 * wg, 4 * wg + 4):
+                            a = load_i(q, base + (16 * h + w) * VTILE)
+                            bb = load_i(q, base + (16 * h + 8 + w) * VTILE)
+                            hh = load_i(q, base + (32 + 8 * h + w) * VTILE)
+                            xo = 64 * b + 32 * h + w
+                            s1 = dpbusd(s1, bor(band(a, m4), sll(band(hh, m2), 4)), splat_i(xw[k, xo]))
+                            s2 = dpbusd(s2, bor(band(bb, m4), sll(band(hh, mc), 2)), splat_i(xw[k, xo + 8]))
+                            s3 = dpbusd(s3, bor(band(srl(a, 4), m4), band(hh, m30)), splat_i(xw[k, xo + 16]))
+                            s4 = dpbusd(s4, bor(band(srl(bb, 4), m4), band(srl(hh, 2), m30)), splat_i(xw[k, xo + 24]))
+                        j = 8 * h + wg
+                        isum = add_i(isum, add_i(add_i(mul_i(s1, load_i8(sc, so + j * VTILE)),
+                                                       mul_i(s2, load_i8(sc, so + (j + 2) * VTILE))),
+                                                 add_i(mul_i(s3, load_i8(sc, so + (j + 4) * VTILE)),
+                                                       mul_i(s4, load_i8(sc, so + (j + 6) * VTILE)))))
+                corr = zero_i()
+                for j in range(16):
+                    corr = add_i(corr, mul_i(load_i8(sc, so + j * VTILE), splat_i(bsums[k, b, j])))
+                dd = mul_f(splat_f(xd[k, b]), load_f(d, (t * nb + b) * VTILE))
+                acc = add_f(acc, mul_f(dd, to_f(sub_i(isum, sll(corr, 5)))))
+            store_f(y, (t * n_tok + k) * VTILE, acc)
+
+
+def matmul_vnni(p: PackedQ6KWords, x: np.ndarray) -> np.ndarray:
+    xq, xd, bsums = q8_k.quantize(x)
+    y = np.empty((p.q.shape[0], x.shape[0], VTILE), np.float32)
+    _matmul_vnni(p.q, p.sc, p.d, xq.view(np.int32), xd, bsums.reshape(x.shape[0], -1, 16), y)
+    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
 
 
 def pack(raw: np.ndarray) -> PackedQ6K:
@@ -272,11 +350,13 @@ class Q6_K(QuantFormat):
         _quantize_rows(rows, out)
         return out.reshape(*x.shape[:-1], -1)
 
-    def pack(self, raw: np.ndarray) -> PackedQ6K:
-        return pack(raw)
+    def pack(self, raw: np.ndarray):
+        return pack_words(raw) if HAVE_VNNI else pack(raw)
 
-    def matvec(self, packed: PackedQ6K, x: np.ndarray) -> np.ndarray:
-        return matvec(packed, check_rows(x, "Q6_K matvec", packed.d.shape[1] * QK_K, 1))
+    def matvec(self, packed, x: np.ndarray) -> np.ndarray:
+        x = check_rows(x, "Q6_K matvec", packed.d.shape[1] * QK_K, 1)
+        return matmul_vnni(packed, x.reshape(1, -1))[0] if HAVE_VNNI else matvec(packed, x)
 
-    def matmul(self, packed: PackedQ6K, x: np.ndarray) -> np.ndarray:
-        return matmul(packed, check_rows(x, "Q6_K matmul", packed.d.shape[1] * QK_K, 2))
+    def matmul(self, packed, x: np.ndarray) -> np.ndarray:
+        x = check_rows(x, "Q6_K matmul", packed.d.shape[1] * QK_K, 2)
+        return matmul_vnni(packed, x) if HAVE_VNNI else matmul(packed, x)

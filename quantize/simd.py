@@ -99,6 +99,20 @@ def load_u8(typingctx, ary, index):
 
 
 @intrinsic
+def load_i8(typingctx, ary, index):
+    """Bytes ary.flat[index : index + 16] of an int8 array, sign-extended to 16 int32 lanes."""
+    _check_array(ary, (types.int8,))
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        v = builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx,
+                                   ir.VectorType(ir.IntType(8), LANES)), align=1)
+        return builder.sext(v, _VI)
+
+    return VI(ary, index), codegen
+
+
+@intrinsic
 def load_f(typingctx, ary, index):
     """Lanes ary.flat[index : index + 16] of a float32 array."""
     _check_array(ary, (types.float32,))

@@ -22,6 +22,7 @@ from gguf import quants
 
 from conftest import requires_llama_cpp
 from edgeseek.gguf_file import GGUFFile
+from edgeseek.quantize.simd import HAVE_VNNI
 from edgeseek.quantize import QMatrix, get_format, q4_k, q5_k, q6_k, q8_k  # noqa: F401 (registers)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kquants"
@@ -199,6 +200,7 @@ def _host_has_avx2() -> bool:
 
 
 @pytest.mark.skipif(not _host_has_avx2(), reason="checks x86 SIMD code")
+@pytest.mark.skipif(HAVE_VNNI, reason="VNNI hosts run the simd.dpbusd kernels (tests/test_simd.py)")
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_dot_compiles_to_simd_integer_multiply_add(kind):
     """The decode kernels' inner loops must stay vectorized across the rows of a tile: LLVM's
