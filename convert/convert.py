@@ -39,7 +39,7 @@ class TensorReport:
     shape: list[int]  # GGUF order (ne0 first), as llama.cpp prints it
     type: str
     bytes: int
-    rel_error: float  # ||W - dequant(quant(W))|| / ||W|| over the whole tensor (0 for F32)
+    rel_error: float  # ||W - dequant(quant(W))|| / ||W||, on ~32 evenly spaced rows per chunk (0 for F32)
 
 
 @dataclass
@@ -63,12 +63,20 @@ def _quantize(qtype: T, x: np.ndarray) -> np.ndarray:
     return get_format(qtype).quantize(x)
 
 
-def _sq_error(qtype: T, x: np.ndarray, q: np.ndarray) -> float:
+ERROR_ROWS = 32  # rows per chunk on which the quantization error is measured
+
+
+def _sq_error(qtype: T, x: np.ndarray, q: np.ndarray) -> tuple[float, float]:
+    """(sum of squared errors, sum of squares) on an even sample of about ERROR_ROWS rows of the chunk:
+    dequantizing everything would cost a third of the conversion time."""
+    rows = slice(None, None, max(1, x.shape[0] // ERROR_ROWS))
+    xs = x[rows]
+    norm = float(np.einsum("ij,ij->", xs, xs, dtype=np.float64))
     if qtype == T.F32:
-        return 0.0
-    d = get_format(qtype).dequantize(q).reshape(x.shape)
-    d -= x
-    return float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+        return 0.0, norm
+    d = get_format(qtype).dequantize(np.ascontiguousarray(q[rows])).reshape(xs.shape)
+    d -= xs
+    return float(np.einsum("ij,ij->", d, d, dtype=np.float64)), norm
 
 
 def _prefetch(gen, depth: int = 1):
@@ -184,8 +192,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: str = "q8_0"
                 q = _quantize(t, x)
                 f.write(memoryview(np.ascontiguousarray(q)).cast("B"))
                 written += q.nbytes
-                err += _sq_error(t, x, q)
-                norm += float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+                e, n = _sq_error(t, x, q)
+                err, norm = err + e, norm + n
                 if on_progress and rows_total:
                     done = p.source_bytes * (rows_done + x.shape[0]) // rows_total - p.source_bytes * rows_done // rows_total
                     on_progress(done)

@@ -169,3 +169,21 @@ def test_report(out_dir):
     assert by["output.weight"].type == "Q6_K" and by["output_norm.weight"].rel_error == 0
     assert by["blk.1.ffn_gate_exps.weight"].shape == [256, 256, 8]
     assert rep.vocab["pre"] == "deepseek-v3"
+
+
+def test_pre_tokenizer_identified_as_llama_cpp_does(deepseek_tokenizer_json):
+    """DeepSeek-V3's real tokenizer: our emulation of the Hugging Face pipeline encodes llama.cpp's probe
+    text (and more) exactly as `tokenizers` does, bos added as transformers adds it when
+    tokenizer_config.json asks, and its hash is the one llama.cpp lists for deepseek-v3."""
+    import json
+    from tokenizers import Tokenizer as HF
+    from edgeseek.convert.pre_hashes import PROBE_TEXT
+    from edgeseek.convert.vocab import HFTokenizer, identify_pre
+    tok = json.loads(Path(deepseek_tokenizer_json).read_text(encoding="utf-8"))
+    ref = HF.from_file(str(deepseek_tokenizer_json))
+    ours_tok = HFTokenizer(tok, {})
+    for text in [PROBE_TEXT, "Hello world! 12345 ümlaut 日本語のテキスト and <｜User｜>hi", "  x\n\n\ty = 3.14159;"]:
+        assert ours_tok.encode(text) == ref.encode(text).ids
+    cfg = {"add_bos_token": True, "bos_token": {"content": "<｜begin▁of▁sentence｜>"}}
+    name, how = identify_pre(tok, cfg, ("deepseek-v3",), "tokenizer.json")
+    assert name == "deepseek-v3" and "deepseek-ai/DeepSeek-V3" in how
