@@ -1,4 +1,4 @@
-"""The `edgeseek` command: chat, generate, inspect, pull, list, bench.
+"""The `edgeseek` command: chat, generate, convert, inspect, pull, list.
 
 All terminal rendering lives here; the engine below only yields text and stats.
 Data goes to stdout, messages and progress to stderr; user mistakes exit non-zero with one line.
@@ -359,6 +359,11 @@ def pull(name: str = typer.Argument(..., help="A known model name (edgeseek list
     from edgeseek import hub
 
     print(hub.pull(name))
+
+
+from edgeseek.convert.cli import convert_command  # noqa: E402  (after the app: it only defines a function)
+
+app.command("convert")(convert_command)
 
 
 def main():
