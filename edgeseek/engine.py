@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .chat_template import ChatTemplate
 from .errors import EdgeseekError
+from .experts import CachedExpertStore, load_profile, parse_size, plan_budget, profile_path
 from .gguf_file import GGUFFile
 from .models import load_model
 from .tokenizer import Tokenizer
@@ -22,6 +23,18 @@ class Engine:
     chat_template: ChatTemplate | None  # None when the file carries no tokenizer.chat_template
     n_ctx: int  # default context length of new caches
     load_seconds: float
+    budget_plan: object = None  # experts.BudgetPlan when loaded with a RAM budget
+
+    def expert_stats(self) -> dict:
+        """The expert store's counters (hit rate, bytes read, ...); empty for dense models and mmap."""
+        store = getattr(self.model, "experts", None)
+        return store.stats() if store is not None else {}
+
+    def close(self) -> None:
+        """Save the expert-usage profile and stop the store's reader threads."""
+        store = getattr(self.model, "experts", None)
+        if store is not None and hasattr(store, "close"):
+            store.close()
 
     @property
     def arch(self) -> str:
@@ -61,14 +74,48 @@ class Context:
         self.truncate(0)
 
 
-def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None) -> Engine:
-    """Open a GGUF model file. Weights stay memory-mapped; nothing is read until it is used."""
+def kv_cache_bytes(gguf, n_ctx: int) -> int:
+    """Bytes of a float16 KV cache of n_ctx positions for this file's architecture."""
+    m = gguf.arch_meta
+    n_layer = m("block_count")
+    if gguf.arch == "deepseek2":
+        return n_layer * n_ctx * (m("attention.kv_lora_rank") + m("rope.dimension_count")) * 2
+    n_head = m("attention.head_count")
+    head_dim = m("attention.key_length", 0) or m("embedding_length") // n_head
+    return 2 * n_layer * n_ctx * m("attention.head_count_kv", n_head) * head_dim * 2
+
+
+def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budget: int | str | None = None,
+         io_threads: int = 8, use_profile: bool = True) -> Engine:
+    """Open a GGUF model file. Weights stay memory-mapped; nothing is read until it is used.
+
+    With `ram_budget` (bytes, or a size such as "4G"), routed experts are read from the file on
+    demand into a cache that, with everything else the model keeps resident, stays inside the
+    budget; the non-expert weights are packed now. A budget too small for the resident part is
+    refused here, before any weight is read. The expert-usage profile saved by earlier runs (in the
+    user's cache directory) warms and pins the cache unless `use_profile` is False.
+    """
     t0 = time.perf_counter()
     gguf = GGUFFile(path)
+    plan = None
+    if ram_budget is not None and expert_store is None:
+        ctx = min(n_ctx, gguf.arch_meta("context_length", n_ctx) or n_ctx)
+        m = gguf.arch_meta
+        plan = plan_budget(gguf, parse_size(ram_budget), kv_cache_bytes(gguf, ctx), m("expert_used_count", 0),
+                           io_threads)
+        if m("expert_count", 0):
+            n_layer, n_expert = m("block_count"), m("expert_count")
+            prof_file = profile_path(gguf)
+            prof = load_profile(prof_file, n_layer, n_expert) if use_profile else None
+            expert_store = CachedExpertStore(gguf, n_layer, n_expert, m("embedding_length"),
+                                             m("expert_feed_forward_length"), plan.expert_cache,
+                                             io_threads=io_threads, profile=prof, profile_file=prof_file)
     model = load_model(gguf, expert_store=expert_store, n_ctx=n_ctx)
     tokenizer = Tokenizer.from_gguf(gguf)
     template = ChatTemplate.from_gguf(gguf) if gguf.meta("tokenizer.chat_template", None) else None
     n_ctx = min(n_ctx, model.config.context_length or n_ctx)
     if n_ctx < 1:
         raise EdgeseekError(f"{path}: context length must be positive, got {n_ctx}")
-    return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0)
+    if plan is not None:
+        model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
+    return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan)

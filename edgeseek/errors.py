@@ -11,3 +11,7 @@ class GGUFError(EdgeseekError):
 
 class UnsupportedError(EdgeseekError):
     """Something edgeseek does not run (yet): an architecture, a quant type, a tokenizer model."""
+
+
+class BudgetError(EdgeseekError):
+    """The RAM budget cannot hold what must stay resident: refused before loading."""

@@ -54,14 +54,15 @@ def matrix(gguf, name: str, shape: tuple[int, int]) -> QMatrix:
 
 def pack_all(model, gguf=None) -> int:
     """Build the kernel layout of every weight now instead of on first use; returns the bytes of
-    quantized weights packed. Routed experts are packed through the model's expert store. With
+    quantized weights packed. Routed experts are packed through the model's expert store, unless
+    it reads them from disk on demand (store.resident False). With
     `gguf`, each tensor's file pages are released once packed, so the resident set holds one
     copy of the weights, not two."""
     total = 0
     store = getattr(model, "experts", None)
     for i, L in enumerate(model.layers + [None]):
         mats = [model.output] if L is None else [m for m in vars(L).values() if isinstance(m, QMatrix)]
-        if L is not None and store is not None and not getattr(L, "dense", True):
+        if L is not None and store is not None and store.resident and not getattr(L, "dense", True):
             mats += [m for triple in store.experts(i, np.arange(model.config.n_expert)) for m in triple]
         for m in mats:
             m.packed  # noqa: B018  (builds and keeps the layout)

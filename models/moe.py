@@ -55,14 +55,15 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int) 
     """sum_i w_i * expert_i(x) for each token; x (T, D), ids/weights (T, k) -> (T, D).
 
     Tokens are grouped by expert so that each expert's weights are read once per call, with all
-    the tokens routed to it as one batch.
+    the tokens routed to it as one batch; experts come in the order the store has them ready.
     """
-    out = np.zeros_like(x)
     experts, inverse = np.unique(ids, return_inverse=True)
     inverse = inverse.reshape(ids.shape)
-    mats = store.experts(layer, experts)
-    for j, (gate, up, down) in enumerate(mats):
+    parts = [None] * len(experts)
+    for j, (gate, up, down) in store.fetch(layer, experts):
         tok, slot = np.nonzero(inverse == j)
-        y = ffn(x[tok], gate, up, down)  # (n, D)
-        out[tok] += y * weights[tok, slot][:, None]
+        parts[j] = (tok, ffn(x[tok], gate, up, down) * weights[tok, slot][:, None])  # (n, D)
+    out = np.zeros_like(x)
+    for tok, y in parts:  # summed in expert order, whatever order the store served them in
+        out[tok] += y
     return out

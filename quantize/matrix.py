@@ -10,6 +10,13 @@ import numpy as np
 from .registry import get_format
 
 
+def packed_nbytes(packed) -> int:
+    """Bytes of the arrays of a packed layout (a NamedTuple of arrays, or one array)."""
+    if isinstance(packed, np.ndarray):
+        return packed.nbytes
+    return sum(a.nbytes for a in packed if isinstance(a, np.ndarray))
+
+
 class QMatrix:
     __slots__ = ("fmt", "raw", "shape", "_packed", "name")
 
@@ -26,9 +33,18 @@ class QMatrix:
             self._packed = self.fmt.pack(self.raw)
         return self._packed
 
+    @classmethod
+    def from_packed(cls, qtype, packed, shape: tuple[int, int], name: str = "") -> "QMatrix":
+        """A matrix that exists only in the kernel layout (an expert read from disk and packed):
+        it computes, it has no file bytes to dequantize."""
+        m = cls(qtype, None, shape, name)
+        m._packed = packed
+        return m
+
     @property
     def nbytes(self) -> int:
-        return self.raw.nbytes
+        """Bytes of the quantized weights as the file holds them."""
+        return self.raw.nbytes if self.raw is not None else packed_nbytes(self._packed)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -37,6 +53,11 @@ class QMatrix:
         if x.shape[0] == 1:
             return self.fmt.matvec(self.packed, x[0])[None, :]
         return self.fmt.matmul(self.packed, x)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this matrix holds in RAM in the kernel layout (0 until packed)."""
+        return packed_nbytes(self._packed) if self._packed is not None else 0
 
     def dequantize(self) -> np.ndarray:
         """The whole matrix as float32 (N, K): for small tensors and tests, never a hot path."""
