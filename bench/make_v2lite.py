@@ -101,28 +101,51 @@ def _f16(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16).view(np.uint8).reshape(values.shape + (2,))
 
 
-def random_blocks(rng: np.random.Generator, qtype: T, shape: tuple) -> np.ndarray:
-    """Random valid blocks of `qtype` for a tensor of `shape`: (..., row_bytes) uint8."""
+def output_std(name: str) -> float:
+    """Weights that write into the residual stream (attention and FFN outputs) are kept 40x smaller
+    than the others, so that each token's hidden state stays its own through the layers. With
+    random weights attention is nearly uniform, and full-size outputs would soon give every token
+    the same hidden state, the same routing and the same next token: nothing like a real model,
+    whose experts vary from token to token."""
+    return TARGET_STD / 40 if name.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight",
+                                             "ffn_down_shexp.weight")) else TARGET_STD
+
+
+def _centered_nibbles(b: np.ndarray) -> np.ndarray:
+    """Random bytes -> bytes whose two nibbles are uniform in 1..15 (mean 8, the formats' zero)."""
+    lo, hi = b & 15, b >> 4
+    return ((lo % 15 + 1) | ((hi % 15 + 1) << 4)).astype(np.uint8)
+
+
+def random_blocks(rng: np.random.Generator, qtype: T, shape: tuple, std: float = TARGET_STD) -> np.ndarray:
+    """Random valid blocks of `qtype` for a tensor of `shape`: (..., row_bytes) uint8. Quants are
+    centered on the format's zero: a weight matrix whose entries share a nonzero mean maps every
+    input onto the same direction, and after a layer or two every token's hidden state (and so its
+    routing) would be the same."""
     if qtype == T.F32:
         if len(shape) == 1:  # norm weights
             return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        return (TARGET_STD * rng.standard_normal(shape)).astype(np.float32)
+        return (std * rng.standard_normal(shape)).astype(np.float32)
     block, size = GGML_QUANT_SIZES[qtype]
     n_blocks = int(np.prod(shape)) // block
     b = np.frombuffer(rng.bytes(n_blocks * size), np.uint8).reshape(n_blocks, size).copy()
     ones = np.ones(n_blocks, np.float32)
-    if qtype == T.Q4_0:  # d * (q - 8), q uniform in 0..15: std 4.6 d
-        b[:, 0:2] = _f16(ones * TARGET_STD / 4.6)
-    elif qtype == T.Q5_0:  # d * (q - 16): std 9.2 d
-        b[:, 0:2] = _f16(ones * TARGET_STD / 9.2)
-    elif qtype == T.Q8_0:  # d * q, q uniform int8: std 74 d
-        b[:, 0:2] = _f16(ones * TARGET_STD / 74)
+    if qtype == T.Q4_0:  # d * (q - 8), q uniform in 1..15: std 4.3 d
+        b[:, 2:] = _centered_nibbles(b[:, 2:])
+        b[:, 0:2] = _f16(ones * std / 4.3)
+    elif qtype == T.Q5_0:  # d * (q - 16), q = nibble (1..15) + 16 * random fifth bit: std 9 d
+        b[:, 6:] = _centered_nibbles(b[:, 6:])
+        b[:, 0:2] = _f16(ones * std / 9.0)
+    elif qtype == T.Q8_0:  # d * q, q uniform int8 but -128: std 73 d
+        b[:, 2:] = np.where(b[:, 2:] == 128, 0, b[:, 2:])
+        b[:, 0:2] = _f16(ones * std / 73)
     elif qtype == T.Q4_K:  # d * sc * q - dmin * m, sc and m 6-bit: center with dmin * m ~ d * sc * 7.5
-        b[:, 0:2] = _f16(ones * TARGET_STD / (32 * 4.6))
-        b[:, 2:4] = _f16(ones * TARGET_STD / (32 * 4.6) * 7.5)
-    elif qtype == T.Q6_K:  # d * sc * (q - 32), int8 scales: keep them in 8..23
+        b[:, 0:2] = _f16(ones * std / (32 * 4.6))
+        b[:, 2:4] = _f16(ones * std / (32 * 4.6) * 7.5)
+    elif qtype == T.Q6_K:  # d * sc * (q - 32), q = low nibble (1..15) + 16 * (0..3); int8 scales 8..23
+        b[:, :128] = _centered_nibbles(b[:, :128])
         b[:, 192:208] = 8 + (b[:, 192:208] & 15)
-        b[:, 208:210] = _f16(ones * TARGET_STD / (15.5 * 18.5))
+        b[:, 208:210] = _f16(ones * std / (18.3 * 15.5))
     else:
         raise ValueError(f"no random block recipe for {qtype.name}")
     return b.reshape(shape[:-1] + (shape[-1] // block * size,))
@@ -203,7 +226,7 @@ def write(kind: str, out: Path, seed: int = 0, dims: Dims = V2LITE) -> Path:
     w.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
     for name, shape, qtype in specs:
-        w.write_tensor_data(random_blocks(rng, qtype, shape))
+        w.write_tensor_data(random_blocks(rng, qtype, shape, output_std(name)))
     w.close()
     tmp.rename(out)
     print(f"{out}: {out.stat().st_size / 1e9:.2f} GB in {time.time() - t0:.0f} s", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .chat_template import ChatTemplate
 from .errors import EdgeseekError
-from .experts import CachedExpertStore, load_profile, parse_size, plan_budget, profile_path
+from .experts import WORKSPACE, CachedExpertStore, load_profile, parse_size, plan_budget, profile_path
 from .gguf_file import GGUFFile
 from .models import load_model
 from .tokenizer import Tokenizer
@@ -109,7 +109,8 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
             prof = load_profile(prof_file, n_layer, n_expert) if use_profile else None
             expert_store = CachedExpertStore(gguf, n_layer, n_expert, m("embedding_length"),
                                              m("expert_feed_forward_length"), plan.expert_cache,
-                                             io_threads=io_threads, profile=prof, profile_file=prof_file)
+                                             io_threads=io_threads, profile=prof, profile_file=prof_file,
+                                             budget_bytes=plan.budget, reserve_bytes=plan.io_buffers + WORKSPACE)
     model = load_model(gguf, expert_store=expert_store, n_ctx=n_ctx)
     tokenizer = Tokenizer.from_gguf(gguf)
     template = ChatTemplate.from_gguf(gguf) if gguf.meta("tokenizer.chat_template", None) else None

@@ -104,17 +104,25 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def resident_set_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_set_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory from /proc/self/status: VmRSS (all of it) or RssAnon (its
+    anonymous pages: what the kernel cannot reclaim, unlike pages of mapped files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 # --- the RAM budget ----------------------------------------------------------------------------
 
 # Packed layouts hold scales as float32 and pad tiles: at most this much more than the file's bytes.
 PACK_OVERHEAD = 1.25
-# Activations, logits, numba's and numpy's working buffers on top of the resident weights.
-WORKSPACE = 192 << 20
+# Activations, logits, numba's compiled kernels and numpy's working buffers beside the weights.
+WORKSPACE = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ def plan_budget(gguf, budget: int, kv_cache_bytes: int, n_used: int, io_threads:
     resident = int(resident * PACK_OVERHEAD)  # token_embd is read row by row from the mapped file
     per_expert_file = sum(t.n_bytes for t in routed if t.name.startswith("blk.")) // max(1, n_expert * len(routed) // 3)
     expert_bytes = int(per_expert_file * PACK_OVERHEAD)
-    runtime = resident_set_bytes()
+    runtime = resident_set_bytes("RssAnon")
     io = io_threads * per_expert_file if routed else 0
     left = budget - runtime - resident - kv_cache_bytes - io - WORKSPACE
     plan = BudgetPlan(budget, runtime, resident, kv_cache_bytes, io, expert_bytes, max(0, left))
@@ -163,6 +171,22 @@ def plan_budget(gguf, budget: int, kv_cache_bytes: int, n_used: int, io_threads:
 
 
 # --- the cached store ----------------------------------------------------------------------------
+
+
+def _release_freed_memory_promptly() -> None:
+    """glibc serves a large allocation from mmap and returns it to the system when freed, until a
+    freed one raises its threshold: from then on blocks of an expert's size come from the heaps of
+    the reader threads and stay there once freed, and the resident set creeps past the budget.
+    A fixed threshold keeps every expert-sized block on mmap."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator decides
 
 
 def profile_path(gguf) -> Path:
@@ -198,13 +222,15 @@ class CachedExpertStore(ExpertStore):
     def __init__(self, gguf, n_layer: int, n_expert: int, n_embd: int, n_ff_exp: int, capacity_bytes: int, *,
                  io_threads: int = 8, decay: float = 0.98, pin_fraction: float = 0.5,
                  profile: np.ndarray | None = None, profile_file: Path | None = None,
-                 prefetch_cap: int = 12, drop_page_cache: bool = True):
+                 prefetch_cap: int = 12, drop_page_cache: bool = True, budget_bytes: int | None = None,
+                 reserve_bytes: int = 0):
         self.gguf, self.path = gguf, gguf.path
         self.n_layer, self.n_expert = n_layer, n_expert
         self.tensors = {}
         for i in range(n_layer):
             if gguf.has(f"blk.{i}.ffn_gate_exps.weight"):
                 self.tensors[i] = _expert_tensors(gguf, i, n_expert, n_embd, n_ff_exp)
+        _release_freed_memory_promptly()
         self.fd = os.open(self.path, os.O_RDONLY)
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="edgeseek-io")
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
@@ -213,6 +239,9 @@ class CachedExpertStore(ExpertStore):
         self.prefetched: set[tuple[int, int]] = set()
         self.prefetch_cap = prefetch_cap
         self.capacity_bytes = capacity_bytes
+        # With a whole-process budget, the capacity follows the measured resident set each token:
+        # budget - (RSS - the cache's own bytes) - reserve (read buffers, working memory).
+        self.budget_bytes, self.reserve_bytes = budget_bytes, reserve_bytes
         self.expert_bytes = 0  # one expert packed; measured on the first one
         self.bytes_cached = 0
         # frequency with aging: score = sum of g^-t over the ticks t of its uses (order-preserving
@@ -305,8 +334,17 @@ class CachedExpertStore(ExpertStore):
             heapq.heappush(self.heap, item)
         return found
 
+    def _fit_budget(self) -> None:
+        rss = resident_set_bytes("RssAnon")  # mapped-file pages are reclaimable: not counted
+        floor = self.expert_bytes * 8  # never below a layer's worth of experts (refused at load otherwise)
+        self.capacity_bytes = max(floor, self.budget_bytes - (rss - self.bytes_cached) - self.reserve_bytes)
+        while self.bytes_cached > self.capacity_bytes and self._evict(set()):
+            pass
+
     def _advance(self) -> None:
         """One token passed: later uses weigh 1/decay times more than earlier ones."""
+        if self.budget_bytes is not None:
+            self._fit_budget()
         self.tick += 1
         self.tokens += 1
         self.boost *= self.growth
@@ -434,6 +472,7 @@ class CachedExpertStore(ExpertStore):
             "expert_cache_capacity": self.capacity_bytes,
             "pinned": len(self.pinned),
             "resident_bytes": resident_set_bytes(),
+            "anonymous_bytes": resident_set_bytes("RssAnon"),
         }
 
     def close(self) -> None:
