@@ -358,6 +358,68 @@ def inspect(
         out.print(info["chat_template"], markup=False)
 
 
+@app.command()
+def experts(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the heatmap as a PNG image."),
+    as_json: bool = typer.Option(False, "--json", help="The profile's counts as JSON on stdout."),
+):
+    """Which routed experts a MoE model uses: the usage profile counted while it generated, as a
+    heatmap of layers x experts (each layer scaled to its busiest expert).
+
+    The profile is recorded by every chat / generate run and kept in the user's cache directory; a
+    run with --ram-budget uses it to warm and pin the expert cache.
+
+    Examples:
+      edgeseek experts DeepSeek-V2-Lite-Q4_K_M.gguf
+      edgeseek experts model.gguf --png experts.png
+    """
+    from edgeseek import hub
+    from edgeseek.experts import load_profile, profile_path, write_png
+    from edgeseek.gguf_file import GGUFFile
+
+    g = GGUFFile(hub.resolve(model))
+    n_expert = g.arch_meta("expert_count", 0)
+    if not n_expert:
+        _fail(f"{g.path.name}: not a mixture-of-experts model ({g.arch})")
+    n_layer = g.arch_meta("block_count")
+    counts = load_profile(profile_path(g), n_layer, n_expert)
+    if counts is None:
+        _fail(f"no expert-usage profile for {g.path.name} yet: it is recorded while chat or generate run")
+    if as_json:
+        print(json.dumps({"model": str(g.path), "tokens": int(counts.sum()), "counts": counts.tolist()}))
+    else:
+        _heatmap(counts, g.path.name)
+    if png is not None:
+        err.print(f"wrote {write_png(counts[counts.any(axis=1)], png)}")
+
+
+def _heatmap(counts, name: str) -> None:
+    import numpy as np
+    from rich.text import Text
+
+    from edgeseek.experts import heat_rgb
+
+    layers = [i for i in range(len(counts)) if counts[i].any()]
+    width = max(8, min(counts.shape[1], (out.width or 80) - 10))
+    group = -(-counts.shape[1] // width)  # experts per column when they do not fit
+    cols = -(-counts.shape[1] // group)
+    out.print(f"{name}: expert use per layer ({int(counts.sum())} choices"
+              + (f"; {group} experts per column" if group > 1 else "") + ")")
+    shades = " ░▒▓█"
+    for i in layers:
+        row = np.add.reduceat(counts[i], np.arange(0, counts.shape[1], group))[:cols]
+        rel = row / max(row.max(), 1)
+        line = Text(f"{i:>4}  ")
+        if out.no_color or not out.is_terminal:
+            line.append("".join(shades[min(4, int(round(v * 4)))] for v in rel))
+        else:
+            for (r, g, b) in heat_rgb(rel):
+                line.append(" ", style=f"on rgb({r},{g},{b})")
+        out.print(line)
+    out.print(f"      experts 0..{counts.shape[1] - 1}; colour: use relative to the layer's busiest")
+
+
 @app.command("list")
 def list_models():
     """Known models and whether they are in the cache. Example: edgeseek list"""

@@ -30,9 +30,30 @@ KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 class ExpertStore:
-    """The interface: (gate, up, down) QMatrix triples for the given experts of one layer."""
+    """The interface: (gate, up, down) QMatrix triples for the given experts of one layer.
+
+    Every store counts how often each expert is chosen (`counts`, layers x experts) and adds the
+    counts to the model's usage profile in the user's cache directory on `save_profile()` / `close()`.
+    """
 
     resident = True  # every expert lives in the mapped file: pack_all may pack them all
+    counts: np.ndarray | None = None
+    profile_file: Path | None = None
+
+    def save_profile(self) -> None:
+        if self.profile_file is None or self.counts is None or not self.counts.any():
+            return
+        old = load_profile(self.profile_file, *self.counts.shape)
+        counts = self.counts + (old if old is not None else 0)
+        self.profile_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.profile_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"model": str(getattr(self, "path", "")), "tokens": int(counts.sum()),
+                                   "counts": counts.tolist()}))
+        os.replace(tmp, self.profile_file)
+        self.counts[:] = 0  # saved: the next save adds only what came since
+
+    def close(self) -> None:
+        self.save_profile()
 
     def experts(self, layer: int, ids: np.ndarray) -> list[tuple[QMatrix, QMatrix, QMatrix]]:
         raise NotImplementedError
@@ -59,15 +80,20 @@ class MmapExpertStore(ExpertStore):
     """Each routed expert is one contiguous slice along axis 0 of the stacked ffn_{gate,up,down}_exps
     tensors; its QMatrix (and its repacked layout) is built on first use and kept."""
 
-    def __init__(self, gguf, n_expert: int, n_embd: int, n_ff_exp: int):
-        self.gguf = gguf
+    def __init__(self, gguf, n_expert: int, n_embd: int, n_ff_exp: int, n_layer: int = 0,
+                 profile_file: Path | None = None):
+        self.gguf, self.path = gguf, gguf.path
         self.n_expert = n_expert
         self.n_embd, self.n_ff_exp = n_embd, n_ff_exp
         self._cache: dict[tuple[int, int], tuple[QMatrix, QMatrix, QMatrix]] = {}
+        self.counts = np.zeros((n_layer, n_expert), np.int64) if n_layer else None
+        self.profile_file = profile_file
 
     def experts(self, layer: int, ids: np.ndarray):
         result = []
         tensors = None
+        if self.counts is not None:
+            np.add.at(self.counts[layer], ids, 1)
         for e in ids.tolist():
             key = (layer, e)
             triple = self._cache.get(key)
@@ -444,18 +470,6 @@ class CachedExpertStore(ExpertStore):
         self.bytes_read = 0  # reads of the warm-up are not per-token traffic
         return n
 
-    def save_profile(self) -> None:
-        if self.profile_file is None:
-            return
-        old = load_profile(self.profile_file, self.n_layer, self.n_expert)
-        counts = self.counts + (old if old is not None else 0)
-        self.profile_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.profile_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"model": str(self.path), "tokens": int(counts.sum()),
-                                   "counts": counts.tolist()}))
-        os.replace(tmp, self.profile_file)
-        self.counts[:] = 0  # saved: the next save adds only what came since
-
     def stats(self) -> dict:
         n = self.n_hit + self.n_miss
         return {
@@ -479,3 +493,37 @@ class CachedExpertStore(ExpertStore):
         self.save_profile()
         self.pool.shutdown(wait=True, cancel_futures=True)
         os.close(self.fd)
+
+
+# --- the profile as a picture ------------------------------------------------------------------
+
+
+def heat_rgb(v: np.ndarray) -> np.ndarray:
+    """Values in 0..1 -> (..., 3) uint8 colours from dark blue through red to yellow."""
+    v = np.clip(v, 0.0, 1.0)[..., None]
+    stops = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], np.float64)
+    x = v * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    f = x - i
+    return (stops[i[..., 0]] * (1 - f) + stops[i[..., 0] + 1] * f).astype(np.uint8)
+
+
+def write_png(counts: np.ndarray, path: str | os.PathLike, cell: int = 8) -> Path:
+    """The profile (layers x experts) as a PNG heatmap, `cell` pixels per expert, each layer scaled
+    to its own maximum. Written with zlib: no imaging library needed."""
+    import struct
+    import zlib
+
+    rel = counts / np.maximum(counts.max(axis=1, keepdims=True), 1)
+    img = np.repeat(np.repeat(heat_rgb(rel), cell, axis=0), cell, axis=1)  # (H, W, 3)
+    h, w = img.shape[:2]
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))  # filter type 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    out = Path(path)
+    out.write_bytes(png)
+    return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeseek.errors import GGUFError
-from edgeseek.experts import MmapExpertStore
+from edgeseek.experts import MmapExpertStore, profile_path
 
 from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, rms_norm, rope_freqs, softmax, vector,
                      yarn_freqs)
@@ -178,7 +178,8 @@ class DeepSeek2Model(DecoderModel):
         self.output_norm = vector(g, "output_norm.weight", c.n_embd)
         head = "output.weight" if g.has("output.weight") else "token_embd.weight"
         self.output = matrix(g, head, (c.vocab_size, c.n_embd))
-        self.experts = expert_store or MmapExpertStore(g, c.n_expert, c.n_embd, c.n_ff_exp)
+        self.experts = expert_store or MmapExpertStore(g, c.n_expert, c.n_embd, c.n_ff_exp, c.n_layer,
+                                                       profile_path(g))
         if c.yarn_factor > 1.0:
             inv = yarn_freqs(c.qk_rope, c.rope_base, c.yarn_factor, c.yarn_orig_ctx,
                              c.yarn_beta_fast, c.yarn_beta_slow)
@@ -217,11 +218,20 @@ class DeepSeek2Model(DecoderModel):
         o = np.einsum("hvc,thc->thv", L.attn_v_b, o_lat)  # (T, H, V)
         return L.attn_output(o.reshape(T, H * V))
 
+    # Speculative prefetch: when decoding one token, the next MoE layer's router applied to this
+    # layer's FFN input names the experts the store starts reading ahead (mixtral-offloading's
+    # guess; the hidden state changes little from one layer to the next). Off unless asked for.
+    prefetch_experts = False
+
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         if L.dense:
             return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
         ids, weights = route(h @ L.ffn_gate_inp.T, self.config.router, L.exp_probs_b)  # (T, k)
         out = moe(h, ids, weights, self.experts, i)
+        nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+        if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
+            guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)
+            self.experts.prefetch(i + 1, guess[0])
         if self.config.n_expert_shared:
             out += ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)
         return out
