@@ -158,6 +158,79 @@ def generate(
         sys.stdout.write("\n")
 
 
+@app.command()
+def batch(
+    model_or_input: str = typer.Argument(..., metavar="[MODEL] IN.jsonl",
+                                         help="GGUF file or known model name (optional), then the input JSONL."),
+    input_path: Optional[Path] = typer.Argument(None, metavar="", show_default=False, hidden=True),
+    output: Path = typer.Option(..., "-o", "--output", help="Output JSONL; appended to, and resumed from."),
+    parallel: int = typer.Option(8, "-P", "--parallel", envvar="EDGESEEK_PARALLEL",
+                                 help="Sequences decoded together in one forward pass."),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Default when a request sets none."),
+    temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
+    ram_budget: Optional[str] = BUDGET,
+):
+    """Generate replies for every request of a JSONL file (OpenAI batch format, or the short forms
+    {"custom_id", "prompt"} and {"custom_id", "messages"}); one OpenAI-shaped line per request in OUT.
+
+    A bad line becomes an error line (with its custom_id or line number) and the rest go on; the
+    exit status is 1 if any line failed. Re-running with the same OUT skips what it already holds.
+
+    Examples:
+      edgeseek batch requests.jsonl -o replies.jsonl
+      edgeseek batch DeepSeek-V2-Lite-Q4_K_M.gguf requests.jsonl -o replies.jsonl -P 8 --temp 0
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgeseek import batch as B
+
+    model, in_path = (None, Path(model_or_input)) if input_path is None else (model_or_input, input_path)
+    if not in_path.is_file():
+        _fail(f"{in_path}: no such input file")
+    if parallel < 1:
+        _fail(f"--parallel must be at least 1, got {parallel}")
+    defaults = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    with open(in_path, encoding="utf-8") as f:
+        requests, bad = B.read_requests(f, defaults, max_tokens, B.answered(output))
+    if not requests and not bad:
+        err.print(f"Nothing to do: every request of {in_path} is in {output}.")
+        return
+    engine = _load(model, ctx, ram_budget) if requests else None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    n_failed = len(bad)
+    show = err.is_terminal and not _no_color
+    progress = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[tps]}"), console=err, disable=not show, transient=True)
+    t0, n_tokens = time.perf_counter(), 0
+    with open(output, "a", encoding="utf-8") as out_file, progress:
+        task = progress.add_task("batch", total=len(requests) + len(bad), tps="")
+
+        def emit(line: dict) -> None:
+            out_file.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out_file.flush()
+            progress.advance(task)
+
+        def on_token(n: int) -> None:
+            nonlocal n_tokens
+            n_tokens += n
+            progress.update(task, tps=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
+
+        for b in bad:
+            emit(B.error_line(b))
+        try:
+            if requests:
+                n_failed += B.run(engine, requests, emit, parallel=parallel, n_ctx=ctx, on_token=on_token)
+        except KeyboardInterrupt:
+            err.print(f"interrupted: finished requests are in {output}; run again to resume")
+            raise typer.Exit(130)
+    dt = time.perf_counter() - t0
+    err.print(f"{len(requests) + len(bad)} lines, {n_failed} failed, {n_tokens} tokens in {dt:.1f} s "
+              f"({n_tokens / dt if dt > 0 else 0:.1f} tok/s) -> {output}")
+    if n_failed:
+        raise typer.Exit(1)
+
+
 CHAT_HELP = """Commands:
   /help                 this help
   /clear                forget the conversation

@@ -163,6 +163,10 @@ class DecoderModel:
     def feed_forward(self, L, h: np.ndarray, i: int) -> np.ndarray:
         raise NotImplementedError
 
+    def attention_rows(self, L, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
+        """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
+        raise NotImplementedError
+
     def pack(self, gguf=None) -> int:
         """Repack every weight for the kernels now (else each is packed on first use); with the
         GGUFFile, release the file pages of what was packed."""
@@ -183,4 +187,21 @@ class DecoderModel:
         cache.pos = start + T
         if not all_logits:
             x = x[-1:]
+        return self.output(rms_norm(x, self.output_norm, eps))
+
+    def forward_rows(self, tokens: np.ndarray, caches: list) -> np.ndarray:
+        """One decode step of several sequences at once: token t continues the sequence of
+        caches[t] -> logits (len(tokens), V). Every weight is read once for all of them, and each
+        routed expert once for all the sequences routed to it; attention runs per sequence."""
+        eps = self.config.rms_eps
+        pos = np.array([c.pos for c in caches])
+        for c in caches:
+            if c.pos + 1 > c.n_ctx:
+                raise ValueError(f"context full: {c.pos} + 1 tokens > {c.n_ctx}")
+        x = self.token_embd(np.asarray(tokens))  # (B, D)
+        for i, L in enumerate(self.layers):
+            x = x + self.attention_rows(L, rms_norm(x, L.attn_norm, eps), caches, i, pos)
+            x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)
+        for c in caches:
+            c.pos += 1
         return self.output(rms_norm(x, self.output_norm, eps))

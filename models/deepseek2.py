@@ -192,9 +192,11 @@ class DeepSeek2Model(DecoderModel):
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
         return LatentCache(self.config, n_ctx or self.n_ctx)
 
-    def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
+    def _project(self, L: Layer, h: np.ndarray, pos: np.ndarray):
+        """Rows of h at positions pos -> absorbed queries q_lat (T, H, C), q_pe (T, H, R), and the
+        new cache entries: normalized latents (T, C), roped k_pe (T, R)."""
         c = self.config
-        T, H, C, N, R, V = len(pos), c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope, c.v_head
+        T, H, C, N, R = len(pos), c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope
         if c.q_lora_rank:
             q = L.attn_q_b(rms_norm(L.attn_q_a(h), L.attn_q_a_norm, c.rms_eps))
         else:
@@ -202,21 +204,35 @@ class DeepSeek2Model(DecoderModel):
         q = q.reshape(T, H, N + R)  # each head: [nope N | rope R]
         q_pe = self.rope(q[:, :, N:], pos)  # (T, H, R)
         q_lat = np.einsum("hcn,thn->thc", L.attn_k_b, q[:, :, :N])  # (T, H, C)
-
         kv = L.attn_kv_a_mqa(h)  # (T, C + R): [latent | k_pe]
+        return q_lat, q_pe, rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
+
+    def _attend(self, q_lat, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
+        """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""
         s0, s1 = pos[0], pos[-1] + 1
-        cache.c[i, s0:s1] = rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps)
-        cache.k_pe[i, s0:s1] = self.rope(kv[:, None, C:], pos)[:, 0]
+        cache.c[i, s0:s1] = lat_new
+        cache.k_pe[i, s0:s1] = k_pe_new
         lat = cache.c[i, :s1].astype(np.float32)  # (S, C)
         k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
-
-        scores = (q_lat @ lat.T + q_pe @ k_pe.T) * c.kq_scale  # (T, H, S)
-        if T > 1:
+        scores = (q_lat @ lat.T + q_pe @ k_pe.T) * self.config.kq_scale  # (T, H, S)
+        if len(pos) > 1:
             future = np.arange(s1)[None, :] > pos[:, None]  # (T, S)
             scores = np.where(future[:, None, :], -np.inf, scores)
-        o_lat = softmax(scores) @ lat  # (T, H, C)
+        return softmax(scores) @ lat  # (T, H, C)
+
+    def _output(self, L: Layer, o_lat: np.ndarray) -> np.ndarray:
         o = np.einsum("hvc,thc->thv", L.attn_v_b, o_lat)  # (T, H, V)
-        return L.attn_output(o.reshape(T, H * V))
+        return L.attn_output(o.reshape(len(o), -1))
+
+    def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
+        return self._output(L, self._attend(*self._project(L, h, pos), cache, i, pos))
+
+    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
+        """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
+        q_lat, q_pe, lat, k_pe = self._project(L, h, pos)
+        o_lat = np.concatenate([self._attend(q_lat[t:t + 1], q_pe[t:t + 1], lat[t:t + 1], k_pe[t:t + 1], caches[t],
+                                             i, pos[t:t + 1]) for t in range(len(pos))])
+        return self._output(L, o_lat)
 
     # Speculative prefetch: when decoding one token, the next MoE layer's router applied to this
     # layer's FFN input names the experts the store starts reading ahead (mixtral-offloading's

@@ -102,19 +102,34 @@ class LlamaModel(DecoderModel):
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
 
-    def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:
+    def _project(self, L: Layer, h: np.ndarray, pos: np.ndarray):
+        """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""
         c = self.config
         T, H, Hkv, d = len(pos), c.n_head, c.n_head_kv, c.head_dim
         q, k, v = L.attn_q(h), L.attn_k(h), L.attn_v(h)  # (T, H*d), (T, Hkv*d), (T, Hkv*d)
         if L.attn_q_b is not None:
             q, k, v = q + L.attn_q_b, k + L.attn_k_b, v + L.attn_v_b
-        q = self.rope(q.reshape(T, H, d), pos)
-        k = self.rope(k.reshape(T, Hkv, d), pos)
+        return self.rope(q.reshape(T, H, d), pos), self.rope(k.reshape(T, Hkv, d), pos), v.reshape(T, Hkv, d)
+
+    def _attend(self, q, k, v, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:
+        """One sequence's new tokens: store their keys and values, attend over the cache -> (T, H*d)."""
+        c = self.config
+        T, H, Hkv, d = len(pos), c.n_head, c.n_head_kv, c.head_dim
         s0, s1 = pos[0], pos[-1] + 1
         cache.k[i, :, s0:s1] = k.transpose(1, 0, 2)  # (Hkv, T, d)
-        cache.v[i, :, s0:s1] = v.reshape(T, Hkv, d).transpose(1, 0, 2)
+        cache.v[i, :, s0:s1] = v.transpose(1, 0, 2)
         qg = q.reshape(T, Hkv, H // Hkv, d).transpose(1, 2, 0, 3)  # (Hkv, H/Hkv, T, d)
         k_all = cache.k[i, :, :s1].astype(np.float32)  # (Hkv, S, d)
         v_all = cache.v[i, :, :s1].astype(np.float32)
         o = causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))
-        return L.attn_output(o.transpose(2, 0, 1, 3).reshape(T, H * d))
+        return o.transpose(2, 0, 1, 3).reshape(T, H * d)
+
+    def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:
+        return L.attn_output(self._attend(*self._project(L, h, pos), cache, i, pos))
+
+    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
+        """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
+        q, k, v = self._project(L, h, pos)
+        o = np.concatenate([self._attend(q[t:t + 1], k[t:t + 1], v[t:t + 1], caches[t], i, pos[t:t + 1])
+                            for t in range(len(pos))])
+        return L.attn_output(o)

@@ -1,0 +1,261 @@
+"""Offline batch generation over JSONL: OpenAI's batch format in, OpenAI-shaped lines out.
+
+Input lines, one request each:
+    {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [...], "max_tokens": 64, "temperature": 0, ...}}
+    {"custom_id": "b", "prompt": "text"}                      (short form: raw completion)
+    {"custom_id": "c", "messages": [...], "max_tokens": 32}   (short form: chat)
+Output: one line per request as it completes, appended and flushed: {"id", "custom_id",
+"response": {"status_code": 200, "body": <chat.completion or text_completion>}, "error": null}, or for
+a bad line {"id", "custom_id" (or null), "response": null, "error": {"code", "message", "line"}}.
+Custom ids already in the output file are skipped, so an interrupted run resumes where it stopped.
+
+Up to `parallel` requests decode together: each step runs one forward pass over the last token of
+every active sequence (DecoderModel.forward_rows), so every weight, and each routed expert, is read
+once per step for all the sequences that use it. Prompts are prefilled one request at a time.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .chat import prompt_ids
+from .errors import EdgeseekError
+from .generation import _StopMatcher
+from .sampler import Sampler, SamplerConfig
+
+URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+            "repeat_penalty": "repeat_penalty"}
+
+
+@dataclass
+class Request:
+    custom_id: str
+    line: int
+    kind: str  # "chat" or "completion"
+    prompt: object  # messages (list of dicts) or text
+    max_tokens: int
+    sampler: SamplerConfig
+    stop: list[str]
+
+
+@dataclass
+class BadLine:
+    line: int
+    custom_id: str | None
+    message: str
+
+
+def parse_line(text: str, line: int, defaults: SamplerConfig, max_tokens: int) -> Request | BadLine:
+    """One input line -> a Request, or a BadLine naming the problem."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadLine(line, None, f"line {line}: invalid JSON: {e.msg} at column {e.colno}")
+    if not isinstance(obj, dict):
+        return BadLine(line, None, f"line {line}: expected a JSON object, got {type(obj).__name__}")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return BadLine(line, None, f"line {line}: missing custom_id (a non-empty string)")
+    if "body" in obj or "url" in obj or "method" in obj:
+        body, url = obj.get("body"), obj.get("url", "/v1/chat/completions")
+        if obj.get("method", "POST") != "POST":
+            return BadLine(line, cid, f"line {line}: method must be POST, got {obj.get('method')!r}")
+        if url not in URLS:
+            return BadLine(line, cid, f"line {line}: unsupported url {url!r}; supported: {', '.join(URLS)}")
+        if not isinstance(body, dict):
+            return BadLine(line, cid, f"line {line}: missing body (an object with messages or prompt)")
+        kind = URLS[url]
+    else:
+        body = obj
+        kind = "chat" if "messages" in obj else "completion"
+    key = "messages" if kind == "chat" else "prompt"
+    prompt = body.get(key)
+    if kind == "chat":
+        if not isinstance(prompt, list) or not prompt or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt):
+            return BadLine(line, cid, f"line {line}: body.messages must be a non-empty list of "
+                                      "{role, content} objects")
+    elif not isinstance(prompt, str) or not prompt:
+        return BadLine(line, cid, f"line {line}: missing prompt (or messages)")
+    changes = {}
+    for name, option in SAMPLING.items():
+        if name in body:
+            v = body[name]
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                return BadLine(line, cid, f"line {line}: {name} must be a number, got {v!r}")
+            changes[option] = int(v) if option in ("top_k", "seed") else float(v)
+    n = body.get("max_completion_tokens", body.get("max_tokens", max_tokens))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return BadLine(line, cid, f"line {line}: max_tokens must be a positive integer, got {n!r}")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        return BadLine(line, cid, f"line {line}: stop must be a string or a list of strings")
+    return Request(cid, line, kind, prompt, n, defaults.updated(**changes), stop)
+
+
+def answered(out_path: Path) -> tuple[set[str], set[int]]:
+    """What an existing output file already holds: the custom_ids answered, and the input line
+    numbers of errors that had no custom_id (a torn last line is ignored)."""
+    ids, lines = set(), set()
+    if out_path.exists():
+        for text in out_path.read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(text)
+                cid = obj.get("custom_id")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if cid is not None:
+                ids.add(cid)
+            elif isinstance(obj.get("error"), dict) and isinstance(obj["error"].get("line"), int):
+                lines.add(obj["error"]["line"])
+    return ids, lines
+
+
+def read_requests(lines: Iterator[str], defaults: SamplerConfig, max_tokens: int,
+                  skip: tuple[set[str], set[int]] = (set(), set())):
+    """(requests to run, bad lines) from the input; duplicates of an earlier custom_id are bad lines.
+    `skip` (from `answered`) leaves out what an earlier run already wrote."""
+    skip_ids, skip_lines = skip
+    seen: set[str] = set()
+    good, bad = [], []
+    for i, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        r = parse_line(text, i, defaults, max_tokens)
+        cid = r.custom_id
+        if cid is not None and cid in seen:
+            if i not in skip_lines:
+                bad.append(BadLine(i, None, f"line {i}: duplicate custom_id {cid!r}"))
+            continue
+        if cid is not None:
+            seen.add(cid)
+        if (cid is not None and cid in skip_ids) or (cid is None and i in skip_lines):
+            continue
+        (bad if isinstance(r, BadLine) else good).append(r)
+    return good, bad
+
+
+@dataclass
+class _Sequence:
+    req: Request
+    ids: list[int]
+    cache: object
+    sampler: Sampler
+    decoder: object
+    stops: _StopMatcher
+    text: list[str] = field(default_factory=list)
+    gen_ids: list[int] = field(default_factory=list)  # generated ids: with the prompt, the repeat penalty's history
+    n_gen: int = 0
+    last: int = 0
+    finish: str | None = None
+
+
+def _result_line(req: Request, seq: _Sequence, model_name: str) -> dict:
+    created = int(time.time())
+    text = "".join(seq.text)
+    usage = {"prompt_tokens": len(seq.ids), "completion_tokens": seq.n_gen,
+             "total_tokens": len(seq.ids) + seq.n_gen}
+    if req.kind == "chat":
+        body = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": created,
+                "model": model_name, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                  "finish_reason": seq.finish}], "usage": usage}
+    else:
+        body = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": created,
+                "model": model_name, "choices": [{"index": 0, "text": text, "finish_reason": seq.finish}],
+                "usage": usage}
+    return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req.custom_id,
+            "response": {"status_code": 200, "request_id": body["id"], "body": body}, "error": None}
+
+
+def error_line(bad: BadLine, code: str = "invalid_request") -> dict:
+    return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": bad.custom_id, "response": None,
+            "error": {"code": code, "message": bad.message, "line": bad.line}}
+
+
+def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel: int = 8, n_ctx: int = 4096,
+        on_token: Callable[[int], None] | None = None) -> int:
+    """Runs the requests, up to `parallel` at a time; `emit` gets each output line as its request
+    finishes. Returns how many requests failed (a prompt too long for the context, ...)."""
+    model, tok = engine.model, engine.tokenizer
+    model_name = engine.path.name
+    pending = list(requests)
+    active: list[_Sequence] = []
+    failed = 0
+
+    def admit(req: Request) -> _Sequence | None:
+        nonlocal failed
+        try:
+            if req.kind == "chat":
+                if engine.chat_template is None:
+                    raise EdgeseekError(f"{model_name} has no chat template: send prompt, not messages")
+                ids = prompt_ids(engine, engine.chat_template.render(req.prompt, add_generation_prompt=True))
+            else:
+                ids = tok.encode(req.prompt)
+            ctx = min(n_ctx, engine.n_ctx, len(ids) + req.max_tokens)
+            if len(ids) >= ctx or len(ids) >= n_ctx:
+                raise EdgeseekError(f"line {req.line}: the prompt has {len(ids)} tokens; the context holds {ctx}")
+        except EdgeseekError as e:
+            failed += 1
+            emit(error_line(BadLine(req.line, req.custom_id, str(e)), "context_length_exceeded"
+                            if "context" in str(e) else "invalid_request"))
+            return None
+        cache = model.new_cache(ctx)
+        seq = _Sequence(req, ids, cache, Sampler(req.sampler), tok.stream_decoder(), _StopMatcher(req.stop))
+        logits = model.forward(np.asarray(ids, np.int32), cache)[-1]
+        _advance(seq, logits)
+        return seq
+
+    def _advance(seq: _Sequence, logits: np.ndarray) -> None:
+        token = seq.sampler(logits, seq.ids + seq.gen_ids)
+        seq.n_gen += 1
+        if on_token:
+            on_token(1)
+        if token in tok.stop_ids:
+            seq.text.append(seq.stops.flush(seq.decoder.flush()))
+            seq.finish = "stop"
+            return
+        seq.gen_ids.append(token)
+        text, hit = seq.stops.feed(seq.decoder.add(token))
+        seq.text.append(text)
+        if hit:
+            seq.finish = "stop"
+        elif seq.n_gen >= seq.req.max_tokens or seq.cache.pos + 1 >= seq.cache.n_ctx:
+            seq.text.append(seq.stops.flush(seq.decoder.flush()))
+            seq.finish = "length"
+        seq.last = token
+
+    def fill() -> None:
+        while pending and len(active) < parallel:
+            seq = admit(pending.pop(0))
+            if seq is not None:
+                retire_or_keep(seq)
+
+    def retire_or_keep(seq: _Sequence) -> None:
+        if seq.finish:
+            emit(_result_line(seq.req, seq, model_name))
+        else:
+            active.append(seq)
+
+    fill()
+    while active:
+        logits = model.forward_rows(np.array([s.last for s in active], np.int32), [s.cache for s in active])
+        still = []
+        for s, lg in zip(active, logits):
+            _advance(s, lg)
+            if s.finish:
+                emit(_result_line(s.req, s, model_name))
+            else:
+                still.append(s)
+        active[:] = still
+        fill()
+    return failed
