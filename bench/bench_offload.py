@@ -8,7 +8,7 @@ threads, same run.
 Each run is its own process inside a fresh cgroup v1 memory group (root), after dropping the page
 cache. Reported: decode tokens/s over N tokens of a fixed random sequence, disk bytes read per
 token, expert-cache hit rate, peak memory of the group (memory.max_usage_in_bytes: anonymous memory
-and page cache) and whether the OOM killer struck. edgeseek's budget is the limit less 10% (mapped
+and page cache) and whether the OOM killer struck. edgeseek's budget is 80% of the limit (mapped
 library pages and the page cache of what it reads also count against the group). Writes
 bench/results/offload.json and prints a markdown table.
 """
@@ -63,7 +63,7 @@ def main():
     rows = []
     for limit_text in a.limits:
         limit = parse_size(limit_text)
-        budget = str(int(limit * 0.9))
+        budget = str(int(limit * 0.8))
         runs = {
             "llama.cpp": ["llama.cpp", str(model), "--decode", str(a.decode)],
             "edgeseek": ["edgeseek", str(model), "--budget", budget, "--decode", str(a.decode)],

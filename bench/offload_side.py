@@ -48,11 +48,13 @@ def run_edgeseek(path: str, budget: str | None, n_decode: int, prefetch: bool) -
     m = e.model
     if prefetch:
         m.prefetch_experts = True
-    seq = sequence(m.config.vocab_size, 8 + n_decode)
+    seq = sequence(m.config.vocab_size, 10 + n_decode)
     cache = m.new_cache()
     m.forward(seq[:8], cache)
+    for tok in seq[8:10]:  # untimed: numba loads the one-token kernels from its cache
+        m.forward(np.array([tok]), cache)
     r0, t = io_read_bytes(), time.perf_counter()
-    for tok in seq[8:]:
+    for tok in seq[10:]:
         m.forward(np.array([tok]), cache)
     dt = time.perf_counter() - t
     out = {"load_s": load_s, "decode_tps": n_decode / dt, "disk_read_per_token": (io_read_bytes() - r0) / n_decode,
@@ -78,10 +80,12 @@ def run_llama_cpp(path: str, n_decode: int, threads: int = 2) -> dict:
     llm = llama_cpp.Llama(path, n_ctx=64 + n_decode, n_threads=threads, n_threads_batch=threads, use_mmap=True,
                           verbose=False)
     load_s = time.perf_counter() - t0
-    seq = sequence(llm.n_vocab(), 8 + n_decode).tolist()
+    seq = sequence(llm.n_vocab(), 10 + n_decode).tolist()
     llm.eval(seq[:8])
+    for tok in seq[8:10]:  # untimed, as edgeseek's
+        llm.eval([tok])
     r0, t = io_read_bytes(), time.perf_counter()
-    for tok in seq[8:]:
+    for tok in seq[10:]:
         llm.eval([tok])
     dt = time.perf_counter() - t
     return {"load_s": load_s, "decode_tps": n_decode / dt, "disk_read_per_token": (io_read_bytes() - r0) / n_decode,

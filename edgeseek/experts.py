@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import mmap
 import os
 import re
 import time
@@ -27,6 +28,7 @@ from edgeseek.quantize.matrix import packed_nbytes
 from .errors import BudgetError, EdgeseekError, GGUFError
 
 KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and sizes: multiples of the logical block size
 
 
 class ExpertStore:
@@ -199,22 +201,6 @@ def plan_budget(gguf, budget: int, kv_cache_bytes: int, n_used: int, io_threads:
 # --- the cached store ----------------------------------------------------------------------------
 
 
-def _release_freed_memory_promptly() -> None:
-    """glibc serves a large allocation from mmap and returns it to the system when freed, until a
-    freed one raises its threshold: from then on blocks of an expert's size come from the heaps of
-    the reader threads and stay there once freed, and the resident set creeps past the budget.
-    A fixed threshold keeps every expert-sized block on mmap."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator decides
-
-
 def profile_path(gguf) -> Path:
     """Where the expert-usage profile of this model file is kept (the user's cache directory)."""
     root = Path(os.environ.get("EDGESEEK_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -233,6 +219,20 @@ def load_profile(path: Path, n_layer: int, n_expert: int) -> np.ndarray | None:
     return counts if counts.shape == (n_layer, n_expert) else None
 
 
+class _ExpertRead:
+    """The pending reads of one expert's gate, up and down matrices."""
+
+    def __init__(self, futures: list[Future]):
+        self.futures = futures
+
+    def result(self) -> list[np.ndarray]:
+        return [f.result() for f in self.futures]
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+
 class CachedExpertStore(ExpertStore):
     """Routed experts read from the GGUF file on demand into a cache of at most `capacity_bytes`.
 
@@ -249,19 +249,25 @@ class CachedExpertStore(ExpertStore):
                  io_threads: int = 8, decay: float = 0.98, pin_fraction: float = 0.5,
                  profile: np.ndarray | None = None, profile_file: Path | None = None,
                  prefetch_cap: int = 12, drop_page_cache: bool = True, budget_bytes: int | None = None,
-                 reserve_bytes: int = 0):
+                 reserve_bytes: int = 0, direct_io: bool = True):
         self.gguf, self.path = gguf, gguf.path
         self.n_layer, self.n_expert = n_layer, n_expert
         self.tensors = {}
         for i in range(n_layer):
             if gguf.has(f"blk.{i}.ffn_gate_exps.weight"):
                 self.tensors[i] = _expert_tensors(gguf, i, n_expert, n_embd, n_ff_exp)
-        _release_freed_memory_promptly()
         self.fd = os.open(self.path, os.O_RDONLY)
+        self.file_size = os.fstat(self.fd).st_size
+        self.fd_direct = None
+        if direct_io and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd_direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                pass  # tmpfs and some file systems have no O_DIRECT
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="edgeseek-io")
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self.cache: dict[tuple[int, int], tuple[QMatrix, QMatrix, QMatrix]] = {}
-        self.pending: dict[tuple[int, int], Future] = {}
+        self.pending: dict[tuple[int, int], _ExpertRead] = {}
         self.prefetched: set[tuple[int, int]] = set()
         self.prefetch_cap = prefetch_cap
         self.capacity_bytes = capacity_bytes
@@ -289,30 +295,52 @@ class CachedExpertStore(ExpertStore):
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _read(self, layer: int, e: int) -> list[np.ndarray]:
-        """The file bytes of expert e of `layer`: three (rows, row_bytes) uint8 arrays. Runs on a pool thread."""
-        out = []
+    def _read_one(self, t, e: int) -> np.ndarray:
+        """Expert e's rows of the stacked tensor t: (rows, row_bytes) uint8. Runs on a pool thread."""
         t0 = time.perf_counter()
-        for t in self.tensors[layer]:
-            n = t.n_bytes // self.n_expert
-            off = t.offset + e * n
-            buf = bytearray(n)
-            view, done = memoryview(buf), 0
-            while done < n:
-                got = os.preadv(self.fd, [view[done:]], off + done)
-                if got <= 0:
-                    raise GGUFError(f"{self.path}: short read of {t.name} expert {e} at byte {off + done}")
-                done += got
-            if self.drop_page_cache:  # the packed copy is what we keep: leave no second copy in the page cache
-                os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
-            out.append(np.frombuffer(buf, np.uint8).reshape(t.raw.shape[1:]))
+        n = t.n_bytes // self.n_expert
+        raw = self._pread(t.offset + e * n, n, f"{t.name} expert {e}").reshape(t.raw.shape[1:])
         self.read_seconds += time.perf_counter() - t0
-        return out
+        return raw
 
-    def _start(self, key: tuple[int, int]) -> Future:
+    def _read(self, layer: int, e: int) -> list[np.ndarray]:
+        """The file bytes of expert e of `layer`: three (rows, row_bytes) uint8 arrays."""
+        return [self._read_one(t, e) for t in self.tensors[layer]]
+
+    def _pread(self, off: int, n: int, what: str) -> np.ndarray:
+        """n bytes at off. With O_DIRECT the read goes from the disk straight into a page-aligned
+        anonymous buffer: no page-cache copy to reclaim (under a memory limit, reclaiming it is what
+        stalls a reader) and no second copy of the bytes; else a plain pread, then the page cache
+        is told to drop what was read."""
+        if self.fd_direct is not None:
+            start = off // DIRECT_ALIGN * DIRECT_ALIGN
+            size = -(-(off + n - start) // DIRECT_ALIGN) * DIRECT_ALIGN
+            buf = mmap.mmap(-1, size)
+            try:
+                self._fill(self.fd_direct, memoryview(buf), start, what, min(size, self.file_size - start))
+                return np.frombuffer(buf, np.uint8, count=n, offset=off - start)
+            except OSError:
+                self.fd_direct = None  # the file system refuses O_DIRECT after all: plain reads from now on
+        buf = bytearray(n)
+        self._fill(self.fd, memoryview(buf), off, what, n)
+        if self.drop_page_cache:
+            os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        return np.frombuffer(buf, np.uint8)
+
+    def _fill(self, fd: int, view: memoryview, off: int, what: str, need: int) -> None:
+        done = 0
+        while done < need:
+            got = os.preadv(fd, [view[done:]], off + done)
+            if got <= 0:
+                raise GGUFError(f"{self.path}: short read of {what} at byte {off + done} (file truncated?)")
+            done += got
+
+    def _start(self, key: tuple[int, int]) -> "_ExpertRead":
+        """The reads of an expert's three matrices, each on its own pool thread."""
         f = self.pending.get(key)
         if f is None:
-            f = self.pending[key] = self.pool.submit(self._read, *key)
+            layer, e = key
+            f = self.pending[key] = _ExpertRead([self.pool.submit(self._read_one, t, e) for t in self.tensors[layer]])
         return f
 
     def _pack(self, key: tuple[int, int], raws: list[np.ndarray]) -> tuple[QMatrix, QMatrix, QMatrix]:
@@ -493,6 +521,8 @@ class CachedExpertStore(ExpertStore):
         self.save_profile()
         self.pool.shutdown(wait=True, cancel_futures=True)
         os.close(self.fd)
+        if self.fd_direct is not None:
+            os.close(self.fd_direct)
 
 
 # --- the profile as a picture ------------------------------------------------------------------

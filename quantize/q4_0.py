@@ -160,8 +160,11 @@ class Q4_0(QuantFormat):
 
     def pack(self, raw):
         b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 18)
-        qs = tiles.to_tiles(tiles.words(b, 2, 18))  # (n_tiles, nb, 4, TILE) uint32
-        return tiles.Packed(qs, tiles.NONE, tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.NONE, b.shape[0])
+        n, nb = b.shape[:2]
+        qs, d = tiles.tiled(n, nb, 4), tiles.tiled(n, nb, dtype=np.float32)  # (n_tiles, nb, 4, TILE) uint32
+        tiles.tile_words(b, 2, qs)
+        tiles.tile_fp16(b, 0, d)
+        return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
 
     def matvec(self, packed, x):
         return self.matmul(packed, x)[0]

@@ -149,7 +149,7 @@ def _pack(raw3, qs, sc, mn, d, dmin):
                         qs[t, b, g, l, i] = blk[16 + 32 * g + l]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _pack_words(raw3, qs, sc, mn, d, dmin):
     # as _pack, with qs (n_tiles, nb, 4, 8, VTILE, 4) uint8: word w of group g of each row
     n = raw3.shape[0]

@@ -50,6 +50,18 @@ def spread_fifth_bits(qh: np.ndarray) -> np.ndarray:
     return _SPREAD[0][b[..., 0]] | _SPREAD[1][b[..., 1]] | _SPREAD[2][b[..., 2]] | _SPREAD[3][b[..., 3]]
 
 
+@njit(cache=True, nogil=True)
+def _tile_fifth_bits(blocks, o, spread, out):
+    # out[t, b, i] = spread_fifth_bits of the qh word at byte o of block b of row t * TILE + i
+    n = blocks.shape[0]
+    for t in range(out.shape[0]):
+        for b in range(blocks.shape[1]):
+            for i in range(min(tiles.TILE, n - t * tiles.TILE)):
+                r = t * tiles.TILE + i
+                out[t, b, i] = (spread[0, blocks[r, b, o]] | spread[1, blocks[r, b, o + 1]]
+                                | spread[2, blocks[r, b, o + 2]] | spread[3, blocks[r, b, o + 3]])
+
+
 @njit(cache=True, inline="always")
 def _shift(h, a):
     return (h >> uint32(a)) if a >= 0 else (h << uint32(-a))
@@ -289,12 +301,18 @@ class _Q5(QuantFormat):
 
     def pack(self, raw):
         b = tiles.blocks_of(raw, self.type_size)  # (N, nb, 22 or 24)
+        n, nb = b.shape[:2]
         o = self.qh_offset
-        return tiles.Packed(tiles.to_tiles(tiles.words(b, o + 4, o + 20)),  # (n_tiles, nb, 4, TILE)
-                            tiles.to_tiles(spread_fifth_bits(tiles.words(b, o, o + 4)[..., 0])),  # (n_tiles, nb, TILE)
-                            tiles.to_tiles(tiles.fp16_field(b, 0)),
-                            tiles.to_tiles(tiles.fp16_field(b, 2)) if self.has_min else tiles.NONE,
-                            b.shape[0])
+        qs, qh = tiles.tiled(n, nb, 4), tiles.tiled(n, nb)  # (n_tiles, nb, 4, TILE), (n_tiles, nb, TILE)
+        tiles.tile_words(b, o + 4, qs)
+        _tile_fifth_bits(b, o, _SPREAD, qh)
+        d = tiles.tiled(n, nb, dtype=np.float32)
+        tiles.tile_fp16(b, 0, d)
+        m = tiles.NONE
+        if self.has_min:
+            m = tiles.tiled(n, nb, dtype=np.float32)
+            tiles.tile_fp16(b, 2, m)
+        return tiles.Packed(qs, qh, d, m, n)
 
 
 class Q5_0(_Q5):

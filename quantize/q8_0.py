@@ -97,8 +97,11 @@ class Q8_0(QuantFormat):
 
     def pack(self, raw):
         b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 34)
-        qs = tiles.to_tiles(b[..., 2:] ^ np.uint8(0x80))  # (n_tiles, nb, 32, TILE) uint8: q + 128
-        return tiles.Packed(qs, tiles.NONE, tiles.to_tiles(tiles.fp16_field(b, 0)), tiles.NONE, b.shape[0])
+        n, nb = b.shape[:2]
+        qs, d = tiles.tiled(n, nb, 32, dtype=np.uint8), tiles.tiled(n, nb, dtype=np.float32)
+        tiles.tile_bytes(b, 2, np.uint8(0x80), qs)  # (n_tiles, nb, 32, TILE) uint8: q + 128
+        tiles.tile_fp16(b, 0, d)
+        return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
 
     def matvec(self, packed, x):
         return tiles.matvec(_matmul, packed, x)

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from numba import njit
+
 from .activations import QK, quantize_q8
 
 TILE = 64  # rows per tile: 4 zmm registers of int32 lanes; small enough to balance 576-row matrices
@@ -71,6 +73,64 @@ def words(blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
 def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     """The fp16 at byte `offset` of each block, as float32: (N, nb, type_size) -> (N, nb)."""
     return np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+# --- packing in one pass (numba, without the GIL: expert stores pack on their reader threads) ----
+
+
+# Loops run over the rows of a tile innermost: the writes are sequential and the rows' blocks
+# being read stay in L1 across the words of a block.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, nogil=True)
+def tile_words(blocks, start, out):
+    """out[t, b, w, i] = little-endian uint32 at byte start + 4w of block b of row t * TILE + i:
+    blocks (N, nb, type_size) uint8, out (n_tiles, nb, words, TILE) uint32 (zeroed padding rows)."""
+    n = blocks.shape[0]
+    for t in range(out.shape[0]):
+        rows = min(TILE, n - t * TILE)
+        for b in range(blocks.shape[1]):
+            for w in range(out.shape[2]):
+                o = start + 4 * w
+                for i in range(rows):
+                    r = t * TILE + i
+                    out[t, b, w, i] = (np.uint32(blocks[r, b, o]) | (np.uint32(blocks[r, b, o + 1]) << np.uint32(8))
+                                       | (np.uint32(blocks[r, b, o + 2]) << np.uint32(16))
+                                       | (np.uint32(blocks[r, b, o + 3]) << np.uint32(24)))
+
+
+@njit(cache=True, nogil=True)
+def tile_bytes(blocks, start, flip, out):
+    """out[t, b, j, i] = byte start + j of block b of row t * TILE + i, xor flip: (n_tiles, nb, n, TILE) uint8."""
+    n = blocks.shape[0]
+    for t in range(out.shape[0]):
+        rows = min(TILE, n - t * TILE)
+        for b in range(blocks.shape[1]):
+            for j in range(out.shape[2]):
+                for i in range(rows):
+                    out[t, b, j, i] = blocks[t * TILE + i, b, start + j] ^ flip
+
+
+@njit(cache=True, nogil=True)
+def _tile_fp16(blocks, offset, table, out):
+    n = blocks.shape[0]
+    for t in range(out.shape[0]):
+        rows = min(TILE, n - t * TILE)
+        for b in range(blocks.shape[1]):
+            for i in range(rows):
+                r = t * TILE + i
+                out[t, b, i] = table[np.int64(blocks[r, b, offset]) | (np.int64(blocks[r, b, offset + 1]) << 8)]
+
+
+def tile_fp16(blocks, offset, out):
+    """out[t, b, i] = the fp16 at byte offset of block b of row t * TILE + i, as float32."""
+    _tile_fp16(blocks, offset, F16_TO_F32, out)
+
+
+def tiled(n: int, nb: int, *inner, dtype=np.uint32) -> np.ndarray:
+    """Zeros of shape (n_tiles, nb, *inner, TILE) for a matrix of n rows."""
+    return np.zeros((-(-n // TILE), nb, *inner, TILE), dtype)
 
 
 # --- the Python side of the kernels ---------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Batch throughput on the DeepSeek-V2-Lite-shaped file: 32 prompts, edgeseek with 8 sequences in
+flight (one forward pass per step for all of them: each routed expert read once for every sequence
+routed to it) against the same prompts one at a time, and against llama.cpp one at a time; same
+threads, same run. Greedy, a fixed number of new tokens per prompt (end-of-sequence ignored), so
+every side produces the same number of tokens.
+
+    python bench/bench_batch.py [--kind q4_0] [--prompts 32] [--tokens 24] [--parallel 8]
+
+Writes bench/results/batch.json and prints a markdown table. Each side runs in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def prompts(n: int) -> list[str]:
+    topics = ["the sea", "a mountain", "bread", "a library", "rain", "a train", "the moon", "a garden"]
+    return [f"Request {i}: write two sentences about {topics[i % len(topics)]}." for i in range(n)]
+
+
+def side_edgeseek(model: str, n: int, tokens: int, parallel: int) -> dict:
+    import edgeseek
+    from edgeseek import batch as B
+    from edgeseek.sampler import SamplerConfig
+
+    engine = edgeseek.load(model, n_ctx=256)
+    engine.model.pack(engine.gguf)
+    engine.tokenizer.stop_ids = frozenset()  # a fixed number of tokens per request
+    reqs = [B.Request(f"r{i}", i, "completion", p, tokens, SamplerConfig.greedy(), []) for i, p in
+            enumerate(prompts(n))]
+    warm = [B.Request("w", 0, "completion", "warm up", 2, SamplerConfig.greedy(), [])]
+    B.run(engine, warm * parallel, lambda line: None, parallel=parallel)  # numba loads its kernels
+    out = []
+    t = time.perf_counter()
+    B.run(engine, reqs, out.append, parallel=parallel)
+    dt = time.perf_counter() - t
+    n_tok = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in out)
+    return {"seconds": dt, "completion_tokens": n_tok, "tokens_per_s": n_tok / dt}
+
+
+def side_llama_cpp(model: str, n: int, tokens: int) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model, n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False)
+    llm.create_completion("warm up", max_tokens=2, temperature=0)
+    n_tok = 0
+    t = time.perf_counter()
+    for p in prompts(n):
+        r = llm.create_completion(p, max_tokens=tokens, temperature=0, logit_bias={llm.token_eos(): -1e9})
+        n_tok += r["usage"]["completion_tokens"]
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "completion_tokens": n_tok, "tokens_per_s": n_tok / dt}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", default="q4_0")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--side", choices=["edgeseek", "llama.cpp"])
+    p.add_argument("--out", type=Path, default=HERE / "results" / "batch.json")
+    a = p.parse_args()
+    model = str(HERE / "data" / f"v2lite-{a.kind}.gguf")
+    if a.side == "edgeseek":
+        print(json.dumps(side_edgeseek(model, a.prompts, a.tokens, a.parallel)))
+        return
+    if a.side == "llama.cpp":
+        print(json.dumps(side_llama_cpp(model, a.prompts, a.tokens)))
+        return
+
+    def run(args):
+        done = subprocess.run([sys.executable, __file__, *args, "--kind", a.kind, "--prompts", str(a.prompts),
+                               "--tokens", str(a.tokens)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows = {f"edgeseek, {a.parallel} in flight": run(["--side", "edgeseek", "--parallel", str(a.parallel)]),
+            "edgeseek, one at a time": run(["--side", "edgeseek", "--parallel", "1"]),
+            "llama.cpp, one at a time": run(["--side", "llama.cpp"])}
+    base = rows["llama.cpp, one at a time"]["tokens_per_s"]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": Path(model).name, "prompts": a.prompts, "tokens_per_prompt": a.tokens,
+                                 "threads": 2, "runs": rows}, indent=1))
+    print("| run | tokens | seconds | tokens/s | vs llama.cpp |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['completion_tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.2f} | "
+              f"{r['tokens_per_s'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

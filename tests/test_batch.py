@@ -1,0 +1,136 @@
+"""`edgeseek batch` on the real SmolLM2 model: OpenAI batch lines and short forms, error lines,
+resuming an interrupted run, and several sequences in one forward pass giving what one at a time
+gives."""
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import edgeseek
+from edgeseek import batch as B
+from edgeseek.app.cli import app
+from edgeseek.sampler import SamplerConfig
+
+runner = CliRunner()
+
+GOOD = [
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 12, "temperature": 0}},
+    {"custom_id": "q2", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0},
+    {"custom_id": "q3", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10,
+     "temperature": 0},
+    {"custom_id": "q4", "method": "POST", "url": "/v1/completions",
+     "body": {"prompt": "One, two, three,", "max_tokens": 8, "temperature": 0, "stop": [" six"]}},
+]
+
+
+def _write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _texts(rows):
+    out = {}
+    for r in rows:
+        if r["response"]:
+            c = r["response"]["body"]["choices"][0]
+            out[r["custom_id"]] = c.get("text", c.get("message", {}).get("content"))
+    return out
+
+
+def test_mixed_file_good_and_bad_lines(smollm2_path, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, [GOOD[0], GOOD[1], "{not json", {"custom_id": "q1", "prompt": "again"},
+                 {"custom_id": "q5", "method": "POST", "url": "/v1/chat/completions"}, GOOD[2]])
+    r = runner.invoke(app, ["batch", str(smollm2_path), str(src), "-o", str(dst)])
+    assert r.exit_code == 1, r.output  # some lines failed
+    rows = _read(dst)
+    assert len(rows) == 6
+    errors = {r["error"]["line"]: r for r in rows if r["error"]}
+    assert set(errors) == {3, 4, 5}
+    assert "invalid JSON" in errors[3]["error"]["message"] and errors[3]["custom_id"] is None
+    assert "duplicate custom_id 'q1'" in errors[4]["error"]["message"]
+    assert errors[5]["custom_id"] == "q5" and "missing body" in errors[5]["error"]["message"]
+    ok = [r for r in rows if r["response"]]
+    assert sorted(r["custom_id"] for r in ok) == ["q1", "q2", "q3"]
+    chat = next(r for r in ok if r["custom_id"] == "q1")["response"]["body"]
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["usage"]["completion_tokens"] <= 12 and chat["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_interrupted_run_resumes_each_id_exactly_once(smollm2_path, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, GOOD + ["{broken"])
+    engine = edgeseek.load(smollm2_path, n_ctx=512)
+    reqs, bad = B.read_requests(src.read_text().splitlines(), SamplerConfig(), 16)
+    written = []
+
+    def emit(line):  # the process dies after the second answer
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(line)
+        with open(dst, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    with pytest.raises(KeyboardInterrupt):
+        B.run(engine, reqs, emit, parallel=2)
+    assert len(_read(dst)) == 2
+    r = runner.invoke(app, ["batch", str(smollm2_path), str(src), "-o", str(dst)])
+    assert r.exit_code == 1, r.output  # the broken line
+    rows = _read(dst)
+    ids = [r["custom_id"] for r in rows if r["response"]]
+    assert sorted(ids) == ["q1", "q2", "q3", "q4"]  # each exactly once
+    assert [r["error"]["line"] for r in rows if r["error"]] == [5]
+    again = runner.invoke(app, ["batch", str(smollm2_path), str(src), "-o", str(dst)])
+    assert again.exit_code == 0 and "Nothing to do" in again.output
+    assert len(_read(dst)) == 5
+
+
+def test_sequences_decoded_together_match_one_at_a_time(smollm2_path, tmp_path):
+    src = tmp_path / "in.jsonl"
+    _write(src, GOOD)
+    outs = {}
+    for p in (1, 4):
+        dst = tmp_path / f"out{p}.jsonl"
+        r = runner.invoke(app, ["batch", str(smollm2_path), str(src), "-o", str(dst), "-P", str(p)])
+        assert r.exit_code == 0, r.output
+        outs[p] = _texts(_read(dst))
+    assert outs[1] == outs[4] and len(outs[1]) == 4
+    assert " six" not in outs[1]["q4"]  # the stop string ends the reply and is not shown
+
+
+def test_forward_rows_equals_separate_decode(smollm2_path):
+    m = edgeseek.load(smollm2_path, n_ctx=64).model
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, m.config.vocab_size, n).astype(np.int32) for n in (3, 7, 5)]
+    want = []
+    for s in seqs:
+        c = m.new_cache()
+        m.forward(s[:-1], c)
+        want.append(m.forward(s[-1:], c)[0])
+    caches = []
+    for s in seqs:
+        c = m.new_cache()
+        m.forward(s[:-1], c)
+        caches.append(c)
+    got = m.forward_rows(np.array([s[-1] for s in seqs]), caches)
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert [c.pos for c in caches] == [3, 7, 5]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"custom_id": "x", "prompt": "hi", "max_tokens": 0}', "max_tokens must be a positive integer"),
+    ('{"custom_id": "x", "prompt": "hi", "temperature": "hot"}', "temperature must be a number"),
+    ('{"custom_id": "x", "method": "GET", "url": "/v1/chat/completions", "body": {}}', "method must be POST"),
+    ('{"custom_id": "x", "url": "/v1/embeddings", "body": {"input": "a"}}', "unsupported url"),
+    ('{"prompt": "hi"}', "missing custom_id"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"custom_id": "x", "messages": [{"role": "user"}]}', "messages must be a non-empty list"),
+])
+def test_bad_lines_name_the_problem(line, message):
+    r = B.parse_line(line, 7, SamplerConfig(), 16)
+    assert isinstance(r, B.BadLine) and message in r.message and r.message.startswith("line 7:")
