@@ -1,4 +1,4 @@
-"""The `edgeseek` command: chat, generate, convert, inspect, pull, list.
+"""The `edgeseek` command: chat, generate, batch, convert, inspect, experts, bench, pull, list.
 
 All terminal rendering lives here; the engine below only yields text and stats.
 Data goes to stdout, messages and progress to stderr; user mistakes exit non-zero with one line.
@@ -82,7 +82,9 @@ def _stats_line(r, engine) -> str:
     line = (f"[ prompt: {r.prompt_tokens} tok, {r.prompt_tps:.1f} t/s | generation: {r.generation_tokens} tok, "
             f"{r.generation_tps:.1f} t/s | first token {r.ttft:.2f} s")
     s = engine.expert_stats()
-    if s:
+    if s and "expert_hit_rate" not in s:  # the whole file mapped: no cache to speak of
+        line += f" | RSS {s['resident_bytes'] / 2**30:.2f} GiB"
+    elif s:
         line += (f" | experts: {100 * s['expert_hit_rate']:.0f}% hits, "
                  f"{s['bytes_read_per_token'] / 2**20:.0f} MiB read/token | RSS {s['resident_bytes'] / 2**30:.2f} GiB")
     return line + " ]"
@@ -402,15 +404,36 @@ def _set_option(session, name: str, value: str) -> None:
 def inspect(
     model: str = typer.Argument(..., help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ram_budget: Optional[str] = typer.Option(None, "--ram-budget", envvar="EDGESEEK_RAM_BUDGET",
+                                             help="Also show how this budget would be split (expert cache size)."),
+    ctx: int = CTX,
 ):
-    """Show a model's architecture, size, tensor types and chat template.
+    """Show a model's architecture, size (parameters total and active per token), tensor types and
+    chat template; with --ram-budget, what the budget leaves for the expert cache.
 
-    Example: edgeseek inspect model.gguf --json
+    Examples:
+      edgeseek inspect model.gguf --json
+      edgeseek inspect DeepSeek-V2-Lite-Q4_K_M.gguf --ram-budget 4G
     """
     from edgeseek import hub
     from edgeseek.inspect import describe
 
-    info = describe(hub.resolve(model))
+    path = hub.resolve(model)
+    info = describe(path)
+    if ram_budget:
+        from edgeseek.engine import kv_cache_bytes
+        from edgeseek.errors import BudgetError
+        from edgeseek.experts import parse_size, plan_budget
+        from edgeseek.gguf_file import GGUFFile
+
+        g = GGUFFile(path)
+        try:
+            plan = plan_budget(g, parse_size(ram_budget), kv_cache_bytes(g, min(ctx, info["context_length"] or ctx)),
+                               g.arch_meta("expert_used_count", 0), 8)
+            info["ram_budget"] = {"budget": plan.budget, "expert_cache_bytes": plan.expert_cache,
+                                  "expert_slots": plan.expert_slots, "split": plan.describe()}
+        except BudgetError as e:
+            info["ram_budget"] = {"budget": parse_size(ram_budget), "refused": str(e)}
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -420,6 +443,8 @@ def inspect(
     for key, value in info.items():
         if key in ("tensor_types", "chat_template"):
             continue
+        if key == "ram_budget":
+            value = value.get("split") or value.get("refused")
         table.add_row(key, str(value))
     out.print(table)
     types = Table("type", "tensors", "bytes")
@@ -491,6 +516,33 @@ def _heatmap(counts, name: str) -> None:
                 line.append(" ", style=f"on rgb({r},{g},{b})")
         out.print(line)
     out.print(f"      experts 0..{counts.shape[1] - 1}; colour: use relative to the layer's busiest")
+
+
+BENCHES = {"runtime": "bench_runtime.py", "offload": "bench_offload.py", "batch": "bench_batch.py",
+           "convert": "bench_convert.py", "kernels": "bench_kernels.py"}
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          scenario: str = typer.Argument(..., help="One of: " + ", ".join(BENCHES) + "."),
+          ):
+    """Run a benchmark of bench/ beside llama.cpp (needs the source checkout and the package's
+    "bench" extra); further options go to the script.
+
+    Examples:
+      edgeseek bench runtime
+      edgeseek bench offload --limits 4G
+      edgeseek bench kernels
+    """
+    import subprocess
+
+    script = BENCHES.get(scenario)
+    if script is None:
+        _fail(f"unknown benchmark {scenario!r}; known: {', '.join(BENCHES)}")
+    path = Path(__file__).resolve().parent / "bench" / script
+    if not path.exists():
+        _fail(f"{path}: not found; the benchmarks come with edgeseek's source checkout")
+    raise typer.Exit(subprocess.call([sys.executable, str(path), *ctx.args]))
 
 
 @app.command("list")

@@ -91,6 +91,9 @@ class MmapExpertStore(ExpertStore):
         self.counts = np.zeros((n_layer, n_expert), np.int64) if n_layer else None
         self.profile_file = profile_file
 
+    def stats(self) -> dict:
+        return {"resident_bytes": resident_set_bytes()}
+
     def experts(self, layer: int, ids: np.ndarray):
         result = []
         tensors = None
