@@ -102,12 +102,15 @@ def _f16(values: np.ndarray) -> np.ndarray:
 
 
 def output_std(name: str) -> float:
-    """Weights that write into the residual stream (attention and FFN outputs) are kept 40x smaller
-    than the others, so that each token's hidden state stays its own through the layers. With
+    """Weights that write into the residual stream (attention and FFN outputs) are kept 200x smaller
+    than the others and the token embeddings 10x larger, so that each token's hidden state stays
+    its own through the layers. With
     random weights attention is nearly uniform, and full-size outputs would soon give every token
     the same hidden state, the same routing and the same next token: nothing like a real model,
     whose experts vary from token to token."""
-    return TARGET_STD / 40 if name.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight",
+    if name == "token_embd.weight":
+        return TARGET_STD * 10
+    return TARGET_STD / 200 if name.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight",
                                              "ffn_down_shexp.weight")) else TARGET_STD
 
 

@@ -222,6 +222,85 @@ def load_profile(path: Path, n_layer: int, n_expert: int) -> np.ndarray | None:
     return counts if counts.shape == (n_layer, n_expert) else None
 
 
+class AgingFrequency:
+    """Eviction by frequency with exponential aging: an expert's score is the sum over its uses of
+    decay^(tokens since that use), so a burst of use fades and steady use stays. Kept in the
+    order-preserving form sum g^-t (g = decay, t the token of each use), which never needs
+    rescoring as tokens pass; a heap of (score, key) with stale entries skipped finds the lowest."""
+
+    def __init__(self, decay: float = 0.98):
+        self.growth = 1.0 / decay
+        self.boost = 1.0  # g^-now
+        self.score: dict = {}
+        self.heap: list = []
+
+    def use(self, key, cached: bool) -> None:
+        s = self.score.get(key, 0.0) + self.boost
+        self.score[key] = s
+        if cached:
+            heapq.heappush(self.heap, (s, key))
+
+    def head_start(self, key, value: float) -> None:
+        self.score[key] = value
+
+    def admit(self, key) -> None:
+        heapq.heappush(self.heap, (self.score.get(key, 0.0), key))
+
+    def victim(self, cached, keep: set):
+        """The cached key of lowest score outside `keep`, or None."""
+        skipped, found = [], None
+        while self.heap:
+            s, key = heapq.heappop(self.heap)
+            if key not in cached or s != self.score.get(key, 0.0):
+                continue  # stale entry
+            if key in keep:
+                skipped.append((s, key))
+                continue
+            found = key
+            break
+        for item in skipped:
+            heapq.heappush(self.heap, item)
+        return found
+
+    def tick(self, cached) -> None:
+        self.boost *= self.growth
+        if self.boost > 1e100:  # renormalize; the order of scores is unchanged
+            scale = 1.0 / self.boost
+            self.score = {k: v * scale for k, v in self.score.items()}
+            self.heap = [(self.score[k], k) for k in cached]
+            heapq.heapify(self.heap)
+            self.boost = 1.0
+
+
+class LeastRecentlyUsed:
+    """Plain LRU, the baseline the aging policy is measured against (bench/bench_policy.py)."""
+
+    def __init__(self):
+        from collections import OrderedDict
+        self.order = OrderedDict()
+
+    def use(self, key, cached: bool) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def head_start(self, key, value: float) -> None:
+        pass
+
+    def admit(self, key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def victim(self, cached, keep: set):
+        for key in self.order:
+            if key in cached and key not in keep:
+                del self.order[key]
+                return key
+        return None
+
+    def tick(self, cached) -> None:
+        pass
+
+
 class _ExpertRead:
     """The pending reads of one expert's gate, up and down matrices."""
 
@@ -252,7 +331,7 @@ class CachedExpertStore(ExpertStore):
                  io_threads: int = 8, decay: float = 0.98, pin_fraction: float = 0.5,
                  profile: np.ndarray | None = None, profile_file: Path | None = None,
                  prefetch_cap: int = 12, drop_page_cache: bool = True, budget_bytes: int | None = None,
-                 reserve_bytes: int = 0, direct_io: bool = True):
+                 reserve_bytes: int = 0, direct_io: bool = True, policy=None):
         self.gguf, self.path = gguf, gguf.path
         self.n_layer, self.n_expert = n_layer, n_expert
         self.tensors = {}
@@ -279,12 +358,7 @@ class CachedExpertStore(ExpertStore):
         self.budget_bytes, self.reserve_bytes = budget_bytes, reserve_bytes
         self.expert_bytes = 0  # one expert packed; measured on the first one
         self.bytes_cached = 0
-        # frequency with aging: score = sum of g^-t over the ticks t of its uses (order-preserving
-        # form of sum g^(now - t)); a heap of (score, key) with stale entries skipped
-        self.growth = 1.0 / decay
-        self.tick, self.boost = 0, 1.0
-        self.score: dict[tuple[int, int], float] = {}
-        self.heap: list[tuple[float, tuple[int, int]]] = []
+        self.policy = policy or AgingFrequency(decay)
         self.pinned: set[tuple[int, int]] = set()
         self.counts = np.zeros((n_layer, n_expert), np.int64)
         self.profile_file = profile_file
@@ -358,10 +432,7 @@ class CachedExpertStore(ExpertStore):
     # -- the policy ---------------------------------------------------------------------------------
 
     def _use(self, key: tuple[int, int]) -> None:
-        s = self.score.get(key, 0.0) + self.boost
-        self.score[key] = s
-        if key in self.cache:
-            heapq.heappush(self.heap, (s, key))
+        self.policy.use(key, key in self.cache)
 
     def _insert(self, key, triple, in_use: set) -> None:
         size = sum(m.resident_bytes for m in triple)
@@ -371,25 +442,15 @@ class CachedExpertStore(ExpertStore):
             return  # everything left is pinned or in use: serve this one without keeping it
         self.cache[key] = triple
         self.bytes_cached += size
-        heapq.heappush(self.heap, (self.score.get(key, 0.0), key))
+        self.policy.admit(key)
 
     def _evict(self, in_use: set) -> bool:
-        skipped = []
-        found = False
-        while self.heap:
-            s, key = heapq.heappop(self.heap)
-            if key not in self.cache or s != self.score.get(key, 0.0):
-                continue  # stale entry
-            if key in in_use or key in self.pinned:
-                skipped.append((s, key))
-                continue
-            triple = self.cache.pop(key)
-            self.bytes_cached -= sum(m.resident_bytes for m in triple)
-            found = True
-            break
-        for item in skipped:
-            heapq.heappush(self.heap, item)
-        return found
+        key = self.policy.victim(self.cache, in_use | self.pinned)
+        if key is None:
+            return False
+        triple = self.cache.pop(key)
+        self.bytes_cached -= sum(m.resident_bytes for m in triple)
+        return True
 
     def _fit_budget(self) -> None:
         rss = resident_set_bytes("RssAnon")  # mapped-file pages are reclaimable: not counted
@@ -402,15 +463,8 @@ class CachedExpertStore(ExpertStore):
         """One token passed: later uses weigh 1/decay times more than earlier ones."""
         if self.budget_bytes is not None:
             self._fit_budget()
-        self.tick += 1
         self.tokens += 1
-        self.boost *= self.growth
-        if self.boost > 1e100:  # renormalize; the order of scores is unchanged
-            scale = 1.0 / self.boost
-            self.score = {k: v * scale for k, v in self.score.items()}
-            self.heap = [(self.score[k], k) for k in self.cache]
-            heapq.heapify(self.heap)
-            self.boost = 1.0
+        self.policy.tick(self.cache)
         if self.profile_file is not None and self.tokens % 256 == 0:
             self.save_profile()
 
@@ -492,7 +546,7 @@ class CachedExpertStore(ExpertStore):
         futures = [(key, self._start(key)) for key in keys[1:n]]
         total = float(profile.sum())
         for idx, (key, f) in enumerate([(keys[0], None)] + futures):
-            self.score[key] = float(profile[key]) / total  # a head start, below one real use
+            self.policy.head_start(key, float(profile[key]) / total)  # below one real use
             raws = None if f is None else f.result()
             self.pending.pop(key, None)
             self._insert(key, first if f is None else self._pack(key, raws), set())
