@@ -146,7 +146,7 @@ def generate(
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
     except KeyboardInterrupt:
-        err.print("\n[interrupted]")
+        err.print("\n[interrupted]", markup=False)
         raise typer.Exit(130)
     if as_json:
         print(json.dumps({
@@ -328,7 +328,7 @@ def _reply(session, text: str) -> None:
                     out.print(part, end="", markup=False)
     except KeyboardInterrupt:
         out.print()
-        err.print("[stopped]")
+        err.print("[stopped]", markup=False)
         return
     finally:
         if not started:

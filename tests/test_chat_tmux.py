@@ -36,7 +36,7 @@ def test_chat_in_a_terminal_with_ctrl_c(smollm2_path):
     cmd = f"{exe} chat {smollm2_path} --temp 0 -n 400; echo EXITED $?; sleep 30"
     assert _tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "50", cmd).returncode == 0
     try:
-        _wait_for(session, lambda s: "loaded in" in s and ">>> " in s)
+        _wait_for(session, lambda s: "loaded in" in s and s.rstrip().endswith(">>>"))
         _tmux("send-keys", "-t", session, "Write a very long story about a dragon who learns to bake bread.", "Enter")
         # the reply streams: wait for some of it, then stop it
         _wait_for(session, lambda s: len(s.split("bread.", 1)[-1].strip()) > 40)
