@@ -18,20 +18,29 @@ import numpy as np
 from edgeseek_side import peak_rss
 
 
+def disable_repack() -> None:
+    """Turn off llama.cpp's weight repacking into anonymous memory ("extra buffer types") for the
+    models this process loads next: llama-cpp-python has no option for it, so the default model
+    parameters it builds from are patched."""
+    import llama_cpp
+
+    default_params = llama_cpp.llama_model_default_params
+
+    def no_repack():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = no_repack
+    llama_cpp.llama.llama_cpp.llama_model_default_params = no_repack
+
+
 def run(path: str, n_prefill: int = 512, n_prompt: int = 32, n_decode: int = 128, threads: int = 2,
         repack: bool = True, mmap: bool = True, seed: int = 0) -> dict:
     import llama_cpp
 
     if not repack:
-        default_params = llama_cpp.llama_model_default_params
-
-        def no_repack():
-            p = default_params()
-            p.use_extra_bufts = False
-            return p
-
-        llama_cpp.llama_model_default_params = no_repack
-        llama_cpp.llama.llama_cpp.llama_model_default_params = no_repack
+        disable_repack()
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(path, n_ctx=max(n_prefill, n_prompt + n_decode) + 8, n_batch=512, n_ubatch=512,
                           n_threads=threads, n_threads_batch=threads, use_mmap=mmap, verbose=False)

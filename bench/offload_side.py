@@ -16,20 +16,15 @@ import time
 
 import numpy as np
 
+from edgeseek_side import peak_rss
+from llama_cpp_side import disable_repack
+
 
 def io_read_bytes() -> int:
     with open("/proc/self/io") as f:
         for line in f:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
-    return 0
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
     return 0
 
 
@@ -67,15 +62,7 @@ def run_edgeseek(path: str, budget: str | None, n_decode: int, prefetch: bool) -
 def run_llama_cpp(path: str, n_decode: int, threads: int = 2) -> dict:
     import llama_cpp
 
-    default_params = llama_cpp.llama_model_default_params
-
-    def no_repack():  # repacking copies the weights into anonymous memory: no mmap left to page
-        p = default_params()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_model_default_params = no_repack
-    llama_cpp.llama.llama_cpp.llama_model_default_params = no_repack
+    disable_repack()  # repacking copies the weights into anonymous memory: no mmap left to page
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(path, n_ctx=64 + n_decode, n_threads=threads, n_threads_batch=threads, use_mmap=True,
                           verbose=False)

@@ -84,32 +84,27 @@ def load_i(typingctx, ary, index):
     return VI(ary, index), codegen
 
 
-@intrinsic
-def load_u8(typingctx, ary, index):
-    """Bytes ary.flat[index : index + 16] of a uint8 array, zero-extended to 16 int32 lanes."""
-    _check_array(ary, (types.uint8,))
+def _byte_loader(dtype, extend: str, doc: str):
+    @intrinsic
+    def load(typingctx, ary, index):
+        _check_array(ary, (dtype,))
 
-    def codegen(context, builder, sig, args):
-        idx = context.cast(builder, args[1], sig.args[1], types.intp)
-        v = builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx,
-                                   ir.VectorType(ir.IntType(8), LANES)), align=1)
-        return builder.zext(v, _VI)
+        def codegen(context, builder, sig, args):
+            idx = context.cast(builder, args[1], sig.args[1], types.intp)
+            v = builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx,
+                                       ir.VectorType(ir.IntType(8), LANES)), align=1)
+            return getattr(builder, extend)(v, _VI)
 
-    return VI(ary, index), codegen
+        return VI(ary, index), codegen
+
+    load.__doc__ = doc
+    return load
 
 
-@intrinsic
-def load_i8(typingctx, ary, index):
-    """Bytes ary.flat[index : index + 16] of an int8 array, sign-extended to 16 int32 lanes."""
-    _check_array(ary, (types.int8,))
-
-    def codegen(context, builder, sig, args):
-        idx = context.cast(builder, args[1], sig.args[1], types.intp)
-        v = builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx,
-                                   ir.VectorType(ir.IntType(8), LANES)), align=1)
-        return builder.sext(v, _VI)
-
-    return VI(ary, index), codegen
+load_u8 = _byte_loader(types.uint8, "zext", "Bytes ary.flat[index : index + 16] of a uint8 array, zero-extended "
+                                            "to 16 int32 lanes.")
+load_i8 = _byte_loader(types.int8, "sext", "Bytes ary.flat[index : index + 16] of an int8 array, sign-extended "
+                                           "to 16 int32 lanes.")
 
 
 @intrinsic
