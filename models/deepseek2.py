@@ -20,8 +20,8 @@ import numpy as np
 from edgeseek.errors import GGUFError
 from edgeseek.experts import MmapExpertStore, profile_path
 
-from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, rms_norm, rope_freqs, softmax, vector,
-                     yarn_freqs)
+from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, per_head, rms_norm, rope_freqs, softmax,
+                     vector, yarn_freqs)
 from .moe import RouterConfig, moe, route
 
 
@@ -203,7 +203,7 @@ class DeepSeek2Model(DecoderModel):
             q = L.attn_q(h)
         q = q.reshape(T, H, N + R)  # each head: [nope N | rope R]
         q_pe = self.rope(q[:, :, N:], pos)  # (T, H, R)
-        q_lat = np.einsum("hcn,thn->thc", L.attn_k_b, q[:, :, :N])  # (T, H, C)
+        q_lat = per_head(L.attn_k_b, q[:, :, :N])  # (T, H, C)
         kv = L.attn_kv_a_mqa(h)  # (T, C + R): [latent | k_pe]
         return q_lat, q_pe, rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
 
@@ -221,7 +221,7 @@ class DeepSeek2Model(DecoderModel):
         return softmax(scores) @ lat  # (T, H, C)
 
     def _output(self, L: Layer, o_lat: np.ndarray) -> np.ndarray:
-        o = np.einsum("hvc,thc->thv", L.attn_v_b, o_lat)  # (T, H, V)
+        o = per_head(L.attn_v_b, o_lat)  # (T, H, V)
         return L.attn_output(o.reshape(len(o), -1))
 
     def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
