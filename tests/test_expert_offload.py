@@ -168,3 +168,55 @@ def test_model_twice_the_memory_limit_runs_inside_it(tmp_path):
     assert got["next_ids"] == want["next_ids"]
     s = got["stats"]
     assert s["bytes_read"] > 0 and 0 < s["expert_hit_rate"] < 1
+
+
+# --- the profile on the command line --------------------------------------------------------
+
+
+def test_experts_command_shows_the_recorded_profile(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edgeseek.app.cli import app
+
+    monkeypatch.setenv("EDGESEEK_CACHE", str(tmp_path / "cache"))
+    model = str(FIXTURES / "v3-q8_0.gguf")
+    runner = CliRunner()
+    r = runner.invoke(app, ["experts", model])
+    assert r.exit_code == 1 and "no expert-usage profile" in r.output
+    import edgeseek
+    e = edgeseek.load(model, n_ctx=32)
+    edgeseek.generate(e, "hello there", max_tokens=6, sampler=edgeseek.SamplerConfig.greedy())
+    e.close()  # saves the profile (the CLI closes its engine at exit)
+    store_closed = runner.invoke(app, ["experts", model, "--json"])
+    assert store_closed.exit_code == 0, store_closed.output
+    data = json.loads(store_closed.stdout)
+    counts = np.array(data["counts"])
+    assert counts.shape == (3, 16) and counts[0].sum() == 0 and counts[1:].sum() > 0  # layer 0 is dense
+    png = tmp_path / "experts.png"
+    r = runner.invoke(app, ["experts", model, "--png", str(png)])
+    assert r.exit_code == 0, r.output
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 16 * 8  # 16 experts x 8 px
+
+
+def test_experts_command_refuses_a_dense_model(smollm2_path):
+    from typer.testing import CliRunner
+
+    from edgeseek.app.cli import app
+
+    r = CliRunner().invoke(app, ["experts", str(smollm2_path)])
+    assert r.exit_code == 1 and "not a mixture-of-experts model" in r.output
+
+
+def test_inspect_shows_what_a_budget_leaves_for_experts():
+    from typer.testing import CliRunner
+
+    from edgeseek.app.cli import app
+
+    model = str(FIXTURES / "v2lite27-q8_0.gguf")
+    r = CliRunner().invoke(app, ["inspect", model, "--json", "--ram-budget", "2G"])
+    assert r.exit_code == 0, r.output
+    b = json.loads(r.stdout)["ram_budget"]
+    assert b["budget"] == 2 << 30 and b["expert_cache_bytes"] > 0 and "expert cache" in b["split"]
+    r = CliRunner().invoke(app, ["inspect", model, "--json", "--ram-budget", "16M"])
+    assert "needs at least" in json.loads(r.stdout)["ram_budget"]["refused"]
