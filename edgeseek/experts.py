@@ -65,6 +65,11 @@ class ExpertStore:
         yields the experts it holds first and the others as their reads complete."""
         yield from enumerate(self.experts(layer, ids))
 
+    def fetch_groups(self, layer: int, ids: np.ndarray):
+        """Lists of (j, triple) that are ready together: everything at once here; a store that
+        reads from disk gives the experts it holds as one list, then each other as it lands."""
+        yield list(self.fetch(layer, ids))
+
     def prefetch(self, layer: int, ids: np.ndarray) -> None:
         """A hint: these experts of `layer` are likely next. Stores that read from disk may start."""
 
@@ -476,7 +481,11 @@ class CachedExpertStore(ExpertStore):
             out[j] = triple
         return out
 
-    def fetch(self, layer: int, ids: np.ndarray, n_tokens: int = 1):
+    def fetch(self, layer: int, ids: np.ndarray):
+        for group in self.fetch_groups(layer, ids):
+            yield from group
+
+    def fetch_groups(self, layer: int, ids: np.ndarray):
         if layer not in self.tensors:
             raise GGUFError(f"{self.path}: layer {layer} has no routed experts")
         keys = [(layer, int(e)) for e in ids.tolist()]
@@ -498,8 +507,8 @@ class CachedExpertStore(ExpertStore):
                 if key in self.prefetched:
                     self.n_prefetch_used += 1
                 waiting.append((j, self._start(key)))
-        for j in ready:  # computed while the reads run
-            yield j, self.cache[keys[j]]
+        if ready:  # computed while the reads run
+            yield [(j, self.cache[keys[j]]) for j in ready]
         for j, f in waiting:
             raws = f.result()
             key = keys[j]
@@ -507,7 +516,7 @@ class CachedExpertStore(ExpertStore):
             self.prefetched.discard(key)
             triple = self._pack(key, raws)
             self._insert(key, triple, in_use)
-            yield j, triple
+            yield [(j, triple)]
         self._drop_stale_prefetches(layer)
 
     def prefetch(self, layer: int, ids: np.ndarray) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange, uint32
 
-from . import tiles
+from . import activations, tiles
 from .registry import QuantFormat
 from .simd import HAVE_VNNI, add_f, band, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
@@ -67,43 +67,59 @@ def _matmul(p, xq, xd, xsum, xs, y):
         y[t] = acc
 
 
+@njit(cache=True, inline="always")
+def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
+    # Tile t times activation row k into y.flat[yo : yo + TILE]. Byte i of word g holds values
+    # 4g + i (low nibble) and 16 + 4g + i (high nibble), so masking the word gives four unsigned
+    # bytes that vpdpbusd multiplies with the four int8 activations of an int32 word of xw and adds
+    # into each row's lane. qs (n_tiles, nb, 4, TILE) uint32, d (n_tiles, nb, TILE); xw (T, K / 4)
+    # int32 words of int8 activations; xd, xsum (T, nb). TILE = 64: four 16-lane chunks.
+    nb = qs.shape[1]
+    low = splat_i(0x0F0F0F0F)
+    a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+    for b in range(nb):
+        s0 = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
+        s1, s2, s3 = s0, s0, s0
+        for g in range(4):
+            lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
+            o = ((t * nb + b) * 4 + g) * tiles.TILE
+            v = load_i(qs, o)
+            s0 = dpbusd(dpbusd(s0, band(v, low), lo), band(srl(v, 4), low), hi)
+            v = load_i(qs, o + 16)
+            s1 = dpbusd(dpbusd(s1, band(v, low), lo), band(srl(v, 4), low), hi)
+            v = load_i(qs, o + 32)
+            s2 = dpbusd(dpbusd(s2, band(v, low), lo), band(srl(v, 4), low), hi)
+            v = load_i(qs, o + 48)
+            s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
+        dx = splat_f(xd[k, b])
+        o = (t * nb + b) * tiles.TILE
+        a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_f(d, o), dx)))
+        a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)))
+        a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)))
+        a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)))
+    store_f(y, yo, a0)
+    store_f(y, yo + 16, a1)
+    store_f(y, yo + 32, a2)
+    store_f(y, yo + 48, a3)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_vnni(qs, d, xw, xd, xsum, y):
-    # The same products, four values at a time: byte i of word g holds values 4g + i (low nibble)
-    # and 16 + 4g + i (high nibble), so masking the word gives four unsigned bytes that vpdpbusd
-    # multiplies with the four int8 activations of an int32 word of xw and adds into each row's
-    # lane. qs (n_tiles, nb, 4, TILE) uint32, d (n_tiles, nb, TILE); xw (T, K / 4) int32 words of
-    # int8 activations; xd, xsum (T, nb); y (n_tiles, T, TILE). TILE = 64: four 16-lane chunks.
-    nt, nb, n_tok = qs.shape[0], qs.shape[1], xw.shape[0]
-    low = splat_i(0x0F0F0F0F)
+    # y (n_tiles, T, TILE)
+    nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
-            for b in range(nb):
-                s0 = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
-                s1, s2, s3 = s0, s0, s0
-                for g in range(4):
-                    lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
-                    o = ((t * nb + b) * 4 + g) * tiles.TILE
-                    v = load_i(qs, o)
-                    s0 = dpbusd(dpbusd(s0, band(v, low), lo), band(srl(v, 4), low), hi)
-                    v = load_i(qs, o + 16)
-                    s1 = dpbusd(dpbusd(s1, band(v, low), lo), band(srl(v, 4), low), hi)
-                    v = load_i(qs, o + 32)
-                    s2 = dpbusd(dpbusd(s2, band(v, low), lo), band(srl(v, 4), low), hi)
-                    v = load_i(qs, o + 48)
-                    s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
-                dx = splat_f(xd[k, b])
-                o = (t * nb + b) * tiles.TILE
-                a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_f(d, o), dx)))
-                a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)))
-                a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)))
-                a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)))
-            o = (t * n_tok + k) * tiles.TILE
-            store_f(y, o, a0)
-            store_f(y, o + 16, a1)
-            store_f(y, o + 32, a2)
-            store_f(y, o + 48, a3)
+            _tile_vnni(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
+    # Several matrices of one shape in one parallel region: matrix j (qss[j], ds[j]) times
+    # activation row rows[j] -> y[j] (n_tiles, TILE). qss, ds: tuples of arrays.
+    nt = qss[0].shape[0]
+    for job in prange(len(qss) * nt):
+        j, t = job // nt, job % nt
+        _tile_vnni(qss[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE)
 
 
 @njit(parallel=True, cache=True)
@@ -173,3 +189,12 @@ class Q4_0(QuantFormat):
         if HAVE_VNNI:
             return tiles.matmul_vnni(_matmul_vnni, packed, x)
         return tiles.matmul(_matmul, packed, x)
+
+    def matmul_many(self, packeds, x, rows):
+        if not HAVE_VNNI:
+            return None
+        a = activations.quantize_q8(np.ascontiguousarray(x, dtype=np.float32), np.int8)
+        y = np.empty((len(packeds), packeds[0].qs.shape[0], tiles.TILE), np.float32)
+        _matmul_vnni_many(tuple(p.qs for p in packeds), tuple(p.d for p in packeds), np.asarray(rows, np.int64),
+                          a.q.view(np.int32), a.d, a.sums, y)
+        return y.reshape(len(packeds), -1)[:, :packeds[0].n]

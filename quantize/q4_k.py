@@ -260,39 +260,55 @@ def _matmul(qs, sc, mn, d, dmin, xq, xd, bsums, y):
         y[t] = acc
 
 
+@njit(cache=True, inline="always")
+def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo):
+    # Tile t (16 rows, one vector) times activation row k into y.flat[yo : yo + 16]. The products
+    # four values at a time (simd.dpbusd): word w of group g holds values 64g + 4w + i (low nibbles,
+    # sub-block 2g) and 64g + 32 + 4w + i (high nibbles, sub-block 2g + 1); int32 sums per
+    # sub-block, times the 6-bit scales; the mins against Q8_K's block sums. qs (n_tiles, nb, 4, 8,
+    # 16) uint32; sc, mn (n_tiles, nb, 8, 16) uint8; d, dmin (n_tiles, nb, 16); xw (T, K / 4) int32
+    # words of int8; bsums (T, nb, 16).
+    nb = qs.shape[1]
+    low = splat_i(0x0F0F0F0F)
+    acc = zero_f()
+    for b in range(nb):
+        isum = zero_i()
+        for g in range(4):
+            lo, hi = zero_i(), zero_i()
+            o = ((t * nb + b) * 4 + g) * 8 * VTILE
+            xo = 64 * b + 16 * g
+            for w in range(8):
+                v = load_i(qs, o + w * VTILE)
+                lo = dpbusd(lo, band(v, low), splat_i(xw[k, xo + w]))
+                hi = dpbusd(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
+            so = ((t * nb + b) * 8 + 2 * g) * VTILE
+            isum = add_i(isum, add_i(mul_i(lo, load_u8(sc, so)), mul_i(hi, load_u8(sc, so + VTILE))))
+        msum = zero_i()
+        for j in range(8):
+            bs = splat_i(bsums[k, b, 2 * j] + bsums[k, b, 2 * j + 1])
+            msum = add_i(msum, mul_i(load_u8(mn, ((t * nb + b) * 8 + j) * VTILE), bs))
+        o = (t * nb + b) * VTILE
+        part = sub_f(mul_f(load_f(d, o), to_f(isum)), mul_f(load_f(dmin, o), to_f(msum)))
+        acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
+    store_f(y, yo, acc)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_vnni(qs, sc, mn, d, dmin, xw, xd, bsums, y):
-    # The products four values at a time (simd.dpbusd): word w of group g holds values 64g + 4w + i
-    # (low nibbles, sub-block 2g) and 64g + 32 + 4w + i (high nibbles, sub-block 2g + 1); int32
-    # sums per sub-block, times the 6-bit scales; the mins against Q8_K's block sums. One tile is
-    # 16 rows, one vector. qs (n_tiles, nb, 4, 8, 16) uint32; sc, mn (n_tiles, nb, 8, 16) uint8;
-    # d, dmin (n_tiles, nb, 16); xw (T, K / 4) int32 words of int8; bsums (T, nb, 16);
-    # y (n_tiles, T, 16).
-    nt, nb, n_tok = qs.shape[0], qs.shape[1], xw.shape[0]
-    low = splat_i(0x0F0F0F0F)
+    # y (n_tiles, T, 16)
+    nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            acc = zero_f()
-            for b in range(nb):
-                isum = zero_i()
-                for g in range(4):
-                    lo, hi = zero_i(), zero_i()
-                    o = ((t * nb + b) * 4 + g) * 8 * VTILE
-                    xo = 64 * b + 16 * g
-                    for w in range(8):
-                        v = load_i(qs, o + w * VTILE)
-                        lo = dpbusd(lo, band(v, low), splat_i(xw[k, xo + w]))
-                        hi = dpbusd(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
-                    so = ((t * nb + b) * 8 + 2 * g) * VTILE
-                    isum = add_i(isum, add_i(mul_i(lo, load_u8(sc, so)), mul_i(hi, load_u8(sc, so + VTILE))))
-                msum = zero_i()
-                for j in range(8):
-                    bs = splat_i(bsums[k, b, 2 * j] + bsums[k, b, 2 * j + 1])
-                    msum = add_i(msum, mul_i(load_u8(mn, ((t * nb + b) * 8 + j) * VTILE), bs))
-                o = (t * nb + b) * VTILE
-                part = sub_f(mul_f(load_f(d, o), to_f(isum)), mul_f(load_f(dmin, o), to_f(msum)))
-                acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
-            store_f(y, (t * n_tok + k) * VTILE, acc)
+            _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, (t * n_tok + k) * VTILE)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni_many(qss, scs, mns, ds, dmins, rows, xw, xd, bsums, y):
+    # matrix j times activation row rows[j] -> y[j] (n_tiles, 16); the arguments are tuples of arrays
+    nt = qss[0].shape[0]
+    for job in prange(len(qss) * nt):
+        j, t = job // nt, job % nt
+        _tile_vnni(qss[j], scs[j], mns[j], ds[j], dmins[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE)
 
 
 def matvec(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
@@ -340,3 +356,13 @@ class Q4_K(QuantFormat):
 
     def matmul(self, packed: PackedQ4K, x: np.ndarray) -> np.ndarray:
         return matmul(packed, check_rows(x, "Q4_K matmul", packed.d.shape[1] * QK_K, 2))
+
+    def matmul_many(self, packeds, x, rows):
+        if not HAVE_VNNI:
+            return None
+        x = check_rows(x, "Q4_K matmul", packeds[0].d.shape[1] * QK_K, 2)
+        xq, xd, bsums = q8_k.quantize(x)
+        y = np.empty((len(packeds), packeds[0].qs.shape[0], VTILE), np.float32)
+        _matmul_vnni_many(*(tuple(getattr(p, f) for p in packeds) for f in ("qs", "sc", "mn", "d", "dmin")),
+                          np.asarray(rows, np.int64), xq.view(np.int32), xd, bsums.reshape(x.shape[0], -1, 16), y)
+        return y.reshape(len(packeds), -1)[:, : packeds[0].n]

@@ -147,27 +147,42 @@ def _scaled(acc, s, d, o, dx):
     return add_f(acc, mul_f(to_f(s), mul_f(load_f(d, o), dx)))
 
 
+@njit(cache=True, inline="always")
+def _tile_q5_0_vnni(qs, qh, d, t, xw, xd, xsum, k, y, yo):
+    # tile t times activation row k into y.flat[yo : yo + TILE]; the four 16-row chunks of the
+    # tile advance together, so that the tile's bytes are read in order
+    nb = qs.shape[1]
+    a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+    for b in range(nb):
+        o, oh = (t * nb + b) * 4 * tiles.TILE, (t * nb + b) * tiles.TILE
+        s = splat_i(np.int32(-16) * xsum[k, b])  # the -16 of every quant
+        dx = splat_f(xd[k, b])
+        a0 = _scaled(a0, _chunk5(qs, qh, o, oh, xw, k, b, s), d, oh, dx)
+        a1 = _scaled(a1, _chunk5(qs, qh, o + 16, oh + 16, xw, k, b, s), d, oh + 16, dx)
+        a2 = _scaled(a2, _chunk5(qs, qh, o + 32, oh + 32, xw, k, b, s), d, oh + 32, dx)
+        a3 = _scaled(a3, _chunk5(qs, qh, o + 48, oh + 48, xw, k, b, s), d, oh + 48, dx)
+    store_f(y, yo, a0)
+    store_f(y, yo + 16, a1)
+    store_f(y, yo + 32, a2)
+    store_f(y, yo + 48, a3)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_q5_0_vnni(qs, qh, d, xw, xd, xsum, y):
-    # _matmul_q5_0 on simd.dpbusd; xw (T, K / 4) int32 words of int8. The four 16-row chunks of a
-    # tile advance together, so that the tile's bytes are read in order.
-    nt, nb, n_tok = qs.shape[0], qs.shape[1], xw.shape[0]
+    # _matmul_q5_0 on simd.dpbusd; xw (T, K / 4) int32 words of int8; y (n_tiles, T, TILE)
+    nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
-            for b in range(nb):
-                o, oh = (t * nb + b) * 4 * tiles.TILE, (t * nb + b) * tiles.TILE
-                s = splat_i(np.int32(-16) * xsum[k, b])  # the -16 of every quant
-                dx = splat_f(xd[k, b])
-                a0 = _scaled(a0, _chunk5(qs, qh, o, oh, xw, k, b, s), d, oh, dx)
-                a1 = _scaled(a1, _chunk5(qs, qh, o + 16, oh + 16, xw, k, b, s), d, oh + 16, dx)
-                a2 = _scaled(a2, _chunk5(qs, qh, o + 32, oh + 32, xw, k, b, s), d, oh + 32, dx)
-                a3 = _scaled(a3, _chunk5(qs, qh, o + 48, oh + 48, xw, k, b, s), d, oh + 48, dx)
-            o = (t * n_tok + k) * tiles.TILE
-            store_f(y, o, a0)
-            store_f(y, o + 16, a1)
-            store_f(y, o + 32, a2)
-            store_f(y, o + 48, a3)
+            _tile_q5_0_vnni(qs, qh, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_q5_0_vnni_many(qss, qhs, ds, rows, xw, xd, xsum, y):
+    # matrix j times activation row rows[j] -> y[j] (n_tiles, TILE); the arguments are tuples of arrays
+    nt = qss[0].shape[0]
+    for job in prange(len(qss) * nt):
+        j, t = job // nt, job % nt
+        _tile_q5_0_vnni(qss[j], qhs[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE)
 
 
 @njit(cache=True, inline="always")
@@ -325,6 +340,15 @@ class Q5_0(_Q5):
         if HAVE_VNNI:
             return _run_vnni(_matmul_q5_0_vnni, packed, x, False)
         return tiles.matmul(_matmul_q5_0, packed, x)
+
+    def matmul_many(self, packeds, x, rows):
+        if not HAVE_VNNI:
+            return None
+        a = tiles.quantize_q8(np.ascontiguousarray(x, dtype=np.float32), np.int8)
+        y = np.empty((len(packeds), packeds[0].qs.shape[0], tiles.TILE), np.float32)
+        _matmul_q5_0_vnni_many(tuple(p.qs for p in packeds), tuple(p.qh for p in packeds), tuple(p.d for p in packeds),
+                               np.asarray(rows, np.int64), a.q.view(np.int32), a.d, a.sums, y)
+        return y.reshape(len(packeds), -1)[:, :packeds[0].n]
 
 
 class Q5_1(_Q5):

@@ -46,6 +46,12 @@ class QuantFormat:
         """Batched: x (T, K) float32 -> (T, N) float32 (prompt processing, several sequences)."""
         raise NotImplementedError
 
+    def matmul_many(self, packeds: list, x: np.ndarray, rows) -> np.ndarray | None:
+        """Several matrices of one shape at once (a layer's routed experts for one token): matrix j
+        times activation row rows[j] of x (R, K) -> (len(packeds), N), in one parallel region;
+        each row equal to what matvec gives. None where the format has no such kernel."""
+        return None
+
 
 def get_format(qtype) -> QuantFormat:
     fmt = FORMATS.get(GGMLQuantizationType(qtype))

@@ -7,6 +7,7 @@ vpdpbusd on a VNNI host (their results are checked format by format in test_quan
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -63,3 +64,38 @@ def test_format_kernels_compile_to_vpdpbusd(kind):
     fresh.compile(kernel.signatures[0])
     asm = fresh.inspect_asm(fresh.signatures[0])
     assert len(re.findall(r"\bvpdpbusd\b", asm)) >= 8
+
+
+@pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96))])
+def test_matmul_many_rows_equal_matvec(kind, shape):
+    """A layer's experts in one kernel call give, row for row, what each matrix gives alone."""
+    from gguf import GGMLQuantizationType as T
+
+    from edgeseek.quantize import QMatrix, get_format
+    fmt = get_format(T[kind])
+    rng = np.random.default_rng(5)
+    mats = [QMatrix(T[kind], fmt.quantize(rng.standard_normal(shape).astype(np.float32)).reshape(shape[0], -1), shape)
+            for _ in range(3)]
+    x = rng.standard_normal((2, shape[1])).astype(np.float32)
+    rows = [1, 0, 1]
+    got = fmt.matmul_many([m.packed for m in mats], x, rows)
+    if not HAVE_VNNI:
+        assert got is None
+        return
+    np.testing.assert_array_equal(got, np.stack([m(x[r]) for m, r in zip(mats, rows)]))
+
+
+def test_experts_of_one_token_equal_expert_by_expert():
+    from edgeseek.engine import load
+    from edgeseek.models.common import ffn
+    from edgeseek.models.moe import experts_one_token
+
+    eng = load(Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_k_m.gguf", n_ctx=16)
+    triples = eng.model.experts.experts(1, np.array([0, 3, 7, 9]))
+    x = np.random.default_rng(2).standard_normal((1, eng.model.config.n_embd)).astype(np.float32)
+    got = experts_one_token(x, triples)  # Q5_0 experts
+    want = np.concatenate([ffn(x, *t) for t in triples])
+    if not HAVE_VNNI:
+        assert got is None
+        return
+    np.testing.assert_array_equal(got, want)
