@@ -87,11 +87,13 @@ class Q4_1(QuantFormat):
 
     def pack(self, raw):
         b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 20)
-        return tiles.Packed(tiles.to_tiles(tiles.words(b, 4, 20)),  # (n_tiles, nb, 4, TILE) uint32
-                            tiles.NONE,
-                            tiles.to_tiles(tiles.fp16_field(b, 0)),
-                            tiles.to_tiles(tiles.fp16_field(b, 2)),
-                            b.shape[0])
+        n, nb = b.shape[:2]
+        qs = tiles.tiled(n, nb, 4)  # (n_tiles, nb, 4, TILE) uint32
+        d, m = tiles.tiled(n, nb, dtype=np.float32), tiles.tiled(n, nb, dtype=np.float32)
+        tiles.tile_words(b, 4, qs)
+        tiles.tile_fp16(b, 0, d)
+        tiles.tile_fp16(b, 2, m)
+        return tiles.Packed(qs, tiles.NONE, d, m, n)
 
     def matvec(self, packed, x):
         return tiles.matvec(_matmul, packed, x)

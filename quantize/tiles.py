@@ -56,26 +56,12 @@ def blocks_of(raw: np.ndarray, type_size: int) -> np.ndarray:
     return raw.reshape(raw.shape[0], -1, type_size)
 
 
-def to_tiles(a: np.ndarray) -> np.ndarray:
-    """(N, nb, *rest) -> (n_tiles, nb, *rest, TILE), rows padded with zeros to a whole tile."""
-    n = a.shape[0]
-    nt = -(-n // TILE)
-    padded = np.zeros((nt * TILE,) + a.shape[1:], a.dtype)
-    padded[:n] = a
-    return np.ascontiguousarray(np.moveaxis(padded.reshape((nt, TILE) + a.shape[1:]), 1, -1))
-
-
-def words(blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Bytes start:stop of each block as little-endian uint32 words: (N, nb, (stop - start) / 4)."""
-    return np.ascontiguousarray(blocks[..., start:stop]).view(np.uint32)
-
-
 def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     """The fp16 at byte `offset` of each block, as float32: (N, nb, type_size) -> (N, nb)."""
     return np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-# --- packing in one pass (numba, without the GIL: expert stores pack on their reader threads) ----
+# --- packing in one pass (numba, without the GIL, so that packing can run beside other threads) --
 
 
 # Loops run over the rows of a tile innermost: the writes are sequential and the rows' blocks
