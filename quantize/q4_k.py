@@ -132,6 +132,15 @@ class PackedQ4K(NamedTuple):
     n: int  # rows of the matrix (the last tile is padded with zero rows)
 
 
+@njit(cache=True, inline="always")
+def _pack_scales(blk, t, b, i, sc, mn, d, dmin):
+    # a block's d, dmin and 6-bit scales and mins into row i of tile t (either layout)
+    d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
+    dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
+    for j in range(8):
+        sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+
+
 @njit(parallel=True, cache=True)
 def _pack(raw3, qs, sc, mn, d, dmin):
     # raw3 (N, nb, 144) file blocks -> the PackedQ4K arrays; rows past N are left as they are
@@ -140,10 +149,7 @@ def _pack(raw3, qs, sc, mn, d, dmin):
         for b in range(qs.shape[1]):
             for i in range(min(TILE, n - t * TILE)):
                 blk = raw3[t * TILE + i, b]
-                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
-                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
-                for j in range(8):
-                    sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+                _pack_scales(blk, t, b, i, sc, mn, d, dmin)
                 for g in range(4):
                     for l in range(32):
                         qs[t, b, g, l, i] = blk[16 + 32 * g + l]
@@ -153,14 +159,11 @@ def _pack(raw3, qs, sc, mn, d, dmin):
 def _pack_words(raw3, qs, sc, mn, d, dmin):
     # as _pack, with qs (n_tiles, nb, 4, 8, VTILE, 4) uint8: word w of group g of each row
     n = raw3.shape[0]
-    for t in prange(qs.shape[0]):
+    for t in range(qs.shape[0]):
         for b in range(qs.shape[1]):
             for i in range(min(VTILE, n - t * VTILE)):
                 blk = raw3[t * VTILE + i, b]
-                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
-                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
-                for j in range(8):
-                    sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+                _pack_scales(blk, t, b, i, sc, mn, d, dmin)
                 for g in range(4):
                     for w in range(8):
                         for u in range(4):
