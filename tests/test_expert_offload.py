@@ -196,7 +196,7 @@ def test_experts_command_shows_the_recorded_profile(tmp_path, monkeypatch):
     r = runner.invoke(app, ["experts", model, "--png", str(png)])
     assert r.exit_code == 0, r.output
     head = png.read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 16 * 8  # 16 experts x 8 px
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"  # the figure itself: tests/test_plot.py
 
 
 def test_experts_command_refuses_a_dense_model(smollm2_path):
