@@ -40,37 +40,51 @@ def bf16_to_f32(h):
     return f32_from_bits(uint32(uint32(h) << uint32(16)))
 
 
-def _make_kernels(decode):
-    """matvec and chunk decoder for rows of stored floats; `decode` maps a stored value to float32."""
+# One kernel per stored type, written out: numba's cache cannot keep a closure over another
+# dispatcher (a kernel built around a `decode` argument), so such kernels were compiled anew in
+# every process. fastmath reassoc lets LLVM keep vector partial sums along a row (as llama.cpp's
+# ggml_vec_dot_f16 does). w (N, K) rows of the file, x (K,) float32 -> y (N,).
 
-    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def matvec(w, x, y):
-        # w (N, K) rows of the file, x (K,) float32 -> y (N,); reassoc lets LLVM keep
-        # vector partial sums along the row (as llama.cpp's ggml_vec_dot_f16 does)
-        for i in prange(w.shape[0]):
-            s = F32(0.0)
-            for k in range(w.shape[1]):
-                s += decode(w[i, k]) * x[k]
-            y[i] = s
-
-    @njit(parallel=True, cache=True)
-    def to_f32(w, out):
-        # w (n, K) rows of the file -> out (n, K) float32
-        for i in prange(w.shape[0]):
-            for k in range(w.shape[1]):
-                out[i, k] = decode(w[i, k])
-
-    return matvec, to_f32
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def _matvec_f32(w, x, y):
+    for i in prange(w.shape[0]):
+        s = F32(0.0)
+        for k in range(w.shape[1]):
+            s += w[i, k] * x[k]
+        y[i] = s
 
 
-@njit(cache=True, inline="always")
-def _same(v):
-    return v
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def _matvec_f16(w, x, y):
+    for i in prange(w.shape[0]):
+        s = F32(0.0)
+        for k in range(w.shape[1]):
+            s += f16_to_f32(w[i, k]) * x[k]
+        y[i] = s
 
 
-_matvec_f16, _to_f32_f16 = _make_kernels(f16_to_f32)
-_matvec_bf16, _to_f32_bf16 = _make_kernels(bf16_to_f32)
-_matvec_f32, _ = _make_kernels(_same)
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def _matvec_bf16(w, x, y):
+    for i in prange(w.shape[0]):
+        s = F32(0.0)
+        for k in range(w.shape[1]):
+            s += bf16_to_f32(w[i, k]) * x[k]
+        y[i] = s
+
+
+@njit(parallel=True, cache=True)
+def _to_f32_f16(w, out):
+    # w (n, K) rows of the file -> out (n, K) float32
+    for i in prange(w.shape[0]):
+        for k in range(w.shape[1]):
+            out[i, k] = f16_to_f32(w[i, k])
+
+
+@njit(parallel=True, cache=True)
+def _to_f32_bf16(w, out):
+    for i in prange(w.shape[0]):
+        for k in range(w.shape[1]):
+            out[i, k] = bf16_to_f32(w[i, k])
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:

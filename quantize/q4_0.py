@@ -64,7 +64,9 @@ def _matmul(p, xq, xd, xsum, xs, y):
                 dx = xd[k, b]
                 for r in range(tiles.TILE):
                     acc[k, r] += F32(np.int32(row_dot(p.qs, t, b, r, xq, k) - off)) * (p.d[t, b, r] * dx)
-        y[t] = acc
+        for k in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
+            for r in range(acc.shape[1]):  # shape-error path, seconds on a first run
+                y[t, k, r] = acc[k, r]
 
 
 @njit(cache=True, inline="always")

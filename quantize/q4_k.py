@@ -244,7 +244,8 @@ def _matvec(qs, sc, mn, d, dmin, xq, xd, bsums, y):
         for b in range(qs.shape[1]):
             _block_dot(qs[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
             _accumulate(acc, isum, mn[t, b], d[t, b], dmin[t, b], xd[b], bsums[b])
-        y[t] = acc
+        for r in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
+            y[t, r] = acc[r]  # shape-error path, seconds on a first run
 
 
 @njit(parallel=True, cache=True)
@@ -260,7 +261,9 @@ def _matmul(qs, sc, mn, d, dmin, xq, xd, bsums, y):
             for k in range(n_tok):
                 _block_dot(qs[t, b], sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
                 _accumulate(acc[k], isum, mn[t, b], d[t, b], dmin[t, b], xd[k, b], bsums[k, b])
-        y[t] = acc
+        for k in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
+            for r in range(acc.shape[1]):  # shape-error path, seconds on a first run
+                y[t, k, r] = acc[k, r]
 
 
 @njit(cache=True, inline="always")

@@ -284,7 +284,8 @@ def _matvec(q3, sc, d, xq, xd, bsums, y):
         for b in range(q3.shape[1]):
             _block_dot(q3[t, b], sc[t, b], xq[QK_K * b: QK_K * (b + 1)], isum)
             _accumulate(acc, isum, sc[t, b], d[t, b], xd[b], bsums[b])
-        y[t] = acc
+        for r in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
+            y[t, r] = acc[r]  # shape-error path, seconds on a first run
 
 
 @njit(cache=True)
@@ -316,7 +317,9 @@ def _matmul(q3, sc, d, xq, xd, bsums, y):
             for k in range(n_tok):
                 dot_levels16(lv, sc[t, b], xq[k, QK_K * b: QK_K * (b + 1)], isum)
                 _accumulate(acc[k], isum, sc[t, b], d[t, b], xd[k, b], bsums[k, b])
-        y[t] = acc
+        for k in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
+            for r in range(acc.shape[1]):  # shape-error path, seconds on a first run
+                y[t, k, r] = acc[k, r]
 
 
 def matvec(p: PackedQ6K, x: np.ndarray) -> np.ndarray:

@@ -43,7 +43,9 @@ def _matmul(p, xq, xd, xsum, xs, y):
                     s = np.int32(np.int32(_part(qs, t, b, r, xq, k, 0) + _part(qs, t, b, r, xq, k, 8))
                                  + np.int32(_part(qs, t, b, r, xq, k, 16) + _part(qs, t, b, r, xq, k, 24)))
                     acc[k, r] += F32(np.int32(s - off)) * (p.d[t, b, r] * dx)
-        y[t] = acc
+        for k in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
+            for r in range(acc.shape[1]):  # shape-error path, seconds on a first run
+                y[t, k, r] = acc[k, r]
 
 
 @njit(parallel=True, cache=True)

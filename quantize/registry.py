@@ -52,6 +52,28 @@ class QuantFormat:
         each row equal to what matvec gives. None where the format has no such kernel."""
         return None
 
+    # --- compiling ------------------------------------------------------------------------------
+    def warmup(self, n_many: int = 0) -> None:
+        """Run each kernel of the format once on a small matrix, so that numba compiles it (or loads
+        it from its cache) now rather than at the first token: with the argument types the model
+        passes (a read-only matrix as the file's mmap gives it, or a writable copy; one and two
+        activation rows; `n_many` matrices in one matmul_many call, a decode step's experts)."""
+        rng = np.random.default_rng(0)
+        rows, k = 64, 256  # one tile of rows; whole blocks of every format, K-quants' 256 included
+        # (rows, row_bytes) of random bytes: the values do not matter, and quantizing would compile
+        # the quantizer, which running a model never needs
+        raw = rng.integers(0, 256, (rows, k // self.block_size * self.type_size), dtype=np.uint8)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        mapped = raw.copy()
+        mapped.setflags(write=False)
+        for r in (raw, mapped):
+            packed = self.pack(r)
+            self.dequantize(r[:1].reshape(-1, self.type_size))
+        self.matvec(packed, x[0])
+        self.matmul(packed, x)
+        if n_many > 1:
+            self.matmul_many([packed] * n_many, x[:1], [0] * n_many)
+
 
 def get_format(qtype) -> QuantFormat:
     fmt = FORMATS.get(GGMLQuantizationType(qtype))

@@ -1,0 +1,78 @@
+"""The numba kernels a model file needs, compiled at load time rather than at its first token.
+
+numba compiles a kernel the first time it is called with new argument types and keeps the machine
+code in its cache (beside the sources, or under NUMBA_CACHE_DIR); later runs load it in
+milliseconds. So the first run after an install compiles every kernel of the file's formats:
+seconds each, ~10 s for SmolLM2's Q4_1 + Q8_0 + F32 on 2 cores. `prepare` does it at load time
+and says so through `notify` the moment the first compilation starts. numba's compiler holds the
+GIL, so threads do not overlap it; processes do: once a compilation shows the cache is cold, the
+other formats compile in worker processes while this one compiles the first, and this process
+then loads their code from the cache.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Callable, Iterable
+
+import numpy as np
+from numba.core import event
+
+from edgeseek.quantize.registry import get_format
+
+
+def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | None = None,
+            extra: Callable[[], None] | None = None, workers: int | None = None) -> bool:
+    """Compile (or load from numba's cache) the kernels of these quant types, and those `extra`
+    runs (a model's own); True if any kernel had to be compiled. `n_many`: experts per decode
+    step, for the formats' matmul_many kernels."""
+    # block formats first (their kernels take longest), then the float ones
+    formats = sorted({get_format(q) for q in qtypes}, key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16",
+                                                                     f.qtype.name))
+    workers = (os.cpu_count() or 1) - 1 if workers is None else workers
+    listener = _FirstCompile(lambda: _on_cold(formats, n_many, notify, workers, listener))
+    with event.install_listener("numba:run_pass", listener), np.errstate(all="ignore"):
+        if formats:
+            formats[0].warmup(n_many)
+        if extra is not None:
+            extra()
+        if listener.pool is not None:
+            for f in listener.futures:
+                f.result()  # a worker's error (out of memory, a compiler failure) surfaces here
+            listener.pool.shutdown()
+        for fmt in formats[1:]:
+            fmt.warmup(n_many)  # from the cache the workers filled, or compiled here
+    return listener.fired
+
+
+class _FirstCompile(event.Listener):
+    """Calls `on_first` when the first compiler pass runs (a kernel loaded from the cache runs
+    none); later events pass."""
+
+    def __init__(self, on_first: Callable[[], None]):
+        self.on_first, self.fired = on_first, False
+        self.pool, self.futures = None, []
+
+    def on_start(self, ev):
+        if not self.fired:
+            self.fired = True
+            self.on_first()
+
+    def on_end(self, ev):
+        pass
+
+
+def _on_cold(formats, n_many, notify, workers, listener: _FirstCompile) -> None:
+    if notify is not None:
+        notify(f"compiling kernels for {', '.join(f.qtype.name for f in formats)} (first run only)")
+    rest = formats[1:]
+    if rest and workers > 0:
+        # spawn, not fork: a forked child would inherit numba's half-finished compilation state
+        listener.pool = ProcessPoolExecutor(min(workers, len(rest)), mp_context=get_context("spawn"))
+        listener.futures = [listener.pool.submit(_warm, f.qtype.value, n_many) for f in rest]
+
+
+def _warm(qtype: int, n_many: int) -> None:
+    with np.errstate(all="ignore"):
+        get_format(qtype).warmup(n_many)
