@@ -14,7 +14,6 @@ import argparse
 import json
 import time
 
-import edgeseek  # noqa: F401  (first: it settles the BLAS thread count before numpy loads)
 import numpy as np
 
 

@@ -5,14 +5,6 @@
     for r in edgeseek.stream_generate(engine, "Hello", max_tokens=32):
         print(r.text, end="")
 """
-import os
-
-# numba's threads run the kernels; a second pool of BLAS threads (numpy's attention products) on
-# the same few cores spins against them: decode fell from 9 to 2 tokens/s once those products grew
-# past OpenBLAS's threading threshold. Set before numpy loads its BLAS; a caller can override.
-for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
 __version__ = "0.1.0"
 
 

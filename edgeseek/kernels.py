@@ -17,6 +17,7 @@ from multiprocessing import get_context
 from typing import Callable, Iterable
 
 import numpy as np
+import threadpoolctl
 from numba.core import event
 
 from edgeseek.quantize.registry import get_format
@@ -28,6 +29,7 @@ def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | N
     runs (a model's own); True if any kernel had to be compiled. `n_many`: experts per decode
     step, for the formats' matmul_many kernels."""
     # block formats first (their kernels take longest), then the float ones
+    one_blas_thread()
     formats = sorted({get_format(q) for q in qtypes}, key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16",
                                                                      f.qtype.name))
     workers = (os.cpu_count() or 1) - 1 if workers is None else workers
@@ -44,6 +46,14 @@ def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | N
         for fmt in formats[1:]:
             fmt.warmup(n_many)  # from the cache the workers filled, or compiled here
     return listener.fired
+
+
+def one_blas_thread() -> None:
+    """numba's threads run the kernels; a second pool of BLAS threads (numpy's attention products)
+    on the same few cores spins against them: decode fell from 34 to 7 tokens/s once those products
+    grew past OpenBLAS's threading threshold. Set at run time, as an environment variable would only
+    work before numpy has loaded its BLAS, and most programs import numpy first."""
+    threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 class _FirstCompile(event.Listener):
