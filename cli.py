@@ -53,8 +53,16 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None):
     from edgeseek.engine import load
 
     path = _resolve(model)
-    with err.status(f"Loading {path.name}…", spinner="dots") if err.is_terminal else _nullcontext():
-        engine = load(path, n_ctx=n_ctx, ram_budget=ram_budget)
+    status = err.status(f"Loading {path.name}…", spinner="dots") if err.is_terminal else None
+
+    def compiling(message: str) -> None:  # the first run after an install: ~10 s of numba
+        if status is not None:
+            status.update(f"Loading {path.name}: {message}…")
+        else:
+            err.print(f"{message}…", markup=False)
+
+    with status or _nullcontext():
+        engine = load(path, n_ctx=n_ctx, ram_budget=ram_budget, on_compile=compiling)
     import atexit
     atexit.register(engine.close)  # saves the expert-usage profile
     return engine
