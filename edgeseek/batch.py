@@ -7,7 +7,9 @@ Input lines, one request each:
     {"custom_id": "c", "messages": [...], "max_tokens": 32}   (short form: chat)
 Output: one line per request as it completes, appended and flushed: {"id", "custom_id",
 "response": {"status_code": 200, "body": <chat.completion or text_completion>}, "error": null}, or for
-a bad line {"id", "custom_id" (or null), "response": null, "error": {"code", "message", "line"}}.
+a bad line {"id", "custom_id" (or null), "response": null, "error": {"code", "message", "line"}}. Lines
+are judged as OpenAI's API judges them: sampling numbers NaN, infinite or out of range, a role other
+than system / user / assistant / tool, content other than a string or text parts are bad lines.
 Custom ids already in the output file are skipped, so an interrupted run resumes where it stopped.
 
 Up to `parallel` requests decode together: each step runs one forward pass over the last token of
@@ -17,6 +19,7 @@ once per step for all the sequences that use it. Prompts are prefilled one reque
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,8 +34,20 @@ from .generation import _StopMatcher
 from .sampler import Sampler, SamplerConfig
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
-            "repeat_penalty": "repeat_penalty"}
+# Request numbers as OpenAI's API judges them (vLLM's and llama.cpp's servers for top_k, min_p and
+# repeat_penalty, which OpenAI lacks): name -> (SamplerConfig field, or None where the value is
+# checked but not used; integer or not; least, most; least excluded).
+SAMPLING = {
+    "temperature": ("temperature", False, 0.0, 2.0, False),
+    "top_p": ("top_p", False, 0.0, 1.0, False),
+    "top_k": ("top_k", True, -1, None, False),  # -1 or 0: every token
+    "min_p": ("min_p", False, 0.0, 1.0, False),
+    "repeat_penalty": ("repeat_penalty", False, 0.0, None, True),  # logits are divided by it
+    "seed": ("seed", True, 0, 2**63 - 1, False),  # numpy's generators take no negative seed
+    "presence_penalty": (None, False, -2.0, 2.0, False),
+    "frequency_penalty": (None, False, -2.0, 2.0, False),
+}
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -79,28 +94,66 @@ def parse_line(text: str, line: int, defaults: SamplerConfig, max_tokens: int) -
     key = "messages" if kind == "chat" else "prompt"
     prompt = body.get(key)
     if kind == "chat":
-        if not isinstance(prompt, list) or not prompt or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in prompt):
-            return BadLine(line, cid, f"line {line}: body.messages must be a non-empty list of "
-                                      "{role, content} objects")
+        prompt = _messages(prompt)
+        if isinstance(prompt, str):
+            return BadLine(line, cid, f"line {line}: {prompt}")
     elif not isinstance(prompt, str) or not prompt:
         return BadLine(line, cid, f"line {line}: missing prompt (or messages)")
     changes = {}
-    for name, option in SAMPLING.items():
-        if name in body:
-            v = body[name]
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                return BadLine(line, cid, f"line {line}: {name} must be a number, got {v!r}")
-            changes[option] = int(v) if option in ("top_k", "seed") else float(v)
+    for name, (option, integer, *_) in SAMPLING.items():
+        if name not in body:
+            continue
+        problem = _bad_number(name, body[name])
+        if problem:
+            return BadLine(line, cid, f"line {line}: {problem}")
+        if option is not None:
+            changes[option] = int(body[name]) if integer else float(body[name])
     n = body.get("max_completion_tokens", body.get("max_tokens", max_tokens))
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return BadLine(line, cid, f"line {line}: max_tokens must be a positive integer, got {n!r}")
+        return BadLine(line, cid, f"line {line}: max_tokens must be a positive integer, got {json.dumps(n)}")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         return BadLine(line, cid, f"line {line}: stop must be a string or a list of strings")
     return Request(cid, line, kind, prompt, n, defaults.updated(**changes), stop)
+
+
+def _bad_number(name: str, v) -> str | None:
+    """What is wrong with the value of a sampling option, by SAMPLING's rules; None if nothing."""
+    _, integer, least, most, open_least = SAMPLING[name]
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return f"{name} must be a number, got {json.dumps(v)[:40]}"
+    if not math.isfinite(v):
+        return f"{name} must be a finite number, got {json.dumps(v)}"
+    if integer and v != int(v):
+        return f"{name} must be an integer, got {v!r}"
+    if most is not None and not least <= v <= most:
+        return f"{name} must be between {least} and {most}, got {v!r}"
+    if v < least or (open_least and v == least):
+        return f"{name} must be {'above' if open_least else 'at least'} {least}, got {v!r}"
+    return None
+
+
+def _messages(messages) -> list[dict] | str:
+    """Chat messages as OpenAI accepts them -> a copy with each content one string (text parts
+    joined by newlines, as vLLM does), or what is wrong with them."""
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list of {role, content} objects"
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be a {{role, content}} object, got {json.dumps(m)[:40]}"
+        if m.get("role") not in ROLES:
+            return f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(m.get('role'))[:40]}"
+        content = m.get("content")
+        if isinstance(content, list) and content and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            return (f"messages[{i}].content must be a string or a list of text parts "
+                    "({\"type\": \"text\", \"text\": ...}); other content is not supported")
+        out.append({**m, "content": content})
+    return out
 
 
 def answered(out_path: Path) -> tuple[set[str], set[int]]:

@@ -15,6 +15,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .errors import EdgeseekError, GGUFError
 
 
+def _line(text) -> str:
+    """A message from the template (its own words, via raise_exception) on one line."""
+    return " ".join(str(text).split())
+
+
 def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -42,7 +47,7 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
-            raise EdgeseekError(f"{origin}: chat template syntax error at line {e.lineno}: {e.message}") from e
+            raise EdgeseekError(f"{origin}: chat template syntax error at line {e.lineno}: {_line(e.message)}") from e
 
     @classmethod
     def from_gguf(cls, gguf) -> "ChatTemplate":
@@ -65,6 +70,9 @@ class ChatTemplate:
                 bos_token=self.bos_token, eos_token=self.eos_token, **extra,
             )
         except jinja2.exceptions.SecurityError as e:
-            raise EdgeseekError(f"{self.origin}: the chat template tried an unsafe operation ({e})") from e
+            raise EdgeseekError(f"{self.origin}: the chat template tried an unsafe operation ({_line(e)})") from e
         except jinja2.TemplateError as e:
-            raise EdgeseekError(f"{self.origin}: the chat template failed: {e}") from e
+            raise EdgeseekError(f"{self.origin}: the chat template failed: {_line(e)}") from e
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+            # The template is data from the file: its expressions can fail like any Python code.
+            raise EdgeseekError(f"{self.origin}: the chat template failed: {type(e).__name__}: {_line(e)}") from e

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chat_template import ChatTemplate
-from .errors import EdgeseekError
+from .errors import EdgeseekError, GGUFError
 from .experts import WORKSPACE, CachedExpertStore, load_profile, parse_size, plan_budget, profile_path
 from .gguf_file import GGUFFile
 from .models import load_model
@@ -113,6 +113,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
                                              budget_bytes=plan.budget, reserve_bytes=plan.io_buffers + WORKSPACE)
     model = load_model(gguf, expert_store=expert_store, n_ctx=n_ctx)
     tokenizer = Tokenizer.from_gguf(gguf)
+    if tokenizer.vocab_size != model.config.vocab_size:  # ids of one would index past the other
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens, but the model's "
+                        f"vocabulary (token_embd.weight) has {model.config.vocab_size}")
     template = ChatTemplate.from_gguf(gguf) if gguf.meta("tokenizer.chat_template", None) else None
     n_ctx = min(n_ctx, model.config.context_length or n_ctx)
     if n_ctx < 1:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseek.quantize import QMatrix
+from edgeseek.quantize import QMatrix, get_format
 from edgeseek.quantize.matrix import packed_nbytes
 
-from .errors import BudgetError, EdgeseekError, GGUFError
+from .errors import BudgetError, EdgeseekError, GGUFError, UnsupportedError
 
 KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 DIRECT_ALIGN = 4096  # O_DIRECT offsets and sizes: multiples of the logical block size
@@ -80,7 +80,13 @@ class ExpertStore:
 def _expert_tensors(gguf, layer: int, n_expert: int, n_embd: int, n_ff_exp: int):
     shapes = {"ffn_gate_exps": (n_expert, n_ff_exp, n_embd), "ffn_up_exps": (n_expert, n_ff_exp, n_embd),
               "ffn_down_exps": (n_expert, n_embd, n_ff_exp)}  # numpy order (E, out, in)
-    return [gguf.tensor(f"blk.{layer}.{kind}.weight", shape) for kind, shape in shapes.items()]
+    tensors = [gguf.tensor(f"blk.{layer}.{kind}.weight", shape) for kind, shape in shapes.items()]
+    for t in tensors:
+        try:
+            get_format(t.qtype)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"{gguf.path}: tensor {t.name!r}: {e}") from None
+    return tensors
 
 
 class MmapExpertStore(ExpertStore):
@@ -93,6 +99,9 @@ class MmapExpertStore(ExpertStore):
         self.n_expert = n_expert
         self.n_embd, self.n_ff_exp = n_embd, n_ff_exp
         self._cache: dict[tuple[int, int], tuple[QMatrix, QMatrix, QMatrix]] = {}
+        for i in range(n_layer):  # shapes and types checked now, not at a layer's first token
+            if gguf.has(f"blk.{i}.ffn_gate_exps.weight"):
+                _expert_tensors(gguf, i, n_expert, n_embd, n_ff_exp)
         self.counts = np.zeros((n_layer, n_expert), np.int64) if n_layer else None
         self.profile_file = profile_file
 

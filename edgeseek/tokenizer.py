@@ -88,6 +88,27 @@ def _byte_alphabet() -> tuple[dict[int, str], dict[str, int]]:
     return chars, {c: b for b, c in chars.items()}
 
 
+def _vocab(gguf) -> tuple[list[str], list[int], list[str]]:
+    """Token texts, token types and merges of a GGUF file, checked to fit together (the element
+    types were checked when the file was opened)."""
+    tokens = gguf.meta("tokenizer.ggml.tokens")
+    if not tokens:
+        raise GGUFError(f"{gguf.path}: metadata key 'tokenizer.ggml.tokens' is empty")
+    types = gguf.meta("tokenizer.ggml.token_type", None)
+    if types is None:
+        types = [NORMAL] * len(tokens)
+    elif len(types) != len(tokens):
+        raise GGUFError(f"{gguf.path}: metadata key 'tokenizer.ggml.token_type' has {len(types)} entries, "
+                        f"but tokenizer.ggml.tokens has {len(tokens)}")
+    merges = gguf.meta("tokenizer.ggml.merges", [])
+    for i, m in enumerate(merges):
+        a, _, b = m.partition(" ")
+        if not (a and b):
+            raise GGUFError(f"{gguf.path}: metadata key 'tokenizer.ggml.merges' element {i} is {m[:40]!r}, "
+                            "not two symbols joined by a space")
+    return tokens, list(types), merges
+
+
 class Tokenizer:
     def __init__(self, tokens: list[str], types: list[int], merges: list[str], pre: str,
                  bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool = False,
@@ -124,13 +145,15 @@ class Tokenizer:
             raise GGUFError(f"{gguf.path}: metadata key 'tokenizer.ggml.model' is missing")
         if model != "gpt2":
             raise UnsupportedError(f"{gguf.path}: tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE)")
-        tokens = gguf.meta("tokenizer.ggml.tokens")
-        types = gguf.meta("tokenizer.ggml.token_type", None) or [NORMAL] * len(tokens)
-        merges = gguf.meta("tokenizer.ggml.merges", [])
+        tokens, types, merges = _vocab(gguf)
         pre = gguf.meta("tokenizer.ggml.pre", "default")
-        ids = [gguf.meta(f"tokenizer.ggml.{k}_token_id", None) for k in ("eot", "eom")]
-        return cls(tokens, list(types), merges, pre,
-                   gguf.meta("tokenizer.ggml.bos_token_id", None), gguf.meta("tokenizer.ggml.eos_token_id", None),
+        special = {k: gguf.meta(f"tokenizer.ggml.{k}_token_id", None) for k in ("bos", "eos", "eot", "eom")}
+        for k, i in special.items():
+            if i is not None and i >= len(tokens):
+                raise GGUFError(f"{gguf.path}: metadata key 'tokenizer.ggml.{k}_token_id' is {i}, past the end of "
+                                f"the vocabulary ({len(tokens)} tokens)")
+        ids = [special["eot"], special["eom"]]
+        return cls(tokens, types, merges, pre, special["bos"], special["eos"],
                    bool(gguf.meta("tokenizer.ggml.add_bos_token", pre in PRE_TOKENIZERS and PRE_TOKENIZERS[pre][1])),
                    bool(gguf.meta("tokenizer.ggml.add_eos_token", False)),
                    tuple(i for i in ids if i is not None), origin=str(gguf.path))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from edgeseek.errors import GGUFError
+from edgeseek.errors import GGUFError, UnsupportedError
 from edgeseek.quantize import QMatrix, get_format
 
 
@@ -29,6 +29,12 @@ def ffn(x: np.ndarray, gate, up, down) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def require(gguf, ok: bool, message: str) -> None:
+    """A rule between metadata values (each key's own type and range are checked on opening)."""
+    if not ok:
+        raise GGUFError(f"{gguf.path}: {message}")
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -64,16 +70,25 @@ def per_head(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
 
 
+def tensor_format(gguf, t):
+    """The quant format of tensor `t`; an unsupported type is named with the file and tensor."""
+    try:
+        return get_format(t.qtype)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"{gguf.path}: tensor {t.name!r}: {e}") from None
+
+
 def dense(gguf, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Any tensor as a float32 array in numpy order: for small tensors only."""
     t = gguf.tensor(name, shape)
-    fmt = get_format(t.qtype)
+    fmt = tensor_format(gguf, t)
     return fmt.dequantize(np.ascontiguousarray(t.raw).reshape(-1, fmt.type_size)).reshape(t.shape)
 
 
 def matrix(gguf, name: str, shape: tuple[int, int]) -> QMatrix:
     """A 2-D weight (out, in) kept in its file quantization: y = W @ x."""
     t = gguf.tensor(name, shape)
+    tensor_format(gguf, t)
     return QMatrix(t.qtype, t.raw, t.shape, name)
 
 
@@ -104,7 +119,7 @@ class Embedding:
     def __init__(self, gguf, name: str, shape: tuple[int, int]):
         t = gguf.tensor(name, shape)
         self.raw = t.raw  # (V, row_bytes)
-        self.fmt = get_format(t.qtype)
+        self.fmt = tensor_format(gguf, t)
         self.shape = t.shape
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeseek.errors import GGUFError
+from edgeseek.errors import GGUFError, UnsupportedError
 from edgeseek.experts import MmapExpertStore, profile_path
 
-from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, per_head, rms_norm, rope_freqs, softmax,
-                     vector, yarn_freqs)
-from .moe import RouterConfig, moe, route
+from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, per_head, require, rms_norm, rope_freqs,
+                     softmax, vector, yarn_freqs)
+from .moe import SIGMOID, SOFTMAX, RouterConfig, moe, route
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,11 @@ class DeepSeek2Config:
                             f"but tensor blk.0.attn_k_b.weight is {'missing' if mla else 'present'}")
         yarn = m("rope.scaling.type", "none") == "yarn"
         n_expert = m("expert_count", 0)
-        return cls(
+        gating = m("expert_gating_func", SOFTMAX) or SOFTMAX  # absent or 0: softmax, as llama.cpp reads V2 files
+        if gating not in (SOFTMAX, SIGMOID):
+            raise UnsupportedError(f"{g.path}: '{g.arch}.expert_gating_func' {gating} is not supported "
+                                   f"(1 softmax, 2 sigmoid)")
+        c = cls(
             arch=g.arch,
             vocab_size=m("vocab_size", None) or len(g.meta("tokenizer.ggml.tokens")),
             n_layer=m("block_count"),
@@ -88,7 +92,7 @@ class DeepSeek2Config:
             router=RouterConfig(
                 n_expert=n_expert,
                 n_used=m("expert_used_count", 0),
-                gating=m("expert_gating_func", 1),  # absent: softmax, as llama.cpp assumes
+                gating=gating,
                 n_group=m("expert_group_count", 1) or 1,
                 n_group_used=m("expert_group_used_count", 1) or 1,
                 norm_weights=bool(m("expert_weights_norm", False)),
@@ -105,6 +109,17 @@ class DeepSeek2Config:
             context_length=m("context_length", 4096),
             mla_layout=mla,
         )
+        key = f"'{g.arch}.attention.key_length{'_mla' if mla else ''}'"
+        require(g, k_len > rope and rope % 2 == 0, f"{key} {k_len} should exceed the even "
+                f"'{g.arch}.rope.dimension_count' {rope}")
+        r = c.router
+        if n_expert:
+            require(g, 1 <= r.n_used <= n_expert, f"'{g.arch}.expert_used_count' {r.n_used} should be between 1 "
+                    f"and '{g.arch}.expert_count' {n_expert}")
+            require(g, n_expert % r.n_group == 0 and r.n_group_used <= r.n_group,
+                    f"'{g.arch}.expert_group_count' {r.n_group} should divide '{g.arch}.expert_count' {n_expert} "
+                    f"and be at least '{g.arch}.expert_group_used_count' {r.n_group_used}")
+        return c
 
     @property
     def kq_scale(self) -> float:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import DecoderModel, Embedding, Rope, causal_attention, ffn, matrix, rope_freqs, vector
+from .common import DecoderModel, Embedding, Rope, causal_attention, ffn, matrix, require, rope_freqs, vector
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LlamaConfig:
         n_head = g.arch_meta("attention.head_count")
         head_dim = g.arch_meta("attention.key_length", n_embd // n_head)
         scaling = g.arch_meta("rope.scaling.type", "none")
-        return cls(
+        c = cls(
             arch=g.arch,
             vocab_size=g.arch_meta("vocab_size", None) or len(g.meta("tokenizer.ggml.tokens")),
             n_layer=g.arch_meta("block_count"),
@@ -46,6 +46,13 @@ class LlamaConfig:
             rope_scale=g.arch_meta("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
             context_length=g.arch_meta("context_length", 4096),
         )
+        a = g.arch
+        require(g, head_dim >= 1, f"'{a}.attention.head_count' {n_head} exceeds '{a}.embedding_length' {n_embd}")
+        require(g, n_head % c.n_head_kv == 0, f"'{a}.attention.head_count' {n_head} is not a multiple of "
+                f"'{a}.attention.head_count_kv' {c.n_head_kv}")
+        require(g, c.rope_dim % 2 == 0 and c.rope_dim <= head_dim, f"'{a}.rope.dimension_count' {c.rope_dim} "
+                f"should be even and at most the head size {head_dim}")
+        return c
 
 
 class KVCache:
@@ -92,7 +99,8 @@ class LlamaModel(DecoderModel):
         self.output_norm = vector(g, "output_norm.weight", c.n_embd)
         tied = not g.has("output.weight")  # tied embeddings: the output head is token_embd
         self.output = matrix(g, "token_embd.weight" if tied else "output.weight", (c.vocab_size, c.n_embd))
-        factors = vector(g, "rope_freqs.weight") if g.has("rope_freqs.weight") else None  # llama3 scaling
+        # llama3's rope scaling: one factor per rotated pair of values
+        factors = vector(g, "rope_freqs.weight", c.rope_dim // 2) if g.has("rope_freqs.weight") else None
         inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
         self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm")
 

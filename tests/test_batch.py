@@ -129,8 +129,60 @@ def test_forward_rows_equals_separate_decode(smollm2_path):
     ('{"custom_id": "x", "url": "/v1/embeddings", "body": {"input": "a"}}', "unsupported url"),
     ('{"prompt": "hi"}', "missing custom_id"),
     ('[1, 2]', "expected a JSON object"),
-    ('{"custom_id": "x", "messages": [{"role": "user"}]}', "messages must be a non-empty list"),
+    ('{"custom_id": "x", "messages": []}', "messages must be a non-empty list"),
+    ('{"custom_id": "x", "messages": [{"role": "user"}]}', "messages[0].content must be a string or a list of text"),
+    # Numbers as OpenAI's API judges them: finite, in range, integers where integers are due.
+    ('{"custom_id": "x", "prompt": "hi", "top_p": NaN}', "top_p must be a finite number, got NaN"),
+    ('{"custom_id": "x", "prompt": "hi", "temperature": Infinity}', "temperature must be a finite number"),
+    ('{"custom_id": "x", "prompt": "hi", "min_p": -Infinity}', "min_p must be a finite number"),
+    ('{"custom_id": "x", "prompt": "hi", "frequency_penalty": NaN}', "frequency_penalty must be a finite number"),
+    ('{"custom_id": "x", "prompt": "hi", "temperature": 2.5}', "temperature must be between 0.0 and 2.0, got 2.5"),
+    ('{"custom_id": "x", "prompt": "hi", "temperature": -0.1}', "temperature must be between 0.0 and 2.0"),
+    ('{"custom_id": "x", "prompt": "hi", "top_p": 1.5}', "top_p must be between 0.0 and 1.0, got 1.5"),
+    ('{"custom_id": "x", "prompt": "hi", "min_p": 2}', "min_p must be between 0.0 and 1.0"),
+    ('{"custom_id": "x", "prompt": "hi", "presence_penalty": 3}', "presence_penalty must be between -2.0 and 2.0"),
+    ('{"custom_id": "x", "prompt": "hi", "top_k": 1.5}', "top_k must be an integer, got 1.5"),
+    ('{"custom_id": "x", "prompt": "hi", "top_k": -2}', "top_k must be at least -1"),
+    ('{"custom_id": "x", "prompt": "hi", "seed": -1}', "seed must be between 0 and"),
+    ('{"custom_id": "x", "prompt": "hi", "repeat_penalty": 0}', "repeat_penalty must be above 0.0"),
+    ('{"custom_id": "x", "prompt": "hi", "max_tokens": NaN}', "max_tokens must be a positive integer, got NaN"),
+    # Roles and content as OpenAI takes them.
+    ('{"custom_id": "x", "messages": [{"role": "wizard", "content": "hi"}]}',
+     'messages[0].role must be one of system, user, assistant, tool, got "wizard"'),
+    ('{"custom_id": "x", "messages": [{"role": "user", "content": "a"}, {"content": "b"}]}',
+     "messages[1].role must be one of"),
+    ('{"custom_id": "x", "messages": [{"role": "user", "content": 5}]}', "messages[0].content must be a string"),
+    ('{"custom_id": "x", "messages": [{"role": "user", "content": null}]}', "messages[0].content must be a string"),
+    ('{"custom_id": "x", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+     "messages[0].content must be a string or a list of text parts"),
+    ('{"custom_id": "x", "messages": ["hi"]}', 'messages[0] must be a {role, content} object, got "hi"'),
 ])
 def test_bad_lines_name_the_problem(line, message):
     r = B.parse_line(line, 7, SamplerConfig(), 16)
-    assert isinstance(r, B.BadLine) and message in r.message and r.message.startswith("line 7:")
+    assert isinstance(r, B.BadLine) and message in r.message and r.message.startswith("line 7:"), r
+
+
+def test_openai_forms_that_are_accepted():
+    line = json.dumps({"custom_id": "x", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}]},
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"}],
+        "temperature": 2, "top_p": 0, "top_k": 40.0, "seed": 7, "presence_penalty": -2, "min_p": 1})
+    r = B.parse_line(line, 1, SamplerConfig(), 16)
+    assert isinstance(r, B.Request), r
+    assert r.prompt[0] == {"role": "system", "content": "Be brief.\nBe kind."}  # text parts joined, as vLLM does
+    assert r.prompt[3]["tool_call_id"] == "c1"
+    assert (r.sampler.temperature, r.sampler.top_p, r.sampler.top_k, r.sampler.seed) == (2.0, 0.0, 40, 7)
+
+
+def test_nan_sampling_and_unknown_role_never_generate(smollm2_path, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, ['{"custom_id": "nan", "prompt": "Once upon a time", "top_p": NaN}',
+                 {"custom_id": "wiz", "messages": [{"role": "wizard", "content": "Cast a spell."}]}])
+    r = runner.invoke(app, ["batch", str(smollm2_path), str(src), "-o", str(dst)])
+    assert r.exit_code == 1, r.output
+    rows = {row["custom_id"]: row for row in _read(dst)}
+    assert set(rows) == {"nan", "wiz"} and all(row["response"] is None for row in rows.values())
+    assert rows["nan"]["error"] == {"code": "invalid_request", "line": 1,
+                                    "message": "line 1: top_p must be a finite number, got NaN"}
+    assert "role must be one of system, user, assistant, tool" in rows["wiz"]["error"]["message"]
