@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import kernels
 from .chat_template import ChatTemplate
 from .errors import EdgeseekError, GGUFError
 from .experts import WORKSPACE, CachedExpertStore, load_profile, parse_size, plan_budget, profile_path
@@ -86,7 +87,7 @@ def kv_cache_bytes(gguf, n_ctx: int) -> int:
 
 
 def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budget: int | str | None = None,
-         io_threads: int = 8, use_profile: bool = True) -> Engine:
+         io_threads: int = 8, use_profile: bool = True, on_compile=None) -> Engine:
     """Open a GGUF model file. Weights stay memory-mapped; nothing is read until it is used.
 
     With `ram_budget` (bytes, or a size such as "4G"), routed experts are read from the file on
@@ -94,6 +95,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     budget; the non-expert weights are packed now. A budget too small for the resident part is
     refused here, before any weight is read. The expert-usage profile saved by earlier runs (in the
     user's cache directory) warms and pins the cache unless `use_profile` is False.
+
+    The numba kernels of the file's formats are compiled here, or loaded from numba's cache;
+    `on_compile(message)` is called when they must be compiled (the first run after an install).
     """
     t0 = time.perf_counter()
     gguf = GGUFFile(path)
@@ -120,6 +124,8 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     n_ctx = min(n_ctx, model.config.context_length or n_ctx)
     if n_ctx < 1:
         raise EdgeseekError(f"{path}: context length must be positive, got {n_ctx}")
+    kernels.prepare({t.qtype for t in gguf.tensors.values()}, gguf.arch_meta("expert_used_count", 0),
+                    notify=on_compile, extra=model.warmup)
     if plan is not None:
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
     return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan)

@@ -20,17 +20,17 @@ import numpy as np
 import threadpoolctl
 from numba.core import event
 
-from edgeseek.quantize.registry import get_format
+from edgeseek.quantize.registry import FORMATS, get_format
 
 
 def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | None = None,
             extra: Callable[[], None] | None = None, workers: int | None = None) -> bool:
-    """Compile (or load from numba's cache) the kernels of these quant types, and those `extra`
-    runs (a model's own); True if any kernel had to be compiled. `n_many`: experts per decode
+    """Compile (or load from numba's cache) the kernels of these quant types (those edgeseek has:
+    loading the model has named any other its layers use), and those `extra` runs (a model's own); True if any kernel had to be compiled. `n_many`: experts per decode
     step, for the formats' matmul_many kernels."""
     # block formats first (their kernels take longest), then the float ones
     one_blas_thread()
-    formats = sorted({get_format(q) for q in qtypes}, key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16",
+    formats = sorted({FORMATS[q] for q in qtypes if q in FORMATS}, key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16",
                                                                      f.qtype.name))
     workers = (os.cpu_count() or 1) - 1 if workers is None else workers
     listener = _FirstCompile(lambda: _on_cold(formats, n_many, notify, workers, listener))

@@ -207,6 +207,10 @@ class DecoderModel:
         """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
         raise NotImplementedError
 
+    def warmup(self) -> None:
+        """Run the architecture's own numba kernels (beyond the quant formats') once on tiny
+        inputs, so that they compile, or load from numba's cache, at load time."""
+
     def pack(self, gguf=None) -> int:
         """Repack every weight for the kernels now (else each is packed on first use); with the
         GGUFFile, release the file pages of what was packed."""

@@ -204,6 +204,10 @@ class DeepSeek2Model(DecoderModel):
         # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
         self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor)
 
+    def warmup(self) -> None:
+        w = np.zeros((1, 1, 16), np.float32)  # (H, R, K) as attn_k_b / attn_v_b
+        per_head(w, np.zeros((1, 1, 16), np.float32))  # one token: the numba kernel
+
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
         return LatentCache(self.config, n_ctx or self.n_ctx)
 
