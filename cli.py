@@ -487,15 +487,12 @@ def inspect(
     path = _resolve(model)
     info = describe(path)
     if ram_budget:
-        from edgeseek.engine import kv_cache_bytes
+        from edgeseek.budget import parse_size, plan_for
         from edgeseek.errors import BudgetError
-        from edgeseek.experts import parse_size, plan_budget
         from edgeseek.gguf_file import GGUFFile
 
-        g = GGUFFile(path)
         try:
-            plan = plan_budget(g, parse_size(ram_budget), kv_cache_bytes(g, min(ctx, info["context_length"] or ctx)),
-                               g.arch_meta("expert_used_count", 0), 8)
+            plan = plan_for(GGUFFile(path), ram_budget, ctx)
             info["ram_budget"] = {"budget": plan.budget, "expert_cache_bytes": plan.expert_cache,
                                   "expert_slots": plan.expert_slots, "split": plan.describe()}
         except BudgetError as e:
@@ -570,8 +567,8 @@ def experts(
       edgeseek experts DeepSeek-V2-Lite-Q4_K_M.gguf
       edgeseek experts model.gguf --png experts.png
     """
-    from edgeseek.experts import load_profile, profile_path
     from edgeseek.gguf_file import GGUFFile
+    from edgeseek.profile import load_profile, profile_path
 
     if png is not None:
         from edgeseek.plot import require_matplotlib
@@ -601,7 +598,7 @@ def _heatmap(counts, name: str, tokens: int) -> None:
     import numpy as np
     from rich.text import Text
 
-    from edgeseek.experts import heat_rgb
+    from edgeseek.profile import heat_rgb
 
     layers = [i for i in range(len(counts)) if counts[i].any()]
     width = max(8, min(counts.shape[1], (out.width or 80) - 10))

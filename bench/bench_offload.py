@@ -26,7 +26,7 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 sys.path.insert(0, str(HERE))
 
 from bench_runtime import drop_caches  # noqa: E402
-from edgeseek.experts import format_size, parse_size  # noqa: E402
+from edgeseek.budget import format_size, parse_size  # noqa: E402
 
 
 def in_cgroup(limit: int, args: list[str]) -> dict:

@@ -68,7 +68,7 @@ def simulate(trace: list, policy, capacity: int) -> float:
 
 
 def main():
-    from edgeseek.experts import AgingFrequency, LeastRecentlyUsed
+    from edgeseek.policy import AgingFrequency, LeastRecentlyUsed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default=str(HERE / "data" / "v2lite-q4_0.gguf"))

@@ -9,9 +9,11 @@ from pathlib import Path
 from . import kernels
 from .chat_template import ChatTemplate
 from .errors import EdgeseekError, GGUFError
-from .experts import WORKSPACE, CachedExpertStore, load_profile, parse_size, plan_budget, profile_path
+from .budget import IO_THREADS, WORKSPACE, BudgetPlan, plan_for
+from .expert_store import CachedExpertStore, ExpertStore, MmapExpertStore
 from .gguf_file import GGUFFile
 from .models import load_model
+from .profile import load_profile, profile_path, save_profile
 from .tokenizer import Tokenizer
 
 
@@ -24,18 +26,23 @@ class Engine:
     chat_template: ChatTemplate | None  # None when the file carries no tokenizer.chat_template
     n_ctx: int  # default context length of new caches
     load_seconds: float
-    budget_plan: object = None  # experts.BudgetPlan when loaded with a RAM budget
+    budget_plan: BudgetPlan | None = None  # when loaded with a RAM budget
+    experts: ExpertStore | None = None  # the routed experts' store of a MoE model
 
     def expert_stats(self) -> dict:
         """The expert store's counters (hit rate, bytes read, ...); empty for dense models and mmap."""
-        store = getattr(self.model, "experts", None)
-        return store.stats() if store is not None else {}
+        return self.experts.stats() if self.experts is not None else {}
+
+    def save_profile(self) -> None:
+        """Add the router's choices since the last save to the model's usage profile."""
+        if self.experts is not None and self.experts.counts.any():
+            save_profile(profile_path(self.gguf), self.experts.take_counts(), str(self.path))
 
     def close(self) -> None:
         """Save the expert-usage profile and stop the store's reader threads."""
-        store = getattr(self.model, "experts", None)
-        if store is not None and hasattr(store, "close"):
-            store.close()
+        if self.experts is not None:
+            self.save_profile()
+            self.experts.close()
 
     @property
     def arch(self) -> str:
@@ -75,19 +82,8 @@ class Context:
         self.truncate(0)
 
 
-def kv_cache_bytes(gguf, n_ctx: int) -> int:
-    """Bytes of a float16 KV cache of n_ctx positions for this file's architecture."""
-    m = gguf.arch_meta
-    n_layer = m("block_count")
-    if gguf.arch == "deepseek2":
-        return n_layer * n_ctx * (m("attention.kv_lora_rank") + m("rope.dimension_count")) * 2
-    n_head = m("attention.head_count")
-    head_dim = m("attention.key_length", 0) or m("embedding_length") // n_head
-    return 2 * n_layer * n_ctx * m("attention.head_count_kv", n_head) * head_dim * 2
-
-
 def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budget: int | str | None = None,
-         io_threads: int = 8, use_profile: bool = True, on_compile=None) -> Engine:
+         io_threads: int = IO_THREADS, use_profile: bool = True, on_compile=None) -> Engine:
     """Open a GGUF model file. Weights stay memory-mapped; nothing is read until it is used.
 
     With `ram_budget` (bytes, or a size such as "4G"), routed experts are read from the file on
@@ -103,18 +99,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     gguf = GGUFFile(path)
     plan = None
     if ram_budget is not None and expert_store is None:
-        ctx = min(n_ctx, gguf.arch_meta("context_length", n_ctx) or n_ctx)
-        m = gguf.arch_meta
-        plan = plan_budget(gguf, parse_size(ram_budget), kv_cache_bytes(gguf, ctx), m("expert_used_count", 0),
-                           io_threads)
-        if m("expert_count", 0):
-            n_layer, n_expert = m("block_count"), m("expert_count")
-            prof_file = profile_path(gguf)
-            prof = load_profile(prof_file, n_layer, n_expert) if use_profile else None
-            expert_store = CachedExpertStore(gguf, n_layer, n_expert, m("embedding_length"),
-                                             m("expert_feed_forward_length"), plan.expert_cache,
-                                             io_threads=io_threads, profile=prof, profile_file=prof_file,
-                                             budget_bytes=plan.budget, reserve_bytes=plan.io_buffers + WORKSPACE)
+        plan = plan_for(gguf, ram_budget, n_ctx, io_threads)
+    if expert_store is None and gguf.arch_meta("expert_count", 0):
+        expert_store = _expert_store(gguf, plan, io_threads, use_profile)
     model = load_model(gguf, expert_store=expert_store, n_ctx=n_ctx)
     tokenizer = Tokenizer.from_gguf(gguf)
     if tokenizer.vocab_size != model.config.vocab_size:  # ids of one would index past the other
@@ -128,4 +115,16 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
                     notify=on_compile, extra=model.warmup)
     if plan is not None:
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
-    return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan)
+    return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store)
+
+
+def _expert_store(gguf, plan: BudgetPlan | None, io_threads: int, use_profile: bool) -> ExpertStore:
+    """The whole file mapped; or, with a budget plan, a cache of experts read on demand, warmed and
+    pinned by the saved usage profile."""
+    m = gguf.arch_meta
+    shape = (gguf, m("block_count"), m("expert_count"), m("embedding_length"), m("expert_feed_forward_length"))
+    if plan is None:
+        return MmapExpertStore(*shape)
+    profile = load_profile(profile_path(gguf), m("block_count"), m("expert_count")) if use_profile else None
+    return CachedExpertStore(*shape, plan.expert_cache, io_threads=io_threads, profile=profile,
+                             budget_bytes=plan.budget, reserve_bytes=plan.io_buffers + WORKSPACE)

@@ -93,23 +93,17 @@ def matrix(gguf, name: str, shape: tuple[int, int]) -> QMatrix:
 
 
 def pack_all(model, gguf=None) -> int:
-    """Build the kernel layout of every weight now instead of on first use; returns the bytes of
-    quantized weights packed. Routed experts are packed through the model's expert store, unless
-    it reads them from disk on demand (store.resident False). With
-    `gguf`, each tensor's file pages are released once packed, so the resident set holds one
-    copy of the weights, not two."""
+    """Build the kernel layout of every weight of the layers and the output now instead of on
+    first use; returns the bytes of quantized weights packed. With `gguf`, each tensor's file pages
+    are released once packed, so the resident set holds one copy of the weights, not two. (Routed
+    experts are their store's to pack.)"""
     total = 0
-    store = getattr(model, "experts", None)
-    for i, L in enumerate(model.layers + [None]):
-        mats = [model.output] if L is None else [m for m in vars(L).values() if isinstance(m, QMatrix)]
-        if L is not None and store is not None and store.resident and not getattr(L, "dense", True):
-            mats += [m for triple in store.experts(i, np.arange(model.config.n_expert)) for m in triple]
-        for m in mats:
+    for L in model.layers + [None]:
+        for m in [model.output] if L is None else [m for m in vars(L).values() if isinstance(m, QMatrix)]:
             m.packed  # noqa: B018  (builds and keeps the layout)
             total += m.nbytes
-        if gguf is not None:
-            for name in {m.name.split("[")[0] for m in mats}:
-                gguf.release_pages(gguf.tensor(name))
+            if gguf is not None:
+                gguf.release_pages(gguf.tensor(m.name))
     return total
 
 
@@ -207,6 +201,9 @@ class DecoderModel:
         """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
         raise NotImplementedError
 
+    def begin_step(self) -> None:
+        """A forward pass begins: the token boundary for whatever keeps per-token state."""
+
     def warmup(self) -> None:
         """Run the architecture's own numba kernels (beyond the quant formats') once on tiny
         inputs, so that they compile, or load from numba's cache, at load time."""
@@ -224,6 +221,7 @@ class DecoderModel:
         if start + T > cache.n_ctx:
             raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
         pos = np.arange(start, start + T)
+        self.begin_step()
         x = self.token_embd(np.asarray(tokens))  # (T, D)
         for i, L in enumerate(self.layers):
             x = x + self.attention(L, rms_norm(x, L.attn_norm, eps), cache, i, pos)
@@ -242,6 +240,7 @@ class DecoderModel:
         for c in caches:
             if c.pos + 1 > c.n_ctx:
                 raise ValueError(f"context full: {c.pos} + 1 tokens > {c.n_ctx}")
+        self.begin_step()
         x = self.token_embd(np.asarray(tokens))  # (B, D)
         for i, L in enumerate(self.layers):
             x = x + self.attention_rows(L, rms_norm(x, L.attn_norm, eps), caches, i, pos)

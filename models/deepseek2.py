@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeseek.errors import GGUFError, UnsupportedError
-from edgeseek.experts import MmapExpertStore, profile_path
 
 from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, per_head, require, rms_norm, rope_freqs,
                      softmax, vector, yarn_freqs)
@@ -185,7 +184,9 @@ class Layer:
 
 
 class DeepSeek2Model(DecoderModel):
-    def __init__(self, g, expert_store=None, n_ctx: int = 4096):
+    def __init__(self, g, expert_store, n_ctx: int = 4096):
+        """`expert_store` serves the routed experts (the engine builds it: edgeseek/expert_store.py;
+        None where the file has none)."""
         self.config = c = DeepSeek2Config.from_gguf(g)
         self.n_ctx = n_ctx
         self.token_embd = Embedding(g, "token_embd.weight", (c.vocab_size, c.n_embd))
@@ -193,8 +194,7 @@ class DeepSeek2Model(DecoderModel):
         self.output_norm = vector(g, "output_norm.weight", c.n_embd)
         head = "output.weight" if g.has("output.weight") else "token_embd.weight"
         self.output = matrix(g, head, (c.vocab_size, c.n_embd))
-        self.experts = expert_store or MmapExpertStore(g, c.n_expert, c.n_embd, c.n_ff_exp, c.n_layer,
-                                                       profile_path(g))
+        self.experts = expert_store
         if c.yarn_factor > 1.0:
             inv = yarn_freqs(c.qk_rope, c.rope_base, c.yarn_factor, c.yarn_orig_ctx,
                              c.yarn_beta_fast, c.yarn_beta_slow)
@@ -203,6 +203,13 @@ class DeepSeek2Model(DecoderModel):
         # llama.cpp cancels YaRN's own cos/sin magnitude scaling for deepseek2 and moves it into
         # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
         self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor)
+
+    def begin_step(self) -> None:
+        if self.experts is not None:
+            self.experts.begin_step()
+
+    def pack(self, gguf=None) -> int:
+        return super().pack(gguf) + (self.experts.pack(gguf) if self.experts is not None else 0)
 
     def warmup(self) -> None:
         w = np.zeros((1, 1, 16), np.float32)  # (H, R, K) as attn_k_b / attn_v_b

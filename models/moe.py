@@ -76,6 +76,7 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int) 
     Tokens are grouped by expert so that each expert's weights are read once per call, with all
     the tokens routed to it as one batch; experts come in the order the store has them ready.
     """
+    store.count(layer, ids)  # every choice, before the experts are deduplicated
     experts, inverse = np.unique(ids, return_inverse=True)
     inverse = inverse.reshape(ids.shape)
     parts = [None] * len(experts)

@@ -1,4 +1,4 @@
-"""Models larger than RAM: the cached expert store (edgeseek/experts.py) against the whole-file
+"""Models larger than RAM: the cached expert store (edgeseek/expert_store.py) against the whole-file
 mmap, its policy, its budget and its profile; and a run inside a memory cgroup half the size of
 the model file."""
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pytest
 import models_cache
 from edgeseek.engine import load
 from edgeseek.errors import BudgetError, EdgeseekError
-from edgeseek.experts import CachedExpertStore, load_profile, parse_size
+from edgeseek.budget import parse_size, resident_set_bytes
+from edgeseek.expert_store import CachedExpertStore
 from edgeseek.gguf_file import GGUFFile
+from edgeseek.profile import load_profile, profile_path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deepseek2"
 
@@ -59,6 +61,7 @@ def test_frequent_expert_stays_cached():
     keep whichever came last; frequency with aging keeps expert 0."""
     store = _store(FIXTURES / "v2lite-q8_0.gguf", capacity_experts=3)
     for step in range(30):
+        store.begin_step()
         for _ in store.fetch(1, np.array([0, 1 + step % 5])):
             pass
     assert (1, 0) in store.cache
@@ -78,16 +81,25 @@ def test_prefetch_reads_ahead_and_counts_accuracy():
     store.close()
 
 
-def test_profile_is_saved_and_warms_and_pins(tmp_path):
+def test_profile_counts_every_choice_and_is_saved_by_the_engine(tmp_path, monkeypatch):
+    """A prompt's tokens that choose the same expert count once each (the store is handed each
+    expert once); the engine adds the counts to the saved profile, run after run."""
+    monkeypatch.setenv("EDGESEEK_CACHE", str(tmp_path))
     path = FIXTURES / "v2lite-q8_0.gguf"
-    prof = tmp_path / "profile.json"
-    store = _store(path, capacity_experts=6, profile_file=prof)
-    for _ in range(5):
-        list(store.fetch(1, np.array([2, 5])))
-        list(store.fetch(2, np.array([7])))
-    store.close()  # saves
-    counts = load_profile(prof, store.n_layer, store.n_expert)
-    assert counts[1, 2] == 5 and counts[1, 5] == 5 and counts[2, 7] == 5 and counts.sum() == 15
+    tokens = np.load(FIXTURES / "v2lite-q8_0.npz")["tokens"][:10]
+    for run in (1, 2):
+        e = load(path, n_ctx=32)
+        e.model.forward(tokens, e.model.new_cache())
+        e.close()
+        counts = load_profile(profile_path(e.gguf), 3, 8)
+        assert counts[0].sum() == 0  # layer 0 is dense
+        assert (counts[1:].sum(axis=1) == run * len(tokens) * 3).all()  # top-3 of 8, every token
+
+
+def test_profile_warms_and_pins(tmp_path):
+    path = FIXTURES / "v2lite-q8_0.gguf"
+    counts = np.zeros((3, 8), np.int64)
+    counts[1, 2] = counts[1, 5] = counts[2, 7] = 5
     warm = _store(path, capacity_experts=6, profile=counts)
     assert {(1, 2), (1, 5), (2, 7)} <= set(warm.cache)
     assert warm.pinned and warm.pinned <= set(warm.cache)
@@ -212,8 +224,6 @@ def test_inspect_shows_what_a_budget_leaves_for_experts():
     from typer.testing import CliRunner
 
     from edgeseek.app.cli import app
-
-    from edgeseek.experts import resident_set_bytes
 
     model = str(FIXTURES / "v2lite27-q8_0.gguf")
     budget = resident_set_bytes("RssAnon") + (1 << 30)  # the plan counts this process as the runtime

@@ -276,8 +276,8 @@ LOAD_CASES = {  # a sound container whose values do not fit together
     "unknown gating function": (_int("scalar", "deepseek2.expert_gating_func", 7),
                                 r"'deepseek2.expert_gating_func' 7 is not supported"),
     "expert count against the tensors": (_int("scalar", "deepseek2.expert_count", 32),
-                                         r"tensor 'blk.1.ffn_gate_inp.weight' has shape \(16, 64\), "
-                                         r"expected \(32, 64\)"),
+                                         r"tensor 'blk.1.ffn_gate_exps.weight' has shape \(16, 64, 64\), "
+                                         r"expected \(32, 64, 64\)"),
 }
 
 

@@ -54,7 +54,7 @@ def test_v3_shape_labels_the_real_layer_numbers():
 
 
 def _write_profile(tmp_path, monkeypatch):
-    from edgeseek.experts import profile_path
+    from edgeseek.profile import profile_path
     from edgeseek.gguf_file import GGUFFile
 
     monkeypatch.setenv("EDGESEEK_CACHE", str(tmp_path / "cache"))
