@@ -152,11 +152,24 @@ def test_fp8_table_matches_torch():
     assert np.array_equal(E4M3FN[~np.isnan(want)], want[~np.isnan(want)])
 
 
-def test_edgeseek_loads_our_file(out_dir):
-    """The runtime reads a converted Q4_K_M file (types, MLA layout, tokenizer)."""
+def test_edgeseek_runs_our_file(out_dir):
+    """The runtime reads a converted Q4_K_M file: the recipe's types, the MLA layout, the router, the
+    tokenizer as the checkpoint's own, and logits that follow transformers' as llama.cpp's do."""
+    from tokenizers import Tokenizer as HF
+
     from edgeseek.engine import load
-    model = load(str(ours("v3h256", "q4_k_m", out_dir)))
-    assert model is not None
+    engine = load(ours("v3h256", "q4_k_m", out_dir))
+    types = {name: t.qtype.name for name, t in engine.gguf.tensors.items()}
+    assert (types["blk.1.ffn_gate_exps.weight"], types["blk.1.attn_k_b.weight"], types["output.weight"]) == \
+        ("Q4_K", "Q5_0", "Q6_K")
+    cfg = engine.model.config
+    assert cfg.mla_layout and (cfg.router.n_expert, cfg.router.n_used, cfg.router.gating) == (8, 2, 2)
+    text = "Hello world, 123 tokens!"
+    hf = HF.from_file(str(C.checkpoint("v3h256") / "tokenizer.json"))
+    assert engine.tokenizer.encode(text, add_special=False) == hf.encode(text, add_special_tokens=False).ids
+    tokens = np.array(C.ds.sequence())
+    logits = engine.model.forward(tokens, engine.model.new_cache(len(tokens)), all_logits=True)
+    assert rel_rms(logits, C.transformers_logits("v3h256")) < TOL["q4_k_m"]
 
 
 def test_report(out_dir):
