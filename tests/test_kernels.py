@@ -75,3 +75,18 @@ def test_first_run_says_it_compiles_and_the_next_does_not(tmp_path):
                                       check=True).stdout) for _ in range(2)]
     assert runs[0]["cold"] and runs[0]["said"] == ["compiling kernels for Q8_0, F32 (first run only)"]
     assert runs[1] == {"cold": False, "said": []}
+
+
+@pytest.mark.slow
+def test_first_run_after_install_compiles_every_kernel_at_load(tmp_path, smollm2_path):
+    """An empty numba cache, as after an install: `edgeseek generate` says it is compiling, then
+    replies; the next run loads the kernels from the cache and says nothing of it. (Every kernel
+    of Q4_1, Q8_0 and F32 is compiled: some 10 s on two cores, hence `slow`.)"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), NO_COLOR="1")
+    cmd = [sys.executable, "-m", "edgeseek.app.cli", "generate", str(smollm2_path), "-p", "Hi", "-n", "4",
+           "--temp", "0"]
+    first, second = (subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "compiling kernels for Q4_1, Q8_0, F32 (first run only)" in first.stderr
+    assert "compiling" not in second.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
