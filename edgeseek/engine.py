@@ -9,6 +9,7 @@ from pathlib import Path
 from . import kernels
 from .chat_template import ChatTemplate
 from .errors import EdgeseekError, GGUFError
+from .backends import CPUBackend
 from .budget import IO_THREADS, WORKSPACE, BudgetPlan, plan_for
 from .expert_store import CachedExpertStore, ExpertStore, MmapExpertStore
 from .gguf_file import GGUFFile
@@ -97,12 +98,13 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     """
     t0 = time.perf_counter()
     gguf = GGUFFile(path)
+    backend = CPUBackend()
     plan = None
     if ram_budget is not None and expert_store is None:
         plan = plan_for(gguf, ram_budget, n_ctx, io_threads)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)
-    model = load_model(gguf, expert_store=expert_store, n_ctx=n_ctx)
+    model = load_model(gguf, backend, expert_store, n_ctx)
     tokenizer = Tokenizer.from_gguf(gguf)
     if tokenizer.vocab_size != model.config.vocab_size:  # ids of one would index past the other
         raise GGUFError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens, but the model's "
@@ -112,7 +114,7 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     if n_ctx < 1:
         raise EdgeseekError(f"{path}: context length must be positive, got {n_ctx}")
     kernels.prepare({t.qtype for t in gguf.tensors.values()}, gguf.arch_meta("expert_used_count", 0),
-                    notify=on_compile, extra=model.warmup)
+                    notify=on_compile, extra=backend.warmup)
     if plan is not None:
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
     return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store)

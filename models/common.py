@@ -1,14 +1,13 @@
 """Pieces every architecture uses: RMSNorm, rope (llama.cpp's NORM and NEOX kinds, YaRN), SiLU,
-softmax, embedding lookup, and weight loading from a GGUF file."""
+softmax, the SwiGLU feed-forward, and the pre-norm decoder's forward pass. What they ask of the
+hardware goes through the backend (backend.py)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
 
-from edgeseek.errors import GGUFError, UnsupportedError
-from edgeseek.quantize import QMatrix, get_format
+from edgeseek.errors import GGUFError
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -38,89 +37,12 @@ def require(gguf, ok: bool, message: str) -> None:
 
 
 # --- weights -----------------------------------------------------------------------------------
-def vector(gguf, name: str, length: int | None = None) -> np.ndarray:
+def vector(backend, gguf, name: str, length: int | None = None) -> np.ndarray:
     """A 1-D tensor (norm weight, bias) as float32."""
     t = gguf.tensor(name)
     if len(t.shape) != 1 or (length is not None and t.shape[0] != length):
         raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {t.shape}, expected ({length},)")
-    return dense(gguf, name).reshape(-1)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _heads_matvec(w, x, y):
-    # w (H, R, K), x (H, K) -> y (H, R): y[h] = w[h] @ x[h]; one row per iteration, both cores
-    H, R, K = w.shape
-    for j in prange(H * R):
-        h, r = j // R, j % R
-        s = np.float32(0.0)
-        for k in range(K):
-            s += w[h, r, k] * x[h, k]
-        y[h, r] = s
-
-
-def per_head(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """y[t, h] = w[h] @ x[t, h]: w (H, R, K) float32, x (T, H, K) -> (T, H, R). A few tokens go
-    through a numba kernel on both cores (numpy's einsum runs these on one core, at a third of
-    the bandwidth); more tokens through batched BLAS."""
-    if len(x) <= 2:
-        out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)
-        for t in range(len(x)):
-            _heads_matvec(w, np.ascontiguousarray(x[t], dtype=np.float32), out[t])
-        return out
-    return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
-
-
-def tensor_format(gguf, t):
-    """The quant format of tensor `t`; an unsupported type is named with the file and tensor."""
-    try:
-        return get_format(t.qtype)
-    except UnsupportedError as e:
-        raise UnsupportedError(f"{gguf.path}: tensor {t.name!r}: {e}") from None
-
-
-def dense(gguf, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Any tensor as a float32 array in numpy order: for small tensors only."""
-    t = gguf.tensor(name, shape)
-    fmt = tensor_format(gguf, t)
-    return fmt.dequantize(np.ascontiguousarray(t.raw).reshape(-1, fmt.type_size)).reshape(t.shape)
-
-
-def matrix(gguf, name: str, shape: tuple[int, int]) -> QMatrix:
-    """A 2-D weight (out, in) kept in its file quantization: y = W @ x."""
-    t = gguf.tensor(name, shape)
-    tensor_format(gguf, t)
-    return QMatrix(t.qtype, t.raw, t.shape, name)
-
-
-def pack_all(model, gguf=None) -> int:
-    """Build the kernel layout of every weight of the layers and the output now instead of on
-    first use; returns the bytes of quantized weights packed. With `gguf`, each tensor's file pages
-    are released once packed, so the resident set holds one copy of the weights, not two. (Routed
-    experts are their store's to pack.)"""
-    total = 0
-    for L in model.layers + [None]:
-        for m in [model.output] if L is None else [m for m in vars(L).values() if isinstance(m, QMatrix)]:
-            m.packed  # noqa: B018  (builds and keeps the layout)
-            total += m.nbytes
-            if gguf is not None:
-                gguf.release_pages(gguf.tensor(m.name))
-    return total
-
-
-class Embedding:
-    """token_embd rows looked up without dequantizing the whole table: (V, D)."""
-
-    def __init__(self, gguf, name: str, shape: tuple[int, int]):
-        t = gguf.tensor(name, shape)
-        self.raw = t.raw  # (V, row_bytes)
-        self.fmt = tensor_format(gguf, t)
-        self.shape = t.shape
-
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
-            raise ValueError(f"token id out of range [0, {self.shape[0]})")
-        rows = np.ascontiguousarray(self.raw[ids]).reshape(-1, self.fmt.type_size)
-        return self.fmt.dequantize(rows).reshape(len(ids), self.shape[1])
+    return backend.dense(gguf, name).reshape(-1)
 
 
 # --- rope ------------------------------------------------------------------------------------
@@ -176,20 +98,16 @@ class Rope:
         return out
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float) -> np.ndarray:
-    """q (G, H, T, d) against k (G, S, d), v (G, S, dv) where the T queries sit at positions
-    start..start+T-1 of the S keys; -> (G, H, T, dv)."""
-    T, S = q.shape[2], k.shape[1]
-    scores = np.matmul(q, k[:, None].transpose(0, 1, 3, 2)) * scale  # (G, H, T, S)
-    if T > 1:
-        mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
-        scores[..., mask] = -np.inf
-    return np.matmul(softmax(scores), v[:, None])  # (G, H, T, dv)
+def _is_linear(m) -> bool:
+    return callable(m) and hasattr(m, "shape") and hasattr(m, "name")
 
 
 class DecoderModel:
     """The pre-norm decoder every architecture here shares; a subclass supplies `attention` and
-    `feed_forward` for one layer, and the weights: token_embd, layers, output_norm, output."""
+    `feed_forward` for one layer, and the weights: token_embd, layers, output_norm, output, made
+    by its `backend`."""
+
+    backend: object  # models.backend.Backend
 
     def attention(self, L, h: np.ndarray, cache, i: int, pos: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -204,14 +122,12 @@ class DecoderModel:
     def begin_step(self) -> None:
         """A forward pass begins: the token boundary for whatever keeps per-token state."""
 
-    def warmup(self) -> None:
-        """Run the architecture's own numba kernels (beyond the quant formats') once on tiny
-        inputs, so that they compile, or load from numba's cache, at load time."""
-
     def pack(self, gguf=None) -> int:
-        """Repack every weight for the kernels now (else each is packed on first use); with the
-        GGUFFile, release the file pages of what was packed."""
-        return pack_all(self, gguf)
+        """Build the kernel layout of every weight of the layers and the output now (else each is
+        built on first use); with the GGUFFile, release the file pages of what was copied.
+        Routed experts are their store's to pack."""
+        mats = [m for L in self.layers for m in vars(L).values() if _is_linear(m)] + [self.output]
+        return self.backend.pack(mats, gguf)
 
     def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last."""

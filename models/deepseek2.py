@@ -19,8 +19,7 @@ import numpy as np
 
 from edgeseek.errors import GGUFError, UnsupportedError
 
-from .common import (DecoderModel, Embedding, Rope, dense, ffn, matrix, per_head, require, rms_norm, rope_freqs,
-                     softmax, vector, yarn_freqs)
+from .common import DecoderModel, Rope, ffn, require, rms_norm, rope_freqs, softmax, vector, yarn_freqs
 from .moe import SIGMOID, SOFTMAX, RouterConfig, moe, route
 
 
@@ -146,54 +145,55 @@ class LatentCache:
 
 
 class Layer:
-    def __init__(self, g, i: int, c: DeepSeek2Config):
+    def __init__(self, b, g, i: int, c: DeepSeek2Config):
         D, H, C, N, R, V = c.n_embd, c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope, c.v_head
         p = f"blk.{i}."
-        self.attn_norm = vector(g, p + "attn_norm.weight", D)
+        self.attn_norm = vector(b, g, p + "attn_norm.weight", D)
         if c.q_lora_rank:
-            self.attn_q_a = matrix(g, p + "attn_q_a.weight", (c.q_lora_rank, D))
-            self.attn_q_a_norm = vector(g, p + "attn_q_a_norm.weight", c.q_lora_rank)
-            self.attn_q_b = matrix(g, p + "attn_q_b.weight", (H * (N + R), c.q_lora_rank))
+            self.attn_q_a = b.matrix(g, p + "attn_q_a.weight", (c.q_lora_rank, D))
+            self.attn_q_a_norm = vector(b, g, p + "attn_q_a_norm.weight", c.q_lora_rank)
+            self.attn_q_b = b.matrix(g, p + "attn_q_b.weight", (H * (N + R), c.q_lora_rank))
         else:
-            self.attn_q = matrix(g, p + "attn_q.weight", (H * (N + R), D))
-        self.attn_kv_a_mqa = matrix(g, p + "attn_kv_a_mqa.weight", (C + R, D))
-        self.attn_kv_a_norm = vector(g, p + "attn_kv_a_norm.weight", C)
+            self.attn_q = b.matrix(g, p + "attn_q.weight", (H * (N + R), D))
+        self.attn_kv_a_mqa = b.matrix(g, p + "attn_kv_a_mqa.weight", (C + R, D))
+        self.attn_kv_a_norm = vector(b, g, p + "attn_kv_a_norm.weight", C)
         if c.mla_layout:
-            self.attn_k_b = dense(g, p + "attn_k_b.weight", (H, C, N))  # (H, C, N)
-            self.attn_v_b = dense(g, p + "attn_v_b.weight", (H, V, C))  # (H, V, C)
+            self.attn_k_b = b.dense(g, p + "attn_k_b.weight", (H, C, N))  # (H, C, N)
+            self.attn_v_b = b.dense(g, p + "attn_v_b.weight", (H, V, C))  # (H, V, C)
         else:
-            kv_b = dense(g, p + "attn_kv_b.weight", (H * (N + V), C)).reshape(H, N + V, C)
+            kv_b = b.dense(g, p + "attn_kv_b.weight", (H * (N + V), C)).reshape(H, N + V, C)
             self.attn_k_b = np.ascontiguousarray(kv_b[:, :N, :].transpose(0, 2, 1))  # (H, C, N)
             self.attn_v_b = np.ascontiguousarray(kv_b[:, N:, :])  # (H, V, C)
-        self.attn_output = matrix(g, p + "attn_output.weight", (D, H * V))
-        self.ffn_norm = vector(g, p + "ffn_norm.weight", D)
+        self.attn_output = b.matrix(g, p + "attn_output.weight", (D, H * V))
+        self.ffn_norm = vector(b, g, p + "ffn_norm.weight", D)
         self.dense = i < c.n_dense_lead
         if self.dense:
-            self.ffn_gate = matrix(g, p + "ffn_gate.weight", (c.n_ff, D))
-            self.ffn_up = matrix(g, p + "ffn_up.weight", (c.n_ff, D))
-            self.ffn_down = matrix(g, p + "ffn_down.weight", (D, c.n_ff))
+            self.ffn_gate = b.matrix(g, p + "ffn_gate.weight", (c.n_ff, D))
+            self.ffn_up = b.matrix(g, p + "ffn_up.weight", (c.n_ff, D))
+            self.ffn_down = b.matrix(g, p + "ffn_down.weight", (D, c.n_ff))
         else:
-            self.ffn_gate_inp = dense(g, p + "ffn_gate_inp.weight", (c.n_expert, D))  # (E, D) router
-            b = p + "exp_probs_b.bias"
-            self.exp_probs_b = vector(g, b, c.n_expert) if g.has(b) else None
+            self.ffn_gate_inp = b.dense(g, p + "ffn_gate_inp.weight", (c.n_expert, D))  # (E, D) router
+            bias = p + "exp_probs_b.bias"  # V3's selection bias
+            self.exp_probs_b = vector(b, g, bias, c.n_expert) if g.has(bias) else None
             if c.n_expert_shared:
                 F = c.n_ff_exp * c.n_expert_shared
-                self.ffn_gate_shexp = matrix(g, p + "ffn_gate_shexp.weight", (F, D))
-                self.ffn_up_shexp = matrix(g, p + "ffn_up_shexp.weight", (F, D))
-                self.ffn_down_shexp = matrix(g, p + "ffn_down_shexp.weight", (D, F))
+                self.ffn_gate_shexp = b.matrix(g, p + "ffn_gate_shexp.weight", (F, D))
+                self.ffn_up_shexp = b.matrix(g, p + "ffn_up_shexp.weight", (F, D))
+                self.ffn_down_shexp = b.matrix(g, p + "ffn_down_shexp.weight", (D, F))
 
 
 class DeepSeek2Model(DecoderModel):
-    def __init__(self, g, expert_store, n_ctx: int = 4096):
+    def __init__(self, g, backend, expert_store, n_ctx: int = 4096):
         """`expert_store` serves the routed experts (the engine builds it: edgeseek/expert_store.py;
         None where the file has none)."""
+        b = self.backend = backend
         self.config = c = DeepSeek2Config.from_gguf(g)
         self.n_ctx = n_ctx
-        self.token_embd = Embedding(g, "token_embd.weight", (c.vocab_size, c.n_embd))
-        self.layers = [Layer(g, i, c) for i in range(c.n_layer)]
-        self.output_norm = vector(g, "output_norm.weight", c.n_embd)
+        self.token_embd = backend.embedding(g, "token_embd.weight", (c.vocab_size, c.n_embd))
+        self.layers = [Layer(backend, g, i, c) for i in range(c.n_layer)]
+        self.output_norm = vector(b, g, "output_norm.weight", c.n_embd)
         head = "output.weight" if g.has("output.weight") else "token_embd.weight"
-        self.output = matrix(g, head, (c.vocab_size, c.n_embd))
+        self.output = b.matrix(g, head, (c.vocab_size, c.n_embd))
         self.experts = expert_store
         if c.yarn_factor > 1.0:
             inv = yarn_freqs(c.qk_rope, c.rope_base, c.yarn_factor, c.yarn_orig_ctx,
@@ -211,10 +211,6 @@ class DeepSeek2Model(DecoderModel):
     def pack(self, gguf=None) -> int:
         return super().pack(gguf) + (self.experts.pack(gguf) if self.experts is not None else 0)
 
-    def warmup(self) -> None:
-        w = np.zeros((1, 1, 16), np.float32)  # (H, R, K) as attn_k_b / attn_v_b
-        per_head(w, np.zeros((1, 1, 16), np.float32))  # one token: the numba kernel
-
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
         return LatentCache(self.config, n_ctx or self.n_ctx)
 
@@ -229,7 +225,7 @@ class DeepSeek2Model(DecoderModel):
             q = L.attn_q(h)
         q = q.reshape(T, H, N + R)  # each head: [nope N | rope R]
         q_pe = self.rope(q[:, :, N:], pos)  # (T, H, R)
-        q_lat = per_head(L.attn_k_b, q[:, :, :N])  # (T, H, C)
+        q_lat = self.backend.per_head(L.attn_k_b, q[:, :, :N])  # (T, H, C)
         kv = L.attn_kv_a_mqa(h)  # (T, C + R): [latent | k_pe]
         return q_lat, q_pe, rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
 
@@ -247,7 +243,7 @@ class DeepSeek2Model(DecoderModel):
         return softmax(scores) @ lat  # (T, H, C)
 
     def _output(self, L: Layer, o_lat: np.ndarray) -> np.ndarray:
-        o = per_head(L.attn_v_b, o_lat)  # (T, H, V)
+        o = self.backend.per_head(L.attn_v_b, o_lat)  # (T, H, V)
         return L.attn_output(o.reshape(len(o), -1))
 
     def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
@@ -269,7 +265,7 @@ class DeepSeek2Model(DecoderModel):
         if L.dense:
             return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
         ids, weights = route(h @ L.ffn_gate_inp.T, self.config.router, L.exp_probs_b)  # (T, k)
-        out = moe(h, ids, weights, self.experts, i)
+        out = moe(h, ids, weights, self.experts, i, self.backend)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
         if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import DecoderModel, Embedding, Rope, causal_attention, ffn, matrix, require, rope_freqs, vector
+from .common import DecoderModel, Rope, ffn, require, rope_freqs, vector
 
 
 @dataclass(frozen=True)
@@ -73,34 +73,35 @@ class KVCache:
 
 
 class Layer:
-    def __init__(self, g, i: int, c: LlamaConfig):
+    def __init__(self, b, g, i: int, c: LlamaConfig):
         D, H, Hkv, d = c.n_embd, c.n_head, c.n_head_kv, c.head_dim
         p = f"blk.{i}."
-        self.attn_norm = vector(g, p + "attn_norm.weight", D)
-        self.attn_q = matrix(g, p + "attn_q.weight", (H * d, D))
-        self.attn_k = matrix(g, p + "attn_k.weight", (Hkv * d, D))
-        self.attn_v = matrix(g, p + "attn_v.weight", (Hkv * d, D))
-        self.attn_output = matrix(g, p + "attn_output.weight", (D, H * d))
-        bias = (lambda n, k: vector(g, p + n, k) if g.has(p + n) else None)
+        self.attn_norm = vector(b, g, p + "attn_norm.weight", D)
+        self.attn_q = b.matrix(g, p + "attn_q.weight", (H * d, D))
+        self.attn_k = b.matrix(g, p + "attn_k.weight", (Hkv * d, D))
+        self.attn_v = b.matrix(g, p + "attn_v.weight", (Hkv * d, D))
+        self.attn_output = b.matrix(g, p + "attn_output.weight", (D, H * d))
+        bias = (lambda n, k: vector(b, g, p + n, k) if g.has(p + n) else None)
         self.attn_q_b, self.attn_k_b, self.attn_v_b = (
             bias("attn_q.bias", H * d), bias("attn_k.bias", Hkv * d), bias("attn_v.bias", Hkv * d))
-        self.ffn_norm = vector(g, p + "ffn_norm.weight", D)
-        self.ffn_gate = matrix(g, p + "ffn_gate.weight", (c.n_ff, D))
-        self.ffn_up = matrix(g, p + "ffn_up.weight", (c.n_ff, D))
-        self.ffn_down = matrix(g, p + "ffn_down.weight", (D, c.n_ff))
+        self.ffn_norm = vector(b, g, p + "ffn_norm.weight", D)
+        self.ffn_gate = b.matrix(g, p + "ffn_gate.weight", (c.n_ff, D))
+        self.ffn_up = b.matrix(g, p + "ffn_up.weight", (c.n_ff, D))
+        self.ffn_down = b.matrix(g, p + "ffn_down.weight", (D, c.n_ff))
 
 
 class LlamaModel(DecoderModel):
-    def __init__(self, g, n_ctx: int = 4096):
+    def __init__(self, g, backend, n_ctx: int = 4096):
+        b = self.backend = backend
         self.config = c = LlamaConfig.from_gguf(g)
         self.n_ctx = n_ctx
-        self.token_embd = Embedding(g, "token_embd.weight", (c.vocab_size, c.n_embd))
-        self.layers = [Layer(g, i, c) for i in range(c.n_layer)]
-        self.output_norm = vector(g, "output_norm.weight", c.n_embd)
+        self.token_embd = backend.embedding(g, "token_embd.weight", (c.vocab_size, c.n_embd))
+        self.layers = [Layer(backend, g, i, c) for i in range(c.n_layer)]
+        self.output_norm = vector(b, g, "output_norm.weight", c.n_embd)
         tied = not g.has("output.weight")  # tied embeddings: the output head is token_embd
-        self.output = matrix(g, "token_embd.weight" if tied else "output.weight", (c.vocab_size, c.n_embd))
+        self.output = b.matrix(g, "token_embd.weight" if tied else "output.weight", (c.vocab_size, c.n_embd))
         # llama3's rope scaling: one factor per rotated pair of values
-        factors = vector(g, "rope_freqs.weight", c.rope_dim // 2) if g.has("rope_freqs.weight") else None
+        factors = vector(b, g, "rope_freqs.weight", c.rope_dim // 2) if g.has("rope_freqs.weight") else None
         inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
         self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm")
 
@@ -129,7 +130,7 @@ class LlamaModel(DecoderModel):
         qg = q.reshape(T, Hkv, H // Hkv, d).transpose(1, 2, 0, 3)  # (Hkv, H/Hkv, T, d)
         k_all = cache.k[i, :, :s1].astype(np.float32)  # (Hkv, S, d)
         v_all = cache.v[i, :, :s1].astype(np.float32)
-        o = causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))
+        o = self.backend.causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))
         return o.transpose(2, 0, 1, 3).reshape(T, H * d)
 
     def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:

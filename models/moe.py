@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import ffn, silu, softmax
+from .common import ffn, softmax
 
 SOFTMAX, SIGMOID = 1, 2  # GGUF expert_gating_func
 
@@ -51,26 +51,7 @@ def route(logits: np.ndarray, cfg: RouterConfig, bias: np.ndarray | None = None)
     return ids, weights.astype(np.float32)
 
 
-def experts_one_token(x: np.ndarray, triples: list) -> np.ndarray | None:
-    """ffn(x, *triple) of one token (x (1, D)) through each of several experts -> (n, D), with each
-    projection of all the experts in one kernel call where the format has one (a decode step's
-    experts: a few kernel launches per layer instead of three per expert); None otherwise.
-    Rows equal what ffn gives expert by expert."""
-    gates, ups, downs = zip(*triples)
-    fmt = gates[0].fmt
-    if any(m.fmt is not fmt for m in gates + ups):
-        return None
-    g = fmt.matmul_many([m.packed for m in gates], x, [0] * len(gates))
-    if g is None:
-        return None
-    h = silu(g) * fmt.matmul_many([m.packed for m in ups], x, [0] * len(ups))  # (n, F)
-    d = None
-    if all(m.fmt is downs[0].fmt for m in downs):
-        d = downs[0].fmt.matmul_many([m.packed for m in downs], h, range(len(downs)))
-    return d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
-
-
-def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int) -> np.ndarray:
+def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, backend) -> np.ndarray:
     """sum_i w_i * expert_i(x) for each token; x (T, D), ids/weights (T, k) -> (T, D).
 
     Tokens are grouped by expert so that each expert's weights are read once per call, with all
@@ -81,7 +62,8 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int) 
     inverse = inverse.reshape(ids.shape)
     parts = [None] * len(experts)
     for group in store.fetch_groups(layer, experts):
-        ys = experts_one_token(x, [triple for _, triple in group]) if len(x) == 1 and len(group) > 1 else None
+        one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each
+        ys = backend.experts_one_token(x, [triple for _, triple in group]) if one else None
         for i, (j, (gate, up, down)) in enumerate(group):
             tok, slot = np.nonzero(inverse == j)
             y = ys[i:i + 1] if ys is not None else ffn(x[tok], gate, up, down)

@@ -1,0 +1,115 @@
+"""The CPU backend: weights stay memory-mapped in the file's quantization and are repacked for
+numba kernels on first use (edgeseek/quantize); activations, caches and small tensors are numpy
+arrays; BLAS (one thread beside numba's) where a product is not on quantized blocks."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgeseek.errors import UnsupportedError
+from edgeseek.quantize import QMatrix, get_format
+
+
+def tensor_format(gguf, t):
+    """The quant format of tensor `t`; an unsupported type is named with the file and tensor."""
+    try:
+        return get_format(t.qtype)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"{gguf.path}: tensor {t.name!r}: {e}") from None
+
+
+class Embedding:
+    """token_embd rows looked up without dequantizing the whole table: (V, D)."""
+
+    def __init__(self, gguf, name: str, shape: tuple[int, int]):
+        t = gguf.tensor(name, shape)
+        self.raw = t.raw  # (V, row_bytes)
+        self.fmt = tensor_format(gguf, t)
+        self.shape = t.shape
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise ValueError(f"token id out of range [0, {self.shape[0]})")
+        rows = np.ascontiguousarray(self.raw[ids]).reshape(-1, self.fmt.type_size)
+        return self.fmt.dequantize(rows).reshape(len(ids), self.shape[1])
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _heads_matvec(w, x, y):
+    # w (H, R, K), x (H, K) -> y (H, R): y[h] = w[h] @ x[h]; one row per iteration, both cores
+    H, R, K = w.shape
+    for j in prange(H * R):
+        h, r = j // R, j % R
+        s = np.float32(0.0)
+        for k in range(K):
+            s += w[h, r, k] * x[h, k]
+        y[h, r] = s
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class CPUBackend:
+    xp = np
+
+    def matrix(self, gguf, name: str, shape: tuple[int, int]) -> QMatrix:
+        t = gguf.tensor(name, shape)
+        tensor_format(gguf, t)
+        return QMatrix(t.qtype, t.raw, t.shape, name)
+
+    def dense(self, gguf, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        t = gguf.tensor(name, shape)
+        fmt = tensor_format(gguf, t)
+        return fmt.dequantize(np.ascontiguousarray(t.raw).reshape(-1, fmt.type_size)).reshape(t.shape)
+
+    def embedding(self, gguf, name: str, shape: tuple[int, int]) -> Embedding:
+        return Embedding(gguf, name, shape)
+
+    def per_head(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        # A few tokens go through a numba kernel on both cores (numpy's einsum runs these on one
+        # core, at a third of the bandwidth); more tokens through batched BLAS.
+        if len(x) <= 2:
+            out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)  # (T, H, R)
+            for t in range(len(x)):
+                _heads_matvec(w, np.ascontiguousarray(x[t], dtype=np.float32), out[t])
+            return out
+        return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
+
+    def experts_one_token(self, x: np.ndarray, triples) -> np.ndarray | None:
+        # a decode step's experts: a few kernel launches per layer instead of three per expert;
+        # rows equal what the products give expert by expert
+        gates, ups, downs = zip(*triples)
+        fmt = gates[0].fmt
+        if any(m.fmt is not fmt for m in gates + ups):
+            return None
+        g = fmt.matmul_many([m.packed for m in gates], x, [0] * len(gates))
+        if g is None:
+            return None
+        h = _silu(g) * fmt.matmul_many([m.packed for m in ups], x, [0] * len(ups))  # (n, F)
+        d = None
+        if all(m.fmt is downs[0].fmt for m in downs):
+            d = downs[0].fmt.matmul_many([m.packed for m in downs], h, range(len(downs)))
+        return d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
+
+    def causal_attention(self, q, k, v, start: int, scale: float) -> np.ndarray:
+        T, S = q.shape[2], k.shape[1]
+        scores = np.matmul(q, k[:, None].transpose(0, 1, 3, 2)) * scale  # (G, H, T, S)
+        if T > 1:
+            mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
+            scores[..., mask] = -np.inf
+        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return np.matmul(e / e.sum(axis=-1, keepdims=True), v[:, None])  # (G, H, T, dv)
+
+    def pack(self, matrices, gguf=None) -> int:
+        total = 0
+        for m in matrices:
+            m.packed  # noqa: B018  (builds and keeps the layout)
+            total += m.nbytes
+            if gguf is not None:  # one copy of the weights in the resident set, not two
+                gguf.release_pages(gguf.tensor(m.name))
+        return total
+
+    def warmup(self) -> None:
+        w = np.zeros((1, 1, 16), np.float32)  # (H, R, K) as attn_k_b / attn_v_b
+        self.per_head(w, np.zeros((1, 1, 16), np.float32))  # one token: the numba kernel

@@ -1,0 +1,59 @@
+"""The seam between a forward pass and the hardware it runs on.
+
+Everything an architecture asks of the machine is named here and nowhere else: the array module
+its activations live in; its weights kept in the file's quantization and the products with them
+(one token or many, several routed experts at once); small tensors as arrays; the embedding lookup;
+the per-head products of MLA's absorbed attention; attention over a cache; building the kernel
+layouts ahead of use. The routed experts come from an expert store, which the engine hands to the
+model beside the backend. models/ calls only this interface and imports nothing from the runtime;
+edgeseek/backends/ implements it: the CPU with numba kernels on the file's blocks (cpu.py), and a
+CUDA backend next, as ggml's backends are to llama.cpp's one graph per architecture.
+
+Shapes: T tokens, K inputs, N outputs, H heads, S cached positions.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Callable, Protocol, Sequence
+
+
+class Linear(Protocol):
+    """A weight (N, K) in the file's quantization."""
+
+    name: str  # the GGUF tensor's name
+    shape: tuple[int, int]  # (N, K)
+
+    def __call__(self, x):
+        """W @ x: x (K,) -> (N,), or x (T, K) -> (T, N)."""
+
+
+class Backend(Protocol):
+    xp: ModuleType  # the array module of activations, caches and small weights (numpy on the CPU)
+
+    def matrix(self, gguf, name: str, shape: tuple[int, int]) -> Linear:
+        """A 2-D weight (out, in), shape and type checked, kept in its file quantization."""
+
+    def dense(self, gguf, name: str, shape: tuple[int, ...] | None = None):
+        """Any (small) tensor as float32, numpy order."""
+
+    def embedding(self, gguf, name: str, shape: tuple[int, int]) -> Callable:
+        """Row lookup in a (V, D) table: ids (T,) -> (T, D) float32, without dequantizing it all."""
+
+    def per_head(self, w, x):
+        """y[t, h] = w[h] @ x[t, h]: w (H, R, K), x (T, H, K) -> (T, H, R)."""
+
+    def experts_one_token(self, x, triples: Sequence) -> object | None:
+        """SwiGLU of one token x (1, D) through each (gate, up, down) triple -> (n, D), each
+        projection of all the experts in one call; None where the weights' format has no such
+        kernel (the caller then goes expert by expert)."""
+
+    def causal_attention(self, q, k, v, start: int, scale: float):
+        """q (G, H, T, d) against k (G, S, d), v (G, S, dv), the T queries at positions
+        start..start+T-1 of the S keys -> (G, H, T, dv)."""
+
+    def pack(self, matrices: Sequence[Linear], gguf=None) -> int:
+        """Build the kernel layout of these weights now instead of at first use; with the file,
+        release its pages of what was copied. Bytes of quantized weights packed."""
+
+    def warmup(self) -> None:
+        """Compile (or load) the backend's own kernels beyond the quant formats'."""
