@@ -21,9 +21,14 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from edgeseek.errors import EdgeseekError
 
-# Output types a tensor may be given (--tensor-type), by their lower-case names.
-TYPES = {t.name.lower(): t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
-                                      T.Q4_K, T.Q5_K, T.Q6_K)}
+
+def output_types() -> dict[str, T]:
+    """Types a tensor may be given (--tensor-type), by their lower-case names: every format of
+    edgeseek.quantize that has a quantizer. (Imported here, not at the top: it loads numba, which
+    the command line does not need to start.)"""
+    from edgeseek.quantize import FORMATS
+
+    return {t.name.lower(): t for t, fmt in FORMATS.items() if fmt.quantizes}
 
 
 class RecipeError(EdgeseekError):
@@ -76,14 +81,15 @@ def get_recipe(name: str) -> Recipe:
 def parse_overrides(specs: list[str] | tuple[str, ...]) -> list[tuple[re.Pattern, T]]:
     """--tensor-type REGEX=TYPE, tried in order, first match wins (regex searched in the GGUF name)."""
     out = []
+    types = output_types()
     for spec in specs:
         pattern, sep, tname = spec.rpartition("=")
         if not sep or not pattern:
             raise RecipeError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down_exps=q6_k'")
-        if tname.lower() not in TYPES:
-            raise RecipeError(f"--tensor-type {spec!r}: unknown type {tname!r}; types: {', '.join(TYPES)}")
+        if tname.lower() not in types:
+            raise RecipeError(f"--tensor-type {spec!r}: unknown type {tname!r}; types: {', '.join(types)}")
         try:
-            out.append((re.compile(pattern), TYPES[tname.lower()]))
+            out.append((re.compile(pattern), types[tname.lower()]))
         except re.error as e:
             raise RecipeError(f"--tensor-type {spec!r}: bad regex: {e}") from None
     return out

@@ -101,3 +101,31 @@ def quantize_q8(x: np.ndarray, dtype=np.int8) -> Q8Activations:
     if x.ndim == 1:
         return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
     return Q8Activations(*_quantize_rows(x, np.dtype(dtype)))
+
+
+# --- the activation arguments of the kernels (registry.TileKernels) ----------------------------
+
+
+def ints(x: np.ndarray) -> tuple:
+    """The portable kernels' (q (T, K) int32, d, sums, s)."""
+    return tuple(quantize_q8(x, np.int32))
+
+
+def words(x: np.ndarray) -> tuple:
+    """The simd.dpbusd kernels' (q as int32 words of four int8 (T, K / 4), d, sums): formats with
+    an offset (Q4_0, Q5_0)."""
+    a = quantize_q8(x, np.int8)
+    return a.q.view(np.int32), a.d, a.sums
+
+
+def words_min(x: np.ndarray) -> tuple:
+    """As words, with Q8_1's s in place of the sums: formats with a min (Q5_1)."""
+    a = quantize_q8(x, np.int8)
+    return a.q.view(np.int32), a.d, a.s
+
+
+@njit(cache=True, inline="always")
+def x16(xq, k, j):
+    """Activation j of row k of xq (T, K) int32, through int16: tells LLVM the int8 values fit
+    vpmaddwd."""
+    return np.int32(np.int16(xq[k, j]))

@@ -9,6 +9,9 @@ rounded to the weight's type before the product.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
@@ -99,94 +102,92 @@ def _bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
     return (u16.astype(np.uint32) << 16).view(np.float32)
 
 
-class F32Format(QuantFormat):
-    qtype = GGMLQuantizationType.F32
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """Activations rounded to fp16 and back, as llama.cpp rounds them before an F16 product."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
 
-    def dequantize(self, blocks):
-        return np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1).view(np.float32).copy()
 
-    def quantize(self, x):
-        """(..., K) float32 -> (..., 4 K) uint8."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return x.view(np.uint8).reshape(*x.shape[:-1], -1)
+def round_bf16_f32(x: np.ndarray) -> np.ndarray:
+    """Activations rounded to bf16 and back, as llama.cpp rounds them before a BF16 product."""
+    return _bf16_bits_to_f32(round_bf16(x))
 
-    def pack(self, raw):
-        return np.asarray(raw, dtype=np.uint8).view(np.float32)  # (N, K), a view on the file
 
-    def matvec(self, packed, x):
+@dataclass(frozen=True)
+class RowKernels:
+    """The file's rows as they are: (N, K) of `dtype`, a view on the mmap. matvec: the numba kernel
+    `matvec_kernel(w, x, y)`; matmul: BLAS, F16 and BF16 rows decoded by `to_f32(w, out)` a chunk
+    at a time. `round_activations` rounds x to the weight's type first (None for F32)."""
+
+    dtype: type
+    matvec_kernel: Callable
+    to_f32: Callable | None = None
+    round_activations: Callable | None = None
+
+    def pack(self, blocks):
+        return blocks.reshape(blocks.shape[0], -1).view(self.dtype)  # (N, K), a view on the file
+
+    def blocks_per_row(self, w) -> int:
+        return w.shape[1]
+
+    def matvec(self, w, x):
         # numba rather than BLAS: on a few cores, BLAS's own thread pool next to numba's
         # oversubscribes them
-        y = np.empty(packed.shape[0], np.float32)
-        _matvec_f32(packed, np.ascontiguousarray(x, dtype=np.float32), y)
+        if self.round_activations is not None:
+            x = self.round_activations(x)
+        y = np.empty(w.shape[0], np.float32)
+        self.matvec_kernel(w, x, y)
         return y
 
-    def matmul(self, packed, x):
-        return np.asarray(x, dtype=np.float32) @ packed.T
-
-
-class _Half(QuantFormat):
-    """F16 and BF16: rows of 16-bit floats, read in place."""
-
-    qtype = GGMLQuantizationType.F16  # block and byte sizes; each subclass names its own type
-
-    def pack(self, raw):
-        return np.asarray(raw, dtype=np.uint8).view(np.uint16)  # (N, K), a view on the file
-
-    def dequantize(self, blocks):
-        return self.bits_to_f32(np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1).view(np.uint16))
-
-    def matvec(self, packed, x):
-        x = self.round_activations(x)
-        y = np.empty(packed.shape[0], np.float32)
-        self._matvec(packed, x, y)
-        return y
-
-    def matmul(self, packed, x):
+    def matmul(self, w, x):
+        if self.to_f32 is None:
+            return x @ w.T
         x = self.round_activations(x)  # (T, K)
-        n, k = packed.shape
+        n, k = w.shape
         y = np.empty((x.shape[0], n), np.float32)
         rows = max(64, CHUNK_VALUES // max(k, 1))
         buf = np.empty((min(rows, n), k), np.float32)
         for i in range(0, n, rows):
-            w = buf[:min(rows, n - i)]
-            self._to_f32(packed[i:i + rows], w)
-            np.matmul(x, w.T, out=y[:, i:i + rows])
+            chunk = buf[:min(rows, n - i)]
+            self.to_f32(w[i:i + rows], chunk)
+            np.matmul(x, chunk.T, out=y[:, i:i + rows])
         return y
 
+    def matmul_many(self, ws, x, rows):
+        return None
 
-class F16(_Half):
+
+class F32Format(QuantFormat):
+    qtype = GGMLQuantizationType.F32
+    portable = RowKernels(np.float32, _matvec_f32)
+
+    def quantize_blocks(self, x):
+        return x.view(np.uint8)  # (n, 1) float32 -> (n, 4) uint8
+
+    def dequantize_blocks(self, blocks):
+        return blocks.view(np.float32).copy()
+
+
+class F16(QuantFormat):
     qtype = GGMLQuantizationType.F16
-    _matvec = staticmethod(_matvec_f16)
-    _to_f32 = staticmethod(_to_f32_f16)
+    portable = RowKernels(np.uint16, _matvec_f16, _to_f32_f16, round_f16)
+    round_activations = staticmethod(round_f16)
 
-    @staticmethod
-    def bits_to_f32(u16):
-        return u16.view(np.float16).astype(np.float32)
+    def quantize_blocks(self, x):
+        """Round to nearest even, as numpy and ggml."""
+        return x.astype(np.float16).view(np.uint8)
 
-    @staticmethod
-    def round_activations(x):
-        return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
-
-    def quantize(self, x):
-        """(..., K) float32 -> (..., 2 K) uint8 (round to nearest even, as numpy and ggml)."""
-        h = np.ascontiguousarray(x, dtype=np.float32).astype(np.float16)
-        return h.view(np.uint8).reshape(*h.shape[:-1], -1)
+    def dequantize_blocks(self, blocks):
+        return blocks.view(np.float16).astype(np.float32)
 
 
-class BF16(_Half):
+class BF16(QuantFormat):
     qtype = GGMLQuantizationType.BF16
-    _matvec = staticmethod(_matvec_bf16)
-    _to_f32 = staticmethod(_to_f32_bf16)
+    portable = RowKernels(np.uint16, _matvec_bf16, _to_f32_bf16, round_bf16_f32)
+    round_activations = staticmethod(round_bf16_f32)
 
-    @staticmethod
-    def bits_to_f32(u16):
-        return _bf16_bits_to_f32(u16)
+    def quantize_blocks(self, x):
+        """Bit-identical to gguf-py's BF16."""
+        return round_bf16(x).view(np.uint8)
 
-    @staticmethod
-    def round_activations(x):
-        return _bf16_bits_to_f32(round_bf16(x))
-
-    def quantize(self, x):
-        """(..., K) float32 -> (..., 2 K) uint8, bit-identical to gguf-py's BF16."""
-        h = round_bf16(x)
-        return h.view(np.uint8).reshape(*h.shape[:-1], -1)
+    def dequantize_blocks(self, blocks):
+        return _bf16_bits_to_f32(blocks.view(np.uint16))

@@ -1,16 +1,18 @@
 """Pieces shared by the K-quant formats (Q4_K, Q5_K, Q6_K): llama.cpp's rounding and scale search,
-fp16 conversion inside numba, and the prompt kernels' dot products over unpacked levels.
+fp16 conversion inside numba, the block quantizer of Q4_K and Q5_K, and the prompt kernels' dot
+products over unpacked levels.
 
 Source: llama.cpp ggml/src/ggml-quants.c (nearest_int, make_qkx2_quants, make_qx_quants,
-get_scale_min_k4). llama.cpp builds that file without FMA contraction or fast-math, so every
-float32 operation below keeps C's order; numba compiles without fast-math, so no fusing happens.
+get_scale_min_k4, quantize_row_q4_K_ref, quantize_row_q5_K_ref). llama.cpp builds that file
+without FMA contraction or fast-math, so every float32 operation below keeps C's order; numba
+compiles without fast-math, so no fusing happens.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 QK_K = 256  # values per super-block
 
@@ -202,22 +204,76 @@ def pack_scale_min_k4(ls, lm, s):
             s[j] |= (lm[j] >> 4) << 6
 
 
-# --- arguments --------------------------------------------------------------------------------
+# --- quantize Q4_K / Q5_K (quantize_row_q4_K_ref / quantize_row_q5_K_ref, no importance matrix) --
 
 
-def check_rows(x: np.ndarray, what: str, k: int | None = None,
-               ndim: int | None = None) -> np.ndarray:
-    """x as contiguous float32 rows of a multiple of 256 values (of k values, in ndim dimensions,
-    when given)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{what}: activations of shape {x.shape}, expected {ndim} dimension(s)")
-    if x.shape[-1] % QK_K:
-        raise ValueError(f"{what}: row length {x.shape[-1]} is not a multiple of {QK_K}")
-    if k is not None and x.shape[-1] != k:
-        raise ValueError(f"{what}: activations of length {x.shape[-1]} for rows of {k} values")
-    return x
+@njit(cache=True)
+def _scale_min_block(x, y, L, Laux, weights, scales, mins, ls, lm, nmax, rmin, nstep):
+    # x (256,) float32 -> y (type_size,) uint8: d, dmin, the 8 packed 6-bit scales and mins, then
+    # the levels 0..nmax: their low four bits as nibbles in the last 128 bytes (byte l of group g:
+    # values 64g + l, 64g + 32 + l), their fifth bits (nmax 31) in bytes 16..47 (bit j of byte l:
+    # value 32j + l). The two formats differ in nmax, rmin and nstep only.
+    max_scale = F32(0.0)
+    max_min = F32(0.0)
+    for j in range(8):
+        xs = x[32 * j: 32 * j + 32]
+        sum_x2 = F32(0.0)
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
+        av_x = np.sqrt(sum_x2 / F32(32.0))
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        scales[j], mins[j] = make_qkx2_quants(nmax, xs, weights, L[32 * j: 32 * j + 32], Laux,
+                                              rmin, F32(0.1), nstep)
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    inv_scale = F32(63.0) / max_scale if max_scale > 0 else F32(0.0)
+    inv_min = F32(63.0) / max_min if max_min > 0 else F32(0.0)
+    for j in range(8):
+        ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # C stores into uint8 first
+        lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+    pack_scale_min_k4(ls, lm, y[4:16])
+    hd = f32_to_f16(max_scale / F32(63.0))
+    hm = f32_to_f16(max_min / F32(63.0))
+    y[0], y[1], y[2], y[3] = hd & 0xFF, hd >> 8, hm & 0xFF, hm >> 8
+    d = f16_to_f32(hd)
+    dmin = f16_to_f32(hm)
+    for j in range(8):
+        sc, m = scale_min_k4(j, y[4:16])
+        dj = d * F32(sc)
+        if dj == 0:
+            continue  # keeps the levels make_qkx2_quants chose, as llama.cpp does
+        dm = dmin * F32(m)
+        for l in range(32):
+            L[32 * j + l] = min(max(nearest_int((x[32 * j + l] + dm) / dj), 0), nmax)
+    qs = y.shape[0] - 128
+    if nmax > 15:
+        y[16:48] = 0
+    for g in range(4):
+        for l in range(32):
+            lo, hi = L[64 * g + l], L[64 * g + 32 + l]
+            y[qs + 32 * g + l] = (lo & 0xF) | ((hi & 0xF) << 4)
+            if nmax > 15:
+                y[16 + l] |= ((lo >> 4) << (2 * g)) | ((hi >> 4) << (2 * g + 1))
 
+
+@njit(parallel=True, cache=True)
+def quantize_scale_min(x, out, nmax, rmin, nstep):
+    """x (n, 256) float32 -> out (n, 144 | 176) uint8: Q4_K blocks (nmax 15, rmin -1, nstep 20) or
+    Q5_K blocks (nmax 31, rmin -0.5, nstep 15), bit-identical to llama.cpp's reference quantizers."""
+    n = x.shape[0]
+    for c in prange((n + 15) // 16):  # 16 blocks per task: the scratch arrays once per task
+        L = np.empty(QK_K, np.uint8)
+        Laux = np.empty(32, np.uint8)
+        weights = np.empty(32, np.float32)
+        scales = np.empty(8, np.float32)
+        mins = np.empty(8, np.float32)
+        ls = np.empty(8, np.uint8)
+        lm = np.empty(8, np.uint8)
+        for i in range(16 * c, min(16 * c + 16, n)):
+            _scale_min_block(x[i], out[i], L, Laux, weights, scales, mins, ls, lm, nmax, rmin, nstep)
 
 
 # --- prompt kernels: levels unpacked once per super-block, reused for every token ------------

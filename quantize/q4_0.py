@@ -1,56 +1,25 @@
 """Q4_0: 32 values per 18-byte block: fp16 d, qs[16]; value j is the low nibble of qs[j], value
 j + 16 the high nibble; x = d * (q - 8) (ggml-common.h block_q4_0, ggml-quants.c).
 
-Kernel layout (tiles.py): the 16 quant bytes of a block as 4 uint32 words per row; word g holds
-the nibbles of values 4g..4g+3 (low) and 16+4g..16+4g+3 (high). The -8 offset is applied once
-per block through the exact sum of the int8 activations.
+Kernel layout (tiles.py, nibbles.py): the 16 quant bytes of a block as 4 uint32 words per row;
+word g holds the nibbles of values 4g..4g+3 (low) and 16+4g..16+4g+3 (high). The -8 offset is
+applied once per block through the exact sum of the int8 activations. Both kernel sets read that
+layout: the portable one through nibbles.row_dot, the VNNI one four values at a time with
+simd.dpbusd.
 """
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange, uint32
+from numba import njit, prange
 
 from . import activations, tiles
-from .registry import QuantFormat
-from .simd import HAVE_VNNI, add_f, band, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
+from .nibbles import row_dot
+from .registry import QuantFormat, TileKernels
+from .simd import add_f, band, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
-TYPE_SIZE = 18
-
-
-@njit(cache=True, inline="always")
-def nibble(v, shift):
-    """Bits shift..shift+3 of the uint32 v, as an int32 the kernels can multiply in 16 bits."""
-    return np.int32((v >> uint32(shift)) & uint32(15))
-
-
-@njit(cache=True, inline="always")
-def x16(xq, k, j):
-    # int8 activations held in int32: the int16 round trip tells LLVM they fit vpmaddwd
-    return np.int32(np.int16(xq[k, j]))
-
-
-@njit(cache=True, inline="always")
-def _word(v, xq, k, o, g):
-    # the 8 nibbles of word g of one row: values 4g..4g+3 (low nibbles), 16+4g..16+4g+3 (high);
-    # o = 32 * block: where the block's activations start
-    s = np.int32(0)
-    for i in range(4):
-        s = np.int32(s + nibble(v, 8 * i) * x16(xq, k, o + 4 * g + i)
-                     + nibble(v, 8 * i + 4) * x16(xq, k, o + 16 + 4 * g + i))
-    return s
-
-
-@njit(cache=True, inline="always")
-def row_dot(qs, t, b, r, xq, k):
-    """sum_j nibble_j * x_j over block b of row r of tile t, activation row k: qs (n_tiles, nb, 4,
-    TILE) uint32, xq (T, K) int32. The four words are written out (not a loop) so that LLVM sees
-    constant shifts and vectorizes the callers' loops over r."""
-    o = QK * b
-    return np.int32(np.int32(_word(qs[t, b, 0, r], xq, k, o, 0) + _word(qs[t, b, 1, r], xq, k, o, 1))
-                    + np.int32(_word(qs[t, b, 2, r], xq, k, o, 2) + _word(qs[t, b, 3, r], xq, k, o, 3)))
 
 
 @njit(parallel=True, cache=True)
@@ -155,48 +124,29 @@ def _quantize(x, d, qs):
             qs[i, j] = np.uint8(lo | (hi << 4))
 
 
+def _pack(b):
+    # b (N, nb, 18) file blocks -> tiles.Packed
+    n, nb = b.shape[:2]
+    qs, d = tiles.tiled(n, nb, 4), tiles.tiled(n, nb, dtype=np.float32)  # (n_tiles, nb, 4, TILE) uint32
+    tiles.tile_words(b, 2, qs)
+    tiles.tile_fp16(b, 0, d)
+    return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
+
+
 class Q4_0(QuantFormat):
     qtype = GGMLQuantizationType.Q4_0
+    portable = TileKernels(_pack, (), activations.ints, _matmul)
+    vnni = TileKernels(_pack, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
-    def dequantize(self, blocks):
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+    def quantize_blocks(self, x):
+        """Bit-identical to gguf-py."""
+        d = np.empty(x.shape[0], np.float32)
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        _quantize(x, d, out[:, 2:])
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return out
+
+    def dequantize_blocks(self, blocks):
         out = np.empty((blocks.shape[0], QK), np.float32)
         _dequantize(blocks, tiles.fp16_field(blocks, 0), out)
-        return out.reshape(-1)
-
-    def quantize(self, x):
-        """(..., K) float32 rows -> (..., K / 32 * 18) uint8, bit-identical to gguf-py."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[-1] % QK:
-            raise ValueError(f"Q4_0: row length {x.shape[-1]} is not a multiple of {QK}")
-        blocks = x.reshape(-1, QK)
-        d = np.empty(blocks.shape[0], np.float32)
-        out = np.empty((blocks.shape[0], TYPE_SIZE), np.uint8)
-        _quantize(blocks, d, out[:, 2:])
-        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        return out.reshape(*x.shape[:-1], -1)
-
-    def pack(self, raw):
-        b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 18)
-        n, nb = b.shape[:2]
-        qs, d = tiles.tiled(n, nb, 4), tiles.tiled(n, nb, dtype=np.float32)  # (n_tiles, nb, 4, TILE) uint32
-        tiles.tile_words(b, 2, qs)
-        tiles.tile_fp16(b, 0, d)
-        return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
-
-    def matvec(self, packed, x):
-        return self.matmul(packed, x)[0]
-
-    def matmul(self, packed, x):
-        if HAVE_VNNI:
-            return tiles.matmul_vnni(_matmul_vnni, packed, x)
-        return tiles.matmul(_matmul, packed, x)
-
-    def matmul_many(self, packeds, x, rows):
-        if not HAVE_VNNI:
-            return None
-        a = activations.quantize_q8(np.ascontiguousarray(x, dtype=np.float32), np.int8)
-        y = np.empty((len(packeds), packeds[0].qs.shape[0], tiles.TILE), np.float32)
-        _matmul_vnni_many(tuple(p.qs for p in packeds), tuple(p.d for p in packeds), np.asarray(rows, np.int64),
-                          a.q.view(np.int32), a.d, a.sums, y)
-        return y.reshape(len(packeds), -1)[:, :packeds[0].n]
+        return out

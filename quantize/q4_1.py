@@ -1,8 +1,8 @@
 """Q4_1: 32 values per 20-byte block: fp16 d, fp16 m, qs[16] (nibbles as Q4_0); x = d * q + m
 (ggml-common.h block_q4_1, ggml-quants.c).
 
-Kernel layout as Q4_0 (4 uint32 words of nibbles per row and block). The min term uses Q8_1's
-s = fp16(d * sum(q)) of the activations, as ggml_vec_dot_q4_1_q8_1 does.
+Kernel layout as Q4_0 (nibbles.py: 4 uint32 words of nibbles per row and block). The min term
+uses Q8_1's s = fp16(d * sum(q)) of the activations, as ggml_vec_dot_q4_1_q8_1 does.
 """
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from . import tiles
-from .q4_0 import row_dot
-from .registry import QuantFormat
+from . import activations, tiles
+from .nibbles import row_dot
+from .registry import QuantFormat, TileKernels
 
 F32 = np.float32
 QK = 32
-TYPE_SIZE = 20
 
 
 @njit(parallel=True, cache=True)
@@ -64,41 +63,32 @@ def _quantize(x, d, m, qs):
             qs[i, j] = np.uint8(a | (c << 4))
 
 
+def _pack(b):
+    # b (N, nb, 20) file blocks -> tiles.Packed
+    n, nb = b.shape[:2]
+    qs = tiles.tiled(n, nb, 4)  # (n_tiles, nb, 4, TILE) uint32
+    d, m = tiles.tiled(n, nb, dtype=np.float32), tiles.tiled(n, nb, dtype=np.float32)
+    tiles.tile_words(b, 4, qs)
+    tiles.tile_fp16(b, 0, d)
+    tiles.tile_fp16(b, 2, m)
+    return tiles.Packed(qs, tiles.NONE, d, m, n)
+
+
 class Q4_1(QuantFormat):
     qtype = GGMLQuantizationType.Q4_1
+    portable = TileKernels(_pack, (), activations.ints, _matmul)
 
-    def dequantize(self, blocks):
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
-        out = np.empty((blocks.shape[0], QK), np.float32)
-        _dequantize(blocks, tiles.fp16_field(blocks, 0), tiles.fp16_field(blocks, 2), out)
-        return out.reshape(-1)
-
-    def quantize(self, x):
-        """(..., K) float32 rows -> (..., K / 32 * 20) uint8, bit-identical to gguf-py."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[-1] % QK:
-            raise ValueError(f"Q4_1: row length {x.shape[-1]} is not a multiple of {QK}")
-        blocks = x.reshape(-1, QK)
-        d = np.empty(blocks.shape[0], np.float32)
-        m = np.empty(blocks.shape[0], np.float32)
-        out = np.empty((blocks.shape[0], TYPE_SIZE), np.uint8)
-        _quantize(blocks, d, m, out[:, 4:])
+    def quantize_blocks(self, x):
+        """Bit-identical to gguf-py."""
+        d = np.empty(x.shape[0], np.float32)
+        m = np.empty(x.shape[0], np.float32)
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        _quantize(x, d, m, out[:, 4:])
         out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
         out[:, 2:4] = m.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        return out.reshape(*x.shape[:-1], -1)
+        return out
 
-    def pack(self, raw):
-        b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 20)
-        n, nb = b.shape[:2]
-        qs = tiles.tiled(n, nb, 4)  # (n_tiles, nb, 4, TILE) uint32
-        d, m = tiles.tiled(n, nb, dtype=np.float32), tiles.tiled(n, nb, dtype=np.float32)
-        tiles.tile_words(b, 4, qs)
-        tiles.tile_fp16(b, 0, d)
-        tiles.tile_fp16(b, 2, m)
-        return tiles.Packed(qs, tiles.NONE, d, m, n)
-
-    def matvec(self, packed, x):
-        return tiles.matvec(_matmul, packed, x)
-
-    def matmul(self, packed, x):
-        return tiles.matmul(_matmul, packed, x)
+    def dequantize_blocks(self, blocks):
+        out = np.empty((blocks.shape[0], QK), np.float32)
+        _dequantize(blocks, tiles.fp16_field(blocks, 0), tiles.fp16_field(blocks, 2), out)
+        return out

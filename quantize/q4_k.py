@@ -17,13 +17,11 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, QK_K, check_rows, f16_to_f32, f32_to_f16, make_qkx2_quants,
-                      nearest_int, pack_scale_min_k4, scale_min_k4)
-from .registry import QuantFormat
-from .simd import (HAVE_VNNI, add_f, add_i, band, dpbusd, load_f, load_i, load_u8, mul_f, mul_i, splat_f, splat_i,
-                   srl, store_f, sub_f, to_f, zero_f, zero_i)
+from .kquants import F32, QK_K, f16_to_f32, quantize_scale_min, scale_min_k4
+from .registry import QuantFormat, TileKernels
+from .simd import (add_f, add_i, band, dpbusd, load_f, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
+                   store_f, sub_f, to_f, zero_f, zero_i)
 
-TYPE_SIZE = 144
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
 TILE = 128
@@ -50,68 +48,6 @@ def _dequantize(blocks, out):
             for l in range(32):
                 q = (b[16 + 32 * g + l] >> shift) & 0xF
                 out[i, 32 * j + l] = dj * F32(q) - mj
-
-
-# --- quantize (quantize_row_q4_K_ref, no importance matrix) ------------------------------------
-
-
-@njit(cache=True)
-def _quantize_block(x, y, L, Laux, weights, scales, mins, ls, lm):
-    # x (256,) float32 -> y (144,) uint8
-    max_scale = F32(0.0)
-    max_min = F32(0.0)
-    for j in range(8):
-        xs = x[32 * j: 32 * j + 32]
-        sum_x2 = F32(0.0)
-        for l in range(32):
-            sum_x2 += xs[l] * xs[l]
-        av_x = np.sqrt(sum_x2 / F32(32.0))
-        for l in range(32):
-            weights[l] = av_x + abs(xs[l])
-        scales[j], mins[j] = make_qkx2_quants(15, xs, weights, L[32 * j: 32 * j + 32], Laux,
-                                              F32(-1.0), F32(0.1), 20)
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
-    inv_scale = F32(63.0) / max_scale if max_scale > 0 else F32(0.0)
-    inv_min = F32(63.0) / max_min if max_min > 0 else F32(0.0)
-    for j in range(8):
-        ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # C stores into uint8 first
-        lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-    pack_scale_min_k4(ls, lm, y[4:16])
-    hd = f32_to_f16(max_scale / F32(63.0))
-    hm = f32_to_f16(max_min / F32(63.0))
-    y[0], y[1], y[2], y[3] = hd & 0xFF, hd >> 8, hm & 0xFF, hm >> 8
-    d = f16_to_f32(hd)
-    dmin = f16_to_f32(hm)
-    for j in range(8):
-        sc, m = scale_min_k4(j, y[4:16])
-        dj = d * F32(sc)
-        if dj == 0:
-            continue  # keeps the levels make_qkx2_quants chose, as llama.cpp does
-        dm = dmin * F32(m)
-        for l in range(32):
-            L[32 * j + l] = min(max(nearest_int((x[32 * j + l] + dm) / dj), 0), 15)
-    for g in range(4):
-        for l in range(32):
-            y[16 + 32 * g + l] = L[64 * g + l] | (L[64 * g + 32 + l] << 4)
-
-
-@njit(parallel=True, cache=True)
-def _quantize_rows(x, out):
-    # x (n, K) float32 -> out (n, K // 256, 144) uint8
-    for r in prange(x.shape[0]):
-        L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
-        weights = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        ls = np.empty(8, np.uint8)
-        lm = np.empty(8, np.uint8)
-        for i in range(out.shape[1]):
-            _quantize_block(x[r, QK_K * i: QK_K * (i + 1)], out[r, i], L, Laux, weights, scales,
-                            mins, ls, lm)
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -170,23 +106,33 @@ def _pack_words(raw3, qs, sc, mn, d, dmin):
                             qs[t, b, g, w, i, u] = blk[16 + 32 * g + 4 * w + u]
 
 
-def pack(raw: np.ndarray) -> PackedQ4K:
-    n, row_bytes = raw.shape
-    raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
-    tile = VTILE if HAVE_VNNI else TILE
-    n_tiles, nb = -(-n // tile), raw3.shape[1]
+def _pack_tiles(raw3, tile):
+    # raw3 (N, nb, 144) -> zeroed arrays of PackedQ4K for tiles of `tile` rows, qs left to the caller
+    n, nb = raw3.shape[:2]
+    n_tiles = -(-n // tile)
     sc = np.zeros((n_tiles, nb, 8, tile), np.uint8)
     mn = np.zeros((n_tiles, nb, 8, tile), np.uint8)
     d = np.zeros((n_tiles, nb, tile), np.float32)  # zero rows pad the last tile
     dmin = np.zeros((n_tiles, nb, tile), np.float32)
-    if HAVE_VNNI:
-        qs = np.zeros((n_tiles, nb, 4, 8, tile, 4), np.uint8)
-        _pack_words(raw3, qs, sc, mn, d, dmin)
-        qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, tile)
-    else:
-        qs = np.zeros((n_tiles, nb, 4, 32, tile), np.uint8)
-        _pack(raw3, qs, sc, mn, d, dmin)
-    return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
+    return sc, mn, d, dmin
+
+
+def pack(raw3: np.ndarray) -> PackedQ4K:
+    """The portable kernels' layout of raw3 (N, nb, 144) file blocks: tiles of TILE rows."""
+    sc, mn, d, dmin = _pack_tiles(raw3, TILE)
+    qs = np.zeros((d.shape[0], d.shape[1], 4, 32, TILE), np.uint8)
+    _pack(raw3, qs, sc, mn, d, dmin)
+    return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
+
+
+def pack_words(raw3: np.ndarray) -> PackedQ4K:
+    """The VNNI kernels' layout: tiles of VTILE rows, qs as uint32 words."""
+    sc, mn, d, dmin = _pack_tiles(raw3, VTILE)
+    n_tiles, nb = d.shape[:2]
+    qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
+    _pack_words(raw3, qs, sc, mn, d, dmin)
+    qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
+    return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
 
 
 @njit(cache=True)
@@ -317,58 +263,21 @@ def _matmul_vnni_many(qss, scs, mns, ds, dmins, rows, xw, xd, bsums, y):
         _tile_vnni(qss[j], scs[j], mns[j], ds[j], dmins[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE)
 
 
-def matvec(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
-    if HAVE_VNNI:
-        return matmul(p, x.reshape(1, -1))[0]
-    xq, xd, bsums = q8_k.quantize(x.reshape(1, -1))
-    y = np.empty((p.qs.shape[0], TILE), np.float32)
-    _matvec(p.qs, p.sc, p.mn, p.d, p.dmin, xq[0], xd[0], bsums.reshape(-1, 16), y)
-    return y.reshape(-1)[: p.n]
-
-
-def matmul(p: PackedQ4K, x: np.ndarray) -> np.ndarray:
-    xq, xd, bsums = q8_k.quantize(x)
-    if HAVE_VNNI:
-        y = np.empty((p.qs.shape[0], x.shape[0], VTILE), np.float32)
-        _matmul_vnni(p.qs, p.sc, p.mn, p.d, p.dmin, xq.view(np.int32), xd, bsums.reshape(x.shape[0], -1, 16), y)
-        return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
-    y = np.empty((p.qs.shape[0], x.shape[0], TILE), np.float32)
-    _matmul(p.qs, p.sc, p.mn, p.d, p.dmin, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
-    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
+_WEIGHTS = ("qs", "sc", "mn", "d", "dmin")
 
 
 class Q4_K(QuantFormat):
     qtype = GGMLQuantizationType.Q4_K
+    portable = TileKernels(pack, _WEIGHTS, q8_k.ints, _matmul, _matvec, q8_k.vector)
+    vnni = TileKernels(pack_words, _WEIGHTS, q8_k.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
-    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+    def quantize_blocks(self, x):
+        """Bit-identical to llama.cpp."""
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        quantize_scale_min(x, out, 15, F32(-1.0), 20)
+        return out
+
+    def dequantize_blocks(self, blocks):
         out = np.empty((blocks.shape[0], QK_K), np.float32)
         _dequantize(blocks, out)
-        return out.reshape(-1)
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """(..., K) float32 rows -> (..., K // 256 * 144) uint8, bit-identical to llama.cpp."""
-        x = check_rows(x, "Q4_K")
-        rows = x.reshape(-1, x.shape[-1])
-        out = np.empty((rows.shape[0], rows.shape[1] // QK_K, TYPE_SIZE), np.uint8)
-        _quantize_rows(rows, out)
-        return out.reshape(*x.shape[:-1], -1)
-
-    def pack(self, raw: np.ndarray) -> PackedQ4K:
-        return pack(raw)
-
-    def matvec(self, packed: PackedQ4K, x: np.ndarray) -> np.ndarray:
-        return matvec(packed, check_rows(x, "Q4_K matvec", packed.d.shape[1] * QK_K, 1))
-
-    def matmul(self, packed: PackedQ4K, x: np.ndarray) -> np.ndarray:
-        return matmul(packed, check_rows(x, "Q4_K matmul", packed.d.shape[1] * QK_K, 2))
-
-    def matmul_many(self, packeds, x, rows):
-        if not HAVE_VNNI:
-            return None
-        x = check_rows(x, "Q4_K matmul", packeds[0].d.shape[1] * QK_K, 2)
-        xq, xd, bsums = q8_k.quantize(x)
-        y = np.empty((len(packeds), packeds[0].qs.shape[0], VTILE), np.float32)
-        _matmul_vnni_many(*(tuple(getattr(p, f) for p in packeds) for f in ("qs", "sc", "mn", "d", "dmin")),
-                          np.asarray(rows, np.int64), xq.view(np.int32), xd, bsums.reshape(x.shape[0], -1, 16), y)
-        return y.reshape(len(packeds), -1)[:, : packeds[0].n]
+        return out

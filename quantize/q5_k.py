@@ -15,11 +15,9 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, QK_K, check_rows, dot_levels32, f16_to_f32, f32_to_f16,
-                      make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4)
-from .registry import QuantFormat
+from .kquants import F32, QK_K, dot_levels32, f16_to_f32, quantize_scale_min, scale_min_k4
+from .registry import QuantFormat, TileKernels
 
-TYPE_SIZE = 176
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
 TILE = 128
@@ -45,71 +43,6 @@ def _dequantize(blocks, out):
             for l in range(32):
                 q = ((b[QS + 32 * g + l] >> shift) & 0xF) | (((b[QH + l] >> j) & 1) << 4)
                 out[i, 32 * j + l] = dj * F32(q) - mj
-
-
-# --- quantize (quantize_row_q5_K_ref, no importance matrix) ------------------------------------
-
-
-@njit(cache=True)
-def _quantize_block(x, y, L, Laux, weights, scales, mins, ls, lm):
-    # x (256,) float32 -> y (176,) uint8
-    max_scale = F32(0.0)
-    max_min = F32(0.0)
-    for j in range(8):
-        xs = x[32 * j: 32 * j + 32]
-        sum_x2 = F32(0.0)
-        for l in range(32):
-            sum_x2 += xs[l] * xs[l]
-        av_x = np.sqrt(sum_x2 / F32(32.0))
-        for l in range(32):
-            weights[l] = av_x + abs(xs[l])
-        scales[j], mins[j] = make_qkx2_quants(31, xs, weights, L[32 * j: 32 * j + 32], Laux,
-                                              F32(-0.5), F32(0.1), 15)
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
-    inv_scale = F32(63.0) / max_scale if max_scale > 0 else F32(0.0)
-    inv_min = F32(63.0) / max_min if max_min > 0 else F32(0.0)
-    for j in range(8):
-        ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # C stores into uint8 first
-        lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-    pack_scale_min_k4(ls, lm, y[4:16])
-    hd = f32_to_f16(max_scale / F32(63.0))
-    hm = f32_to_f16(max_min / F32(63.0))
-    y[0], y[1], y[2], y[3] = hd & 0xFF, hd >> 8, hm & 0xFF, hm >> 8
-    d = f16_to_f32(hd)
-    dmin = f16_to_f32(hm)
-    for j in range(8):
-        sc, m = scale_min_k4(j, y[4:16])
-        dj = d * F32(sc)
-        if dj == 0:
-            continue  # keeps the levels make_qkx2_quants chose, as llama.cpp does
-        dm = dmin * F32(m)
-        for l in range(32):
-            L[32 * j + l] = min(max(nearest_int((x[32 * j + l] + dm) / dj), 0), 31)
-    y[QH: QH + 32] = 0
-    for g in range(4):
-        for l in range(32):
-            lo, hi = L[64 * g + l], L[64 * g + 32 + l]
-            y[QS + 32 * g + l] = (lo & 0xF) | ((hi & 0xF) << 4)
-            y[QH + l] |= ((lo >> 4) << (2 * g)) | ((hi >> 4) << (2 * g + 1))
-
-
-@njit(parallel=True, cache=True)
-def _quantize_rows(x, out):
-    # x (n, K) float32 -> out (n, K // 256, 176) uint8
-    for r in prange(x.shape[0]):
-        L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
-        weights = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        ls = np.empty(8, np.uint8)
-        lm = np.empty(8, np.uint8)
-        for i in range(out.shape[1]):
-            _quantize_block(x[r, QK_K * i: QK_K * (i + 1)], out[r, i], L, Laux, weights, scales,
-                            mins, ls, lm)
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -145,10 +78,10 @@ def _pack(raw3, qs, qh, sc, mn, d, dmin):
                         qs[t, b, g, l, i] = blk[QS + 32 * g + l]
 
 
-def pack(raw: np.ndarray) -> PackedQ5K:
-    n, row_bytes = raw.shape
-    raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
-    n_tiles, nb = -(-n // TILE), raw3.shape[1]
+def pack(raw3: np.ndarray) -> PackedQ5K:
+    """raw3 (N, nb, 176) file blocks -> tiles of TILE rows."""
+    n, nb = raw3.shape[:2]
+    n_tiles = -(-n // TILE)
     qs = np.zeros((n_tiles, nb, 4, 32, TILE), np.uint8)
     qh = np.zeros((n_tiles, nb, 32, TILE), np.uint8)
     sc = np.zeros((n_tiles, nb, 8, TILE), np.uint8)
@@ -242,42 +175,17 @@ def _matmul(qs, qh, sc, mn, d, dmin, xq, xd, bsums, y):
                 y[t, k, r] = acc[k, r]
 
 
-def matvec(p: PackedQ5K, x: np.ndarray) -> np.ndarray:
-    xq, xd, bsums = q8_k.quantize(x.reshape(1, -1))
-    y = np.empty((p.qs.shape[0], TILE), np.float32)
-    _matvec(p.qs, p.qh, p.sc, p.mn, p.d, p.dmin, xq[0], xd[0], bsums.reshape(-1, 16), y)
-    return y.reshape(-1)[: p.n]
-
-
-def matmul(p: PackedQ5K, x: np.ndarray) -> np.ndarray:
-    xq, xd, bsums = q8_k.quantize(x)
-    y = np.empty((p.qs.shape[0], x.shape[0], TILE), np.float32)
-    _matmul(p.qs, p.qh, p.sc, p.mn, p.d, p.dmin, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
-    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
-
-
 class Q5_K(QuantFormat):
     qtype = GGMLQuantizationType.Q5_K
+    portable = TileKernels(pack, ("qs", "qh", "sc", "mn", "d", "dmin"), q8_k.ints, _matmul, _matvec, q8_k.vector)
 
-    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+    def quantize_blocks(self, x):
+        """Bit-identical to llama.cpp."""
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        quantize_scale_min(x, out, 31, F32(-0.5), 15)
+        return out
+
+    def dequantize_blocks(self, blocks):
         out = np.empty((blocks.shape[0], QK_K), np.float32)
         _dequantize(blocks, out)
-        return out.reshape(-1)
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """(..., K) float32 rows -> (..., K // 256 * 176) uint8, bit-identical to llama.cpp."""
-        x = check_rows(x, "Q5_K")
-        rows = x.reshape(-1, x.shape[-1])
-        out = np.empty((rows.shape[0], rows.shape[1] // QK_K, TYPE_SIZE), np.uint8)
-        _quantize_rows(rows, out)
-        return out.reshape(*x.shape[:-1], -1)
-
-    def pack(self, raw: np.ndarray) -> PackedQ5K:
-        return pack(raw)
-
-    def matvec(self, packed: PackedQ5K, x: np.ndarray) -> np.ndarray:
-        return matvec(packed, check_rows(x, "Q5_K matvec", packed.d.shape[1] * QK_K, 1))
-
-    def matmul(self, packed: PackedQ5K, x: np.ndarray) -> np.ndarray:
-        return matmul(packed, check_rows(x, "Q5_K matmul", packed.d.shape[1] * QK_K, 2))
+        return out

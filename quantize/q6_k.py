@@ -18,13 +18,11 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import q8_k
-from .kquants import (F32, GROUP_MAX_EPS, QK_K, check_rows, dot_levels16, f16_to_f32, f32_to_f16,
-                      make_qx_quants, nearest_int)
-from .registry import QuantFormat
-from .simd import (HAVE_VNNI, add_i, band, bor, dpbusd, load_f, load_i, load_i8, mul_f, mul_i, sll, splat_f,
-                   splat_i, srl, store_f, sub_i, to_f, zero_f, zero_i, add_f)
+from .kquants import F32, GROUP_MAX_EPS, QK_K, dot_levels16, f16_to_f32, f32_to_f16, make_qx_quants, nearest_int
+from .registry import QuantFormat, TileKernels
+from .simd import (add_f, add_i, band, bor, dpbusd, load_f, load_i, load_i8, mul_f, mul_i, sll, splat_f, splat_i,
+                   srl, store_f, sub_i, to_f, zero_f, zero_i)
 
-TYPE_SIZE = 210
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
 TILE = 128
@@ -94,13 +92,14 @@ def _quantize_block(x, y, L, scales):
 
 
 @njit(parallel=True, cache=True)
-def _quantize_rows(x, out):
-    # x (n, K) float32 -> out (n, K // 256, 210) uint8
-    for r in prange(x.shape[0]):
+def _quantize(x, out):
+    # x (n, 256) float32 -> out (n, 210) uint8
+    n = x.shape[0]
+    for c in prange((n + 15) // 16):  # 16 blocks per task: the scratch arrays once per task
         L = np.empty(QK_K, np.uint8)
         scales = np.empty(16, np.float32)
-        for i in range(out.shape[1]):
-            _quantize_block(x[r, QK_K * i: QK_K * (i + 1)], out[r, i], L, scales)
+        for i in range(16 * c, min(16 * c + 16, n)):
+            _quantize_block(x[i], out[i], L, scales)
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -143,6 +142,17 @@ def _pack(raw3, q3, sc, d):
                         q3[t, b, 2, 32 * h + l, i] = (lo >> 4) | (qh & 0x30) | ((v4 >> 4) << 6)
 
 
+def pack(raw3: np.ndarray) -> PackedQ6K:
+    """The portable kernels' layout of raw3 (N, nb, 210) file blocks: tiles of TILE rows."""
+    n, nb = raw3.shape[:2]
+    n_tiles = -(-n // TILE)
+    q3 = np.zeros((n_tiles, nb, 3, 64, TILE), np.uint8)
+    sc = np.zeros((n_tiles, nb, 16, TILE), np.int8)
+    d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
+    _pack(raw3, q3, sc, d)
+    return PackedQ6K(q3=q3, sc=sc, d=d, n=n)
+
+
 # VNNI layout: tiles of VTILE = 16 rows (one vector); per super-block the file's ql and qh bytes as
 # 48 uint32 words (ql words 0..31, qh words 32..47) of each row, rows side by side; masks and shifts
 # rebuild four 6-bit levels per word for vpdpbusd.
@@ -156,13 +166,13 @@ class PackedQ6KWords(NamedTuple):
     n: int
 
 
-def pack_words(raw: np.ndarray) -> PackedQ6KWords:
-    n, row_bytes = raw.shape
-    b = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
+def pack_words(b: np.ndarray) -> PackedQ6KWords:
+    """The VNNI kernel's layout of b (N, nb, 210) file blocks."""
+    n, nb = b.shape[:2]
     nt = -(-n // VTILE)
     pad = np.zeros((nt * VTILE,) + b.shape[1:], np.uint8)
     pad[:n] = b
-    pad = pad.reshape(nt, VTILE, b.shape[1], TYPE_SIZE)
+    pad = pad.reshape(nt, VTILE, nb, b.shape[2])
     q = np.ascontiguousarray(pad[..., :SC]).view(np.uint32)  # (nt, VTILE, nb, 48)
     sc = pad[..., SC:D].view(np.int8)  # (nt, VTILE, nb, 16)
     d = np.ascontiguousarray(pad[..., D:D + 2]).view(np.float16)[..., 0].astype(np.float32)  # (nt, VTILE, nb)
@@ -210,24 +220,6 @@ def _matmul_vnni(q, sc, d, xw, xd, bsums, y):
                 dd = mul_f(splat_f(xd[k, b]), load_f(d, (t * nb + b) * VTILE))
                 acc = add_f(acc, mul_f(dd, to_f(sub_i(isum, sll(corr, 5)))))
             store_f(y, (t * n_tok + k) * VTILE, acc)
-
-
-def matmul_vnni(p: PackedQ6KWords, x: np.ndarray) -> np.ndarray:
-    xq, xd, bsums = q8_k.quantize(x)
-    y = np.empty((p.q.shape[0], x.shape[0], VTILE), np.float32)
-    _matmul_vnni(p.q, p.sc, p.d, xq.view(np.int32), xd, bsums.reshape(x.shape[0], -1, 16), y)
-    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
-
-
-def pack(raw: np.ndarray) -> PackedQ6K:
-    n, row_bytes = raw.shape
-    raw3 = np.ascontiguousarray(raw).reshape(n, row_bytes // TYPE_SIZE, TYPE_SIZE)
-    n_tiles, nb = -(-n // TILE), raw3.shape[1]
-    q3 = np.zeros((n_tiles, nb, 3, 64, TILE), np.uint8)
-    sc = np.zeros((n_tiles, nb, 16, TILE), np.int8)
-    d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
-    _pack(raw3, q3, sc, d)
-    return PackedQ6K(q3=q3, sc=sc, d=d, n=n)
 
 
 @njit(cache=True)
@@ -322,44 +314,18 @@ def _matmul(q3, sc, d, xq, xd, bsums, y):
                 y[t, k, r] = acc[k, r]
 
 
-def matvec(p: PackedQ6K, x: np.ndarray) -> np.ndarray:
-    xq, xd, bsums = q8_k.quantize(x.reshape(1, -1))
-    y = np.empty((p.q3.shape[0], TILE), np.float32)
-    _matvec(p.q3, p.sc, p.d, xq[0], xd[0], bsums.reshape(1, -1, 16)[0], y)
-    return y.reshape(-1)[: p.n]
-
-
-def matmul(p: PackedQ6K, x: np.ndarray) -> np.ndarray:
-    xq, xd, bsums = q8_k.quantize(x)
-    y = np.empty((p.q3.shape[0], x.shape[0], TILE), np.float32)
-    _matmul(p.q3, p.sc, p.d, xq, xd, bsums.reshape(x.shape[0], -1, 16), y)
-    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)[:, : p.n]
-
-
 class Q6_K(QuantFormat):
     qtype = GGMLQuantizationType.Q6_K
+    portable = TileKernels(pack, ("q3", "sc", "d"), q8_k.ints, _matmul, _matvec, q8_k.vector)
+    vnni = TileKernels(pack_words, ("q", "sc", "d"), q8_k.words, _matmul_vnni)
 
-    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+    def quantize_blocks(self, x):
+        """Bit-identical to llama.cpp."""
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        _quantize(x, out)
+        return out
+
+    def dequantize_blocks(self, blocks):
         out = np.empty((blocks.shape[0], QK_K), np.float32)
         _dequantize(blocks, out)
-        return out.reshape(-1)
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """(..., K) float32 rows -> (..., K // 256 * 210) uint8, bit-identical to llama.cpp."""
-        x = check_rows(x, "Q6_K")
-        rows = x.reshape(-1, x.shape[-1])
-        out = np.empty((rows.shape[0], rows.shape[1] // QK_K, TYPE_SIZE), np.uint8)
-        _quantize_rows(rows, out)
-        return out.reshape(*x.shape[:-1], -1)
-
-    def pack(self, raw: np.ndarray):
-        return pack_words(raw) if HAVE_VNNI else pack(raw)
-
-    def matvec(self, packed, x: np.ndarray) -> np.ndarray:
-        x = check_rows(x, "Q6_K matvec", packed.d.shape[1] * QK_K, 1)
-        return matmul_vnni(packed, x.reshape(1, -1))[0] if HAVE_VNNI else matvec(packed, x)
-
-    def matmul(self, packed, x: np.ndarray) -> np.ndarray:
-        x = check_rows(x, "Q6_K matmul", packed.d.shape[1] * QK_K, 2)
-        return matmul_vnni(packed, x) if HAVE_VNNI else matmul(packed, x)
+        return out

@@ -11,13 +11,12 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from . import tiles
-from .q4_0 import x16
-from .registry import QuantFormat
+from . import activations, tiles
+from .activations import x16
+from .registry import QuantFormat, TileKernels
 
 F32 = np.float32
 QK = 32
-TYPE_SIZE = 34
 
 
 @njit(cache=True, inline="always")
@@ -76,37 +75,28 @@ def _quantize(x, d, qs):
             qs[i, j] = np.int8(-r if v < 0 else r)
 
 
+def _pack(b):
+    # b (N, nb, 34) file blocks -> tiles.Packed
+    n, nb = b.shape[:2]
+    qs, d = tiles.tiled(n, nb, 32, dtype=np.uint8), tiles.tiled(n, nb, dtype=np.float32)
+    tiles.tile_bytes(b, 2, np.uint8(0x80), qs)  # (n_tiles, nb, 32, TILE) uint8: q + 128
+    tiles.tile_fp16(b, 0, d)
+    return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
+
+
 class Q8_0(QuantFormat):
     qtype = GGMLQuantizationType.Q8_0
+    portable = TileKernels(_pack, (), activations.ints, _matmul)
 
-    def dequantize(self, blocks):
-        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, TYPE_SIZE)
+    def quantize_blocks(self, x):
+        """Bit-identical to gguf-py."""
+        d = np.empty(x.shape[0], np.float32)
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
+        _quantize(x, d, out[:, 2:].view(np.int8))
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return out
+
+    def dequantize_blocks(self, blocks):
         out = np.empty((blocks.shape[0], QK), np.float32)
         _dequantize(blocks, tiles.fp16_field(blocks, 0), out)
-        return out.reshape(-1)
-
-    def quantize(self, x):
-        """(..., K) float32 rows -> (..., K / 32 * 34) uint8, bit-identical to gguf-py."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[-1] % QK:
-            raise ValueError(f"Q8_0: row length {x.shape[-1]} is not a multiple of {QK}")
-        blocks = x.reshape(-1, QK)
-        d = np.empty(blocks.shape[0], np.float32)
-        out = np.empty((blocks.shape[0], TYPE_SIZE), np.uint8)
-        _quantize(blocks, d, out[:, 2:].view(np.int8))
-        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        return out.reshape(*x.shape[:-1], -1)
-
-    def pack(self, raw):
-        b = tiles.blocks_of(raw, TYPE_SIZE)  # (N, nb, 34)
-        n, nb = b.shape[:2]
-        qs, d = tiles.tiled(n, nb, 32, dtype=np.uint8), tiles.tiled(n, nb, dtype=np.float32)
-        tiles.tile_bytes(b, 2, np.uint8(0x80), qs)  # (n_tiles, nb, 32, TILE) uint8: q + 128
-        tiles.tile_fp16(b, 0, d)
-        return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
-
-    def matvec(self, packed, x):
-        return tiles.matvec(_matmul, packed, x)
-
-    def matmul(self, packed, x):
-        return tiles.matmul(_matmul, packed, x)
+        return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kquants import F32, QK_K, check_rows, nearest_int
+from .kquants import F32, QK_K, nearest_int
 
 
 @njit(cache=True)
@@ -53,10 +53,34 @@ def _quantize_rows(x, qs, d, bsums):
 def quantize(x: np.ndarray):
     """Activations (T, K) float32 -> (qs (T, K) int8, d (T, K // 256) float32,
     bsums (T, K // 16) int32), llama.cpp's Q8_K fields."""
-    x = check_rows(x, "Q8_K")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % QK_K:
+        raise ValueError(f"Q8_K: activations of shape {x.shape}, expected rows of a multiple of {QK_K} values")
     t, k = x.shape
     qs = np.empty((t, k), np.int8)
     d = np.empty((t, k // QK_K), np.float32)
     bsums = np.empty((t, k // 16), np.int32)
     _quantize_rows(x, qs, d, bsums)
     return qs, d, bsums
+
+
+# --- the activation arguments of the K-quant kernels (registry.TileKernels) ---------------------
+
+
+def ints(x: np.ndarray) -> tuple:
+    """x (T, K), or (K,) as one row -> (qs (T, K) int8, d (T, nb), bsums (T, nb, 16))."""
+    x = x.reshape(-1, x.shape[-1])
+    qs, d, bsums = quantize(x)
+    return qs, d, bsums.reshape(x.shape[0], -1, 16)
+
+
+def words(x: np.ndarray) -> tuple:
+    """As ints, qs as int32 words of four int8 (T, K / 4): the simd.dpbusd kernels'."""
+    qs, d, bsums = ints(x)
+    return qs.view(np.int32), d, bsums
+
+
+def vector(x: np.ndarray) -> tuple:
+    """x (K,) -> (qs (K,) int8, d (nb,), bsums (nb, 16)): the portable matvec kernels'."""
+    qs, d, bsums = quantize(x.reshape(1, -1))
+    return qs[0], d[0], bsums.reshape(-1, 16)

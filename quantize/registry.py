@@ -1,10 +1,18 @@
 """One table of quant formats: each format module registers a `QuantFormat` subclass here.
 
-A format owns its block layout, its numba dequantizer, its repacked layout for the kernels and the
-kernels themselves (matrix-vector for decode, matrix-matrix for prefill); nothing outside the
-format's module knows its bytes. Block and byte sizes come from gguf's GGML_QUANT_SIZES table.
+A format's module holds its block layout, its quantizer and dequantizer of blocks, its packed
+layouts and the numba kernels over them; nothing outside that module knows its bytes. What every
+format shares lives here, as in gguf-py's quants.py: block and byte sizes from gguf's
+GGML_QUANT_SIZES, rows <-> blocks reshaping and the checks of arguments, the choice between a
+format's VNNI kernels and its portable ones, and the Python side of the tile kernels (activations
+in, (T, N) out, several matrices in one call).
 """
 from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -12,45 +20,201 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from edgeseek.errors import UnsupportedError
 
+from .simd import HAVE_VNNI
+
 FORMATS: dict[GGMLQuantizationType, "QuantFormat"] = {}
 
 
+class Kernels(Protocol):
+    """The products of a format on one packed layout: its portable set, or the set written on
+    simd.dpbusd (vpdpbusd where the CPU has AVX512-VNNI, a portable expansion elsewhere). Each set
+    packs for its own kernels; the two give the same results to the bit."""
+
+    def pack(self, blocks: np.ndarray):
+        """(N, nb, type_size) uint8 blocks of the file's rows -> the layout the kernels read."""
+
+    def blocks_per_row(self, packed) -> int:
+        """nb of the packed matrix."""
+
+    def matvec(self, packed, x: np.ndarray) -> np.ndarray:
+        """x (K,) float32 -> (N,) float32."""
+
+    def matmul(self, packed, x: np.ndarray) -> np.ndarray:
+        """x (T, K) float32 -> (T, N) float32."""
+
+    def matmul_many(self, packeds: list, x: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+        """Matrix j times activation row rows[j] of x (R, K) -> (len(packeds), N); None where the
+        set has no such kernel."""
+
+
+@dataclass(frozen=True)
+class TileKernels:
+    """Kernels over a layout of row tiles (the rows of a tile side by side, so that the kernels'
+    vector loops run across rows). `pack` returns a NamedTuple of arrays with `d` (n_tiles, nb,
+    tile) and `n`, the rows of the matrix (the last tile is padded). Each numba kernel writes y in
+    tiles of rows:
+
+        matmul_kernel(*weights, *activations(x), y)                          y (n_tiles, T, tile)
+        matvec_kernel(*weights, *vector_activations(x), y)                   y (n_tiles, tile)
+        many_kernel(*(each weight as a tuple over matrices), rows, *activations(x), y)
+                                                                             y (n_mats, n_tiles, tile)
+
+    `weights` names the fields of the packed tuple the kernels take, in order; () passes the tuple
+    itself. `activations` maps x (T, K), or (K,) as one row, to the kernels' 8-bit activations.
+    Without a matvec kernel, the matvec is the matmul of one row."""
+
+    pack: Callable
+    weights: tuple[str, ...]
+    activations: Callable
+    matmul_kernel: Callable
+    matvec_kernel: Callable | None = None
+    vector_activations: Callable | None = None
+    many_kernel: Callable | None = None
+    _weights: Callable = field(init=False, repr=False, compare=False)  # packed -> the kernels' weight arguments
+
+    def __post_init__(self):
+        if len(self.weights) > 1:
+            get = operator.attrgetter(*self.weights)  # one call per product: it runs for every token
+        elif self.weights:
+            get = lambda p, name=self.weights[0]: (getattr(p, name),)  # noqa: E731
+        else:
+            get = lambda p: (p,)  # noqa: E731
+        object.__setattr__(self, "_weights", get)
+
+    def blocks_per_row(self, p) -> int:
+        return p.d.shape[1]
+
+    def matmul(self, p, x):
+        t = 1 if x.ndim == 1 else x.shape[0]
+        y = np.empty((p.d.shape[0], t, p.d.shape[2]), np.float32)
+        self.matmul_kernel(*self._weights(p), *self.activations(x), y)
+        return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]  # (n_tiles, T, tile) -> (T, N)
+
+    def matvec(self, p, x):
+        if self.matvec_kernel is None:
+            return self.matmul(p, x)[0]
+        y = np.empty((p.d.shape[0], p.d.shape[2]), np.float32)
+        self.matvec_kernel(*self._weights(p), *self.vector_activations(x), y)
+        return y.reshape(-1)[:p.n]
+
+    def matmul_many(self, ps, x, rows):
+        if self.many_kernel is None:
+            return None
+        shape, n = ps[0].d.shape, ps[0].n
+        for p in ps:
+            if p.d.shape != shape or p.n != n:
+                raise ValueError("matmul_many: matrices of different shapes")
+        y = np.empty((len(ps), shape[0], shape[2]), np.float32)
+        # the kernel takes one tuple per weight field, that field of every matrix
+        self.many_kernel(*zip(*map(self._weights, ps)), rows, *self.activations(x), y)
+        return y.reshape(len(ps), -1)[:, :ps[0].n]  # (n_mats, n_tiles * tile) -> (n_mats, N)
+
+
 class QuantFormat:
-    """Base of every format. Subclasses set `qtype` and are registered on definition."""
+    """Base of every format. A subclass that sets `qtype` is registered on definition; one that
+    does not (a base shared by formats) is not. A format gives `quantize_blocks`,
+    `dequantize_blocks` and its kernel sets `portable` and, where it has them, `vnni`."""
 
     qtype: GGMLQuantizationType
     block_size: int  # values per block
     type_size: int  # bytes per block
+    portable: Kernels
+    vnni: Kernels | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "qtype" not in cls.__dict__:
+            return
+        if cls.qtype in FORMATS:
+            raise ValueError(f"quant type {cls.qtype.name} is already registered by "
+                             f"{type(FORMATS[cls.qtype]).__module__}.{type(FORMATS[cls.qtype]).__qualname__}")
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.qtype]
-        if "qtype" in cls.__dict__:  # a shared base class names no type of its own
-            FORMATS[cls.qtype] = cls()
+        FORMATS[cls.qtype] = cls()
 
-    # --- reference ------------------------------------------------------------------------------
-    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
-        """(n_blocks, type_size) uint8 -> (n_blocks * block_size,) float32, bit-exact with gguf-py."""
+    def __init__(self):
+        # the kernels this process computes with: the VNNI set where the CPU has VNNI (and
+        # EDGESEEK_PORTABLE_KERNELS is unset) and the format has one
+        self.kernels: Kernels = self.vnni if HAVE_VNNI and self.vnni is not None else self.portable
+
+    def with_kernels(self, which: str) -> "QuantFormat":
+        """This format computing with its 'portable' or its 'vnni' kernel set, whatever the CPU
+        (tests and benchmarks compare the two)."""
+        kernels = getattr(self, which) if which in ("portable", "vnni") else None
+        if kernels is None:
+            raise ValueError(f"{self.qtype.name} has no {which!r} kernels")
+        other = copy.copy(self)
+        other.kernels = kernels
+        return other
+
+    # --- blocks ---------------------------------------------------------------------------------
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """(..., K) float32 rows -> (..., K / block_size * type_size) uint8."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[-1] % self.block_size:
+            raise ValueError(f"{self.qtype.name}: row length {x.shape[-1]} is not a multiple of {self.block_size}")
+        return self.quantize_blocks(x.reshape(-1, self.block_size)).reshape(*x.shape[:-1], -1)
+
+    def quantize_blocks(self, x: np.ndarray) -> np.ndarray:
+        """(n_blocks, block_size) float32, contiguous -> (n_blocks, type_size) uint8."""
         raise NotImplementedError
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the format has a quantizer (what the converter can write)."""
+        return type(self).quantize_blocks is not QuantFormat.quantize_blocks
+
+    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
+        """Whole blocks, (n_blocks, type_size) or any shape of them, uint8 -> (n_blocks *
+        block_size,) float32, bit-exact with gguf-py."""
+        blocks = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, self.type_size)
+        return self.dequantize_blocks(blocks).reshape(-1)
+
+    def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """(n_blocks, type_size) uint8, contiguous -> (n_blocks, block_size) float32."""
+        raise NotImplementedError
+
+    def blocks(self, raw: np.ndarray) -> np.ndarray:
+        """(N, row_bytes) uint8 rows of the file -> (N, nb, type_size), a view where the rows are
+        contiguous (a read-only mmap stays read-only)."""
+        raw = np.asarray(raw, dtype=np.uint8)
+        if raw.ndim != 2 or raw.shape[1] % self.type_size:
+            raise ValueError(f"{self.qtype.name}: rows of {raw.shape} bytes are not whole blocks of "
+                             f"{self.type_size} bytes")
+        return np.ascontiguousarray(raw).reshape(raw.shape[0], -1, self.type_size)
 
     # --- kernels --------------------------------------------------------------------------------
     def pack(self, raw: np.ndarray):
-        """(rows, row_bytes) uint8 rows of the file -> the layout the kernels read (any object)."""
-        raise NotImplementedError
+        """(N, row_bytes) uint8 rows of the file -> the layout the kernels read (any object)."""
+        return self.kernels.pack(self.blocks(raw))
 
     def matvec(self, packed, x: np.ndarray) -> np.ndarray:
         """W @ x for one activation vector: x (K,) float32 -> (N,) float32."""
-        raise NotImplementedError
+        return self.kernels.matvec(packed, self._activations(packed, x, 1, "matvec"))
 
     def matmul(self, packed, x: np.ndarray) -> np.ndarray:
         """Batched: x (T, K) float32 -> (T, N) float32 (prompt processing, several sequences)."""
-        raise NotImplementedError
+        return self.kernels.matmul(packed, self._activations(packed, x, 2, "matmul"))
 
     def matmul_many(self, packeds: list, x: np.ndarray, rows) -> np.ndarray | None:
         """Several matrices of one shape at once (a layer's routed experts for one token): matrix j
         times activation row rows[j] of x (R, K) -> (len(packeds), N), in one parallel region;
-        each row equal to what matvec gives. None where the format has no such kernel."""
-        return None
+        each row equal to what matvec gives. None where the kernels have no such kernel."""
+        x = self._activations(packeds[0], x, 2, "matmul_many")
+        rows = [int(r) for r in rows]
+        if len(rows) != len(packeds) or min(rows) < 0 or max(rows) >= x.shape[0]:
+            raise ValueError(f"{self.qtype.name} matmul_many: rows {rows} for {len(packeds)} matrices and "
+                             f"{x.shape[0]} activation rows")
+        return self.kernels.matmul_many(packeds, x, np.array(rows, np.int64))
+
+    def _activations(self, packed, x, ndim: int, op: str) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != ndim:
+            raise ValueError(f"{self.qtype.name} {op}: activations of shape {x.shape}, expected {ndim} dimension(s)")
+        k = self.kernels.blocks_per_row(packed) * self.block_size
+        if x.shape[-1] != k:
+            raise ValueError(f"{self.qtype.name} {op}: activations of length {x.shape[-1]} do not match "
+                             f"rows of {k} values")
+        return x
 
     # --- compiling ------------------------------------------------------------------------------
     def warmup(self, n_many: int = 0) -> None:

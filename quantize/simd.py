@@ -13,8 +13,14 @@ say it directly, the way C code uses <immintrin.h>:
 compiles to vpdpbusd where the CPU has AVX512-VNNI and to plain vector IR (widen, multiply, add
 groups of four) elsewhere, with the same result. Loads and stores take an array and a flat element
 index into it (C-contiguous arrays only).
+
+HAVE_VNNI decides which kernels the formats compute with (registry.QuantFormat): their VNNI set
+where it is true, their portable set otherwise. EDGESEEK_PORTABLE_KERNELS=1 makes it false on a
+VNNI CPU too, to run (or time) the portable kernels there.
 """
 from __future__ import annotations
+
+import os
 
 import llvmlite.binding as ll
 from llvmlite import ir
@@ -23,7 +29,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
-HAVE_VNNI = bool(ll.get_host_cpu_features().get("avx512vnni", False))
+CPU_HAS_VNNI = bool(ll.get_host_cpu_features().get("avx512vnni", False))
+PORTABLE_KERNELS = os.environ.get("EDGESEEK_PORTABLE_KERNELS", "").strip() not in ("", "0")
+HAVE_VNNI = CPU_HAS_VNNI and not PORTABLE_KERNELS
 
 _I32 = ir.IntType(32)
 _F32 = ir.FloatType()

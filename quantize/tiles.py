@@ -1,5 +1,5 @@
 """The rows-innermost tile layout of the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
-and the Python side of their kernels.
+and its packers.
 
 A matrix of N rows is cut into tiles of TILE rows. Within a tile, for each block and each 32-bit
 word (Q8_0: each byte) of the block's quants, that word of every row of the tile lies side by side:
@@ -23,10 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-
 from numba import njit
-
-from .activations import QK, quantize_q8
 
 TILE = 64  # rows per tile: 4 zmm registers of int32 lanes; small enough to balance 576-row matrices
 
@@ -40,20 +37,8 @@ class Packed(NamedTuple):
     m: np.ndarray  # (n_tiles, nb, TILE) float32 mins (Q4_1, Q5_1)
     n: int  # rows of the matrix; the last tile is padded with zero rows
 
-    @property
-    def nbytes(self) -> int:
-        return self.qs.nbytes + self.qh.nbytes + self.d.nbytes + self.m.nbytes
-
 
 NONE = np.zeros((0, 0, 0), np.float32)
-
-
-def blocks_of(raw: np.ndarray, type_size: int) -> np.ndarray:
-    """(N, row_bytes) uint8 rows -> (N, nb, type_size)."""
-    raw = np.asarray(raw, dtype=np.uint8)
-    if raw.ndim != 2 or raw.shape[1] % type_size:
-        raise ValueError(f"rows of {raw.shape} bytes are not whole blocks of {type_size} bytes")
-    return raw.reshape(raw.shape[0], -1, type_size)
 
 
 def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -117,39 +102,3 @@ def tile_fp16(blocks, offset, out):
 def tiled(n: int, nb: int, *inner, dtype=np.uint32) -> np.ndarray:
     """Zeros of shape (n_tiles, nb, *inner, TILE) for a matrix of n rows."""
     return np.zeros((-(-n // TILE), nb, *inner, TILE), dtype)
-
-
-# --- the Python side of the kernels ---------------------------------------------------------------
-
-
-def _check(p: Packed, x: np.ndarray):
-    k = p.qs.shape[1] * QK
-    if x.shape[-1] != k:
-        raise ValueError(f"activation length {x.shape[-1]} does not match the matrix width {k}")
-
-
-def matmul(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
-    """x (T, K) or (K,) float32 -> (T, N) float32 through the format's kernel
-    `kernel(p, xq, xd, xsum, xs, y)`: y (n_tiles, T, TILE) from the int8 activations of x."""
-    _check(p, x)
-    a = quantize_q8(x, np.int32)
-    t = a.q.shape[0]
-    y = np.empty((p.qs.shape[0], t, TILE), np.float32)
-    kernel(p, a.q, a.d, a.sums, a.s, y)
-    return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]
-
-
-def matmul_vnni(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
-    """As matmul, for the kernels written on simd.dpbusd: `kernel(p.qs, p.d, xw, xd, xsum, y)`
-    with xw the int8 activations as int32 words of four."""
-    _check(p, x)
-    a = quantize_q8(x, np.int8)
-    t = a.q.shape[0]
-    y = np.empty((p.qs.shape[0], t, TILE), np.float32)
-    kernel(p.qs, p.d, a.q.view(np.int32), a.d, a.sums, y)
-    return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]
-
-
-def matvec(kernel, p: Packed, x: np.ndarray) -> np.ndarray:
-    """x (K,) float32 -> (N,) float32: the matmul of one token."""
-    return matmul(kernel, p, x)[0]

@@ -9,6 +9,10 @@ values), so against the float product of the same weights W,
     |y - W @ x| <= sum over blocks b of |dx_b| / 2 * sum_{k in b} |W_k|,
 and against the float product with the rounded activations, |y - W @ (x8 * dx)| only carries
 float32 rounding: 1e-5 of |W| @ |x8 * dx|.
+
+Every kernel test runs each kernel set of a format explicitly: the portable one and, where the
+format has one, the set written on simd.dpbusd ("vnni": vpdpbusd on a VNNI CPU, its portable
+expansion elsewhere), whichever of the two this CPU would choose.
 """
 from __future__ import annotations
 
@@ -22,8 +26,7 @@ from gguf import quants
 
 from conftest import requires_llama_cpp
 from edgeseek.gguf_file import GGUFFile
-from edgeseek.quantize.simd import HAVE_VNNI
-from edgeseek.quantize import QMatrix, get_format, q4_k, q5_k, q6_k, q8_k  # noqa: F401 (registers)
+from edgeseek.quantize import QMatrix, get_format, q4_k, q5_k, q6_k, q8_k
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kquants"
 sys.path.insert(0, str(FIXTURES))
@@ -36,6 +39,12 @@ FP16_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets 
 
 def fmt(kind):
     return get_format(T[kind])
+
+
+def kernel_sets(kinds):
+    """(kind, 'portable') for each format, and (kind, 'vnni') where the format has such kernels."""
+    return [pytest.param(k, w, id=f"{k}-{w}") for k in kinds for w in ("portable", "vnni")
+            if w == "portable" or fmt(k).vnni is not None]
 
 
 def random_blocks(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -143,52 +152,70 @@ def test_quantize_shapes_and_errors(kind):
 # --- kernels -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, kernels", kernel_sets(KINDS))
 @pytest.mark.parametrize("n, k", [(1, 256), (3, 512), (131, 768), (257, 2048)])
-def test_matvec_within_q8k_bound(kind, n, k):
+def test_matvec_within_q8k_bound(kind, kernels, n, k):
+    f = fmt(kind).with_kernels(kernels)
     rng = np.random.default_rng(n + k)
     raw = random_blocks(kind, n * k // 256, rng).reshape(n, -1)
     W = quants.dequantize(raw, T[kind]).reshape(n, k)
     x = rng.standard_normal(k).astype(np.float32)
-    y = fmt(kind).matvec(fmt(kind).pack(raw), x)
+    y = f.matvec(f.pack(raw), x)
     assert y.shape == (n,) and y.dtype == np.float32
     assert_within_q8k_bound(y[None], W, x[None])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, kernels", kernel_sets(KINDS))
 @pytest.mark.parametrize("n_tok", [1, 3, 64])
-def test_matmul_within_q8k_bound(kind, n_tok):
+def test_matmul_within_q8k_bound(kind, kernels, n_tok):
+    f = fmt(kind).with_kernels(kernels)
     rng = np.random.default_rng(n_tok)
     n, k = 131, 512
     raw = random_blocks(kind, n * k // 256, rng).reshape(n, -1)
     W = quants.dequantize(raw, T[kind]).reshape(n, k)
     x = (rng.standard_normal((n_tok, k)) * rng.lognormal(0, 1, (n_tok, 1))).astype(np.float32)
-    p = fmt(kind).pack(raw)
-    y = fmt(kind).matmul(p, x)
+    p = f.pack(raw)
+    y = f.matmul(p, x)
     assert y.shape == (n_tok, n) and y.dtype == np.float32
     assert_within_q8k_bound(y, W, x)
-    np.testing.assert_array_equal(y[n_tok // 2], fmt(kind).matvec(p, x[n_tok // 2]))
+    np.testing.assert_array_equal(y[n_tok // 2], f.matvec(p, x[n_tok // 2]))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_kernels_refuse_mismatched_activations(kind):
-    p = fmt(kind).pack(random_blocks(kind, 6, np.random.default_rng(0)).reshape(3, -1))
-    with pytest.raises(ValueError, match="length 256 for rows of 512"):
-        fmt(kind).matvec(p, np.zeros(256, np.float32))
+@pytest.mark.parametrize("kind", [k for k in KINDS if fmt(k).vnni is not None])
+def test_vnni_kernels_equal_portable_kernels(kind):
+    """Same int32 sums per sub-block and the same float32 order of scaling in both sets: the
+    kernels on simd.dpbusd agree with the portable ones to the bit."""
+    rng = np.random.default_rng(14)
+    n, k = 131, 1024
+    raw = random_blocks(kind, n * k // 256, rng).reshape(n, -1)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    port, vnni = fmt(kind).with_kernels("portable"), fmt(kind).with_kernels("vnni")
+    p, q = port.pack(raw), vnni.pack(raw)
+    np.testing.assert_array_equal(vnni.matmul(q, x), port.matmul(p, x))
+    np.testing.assert_array_equal(vnni.matvec(q, x[0]), port.matvec(p, x[0]))
+
+
+@pytest.mark.parametrize("kind, kernels", kernel_sets(KINDS))
+def test_kernels_refuse_mismatched_activations(kind, kernels):
+    f = fmt(kind).with_kernels(kernels)
+    p = f.pack(random_blocks(kind, 6, np.random.default_rng(0)).reshape(3, -1))
+    with pytest.raises(ValueError, match="length 256 do not match rows of 512"):
+        f.matvec(p, np.zeros(256, np.float32))
     with pytest.raises(ValueError, match="dimension"):
-        fmt(kind).matvec(p, np.zeros((2, 512), np.float32))
+        f.matvec(p, np.zeros((2, 512), np.float32))
     with pytest.raises(ValueError, match="dimension"):
-        fmt(kind).matmul(p, np.zeros(512, np.float32))
+        f.matmul(p, np.zeros(512, np.float32))
 
 
 @requires_llama_cpp
-@pytest.mark.parametrize("kind", KINDS)
-def test_matvec_matches_llama_cpp_vec_dot(kind):
+@pytest.mark.parametrize("kind, kernels", kernel_sets(KINDS))
+def test_matvec_matches_llama_cpp_vec_dot(kind, kernels):
+    f = fmt(kind).with_kernels(kernels)
     rng = np.random.default_rng(11)
     n, k = 67, 1536
     raw = ggml_ref.quantize(rng.standard_normal((n, k)).astype(np.float32), kind)
     x = rng.standard_normal(k).astype(np.float32)
-    y = fmt(kind).matvec(fmt(kind).pack(raw), x)
+    y = f.matvec(f.pack(raw), x)
     q8 = ggml_ref.quantize_q8_k(x)
     ref = np.array([ggml_ref.vec_dot(kind, raw[i], q8, k) for i in range(n)])
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
@@ -200,16 +227,15 @@ def _host_has_avx2() -> bool:
 
 
 @pytest.mark.skipif(not _host_has_avx2(), reason="checks x86 SIMD code")
-@pytest.mark.skipif(HAVE_VNNI, reason="VNNI hosts run the simd.dpbusd kernels (tests/test_simd.py)")
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_dot_compiles_to_simd_integer_multiply_add(kind):
-    """The decode kernels' inner loops must stay vectorized across the rows of a tile: LLVM's
-    choice depends on the exact loop shapes (see q4_k._block_dot)."""
+    """The portable decode kernels' inner loops must stay vectorized across the rows of a tile:
+    LLVM's choice depends on the exact loop shapes (see q4_k._block_dot)."""
     import re
 
     import numba
     mod = {"Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}[kind]
-    p = fmt(kind).pack(random_blocks(kind, 2, np.random.default_rng(0)).reshape(1, -1))
+    p = fmt(kind).with_kernels("portable").pack(random_blocks(kind, 2, np.random.default_rng(0)).reshape(1, -1))
     weights = {"Q4_K": ("qs", "sc"), "Q5_K": ("qs", "qh", "sc"), "Q6_K": ("q3", "sc")}[kind]
     args = [getattr(p, w)[0, 0] for w in weights]  # one super-block of the first tile
     fresh = numba.njit(mod._block_dot.py_func)  # uncached: inspect_asm needs a fresh compile

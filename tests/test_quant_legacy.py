@@ -12,6 +12,10 @@ where the middle term covers float32 rounding of the per-block scaling and sums,
 Q5_1 minterm = sum over blocks of |m| * |s| * 2**-11: llama.cpp's min term uses s = fp16(d * sum q),
 rounded once more. For Gaussian x, |W| @ |x^ - x| is about 0.3 % of |W| @ |x|. The integer sums
 are exact, so against llama.cpp's own ggml_vec_dot_*_q8_* the kernels agree to float32 rounding.
+
+Every kernel test runs each kernel set of a format explicitly: the portable one and, where the
+format has one, the set written on simd.dpbusd ("vnni": vpdpbusd on a VNNI CPU, its portable
+expansion elsewhere), whichever of the two this CPU would choose.
 """
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ WITH_MIN = {"Q4_1", "Q5_1"}
 
 def fmt(kind):
     return get_format(T[kind])
+
+
+def kernel_sets(kinds):
+    """(kind, 'portable') for each format, and (kind, 'vnni') where the format has such kernels."""
+    return [pytest.param(k, w, id=f"{k}-{w}") for k in kinds for w in ("portable", "vnni")
+            if w == "portable" or fmt(k).vnni is not None]
 
 
 def random_blocks(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -208,13 +218,14 @@ def test_activations_bit_identical_to_llama_cpp():
 
 
 @requires_llama_cpp
-@pytest.mark.parametrize("kind", BLOCK_KINDS)
-def test_matvec_matches_llama_cpp_vec_dot(kind):
+@pytest.mark.parametrize("kind, kernels", kernel_sets(BLOCK_KINDS))
+def test_matvec_matches_llama_cpp_vec_dot(kind, kernels):
+    f = fmt(kind).with_kernels(kernels)
     rng = np.random.default_rng(8)
     n, k = 70, 1536
-    raw = fmt(kind).quantize(rng.standard_normal((n, k)).astype(np.float32))
+    raw = f.quantize(rng.standard_normal((n, k)).astype(np.float32))
     x = rng.standard_normal(k).astype(np.float32)
-    y = fmt(kind).matvec(fmt(kind).pack(raw), x)
+    y = f.matvec(f.pack(raw), x)
     act = ggml_quantize_row("q8_1" if kind in WITH_MIN else "q8_0", x)
     ref = np.array([ggml_vec_dot(kind, raw[i], act, k) for i in range(n)])
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
@@ -231,7 +242,7 @@ def assert_within_q8_bound(kind, y, W, raw, x):
     W = W.astype(np.float64)
     bound = np.abs(xh - x) @ np.abs(W).T + 1e-5 * (np.abs(xh) @ np.abs(W).T)
     if kind in WITH_MIN:
-        m = tiles.fp16_field(tiles.blocks_of(raw, fmt(kind).type_size), 2).astype(np.float64)  # (N, nb)
+        m = tiles.fp16_field(fmt(kind).blocks(raw), 2).astype(np.float64)  # (N, nb)
         bound += (np.abs(a.s).astype(np.float64) @ np.abs(m).T) * 2.0 ** -11
     err = np.abs(y - x.astype(np.float64) @ W.T)
     np.testing.assert_array_less(err, bound * (1 + 1e-6) + 1e-30)
@@ -239,53 +250,75 @@ def assert_within_q8_bound(kind, y, W, raw, x):
     assert np.median(bound) < 0.01 * np.median(np.abs(x) @ np.abs(W).T)
 
 
-@pytest.mark.parametrize("kind", BLOCK_KINDS)
+@pytest.mark.parametrize("kind, kernels", kernel_sets(BLOCK_KINDS))
 @pytest.mark.parametrize("n, k", [(1, 32), (3, 64), (67, 160), (131, 1024), (200, 2048)])
-def test_matvec_within_q8_bound(kind, n, k):
+def test_matvec_within_q8_bound(kind, kernels, n, k):
+    f = fmt(kind).with_kernels(kernels)
     rng = np.random.default_rng(n * 7 + k)
-    raw = fmt(kind).quantize(rng.standard_normal((n, k)).astype(np.float32))
+    raw = f.quantize(rng.standard_normal((n, k)).astype(np.float32))
     W = quants.dequantize(raw, T[kind]).reshape(n, k)
     x = rng.standard_normal(k).astype(np.float32)
-    y = fmt(kind).matvec(fmt(kind).pack(raw), x)
+    y = f.matvec(f.pack(raw), x)
     assert y.shape == (n,) and y.dtype == np.float32
     assert_within_q8_bound(kind, y[None], W, raw, x[None])
 
 
-@pytest.mark.parametrize("kind", BLOCK_KINDS)
-def test_matvec_random_blocks_within_q8_bound(kind):
+@pytest.mark.parametrize("kind, kernels", kernel_sets(BLOCK_KINDS))
+def test_matvec_random_blocks_within_q8_bound(kind, kernels):
     """Blocks of any bytes and scales of any size, not only what the quantizer makes."""
+    f = fmt(kind).with_kernels(kernels)
     rng = np.random.default_rng(9)
     n, k = 77, 512
     raw = random_blocks(kind, n * k // 32, rng).reshape(n, -1)
     W = quants.dequantize(raw, T[kind]).reshape(n, k)
     x = rng.standard_normal(k).astype(np.float32)
-    assert_within_q8_bound(kind, fmt(kind).matvec(fmt(kind).pack(raw), x)[None], W, raw, x[None])
+    assert_within_q8_bound(kind, f.matvec(f.pack(raw), x)[None], W, raw, x[None])
 
 
-@pytest.mark.parametrize("kind", BLOCK_KINDS)
+@pytest.mark.parametrize("kind, kernels", kernel_sets(BLOCK_KINDS))
 @pytest.mark.parametrize("n_tok", [1, 3, 64])
-def test_matmul_within_q8_bound(kind, n_tok):
+def test_matmul_within_q8_bound(kind, kernels, n_tok):
+    f = fmt(kind).with_kernels(kernels)
     rng = np.random.default_rng(n_tok)
     n, k = 131, 512  # 131 rows: three tiles, the last one padded
-    raw = fmt(kind).quantize(rng.standard_normal((n, k)).astype(np.float32))
+    raw = f.quantize(rng.standard_normal((n, k)).astype(np.float32))
     W = quants.dequantize(raw, T[kind]).reshape(n, k)
     x = (rng.standard_normal((n_tok, k)) * rng.lognormal(0, 1, (n_tok, 1))).astype(np.float32)
-    p = fmt(kind).pack(raw)
-    y = fmt(kind).matmul(p, x)
+    p = f.pack(raw)
+    y = f.matmul(p, x)
     assert y.shape == (n_tok, n) and y.dtype == np.float32
     assert_within_q8_bound(kind, y, W, raw, x)
-    np.testing.assert_array_equal(y[n_tok // 2], fmt(kind).matvec(p, x[n_tok // 2]))
+    np.testing.assert_array_equal(y[n_tok // 2], f.matvec(p, x[n_tok // 2]))
 
 
-@pytest.mark.parametrize("kind", BLOCK_KINDS)
-def test_pack_layout_and_padding(kind):
+@pytest.mark.parametrize("kind", [k for k in BLOCK_KINDS if fmt(k).vnni is not None])
+def test_vnni_kernels_equal_portable_kernels(kind):
+    """The kernels on simd.dpbusd sum the same int32 block products and scale them in the same
+    float32 order as the portable ones: the two sets agree to the bit."""
+    rng = np.random.default_rng(13)
+    n, k = 131, 1024
+    raw = random_blocks(kind, n * k // 32, rng).reshape(n, -1)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    port, vnni = fmt(kind).with_kernels("portable"), fmt(kind).with_kernels("vnni")
+    p, q = port.pack(raw), vnni.pack(raw)
+    np.testing.assert_array_equal(vnni.matmul(q, x), port.matmul(p, x))
+    np.testing.assert_array_equal(vnni.matvec(q, x[0]), port.matvec(p, x[0]))
+
+
+@pytest.mark.parametrize("kind, kernels", kernel_sets(BLOCK_KINDS))
+def test_pack_layout_and_padding(kind, kernels):
+    f = fmt(kind).with_kernels(kernels)
     n, k = tiles.TILE + 5, 96
-    raw = fmt(kind).quantize(np.random.default_rng(10).standard_normal((n, k)).astype(np.float32))
-    p = fmt(kind).pack(raw)
+    raw = f.quantize(np.random.default_rng(10).standard_normal((n, k)).astype(np.float32))
+    p = f.pack(raw)
     assert p.n == n and p.qs.shape[:2] == (2, 3) and p.qs.shape[-1] == tiles.TILE
     assert not p.d[-1, :, 5:].any()  # zero scales in the padding rows
-    with pytest.raises(ValueError, match="does not match"):
-        fmt(kind).matvec(p, np.zeros(k + 32, np.float32))
+    with pytest.raises(ValueError, match="length 128 do not match rows of 96"):
+        f.matvec(p, np.zeros(k + 32, np.float32))
+    with pytest.raises(ValueError, match="dimension"):
+        f.matmul(p, np.zeros(k, np.float32))
+    with pytest.raises(ValueError, match="not whole blocks"):
+        f.pack(raw[:, :-1])
 
 
 def test_real_matrices_through_qmatrix(smollm2_path, gemma3_path):

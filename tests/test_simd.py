@@ -1,23 +1,31 @@
-"""quantize/simd.py: the 16-lane vectors and vpdpbusd inside numba kernels.
+"""quantize/simd.py: the 16-lane vectors and vpdpbusd inside numba kernels, and the choice between
+the formats' VNNI and portable kernels.
 
 The products are checked against numpy on random words, for the VNNI instruction and for the
 portable expansion used on CPUs without it; the format kernels built on them must compile to
-vpdpbusd on a VNNI host (their results are checked format by format in test_quant_*.py).
+vpdpbusd on a VNNI host (their results are checked format by format in test_quant_*.py, against
+the reference and against the portable kernels).
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
-from edgeseek.quantize import simd
-from edgeseek.quantize.simd import HAVE_VNNI, band, dpbusd, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_i
+from edgeseek.quantize import FORMATS, get_format, simd
+from edgeseek.quantize.simd import CPU_HAS_VNNI, band, dpbusd, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_i
+
+CODEGEN = [True, False] if CPU_HAS_VNNI else [False]  # vpdpbusd, and the portable expansion
 
 
-def _kernel(w, x, out):
+def _nibble_kernel(w, x, out):
     acc = zero_i()
     for i in range(0, w.size, 16):
         v = load_i(w, i)
@@ -26,7 +34,7 @@ def _kernel(w, x, out):
     store_f(out, 0, mul_f(to_f(acc), splat_f(np.float32(0.5))))
 
 
-def _reference(w, x):
+def _nibble_reference(w, x):
     xb = x.view(np.int8).reshape(-1, 4).astype(np.int64)  # (chunks, bytes)
     lo = (w & np.uint32(0x0F0F0F0F)).view(np.uint8).reshape(-1, 16, 4).astype(np.int64)  # (chunks, lanes, bytes)
     # srl shifts the whole 32-bit lane: byte i becomes (byte i >> 4) | (byte i + 1 << 4)
@@ -34,32 +42,60 @@ def _reference(w, x):
     return ((np.einsum("clb,cb->l", lo, xb) + np.einsum("clb,cb->l", hi, xb)) * 0.5).astype(np.float32)
 
 
-@pytest.mark.parametrize("vnni", [True, False] if HAVE_VNNI else [False])
+def _bytes_kernel(w, x, out):
+    acc = zero_i()
+    for i in range(0, w.size, 16):
+        acc = dpbusd(acc, load_i(w, i), splat_i(x[i // 16]))
+    store_f(out, 0, to_f(acc))
+
+
+def _random_words(rng, chunks):
+    w = rng.integers(0, 2**32, 16 * chunks, dtype=np.uint64).astype(np.uint32)
+    x = rng.integers(-128, 128, 4 * chunks).astype(np.int8).view(np.int32)
+    return w, x
+
+
+@pytest.mark.parametrize("vnni", CODEGEN)
 def test_dpbusd_matches_numpy(vnni, monkeypatch):
     monkeypatch.setattr(simd, "HAVE_VNNI", vnni)  # read when the kernel compiles
-    kernel = numba.njit(_kernel)  # a fresh, uncached compile under this setting
-    rng = np.random.default_rng(3)
-    w = rng.integers(0, 2**32, 16 * 6, dtype=np.uint64).astype(np.uint32)
-    x = rng.integers(-128, 128, 6 * 4).astype(np.int8).view(np.int32)
+    kernel = numba.njit(_nibble_kernel)  # a fresh, uncached compile under this setting
+    w, x = _random_words(np.random.default_rng(3), 6)
     out = np.zeros(16, np.float32)
     kernel(w, x, out)
-    np.testing.assert_array_equal(out, _reference(w, x))
+    np.testing.assert_array_equal(out, _nibble_reference(w, x))
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert bool(re.search(r"\bvpdpbusd\b", asm)) == vnni
 
 
-@pytest.mark.skipif(not HAVE_VNNI, reason="needs AVX512-VNNI")
-@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q4_K", "Q6_K"])
-def test_format_kernels_compile_to_vpdpbusd(kind):
-    from gguf import GGMLQuantizationType as T
+@pytest.mark.parametrize("vnni", CODEGEN)
+def test_dpbusd_unsigned_times_signed_bytes(vnni, monkeypatch):
+    """Every byte of a as unsigned (0..255), every byte of b as signed (-128..127), the four
+    products of a lane added to it: the extremes and random words, against numpy."""
+    monkeypatch.setattr(simd, "HAVE_VNNI", vnni)
+    kernel = numba.njit(_bytes_kernel)
+    w, x = _random_words(np.random.default_rng(4), 8)
+    w[:16], x[0] = 0xFFFFFFFF, np.int32(np.array([-128] * 4, np.int8).view(np.int32)[0])  # 255 * -128
+    w[16:32], x[1] = 0x80FF7F01, np.int32(np.array([127, -1, -128, 1], np.int8).view(np.int32)[0])
+    out = np.zeros(16, np.float32)
+    kernel(w, x, out)
+    ua = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64)  # (chunks, lanes, bytes)
+    sb = x.view(np.int8).reshape(-1, 4).astype(np.int64)  # (chunks, bytes)
+    np.testing.assert_array_equal(out, np.einsum("clb,cb->l", ua, sb).astype(np.float32))
+    assert out.min() < -100_000  # the extremes made it in
 
-    from edgeseek.quantize import QMatrix, get_format, q4_0, q4_k, q5_0, q6_k
-    kernel = {"Q4_0": q4_0._matmul_vnni, "Q5_0": q5_0._matmul_q5_0_vnni, "Q4_K": q4_k._matmul_vnni,
-              "Q6_K": q6_k._matmul_vnni}[kind]
+
+VNNI_KINDS = [q.name for q, f in FORMATS.items() if f.vnni is not None]
+
+
+@pytest.mark.skipif(not CPU_HAS_VNNI, reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("kind", VNNI_KINDS)
+def test_format_kernels_compile_to_vpdpbusd(kind, monkeypatch):
+    fmt = get_format(T[kind]).with_kernels("vnni")
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((32, 256)).astype(np.float32)
-    m = QMatrix(T[kind], get_format(T[kind]).quantize(w).reshape(32, -1), (32, 256))
-    m(rng.standard_normal(256).astype(np.float32))  # compiles (or loads) the kernel for these types
+    raw = fmt.quantize(rng.standard_normal((32, 256)).astype(np.float32)).reshape(32, -1)
+    fmt.matvec(fmt.pack(raw), rng.standard_normal(256).astype(np.float32))  # compiles (or loads) the kernel
+    kernel = fmt.kernels.matmul_kernel
+    monkeypatch.setattr(simd, "HAVE_VNNI", True)  # whatever EDGESEEK_PORTABLE_KERNELS says
     fresh = numba.njit(parallel=True)(kernel.py_func)
     fresh.compile(kernel.signatures[0])
     asm = fresh.inspect_asm(fresh.signatures[0])
@@ -68,34 +104,50 @@ def test_format_kernels_compile_to_vpdpbusd(kind):
 
 @pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96))])
 def test_matmul_many_rows_equal_matvec(kind, shape):
-    """A layer's experts in one kernel call give, row for row, what each matrix gives alone."""
-    from gguf import GGMLQuantizationType as T
-
-    from edgeseek.quantize import QMatrix, get_format
+    """A layer's experts in one kernel call give, row for row, what each matrix gives alone, and
+    what the portable kernels give."""
     fmt = get_format(T[kind])
+    vnni, portable = fmt.with_kernels("vnni"), fmt.with_kernels("portable")
     rng = np.random.default_rng(5)
-    mats = [QMatrix(T[kind], fmt.quantize(rng.standard_normal(shape).astype(np.float32)).reshape(shape[0], -1), shape)
-            for _ in range(3)]
+    raws = [fmt.quantize(rng.standard_normal(shape).astype(np.float32)).reshape(shape[0], -1) for _ in range(3)]
     x = rng.standard_normal((2, shape[1])).astype(np.float32)
     rows = [1, 0, 1]
-    got = fmt.matmul_many([m.packed for m in mats], x, rows)
-    if not HAVE_VNNI:
-        assert got is None
-        return
-    np.testing.assert_array_equal(got, np.stack([m(x[r]) for m, r in zip(mats, rows)]))
+    got = vnni.matmul_many([vnni.pack(r) for r in raws], x, rows)
+    assert got.shape == (3, shape[0])
+    np.testing.assert_array_equal(got, np.stack([vnni.matvec(vnni.pack(r), x[i]) for r, i in zip(raws, rows)]))
+    np.testing.assert_array_equal(got, np.stack([portable.matvec(portable.pack(r), x[i]) for r, i in zip(raws, rows)]))
 
 
-def test_experts_of_one_token_equal_expert_by_expert():
+def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):
+    """Decode's experts in one kernel call per projection (the VNNI kernels' matmul_many), against
+    the portable kernels, which have no such call: moe then runs expert by expert."""
     from edgeseek.engine import load
     from edgeseek.models.common import ffn
     from edgeseek.models.moe import experts_one_token
 
-    eng = load(Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_k_m.gguf", n_ctx=16)
-    triples = eng.model.experts.experts(1, np.array([0, 3, 7, 9]))
-    x = np.random.default_rng(2).standard_normal((1, eng.model.config.n_embd)).astype(np.float32)
-    got = experts_one_token(x, triples)  # Q5_0 experts
-    want = np.concatenate([ffn(x, *t) for t in triples])
-    if not HAVE_VNNI:
-        assert got is None
-        return
-    np.testing.assert_array_equal(got, want)
+    def run(which):
+        with monkeypatch.context() as m:
+            for f in FORMATS.values():
+                m.setattr(f, "kernels", getattr(f, which) or f.portable)
+            eng = load(Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_k_m.gguf", n_ctx=16)
+            triples = eng.model.experts.experts(1, np.array([0, 3, 7, 9]))  # Q5_0 experts
+            x = np.random.default_rng(2).standard_normal((1, eng.model.config.n_embd)).astype(np.float32)
+            return experts_one_token(x, triples), np.concatenate([ffn(x, *t) for t in triples])
+
+    one_call, by_expert = run("vnni")
+    none, by_expert_portable = run("portable")
+    assert none is None
+    np.testing.assert_array_equal(one_call, by_expert)
+    np.testing.assert_array_equal(one_call, by_expert_portable)
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_portable_kernels_switch(switch):
+    """EDGESEEK_PORTABLE_KERNELS=1: every format computes with its portable kernels, VNNI CPU or not."""
+    code = ("from edgeseek.quantize import FORMATS, simd; "
+            "print(simd.HAVE_VNNI, sorted(q.name for q, f in FORMATS.items() if f.kernels is not f.portable))")
+    env = dict(os.environ, EDGESEEK_PORTABLE_KERNELS=switch)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    vnni = CPU_HAS_VNNI and switch == "0"
+    assert out.strip() == f"{vnni} {sorted(VNNI_KINDS) if vnni else []}"
+
