@@ -122,8 +122,8 @@ def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):
     """Decode's experts in one kernel call per projection (the VNNI kernels' matmul_many), against
     the portable kernels, which have no such call: moe then runs expert by expert."""
     from edgeseek.engine import load
+    from edgeseek.backends import CPUBackend
     from edgeseek.models.common import ffn
-    from edgeseek.models.moe import experts_one_token
 
     def run(which):
         with monkeypatch.context() as m:
@@ -132,7 +132,7 @@ def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):
             eng = load(Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_k_m.gguf", n_ctx=16)
             triples = eng.model.experts.experts(1, np.array([0, 3, 7, 9]))  # Q5_0 experts
             x = np.random.default_rng(2).standard_normal((1, eng.model.config.n_embd)).astype(np.float32)
-            return experts_one_token(x, triples), np.concatenate([ffn(x, *t) for t in triples])
+            return CPUBackend().experts_one_token(x, triples), np.concatenate([ffn(x, *t) for t in triples])
 
     one_call, by_expert = run("vnni")
     none, by_expert_portable = run("portable")
