@@ -162,9 +162,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
-    def is_control(self, token_id: int) -> bool:
-        return self.types[token_id] == CONTROL
-
     # --- encoding -------------------------------------------------------------------------------
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         ids: list[int] = []
