@@ -189,7 +189,7 @@ def generate(
       echo "Write a haiku" | edgeseek generate model.gguf --temp 0 --json
       edgeseek generate DeepSeek-V2-Lite-Q4_K_M.gguf --ram-budget 4G -p "Hello"
     """
-    from edgeseek.chat import prompt_ids
+    from edgeseek.chat import single_turn_ids
     from edgeseek.generation import stream_generate
 
     if prompt is None:
@@ -197,11 +197,7 @@ def generate(
             _fail("no prompt: pass -p TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
     engine = _load(model, ctx, ram_budget)
-    if raw or engine.chat_template is None:
-        ids = engine.tokenizer.encode(prompt)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = prompt_ids(engine, engine.chat_template.render(messages, add_generation_prompt=True))
+    ids = single_turn_ids(engine, prompt, system=system, raw=raw)
     sampler = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
     text, last = [], None
     try:
@@ -300,17 +296,6 @@ def batch(
         raise typer.Exit(1)
 
 
-CHAT_HELP = """Commands:
-  /help                 this help
-  /clear                forget the conversation
-  /system [TEXT]        show or set the system prompt (clears the conversation)
-  /set NAME VALUE       sampling option: temperature top_k top_p min_p repeat_penalty seed max_tokens
-  /stats                the last reply's speed
-  /save FILE, /load FILE  the conversation as JSON
-  /bye                  leave (or Ctrl+D)
-Multi-line input: start and end it with three double quotes (\"\"\"). Ctrl+C stops a reply."""
-
-
 @app.command()
 def chat(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
@@ -351,8 +336,10 @@ def chat(
         if not text.strip():
             continue
         if text.startswith("/"):
-            if _slash(session, text.strip()):
+            result = session.command(text)
+            if result.leave:
                 return
+            _show(result, session.engine)
             continue
         _reply(session, text)
 
@@ -404,67 +391,14 @@ def _reply(session, text: str) -> None:
     err.print(_stats_line(session.last, session.engine), style="dim", markup=False)
 
 
-def _slash(session, line: str) -> bool:
-    """Runs a slash command; True means leave."""
-    cmd, _, arg = line.partition(" ")
-    arg = arg.strip()
-    if cmd in ("/bye", "/exit", "/quit"):
-        return True
-    if cmd in ("/help", "/?"):
-        err.print(CHAT_HELP, markup=False)
-    elif cmd == "/clear":
-        session.clear()
-        err.print("Conversation cleared.")
-    elif cmd == "/system":
-        if arg:
-            session.system = arg
-            session.clear()
-            err.print("System prompt set; conversation cleared.")
-        else:
-            err.print(session.system or "(no system prompt)", markup=False)
-    elif cmd == "/set":
-        name, _, value = arg.partition(" ")
-        try:
-            _set_option(session, name, value.strip())
-        except ValueError as e:
-            err.print(f"error: {e}", markup=False)
-    elif cmd == "/stats":
-        err.print(_stats_line(session.last, session.engine) or "No reply yet.", markup=False)
-    elif cmd in ("/save", "/load"):
-        if not arg:
-            err.print(f"usage: {cmd} FILE")
-            return False
-        try:
-            if cmd == "/save":
-                session.save(arg)
-                err.print(f"Saved {len(session.messages)} messages to {arg}.")
-            else:
-                session.load(arg)
-                err.print(f"Loaded {len(session.messages)} messages from {arg}.")
-        except (EdgeseekError, OSError) as e:
-            err.print(f"error: {e}", markup=False)
-    else:
-        err.print(f"Unknown command {cmd}; /help lists them.", markup=False)
-    return False
-
-
-_ALIASES = {"temp": "temperature", "num_predict": "max_tokens", "seed": "seed"}
-
-
-def _set_option(session, name: str, value: str) -> None:
-    name = _ALIASES.get(name, name)
-    if not name or not value:
-        raise ValueError("usage: /set NAME VALUE")
-    if name == "max_tokens":
-        session.max_tokens = int(value)
-    else:
-        cast = {"top_k": int, "repeat_last_n": int, "seed": int}.get(name, float)
-        try:
-            parsed = cast(value)
-        except ValueError:
-            raise ValueError(f"{name}: not a number: {value!r}") from None
-        session.sampler = session.sampler.updated(**{name: parsed})
-    err.print(f"Set {name} = {value}.")
+def _show(result, engine) -> None:
+    """A slash command's result, on stderr."""
+    if result.error:
+        err.print(f"error: {result.message}", markup=False)
+    elif result.stats is not None:
+        err.print(_stats_line(result.stats, engine), markup=False)
+    elif result.message:
+        err.print(result.message, markup=False)
 
 
 @app.command()

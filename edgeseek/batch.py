@@ -12,9 +12,9 @@ are judged as OpenAI's API judges them: sampling numbers NaN, infinite or out of
 than system / user / assistant / tool, content other than a string or text parts are bad lines.
 Custom ids already in the output file are skipped, so an interrupted run resumes where it stopped.
 
-Up to `parallel` requests decode together: each step runs one forward pass over the last token of
-every active sequence (DecoderModel.forward_rows), so every weight, and each routed expert, is read
-once per step for all the sequences that use it. Prompts are prefilled one request at a time.
+Up to `parallel` requests decode together in a `generation.BatchGenerator` (one forward pass per
+step over every active sequence; prompts prefilled one request at a time); this module only reads,
+judges and writes lines.
 """
 from __future__ import annotations
 
@@ -22,16 +22,14 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
-from .chat import prompt_ids
+from .chat import chat_prompt_ids
 from .errors import EdgeseekError
-from .generation import _StopMatcher
-from .sampler import Sampler, SamplerConfig
+from .generation import BatchGenerator, Delta
+from .sampler import SamplerConfig
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 # Request numbers as OpenAI's API judges them (vLLM's and llama.cpp's servers for top_k, min_p and
@@ -198,33 +196,18 @@ def read_requests(lines: Iterator[str], defaults: SamplerConfig, max_tokens: int
     return good, bad
 
 
-@dataclass
-class _Sequence:
-    req: Request
-    ids: list[int]
-    cache: object
-    sampler: Sampler
-    decoder: object
-    stops: _StopMatcher
-    text: list[str] = field(default_factory=list)
-    gen_ids: list[int] = field(default_factory=list)  # generated ids: with the prompt, the repeat penalty's history
-    n_gen: int = 0
-    last: int = 0
-    finish: str | None = None
-
-
-def _result_line(req: Request, seq: _Sequence, model_name: str) -> dict:
+def _result_line(req: Request, text: str, last: Delta, model_name: str) -> dict:
+    """The output line of a finished request; `last` is its final Delta."""
     created = int(time.time())
-    text = "".join(seq.text)
-    usage = {"prompt_tokens": len(seq.ids), "completion_tokens": seq.n_gen,
-             "total_tokens": len(seq.ids) + seq.n_gen}
+    usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
+             "total_tokens": last.prompt_tokens + last.generation_tokens}
     if req.kind == "chat":
         body = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": created,
                 "model": model_name, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                  "finish_reason": seq.finish}], "usage": usage}
+                                                  "finish_reason": last.finish_reason}], "usage": usage}
     else:
         body = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": created,
-                "model": model_name, "choices": [{"index": 0, "text": text, "finish_reason": seq.finish}],
+                "model": model_name, "choices": [{"index": 0, "text": text, "finish_reason": last.finish_reason}],
                 "usage": usage}
     return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": body["id"], "body": body}, "error": None}
@@ -238,77 +221,58 @@ def error_line(bad: BadLine, code: str = "invalid_request") -> dict:
 def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel: int = 8, n_ctx: int = 4096,
         on_token: Callable[[int], None] | None = None) -> int:
     """Runs the requests, up to `parallel` at a time; `emit` gets each output line as its request
-    finishes. Returns how many requests failed (a prompt too long for the context, ...)."""
-    model, tok = engine.model, engine.tokenizer
+    finishes, `on_token` the number of tokens each step sampled. Returns how many requests failed
+    (a prompt too long for the context, ...)."""
     model_name = engine.path.name
     pending = list(requests)
-    active: list[_Sequence] = []
+    gen = BatchGenerator(engine)
+    running: dict[str, tuple[Request, list[str]]] = {}  # custom_id -> (request, text so far)
     failed = 0
 
-    def admit(req: Request) -> _Sequence | None:
+    def take(d: Delta) -> None:
+        req, text = running[d.uid]
+        text.append(d.text)
+        if d.finish_reason:
+            del running[d.uid]
+            emit(_result_line(req, "".join(text), d, model_name))
+
+    def admit(req: Request) -> None:
         nonlocal failed
         try:
-            if req.kind == "chat":
-                if engine.chat_template is None:
-                    raise EdgeseekError(f"{model_name} has no chat template: send prompt, not messages")
-                ids = prompt_ids(engine, engine.chat_template.render(req.prompt, add_generation_prompt=True))
-            else:
-                ids = tok.encode(req.prompt)
-            ctx = min(n_ctx, engine.n_ctx, len(ids) + req.max_tokens)
-            if len(ids) >= ctx or len(ids) >= n_ctx:
-                raise EdgeseekError(f"line {req.line}: the prompt has {len(ids)} tokens; the context holds {ctx}")
+            ids = _prompt_ids(engine, req)
+            try:
+                first = gen.add(ids, max_tokens=req.max_tokens, sampler=req.sampler, stop=req.stop, n_ctx=n_ctx,
+                                uid=req.custom_id)
+            except EdgeseekError as e:  # the prompt does not fit
+                raise EdgeseekError(f"line {req.line}: {e}") from None
         except EdgeseekError as e:
             failed += 1
-            emit(error_line(BadLine(req.line, req.custom_id, str(e)), "context_length_exceeded"
-                            if "context" in str(e) else "invalid_request"))
-            return None
-        cache = model.new_cache(ctx)
-        seq = _Sequence(req, ids, cache, Sampler(req.sampler), tok.stream_decoder(), _StopMatcher(req.stop))
-        logits = model.forward(np.asarray(ids, np.int32), cache)[-1]
-        _advance(seq, logits)
-        return seq
-
-    def _advance(seq: _Sequence, logits: np.ndarray) -> None:
-        token = seq.sampler(logits, seq.ids + seq.gen_ids)
-        seq.n_gen += 1
+            code = "context_length_exceeded" if "context" in str(e) else "invalid_request"
+            emit(error_line(BadLine(req.line, req.custom_id, str(e)), code))
+            return
         if on_token:
             on_token(1)
-        if token in tok.stop_ids:
-            seq.text.append(seq.stops.flush(seq.decoder.flush()))
-            seq.finish = "stop"
-            return
-        seq.gen_ids.append(token)
-        text, hit = seq.stops.feed(seq.decoder.add(token))
-        seq.text.append(text)
-        if hit:
-            seq.finish = "stop"
-        elif seq.n_gen >= seq.req.max_tokens or seq.cache.pos + 1 >= seq.cache.n_ctx:
-            seq.text.append(seq.stops.flush(seq.decoder.flush()))
-            seq.finish = "length"
-        seq.last = token
+        running[req.custom_id] = (req, [])
+        take(first)
 
     def fill() -> None:
-        while pending and len(active) < parallel:
-            seq = admit(pending.pop(0))
-            if seq is not None:
-                retire_or_keep(seq)
-
-    def retire_or_keep(seq: _Sequence) -> None:
-        if seq.finish:
-            emit(_result_line(seq.req, seq, model_name))
-        else:
-            active.append(seq)
+        while pending and len(gen) < parallel:
+            admit(pending.pop(0))
 
     fill()
-    while active:
-        logits = model.forward_rows(np.array([s.last for s in active], np.int32), [s.cache for s in active])
-        still = []
-        for s, lg in zip(active, logits):
-            _advance(s, lg)
-            if s.finish:
-                emit(_result_line(s.req, s, model_name))
-            else:
-                still.append(s)
-        active[:] = still
+    while gen:
+        deltas = gen.step()
+        if on_token:
+            on_token(len(deltas))
+        for d in deltas:
+            take(d)
         fill()
     return failed
+
+
+def _prompt_ids(engine, req: Request) -> list[int]:
+    if req.kind == "completion":
+        return engine.tokenizer.encode(req.prompt)
+    if engine.chat_template is None:
+        raise EdgeseekError(f"{engine.path.name} has no chat template: send prompt, not messages")
+    return chat_prompt_ids(engine, req.prompt)

@@ -1,7 +1,9 @@
-"""A conversation with a model: messages, the chat template, and a KV cache kept between turns.
+"""A conversation with a model: messages, the chat template, a KV cache kept between turns, and the
+slash commands that change them.
 
 A new turn renders the whole conversation through the model's template, and only the tokens after
-the longest prefix already in the cache are processed. Frontends render what `send` yields.
+the longest prefix already in the cache are processed. Frontends render what `send` yields and what
+`command` returns; nothing here prints.
 """
 from __future__ import annotations
 
@@ -15,6 +17,57 @@ from .engine import Engine
 from .errors import EdgeseekError
 from .generation import GenerationResponse, stream_generate
 from .sampler import SamplerConfig
+
+HELP = """Commands:
+  /help                 this help
+  /clear                forget the conversation
+  /system [TEXT]        show or set the system prompt (clears the conversation)
+  /set NAME VALUE       sampling option: temperature top_k top_p min_p repeat_penalty seed max_tokens
+  /stats                the last reply's speed
+  /save FILE, /load FILE  the conversation as JSON
+  /bye                  leave (or Ctrl+D)
+Multi-line input: start and end it with three double quotes (\"\"\"). Ctrl+C stops a reply."""
+
+ALIASES = {"temp": "temperature", "num_predict": "max_tokens"}  # ollama's names
+INTEGER_OPTIONS = ("top_k", "repeat_last_n", "seed", "max_tokens")
+
+
+def build_messages(system: str | None, turns: list[dict]) -> list[dict]:
+    """The messages a chat template renders: the system prompt (if any) first, then the turns."""
+    return ([{"role": "system", "content": system}] if system else []) + list(turns)
+
+
+def chat_prompt_ids(engine: Engine, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered by the model's chat template, the assistant's turn opened."""
+    return prompt_ids(engine, engine.chat_template.render(messages, add_generation_prompt=True))
+
+
+def single_turn_ids(engine: Engine, text: str, system: str | None = None, raw: bool = False) -> list[int]:
+    """The prompt of a one-message exchange: `text` as the user's turn through the chat template, or
+    as plain text (BOS per the file's metadata) when `raw` or when the model has no template."""
+    if raw or engine.chat_template is None:
+        return engine.tokenizer.encode(text)
+    return chat_prompt_ids(engine, build_messages(system, [{"role": "user", "content": text}]))
+
+
+def prompt_ids(engine: Engine, rendered: str) -> list[int]:
+    """Token ids of a rendered chat prompt: BOS added per the model's metadata, and not twice when
+    the template already wrote it (as llama.cpp strips a template's leading BOS)."""
+    tok = engine.tokenizer
+    ids = tok.encode(rendered, add_special=True, parse_special=True)
+    if len(ids) >= 2 and tok.bos_id is not None and ids[0] == ids[1] == tok.bos_id:
+        ids = ids[1:]
+    return ids
+
+
+@dataclass
+class CommandResult:
+    """What a slash command did, for a frontend to show."""
+
+    message: str = ""  # for the user; "" when there is nothing to say
+    error: bool = False  # the command failed; `message` says why
+    leave: bool = False  # end the chat
+    stats: GenerationResponse | None = None  # /stats: the last reply's final response, to render
 
 
 @dataclass
@@ -32,13 +85,12 @@ class ChatSession:
         self.context = self.engine.new_context()
 
     def conversation(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return build_messages(self.system, self.messages)
 
     def send(self, text: str) -> Iterator[GenerationResponse]:
         """Streams the reply to `text`. The reply (even when stopped early) joins the conversation."""
         self.messages.append({"role": "user", "content": text})
-        prompt = self.engine.chat_template.render(self.conversation(), add_generation_prompt=True)
-        ids = prompt_ids(self.engine, prompt)
+        ids = chat_prompt_ids(self.engine, self.conversation())
         reply = []
         try:
             for r in stream_generate(self.engine, ids, max_tokens=self.max_tokens,
@@ -75,15 +127,82 @@ class ChatSession:
         self.system = data.get("system")
         self.messages = list(messages)
 
+    def set_option(self, name: str, value: str) -> str:
+        """`/set NAME VALUE`: a sampling option or max_tokens, from its text; returns the canonical
+        name. ValueError names what is wrong."""
+        name = ALIASES.get(name, name)
+        if not name or not value:
+            raise ValueError("usage: /set NAME VALUE")
+        cast = int if name in INTEGER_OPTIONS else float
+        try:
+            parsed = cast(value)
+        except ValueError:
+            raise ValueError(f"{name}: not a number: {value!r}") from None
+        if name == "max_tokens":
+            self.max_tokens = parsed
+        else:
+            self.sampler = self.sampler.updated(**{name: parsed})
+        return name
 
-def prompt_ids(engine: Engine, rendered: str) -> list[int]:
-    """Token ids of a rendered chat prompt: BOS added per the model's metadata, and not twice when
-    the template already wrote it (as llama.cpp strips a template's leading BOS)."""
-    tok = engine.tokenizer
-    ids = tok.encode(rendered, add_special=True, parse_special=True)
-    if len(ids) >= 2 and tok.bos_id is not None and ids[0] == ids[1] == tok.bos_id:
-        ids = ids[1:]
-    return ids
+    def command(self, line: str) -> CommandResult:
+        """Runs one slash command line ("/set temperature 0")."""
+        cmd, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        handler = _COMMANDS.get(cmd)
+        if handler is None:
+            return CommandResult(f"Unknown command {cmd}; /help lists them.")
+        return handler(self, cmd, arg)
+
+    def _leave(self, cmd: str, arg: str) -> CommandResult:
+        return CommandResult(leave=True)
+
+    def _help(self, cmd: str, arg: str) -> CommandResult:
+        return CommandResult(HELP)
+
+    def _clear(self, cmd: str, arg: str) -> CommandResult:
+        self.clear()
+        return CommandResult("Conversation cleared.")
+
+    def _system(self, cmd: str, arg: str) -> CommandResult:
+        if not arg:
+            return CommandResult(self.system or "(no system prompt)")
+        self.system = arg
+        self.clear()
+        return CommandResult("System prompt set; conversation cleared.")
+
+    def _set(self, cmd: str, arg: str) -> CommandResult:
+        name, _, value = arg.partition(" ")
+        try:
+            name = self.set_option(name, value.strip())
+        except ValueError as e:
+            return CommandResult(str(e), error=True)
+        return CommandResult(f"Set {name} = {value.strip()}.")
+
+    def _stats(self, cmd: str, arg: str) -> CommandResult:
+        return CommandResult(stats=self.last) if self.last else CommandResult("No reply yet.")
+
+    def _save_or_load(self, cmd: str, arg: str) -> CommandResult:
+        if not arg:
+            return CommandResult(f"usage: {cmd} FILE")
+        try:
+            if cmd == "/save":
+                self.save(arg)
+                return CommandResult(f"Saved {len(self.messages)} messages to {arg}.")
+            self.load(arg)
+            return CommandResult(f"Loaded {len(self.messages)} messages from {arg}.")
+        except (EdgeseekError, OSError) as e:
+            return CommandResult(str(e), error=True)
+
+
+_COMMANDS = {
+    "/bye": ChatSession._leave, "/exit": ChatSession._leave, "/quit": ChatSession._leave,
+    "/help": ChatSession._help, "/?": ChatSession._help,
+    "/clear": ChatSession._clear,
+    "/system": ChatSession._system,
+    "/set": ChatSession._set,
+    "/stats": ChatSession._stats,
+    "/save": ChatSession._save_or_load, "/load": ChatSession._save_or_load,
+}
 
 
 class ThinkSplitter:

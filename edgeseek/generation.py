@@ -1,12 +1,17 @@
-"""Generation in layers: `generate_step` yields token ids, `stream_generate` yields text with stats.
+"""Generation in layers: `generate_step` yields token ids, `stream_generate` yields text with stats,
+`BatchGenerator` decodes several sequences together, one forward pass per step.
 
-Frontends (the chat, the batch runner) only consume `stream_generate`'s `GenerationResponse`s.
+Both drivers end a sequence by the same rules (`Continuation`): an end-of-generation token or a stop
+string finishes it with "stop" (a stop string is held back until it can no longer match, and never
+shown); `max_tokens` tokens or a full context finish it with "length". Frontends (the chat,
+`edgeseek generate`, the batch runner) only consume what these yield.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -15,111 +20,10 @@ from .sampler import Sampler, SamplerConfig
 
 if TYPE_CHECKING:
     from .engine import Context, Engine
+    from .tokenizer import Tokenizer
 
 
-@dataclass
-class GenerationResponse:
-    text: str  # the new text since the previous response ("" is possible)
-    token: int | None  # the token that produced it (None on the final, flushing response)
-    prompt_tokens: int  # tokens of the prompt actually processed (cached prefix excluded)
-    prompt_tps: float  # prompt processing, tokens/s
-    generation_tokens: int  # tokens generated so far
-    generation_tps: float  # tokens/s since the first token
-    ttft: float  # seconds from the call to the first token
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
-
-
-def generate_step(
-    engine: Engine, prompt_ids: Sequence[int], context: Context, sampler: Sampler
-) -> Iterator[int]:
-    """Yields token ids without end: prefill runs once (batched), then one decode step per token.
-
-    The context's cache always holds exactly `context.tokens`; an interrupted step (Ctrl+C) rolls
-    back what it had written.
-    """
-    model = engine.model
-    try:
-        new = context.reuse_prefix(list(prompt_ids))
-        logits = model.forward(np.asarray(new, dtype=np.int32), context.cache)[-1]
-        context.tokens.extend(new)
-        while True:
-            token = sampler(logits, context.tokens)
-            yield token
-            if len(context.tokens) >= context.n_ctx:
-                return
-            logits = model.forward(np.asarray([token], dtype=np.int32), context.cache)[-1]
-            context.tokens.append(token)
-    finally:
-        context.truncate(len(context.tokens))
-
-
-def stream_generate(
-    engine: Engine,
-    prompt: str | Sequence[int],
-    *,
-    max_tokens: int = 256,
-    sampler: SamplerConfig | Sampler | None = None,
-    stop: Sequence[str] = (),
-    context: Context | None = None,
-) -> Iterator[GenerationResponse]:
-    """Text chunks of the reply to `prompt` (text is tokenized with the model's BOS rule)."""
-    t0 = time.perf_counter()
-    tok = engine.tokenizer
-    ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise EdgeseekError("the prompt is empty")
-    context = context or engine.new_context()
-    if len(ids) >= context.n_ctx:
-        raise EdgeseekError(f"the prompt has {len(ids)} tokens; the context holds {context.n_ctx}")
-    if not isinstance(sampler, Sampler):
-        sampler = Sampler(sampler or SamplerConfig())
-    n_cached = sum(1 for _ in _common_prefix(context.tokens, ids))
-    n_prompt = len(ids) - min(n_cached, len(ids) - 1)
-
-    decoder = tok.stream_decoder()
-    stops = _StopMatcher(stop)
-    ttft = prompt_tps = 0.0
-    t_first = t0
-    n = 0
-
-    def response(text, token, reason=None):
-        gen_time = time.perf_counter() - t_first
-        return GenerationResponse(
-            text, token, n_prompt, prompt_tps, n, (n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-            ttft, reason,
-        )
-
-    steps = generate_step(engine, ids, context, sampler)
-    try:
-        for token in steps:
-            if n == 0:
-                t_first = time.perf_counter()
-                ttft = t_first - t0
-                prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
-            n += 1
-            if token in tok.stop_ids:
-                yield response(stops.flush(decoder.flush()), None, "stop")
-                return
-            text, hit = stops.feed(decoder.add(token))
-            if hit:
-                yield response(text, token, "stop")
-                return
-            if n >= max_tokens or len(context.tokens) >= context.n_ctx:
-                yield response(text + stops.flush(decoder.flush()), token, "length")
-                return
-            yield response(text, token)
-    finally:
-        steps.close()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]):
-    for x, y in zip(a, b):
-        if x != y:
-            return
-        yield x
-
-
-class _StopMatcher:
+class StopMatcher:
     """Holds back text that may be the start of a stop string, so a stop string is never shown."""
 
     def __init__(self, stops: Sequence[str]):
@@ -127,6 +31,7 @@ class _StopMatcher:
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
+        """(text that can be shown now, whether a stop string was completed)."""
         self.pending += text
         if not self.stops:
             out, self.pending = self.pending, ""
@@ -146,6 +51,7 @@ class _StopMatcher:
         return out, False
 
     def flush(self, text: str = "") -> str:
+        """Everything still held (the sequence ended), cut at a stop string if `text` completes one."""
         out, hit = self.feed(text)
         if hit:
             return out
@@ -153,6 +59,246 @@ class _StopMatcher:
         return out
 
 
+class Continuation:
+    """The text of one sequence's sampled tokens and the reason it ends, token by token."""
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = ()):
+        self.stop_ids = tokenizer.stop_ids
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopMatcher(stop)
+        self.max_tokens = max_tokens
+        self.n = 0  # tokens sampled, an end-of-generation token included
+        self.finish_reason: str | None = None  # "stop", "length", or None while it runs
+
+    def add(self, token: int, context_full: bool) -> str:
+        """The text `token` adds ("" while text is held back). `context_full`: the token cannot be
+        fed back (every position of the cache is taken), so it is the last."""
+        self.n += 1
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.stops.flush(self.decoder.flush())
+        text, hit = self.stops.feed(self.decoder.add(token))
+        if hit:
+            self.finish_reason = "stop"
+        elif self.n >= self.max_tokens or context_full:
+            self.finish_reason = "length"
+            text += self.stops.flush(self.decoder.flush())
+        return text
+
+
+def check_prompt(ids: Sequence[int], n_ctx: int) -> None:
+    """Refuses a prompt that is empty or leaves no room in a context of n_ctx for a reply."""
+    if not ids:
+        raise EdgeseekError("the prompt is empty")
+    if len(ids) >= n_ctx:
+        raise EdgeseekError(f"the prompt has {len(ids)} tokens; the context holds {n_ctx}")
+
+
+def cached_prefix(context: Context, ids: Sequence[int]) -> int:
+    """How many leading `ids` the context already holds, leaving at least one to run (its logits
+    pick the next token)."""
+    n = 0
+    for a, b in zip(context.tokens, ids):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(ids) - 1)
+
+
+def _context_full(context: Context) -> bool:
+    return len(context.tokens) >= context.n_ctx
+
+
+def _steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sampler) -> Iterator[int]:
+    """Prefill `new` after what the context holds, then yield one sampled token per decode step;
+    ends when the context is full. Rolls the cache back to `context.tokens` when stopped."""
+    model = engine.model
+    try:
+        logits = model.forward(np.asarray(new, dtype=np.int32), context.cache)[-1]
+        context.tokens.extend(new)
+        while True:
+            token = sampler(logits, context.tokens)
+            yield token
+            if _context_full(context):
+                return
+            logits = model.forward(np.asarray([token], dtype=np.int32), context.cache)[-1]
+            context.tokens.append(token)
+    finally:
+        context.truncate(len(context.tokens))
+
+
+def generate_step(
+    engine: Engine, prompt_ids: Sequence[int], context: Context, sampler: Sampler
+) -> Iterator[int]:
+    """Yields token ids until the context is full: prefill runs once (batched, after the prefix the
+    context already holds), then one decode step per token.
+
+    The context's cache always holds exactly `context.tokens`; an interrupted step (Ctrl+C) rolls
+    back what it had written.
+    """
+    ids = list(prompt_ids)
+    n = cached_prefix(context, ids)
+    context.truncate(n)
+    yield from _steps(engine, ids[n:], context, sampler)
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text since the previous response ("" is possible)
+    token: int | None  # the token that produced it (None on the final, flushing response)
+    prompt_tokens: int  # tokens of the prompt actually processed (cached prefix excluded)
+    prompt_tps: float  # prompt processing, tokens/s
+    generation_tokens: int  # tokens generated so far
+    generation_tps: float  # tokens/s since the first token
+    ttft: float  # seconds from the call to the first token
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
+
+
+def stream_generate(
+    engine: Engine,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 256,
+    sampler: SamplerConfig | Sampler | None = None,
+    stop: Sequence[str] = (),
+    context: Context | None = None,
+) -> Iterator[GenerationResponse]:
+    """Text chunks of the reply to `prompt` (text is tokenized with the model's BOS rule). With a
+    `context` kept between calls, only the tokens after the prefix it already holds are processed."""
+    t0 = time.perf_counter()
+    ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    context = context or engine.new_context()
+    check_prompt(ids, context.n_ctx)
+    sampler = _sampler(sampler)
+    n_cached = cached_prefix(context, ids)
+    context.truncate(n_cached)
+    n_prompt = len(ids) - n_cached
+    reply = Continuation(engine.tokenizer, max_tokens, stop)
+    ttft = prompt_tps = 0.0
+    t_first = t0
+
+    steps = _steps(engine, ids[n_cached:], context, sampler)
+    try:
+        for token in steps:
+            if reply.n == 0:
+                t_first = time.perf_counter()
+                ttft = t_first - t0
+                prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
+            text = reply.add(token, _context_full(context))
+            n, gen_time = reply.n, time.perf_counter() - t_first
+            yield GenerationResponse(
+                text, None if token in reply.stop_ids else token, n_prompt, prompt_tps, n,
+                (n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0, ttft, reply.finish_reason,
+            )
+            if reply.finish_reason:
+                return
+    finally:
+        steps.close()
+
+
 def generate(engine: Engine, prompt: str | Sequence[int], **kwargs) -> str:
     """The whole reply as one string (see `stream_generate` for the options)."""
     return "".join(r.text for r in stream_generate(engine, prompt, **kwargs))
+
+
+def _sampler(sampler: SamplerConfig | Sampler | None) -> Sampler:
+    return sampler if isinstance(sampler, Sampler) else Sampler(sampler or SamplerConfig())
+
+
+@dataclass
+class Delta:
+    """What one sequence of a `BatchGenerator` produced in one step."""
+
+    uid: Hashable  # the sequence, as `BatchGenerator.add` named it
+    text: str  # new text ("" while a possible stop string is held back)
+    token: int | None  # the sampled token (None when an end-of-generation token ended the sequence)
+    prompt_tokens: int  # the sequence's prompt length
+    generation_tokens: int  # tokens sampled so far, an end-of-generation token included
+    finish_reason: str | None  # "stop", "length", or None while the sequence runs
+
+
+@dataclass
+class _Row:
+    context: Context
+    sampler: Sampler
+    reply: Continuation
+    n_prompt: int
+    last: int = 0  # the sampled token that the next step feeds back
+
+
+class BatchGenerator:
+    """Sequences decoded together: each step is one `model.forward_rows` over the last token of
+    every active sequence, so every weight, and each routed expert, is read once per step for all
+    the sequences that use it. Each sequence has its own KV cache, sampler, stop strings and
+    max_tokens; sequences are added (prefilled on their own) and removed between steps.
+
+        gen = BatchGenerator(engine)
+        first = gen.add(ids, max_tokens=64, stop=["\\n\\n"])   # the first token's Delta
+        while gen:
+            for d in gen.step():
+                ...  # d.uid, d.text, d.finish_reason; a finished sequence leaves the batch
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.rows: dict[Hashable, _Row] = {}  # the active sequences, in the order they were added
+        self._uids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, prompt_ids: Sequence[int], *, max_tokens: int = 256,
+            sampler: SamplerConfig | Sampler | None = None, stop: Sequence[str] = (),
+            n_ctx: int | None = None, uid: Hashable | None = None) -> Delta:
+        """Prefills a new sequence (one `model.forward` of its prompt) and samples its first token.
+        Its KV cache holds min(n_ctx, the engine's context, prompt + max_tokens) positions; a
+        prompt that leaves no room raises EdgeseekError. `uid` names the sequence in its Deltas
+        (default: 0, 1, 2, ... in the order of adding). Returns the first token's Delta; the sequence
+        joins the next step unless that Delta already finished it."""
+        ids = list(prompt_ids)
+        limit = min(n_ctx or self.engine.n_ctx, self.engine.n_ctx)
+        check_prompt(ids, limit)
+        if uid is None:
+            uid = next(u for u in self._uids if u not in self.rows)
+        elif uid in self.rows:
+            raise ValueError(f"sequence {uid!r} is already in the batch")
+        context = self.engine.new_context(min(limit, len(ids) + max_tokens))
+        row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop), len(ids))
+        logits = self.engine.model.forward(np.asarray(ids, np.int32), context.cache)[-1]
+        context.tokens.extend(ids)
+        delta = self._advance(uid, row, logits)
+        if delta.finish_reason is None:
+            self.rows[uid] = row
+        return delta
+
+    def remove(self, uid: Hashable) -> None:
+        """Drops a sequence (and its KV cache) from the batch; one that already finished is gone."""
+        self.rows.pop(uid, None)
+
+    def step(self) -> list[Delta]:
+        """One decode step of every active sequence: a Delta each, in the order they were added.
+        Sequences whose Delta carries a finish_reason leave the batch."""
+        if not self.rows:
+            return []
+        uids, rows = list(self.rows), list(self.rows.values())
+        try:
+            logits = self.engine.model.forward_rows(np.array([r.last for r in rows], np.int32),
+                                                    [r.context.cache for r in rows])  # (B, V)
+            for r in rows:
+                r.context.tokens.append(r.last)
+        finally:  # an interrupted pass leaves every cache as its tokens say
+            for r in rows:
+                r.context.truncate(len(r.context.tokens))
+        deltas = [self._advance(uid, r, lg) for uid, r, lg in zip(uids, rows, logits)]
+        for d in deltas:
+            if d.finish_reason:
+                del self.rows[d.uid]
+        return deltas
+
+    @staticmethod
+    def _advance(uid: Hashable, row: _Row, logits: np.ndarray) -> Delta:
+        token = row.sampler(logits, row.context.tokens)
+        text = row.reply.add(token, _context_full(row.context))
+        row.last = token
+        return Delta(uid, text, None if token in row.reply.stop_ids else token, row.n_prompt, row.reply.n,
+                     row.reply.finish_reason)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgeseek.generation import _StopMatcher
+from edgeseek.generation import StopMatcher
 from edgeseek.sampler import Sampler, SamplerConfig
 
 
@@ -50,7 +50,7 @@ def test_updated_rejects_unknown_option():
 
 
 def test_stop_strings_are_held_back_and_never_shown():
-    m = _StopMatcher(["</s>", "STOP"])
+    m = StopMatcher(["</s>", "STOP"])
     out = []
     for chunk in ["Hello <", "/", "s", "> world"]:
         text, hit = m.feed(chunk)
@@ -58,6 +58,6 @@ def test_stop_strings_are_held_back_and_never_shown():
         if hit:
             break
     assert "".join(out) == "Hello " and hit
-    m = _StopMatcher(["STOP"])
+    m = StopMatcher(["STOP"])
     assert m.feed("ST")[0] == "" and m.feed("AY")[0] == "STAY"
     assert m.feed("x S")[0] == "x " and m.flush() == "S"
