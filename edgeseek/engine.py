@@ -61,20 +61,6 @@ class Context:
         self.cache = engine.model.new_cache(n_ctx)
         self.tokens: list[int] = []  # ids whose keys/values are in the cache, in order
 
-    def reuse_prefix(self, ids: list[int]) -> list[int]:
-        """Drop cached tokens after the longest common prefix with `ids`; return the ids still to run.
-
-        At least one id is always left to run, since its logits pick the next token.
-        """
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)
-        self.truncate(n)
-        return ids[n:]
-
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
         self.cache.truncate(n)
