@@ -26,25 +26,28 @@ from edgeseek.quantize.registry import FORMATS, get_format
 def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | None = None,
             extra: Callable[[], None] | None = None, workers: int | None = None) -> bool:
     """Compile (or load from numba's cache) the kernels of these quant types (those edgeseek has:
-    loading the model has named any other its layers use), and those `extra` runs (a model's own); True if any kernel had to be compiled. `n_many`: experts per decode
-    step, for the formats' matmul_many kernels."""
-    # block formats first (their kernels take longest), then the float ones
+    loading the model names any other its layers use) and those `extra` runs (the backend's own);
+    True if any kernel had to be compiled. `n_many`: experts per decode step, for the formats'
+    matmul_many kernels."""
     one_blas_thread()
-    formats = sorted({FORMATS[q] for q in qtypes if q in FORMATS}, key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16",
-                                                                     f.qtype.name))
+    # block formats first (their kernels take longest), then the float ones
+    formats = sorted({FORMATS[q] for q in qtypes if q in FORMATS},
+                     key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16", f.qtype.name))
     workers = (os.cpu_count() or 1) - 1 if workers is None else workers
     listener = _FirstCompile(lambda: _on_cold(formats, n_many, notify, workers, listener))
-    with event.install_listener("numba:run_pass", listener), np.errstate(all="ignore"):
-        if formats:
-            formats[0].warmup(n_many)
-        if extra is not None:
-            extra()
-        if listener.pool is not None:
+    try:
+        with event.install_listener("numba:run_pass", listener), np.errstate(all="ignore"):
+            if formats:
+                formats[0].warmup(n_many)
+            if extra is not None:
+                extra()
             for f in listener.futures:
                 f.result()  # a worker's error (out of memory, a compiler failure) surfaces here
-            listener.pool.shutdown()
-        for fmt in formats[1:]:
-            fmt.warmup(n_many)  # from the cache the workers filled, or compiled here
+            for fmt in formats[1:]:
+                fmt.warmup(n_many)  # from the cache the workers filled, or compiled here
+    finally:
+        if listener.pool is not None:  # Ctrl+C or an error: no worker outlives its task
+            listener.pool.shutdown(wait=False, cancel_futures=True)
     return listener.fired
 
 
