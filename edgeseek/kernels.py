@@ -6,14 +6,15 @@ milliseconds. So the first run after an install compiles every kernel of the fil
 seconds each, ~10 s for SmolLM2's Q4_1 + Q8_0 + F32 on 2 cores. `prepare` does it at load time
 and says so through `notify` the moment the first compilation starts. numba's compiler holds the
 GIL, so threads do not overlap it; processes do: once a compilation shows the cache is cold, the
-other formats compile in worker processes while this one compiles the first, and this process
-then loads their code from the cache.
+other formats compile in worker processes (`python -m edgeseek.kernels`, fresh interpreters that
+never import the caller's program, as multiprocessing's spawn would) while this one compiles the
+first, and this process then loads their code from the cache.
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+import subprocess
+import sys
 from typing import Callable, Iterable
 
 import numpy as np
@@ -41,13 +42,14 @@ def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | N
                 formats[0].warmup(n_many)
             if extra is not None:
                 extra()
-            for f in listener.futures:
-                f.result()  # a worker's error (out of memory, a compiler failure) surfaces here
+            for w in listener.workers:
+                w.wait()  # a worker that failed leaves its formats to be compiled here
             for fmt in formats[1:]:
                 fmt.warmup(n_many)  # from the cache the workers filled, or compiled here
     finally:
-        if listener.pool is not None:  # Ctrl+C or an error: no worker outlives its task
-            listener.pool.shutdown(wait=False, cancel_futures=True)
+        for w in listener.workers:  # Ctrl+C or an error: no worker outlives prepare
+            if w.poll() is None:
+                w.kill()
     return listener.fired
 
 
@@ -65,7 +67,7 @@ class _FirstCompile(event.Listener):
 
     def __init__(self, on_first: Callable[[], None]):
         self.on_first, self.fired = on_first, False
-        self.pool, self.futures = None, []
+        self.workers: list[subprocess.Popen] = []
 
     def on_start(self, ev):
         if not self.fired:
@@ -79,13 +81,28 @@ class _FirstCompile(event.Listener):
 def _on_cold(formats, n_many, notify, workers, listener: _FirstCompile) -> None:
     if notify is not None:
         notify(f"compiling kernels for {', '.join(f.qtype.name for f in formats)} (first run only)")
-    rest = formats[1:]
-    if rest and workers > 0:
-        # spawn, not fork: a forked child would inherit numba's half-finished compilation state
-        listener.pool = ProcessPoolExecutor(min(workers, len(rest)), mp_context=get_context("spawn"))
-        listener.futures = [listener.pool.submit(_warm, f.qtype.value, n_many) for f in rest]
+    rest = [f.qtype.name for f in formats[1:]]
+    n = min(workers, len(rest))
+    for share in (rest[i::n] for i in range(n)):
+        listener.workers.append(subprocess.Popen(
+            [sys.executable, "-m", "edgeseek.kernels", "--n-many", str(n_many), *share],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
 
-def _warm(qtype: int, n_many: int) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """A compile worker: warm the named formats' kernels into numba's cache."""
+    import argparse
+
+    from gguf import GGMLQuantizationType
+
+    p = argparse.ArgumentParser(prog="python -m edgeseek.kernels", description=main.__doc__)
+    p.add_argument("--n-many", type=int, default=0)
+    p.add_argument("qtypes", nargs="+")
+    a = p.parse_args(argv)
     with np.errstate(all="ignore"):
-        get_format(qtype).warmup(n_many)
+        for name in a.qtypes:
+            get_format(GGMLQuantizationType[name]).warmup(a.n_many)
+
+
+if __name__ == "__main__":
+    main()
