@@ -139,8 +139,11 @@ class _nullcontext:
 def _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed):
     from edgeseek.sampler import SamplerConfig
 
-    return SamplerConfig(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                         repeat_penalty=repeat_penalty, seed=seed)
+    try:
+        return SamplerConfig(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, seed=seed)
+    except ValueError as e:  # nan, inf, out of range
+        _fail(str(e))
 
 
 def _stats_line(r, engine) -> str:

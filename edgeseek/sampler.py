@@ -6,6 +6,7 @@ probabilities at temperature 1, as there. temperature <= 0 means greedy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -20,6 +21,18 @@ class SamplerConfig:
     repeat_penalty: float = 1.0  # > 1 discourages the last `repeat_last_n` tokens; 1: off
     repeat_last_n: int = 64
     seed: int | None = None  # None: a fresh random seed
+
+    def __post_init__(self):
+        # ValueError naming the option: from the command line, /set and the Python API alike
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
+        for name in ("top_p", "min_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be positive, got {self.repeat_penalty}")
 
     @classmethod
     def greedy(cls) -> "SamplerConfig":

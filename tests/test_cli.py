@@ -88,6 +88,13 @@ def test_user_mistakes_exit_nonzero_with_one_line(tmp_path):
     assert r.exit_code == 1 and "bad.gguf" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("option, value", [("--top-p", "nan"), ("--temp", "inf"), ("--min-p", "2")])
+def test_sampling_options_that_make_no_sense_are_one_line(smollm2_path, option, value):
+    r = runner.invoke(app, ["generate", str(smollm2_path), "-p", "hi", "-n", "2", option, value])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and option.lstrip("-").replace("-", "_").replace("temp", "temperature") in r.stderr
+
+
 def test_inspect_json(smollm2_path):
     r = runner.invoke(app, ["inspect", str(smollm2_path), "--json"])
     assert r.exit_code == 0, r.output

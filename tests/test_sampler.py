@@ -61,3 +61,10 @@ def test_stop_strings_are_held_back_and_never_shown():
     m = StopMatcher(["STOP"])
     assert m.feed("ST")[0] == "" and m.feed("AY")[0] == "STAY"
     assert m.feed("x S")[0] == "x " and m.flush() == "S"
+
+
+@pytest.mark.parametrize("option, value", [("temperature", float("nan")), ("top_p", float("inf")),
+                                           ("top_p", 1.5), ("min_p", -0.1), ("repeat_penalty", 0.0)])
+def test_options_that_make_no_sense_are_refused_by_name(option, value):
+    with pytest.raises(ValueError, match=option):
+        SamplerConfig(**{option: value})
