@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from . import activations, tiles
-from .fifth_bits import bit, chunk5, qh_word, row_dot5, tile_fifth_bits
+from .fifth_bits import bit, chunk5, pack5, qh_word, row_dot5
 from .registry import QuantFormat, TileKernels
 from .simd import add_f, load_f, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
@@ -103,15 +103,7 @@ def _quantize(x, d, m, qh, qs):
 
 
 def _pack(b):
-    # b (N, nb, 24) file blocks -> tiles.Packed
-    n, nb = b.shape[:2]
-    qs, qh = tiles.tiled(n, nb, 4), tiles.tiled(n, nb)  # (n_tiles, nb, 4, TILE), (n_tiles, nb, TILE)
-    tiles.tile_words(b, QS, qs)
-    tile_fifth_bits(b, QH, qh)
-    d, m = tiles.tiled(n, nb, dtype=np.float32), tiles.tiled(n, nb, dtype=np.float32)
-    tiles.tile_fp16(b, 0, d)
-    tiles.tile_fp16(b, 2, m)
-    return tiles.Packed(qs, qh, d, m, n)
+    return pack5(b, QH, QS, m=2)  # b (N, nb, 24) file blocks
 
 
 class Q5_1(QuantFormat):
