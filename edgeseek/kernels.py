@@ -85,7 +85,7 @@ def _on_cold(formats, n_many, notify, workers, listener: _FirstCompile) -> None:
     n = min(workers, len(rest))
     for share in (rest[i::n] for i in range(n)):
         listener.workers.append(subprocess.Popen(
-            [sys.executable, "-m", "edgeseek.kernels", "--n-many", str(n_many), *share],
+            [sys.executable, "-m", "edgeseek.kernels", "--n-many", str(n_many), "--parent", str(os.getpid()), *share],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
 
@@ -97,10 +97,13 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m edgeseek.kernels", description=main.__doc__)
     p.add_argument("--n-many", type=int, default=0)
+    p.add_argument("--parent", type=int, help="stop between formats once this process is gone")
     p.add_argument("qtypes", nargs="+")
     a = p.parse_args(argv)
     with np.errstate(all="ignore"):
         for name in a.qtypes:
+            if a.parent is not None and os.getppid() != a.parent:
+                return  # the loading process was killed: no one waits for the rest
             get_format(GGMLQuantizationType[name]).warmup(a.n_many)
 
 
