@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import kernels
-from .chat_template import ChatTemplate
-from .errors import EdgeseekError, GGUFError
 from .backends import CPUBackend
 from .budget import IO_THREADS, WORKSPACE, BudgetPlan, plan_for
+from .chat_template import ChatTemplate
+from .errors import EdgeseekError, GGUFError
 from .expert_store import CachedExpertStore, ExpertStore, MmapExpertStore
 from .gguf_file import GGUFFile
 from .models import load_model
@@ -88,6 +88,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     plan = None
     if ram_budget is not None and expert_store is None:
         plan = plan_for(gguf, ram_budget, n_ctx, io_threads)
+    # before the expert store, whose warm-up from the usage profile packs experts already
+    kernels.prepare({t.qtype for t in gguf.tensors.values()}, gguf.arch_meta("expert_used_count", 0),
+                    notify=on_compile, extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)
     model = load_model(gguf, backend, expert_store, n_ctx)
@@ -99,10 +102,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     n_ctx = min(n_ctx, model.config.context_length or n_ctx)
     if n_ctx < 1:
         raise EdgeseekError(f"{path}: context length must be positive, got {n_ctx}")
-    kernels.prepare({t.qtype for t in gguf.tensors.values()}, gguf.arch_meta("expert_used_count", 0),
-                    notify=on_compile, extra=backend.warmup)
     if plan is not None:
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
+    kernels.one_blas_thread()  # last: loading may have brought in another BLAS (numba loads scipy's)
     return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store)
 
 

@@ -30,7 +30,6 @@ def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | N
     loading the model names any other its layers use) and those `extra` runs (the backend's own);
     True if any kernel had to be compiled. `n_many`: experts per decode step, for the formats'
     matmul_many kernels."""
-    one_blas_thread()
     # block formats first (their kernels take longest), then the float ones
     formats = sorted({FORMATS[q] for q in qtypes if q in FORMATS},
                      key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16", f.qtype.name))
@@ -57,7 +56,8 @@ def one_blas_thread() -> None:
     """numba's threads run the kernels; a second pool of BLAS threads (numpy's attention products)
     on the same few cores spins against them: decode fell from 34 to 7 tokens/s once those products
     grew past OpenBLAS's threading threshold. Set at run time, as an environment variable would only
-    work before numpy has loaded its BLAS, and most programs import numpy first."""
+    work before numpy has loaded its BLAS, and most programs import numpy first. Every BLAS loaded
+    so far: call it once the libraries a run needs are in (numba brings scipy's own OpenBLAS)."""
     threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
