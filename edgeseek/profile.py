@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .hub import cache_dir
+
 
 def profile_path(gguf) -> Path:
     """Where the expert-usage profile of this model file is kept (the user's cache directory)."""
-    root = Path(os.environ.get("EDGESEEK_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "edgeseek"))
     size = gguf.path.stat().st_size
-    return root / "profiles" / f"{gguf.path.stem}-{size}.json"
+    return cache_dir() / "profiles" / f"{gguf.path.stem}-{size}.json"
 
 
 def load_profile(path: Path, n_layer: int, n_expert: int) -> np.ndarray | None:
