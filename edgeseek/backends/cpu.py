@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgeseek.errors import UnsupportedError
+from edgeseek.models.common import silu, softmax
 from edgeseek.quantize import QMatrix, get_format
 
 
@@ -46,10 +47,6 @@ def _heads_matvec(w, x, y):
         y[h, r] = s
 
 
-def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
 class CPUBackend:
     xp = np
 
@@ -86,7 +83,7 @@ class CPUBackend:
         g = fmt.matmul_many([m.packed for m in gates], x, [0] * len(gates))
         if g is None:
             return None
-        h = _silu(g) * fmt.matmul_many([m.packed for m in ups], x, [0] * len(ups))  # (n, F)
+        h = silu(g) * fmt.matmul_many([m.packed for m in ups], x, [0] * len(ups))  # (n, F)
         d = None
         if all(m.fmt is downs[0].fmt for m in downs):
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, range(len(downs)))
@@ -98,8 +95,7 @@ class CPUBackend:
         if T > 1:
             mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
             scores[..., mask] = -np.inf
-        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        return np.matmul(e / e.sum(axis=-1, keepdims=True), v[:, None])  # (G, H, T, dv)
+        return np.matmul(softmax(scores), v[:, None])  # (G, H, T, dv)
 
     def pack(self, matrices, gguf=None) -> int:
         total = 0
