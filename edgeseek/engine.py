@@ -8,12 +8,13 @@ from pathlib import Path
 
 from . import kernels
 from .backends import CPUBackend
-from .budget import IO_THREADS, WORKSPACE, BudgetPlan, plan_for
+from .budget import IO_THREADS, WORKSPACE, BudgetPlan, format_size, parse_size, plan_for
 from .chat_template import ChatTemplate
 from .errors import EdgeseekError, GGUFError
 from .expert_store import CachedExpertStore, ExpertStore, MmapExpertStore
 from .gguf_file import GGUFFile
 from .models import load_model
+from .placement import GPUPlan, plan_gpu
 from .profile import load_profile, profile_path, save_profile
 from .tokenizer import Tokenizer
 
@@ -29,6 +30,14 @@ class Engine:
     load_seconds: float
     budget_plan: BudgetPlan | None = None  # when loaded with a RAM budget
     experts: ExpertStore | None = None  # the routed experts' store of a MoE model
+    device: str = "cpu"  # "cpu" or "cuda"
+    device_name: str = "CPU"  # the GPU's name on cuda
+    gpu_plan: GPUPlan | None = None  # what went to VRAM, on cuda
+    backend: object = None
+
+    def vram_used(self) -> int:
+        """Bytes of GPU memory this process holds (0 on the CPU)."""
+        return self.backend.used() if self.device == "cuda" else 0
 
     def expert_stats(self) -> dict:
         """The expert store's counters (hit rate, bytes read, ...); empty for dense models and mmap."""
@@ -69,8 +78,30 @@ class Context:
         self.truncate(0)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+GPU_RESERVE = 1 << 30  # VRAM left free by default: other programs, the CUDA context's growth, fragmentation
+
+
+def resolve_device(device: str | None) -> str:
+    """"cpu" or "cuda" for a --device value: auto is the GPU when a usable NVIDIA GPU and the cuda
+    extra are there. Asking for cuda where it cannot run is one line saying why."""
+    device = (device or "auto").lower()
+    if device not in DEVICES:
+        raise EdgeseekError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    from .backends.cuda import probe
+    reason = probe()
+    if reason is None:
+        return "cuda"
+    if device == "cuda":
+        raise EdgeseekError(f"--device cuda: {reason}")
+    return "cpu"
+
+
 def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budget: int | str | None = None,
-         io_threads: int = IO_THREADS, use_profile: bool = True, on_compile=None) -> Engine:
+         io_threads: int = IO_THREADS, use_profile: bool = True, on_compile=None, device: str | None = "auto",
+         gpu_budget: int | str | None = None, backend=None) -> Engine:
     """Open a GGUF model file. Weights stay memory-mapped; nothing is read until it is used.
 
     With `ram_budget` (bytes, or a size such as "4G"), routed experts are read from the file on
@@ -81,18 +112,36 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
 
     The numba kernels of the file's formats are compiled here, or loaded from numba's cache;
     `on_compile(message)` is called when they must be compiled (the first run after an install).
+
+    `device` "cuda" puts the model on the GPU (edgeseek/backends/cuda.py): everything but the routed
+    experts, then as many experts as `gpu_budget` leaves (default: the free VRAM less a reserve),
+    hottest first; the rest run on the CPU from the store above. "auto" picks the GPU when one can be
+    used. `backend` replaces the device's backend (tests run the CUDA backend's logic on numpy).
     """
     t0 = time.perf_counter()
     gguf = GGUFFile(path)
-    backend = CPUBackend()
-    plan = None
+    device = backend.device if backend is not None else resolve_device(device)
+    plan = gpu_plan = None
     if ram_budget is not None and expert_store is None:
         plan = plan_for(gguf, ram_budget, n_ctx, io_threads)
+    if device == "cuda":
+        if backend is None:
+            from .backends.cuda import CUDABackend
+            backend = CUDABackend()
+        gpu_plan = _gpu_plan(gguf, backend, gpu_budget, n_ctx, use_profile)
+    backend = backend or CPUBackend()
+    cpu_types = {t.qtype for t in gguf.tensors.values()}
+    if gpu_plan is not None:  # the CPU computes only the routed experts left out of VRAM
+        cpu_types = {t.qtype for t in gguf.tensors.values() if "_exps." in t.name} \
+            if gpu_plan.experts_on_gpu < gpu_plan.experts_total else set()
     # before the expert store, whose warm-up from the usage profile packs experts already
-    kernels.prepare({t.qtype for t in gguf.tensors.values()}, gguf.arch_meta("expert_used_count", 0),
-                    notify=on_compile, extra=backend.warmup)
+    kernels.prepare(cpu_types, gguf.arch_meta("expert_used_count", 0), notify=on_compile,
+                    extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)
+        if gpu_plan is not None:
+            from .backends.cuda import TieredExperts
+            expert_store = TieredExperts(backend, gguf, expert_store, gpu_plan)
     model = load_model(gguf, backend, expert_store, n_ctx)
     tokenizer = Tokenizer.from_gguf(gguf)
     if tokenizer.vocab_size != model.config.vocab_size:  # ids of one would index past the other
@@ -105,7 +154,22 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     if plan is not None:
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
     kernels.one_blas_thread()  # last: loading may have brought in another BLAS (numba loads scipy's)
-    return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store)
+    return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store,
+                  device, backend.name() if device == "cuda" else "CPU", gpu_plan, backend)
+
+
+def _gpu_plan(gguf, backend, gpu_budget, n_ctx: int, use_profile: bool) -> GPUPlan:
+    """The VRAM plan: checked against the budget (and the GPU's free memory) before any weight is read."""
+    free, total = backend.memory()
+    budget = parse_size(gpu_budget) if gpu_budget is not None else max(0, free - GPU_RESERVE)
+    if budget > free:
+        raise EdgeseekError(f"--gpu-budget {format_size(budget)} is more than the {format_size(free)} free on "
+                            f"{backend.name()} ({format_size(total)} in all)")
+    m = gguf.arch_meta
+    profile = None
+    if use_profile and m("expert_count", 0):
+        profile = load_profile(profile_path(gguf), m("block_count"), m("expert_count"))
+    return plan_gpu(gguf, budget, n_ctx, profile)
 
 
 def _expert_store(gguf, plan: BudgetPlan | None, io_threads: int, use_profile: bool) -> ExpertStore:

@@ -47,6 +47,14 @@ class Backend(Protocol):
         projection of all the experts in one call; None where the weights' format has no such
         kernel (the caller then goes expert by expert)."""
 
+    def moe(self, x, logits, router, bias, store, layer: int):
+        """A MoE layer's routed experts for tokens x (T, D) with router logits (T, E): route
+        (models/moe.py's rule with its RouterConfig and selection bias), count the choices in the
+        store, and sum each token's weighted experts -> (T, D)."""
+
+    def host(self, x):
+        """An activation (logits) as a numpy array in host memory."""
+
     def causal_attention(self, q, k, v, start: int, scale: float):
         """q (G, H, T, d) against k (G, S, d), v (G, S, dv), the T queries at positions
         start..start+T-1 of the S keys -> (G, H, T, dv)."""

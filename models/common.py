@@ -77,14 +77,15 @@ class Rope:
     "neox" rotates (x[i], x[i + dim/2]) (qwen2). `mscale` multiplies cos and sin (YaRN).
     """
 
-    def __init__(self, dim: int, inv_freq: np.ndarray, kind: str = "norm", mscale: float = 1.0):
+    def __init__(self, dim: int, inv_freq: np.ndarray, kind: str = "norm", mscale: float = 1.0, xp=np):
         self.dim, self.inv_freq, self.kind, self.mscale = dim, inv_freq, kind, mscale
+        self.xp = xp  # the array module of the activations rotated
 
-    def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x (T, H, head_dim) float32, positions (T,) -> rotated copy."""
-        ang = positions[:, None].astype(np.float64) * self.inv_freq[None, :]  # (T, dim/2)
-        cos = (np.cos(ang) * self.mscale).astype(np.float32)[:, None, :]
-        sin = (np.sin(ang) * self.mscale).astype(np.float32)[:, None, :]
+    def __call__(self, x, positions: np.ndarray):
+        """x (T, H, head_dim) float32, positions (T,) host ints -> rotated copy."""
+        ang = positions[:, None].astype(np.float64) * self.inv_freq[None, :]  # (T, dim/2), in float64 on the host
+        cos = self.xp.asarray((np.cos(ang) * self.mscale).astype(np.float32)[:, None, :])
+        sin = self.xp.asarray((np.sin(ang) * self.mscale).astype(np.float32)[:, None, :])
         out = x.copy()
         d = self.dim
         if self.kind == "norm":
@@ -130,7 +131,8 @@ class DecoderModel:
         return self.backend.pack(mats, gguf)
 
     def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
-        """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last."""
+        """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last,
+        as a numpy array whatever device the activations live on."""
         eps = self.config.rms_eps
         T = len(tokens)
         start = cache.pos
@@ -145,7 +147,7 @@ class DecoderModel:
         cache.pos = start + T
         if not all_logits:
             x = x[-1:]
-        return self.output(rms_norm(x, self.output_norm, eps))
+        return self.backend.host(self.output(rms_norm(x, self.output_norm, eps)))
 
     def forward_rows(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """One decode step of several sequences at once: token t continues the sequence of
@@ -163,4 +165,4 @@ class DecoderModel:
             x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)
         for c in caches:
             c.pos += 1
-        return self.output(rms_norm(x, self.output_norm, eps))
+        return self.backend.host(self.output(rms_norm(x, self.output_norm, eps)))

@@ -20,7 +20,7 @@ import numpy as np
 from edgeseek.errors import GGUFError, UnsupportedError
 
 from .common import DecoderModel, Rope, ffn, require, rms_norm, rope_freqs, softmax, vector, yarn_freqs
-from .moe import SIGMOID, SOFTMAX, RouterConfig, moe, route
+from .moe import SIGMOID, SOFTMAX, RouterConfig, route
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,9 @@ class LatentCache:
     float16, as llama.cpp's default cache type: (512 + 64) * 2 bytes per token per layer.
     """
 
-    def __init__(self, cfg: DeepSeek2Config, n_ctx: int):
-        self.c = np.zeros((cfg.n_layer, n_ctx, cfg.kv_lora_rank), np.float16)  # (L, S, C)
-        self.k_pe = np.zeros((cfg.n_layer, n_ctx, cfg.qk_rope), np.float16)  # (L, S, R)
+    def __init__(self, cfg: DeepSeek2Config, n_ctx: int, xp=np):
+        self.c = xp.zeros((cfg.n_layer, n_ctx, cfg.kv_lora_rank), np.float16)  # (L, S, C), in the backend's memory
+        self.k_pe = xp.zeros((cfg.n_layer, n_ctx, cfg.qk_rope), np.float16)  # (L, S, R)
         self.n_ctx = n_ctx
         self.pos = 0
 
@@ -162,8 +162,8 @@ class Layer:
             self.attn_v_b = b.dense(g, p + "attn_v_b.weight", (H, V, C))  # (H, V, C)
         else:
             kv_b = b.dense(g, p + "attn_kv_b.weight", (H * (N + V), C)).reshape(H, N + V, C)
-            self.attn_k_b = np.ascontiguousarray(kv_b[:, :N, :].transpose(0, 2, 1))  # (H, C, N)
-            self.attn_v_b = np.ascontiguousarray(kv_b[:, N:, :])  # (H, V, C)
+            self.attn_k_b = b.xp.ascontiguousarray(kv_b[:, :N, :].transpose(0, 2, 1))  # (H, C, N)
+            self.attn_v_b = b.xp.ascontiguousarray(kv_b[:, N:, :])  # (H, V, C)
         self.attn_output = b.matrix(g, p + "attn_output.weight", (D, H * V))
         self.ffn_norm = vector(b, g, p + "ffn_norm.weight", D)
         self.dense = i < c.n_dense_lead
@@ -202,7 +202,7 @@ class DeepSeek2Model(DecoderModel):
             inv = rope_freqs(c.qk_rope, c.rope_base)
         # llama.cpp cancels YaRN's own cos/sin magnitude scaling for deepseek2 and moves it into
         # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
-        self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor)
+        self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor, xp=b.xp)
 
     def begin_step(self) -> None:
         if self.experts is not None:
@@ -212,7 +212,7 @@ class DeepSeek2Model(DecoderModel):
         return super().pack(gguf) + (self.experts.pack(gguf) if self.experts is not None else 0)
 
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
-        return LatentCache(self.config, n_ctx or self.n_ctx)
+        return LatentCache(self.config, n_ctx or self.n_ctx, self.backend.xp)
 
     def _project(self, L: Layer, h: np.ndarray, pos: np.ndarray):
         """Rows of h at positions pos -> absorbed queries q_lat (T, H, C), q_pe (T, H, R), and the
@@ -238,8 +238,8 @@ class DeepSeek2Model(DecoderModel):
         k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
         scores = (q_lat @ lat.T + q_pe @ k_pe.T) * self.config.kq_scale  # (T, H, S)
         if len(pos) > 1:
-            future = np.arange(s1)[None, :] > pos[:, None]  # (T, S)
-            scores = np.where(future[:, None, :], -np.inf, scores)
+            future = self.backend.xp.asarray(np.arange(s1)[None, :] > pos[:, None])  # (T, S)
+            scores = self.backend.xp.where(future[:, None, :], -np.inf, scores)
         return softmax(scores) @ lat  # (T, H, C)
 
     def _output(self, L: Layer, o_lat: np.ndarray) -> np.ndarray:
@@ -252,7 +252,7 @@ class DeepSeek2Model(DecoderModel):
     def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
         """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
         q_lat, q_pe, lat, k_pe = self._project(L, h, pos)
-        o_lat = np.concatenate([self._attend(q_lat[t:t + 1], q_pe[t:t + 1], lat[t:t + 1], k_pe[t:t + 1], caches[t],
+        o_lat = self.backend.xp.concatenate([self._attend(q_lat[t:t + 1], q_pe[t:t + 1], lat[t:t + 1], k_pe[t:t + 1], caches[t],
                                              i, pos[t:t + 1]) for t in range(len(pos))])
         return self._output(L, o_lat)
 
@@ -264,8 +264,7 @@ class DeepSeek2Model(DecoderModel):
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         if L.dense:
             return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
-        ids, weights = route(h @ L.ffn_gate_inp.T, self.config.router, L.exp_probs_b)  # (T, k)
-        out = moe(h, ids, weights, self.experts, i, self.backend)
+        out = self.backend.moe(h, h @ L.ffn_gate_inp.T, self.config.router, L.exp_probs_b, self.experts, i)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
         if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)

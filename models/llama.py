@@ -61,10 +61,10 @@ class KVCache:
     Stored as float16, as llama.cpp's default cache type: half the memory, and the same rounding.
     """
 
-    def __init__(self, cfg: LlamaConfig, n_ctx: int):
+    def __init__(self, cfg: LlamaConfig, n_ctx: int, xp=np):
         shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        self.k = np.zeros(shape, np.float16)
-        self.v = np.zeros(shape, np.float16)
+        self.k = xp.zeros(shape, np.float16)  # in the backend's memory (xp)
+        self.v = xp.zeros(shape, np.float16)
         self.n_ctx = n_ctx
         self.pos = 0
 
@@ -103,10 +103,10 @@ class LlamaModel(DecoderModel):
         # llama3's rope scaling: one factor per rotated pair of values
         factors = vector(b, g, "rope_freqs.weight", c.rope_dim // 2) if g.has("rope_freqs.weight") else None
         inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
-        self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm")
+        self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm", xp=b.xp)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
-        return KVCache(self.config, n_ctx or self.n_ctx)
+        return KVCache(self.config, n_ctx or self.n_ctx, self.backend.xp)
 
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
@@ -139,6 +139,6 @@ class LlamaModel(DecoderModel):
     def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
         """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
         q, k, v = self._project(L, h, pos)
-        o = np.concatenate([self._attend(q[t:t + 1], k[t:t + 1], v[t:t + 1], caches[t], i, pos[t:t + 1])
+        o = self.backend.xp.concatenate([self._attend(q[t:t + 1], k[t:t + 1], v[t:t + 1], caches[t], i, pos[t:t + 1])
                             for t in range(len(pos))])
         return L.attn_output(o)

@@ -8,6 +8,7 @@ from numba import njit, prange
 
 from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import silu, softmax
+from edgeseek.models.moe import moe, route
 from edgeseek.quantize import QMatrix, get_format
 
 
@@ -49,6 +50,7 @@ def _heads_matvec(w, x, y):
 
 class CPUBackend:
     xp = np
+    device = "cpu"
 
     def matrix(self, gguf, name: str, shape: tuple[int, int]) -> QMatrix:
         t = gguf.tensor(name, shape)
@@ -88,6 +90,13 @@ class CPUBackend:
         if all(m.fmt is downs[0].fmt for m in downs):
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, range(len(downs)))
         return d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
+
+    def moe(self, x, logits, router, bias, store, layer: int) -> np.ndarray:
+        ids, weights = route(logits, router, bias)  # (T, k)
+        return moe(x, ids, weights, store, layer, self)
+
+    def host(self, x: np.ndarray) -> np.ndarray:
+        return x
 
     def causal_attention(self, q, k, v, start: int, scale: float) -> np.ndarray:
         T, S = q.shape[2], k.shape[1]

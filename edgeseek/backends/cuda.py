@@ -1,0 +1,388 @@
+"""The CUDA backend: weights in VRAM in their file quantization, the GGUF blocks as they are, read
+by our own kernels (cuda_kernels.cu, compiled by NVRTC through CuPy); activations and caches are CuPy
+arrays. Decode products run on the blocks (one warp per output row, all of a layer's selected experts
+in one launch through a device array of ids, as llama.cpp's MMVQ does); prompts dequantize tiles to
+float16 and multiply with cuBLAS. Routed experts that the VRAM budget leaves out stay with the CPU's
+expert store and run there on the CPU kernels: the token's activation crosses PCIe, not the weights,
+while the GPU computes the layer's other experts (ktransformers' and Fiddler's split).
+
+Importing this module imports CuPy: edgeseek imports it only when a model is loaded on the GPU.
+`probe()` (no CuPy import when the extra is absent) says whether that can work here.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from edgeseek.errors import EdgeseekError, UnsupportedError
+from edgeseek.models.moe import route
+from edgeseek.placement import PREFILL_TILE
+
+SUFFIX = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q5_0: "q5_0",
+          Q.Q5_1: "q5_1", Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
+MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through dequantized tiles + cuBLAS
+WARPS = 4  # output rows per block of the decode products (128 threads)
+
+
+class DeviceError(EdgeseekError):
+    pass
+
+
+def probe() -> str | None:
+    """None when the CUDA backend can run here, else why not (one line, the fix where there is one)."""
+    if importlib.util.find_spec("cupy") is None:
+        return "the cuda extra is not installed (pip install 'edgeseek[cuda]'; 'edgeseek[cuda12]' for CUDA 12 drivers)"
+    try:
+        import cupy
+    except Exception as e:  # a broken install: say what CuPy said
+        return f"CuPy does not import: {str(e).splitlines()[0]}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        if "InsufficientDriver" in str(e):
+            need = cupy.cuda.runtime.runtimeGetVersion()
+            return (f"the NVIDIA driver is too old for this CuPy (built for CUDA {need // 1000}.{need % 1000 // 10}); "
+                    f"update the driver or install the CuPy of the driver's CUDA version")
+        if "NoDevice" in str(e) or "not found" in str(e).lower():
+            return "no NVIDIA GPU found"
+        return f"CUDA is not usable: {e}"
+    return None if n > 0 else "no NVIDIA GPU found"
+
+
+def _launch_grid(n: int, per: int) -> int:
+    return (n + per - 1) // per
+
+
+class Kernels:
+    """cuda_kernels.cu compiled once (CuPy keeps the binary in its disk cache) and typed launchers.
+    The emulation in tests/ implements the same methods with numpy."""
+
+    def __init__(self):
+        import cupy
+        self.cp = cupy
+        src = Path(__file__).with_name("cuda_kernels.cu").read_text()
+        self.module = cupy.RawModule(code=src, options=("-std=c++17",))
+        self._fns: dict[str, object] = {}
+
+    def _fn(self, name: str):
+        f = self._fns.get(name)
+        if f is None:
+            f = self._fns[name] = self.module.get_function(name)
+        return f
+
+    def mmv(self, qtype, w, row_bytes: int, x, y, n: int, k: int, t: int) -> None:
+        self._fn(f"mmv_{SUFFIX[qtype]}")((_launch_grid(n, WARPS),), (32 * WARPS,),
+                                          (w, np.int64(row_bytes), x, y, np.int32(n), np.int32(k), np.int32(t)))
+
+    def mmv_ids(self, qtype, w, row_bytes: int, expert_bytes: int, ids, x, x_div: int, y, n: int, k: int,
+                p: int) -> None:
+        self._fn(f"mmv_ids_{SUFFIX[qtype]}")(
+            (_launch_grid(n, WARPS), p), (32 * WARPS,),
+            (w, np.int64(row_bytes), np.int64(expert_bytes), ids, x, np.int32(x_div), y, np.int32(n), np.int32(k),
+             np.int32(p)))
+
+    def dequant(self, qtype, w, row_bytes: int, rows, n_rows: int, k: int, out) -> None:
+        """out (n_rows, k) float32 or float16 <- rows `rows` (int32 on the device, or None: 0..n_rows-1)."""
+        kind = "f16" if out.dtype == np.float16 else "f32"
+        units = k // 32
+        self._fn(f"dequant_{SUFFIX[qtype]}_{kind}")(
+            (_launch_grid(units, 256), n_rows), (256,),
+            (w, np.int64(row_bytes), rows if rows is not None else np.uint64(0), np.int32(n_rows), np.int32(k), out))
+
+    def gemm_f16(self, x16, w16, y) -> None:
+        """y (T, N) float32 = x16 (T, K) @ w16 (N, K).T, float16 operands, float32 accumulation and
+        output (cuBLAS GemmEx)."""
+        from cupy.cuda import cublas
+        t, k = x16.shape
+        n = w16.shape[0]
+        handle = self.cp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, self.cp.cuda.get_current_stream().ptr)
+        one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, t, k,
+                      one.ctypes.data, w16.data.ptr, 2, k,  # CUDA_R_16F
+                      x16.data.ptr, 2, k,
+                      zero.ctypes.data, y.data.ptr, 0, n,  # CUDA_R_32F
+                      68, -1)  # CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT
+
+    def silu_mul(self, g, u):
+        h = self.cp.empty_like(g)
+        n = g.size
+        self._fn("silu_mul_f32")((_launch_grid(n, 256),), (256,), (g, u, h, np.int64(n)))
+        return h
+
+
+class DeviceMatrix:
+    """A (N, K) weight in VRAM as the file's blocks: (N, row_bytes) uint8."""
+
+    def __init__(self, backend, qtype, raw, shape: tuple[int, int], name: str):
+        self.b, self.qtype, self.raw, self.shape, self.name = backend, qtype, raw, shape, name
+        self.row_bytes = raw.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def __call__(self, x):
+        xp, k = self.b.xp, self.b.kernels
+        n, kk = self.shape
+        one = x.ndim == 1
+        x = xp.ascontiguousarray(x.reshape(-1, kk), dtype=np.float32)
+        t = len(x)
+        if self.qtype == Q.F32 and t > MMV_MAX_TOKENS:
+            y = x @ self.raw.view(np.float32).T
+        elif t <= MMV_MAX_TOKENS:
+            y = xp.empty((t, n), np.float32)
+            k.mmv(self.qtype, self.raw, self.row_bytes, x, y, n, kk, t)
+        else:  # a prompt: float16 tiles of the weight through cuBLAS, PREFILL_TILE values at a time
+            y = xp.empty((t, n), np.float32)
+            x16 = x.astype(np.float16)
+            step = max(1, PREFILL_TILE // kk)
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                w16 = xp.empty((r1 - r0, kk), np.float16)
+                k.dequant(self.qtype, self.raw[r0:r1], self.row_bytes, None, r1 - r0, kk, w16)
+                part = xp.empty((t, r1 - r0), np.float32)
+                k.gemm_f16(x16, w16, part)
+                y[:, r0:r1] = part
+        return y[0] if one else y
+
+
+class DeviceEmbedding:
+    def __init__(self, backend, qtype, raw, shape: tuple[int, int]):
+        self.b, self.qtype, self.raw, self.shape = backend, qtype, raw, shape
+
+    def __call__(self, ids: np.ndarray):
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise ValueError(f"token id out of range [0, {self.shape[0]})")
+        xp = self.b.xp
+        out = xp.empty((len(ids), self.shape[1]), np.float32)
+        if len(ids):
+            self.b.kernels.dequant(self.qtype, self.raw, self.raw.shape[-1], xp.asarray(ids, np.int32), len(ids),
+                                   self.shape[1], out)
+        return out
+
+
+def _format_check(gguf, t):
+    if t.qtype not in SUFFIX:
+        raise UnsupportedError(f"{gguf.path}: tensor {t.name!r}: type {t.qtype.name} has no GPU kernel "
+                               f"(supported: {', '.join(s.upper() for s in SUFFIX.values())})")
+
+
+class CUDABackend:
+    """Everything the model asks of the hardware, on one NVIDIA GPU."""
+
+    device = "cuda"
+
+    def __init__(self, kernels=None, xp=None):
+        if xp is None:
+            import cupy as xp
+        self.xp = xp
+        self.kernels = kernels if kernels is not None else Kernels()
+        self.uploaded = 0  # bytes of weights put in VRAM
+
+    # --- weights ---------------------------------------------------------------------------
+    def upload(self, a: np.ndarray):
+        d = self.xp.asarray(np.ascontiguousarray(a))
+        self.uploaded += int(d.nbytes)
+        return d
+
+    def matrix(self, gguf, name: str, shape: tuple[int, int]) -> DeviceMatrix:
+        t = gguf.tensor(name, shape)
+        _format_check(gguf, t)
+        m = DeviceMatrix(self, t.qtype, self.upload(t.raw), t.shape, name)
+        gguf.release_pages(t)
+        return m
+
+    def dense(self, gguf, name: str, shape: tuple[int, ...] | None = None):
+        from .cpu import tensor_format
+        t = gguf.tensor(name, shape)
+        fmt = tensor_format(gguf, t)
+        host = fmt.dequantize(np.ascontiguousarray(t.raw).reshape(-1, fmt.type_size)).reshape(t.shape)
+        return self.upload(host.astype(np.float32))
+
+    def embedding(self, gguf, name: str, shape: tuple[int, int]) -> DeviceEmbedding:
+        t = gguf.tensor(name, shape)
+        _format_check(gguf, t)
+        return DeviceEmbedding(self, t.qtype, self.upload(t.raw), t.shape)
+
+    # --- products --------------------------------------------------------------------------
+    def per_head(self, w, x):
+        xp = self.xp
+        return xp.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)  # (T, H, R)
+
+    def experts_one_token(self, x, triples):
+        return None
+
+    def moe(self, x, logits, router, bias, store, layer: int):
+        """Route on the host (a few dozen values), then the layer's experts in VRAM as one launch
+        per projection for a decode step, or expert by expert on tiles for a prompt; the experts
+        left on the CPU run there meanwhile, on the host copy of x."""
+        xp, k = self.xp, self.kernels
+        host_x = self.host(x)
+        ids, weights = route(self.host(logits), router, None if bias is None else self.host(bias))  # (T, k)
+        store.count(layer, ids)
+        T, n_used = ids.shape
+        slot = store.slots(layer)[ids]  # (T, k): the expert's index in VRAM, -1 on the CPU
+        on_gpu = slot >= 0
+        out = xp.zeros_like(x)
+        if on_gpu.any():
+            gate, up, down = store.device(layer)
+            tok, which = np.nonzero(on_gpu)  # pairs in token order
+            if T <= MMV_MAX_TOKENS:
+                p = len(tok)
+                s = xp.asarray(slot[tok, which].astype(np.int32))
+                xg = xp.ascontiguousarray(x[xp.asarray(tok)])  # (p, D): each pair's token
+                g, u = gate.ids(s, xg), up.ids(s, xg)
+                y = down.ids(s, k.silu_mul(g, u))  # (p, D)
+                mix = np.zeros((T, p), np.float32)
+                mix[tok, np.arange(p)] = weights[tok, which]
+                out += xp.asarray(mix) @ y
+            else:
+                for e in np.unique(slot[on_gpu]):
+                    t_e, c_e = np.nonzero(slot == e)
+                    xe = x[xp.asarray(t_e)]
+                    h = k.silu_mul(gate.one(e)(xe), up.one(e)(xe))
+                    out[xp.asarray(t_e)] += down.one(e)(h) * xp.asarray(weights[t_e, c_e])[:, None]
+        if not on_gpu.all():
+            out += xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu, layer))
+        return out
+
+    def host(self, x) -> np.ndarray:
+        return x if isinstance(x, np.ndarray) else x.get()
+
+    def causal_attention(self, q, k, v, start: int, scale: float):
+        from edgeseek.models.common import softmax
+        xp = self.xp
+        T, S = q.shape[2], k.shape[1]
+        scores = xp.matmul(q, k[:, None].transpose(0, 1, 3, 2)) * scale  # (G, H, T, S)
+        if T > 1:
+            mask = xp.asarray(np.arange(S)[None, :] > (start + np.arange(T))[:, None])  # (T, S)
+            scores = xp.where(mask, -np.inf, scores)
+        return xp.matmul(softmax(scores), v[:, None])  # (G, H, T, dv)
+
+    def pack(self, matrices, gguf=None) -> int:
+        return sum(m.nbytes for m in matrices)  # in VRAM since load
+
+    def warmup(self) -> None:
+        pass  # the module compiles when Kernels is made
+
+    # --- the device ------------------------------------------------------------------------
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes of the GPU's memory."""
+        import cupy
+        return tuple(int(v) for v in cupy.cuda.runtime.memGetInfo())
+
+    def name(self) -> str:
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def used(self) -> int:
+        """Bytes this process holds in VRAM: weights, caches, workspace (CuPy's pool)."""
+        import cupy
+        return int(cupy.get_default_memory_pool().total_bytes())
+
+
+class DeviceExperts:
+    """One routed-expert projection (gate, up or down) of one layer for the experts in VRAM:
+    (E_gpu, N, row_bytes) blocks."""
+
+    def __init__(self, backend, qtype, raw, shape: tuple[int, int], name: str):
+        self.b, self.qtype, self.raw, self.shape, self.name = backend, qtype, raw, shape, name
+
+    def ids(self, slots, x):
+        """Row p of x through expert slots[p] -> (P, N), one launch."""
+        n, kk = self.shape
+        p = len(slots)
+        y = self.b.xp.empty((p, n), np.float32)
+        self.b.kernels.mmv_ids(self.qtype, self.raw, self.raw.shape[-1], self.raw.shape[1] * self.raw.shape[2],
+                               slots, x, 1, y, n, kk, p)
+        return y
+
+    def one(self, slot: int) -> DeviceMatrix:
+        return DeviceMatrix(self.b, self.qtype, self.raw[int(slot)], self.shape, f"{self.name}[{slot}]")
+
+
+class TieredExperts:
+    """The routed experts in three tiers: those the GPU plan chose in VRAM, every other one with
+    the CPU's store (RAM, or read from the file under --ram-budget). Counting, the usage profile
+    and the CPU tier's statistics are the CPU store's; the split of each step's pairs is added."""
+
+    def __init__(self, backend, gguf, cpu_store, plan):
+        self.cpu_store = cpu_store
+        self.n_expert = cpu_store.n_expert
+        self._slots: dict[int, np.ndarray] = {}
+        self._device: dict[int, tuple[DeviceExperts, DeviceExperts, DeviceExperts]] = {}
+        self.vram_bytes = 0
+        self.pairs_gpu = self.pairs_cpu = 0  # router choices served by each tier, since the last stats
+        for layer, tensors in cpu_store.tensors.items():
+            chosen = plan.on_gpu.get(layer, np.zeros(0, np.int64))
+            slots = np.full(self.n_expert, -1, np.int64)
+            slots[chosen] = np.arange(len(chosen))
+            self._slots[layer] = slots
+            if len(chosen):
+                triple = []
+                for t in tensors:
+                    _format_check(gguf, t)
+                    raw = t.raw if len(chosen) == self.n_expert else t.raw[chosen]
+                    d = backend.upload(raw)
+                    self.vram_bytes += int(d.nbytes)
+                    triple.append(DeviceExperts(backend, t.qtype, d, t.shape[1:], t.name))
+                    gguf.release_pages(t)
+                self._device[layer] = tuple(triple)
+
+    @property
+    def counts(self):
+        return self.cpu_store.counts
+
+    def slots(self, layer: int) -> np.ndarray:
+        return self._slots[layer]
+
+    def device(self, layer: int):
+        return self._device[layer]
+
+    def begin_step(self) -> None:
+        self.cpu_store.begin_step()
+
+    def count(self, layer: int, ids) -> None:
+        self.cpu_store.count(layer, ids)
+        n_gpu = int((self._slots[layer][np.asarray(ids)] >= 0).sum())
+        self.pairs_gpu += n_gpu
+        self.pairs_cpu += np.asarray(ids).size - n_gpu
+
+    def take_counts(self) -> np.ndarray:
+        return self.cpu_store.take_counts()
+
+    def cpu_part(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, mask: np.ndarray, layer: int) -> np.ndarray:
+        """sum over the masked (token, slot) pairs of weight * expert(x[token]), on the CPU -> (T, D)."""
+        from edgeseek.models.common import ffn
+        out = np.zeros_like(x)
+        tok, which = np.nonzero(mask)
+        experts = np.unique(ids[tok, which])
+        for group in self.cpu_store.fetch_groups(layer, experts):
+            for j, (gate, up, down) in group:
+                sel = ids[tok, which] == experts[j]
+                t_e, c_e = tok[sel], which[sel]
+                out[t_e] += ffn(x[t_e], gate, up, down) * weights[t_e, c_e][:, None]
+        return out
+
+    def pack(self, gguf=None) -> int:
+        return self.vram_bytes
+
+    def prefetch(self, layer: int, ids) -> None:
+        pass
+
+    def stats(self) -> dict:
+        s = dict(self.cpu_store.stats())
+        s.update(vram_expert_bytes=self.vram_bytes, expert_pairs_gpu=self.pairs_gpu, expert_pairs_cpu=self.pairs_cpu)
+        self.pairs_gpu = self.pairs_cpu = 0
+        return s
+
+    def close(self) -> None:
+        self.cpu_store.close()
+

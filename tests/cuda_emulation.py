@@ -1,0 +1,53 @@
+"""The CUDA backend's kernels written with numpy, from gguf-py's dequantization: the backend's own
+logic (placement, the expert tiers, the decode and prompt paths, the engine's plumbing) runs and is
+tested on a machine without a GPU; the kernels themselves are tested against gguf-py on a GPU
+(test_cuda_kernels.py, marked cuda)."""
+from __future__ import annotations
+
+import numpy as np
+from gguf import quants
+
+from edgeseek.backends.cuda import CUDABackend
+
+
+def _rows(qtype, w: np.ndarray, k: int) -> np.ndarray:
+    """(N, row_bytes) blocks, or (E, N, row_bytes) -> float32 values (..., k)."""
+    return quants.dequantize(np.ascontiguousarray(w), qtype).astype(np.float32).reshape(*w.shape[:-1], k)
+
+
+class NumpyKernels:
+    def mmv(self, qtype, w, row_bytes, x, y, n, k, t):
+        assert x.dtype == np.float32 and x.flags.c_contiguous and t <= 8
+        y[:t] = x[:t] @ _rows(qtype, w, k).T
+
+    def mmv_ids(self, qtype, w, row_bytes, expert_bytes, ids, x, x_div, y, n, k, p):
+        assert ids.dtype == np.int32 and expert_bytes == w.shape[1] * w.shape[2]
+        for j in range(p):
+            y[j] = _rows(qtype, w[ids[j]], k) @ x[j // x_div]
+
+    def dequant(self, qtype, w, row_bytes, rows, n_rows, k, out):
+        src = w if rows is None else w[rows]
+        out[:] = _rows(qtype, src[:n_rows], k).astype(out.dtype)
+
+    def gemm_f16(self, x16, w16, y):
+        y[:] = x16.astype(np.float32) @ w16.astype(np.float32).T
+
+    def silu_mul(self, g, u):
+        return g / (1.0 + np.exp(-g)) * u
+
+
+class EmulatedCUDABackend(CUDABackend):
+    """CUDABackend on numpy arrays and NumpyKernels, with a pretend GPU of `total` bytes."""
+
+    def __init__(self, total: int = 80 << 30):
+        super().__init__(kernels=NumpyKernels(), xp=np)
+        self.total = total
+
+    def memory(self):
+        return self.total - self.uploaded, self.total
+
+    def name(self):
+        return "emulated GPU"
+
+    def used(self):
+        return self.uploaded
