@@ -28,6 +28,14 @@ class _Group(TyperGroup):
         except EdgeseekError as e:
             err.print(f"error: {e}", markup=False)
             ctx.exit(1)
+        except MemoryError as e:
+            err.print(f"error: {_out_of_memory(None, e)}", markup=False)
+            ctx.exit(1)
+
+
+def _out_of_memory(engine, e: MemoryError) -> str:
+    where = "the GPU" if type(e).__module__.startswith("cupy") else "memory"
+    return f"out of {where}: {str(e).splitlines()[0] if str(e) else 'allocation failed'}"
 
 
 app = typer.Typer(
@@ -49,7 +57,8 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None):
+def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, device: str = "auto",
+          gpu_budget: Optional[str] = None):
     from edgeseek.engine import load
 
     path = _resolve(model)
@@ -62,7 +71,8 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None):
             err.print(f"{message}…", markup=False)
 
     with status or _nullcontext():
-        engine = load(path, n_ctx=n_ctx, ram_budget=ram_budget, on_compile=compiling)
+        engine = load(path, n_ctx=n_ctx, ram_budget=ram_budget, on_compile=compiling, device=device,
+                      gpu_budget=gpu_budget)
     import atexit
     atexit.register(engine.close)  # saves the expert-usage profile
     return engine
@@ -152,6 +162,14 @@ def _stats_line(r, engine) -> str:
     line = (f"[ prompt: {r.prompt_tokens} tok, {r.prompt_tps:.1f} t/s | generation: {r.generation_tokens} tok, "
             f"{r.generation_tps:.1f} t/s | first token {r.ttft:.2f} s")
     s = engine.expert_stats()
+    if engine.device == "cuda":
+        line += f" | {engine.device_name}, VRAM {engine.vram_used() / 2**30:.2f} GiB"
+        n_gpu, n_cpu = s.get("expert_pairs_gpu", 0), s.get("expert_pairs_cpu", 0)
+        if n_gpu + n_cpu:
+            line += f" | experts: {100 * n_gpu / (n_gpu + n_cpu):.0f}% on the GPU, {100 * n_cpu / (n_gpu + n_cpu):.0f}% on the CPU"
+        if n_cpu and "expert_hit_rate" in s:
+            line += f" (CPU cache {100 * s['expert_hit_rate']:.0f}% hits)"
+        return line + " ]"
     if s and "expert_hit_rate" not in s:  # the whole file mapped: no cache to speak of
         line += f" | RSS {s['resident_bytes'] / 2**30:.2f} GiB"
     elif s:
@@ -171,6 +189,11 @@ CTX = typer.Option(4096, "--ctx", envvar="EDGESEEK_CTX", help="Context length in
 BUDGET = typer.Option(None, "--ram-budget", envvar="EDGESEEK_RAM_BUDGET",
                       help="Stay within this much RAM (e.g. 4G): routed experts are read from the file "
                       "on demand into a cache that fits. Default: map the whole file.")
+DEVICE = typer.Option("auto", "--device", envvar="EDGESEEK_DEVICE",
+                      help="cpu, cuda, or auto: the NVIDIA GPU when one and the cuda extra are there.")
+GPU_BUDGET = typer.Option(None, "--gpu-budget", envvar="EDGESEEK_GPU_BUDGET",
+                          help="VRAM for weights and caches (e.g. 4G); routed experts beyond it run on the CPU. "
+                          "Default: the free VRAM less 1 GiB.")
 
 
 @app.command()
@@ -183,7 +206,7 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print the reply and its stats as one JSON object."),
-    ram_budget: Optional[str] = BUDGET,
+    ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
 ):
     """Reply to one prompt on stdout, nothing else: pipe-friendly.
 
@@ -191,6 +214,7 @@ def generate(
       edgeseek generate -p "Why is the sky blue?"
       echo "Write a haiku" | edgeseek generate model.gguf --temp 0 --json
       edgeseek generate DeepSeek-V2-Lite-Q4_K_M.gguf --ram-budget 4G -p "Hello"
+      edgeseek generate DeepSeek-V2-Lite-Q4_K_M.gguf --device cuda --gpu-budget 4G -p "Hello"
     """
     from edgeseek.chat import single_turn_ids
     from edgeseek.generation import stream_generate
@@ -199,7 +223,7 @@ def generate(
         if sys.stdin.isatty():
             _fail("no prompt: pass -p TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
-    engine = _load(model, ctx, ram_budget)
+    engine = _load(model, ctx, ram_budget, device, gpu_budget)
     ids = single_turn_ids(engine, prompt, system=system, raw=raw)
     sampler = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
     text, last = [], None
@@ -219,7 +243,8 @@ def generate(
             "model": str(engine.path), "text": "".join(text), "finish_reason": last.finish_reason,
             "prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
             "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
-            "ttft_s": round(last.ttft, 4), "load_s": round(engine.load_seconds, 3),
+            "ttft_s": round(last.ttft, 4), "load_s": round(engine.load_seconds, 3), "device": engine.device,
+            **({"gpu": engine.device_name, "vram_bytes": engine.vram_used()} if engine.device == "cuda" else {}),
             **({"experts": engine.expert_stats()} if engine.expert_stats() else {}),
         }, ensure_ascii=False))
     else:
@@ -237,7 +262,7 @@ def batch(
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Default when a request sets none."),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
-    ram_budget: Optional[str] = BUDGET,
+    ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
 ):
     """Generate replies for every request of a JSONL file (OpenAI batch format, or the short forms
     {"custom_id", "prompt"} and {"custom_id", "messages"}); one OpenAI-shaped line per request in OUT.
@@ -264,7 +289,7 @@ def batch(
     if not requests and not bad:
         err.print(f"Nothing to do: every request of {in_path} is in {output}.")
         return
-    engine = _load(model, ctx, ram_budget) if requests else None
+    engine = _load(model, ctx, ram_budget, device, gpu_budget) if requests else None
     output.parent.mkdir(parents=True, exist_ok=True)
     n_failed = len(bad)
     show = err.is_terminal and not _no_color
@@ -306,7 +331,7 @@ def chat(
     max_tokens: int = typer.Option(1024, "-n", "--max-tokens"),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
-    ram_budget: Optional[str] = BUDGET,
+    ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
 ):
     """Chat with a model in the terminal (streaming, the model's own chat template).
 
@@ -318,15 +343,18 @@ def chat(
 
     if system and system.startswith("@"):
         system = Path(system[1:]).read_text(encoding="utf-8")
-    engine = _load(model, ctx, ram_budget)
+    engine = _load(model, ctx, ram_budget, device, gpu_budget)
     session = ChatSession(engine, system=system, max_tokens=max_tokens,
                           sampler=_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed))
     try:
         import readline  # noqa: F401  (input history and line editing for input())
     except ImportError:
         pass
-    err.print(f"[bold]{engine.path.name}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s. "
-              "/help for commands, Ctrl+D to leave.")
+    where = engine.device_name if engine.device == "cuda" else "the CPU"
+    if engine.gpu_plan is not None and engine.gpu_plan.experts_on_gpu < engine.gpu_plan.experts_total:
+        where += f" ({engine.gpu_plan.experts_on_gpu}/{engine.gpu_plan.experts_total} routed experts; the rest on the CPU)"
+    err.print(f"[bold]{engine.path.name}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s on {where}. "
+              "/help for commands, Ctrl+D to leave.", highlight=False)
     while True:
         try:
             text = _read_message()
@@ -387,6 +415,12 @@ def _reply(session, text: str) -> None:
         out.print()
         err.print("[stopped]", markup=False)
         return
+    except MemoryError as e:  # CuPy's OutOfMemoryError is one: the device filled up mid-reply
+        out.print()
+        session.context.reset()  # the cache may hold half a step: the next turn prefills again
+        err.print(f"error: {_out_of_memory(session.engine, e)}; the conversation is kept (/clear, a shorter --ctx "
+                  "or a smaller --gpu-budget frees memory)", markup=False)
+        return
     finally:
         if not started:
             status.__exit__(None, None, None)
@@ -410,6 +444,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ram_budget: Optional[str] = typer.Option(None, "--ram-budget", envvar="EDGESEEK_RAM_BUDGET",
                                              help="Also show how this budget would be split (expert cache size)."),
+    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", envvar="EDGESEEK_GPU_BUDGET",
+                                             help="Also show what this much VRAM would hold (weights, cache, experts)."),
     ctx: int = CTX,
 ):
     """Show a model's architecture, size (parameters total and active per token), tensor types and
@@ -418,6 +454,7 @@ def inspect(
     Examples:
       edgeseek inspect model.gguf --json
       edgeseek inspect DeepSeek-V2-Lite-Q4_K_M.gguf --ram-budget 4G
+      edgeseek inspect DeepSeek-V2-Lite-Q4_K_M.gguf --gpu-budget 4G
     """
     from edgeseek.inspect import describe
 
@@ -434,6 +471,8 @@ def inspect(
                                   "expert_slots": plan.expert_slots, "split": plan.describe()}
         except BudgetError as e:
             info["ram_budget"] = {"budget": parse_size(ram_budget), "refused": str(e)}
+    if gpu_budget:
+        info["gpu_budget"] = _gpu_split(path, gpu_budget, ctx)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -455,7 +494,28 @@ def inspect(
 
 INSPECT_LABELS = {"file_bytes": "file size", "parameters_active_per_token": "active parameters per token",
                   "routed_expert_bytes": "routed expert weights", "experts_used": "experts used per token",
-                  "experts_shared": "shared experts", "ram_budget": "RAM budget"}
+                  "experts_shared": "shared experts", "ram_budget": "RAM budget", "gpu_budget": "GPU budget"}
+
+
+def _gpu_split(path: Path, gpu_budget: str, ctx: int) -> dict:
+    """What a VRAM budget would hold: the plan `load(device="cuda")` makes, from the file alone."""
+    from edgeseek.budget import parse_size
+    from edgeseek.gguf_file import GGUFFile
+    from edgeseek.placement import GPUBudgetError, plan_gpu
+    from edgeseek.profile import load_profile, profile_path
+
+    g = GGUFFile(path)
+    m = g.arch_meta
+    profile = load_profile(profile_path(g), m("block_count"), m("expert_count")) if m("expert_count", 0) else None
+    budget = parse_size(gpu_budget)
+    try:
+        plan = plan_gpu(g, budget, ctx, profile)
+    except GPUBudgetError as e:
+        return {"budget": budget, "refused": str(e)}
+    return {"budget": budget, "resident_bytes": plan.resident, "kv_cache_bytes": plan.kv_cache,
+            "workspace_bytes": plan.workspace, "experts_on_gpu": plan.experts_on_gpu,
+            "experts_total": plan.experts_total, "expert_bytes": plan.expert_bytes,
+            "by_profile": profile is not None, "split": plan.describe()}
 
 
 def _inspect_value(key: str, value) -> str:
@@ -463,7 +523,7 @@ def _inspect_value(key: str, value) -> str:
     thousands separators (--json keeps the exact integers)."""
     if value is None:
         return "-"
-    if key == "ram_budget":
+    if key in ("ram_budget", "gpu_budget"):
         return value.get("split") or value.get("refused")
     if key == "file_type":
         return _file_type(value)
@@ -558,7 +618,7 @@ def _heatmap(counts, name: str, tokens: int) -> None:
 
 
 BENCHES = {"runtime": "bench_runtime.py", "offload": "bench_offload.py", "batch": "bench_batch.py",
-           "convert": "bench_convert.py", "kernels": "bench_kernels.py"}
+           "convert": "bench_convert.py", "kernels": "bench_kernels.py", "gpu": "bench_gpu.py"}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -11,6 +11,7 @@ Importing this module imports CuPy: edgeseek imports it only when a model is loa
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 from pathlib import Path
 
@@ -43,13 +44,21 @@ def probe() -> str | None:
         n = cupy.cuda.runtime.getDeviceCount()
     except cupy.cuda.runtime.CUDARuntimeError as e:
         if "InsufficientDriver" in str(e):
-            need = cupy.cuda.runtime.runtimeGetVersion()
-            return (f"the NVIDIA driver is too old for this CuPy (built for CUDA {need // 1000}.{need % 1000 // 10}); "
-                    f"update the driver or install the CuPy of the driver's CUDA version")
+            try:
+                ctypes.CDLL("libcuda.so.1")
+            except OSError:
+                return "no NVIDIA driver found (libcuda.so.1 is not installed): no usable GPU"
+            need, have = cupy.cuda.runtime.runtimeGetVersion(), cupy.cuda.runtime.driverGetVersion()
+            return (f"the NVIDIA driver is too old: it supports CUDA {_version(have)}, this CuPy needs CUDA "
+                    f"{_version(need)}; update the driver, or install edgeseek[cuda12] for a CUDA 12 driver")
         if "NoDevice" in str(e) or "not found" in str(e).lower():
             return "no NVIDIA GPU found"
         return f"CUDA is not usable: {e}"
     return None if n > 0 else "no NVIDIA GPU found"
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
 
 
 def _launch_grid(n: int, per: int) -> int:
