@@ -47,10 +47,25 @@ class Backend(Protocol):
         projection of all the experts in one call; None where the weights' format has no such
         kernel (the caller then goes expert by expert)."""
 
-    def moe(self, x, logits, router, bias, store, layer: int):
-        """A MoE layer's routed experts for tokens x (T, D) with router logits (T, E): route
-        (models/moe.py's rule with its RouterConfig and selection bias), count the choices in the
-        store, and sum each token's weighted experts -> (T, D)."""
+    def moe(self, x, router_weight, router, bias, store, layer: int):
+        """A MoE layer's routed experts for tokens x (T, D): router logits x @ router_weight.T
+        (E, D), routing (models/moe.py's rule with its RouterConfig and selection bias), the
+        choices counted in the store, each token's weighted experts summed -> (T, D)."""
+
+    def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
+        """MLA's absorbed attention of one new token, or None (the model's own math then runs):
+        store lat_new (1, C) and k_pe_new (1, R) at position pos in one layer's cache (S, C) and
+        (S, R); q_lat (H, C) and q_pe (H, R) attend over positions 0..pos -> o_lat (1, H, C)."""
+
+    def tokens(self, ids: np.ndarray):
+        """Token ids (T,) from the host as the embedding takes them."""
+
+    def positions(self, pos: np.ndarray):
+        """Positions (T,) from the host as the rope tables and attention take them."""
+
+    def replay(self, model, tokens: np.ndarray, cache):
+        """One decode step run as a replay of the step captured once for this cache, returning
+        host logits (1, V); None where the backend runs every step as it comes."""
 
     def host(self, x):
         """An activation (logits) as a numpy array in host memory."""

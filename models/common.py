@@ -75,17 +75,36 @@ class Rope:
 
     kind "norm" rotates adjacent pairs (x[2i], x[2i+1]) (llama, deepseek2 in GGUF);
     "neox" rotates (x[i], x[i + dim/2]) (qwen2). `mscale` multiplies cos and sin (YaRN).
+    cos and sin are tables over positions (computed in float64, kept as float32 in the backend's
+    memory), indexed by the positions: host ints, or the backend's device copy of them, which a
+    decode step captured as a CUDA graph reads at every replay.
     """
 
     def __init__(self, dim: int, inv_freq: np.ndarray, kind: str = "norm", mscale: float = 1.0, xp=np):
         self.dim, self.inv_freq, self.kind, self.mscale = dim, inv_freq, kind, mscale
         self.xp = xp  # the array module of the activations rotated
+        self.cos = self.sin = None
+        self.n = 0  # positions the tables cover
+        self._retired: list = []  # earlier tables: a captured step may still read them
 
-    def __call__(self, x, positions: np.ndarray):
-        """x (T, H, head_dim) float32, positions (T,) host ints -> rotated copy."""
-        ang = positions[:, None].astype(np.float64) * self.inv_freq[None, :]  # (T, dim/2), in float64 on the host
-        cos = self.xp.asarray((np.cos(ang) * self.mscale).astype(np.float32)[:, None, :])
-        sin = self.xp.asarray((np.sin(ang) * self.mscale).astype(np.float32)[:, None, :])
+    def ensure(self, n: int) -> None:
+        """Tables covering positions 0..n-1."""
+        if n <= self.n:
+            return
+        n = max(n, 2 * self.n, 256)
+        ang = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq[None, :]  # (n, dim/2)
+        if self.cos is not None:
+            self._retired.append((self.cos, self.sin))
+        self.cos = self.xp.asarray((np.cos(ang) * self.mscale).astype(np.float32))
+        self.sin = self.xp.asarray((np.sin(ang) * self.mscale).astype(np.float32))
+        self.n = n
+
+    def __call__(self, x, positions):
+        """x (T, H, head_dim) float32, positions (T,) -> rotated copy."""
+        if isinstance(positions, np.ndarray) and len(positions):
+            self.ensure(int(positions.max()) + 1)
+        cos = self.cos[positions][:, None, :]  # (T, 1, dim/2)
+        sin = self.sin[positions][:, None, :]
         out = x.copy()
         d = self.dim
         if self.kind == "norm":
@@ -110,7 +129,8 @@ class DecoderModel:
 
     backend: object  # models.backend.Backend
 
-    def attention(self, L, h: np.ndarray, cache, i: int, pos: np.ndarray) -> np.ndarray:
+    def attention(self, L, h: np.ndarray, cache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
+        """Layer L's attention for rows h at positions pos (host ints; pos_x: the backend's copy)."""
         raise NotImplementedError
 
     def feed_forward(self, L, h: np.ndarray, i: int) -> np.ndarray:
@@ -132,22 +152,34 @@ class DecoderModel:
 
     def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last,
-        as a numpy array whatever device the activations live on."""
-        eps = self.config.rms_eps
+        as a numpy array whatever device the activations live on. A backend may run a one-token
+        step as a replay of the same step captured once (backend.replay, a CUDA graph)."""
         T = len(tokens)
         start = cache.pos
         if start + T > cache.n_ctx:
             raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
-        pos = np.arange(start, start + T)
         self.begin_step()
-        x = self.token_embd(np.asarray(tokens))  # (T, D)
-        for i, L in enumerate(self.layers):
-            x = x + self.attention(L, rms_norm(x, L.attn_norm, eps), cache, i, pos)
-            x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)
+        self.rope.ensure(cache.n_ctx)
+        logits = self.backend.replay(self, tokens, cache) if T == 1 and not all_logits else None
+        if logits is None:
+            logits = self.backend.host(self.step(self.backend.tokens(tokens), np.arange(start, start + T), cache,
+                                                 all_logits))
         cache.pos = start + T
+        return logits
+
+    def step(self, ids, pos: np.ndarray, cache, all_logits: bool = False):
+        """The forward pass on the backend's arrays: token ids (T,) (backend.tokens), their
+        positions (host ints) -> logits (T, V), or (1, V) of the last token; the cache's position
+        is the caller's to advance."""
+        eps = self.config.rms_eps
+        pos_x = self.backend.positions(pos)
+        x = self.token_embd(ids)  # (T, D)
+        for i, L in enumerate(self.layers):
+            x = x + self.attention(L, rms_norm(x, L.attn_norm, eps), cache, i, pos, pos_x)
+            x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)
         if not all_logits:
             x = x[-1:]
-        return self.backend.host(self.output(rms_norm(x, self.output_norm, eps)))
+        return self.output(rms_norm(x, self.output_norm, eps))
 
     def forward_rows(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """One decode step of several sequences at once: token t continues the sequence of
@@ -159,7 +191,8 @@ class DecoderModel:
             if c.pos + 1 > c.n_ctx:
                 raise ValueError(f"context full: {c.pos} + 1 tokens > {c.n_ctx}")
         self.begin_step()
-        x = self.token_embd(np.asarray(tokens))  # (B, D)
+        self.rope.ensure(max(c.n_ctx for c in caches))
+        x = self.token_embd(self.backend.tokens(tokens))  # (B, D)
         for i, L in enumerate(self.layers):
             x = x + self.attention_rows(L, rms_norm(x, L.attn_norm, eps), caches, i, pos)
             x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)

@@ -183,6 +183,8 @@ class Layer:
 
 
 class DeepSeek2Model(DecoderModel):
+    graph_safe = True  # a decode step reads its position from the backend's arrays only (capturable)
+
     def __init__(self, g, backend, expert_store, n_ctx: int = 4096):
         """`expert_store` serves the routed experts (the engine builds it: edgeseek/expert_store.py;
         None where the file has none)."""
@@ -214,11 +216,11 @@ class DeepSeek2Model(DecoderModel):
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
         return LatentCache(self.config, n_ctx or self.n_ctx, self.backend.xp)
 
-    def _project(self, L: Layer, h: np.ndarray, pos: np.ndarray):
-        """Rows of h at positions pos -> absorbed queries q_lat (T, H, C), q_pe (T, H, R), and the
+    def _project(self, L: Layer, h: np.ndarray, pos):
+        """Rows of h at positions pos (the backend's array) -> absorbed queries q_lat (T, H, C), q_pe (T, H, R), and the
         new cache entries: normalized latents (T, C), roped k_pe (T, R)."""
         c = self.config
-        T, H, C, N, R = len(pos), c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope
+        T, H, C, N, R = len(h), c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope
         if c.q_lora_rank:
             q = L.attn_q_b(rms_norm(L.attn_q_a(h), L.attn_q_a_norm, c.rms_eps))
         else:
@@ -246,12 +248,19 @@ class DeepSeek2Model(DecoderModel):
         o = self.backend.per_head(L.attn_v_b, o_lat)  # (T, H, V)
         return L.attn_output(o.reshape(len(o), -1))
 
-    def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
-        return self._output(L, self._attend(*self._project(L, h, pos), cache, i, pos))
+    def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
+        q_lat, q_pe, lat, k_pe = self._project(L, h, pos_x)
+        o_lat = None
+        if len(pos) == 1:  # a decode step: the backend's one-token kernels where it has them
+            o_lat = self.backend.latent_decode(q_lat[0], q_pe[0], lat, k_pe, cache.c[i], cache.k_pe[i], pos_x,
+                                               self.config.kq_scale)
+        if o_lat is None:
+            o_lat = self._attend(q_lat, q_pe, lat, k_pe, cache, i, pos)
+        return self._output(L, o_lat)
 
     def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
         """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
-        q_lat, q_pe, lat, k_pe = self._project(L, h, pos)
+        q_lat, q_pe, lat, k_pe = self._project(L, h, self.backend.positions(pos))
         o_lat = self.backend.xp.concatenate([self._attend(q_lat[t:t + 1], q_pe[t:t + 1], lat[t:t + 1], k_pe[t:t + 1], caches[t],
                                              i, pos[t:t + 1]) for t in range(len(pos))])
         return self._output(L, o_lat)
@@ -264,7 +273,7 @@ class DeepSeek2Model(DecoderModel):
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         if L.dense:
             return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
-        out = self.backend.moe(h, h @ L.ffn_gate_inp.T, self.config.router, L.exp_probs_b, self.experts, i)
+        out = self.backend.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
         if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)

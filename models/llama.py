@@ -111,7 +111,7 @@ class LlamaModel(DecoderModel):
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
 
-    def _project(self, L: Layer, h: np.ndarray, pos: np.ndarray):
+    def _project(self, L: Layer, h: np.ndarray, pos):
         """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""
         c = self.config
         T, H, Hkv, d = len(pos), c.n_head, c.n_head_kv, c.head_dim
@@ -133,12 +133,12 @@ class LlamaModel(DecoderModel):
         o = self.backend.causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))
         return o.transpose(2, 0, 1, 3).reshape(T, H * d)
 
-    def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:
-        return L.attn_output(self._attend(*self._project(L, h, pos), cache, i, pos))
+    def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
+        return L.attn_output(self._attend(*self._project(L, h, pos_x), cache, i, pos))
 
     def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
         """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
-        q, k, v = self._project(L, h, pos)
+        q, k, v = self._project(L, h, self.backend.positions(pos))
         o = self.backend.xp.concatenate([self._attend(q[t:t + 1], k[t:t + 1], v[t:t + 1], caches[t], i, pos[t:t + 1])
                             for t in range(len(pos))])
         return L.attn_output(o)

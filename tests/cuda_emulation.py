@@ -8,6 +8,8 @@ import numpy as np
 from gguf import quants
 
 from edgeseek.backends.cuda import CUDABackend
+from edgeseek.models.common import softmax
+from edgeseek.models.moe import route
 
 
 def _rows(qtype, w: np.ndarray, k: int) -> np.ndarray:
@@ -34,6 +36,19 @@ class NumpyKernels:
 
     def silu_mul(self, g, u):
         return g / (1.0 + np.exp(-g)) * u
+
+    def route(self, logits, bias, router, ids, w):
+        i, ww = route(logits, router, bias)
+        ids[:], w[:] = i, ww
+
+    def store_row(self, src, dst, pos):
+        dst[pos[0]] = src.reshape(-1).astype(np.float16)
+
+    def mla_decode(self, q_lat, q_pe, cache_c, cache_kpe, pos, scale):
+        s = int(pos[0]) + 1
+        c, kpe = cache_c[:s].astype(np.float32), cache_kpe[:s].astype(np.float32)
+        scores = (q_lat @ c.T + q_pe @ kpe.T) * scale  # (H, S)
+        return (softmax(scores) @ c)[None]
 
 
 class EmulatedCUDABackend(CUDABackend):

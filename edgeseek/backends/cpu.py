@@ -91,9 +91,21 @@ class CPUBackend:
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, range(len(downs)))
         return d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
 
-    def moe(self, x, logits, router, bias, store, layer: int) -> np.ndarray:
-        ids, weights = route(logits, router, bias)  # (T, k)
+    def moe(self, x, router_weight, router, bias, store, layer: int) -> np.ndarray:
+        ids, weights = route(x @ router_weight.T, router, bias)  # (T, k)
         return moe(x, ids, weights, store, layer, self)
+
+    def latent_decode(self, *args) -> None:
+        return None  # the model's numpy math is the CPU's
+
+    def tokens(self, ids) -> np.ndarray:
+        return np.asarray(ids)
+
+    def positions(self, pos: np.ndarray) -> np.ndarray:
+        return pos
+
+    def replay(self, model, tokens, cache) -> None:
+        return None
 
     def host(self, x: np.ndarray) -> np.ndarray:
         return x

@@ -72,7 +72,8 @@ class Kernels:
     def __init__(self):
         import cupy
         self.cp = cupy
-        src = Path(__file__).with_name("cuda_kernels.cu").read_text()
+        here = Path(__file__).parent
+        src = (here / "cuda_kernels.cu").read_text() + "\n" + (here / "cuda_decode.cu").read_text()
         self.module = cupy.RawModule(code=src, options=("-std=c++17",))
         self._fns: dict[str, object] = {}
 
@@ -96,9 +97,9 @@ class Kernels:
     def dequant(self, qtype, w, row_bytes: int, rows, n_rows: int, k: int, out) -> None:
         """out (n_rows, k) float32 or float16 <- rows `rows` (int32 on the device, or None: 0..n_rows-1)."""
         kind = "f16" if out.dtype == np.float16 else "f32"
-        units = k // 32
+        units = n_rows * (k // 32)  # one thread per 32 values
         self._fn(f"dequant_{SUFFIX[qtype]}_{kind}")(
-            (_launch_grid(units, 256), n_rows), (256,),
+            (_launch_grid(units, 256),), (256,),
             (w, np.int64(row_bytes), rows if rows is not None else np.uint64(0), np.int32(n_rows), np.int32(k), out))
 
     def gemm_f16(self, x16, w16, y) -> None:
@@ -115,6 +116,27 @@ class Kernels:
                       x16.data.ptr, 2, k,
                       zero.ctypes.data, y.data.ptr, 0, n,  # CUDA_R_32F
                       68, -1)  # CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT
+
+    def route(self, logits, bias, router, ids, w) -> None:
+        """models/moe.route on the device: logits (T, E) -> ids (T, k) int32, w (T, k) float32."""
+        t, e = logits.shape
+        self._fn("route_topk")((t,), (256,), (
+            logits, bias if bias is not None else np.uint64(0), np.int32(e), np.int32(router.n_used),
+            np.int32(router.gating), np.int32(router.n_group), np.int32(router.n_group_used),
+            np.int32(bool(router.norm_weights)), np.float32(router.scale), ids, w))
+
+    def store_row(self, src, dst, pos) -> None:
+        n = src.size
+        self._fn("store_row_f16")((_launch_grid(n, 256),), (256,), (src, dst, pos, np.int32(n)))
+
+    def mla_decode(self, q_lat, q_pe, cache_c, cache_kpe, pos, scale: float):
+        h, c = q_lat.shape
+        s_max, r = cache_kpe.shape
+        scores = self.cp.empty((h, s_max), np.float32)
+        out = self.cp.empty((1, h, c), np.float32)
+        self._fn("mla_decode")((h,), (256,), (q_lat, q_pe, cache_c, cache_kpe, pos, scores, out, np.int32(c),
+                                               np.int32(r), np.int32(s_max), np.float32(scale)))
+        return out
 
     def silu_mul(self, g, u):
         h = self.cp.empty_like(g)
@@ -163,15 +185,11 @@ class DeviceEmbedding:
     def __init__(self, backend, qtype, raw, shape: tuple[int, int]):
         self.b, self.qtype, self.raw, self.shape = backend, qtype, raw, shape
 
-    def __call__(self, ids: np.ndarray):
-        ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
-            raise ValueError(f"token id out of range [0, {self.shape[0]})")
-        xp = self.b.xp
-        out = xp.empty((len(ids), self.shape[1]), np.float32)
+    def __call__(self, ids):
+        """ids (T,) int32 on the device (backend.tokens checked their range)."""
+        out = self.b.xp.empty((len(ids), self.shape[1]), np.float32)
         if len(ids):
-            self.b.kernels.dequant(self.qtype, self.raw, self.raw.shape[-1], xp.asarray(ids, np.int32), len(ids),
-                                   self.shape[1], out)
+            self.b.kernels.dequant(self.qtype, self.raw, self.raw.shape[-1], ids, len(ids), self.shape[1], out)
         return out
 
 
@@ -192,6 +210,10 @@ class CUDABackend:
         self.xp = xp
         self.kernels = kernels if kernels is not None else Kernels()
         self.uploaded = 0  # bytes of weights put in VRAM
+        self.graphs = kernels is None  # decode steps as CUDA graphs (not on emulated kernels)
+        self._step = None  # the _DecodeGraph being captured: its device buffers replace host inputs
+        self._aranges: dict[int, object] = {}
+        self.vocab = None
 
     # --- weights ---------------------------------------------------------------------------
     def upload(self, a: np.ndarray):
@@ -216,25 +238,60 @@ class CUDABackend:
     def embedding(self, gguf, name: str, shape: tuple[int, int]) -> DeviceEmbedding:
         t = gguf.tensor(name, shape)
         _format_check(gguf, t)
+        self.vocab = t.shape[0]
         return DeviceEmbedding(self, t.qtype, self.upload(t.raw), t.shape)
 
     # --- products --------------------------------------------------------------------------
     def per_head(self, w, x):
         xp = self.xp
-        return xp.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)  # (T, H, R)
+        t, h, k = x.shape
+        if t > MMV_MAX_TOKENS:
+            return xp.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)  # (T, H, R)
+        # each (token, head) pair a row through "expert" h of the (H, R, K) stack: one launch, no cuBLAS
+        r = w.shape[1]
+        raw = w.view(np.uint8)  # (H, R, 4K) as F32 blocks
+        y = xp.empty((t * h, r), np.float32)
+        self.kernels.mmv_ids(Q.F32, raw, 4 * k, r * 4 * k, self._arange(h, t), xp.ascontiguousarray(x.reshape(t * h, k)),
+                             1, y, r, k, t * h)
+        return y.reshape(t, h, r)
+
+    def _arange(self, n: int, repeat: int = 1):
+        """0..n-1 repeated, int32 on the device, made once (a captured step keeps reading it)."""
+        key = (n, repeat)
+        a = self._aranges.get(key)
+        if a is None:
+            a = self._aranges[key] = self.xp.asarray(np.tile(np.arange(n, dtype=np.int32), repeat))
+        return a
 
     def experts_one_token(self, x, triples):
         return None
 
-    def moe(self, x, logits, router, bias, store, layer: int):
-        """Route on the host (a few dozen values), then the layer's experts in VRAM as one launch
-        per projection for a decode step, or expert by expert on tiles for a prompt; the experts
-        left on the CPU run there meanwhile, on the host copy of x."""
+    def moe(self, x, router_weight, router, bias, store, layer: int):
+        """A decode step whose layer has every expert in VRAM routes on the device and runs the
+        chosen experts as one launch per projection: nothing waits for the host. Otherwise route on
+        the host (a few dozen values), then the experts in VRAM (one launch per projection for a
+        few tokens, expert by expert on tiles for a prompt) while the experts left on the CPU run
+        there on the host copy of x."""
         xp, k = self.xp, self.kernels
+        T = len(x)
+        logits = self._router_logits(x, router_weight)
+        if T <= MMV_MAX_TOKENS and store.all_on_device(layer):
+            n = router.n_used
+            ids = xp.empty((T, n), np.int32)
+            w = xp.empty((T, n), np.float32)
+            k.route(logits, bias, router, ids, w)
+            if self._step is not None:
+                self._step.routed(layer, ids)  # counted after each replay
+            else:
+                store.count(layer, self.host(ids))
+            gate, up, down = store.device(layer)
+            flat = ids.reshape(-1)
+            g, u = gate.ids(flat, x, x_div=n), up.ids(flat, x, x_div=n)
+            y = down.ids(flat, k.silu_mul(g, u))  # (T*n, D)
+            return (y.reshape(T, n, -1) * w[:, :, None]).sum(axis=1)
         host_x = self.host(x)
         ids, weights = route(self.host(logits), router, None if bias is None else self.host(bias))  # (T, k)
         store.count(layer, ids)
-        T, n_used = ids.shape
         slot = store.slots(layer)[ids]  # (T, k): the expert's index in VRAM, -1 on the CPU
         on_gpu = slot >= 0
         out = xp.zeros_like(x)
@@ -259,6 +316,48 @@ class CUDABackend:
         if not on_gpu.all():
             out += xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu, layer))
         return out
+
+    def _router_logits(self, x, w):
+        """x (T, D) @ w (E, D).T: few tokens through the decode kernel (no cuBLAS: capturable)."""
+        if len(x) > MMV_MAX_TOKENS:
+            return x @ w.T
+        e, d = w.shape
+        y = self.xp.empty((len(x), e), np.float32)
+        self.kernels.mmv(Q.F32, w.view(np.uint8), 4 * d, self.xp.ascontiguousarray(x), y, e, d, len(x))
+        return y
+
+    def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
+        k = self.kernels
+        k.store_row(self.xp.ascontiguousarray(lat_new), cache_c, pos)
+        k.store_row(self.xp.ascontiguousarray(k_pe_new), cache_k_pe, pos)
+        return k.mla_decode(self.xp.ascontiguousarray(q_lat), self.xp.ascontiguousarray(q_pe), cache_c, cache_k_pe,
+                            pos, scale)
+
+    def tokens(self, ids):
+        ids = np.asarray(ids)
+        if self.vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            raise ValueError(f"token id out of range [0, {self.vocab})")
+        return self.xp.asarray(ids.astype(np.int32))
+
+    def positions(self, pos: np.ndarray):
+        if self._step is not None:
+            return self._step.pos
+        return self.xp.asarray(pos.astype(np.int32))
+
+    def replay(self, model, tokens, cache):
+        """A decode step as a CUDA graph: captured once per cache (after one eager run that
+        compiles every kernel and fills the graph's memory pool), replayed with the token and the
+        position written into its input buffers. Only where nothing in the step waits for the
+        host: a DeepSeek model with every routed expert in VRAM."""
+        if not self.graphs or not getattr(model, "graph_safe", False):
+            return None
+        if model.experts is not None and not all(model.experts.all_on_device(i) for i in model.experts.layers()):
+            return None
+        self.tokens(tokens)  # range check
+        g = getattr(cache, "decode_graph", None)
+        if g is None:
+            g = cache.decode_graph = _DecodeGraph(self, model, cache)
+        return g.run(int(tokens[0]), cache.pos)
 
     def host(self, x) -> np.ndarray:
         return x if isinstance(x, np.ndarray) else x.get()
@@ -304,13 +403,13 @@ class DeviceExperts:
     def __init__(self, backend, qtype, raw, shape: tuple[int, int], name: str):
         self.b, self.qtype, self.raw, self.shape, self.name = backend, qtype, raw, shape, name
 
-    def ids(self, slots, x):
-        """Row p of x through expert slots[p] -> (P, N), one launch."""
+    def ids(self, slots, x, x_div: int = 1):
+        """Row p // x_div of x through expert slots[p] -> (P, N), one launch."""
         n, kk = self.shape
         p = len(slots)
         y = self.b.xp.empty((p, n), np.float32)
         self.b.kernels.mmv_ids(self.qtype, self.raw, self.raw.shape[-1], self.raw.shape[1] * self.raw.shape[2],
-                               slots, x, 1, y, n, kk, p)
+                               slots, self.b.xp.ascontiguousarray(x), x_div, y, n, kk, p)
         return y
 
     def one(self, slot: int) -> DeviceMatrix:
@@ -351,6 +450,14 @@ class TieredExperts:
 
     def slots(self, layer: int) -> np.ndarray:
         return self._slots[layer]
+
+    def layers(self):
+        return self._slots.keys()
+
+    def all_on_device(self, layer: int) -> bool:
+        """Every expert of the layer in VRAM, in id order (a slot is the expert's id)."""
+        d = self._device.get(layer)
+        return d is not None and d[0].raw.shape[0] == self.n_expert
 
     def device(self, layer: int):
         return self._device[layer]
@@ -395,3 +502,66 @@ class TieredExperts:
     def close(self) -> None:
         self.cpu_store.close()
 
+
+
+class _DecodeGraph:
+    """One sequence's decode step captured as a CUDA graph: token and position in device buffers,
+    every intermediate in a memory pool of its own (kept with the graph, so that nothing else is
+    ever placed where a replay writes), the logits and each layer's expert choices read back after
+    a replay."""
+
+    def __init__(self, backend, model, cache):
+        import cupy
+        self.b, self.model, self.cache = backend, model, cache
+        xp = backend.xp
+        self.tok = xp.zeros(1, np.int32)
+        self.pos = xp.zeros(1, np.int32)
+        self.pool = cupy.cuda.MemoryPool()
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        c = model.config
+        self.ids = xp.zeros((c.n_layer, max(1, getattr(c, "n_expert_used", 0))), np.int32)  # each layer's choice
+        self.moe_layers: list[int] = []
+        self.graph = None
+        self.logits = None
+        self._eager = False
+
+    def routed(self, layer: int, ids) -> None:
+        """A layer's expert ids (1, k) on the device: copied into the step's buffer, read after each replay."""
+        self.ids[layer] = ids[0]
+        if not self._eager and self.graph is None:
+            self.moe_layers.append(layer)
+
+    def _record(self, token: int, pos: int):
+        """Run the step eagerly (warm-up) or under capture, with the buffers as its inputs."""
+        import cupy
+        self.tok.set(np.array([token], np.int32), stream=self.stream)
+        self.pos.set(np.array([pos], np.int32), stream=self.stream)
+        self.b._step = self
+        try:
+            with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
+                self._eager = True
+                self.model.step(self.tok, np.array([pos]), self.cache)  # compiles, fills the pool
+                self.stream.synchronize()
+                self._eager = False
+                self.moe_layers = []
+                self.stream.begin_capture()
+                try:
+                    self.logits = self.model.step(self.tok, np.array([pos]), self.cache)
+                finally:
+                    self.graph = self.stream.end_capture()
+        finally:
+            self.b._step = None
+
+    def run(self, token: int, pos: int) -> np.ndarray:
+        if self.graph is None:
+            self._record(token, pos)
+        self.tok.set(np.array([token], np.int32), stream=self.stream)
+        self.pos.set(np.array([pos], np.int32), stream=self.stream)
+        self.graph.launch(self.stream)
+        logits = self.logits.get(stream=self.stream)
+        store = self.model.experts
+        if store is not None and self.moe_layers:
+            chosen = self.ids.get(stream=self.stream)
+            for layer in self.moe_layers:
+                store.count(layer, chosen[layer][None])
+        return logits

@@ -1,0 +1,192 @@
+// The device side of a decode step that runs as one CUDA graph: the router, the latent KV cache's
+// store and MLA's absorbed attention read the token's position from device memory, so that the
+// graph captured at one position replays at every later one. Compiled after cuda_kernels.cu (one
+// NVRTC module: its typedefs and h2f / f2h are used here).
+//
+// route_topk(const float* logits, const float* bias, int E, int k, int gating, int n_group,
+//            int n_group_used, int norm, float scale, int* ids, float* w)
+//     models/moe.py's route() for T rows of router logits (T, E): probabilities by softmax
+//     (gating 1) or sigmoid (2); selection scores + bias (NULL: none); group-limited (the n_group_used
+//     groups of highest top-2 sum); the top k (ties: lower id first); weights the unbiased
+//     probabilities, normalized to sum 1 when norm, times scale unless scale is 0 or 1.
+//     block (256, 1, 1), grid (T, 1, 1); E <= 1024, n_group <= 64, k <= 32.
+// store_row_f16(const float* src, u16* dst, const int* pos, int n)
+//     dst[pos[0] * n + i] = fp16(src[i]) for i < n: the new token's cache entry.
+//     block (256, 1, 1), grid (ceil(n / 256), 1, 1).
+// mla_decode(const float* q_lat, const float* q_pe, const u16* cache_c, const u16* cache_kpe,
+//            const int* pos, float* scores, float* out, int C, int R, int s_max, float scale)
+//     One new token against positions 0..pos[0] of one layer's cache: cache_c (s_max, C) and
+//     cache_kpe (s_max, R) fp16; q_lat (H, C), q_pe (H, R) float32; scores (H, s_max) scratch;
+//     out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c.
+//     block (256, 1, 1), grid (H, 1, 1).
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_add(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// all 256 threads of the block call it; red holds 8 floats
+__device__ __forceinline__ float block_max(float v, float* red) {
+    v = warp_max(v);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int i = 1; i < 8; ++i) r = fmaxf(r, red[i]);
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ float block_add(float v, float* red) {
+    v = warp_add(v);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = 0.0f;
+    for (int i = 0; i < 8; ++i) r += red[i];
+    __syncthreads();
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+route_topk(const float* __restrict__ logits, const float* __restrict__ bias, int E, int k, int gating, int n_group,
+           int n_group_used, int norm, float scale, int* __restrict__ ids, float* __restrict__ w) {
+    __shared__ float probs[1024];
+    __shared__ float sel[1024];
+    __shared__ float red[8];
+    __shared__ float best_v[8];
+    __shared__ int best_i[8];
+    __shared__ int keep[64];
+    const int tid = threadIdx.x;
+    logits += (ll)blockIdx.x * E;
+    ids += blockIdx.x * k;
+    w += blockIdx.x * k;
+
+    if (gating == 1) {  // softmax, as models/common.softmax: exp(x - max) / sum
+        float m = NEG_INF;
+        for (int e = tid; e < E; e += 256) m = fmaxf(m, logits[e]);
+        m = block_max(m, red);
+        float s = 0.0f;
+        for (int e = tid; e < E; e += 256) {
+            float v = expf(logits[e] - m);
+            probs[e] = v;
+            s += v;
+        }
+        s = block_add(s, red);
+        for (int e = tid; e < E; e += 256) probs[e] = probs[e] / s;
+    } else {
+        for (int e = tid; e < E; e += 256) probs[e] = 1.0f / (1.0f + expf(-logits[e]));
+    }
+    __syncthreads();
+    for (int e = tid; e < E; e += 256) sel[e] = probs[e] + (bias ? bias[e] : 0.0f);
+    __syncthreads();
+
+    if (n_group > 1) {  // keep the n_group_used groups whose two best scores sum highest
+        const int per = E / n_group;
+        if (tid == 0) {
+            float top2[64];
+            for (int g = 0; g < n_group; ++g) {
+                float a = NEG_INF, b = NEG_INF;
+                for (int j = 0; j < per; ++j) {
+                    float v = sel[g * per + j];
+                    if (v > a) { b = a; a = v; } else if (v > b) { b = v; }
+                }
+                top2[g] = a + b;
+                keep[g] = 0;
+            }
+            for (int r = 0; r < n_group_used; ++r) {
+                int bi = -1;
+                for (int g = 0; g < n_group; ++g)
+                    if (!keep[g] && (bi < 0 || top2[g] > top2[bi])) bi = g;
+                keep[bi] = 1;
+            }
+        }
+        __syncthreads();
+        for (int e = tid; e < E; e += 256)
+            if (!keep[e / per]) sel[e] = NEG_INF;
+        __syncthreads();
+    }
+
+    for (int j = 0; j < k; ++j) {  // k rounds of a block argmax, lower id on ties
+        float v = NEG_INF;
+        int vi = 0x7fffffff;
+        for (int e = tid; e < E; e += 256)
+            if (sel[e] > v || (sel[e] == v && e < vi)) { v = sel[e]; vi = e; }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            int oi = __shfl_xor_sync(0xffffffffu, vi, o);
+            if (ov > v || (ov == v && oi < vi)) { v = ov; vi = oi; }
+        }
+        if ((tid & 31) == 0) { best_v[tid >> 5] = v; best_i[tid >> 5] = vi; }
+        __syncthreads();
+        if (tid == 0) {
+            float bv = best_v[0];
+            int bi = best_i[0];
+            for (int i = 1; i < 8; ++i)
+                if (best_v[i] > bv || (best_v[i] == bv && best_i[i] < bi)) { bv = best_v[i]; bi = best_i[i]; }
+            if (bi >= E) bi = 0;  // fewer than k selectable experts: never with a valid config
+            ids[j] = bi;
+            w[j] = probs[bi];
+            sel[bi] = NEG_INF;
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        if (norm) {
+            float s = 0.0f;
+            for (int j = 0; j < k; ++j) s += w[j];
+            s = fmaxf(s, 6.103515625e-5f);
+            for (int j = 0; j < k; ++j) w[j] = w[j] / s;
+        }
+        if (scale != 0.0f && scale != 1.0f)
+            for (int j = 0; j < k; ++j) w[j] = w[j] * scale;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+store_row_f16(const float* __restrict__ src, u16* __restrict__ dst, const int* __restrict__ pos, int n) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (i < n) dst[(ll)pos[0] * n + i] = f2h(src[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const u16* __restrict__ cache_c,
+           const u16* __restrict__ cache_kpe, const int* __restrict__ pos, float* __restrict__ scores,
+           float* __restrict__ out, int C, int R, int s_max, float scale) {
+    __shared__ float red[8];
+    const int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int S = pos[0] + 1;
+    const float* ql = q_lat + (ll)h * C;
+    const float* qp = q_pe + (ll)h * R;
+    float* sc = scores + (ll)h * s_max;
+    for (int s = warp; s < S; s += 8) {  // a warp per cached position
+        const u16* c = cache_c + (ll)s * C;
+        const u16* kp = cache_kpe + (ll)s * R;
+        float acc = 0.0f;
+        for (int i = lane; i < C; i += 32) acc += ql[i] * h2f(c[i]);
+        for (int i = lane; i < R; i += 32) acc += qp[i] * h2f(kp[i]);
+        acc = warp_add(acc);
+        if (lane == 0) sc[s] = acc * scale;
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int s = tid; s < S; s += 256) m = fmaxf(m, sc[s]);
+    m = block_max(m, red);
+    float sum = 0.0f;
+    for (int s = tid; s < S; s += 256) {
+        float e = expf(sc[s] - m);
+        sc[s] = e;
+        sum += e;
+    }
+    sum = block_add(sum, red);  // its barriers also publish sc[] to the whole block
+    for (int i = tid; i < C; i += 256) {
+        float acc = 0.0f;
+        for (int s = 0; s < S; ++s) acc += sc[s] * h2f(cache_c[(ll)s * C + i]);
+        out[(ll)h * C + i] = acc / sum;
+    }
+}
