@@ -1,0 +1,486 @@
+// CUDA kernels of edgeseek's GPU backend. Compiled at run time by NVRTC through
+// cupy.RawModule(code=..., options=("-std=c++17",)); CuPy adds -ftz=true, which changes nothing
+// here but for float32 subnormals. Deliberately no #include (user machines may lack the CUDA
+// headers) and no fast math: dequantized values are bit-exact with gguf-py's quants.py.
+//
+// Type suffixes <t> (ggml type id): f32 (0) f16 (1) bf16 (30) q4_0 (2) q4_1 (3) q5_0 (6) q5_1 (7)
+// q8_0 (8) q4_k (12) q5_k (13) q6_k (14).
+//
+// Arguments shared by the kernels below:
+//   W          raw GGUF tensor bytes as uploaded, (rows, row_bytes) uint8, contiguous, 16-byte
+//              aligned (a CuPy allocation is 256); row_bytes = K / block_values * block_bytes
+//   K          values per row: a multiple of 32 (of 256 for q4_k q5_k q6_k)
+//   x, y, out  contiguous float32 (fp16 for dequant_<t>_f16), row-major, 16-byte aligned
+//   ll         long long (numpy.int64 on the Python side); int = numpy.int32; float = numpy.float32
+//
+// mmv_<t>(const uchar* W, ll row_bytes, const float* x, float* y, int N, int K, int T)
+//     y (T, N) = x (T, K) @ W (N, K)^T for 1 <= T <= 8 tokens (decode).
+//     block (128, 1, 1), grid ((N + 3) / 4, 1, 1): one warp per row of W.
+// mmv_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* x,
+//             int x_div, float* y, int N, int K, int P)
+//     W (E, N, K) stacked experts, expert_bytes = N * row_bytes; for pair p < P:
+//     y[p] (N,) = W[ids[p]] (N, K) @ x[p / x_div] (K,)   (x_div = n_used for gate/up, 1 for down)
+//     block (128, 1, 1), grid ((N + 3) / 4, P, 1).
+// dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
+// dequant_<t>_f16(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, ushort* out)
+//     out (n_rows, K) = row (rows ? rows[r] : r) of W, dequantized (fp16: rounded to nearest even).
+//     One thread per 32-value unit: block (256, 1, 1), grid (ceil(n_rows * (K / 32) / 256), 1, 1)
+//     (any block size works; threads past n_rows * K / 32 return). rows = NULL: numpy.uint64(0).
+// rms_norm_f32(const float* x, const float* w, float* y, int D, float eps)
+//     y (R, D) = x / sqrt(mean(x^2) + eps) * w for each row, as llama.cpp (x * scale, then * w).
+//     block (256, 1, 1), grid (R, 1, 1): one block per row. y may be x.
+// silu_mul_f32(const float* g, const float* u, float* h, ll n)
+//     h = g / (1 + exp(-g)) * u over n values. block (256, 1, 1), grid (ceil(n / 256), 1, 1) or
+//     fewer blocks (the kernel strides over the grid). h may be g or u.
+
+typedef long long ll;
+typedef unsigned long long ull;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+// 16-byte vectors of our own: no dependence on the vector types of the CUDA headers
+struct alignas(16) u32x4 { u32 x, y, z, w; };
+struct alignas(16) f32x4 { float x, y, z, w; };
+
+#define WARP_SIZE 32
+#define MMV_WARPS 4       // rows of W per mmv block, one per warp
+#define MMV_MAX_T 8       // tokens per mmv launch
+#define FULL_MASK 0xffffffffu
+
+// --- scalars ------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf2f(u32 b) { return __uint_as_float(b << 16); }
+
+__device__ __forceinline__ u32 byte_of(u32 w, int i) { return (w >> (8 * i)) & 0xFFu; }
+
+// --- loads --------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 load_u16(const u8* p) { return *(const u16*)p; }
+
+// N little-endian words from a 2-byte aligned address (blocks of 18, 22, 34 and 210 bytes): aligned
+// 32-bit loads joined by a funnel shift. Reads only aligned words holding at least one of the
+// 4N bytes, so never past the allocation's last aligned word.
+template <int N>
+__device__ __forceinline__ void load_words(const u8* p, u32 (&w)[N]) {
+    const u32* a = (const u32*)((ull)p & ~3ull);
+    const u32 shift = ((u32)(ull)p & 2u) * 8u;  // 0 or 16
+    u32 lo = a[0];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const u32 hi = (i + 1 < N || shift) ? a[i + 1] : 0u;
+        w[i] = __funnelshift_r(lo, hi, shift);
+        lo = hi;
+    }
+}
+
+// N words from a 16-byte aligned address
+template <int N>
+__device__ __forceinline__ void load_words16(const u8* p, u32 (&w)[N]) {
+    static_assert(N % 4 == 0, "whole 16-byte vectors");
+    const u32x4* v = (const u32x4*)p;
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+        const u32x4 t = v[i];
+        w[4 * i] = t.x; w[4 * i + 1] = t.y; w[4 * i + 2] = t.z; w[4 * i + 3] = t.w;
+    }
+}
+
+// --- formats: values 32u + 16h .. 32u + 16h + 15 of a row -------------------------------------------
+// A row is read in units of 32 values (u): a whole block of the 32-value types, sub-block u % 8 of a
+// Q4_K/Q5_K block, two 16-value scale groups of Q6_K. Each format decodes half h (0, 1) of unit u,
+// 16 values: the products hold 16 decoded weights at a time, not 32 (the 64 registers of
+// __launch_bounds__(128, 8)); the second half's loads of shared bytes hit L1. Arithmetic in
+// gguf-py's order with the _rn intrinsics (no FMA contraction), so that every value equals
+// gguf.quants.dequantize to the bit.
+
+// Quantized formats first gather the 16 unsigned levels of a half unit, one byte each, in 4 words
+// lv; level<BIAS>(lv, l) = (float)(level l - BIAS), exactly: a byte permute builds 0x4B0000qq, the
+// float 2^23 + q, and one subtraction removes 2^23 + BIAS. Two full-rate instructions, where an
+// int -> float conversion runs at 16 per clock and SM on sm_90.
+template <int BIAS>
+__device__ __forceinline__ float level(const u32 (&lv)[4], int l) {
+    const float f = __uint_as_float(__byte_perm(lv[l >> 2], 0x4B000000u, 0x7440u + (l & 3)));
+    return __fsub_rn(f, (float)(8388608 + BIAS));
+}
+
+// fifth bits: bit k of x (k < 4) -> bit 4 of byte k
+__device__ __forceinline__ u32 spread4(u32 x) { return ((x * 0x00204081u) & 0x01010101u) << 4; }
+
+struct F32 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const f32x4* p = (const f32x4*)(row + 128 * (ll)u + 64 * h);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const f32x4 t = p[i];
+            v[4 * i] = t.x; v[4 * i + 1] = t.y; v[4 * i + 2] = t.z; v[4 * i + 3] = t.w;
+        }
+    }
+};
+
+struct F16 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        u32 w[8];
+        load_words16(row + 64 * (ll)u + 32 * h, w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            v[2 * i] = h2f((u16)(w[i] & 0xFFFFu));
+            v[2 * i + 1] = h2f((u16)(w[i] >> 16));
+        }
+    }
+};
+
+struct BF16 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        u32 w[8];
+        load_words16(row + 64 * (ll)u + 32 * h, w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            v[2 * i] = bf2f(w[i] & 0xFFFFu);
+            v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+        }
+    }
+};
+
+// block_q4_0 (18 B): d, qs[16]; value j = low nibble of qs[j], j + 16 = high; x = d * (q - 8)
+struct Q4_0 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u8* b = row + 18 * (ll)u;
+        const float d = h2f((u16)load_u16(b));
+        u32 lv[4];
+        load_words(b + 2, lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lv[i] = (lv[i] >> (4 * h)) & 0x0F0F0F0Fu;
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(d, level<8>(lv, l));
+    }
+};
+
+// block_q4_1 (20 B, 4-byte aligned): d, m, qs[16]; x = d * q + m
+struct Q4_1 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u32* b = (const u32*)(row + 20 * (ll)u);
+        const u32 dm = b[0];
+        const float d = h2f((u16)(dm & 0xFFFFu)), m = h2f((u16)(dm >> 16));
+        u32 lv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lv[i] = (b[1 + i] >> (4 * h)) & 0x0F0F0F0Fu;
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fadd_rn(__fmul_rn(d, level<0>(lv, l)), m);
+    }
+};
+
+// block_q5_0 (22 B): d, qh (uint32, bit j = fifth bit of value j), qs[16]; x = d * (q - 16)
+struct Q5_0 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u8* b = row + 22 * (ll)u;
+        const float d = h2f((u16)load_u16(b));
+        u32 w[5];  // qh, qs[0:16]
+        load_words(b + 2, w);
+        u32 lv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            lv[i] = ((w[1 + i] >> (4 * h)) & 0x0F0F0F0Fu) | spread4((w[0] >> (16 * h + 4 * i)) & 0xF);
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(d, level<16>(lv, l));
+    }
+};
+
+// block_q5_1 (24 B, 8-byte aligned): d, m, qh (uint32), qs[16]; x = d * q + m
+struct Q5_1 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u32* b = (const u32*)(row + 24 * (ll)u);
+        const u32 dm = b[0], qh = b[1];
+        const float d = h2f((u16)(dm & 0xFFFFu)), m = h2f((u16)(dm >> 16));
+        u32 lv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            lv[i] = ((b[2 + i] >> (4 * h)) & 0x0F0F0F0Fu) | spread4((qh >> (16 * h + 4 * i)) & 0xF);
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fadd_rn(__fmul_rn(d, level<0>(lv, l)), m);
+    }
+};
+
+// block_q8_0 (34 B): d, int8 qs[32]; x = q * d. Byte b ^ 0x80 is the int8 plus 128.
+struct Q8_0 {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u8* b = row + 34 * (ll)u;
+        const float d = h2f((u16)load_u16(b));
+        u32 lv[4];
+        load_words(b + 2 + 16 * h, lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lv[i] ^= 0x80808080u;
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(level<128>(lv, l), d);
+    }
+};
+
+// 6-bit scale and min of sub-block j of Q4_K/Q5_K from scales[12] = words s0 s1 s2
+// (gguf-py Q4_K.get_scale_min, ggml-quants.c get_scale_min_k4)
+__device__ __forceinline__ void scale_min_k4(int j, u32 s0, u32 s1, u32 s2, u32& sc, u32& m) {
+    const int i = j & 3;
+    const u32 a = byte_of(s0, i), b = byte_of(s1, i), c = byte_of(s2, i);
+    sc = j < 4 ? (a & 63) : ((c & 0xF) | ((a >> 6) << 4));
+    m = j < 4 ? (b & 63) : ((c >> 4) | ((b >> 6) << 4));
+}
+
+// d * sc and dmin * m of sub-block j from the first 16 bytes of a Q4_K/Q5_K block
+__device__ __forceinline__ void scales_k4(const u8* b, int j, float& dsc, float& dm) {
+    const u32x4 h = *(const u32x4*)b;  // d | dmin << 16, scales[0:4], [4:8], [8:12]
+    u32 sc, m;
+    scale_min_k4(j, h.y, h.z, h.w, sc, m);
+    dsc = __fmul_rn(h2f((u16)(h.x & 0xFFFFu)), (float)sc);
+    dm = __fmul_rn(h2f((u16)(h.x >> 16)), (float)m);
+}
+
+// block_q4_K (144 B, 16-byte aligned): d, dmin, scales[12], qs[128]; sub-block j reads
+// qs[32 * (j / 2):][:32], low nibbles if j is even; x = (d * sc) * q - dmin * m
+struct Q4_K {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u8* b = row + 144 * (ll)(u >> 3);
+        const int j = u & 7;
+        float dsc, dm;
+        scales_k4(b, j, dsc, dm);
+        u32 lv[4];
+        load_words16(b + 16 + 32 * (j >> 1) + 16 * h, lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lv[i] = (lv[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu;
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fsub_rn(__fmul_rn(dsc, level<0>(lv, l)), dm);
+    }
+};
+
+// block_q5_K (176 B, 16-byte aligned): d, dmin, scales[12], qh[32], qs[128]; as Q4_K, and value l
+// of sub-block j has fifth bit (qh[l] >> j) & 1
+struct Q5_K {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u8* b = row + 176 * (ll)(u >> 3);
+        const int j = u & 7;
+        float dsc, dm;
+        scales_k4(b, j, dsc, dm);
+        u32 qh[4], lv[4];
+        load_words16(b + 16 + 16 * h, qh);
+        load_words16(b + 48 + 32 * (j >> 1) + 16 * h, lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            lv[i] = ((lv[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu) | (((qh[i] >> j) & 0x01010101u) << 4);
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fsub_rn(__fmul_rn(dsc, level<0>(lv, l)), dm);
+    }
+};
+
+// block_q6_K (210 B): ql[128], qh[64], int8 scales[16], d. Value i = 128 k + 32 s + l (half-block
+// k, quarter s, l < 32): low 4 bits ql[64 k + 32 (s & 1) + l] >> 4 (s >> 1), high 2 bits
+// qh[32 k + l] >> 2 s; x = (d * scales[i / 16]) * (q - 32). Unit g = u % 8 is quarter g & 3 of
+// half-block g >> 2 (gguf-py Q6_K.dequantize_blocks, ggml-quants.c dequantize_row_q6_K).
+struct Q6_K {
+    __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
+        const u8* b = row + 210 * (ll)(u >> 3);
+        const int g = u & 7, k = g >> 2, s = g & 3;
+        u32 lv[4], qh[4];
+        load_words(b + 64 * k + 32 * (s & 1) + 16 * h, lv);
+        load_words(b + 128 + 32 * k + 16 * h, qh);
+        const float d = __fmul_rn(h2f((u16)load_u16(b + 208)), (float)(signed char)b[192 + 2 * g + h]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            lv[i] = ((lv[i] >> (4 * (s >> 1))) & 0x0F0F0F0Fu) | (((qh[i] >> (2 * s)) & 0x03030303u) << 4);
+#pragma unroll
+        for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(d, level<32>(lv, l));
+    }
+};
+
+// --- decode products ----------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float s) {
+#pragma unroll
+    for (int off = WARP_SIZE / 2; off > 0; off >>= 1) s += __shfl_xor_sync(FULL_MASK, s, off);
+    return s;
+}
+
+// dot of 16 decoded weights with x[0:16]; four partial sums for latency and accuracy
+__device__ __forceinline__ float dot16(const float (&w)[16], const float* __restrict__ x) {
+    const f32x4* p = (const f32x4*)x;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const f32x4 t = p[i];
+        s0 += w[4 * i] * t.x;
+        s1 += w[4 * i + 1] * t.y;
+        s2 += w[4 * i + 2] * t.z;
+        s3 += w[4 * i + 3] * t.w;
+    }
+    return (s0 + s1) + (s2 + s3);
+}
+
+// One warp: y[t * y_stride] = row . x[t * K:][:K] for t < T <= MAX_T. Lane l decodes units l,
+// l + 32, ... once and multiplies each by the T activation rows.
+template <class Q, int MAX_T>
+__device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, const float* __restrict__ x,
+                                         float* __restrict__ y, ll y_stride, int K, int T) {
+    const int lane = threadIdx.x & (WARP_SIZE - 1);
+    const int units = K >> 5;
+    float acc[MAX_T];
+#pragma unroll
+    for (int t = 0; t < MAX_T; ++t) acc[t] = 0.0f;
+#pragma unroll 1
+    for (int u = lane; u < units; u += WARP_SIZE) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float w[16];
+            Q::half(row, u, h, w);
+            const float* xu = x + 32 * u + 16 * h;
+#pragma unroll
+            for (int t = 0; t < MAX_T; ++t)
+                if (t < T) acc[t] += dot16(w, xu + (ll)t * K);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MAX_T; ++t) {
+        if (t < T) {  // T is the same for the whole warp
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) y[t * y_stride] = s;
+        }
+    }
+}
+
+template <class Q>
+__device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,
+                                    float* __restrict__ y, int N, int K, int T) {
+    const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) return;
+    const u8* row = W + n * row_bytes;
+    // T is uniform over the grid: one specialisation per power of two, guarded up to T
+    if (T <= 1) mmv_warp<Q, 1>(row, x, y + n, N, K, T);
+    else if (T <= 2) mmv_warp<Q, 2>(row, x, y + n, N, K, T);
+    else if (T <= 4) mmv_warp<Q, 4>(row, x, y + n, N, K, T);
+    else mmv_warp<Q, MMV_MAX_T>(row, x, y + n, N, K, T);
+}
+
+template <class Q>
+__device__ __forceinline__ void mmv_ids(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
+                                        const int* __restrict__ ids, const float* __restrict__ x, int x_div,
+                                        float* __restrict__ y, int N, int K, int P) {
+    const int p = blockIdx.y;
+    const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N || p >= P) return;
+    const ll e = ids[p];
+    mmv_warp<Q, 1>(W + e * expert_bytes + n * row_bytes, x + (ll)(p / x_div) * K, y + (ll)p * N + n, N, K, 1);
+}
+
+// --- dequantize rows ----------------------------------------------------------------------------
+
+__device__ __forceinline__ void store16(float* __restrict__ out, const float (&v)[16]) {
+    f32x4* p = (f32x4*)out;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = f32x4{v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]};
+}
+
+__device__ __forceinline__ void store16(u16* __restrict__ out, const float (&v)[16]) {
+    u32 w[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) w[k] = (u32)f2h(v[2 * k]) | ((u32)f2h(v[2 * k + 1]) << 16);
+    u32x4* p = (u32x4*)out;
+    p[0] = u32x4{w[0], w[1], w[2], w[3]};
+    p[1] = u32x4{w[4], w[5], w[6], w[7]};
+}
+
+// thread i decodes unit u of output row r, i = r * (K / 32) + u, into out[32 i:][:32]
+template <class Q, class Out>
+__device__ __forceinline__ void dequant(const u8* __restrict__ W, ll row_bytes, const int* __restrict__ rows,
+                                        int n_rows, int K, Out* __restrict__ out) {
+    const int units = K >> 5;
+    const ll i = (ll)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (ll)n_rows * units) return;
+    const ll r = i / units;
+    const int u = (int)(i - r * units);
+    const u8* row = W + (rows ? (ll)rows[r] : r) * row_bytes;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float v[16];
+        Q::half(row, u, h, v);
+        store16(out + 32 * i + 16 * h, v);
+    }
+}
+
+// --- kernels of every format ----------------------------------------------------------------------
+
+#define FORMAT_KERNELS(name, Q)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128, 8)                                                \
+        mmv_##name(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,                \
+                   float* __restrict__ y, int N, int K, int T) {                                       \
+        mmv<Q>(W, row_bytes, x, y, N, K, T);                                                            \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 8)                                                \
+        mmv_ids_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                        \
+                       const int* __restrict__ ids, const float* __restrict__ x, int x_div,            \
+                       float* __restrict__ y, int N, int K, int P) {                                   \
+        mmv_ids<Q>(W, row_bytes, expert_bytes, ids, x, x_div, y, N, K, P);                              \
+    }                                                                                                   \
+    extern "C" __global__ void dequant_##name##_f32(const u8* __restrict__ W, ll row_bytes,             \
+                                                    const int* __restrict__ rows, int n_rows, int K,    \
+                                                    float* __restrict__ out) {                          \
+        dequant<Q>(W, row_bytes, rows, n_rows, K, out);                                                 \
+    }                                                                                                   \
+    extern "C" __global__ void dequant_##name##_f16(const u8* __restrict__ W, ll row_bytes,             \
+                                                    const int* __restrict__ rows, int n_rows, int K,    \
+                                                    u16* __restrict__ out) {                            \
+        dequant<Q>(W, row_bytes, rows, n_rows, K, out);                                                 \
+    }
+
+FORMAT_KERNELS(f32, F32)
+FORMAT_KERNELS(f16, F16)
+FORMAT_KERNELS(bf16, BF16)
+FORMAT_KERNELS(q4_0, Q4_0)
+FORMAT_KERNELS(q4_1, Q4_1)
+FORMAT_KERNELS(q5_0, Q5_0)
+FORMAT_KERNELS(q5_1, Q5_1)
+FORMAT_KERNELS(q8_0, Q8_0)
+FORMAT_KERNELS(q4_k, Q4_K)
+FORMAT_KERNELS(q5_k, Q5_K)
+FORMAT_KERNELS(q6_k, Q6_K)
+
+// --- elementwise helpers --------------------------------------------------------------------------
+
+// llama.cpp rms_norm_f32 (ggml-cuda/norm.cu): sum of squares in float, scale = 1 / sqrt(mean + eps)
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_f32(const float* x, const float* w, float* y, int D, float eps) {
+    __shared__ float partial[32];
+    const ll off = (ll)blockIdx.x * D;
+    x += off;
+    y += off;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) s += x[i] * x[i];
+    s = warp_sum(s);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & (WARP_SIZE - 1);
+    if (lane == 0) partial[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        s = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0f;
+        s = warp_sum(s);
+        if (lane == 0) partial[0] = s;
+    }
+    __syncthreads();
+    const float scale = 1.0f / sqrtf(partial[0] / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = x[i] * scale * w[i];
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    silu_mul_f32(const float* g, const float* u, float* h, ll n) {
+    const ll stride = (ll)gridDim.x * blockDim.x;
+    for (ll i = (ll)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float a = g[i];
+        h[i] = a / (1.0f + expf(-a)) * u[i];
+    }
+}

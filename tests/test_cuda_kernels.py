@@ -1,0 +1,262 @@
+"""The CUDA kernels of edgeseek/backends/cuda_kernels.cu, on a GPU through CuPy.
+
+Oracles: gguf-py's dequantize (bit-exact for dequant_<t>_f32; dequant_<t>_f16 equals it rounded to
+fp16) and float64 products of those same dequantized weights. The products take float32 activations
+and sum in float32, so against W @ x in float64 they carry float32 rounding only:
+    |y - W @ x| <= 1e-5 * (|W| @ |x|) + 1e-6.
+Every output buffer is poisoned with NaN, with poisoned elements past its end: an element the
+kernel fails to write, or one it writes out of bounds, fails the test.
+
+Weights: gguf-py's quantizers (F16, BF16, Q4_0 .. Q8_0) or edgeseek's (Q4_K, Q5_K, Q6_K, which
+gguf-py cannot quantize), and random bytes with finite fp16 scales, so that every bit of every
+block field is exercised (high bits of the 6-bit scales, int8 signs, fifth bits).
+
+Skipped without CuPy or without a CUDA device.
+"""
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES
+
+cupy = pytest.importorskip("cupy")
+
+import edgeseek.backends  # noqa: E402
+from edgeseek.quantize import get_format  # noqa: E402
+
+
+def _device_count() -> int:
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # CUDARuntimeError without a driver or a device
+        return 0
+
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_device_count() == 0, reason="no CUDA device")]
+
+
+def load_module():
+    return cupy.RawModule(code=Path(edgeseek.backends.__file__).with_name("cuda_kernels.cu").read_text(),
+                          options=("-std=c++17",))
+
+
+# kernel name suffix -> ggml type
+TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0,
+         "q5_1": Q.Q5_1, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+QUANTIZED = [name for name in TYPES if not name.startswith(("f", "bf"))]
+K_QUANTS = {Q.Q4_K, Q.Q5_K, Q.Q6_K}
+# byte offsets of the fp16 fields of a block (d, and m or dmin)
+FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
+               Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+# (N, K): N not a multiple of 4 (the last block of mmv has idle warps); K of 24 units of 32 values
+# (lanes 24..31 idle) and of 88 (lanes with three units and with two)
+SHAPES = [(37, 768), (20, 2816)]
+POISON = 64  # NaN elements past the end of each output
+
+
+@pytest.fixture(scope="module")
+def module():
+    return load_module()
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def weights(n: int, k: int, seed: int) -> np.ndarray:
+    """(n, k) float32, with a different magnitude per 32 values so that block scales differ."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k // 32, 32)) * rng.uniform(0.05, 2.0, (n, k // 32, 1))
+    return w.reshape(n, k).astype(np.float32)
+
+
+def quantize(w: np.ndarray, qtype: Q) -> np.ndarray:
+    """(N, K) float32 -> (N, row_bytes) uint8, the bytes of a GGUF tensor."""
+    raw = get_format(qtype).quantize(w) if qtype in K_QUANTS else gguf_quants.quantize(w, qtype)
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(w.shape[0], -1)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    assert raw.shape[1] == w.shape[1] // block * type_size
+    return raw
+
+
+def random_bytes(qtype: Q, n: int, k: int, seed: int) -> np.ndarray:
+    """(n, row_bytes) random blocks whose fp16 fields are finite numbers of moderate size."""
+    rng = np.random.default_rng(seed)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // block, type_size), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        raw[:, :, off:off + 2] = rng.uniform(-1, 1, (n, k // block)).astype(np.float16).view(np.uint8).reshape(
+            n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+@lru_cache(maxsize=None)
+def matrix(name: str, n: int, k: int, source: str = "quantized") -> tuple[np.ndarray, np.ndarray]:
+    """(raw (n, row_bytes) uint8, gguf-py's dequantization (n, k) float32) of a test matrix."""
+    qtype = TYPES[name]
+    seed = _seed(name, n, k, source)
+    raw = quantize(weights(n, k, seed), qtype) if source == "quantized" else random_bytes(qtype, n, k, seed)
+    deq = np.asarray(gguf_quants.dequantize(raw, qtype), dtype=np.float32).reshape(n, k)
+    return raw, deq
+
+
+def poisoned(size: int, dtype=np.float32):
+    """A flat device buffer of size + POISON NaNs."""
+    return cupy.full(size + POISON, np.nan, dtype=dtype)
+
+
+def unpoisoned(buf, size: int) -> np.ndarray:
+    """The first `size` elements of a poisoned buffer, after checking that its tail is still NaN."""
+    host = buf.get()
+    assert np.isnan(host[size:]).all(), "the kernel wrote past the end of its output"
+    return host[:size]
+
+
+def assert_product(got: np.ndarray, W: np.ndarray, x: np.ndarray, want: np.ndarray | None = None):
+    """got (T, N) against x (T, K) @ W (N, K)^T in float64 (or `want`), within the module's bound."""
+    W, x = W.astype(np.float64), x.astype(np.float64)
+    want = x @ W.T if want is None else want
+    bound = 1e-5 * (np.abs(x) @ np.abs(W).T) + 1e-6
+    bad = ~(np.abs(got - want) <= bound)  # NaN is bad
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{bad.sum()} of {bad.size} outside the bound; at {i}: got {got[i]!r}, "
+                             f"want {want[i]!r}, bound {bound[i]!r}")
+
+
+# --- dequantize ---------------------------------------------------------------------------------
+
+def dequant(module, name: str, raw: np.ndarray, k: int, rows: np.ndarray | None, out: str) -> np.ndarray:
+    """dequant_<name>_<out> of the given rows (None: all, rows = NULL) -> (n_rows, k) host array."""
+    n_rows = raw.shape[0] if rows is None else len(rows)
+    units = n_rows * (k // 32)
+    dtype = np.float32 if out == "f32" else np.float16
+    buf = poisoned(n_rows * k, dtype)
+    rows_arg = np.uint64(0) if rows is None else cupy.asarray(rows, dtype=np.int32)
+    module.get_function(f"dequant_{name}_{out}")(
+        ((units + 255) // 256,), (256,),
+        (cupy.asarray(raw), np.int64(raw.shape[1]), rows_arg, np.int32(n_rows), np.int32(k), buf))
+    return unpoisoned(buf, n_rows * k).reshape(n_rows, k)
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray):
+    bits = np.uint32 if got.dtype == np.float32 else np.uint16
+    bad = got.view(bits) != want.view(bits)
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{bad.sum()} of {bad.size} values differ; at {i}: got {got[i]!r}, want {want[i]!r}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", TYPES)
+def test_dequant_bit_exact(module, name, shape):
+    raw, deq = matrix(name, *shape)
+    k = shape[1]
+    assert_bits_equal(dequant(module, name, raw, k, None, "f32"), deq)
+    assert_bits_equal(dequant(module, name, raw, k, None, "f16"), deq.astype(np.float16))
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_dequant_every_bit(module, name):
+    """Random blocks: every field bit takes both values somewhere."""
+    raw, deq = matrix(name, 64, 768, "random")
+    assert_bits_equal(dequant(module, name, raw, 768, None, "f32"), deq)
+    assert_bits_equal(dequant(module, name, raw, 768, None, "f16"), deq.astype(np.float16))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequant_rows(module, name):
+    """Embedding lookups: out row r is row rows[r], repeated and out of order."""
+    raw, deq = matrix(name, *SHAPES[0])
+    rows = np.array([5, 0, 36, 5, 17, 36], dtype=np.int32)
+    assert_bits_equal(dequant(module, name, raw, SHAPES[0][1], rows, "f32"), deq[rows])
+    assert_bits_equal(dequant(module, name, raw, SHAPES[0][1], rows, "f16"), deq[rows].astype(np.float16))
+
+
+# --- decode products ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", TYPES)
+def test_mmv(module, name, shape, T):
+    n, k = shape
+    raw, deq = matrix(name, n, k)
+    x = np.random.default_rng(_seed("x", name, n, k, T)).standard_normal((T, k)).astype(np.float32)
+    y = poisoned(T * n)
+    module.get_function(f"mmv_{name}")(
+        ((n + 3) // 4,), (128,),
+        (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x), y, np.int32(n), np.int32(k), np.int32(T)))
+    assert_product(unpoisoned(y, T * n).reshape(T, n), deq, x)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_mmv_random_blocks(module, name):
+    """The products read every bit of a block as the dequantizer does."""
+    n, k = 37, 768
+    raw, deq = matrix(name, n, k, "random")
+    x = np.random.default_rng(_seed("xr", name)).standard_normal((2, k)).astype(np.float32)
+    y = poisoned(2 * n)
+    module.get_function(f"mmv_{name}")(
+        ((n + 3) // 4,), (128,),
+        (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x), y, np.int32(n), np.int32(k), np.int32(2)))
+    assert_product(unpoisoned(y, 2 * n).reshape(2, n), deq, x)
+
+
+@pytest.mark.parametrize("x_div", [3, 1])
+@pytest.mark.parametrize("name", TYPES)
+def test_mmv_ids(module, name, x_div):
+    """A layer's routed experts in one launch: E = 5 stacked experts, P = 6 (token, expert) pairs,
+    expert ids repeated and out of order (expert 2 unused); x_div = 3: two tokens of three experts
+    each share their activation row (gate/up), x_div = 1: one row per pair (down)."""
+    E, n, k, P = 5, 37, 768, 6
+    raw, deq = matrix(name, E * n, k)  # (E * N, row_bytes): the (E, N, K) GGUF tensor
+    deq = deq.reshape(E, n, k)
+    ids = np.array([3, 0, 3, 4, 1, 3], dtype=np.int32)
+    x = np.random.default_rng(_seed("xi", name, x_div)).standard_normal((P // x_div, k)).astype(np.float32)
+    y = poisoned(P * n)
+    row_bytes = raw.shape[1]
+    module.get_function(f"mmv_ids_{name}")(
+        ((n + 3) // 4, P), (128,),
+        (cupy.asarray(raw), np.int64(row_bytes), np.int64(n * row_bytes), cupy.asarray(ids), cupy.asarray(x),
+         np.int32(x_div), y, np.int32(n), np.int32(k), np.int32(P)))
+    got = unpoisoned(y, P * n).reshape(P, n)
+    for p in range(P):
+        assert_product(got[p:p + 1], deq[ids[p]], x[p // x_div:p // x_div + 1])
+
+
+# --- elementwise helpers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [1000, 7168])
+def test_rms_norm(module, d):
+    R, eps = 3, 1e-6
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((R, d)) * 3).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    x_gpu, w_gpu, y = cupy.asarray(x), cupy.asarray(w), poisoned(R * d)
+    kernel = module.get_function("rms_norm_f32")
+    kernel((R,), (256,), (x_gpu, w_gpu, y, np.int32(d), np.float32(eps)))
+    got = unpoisoned(y, R * d).reshape(R, d)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + eps) * w
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    kernel((R,), (256,), (x_gpu, w_gpu, x_gpu, np.int32(d), np.float32(eps)))  # in place
+    np.testing.assert_array_equal(x_gpu.get(), got)
+
+
+@pytest.mark.parametrize("blocks", [None, 7])  # one thread per value; a grid that strides
+def test_silu_mul(module, blocks):
+    n = 100_003
+    rng = np.random.default_rng(n)
+    g = (rng.standard_normal(n) * 4).astype(np.float32)
+    u = rng.standard_normal(n).astype(np.float32)
+    h = poisoned(n)
+    grid = (n + 255) // 256 if blocks is None else blocks
+    module.get_function("silu_mul_f32")((grid,), (256,), (cupy.asarray(g), cupy.asarray(u), h, np.int64(n)))
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(unpoisoned(h, n), g64 / (1 + np.exp(-g64)) * u, rtol=1e-5, atol=1e-30)
