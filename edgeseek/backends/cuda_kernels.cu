@@ -15,15 +15,17 @@
 //
 // mmv_<t>(const uchar* W, ll row_bytes, const float* x, float* y, int N, int K, int T)
 //     y (T, N) = x (T, K) @ W (N, K)^T for 1 <= T <= 8 tokens (decode).
-//     block (128, 1, 1), grid ((N + 3) / 4, 1, 1): one warp per row of W.
+//     block (128, 1, 1), grid ((N + 3) / 4, 1, 1): one warp per row of W. Static shared memory
+//     (36 KiB: the block's activations, a chunk of 1024 values per token), none to pass at launch.
 // mmv_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* x,
 //             int x_div, float* y, int N, int K, int P)
 //     W (E, N, K) stacked experts, expert_bytes = N * row_bytes; for pair p < P:
 //     y[p] (N,) = W[ids[p]] (N, K) @ x[p / x_div] (K,)   (x_div = n_used for gate/up, 1 for down)
-//     block (128, 1, 1), grid ((N + 3) / 4, P, 1).
+//     block (128, 1, 1), grid ((N + 3) / 4, P, 1), P <= 65535. Static shared memory (4.5 KiB).
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
 // dequant_<t>_f16(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, ushort* out)
-//     out (n_rows, K) = row (rows ? rows[r] : r) of W, dequantized (fp16: rounded to nearest even).
+//     out (n_rows, K) = row (rows ? rows[r] : r) of W, dequantized (fp16: rounded to nearest even;
+//     a cupy float16 array passes as ushort*).
 //     One thread per 32-value unit: block (256, 1, 1), grid (ceil(n_rows * (K / 32) / 256), 1, 1)
 //     (any block size works; threads past n_rows * K / 32 return). rows = NULL: numpy.uint64(0).
 // rms_norm_f32(const float* x, const float* w, float* y, int D, float eps)
@@ -120,6 +122,7 @@ __device__ __forceinline__ float level(const u32 (&lv)[4], int l) {
 __device__ __forceinline__ u32 spread4(u32 x) { return ((x * 0x00204081u) & 0x01010101u) << 4; }
 
 struct F32 {
+    static constexpr int block_values = 32, block_bytes = 128;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const f32x4* p = (const f32x4*)(row + 128 * (ll)u + 64 * h);
 #pragma unroll
@@ -131,6 +134,7 @@ struct F32 {
 };
 
 struct F16 {
+    static constexpr int block_values = 32, block_bytes = 64;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         u32 w[8];
         load_words16(row + 64 * (ll)u + 32 * h, w);
@@ -143,6 +147,7 @@ struct F16 {
 };
 
 struct BF16 {
+    static constexpr int block_values = 32, block_bytes = 64;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         u32 w[8];
         load_words16(row + 64 * (ll)u + 32 * h, w);
@@ -156,6 +161,7 @@ struct BF16 {
 
 // block_q4_0 (18 B): d, qs[16]; value j = low nibble of qs[j], j + 16 = high; x = d * (q - 8)
 struct Q4_0 {
+    static constexpr int block_values = 32, block_bytes = 18;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 18 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -170,6 +176,7 @@ struct Q4_0 {
 
 // block_q4_1 (20 B, 4-byte aligned): d, m, qs[16]; x = d * q + m
 struct Q4_1 {
+    static constexpr int block_values = 32, block_bytes = 20;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u32* b = (const u32*)(row + 20 * (ll)u);
         const u32 dm = b[0];
@@ -184,6 +191,7 @@ struct Q4_1 {
 
 // block_q5_0 (22 B): d, qh (uint32, bit j = fifth bit of value j), qs[16]; x = d * (q - 16)
 struct Q5_0 {
+    static constexpr int block_values = 32, block_bytes = 22;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 22 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -200,6 +208,7 @@ struct Q5_0 {
 
 // block_q5_1 (24 B, 8-byte aligned): d, m, qh (uint32), qs[16]; x = d * q + m
 struct Q5_1 {
+    static constexpr int block_values = 32, block_bytes = 24;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u32* b = (const u32*)(row + 24 * (ll)u);
         const u32 dm = b[0], qh = b[1];
@@ -215,6 +224,7 @@ struct Q5_1 {
 
 // block_q8_0 (34 B): d, int8 qs[32]; x = q * d. Byte b ^ 0x80 is the int8 plus 128.
 struct Q8_0 {
+    static constexpr int block_values = 32, block_bytes = 34;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 34 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -248,6 +258,7 @@ __device__ __forceinline__ void scales_k4(const u8* b, int j, float& dsc, float&
 // block_q4_K (144 B, 16-byte aligned): d, dmin, scales[12], qs[128]; sub-block j reads
 // qs[32 * (j / 2):][:32], low nibbles if j is even; x = (d * sc) * q - dmin * m
 struct Q4_K {
+    static constexpr int block_values = 256, block_bytes = 144;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 144 * (ll)(u >> 3);
         const int j = u & 7;
@@ -265,6 +276,7 @@ struct Q4_K {
 // block_q5_K (176 B, 16-byte aligned): d, dmin, scales[12], qh[32], qs[128]; as Q4_K, and value l
 // of sub-block j has fifth bit (qh[l] >> j) & 1
 struct Q5_K {
+    static constexpr int block_values = 256, block_bytes = 176;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 176 * (ll)(u >> 3);
         const int j = u & 7;
@@ -286,6 +298,7 @@ struct Q5_K {
 // qh[32 k + l] >> 2 s; x = (d * scales[i / 16]) * (q - 32). Unit g = u % 8 is quarter g & 3 of
 // half-block g >> 2 (gguf-py Q6_K.dequantize_blocks, ggml-quants.c dequantize_row_q6_K).
 struct Q6_K {
+    static constexpr int block_values = 256, block_bytes = 210;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 210 * (ll)(u >> 3);
         const int g = u & 7, k = g >> 2, s = g & 3;
@@ -324,28 +337,60 @@ __device__ __forceinline__ float dot16(const float (&w)[16], const float* __rest
     return (s0 + s1) + (s2 + s3);
 }
 
+// Activations go through shared memory a chunk of 32 units (1024 values per token) at a time: the
+// block loads each chunk once for its 4 rows, coalesced, and each lane then reads the 32 values of
+// its unit. Read straight from global memory, a warp's 16-byte loads at a 128-byte stride cost one
+// L1 wavefront per lane and bound the products far below memory bandwidth. A unit's values sit
+// XS_STRIDE floats apart: the 8 lanes of a quarter warp hit 8 distinct groups of 4 banks.
+#define XS_STRIDE 36                // floats per unit: 32 values and 4 of padding
+#define XS_TOKEN (32 * XS_STRIDE)   // floats per token and chunk
+
+// Ask L2 for the bytes of unit u of a row (for a K-quant, a 32-value share of its block: the 8 lanes
+// of a block cover the whole block), a chunk ahead of their use.
+template <class Q>
+__device__ __forceinline__ void prefetch_unit(const u8* row, int u) {
+    const ll first = (ll)u * 32 * Q::block_bytes / Q::block_values;
+    const ll last = ((ll)u + 1) * 32 * Q::block_bytes / Q::block_values - 1;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + first));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + last));
+}
+
 // One warp: y[t * y_stride] = row . x[t * K:][:K] for t < T <= MAX_T. Lane l decodes units l,
-// l + 32, ... once and multiplies each by the T activation rows.
+// l + 32, ... once and multiplies each by the T activation rows. Every warp of the block calls it
+// (the chunks are loaded together); those with active = false (rows past N) only load.
 template <class Q, int MAX_T>
-__device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, const float* __restrict__ x,
-                                         float* __restrict__ y, ll y_stride, int K, int T) {
+__device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active, const float* __restrict__ x,
+                                         float* xs, float* __restrict__ y, ll y_stride, int K, int T) {
     const int lane = threadIdx.x & (WARP_SIZE - 1);
     const int units = K >> 5;
     float acc[MAX_T];
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) acc[t] = 0.0f;
-#pragma unroll 1
-    for (int u = lane; u < units; u += WARP_SIZE) {
+    if (active && lane < units) prefetch_unit<Q>(row, lane);
+#pragma unroll 1  // one unit in flight per lane: more would pass the 64 registers
+    for (int base = 0; base < units; base += WARP_SIZE) {
+        const int n_units = min(WARP_SIZE, units - base);
+        if (active && base + WARP_SIZE + lane < units) prefetch_unit<Q>(row, base + WARP_SIZE + lane);
+        __syncthreads();  // the previous chunk is consumed
+        for (int t = 0; t < T; ++t) {
+            const f32x4* src = (const f32x4*)(x + (ll)t * K + 32 * base);
+            f32x4* dst = (f32x4*)(xs + t * XS_TOKEN);
+            for (int i = threadIdx.x; i < 8 * n_units; i += blockDim.x) dst[(i >> 3) * (XS_STRIDE / 4) + (i & 7)] = src[i];
+        }
+        __syncthreads();
+        if (active && lane < n_units) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float w[16];
-            Q::half(row, u, h, w);
-            const float* xu = x + 32 * u + 16 * h;
+            for (int h = 0; h < 2; ++h) {
+                float w[16];
+                Q::half(row, base + lane, h, w);
+                const float* xu = xs + lane * XS_STRIDE + 16 * h;
 #pragma unroll
-            for (int t = 0; t < MAX_T; ++t)
-                if (t < T) acc[t] += dot16(w, xu + (ll)t * K);
+                for (int t = 0; t < MAX_T; ++t)
+                    if (t < T) acc[t] += dot16(w, xu + t * XS_TOKEN);
+            }
         }
     }
+    if (!active) return;  // whole warps
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) {
         if (t < T) {  // T is the same for the whole warp
@@ -358,25 +403,28 @@ __device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, const float
 template <class Q>
 __device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,
                                     float* __restrict__ y, int N, int K, int T) {
+    __shared__ float xs[MMV_MAX_T * XS_TOKEN];
     const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N) return;
-    const u8* row = W + n * row_bytes;
+    const bool active = n < N;
+    const u8* row = W + min(n, N - 1) * row_bytes;
     // T is uniform over the grid: one specialisation per power of two, guarded up to T
-    if (T <= 1) mmv_warp<Q, 1>(row, x, y + n, N, K, T);
-    else if (T <= 2) mmv_warp<Q, 2>(row, x, y + n, N, K, T);
-    else if (T <= 4) mmv_warp<Q, 4>(row, x, y + n, N, K, T);
-    else mmv_warp<Q, MMV_MAX_T>(row, x, y + n, N, K, T);
+    if (T <= 1) mmv_warp<Q, 1>(row, active, x, xs, y + n, N, K, T);
+    else if (T <= 2) mmv_warp<Q, 2>(row, active, x, xs, y + n, N, K, T);
+    else if (T <= 4) mmv_warp<Q, 4>(row, active, x, xs, y + n, N, K, T);
+    else mmv_warp<Q, MMV_MAX_T>(row, active, x, xs, y + n, N, K, T);
 }
 
 template <class Q>
 __device__ __forceinline__ void mmv_ids(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
                                         const int* __restrict__ ids, const float* __restrict__ x, int x_div,
                                         float* __restrict__ y, int N, int K, int P) {
+    __shared__ float xs[XS_TOKEN];
     const int p = blockIdx.y;
+    if (p >= P) return;  // the whole block
     const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N || p >= P) return;
     const ll e = ids[p];
-    mmv_warp<Q, 1>(W + e * expert_bytes + n * row_bytes, x + (ll)(p / x_div) * K, y + (ll)p * N + n, N, K, 1);
+    mmv_warp<Q, 1>(W + e * expert_bytes + min(n, N - 1) * row_bytes, n < N, x + (ll)(p / x_div) * K, xs,
+                   y + (ll)p * N + n, N, K, 1);
 }
 
 // --- dequantize rows ----------------------------------------------------------------------------
