@@ -29,10 +29,13 @@ class NumpyKernels:
 
     def dequant(self, qtype, w, row_bytes, rows, n_rows, k, out):
         src = w if rows is None else w[rows]
-        out[:] = _rows(qtype, src[:n_rows], k).astype(out.dtype)
+        out.reshape(n_rows, k)[:] = _rows(qtype, src[:n_rows], k).astype(out.dtype)
 
     def gemm_f16(self, x16, w16, y):
-        y[:] = x16.astype(np.float32) @ w16.astype(np.float32).T
+        y[:] = x16.astype(np.float32) @ np.swapaxes(w16.astype(np.float32), -1, -2)
+
+    def scatter_add(self, out, rows, values):
+        np.add.at(out, rows, values)
 
     def silu_mul(self, g, u):
         return g / (1.0 + np.exp(-g)) * u

@@ -28,8 +28,19 @@ MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go throug
 WARPS = 4  # output rows per block of the decode products (128 threads)
 
 
+CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 0, 68, -1
+
+
 class DeviceError(EdgeseekError):
     pass
+
+
+def _cublas():
+    try:
+        from cupy_backends.cuda.libs import cublas
+    except ImportError:  # older layouts
+        from cupy.cuda import cublas
+    return cublas
 
 
 def probe() -> str | None:
@@ -104,18 +115,32 @@ class Kernels:
 
     def gemm_f16(self, x16, w16, y) -> None:
         """y (T, N) float32 = x16 (T, K) @ w16 (N, K).T, float16 operands, float32 accumulation and
-        output (cuBLAS GemmEx)."""
-        from cupy.cuda import cublas
-        t, k = x16.shape
-        n = w16.shape[0]
+        output (cuBLAS GemmEx); with a leading batch axis on all three, one strided-batched call."""
+        cublas = _cublas()
+        batched = x16.ndim == 3
+        b = x16.shape[0] if batched else 1
+        t, k = x16.shape[-2:]
+        n = w16.shape[-2]
         handle = self.cp.cuda.device.get_cublas_handle()
         cublas.setStream(handle, self.cp.cuda.get_current_stream().ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
-        cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, t, k,
-                      one.ctypes.data, w16.data.ptr, 2, k,  # CUDA_R_16F
-                      x16.data.ptr, 2, k,
-                      zero.ctypes.data, y.data.ptr, 0, n,  # CUDA_R_32F
-                      68, -1)  # CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT
+        # row-major Y = X W^T is column-major Y^T = W X^T: A = W (op T), B = X (op N)
+        if not batched:
+            cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, t, k,
+                          one.ctypes.data, w16.data.ptr, CUDA_R_16F, k, x16.data.ptr, CUDA_R_16F, k,
+                          zero.ctypes.data, y.data.ptr, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+            return
+        cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, t, k,
+                                    one.ctypes.data, w16.data.ptr, CUDA_R_16F, k, n * k,
+                                    x16.data.ptr, CUDA_R_16F, k, t * k,
+                                    zero.ctypes.data, y.data.ptr, CUDA_R_32F, n, t * n, b,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+
+    def scatter_add(self, out, rows, values) -> None:
+        """out[rows[i]] += values[i] (rows may repeat)."""
+        import cupyx
+        cupyx.scatter_add(out, rows, values)
 
     def route(self, logits, bias, router, ids, w) -> None:
         """models/moe.route on the device: logits (T, E) -> ids (T, k) int32, w (T, k) float32."""
@@ -308,14 +333,56 @@ class CUDABackend:
                 mix[tok, np.arange(p)] = weights[tok, which]
                 out += xp.asarray(mix) @ y
             else:
-                for e in np.unique(slot[on_gpu]):
-                    t_e, c_e = np.nonzero(slot == e)
-                    xe = x[xp.asarray(t_e)]
-                    h = k.silu_mul(gate.one(e)(xe), up.one(e)(xe))
-                    out[xp.asarray(t_e)] += down.one(e)(h) * xp.asarray(weights[t_e, c_e])[:, None]
+                self._prompt_experts(x, slot, on_gpu, weights, store.device(layer), out)
         if not on_gpu.all():
             out += xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu, layer))
         return out
+
+    def _prompt_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
+        """A prompt's routed experts in VRAM: the experts' tokens gathered into a padded (experts,
+        most tokens, D) batch, their weights dequantized to float16 a group of experts at a time,
+        one strided-batched cuBLAS product per projection and group; then each (token, expert)
+        row weighted and added to its token."""
+        xp, k = self.xp, self.kernels
+        gate, up, down = projections
+        F, D = gate.shape
+        tok, which = np.nonzero(on_gpu)
+        e_of = slot[tok, which]
+        order = np.argsort(e_of, kind="stable")
+        tok, which, e_of = tok[order], which[order], e_of[order]
+        experts, start, count = np.unique(e_of, return_index=True, return_counts=True)
+        per_group = max(1, PREFILL_TILE // (F * D))
+        for g0 in range(0, len(experts), per_group):
+            g = slice(g0, g0 + per_group)
+            ex, st, ct = experts[g], start[g], count[g]
+            n, tmax = len(ex), int(ct.max())
+            idx = np.zeros((n, tmax), np.int64)  # padding rows repeat token 0 and are dropped below
+            for j in range(n):
+                idx[j, :ct[j]] = tok[st[j]:st[j] + ct[j]]
+            xg = x[xp.asarray(idx.reshape(-1))].reshape(n, tmax, D)
+            h = k.silu_mul(self._batched(gate, ex, xg), self._batched(up, ex, xg))  # (n, tmax, F)
+            y = self._batched(down, ex, h)  # (n, tmax, D)
+            valid = (np.arange(tmax)[None, :] < ct[:, None]).reshape(-1)
+            rows = np.nonzero(valid)[0]
+            pair = np.concatenate([np.arange(st[j], st[j] + ct[j]) for j in range(n)])
+            w = xp.asarray(weights[tok[pair], which[pair]].astype(np.float32))
+            k.scatter_add(out, xp.asarray(tok[pair]), y.reshape(n * tmax, D)[xp.asarray(rows)] * w[:, None])
+
+    def _batched(self, proj, experts: np.ndarray, x):
+        """x (n, T, K) through experts (n,) of one projection -> (n, T, N) float32: float16
+        operands on the tensor cores, float32 where the file's weights are float32."""
+        xp, k = self.xp, self.kernels
+        N, K = proj.shape
+        rows = (experts[:, None] * N + np.arange(N)[None, :]).reshape(-1).astype(np.int32)
+        exact = proj.qtype == Q.F32
+        w = xp.empty((len(experts), N, K), np.float32 if exact else np.float16)
+        flat = proj.raw.reshape(-1, proj.raw.shape[-1])  # (E*N, row_bytes)
+        k.dequant(proj.qtype, flat, flat.shape[-1], xp.asarray(rows), len(rows), K, w)
+        if exact:
+            return xp.matmul(x, w.transpose(0, 2, 1))
+        y = xp.empty((len(experts), x.shape[1], N), np.float32)
+        k.gemm_f16(x.astype(np.float16), w, y)
+        return y
 
     def _router_logits(self, x, w):
         """x (T, D) @ w (E, D).T: few tokens through the decode kernel (no cuBLAS: capturable)."""
