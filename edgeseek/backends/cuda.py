@@ -285,8 +285,17 @@ class CUDABackend:
         key = (n, repeat)
         a = self._aranges.get(key)
         if a is None:
-            a = self._aranges[key] = self.xp.asarray(np.tile(np.arange(n, dtype=np.int32), repeat))
+            a = self._aranges[key] = self.persistent(np.tile(np.arange(n, dtype=np.int32), repeat))
         return a
+
+    def persistent(self, host: np.ndarray):
+        """A device copy from the default pool, also while a decode graph is being recorded (its
+        own pool goes with the graph)."""
+        if self.xp is np:
+            return host.copy()
+        import cupy
+        with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+            return cupy.asarray(host)
 
     def experts_one_token(self, x, triples):
         return None
@@ -420,11 +429,13 @@ class CUDABackend:
             return None
         if model.experts is not None and not all(model.experts.all_on_device(i) for i in model.experts.layers()):
             return None
-        self.tokens(tokens)  # range check
+        t = int(tokens[0])
+        if self.vocab is not None and not 0 <= t < self.vocab:
+            raise ValueError(f"token id out of range [0, {self.vocab})")
         g = getattr(cache, "decode_graph", None)
         if g is None:
             g = cache.decode_graph = _DecodeGraph(self, model, cache)
-        return g.run(int(tokens[0]), cache.pos)
+        return g.run(t, cache.pos)
 
     def host(self, x) -> np.ndarray:
         return x if isinstance(x, np.ndarray) else x.get()
