@@ -57,6 +57,16 @@ class Backend(Protocol):
         store lat_new (1, C) and k_pe_new (1, R) at position pos in one layer's cache (S, C) and
         (S, R); q_lat (H, C) and q_pe (H, R) attend over positions 0..pos -> o_lat (1, H, C)."""
 
+    def rms_norm(self, x, weight, eps: float):
+        """models/common.rms_norm: x (T, D) -> x / rms(x) * weight."""
+
+    def swiglu(self, g, u):
+        """silu(g) * u, elementwise."""
+
+    def rope(self, rope, x, positions):
+        """rope(x, positions) (models/common.Rope: its tables, kind and dim) as one kernel, or
+        None: Rope's own math then runs."""
+
     def tokens(self, ids: np.ndarray):
         """Token ids (T,) from the host as the embedding takes them."""
 

@@ -20,9 +20,14 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def ffn(x: np.ndarray, gate, up, down) -> np.ndarray:
-    """SwiGLU feed-forward: down(silu(gate x) * up x); x (T, D) -> (T, D)."""
-    return down(silu(gate(x)) * up(x))
+def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return silu(g) * u
+
+
+def ffn(x: np.ndarray, gate, up, down, glu=swiglu) -> np.ndarray:
+    """SwiGLU feed-forward: down(silu(gate x) * up x); x (T, D) -> (T, D). `glu` is the
+    backend's silu(g) * u (one kernel on a GPU)."""
+    return down(glu(gate(x), up(x)))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -80,9 +85,10 @@ class Rope:
     decode step captured as a CUDA graph reads at every replay.
     """
 
-    def __init__(self, dim: int, inv_freq: np.ndarray, kind: str = "norm", mscale: float = 1.0, xp=np):
+    def __init__(self, dim: int, inv_freq: np.ndarray, kind: str = "norm", mscale: float = 1.0, backend=None):
         self.dim, self.inv_freq, self.kind, self.mscale = dim, inv_freq, kind, mscale
-        self.xp = xp  # the array module of the activations rotated
+        self.backend = backend
+        self.xp = backend.xp if backend is not None else np  # the array module of the activations rotated
         self.cos = self.sin = None
         self.n = 0  # positions the tables cover
         self._retired: list = []  # earlier tables: a captured step may still read them
@@ -103,6 +109,10 @@ class Rope:
         """x (T, H, head_dim) float32, positions (T,) -> rotated copy."""
         if isinstance(positions, np.ndarray) and len(positions):
             self.ensure(int(positions.max()) + 1)
+        if self.backend is not None:
+            out = self.backend.rope(self, x, positions)  # one kernel on a GPU; None: the math below
+            if out is not None:
+                return out
         cos = self.cos[positions][:, None, :]  # (T, 1, dim/2)
         sin = self.sin[positions][:, None, :]
         out = x.copy()
@@ -175,11 +185,11 @@ class DecoderModel:
         pos_x = self.backend.positions(pos)
         x = self.token_embd(ids)  # (T, D)
         for i, L in enumerate(self.layers):
-            x = x + self.attention(L, rms_norm(x, L.attn_norm, eps), cache, i, pos, pos_x)
-            x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)
+            x = x + self.attention(L, self.backend.rms_norm(x, L.attn_norm, eps), cache, i, pos, pos_x)
+            x = x + self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i)
         if not all_logits:
             x = x[-1:]
-        return self.output(rms_norm(x, self.output_norm, eps))
+        return self.output(self.backend.rms_norm(x, self.output_norm, eps))
 
     def forward_rows(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """One decode step of several sequences at once: token t continues the sequence of
@@ -194,8 +204,8 @@ class DecoderModel:
         self.rope.ensure(max(c.n_ctx for c in caches))
         x = self.token_embd(self.backend.tokens(tokens))  # (B, D)
         for i, L in enumerate(self.layers):
-            x = x + self.attention_rows(L, rms_norm(x, L.attn_norm, eps), caches, i, pos)
-            x = x + self.feed_forward(L, rms_norm(x, L.ffn_norm, eps), i)
+            x = x + self.attention_rows(L, self.backend.rms_norm(x, L.attn_norm, eps), caches, i, pos)
+            x = x + self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i)
         for c in caches:
             c.pos += 1
-        return self.backend.host(self.output(rms_norm(x, self.output_norm, eps)))
+        return self.backend.host(self.output(self.backend.rms_norm(x, self.output_norm, eps)))

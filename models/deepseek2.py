@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeseek.errors import GGUFError, UnsupportedError
 
-from .common import DecoderModel, Rope, ffn, require, rms_norm, rope_freqs, softmax, vector, yarn_freqs
+from .common import DecoderModel, Rope, ffn, require, rope_freqs, softmax, vector, yarn_freqs
 from .moe import SIGMOID, SOFTMAX, RouterConfig, route
 
 
@@ -204,7 +204,7 @@ class DeepSeek2Model(DecoderModel):
             inv = rope_freqs(c.qk_rope, c.rope_base)
         # llama.cpp cancels YaRN's own cos/sin magnitude scaling for deepseek2 and moves it into
         # kq_scale, leaving rope.scaling.attn_factor (1 unless the file sets it) on cos/sin.
-        self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor, xp=b.xp)
+        self.rope = Rope(c.qk_rope, inv, "norm", mscale=c.rope_attn_factor, backend=b)
 
     def begin_step(self) -> None:
         if self.experts is not None:
@@ -222,14 +222,14 @@ class DeepSeek2Model(DecoderModel):
         c = self.config
         T, H, C, N, R = len(h), c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope
         if c.q_lora_rank:
-            q = L.attn_q_b(rms_norm(L.attn_q_a(h), L.attn_q_a_norm, c.rms_eps))
+            q = L.attn_q_b(self.backend.rms_norm(L.attn_q_a(h), L.attn_q_a_norm, c.rms_eps))
         else:
             q = L.attn_q(h)
         q = q.reshape(T, H, N + R)  # each head: [nope N | rope R]
         q_pe = self.rope(q[:, :, N:], pos)  # (T, H, R)
         q_lat = self.backend.per_head(L.attn_k_b, q[:, :, :N])  # (T, H, C)
         kv = L.attn_kv_a_mqa(h)  # (T, C + R): [latent | k_pe]
-        return q_lat, q_pe, rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
+        return q_lat, q_pe, self.backend.rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
 
     def _attend(self, q_lat, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
         """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""
@@ -272,12 +272,12 @@ class DeepSeek2Model(DecoderModel):
 
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         if L.dense:
-            return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
+            return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, self.backend.swiglu)
         out = self.backend.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
         if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)
             self.experts.prefetch(i + 1, guess[0])
         if self.config.n_expert_shared:
-            out += ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)
+            out += ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, self.backend.swiglu)
         return out

@@ -103,13 +103,13 @@ class LlamaModel(DecoderModel):
         # llama3's rope scaling: one factor per rotated pair of values
         factors = vector(b, g, "rope_freqs.weight", c.rope_dim // 2) if g.has("rope_freqs.weight") else None
         inv = rope_freqs(c.rope_dim, c.rope_base, factors) / c.rope_scale
-        self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm", xp=b.xp)
+        self.rope = Rope(c.rope_dim, inv, "neox" if c.arch == "qwen2" else "norm", backend=b)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx or self.n_ctx, self.backend.xp)
 
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
-        return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
+        return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, self.backend.swiglu)
 
     def _project(self, L: Layer, h: np.ndarray, pos):
         """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""

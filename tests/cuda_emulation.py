@@ -8,7 +8,7 @@ import numpy as np
 from gguf import quants
 
 from edgeseek.backends.cuda import CUDABackend
-from edgeseek.models.common import softmax
+from edgeseek.models.common import rms_norm, softmax
 from edgeseek.models.moe import route
 
 
@@ -39,6 +39,19 @@ class NumpyKernels:
 
     def silu_mul(self, g, u):
         return g / (1.0 + np.exp(-g)) * u
+
+    def rms_norm(self, x, w, eps):
+        return rms_norm(x, w, eps)
+
+    def rope(self, x, y, positions, cos, sin, dim, neox):
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+        y[:] = x
+        if not neox:
+            a, b = x[..., 0:dim:2], x[..., 1:dim:2]
+            y[..., 0:dim:2], y[..., 1:dim:2] = a * c - b * s, a * s + b * c
+        else:
+            a, b = x[..., : dim // 2], x[..., dim // 2: dim]
+            y[..., : dim // 2], y[..., dim // 2: dim] = a * c - b * s, a * s + b * c
 
     def route(self, logits, bias, router, ids, w):
         i, ww = route(logits, router, bias)

@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgeseek.errors import UnsupportedError
-from edgeseek.models.common import silu, softmax
+from edgeseek.models.common import rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import moe, route
 from edgeseek.quantize import QMatrix, get_format
 
@@ -97,6 +97,12 @@ class CPUBackend:
 
     def latent_decode(self, *args) -> None:
         return None  # the model's numpy math is the CPU's
+
+    rms_norm = staticmethod(rms_norm)
+    swiglu = staticmethod(swiglu)
+
+    def rope(self, rope, x, positions) -> None:
+        return None
 
     def tokens(self, ids) -> np.ndarray:
         return np.asarray(ids)

@@ -163,6 +163,19 @@ class Kernels:
                                                np.int32(r), np.int32(s_max), np.float32(scale)))
         return out
 
+    def rms_norm(self, x, w, eps: float):
+        """x (R, D) contiguous float32 -> x / rms(x) * w."""
+        d = x.shape[-1]
+        y = self.cp.empty_like(x)
+        self._fn("rms_norm_f32")((x.size // d,), (256,), (x, w, y, np.int32(d), np.float32(eps)))
+        return y
+
+    def rope(self, x, y, positions, cos, sin, dim: int, neox: bool) -> None:
+        t, h, hd = x.shape
+        self._fn("rope_f32")((t * h,), (128,), (x, y, np.int32(t), np.int32(h), np.int64(x.strides[0] // 4),
+                                                 np.int64(x.strides[1] // 4), np.int32(hd), np.int32(dim), cos, sin,
+                                                 positions, np.int32(neox)))
+
     def silu_mul(self, g, u):
         h = self.cp.empty_like(g)
         n = g.size
@@ -400,6 +413,22 @@ class CUDABackend:
         e, d = w.shape
         y = self.xp.empty((len(x), e), np.float32)
         self.kernels.mmv(Q.F32, w.view(np.uint8), 4 * d, self.xp.ascontiguousarray(x), y, e, d, len(x))
+        return y
+
+    def rms_norm(self, x, weight, eps: float):
+        return self.kernels.rms_norm(self.xp.ascontiguousarray(x, dtype=np.float32), weight, eps)
+
+    def swiglu(self, g, u):
+        return self.kernels.silu_mul(self.xp.ascontiguousarray(g), self.xp.ascontiguousarray(u))
+
+    def rope(self, rope, x, positions):
+        xp = self.xp
+        if x.strides[-1] != 4 or x.dtype != np.float32:
+            x = xp.ascontiguousarray(x, dtype=np.float32)
+        if isinstance(positions, np.ndarray):
+            positions = xp.asarray(positions.astype(np.int32))
+        y = xp.empty(x.shape, np.float32)
+        self.kernels.rope(x, y, positions, rope.cos, rope.sin, rope.dim, rope.kind == "neox")
         return y
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):

@@ -19,6 +19,7 @@
 //     cache_kpe (s_max, R) fp16; q_lat (H, C), q_pe (H, R) float32; scores (H, s_max) scratch;
 //     out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c.
 //     block (256, 1, 1), grid (H, 1, 1).
+//     (rope_f32 at the end of this file.)
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -188,5 +189,34 @@ mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, cons
         float acc = 0.0f;
         for (int s = 0; s < S; ++s) acc += sc[s] * h2f(cache_c[(ll)s * C + i]);
         out[(ll)h * C + i] = acc / sum;
+    }
+}
+
+// rope_f32(const float* x, float* y, int T, int H, ll st, ll sh, int head_dim, int dim,
+//          const float* cos, const float* sin, const int* pos, int neox)
+//     models/common.Rope: x (T, H, head_dim) at x[t * st + h * sh + i] (values of a head contiguous)
+//     -> y (T, H, head_dim) contiguous, the first dim values of each head rotated by the angles of
+//     position pos[t] (tables cos, sin: (positions, dim / 2)), adjacent pairs (neox 0) or halves
+//     (neox 1), the rest copied. block (128, 1, 1), grid (T * H, 1, 1).
+extern "C" __global__ void __launch_bounds__(128)
+rope_f32(const float* __restrict__ x, float* __restrict__ y, int T, int H, ll st, ll sh, int head_dim, int dim,
+         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos, int neox) {
+    const int th = blockIdx.x, t = th / H, h = th % H, half = dim / 2;
+    const float* xr = x + (ll)t * st + (ll)h * sh;
+    float* yr = y + (ll)th * head_dim;
+    const float* c = cos_t + (ll)pos[t] * half;
+    const float* s = sin_t + (ll)pos[t] * half;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+        if (i >= dim) {
+            yr[i] = xr[i];
+        } else if (!neox) {
+            const int j = i >> 1;
+            const float a = xr[2 * j], b = xr[2 * j + 1];
+            yr[i] = (i & 1) ? a * s[j] + b * c[j] : a * c[j] - b * s[j];
+        } else {
+            const int j = i < half ? i : i - half;
+            const float a = xr[j], b = xr[j + half];
+            yr[i] = i < half ? a * c[j] - b * s[j] : a * s[j] + b * c[j];
+        }
     }
 }
