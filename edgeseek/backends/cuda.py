@@ -529,6 +529,8 @@ class TieredExperts:
     and the CPU tier's statistics are the CPU store's; the split of each step's pairs is added."""
 
     def __init__(self, backend, gguf, cpu_store, plan):
+        from .cpu import CPUBackend
+        self.cpu = CPUBackend()
         self.cpu_store = cpu_store
         self.n_expert = cpu_store.n_expert
         self._slots: dict[int, np.ndarray] = {}
@@ -588,10 +590,13 @@ class TieredExperts:
         tok, which = np.nonzero(mask)
         experts = np.unique(ids[tok, which])
         for group in self.cpu_store.fetch_groups(layer, experts):
-            for j, (gate, up, down) in group:
+            # a decode step: the group's experts in one product per projection (the CPU backend's)
+            ys = self.cpu.experts_one_token(x, [t for _, t in group]) if len(x) == 1 and len(group) > 1 else None
+            for i, (j, (gate, up, down)) in enumerate(group):
                 sel = ids[tok, which] == experts[j]
                 t_e, c_e = tok[sel], which[sel]
-                out[t_e] += ffn(x[t_e], gate, up, down) * weights[t_e, c_e][:, None]
+                y = ys[i:i + 1] if ys is not None else ffn(x[t_e], gate, up, down)
+                out[t_e] += y * weights[t_e, c_e][:, None]
         return out
 
     def pack(self, gguf=None) -> int:
