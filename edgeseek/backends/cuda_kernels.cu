@@ -122,7 +122,6 @@ __device__ __forceinline__ float level(const u32 (&lv)[4], int l) {
 __device__ __forceinline__ u32 spread4(u32 x) { return ((x * 0x00204081u) & 0x01010101u) << 4; }
 
 struct F32 {
-    static constexpr int block_values = 32, block_bytes = 128;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const f32x4* p = (const f32x4*)(row + 128 * (ll)u + 64 * h);
 #pragma unroll
@@ -134,7 +133,6 @@ struct F32 {
 };
 
 struct F16 {
-    static constexpr int block_values = 32, block_bytes = 64;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         u32 w[8];
         load_words16(row + 64 * (ll)u + 32 * h, w);
@@ -147,7 +145,6 @@ struct F16 {
 };
 
 struct BF16 {
-    static constexpr int block_values = 32, block_bytes = 64;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         u32 w[8];
         load_words16(row + 64 * (ll)u + 32 * h, w);
@@ -161,7 +158,6 @@ struct BF16 {
 
 // block_q4_0 (18 B): d, qs[16]; value j = low nibble of qs[j], j + 16 = high; x = d * (q - 8)
 struct Q4_0 {
-    static constexpr int block_values = 32, block_bytes = 18;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 18 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -176,7 +172,6 @@ struct Q4_0 {
 
 // block_q4_1 (20 B, 4-byte aligned): d, m, qs[16]; x = d * q + m
 struct Q4_1 {
-    static constexpr int block_values = 32, block_bytes = 20;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u32* b = (const u32*)(row + 20 * (ll)u);
         const u32 dm = b[0];
@@ -191,7 +186,6 @@ struct Q4_1 {
 
 // block_q5_0 (22 B): d, qh (uint32, bit j = fifth bit of value j), qs[16]; x = d * (q - 16)
 struct Q5_0 {
-    static constexpr int block_values = 32, block_bytes = 22;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 22 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -208,7 +202,6 @@ struct Q5_0 {
 
 // block_q5_1 (24 B, 8-byte aligned): d, m, qh (uint32), qs[16]; x = d * q + m
 struct Q5_1 {
-    static constexpr int block_values = 32, block_bytes = 24;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u32* b = (const u32*)(row + 24 * (ll)u);
         const u32 dm = b[0], qh = b[1];
@@ -224,7 +217,6 @@ struct Q5_1 {
 
 // block_q8_0 (34 B): d, int8 qs[32]; x = q * d. Byte b ^ 0x80 is the int8 plus 128.
 struct Q8_0 {
-    static constexpr int block_values = 32, block_bytes = 34;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 34 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -258,7 +250,6 @@ __device__ __forceinline__ void scales_k4(const u8* b, int j, float& dsc, float&
 // block_q4_K (144 B, 16-byte aligned): d, dmin, scales[12], qs[128]; sub-block j reads
 // qs[32 * (j / 2):][:32], low nibbles if j is even; x = (d * sc) * q - dmin * m
 struct Q4_K {
-    static constexpr int block_values = 256, block_bytes = 144;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 144 * (ll)(u >> 3);
         const int j = u & 7;
@@ -276,7 +267,6 @@ struct Q4_K {
 // block_q5_K (176 B, 16-byte aligned): d, dmin, scales[12], qh[32], qs[128]; as Q4_K, and value l
 // of sub-block j has fifth bit (qh[l] >> j) & 1
 struct Q5_K {
-    static constexpr int block_values = 256, block_bytes = 176;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 176 * (ll)(u >> 3);
         const int j = u & 7;
@@ -298,7 +288,6 @@ struct Q5_K {
 // qh[32 k + l] >> 2 s; x = (d * scales[i / 16]) * (q - 32). Unit g = u % 8 is quarter g & 3 of
 // half-block g >> 2 (gguf-py Q6_K.dequantize_blocks, ggml-quants.c dequantize_row_q6_K).
 struct Q6_K {
-    static constexpr int block_values = 256, block_bytes = 210;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 210 * (ll)(u >> 3);
         const int g = u & 7, k = g >> 2, s = g & 3;
@@ -345,16 +334,6 @@ __device__ __forceinline__ float dot16(const float (&w)[16], const float* __rest
 #define XS_STRIDE 36                // floats per unit: 32 values and 4 of padding
 #define XS_TOKEN (32 * XS_STRIDE)   // floats per token and chunk
 
-// Ask L2 for the bytes of unit u of a row (for a K-quant, a 32-value share of its block: the 8 lanes
-// of a block cover the whole block), a chunk ahead of their use.
-template <class Q>
-__device__ __forceinline__ void prefetch_unit(const u8* row, int u) {
-    const ll first = (ll)u * 32 * Q::block_bytes / Q::block_values;
-    const ll last = ((ll)u + 1) * 32 * Q::block_bytes / Q::block_values - 1;
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + first));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + last));
-}
-
 // One warp: y[t * y_stride] = row . x[t * K:][:K] for t < T <= MAX_T. Lane l decodes units l,
 // l + 32, ... once and multiplies each by the T activation rows. Every warp of the block calls it
 // (the chunks are loaded together); those with active = false (rows past N) only load.
@@ -366,11 +345,9 @@ __device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active
     float acc[MAX_T];
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) acc[t] = 0.0f;
-    if (active && lane < units) prefetch_unit<Q>(row, lane);
 #pragma unroll 1  // one unit in flight per lane: more would pass the 64 registers
     for (int base = 0; base < units; base += WARP_SIZE) {
         const int n_units = min(WARP_SIZE, units - base);
-        if (active && base + WARP_SIZE + lane < units) prefetch_unit<Q>(row, base + WARP_SIZE + lane);
         __syncthreads();  // the previous chunk is consumed
         for (int t = 0; t < T; ++t) {
             const f32x4* src = (const f32x4*)(x + (ll)t * K + 32 * base);
