@@ -122,6 +122,7 @@ def main():
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--scenarios", nargs="+", default=["all-gpu", "experts-cpu", "budget-4g"])
     p.add_argument("--out", type=Path, default=HERE / "results" / "gpu.json")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per engine process")
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: one engine process
     p.add_argument("--gpu-budget", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -157,8 +158,11 @@ def main():
                 extra = ["--n-cpu-moe", str(n)]
             cmd = [sys.executable, __file__, "--side", str(f), "--prefill", str(a.prefill), "--decode", str(a.decode),
                    "--threads", str(a.threads)] + (["--gpu-budget", budget] if budget else [])
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            ours = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr.strip()[-2000:]}
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                ours = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr.strip()[-2000:]}
+            except subprocess.TimeoutExpired:
+                ours = {"error": f"timed out after {a.timeout} s"}
             theirs = llama_bench(a.llama_bench, f, extra, a.threads, a.prefill, a.decode) if have_llama else {}
             row = {"file": f.name, "scenario": sc, "bytes_per_token": read, "edgeseek": ours, "llama_cpp": theirs}
             if "tg_tps" in ours and bw and sc == "all-gpu":

@@ -38,8 +38,10 @@ def _logits(engine, steps=4):
 
 
 def _distance(x, exact):
-    """RMS distance relative to the RMS spread of the exact logits."""
-    return float(np.sqrt(np.mean((x - exact) ** 2)) / np.std(exact))
+    """The median over positions of the RMS distance relative to the exact logits' spread: random
+    weights route on near-ties, and one position whose expert flips (under any rounding: the CPU's
+    int8 activations, the GPU's float16 prompt products) would otherwise stand for the whole file."""
+    return float(np.median(np.sqrt(np.mean((x - exact) ** 2, axis=-1)) / np.std(exact, axis=-1)))
 
 
 @pytest.mark.parametrize("name", F32)

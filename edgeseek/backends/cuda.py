@@ -26,6 +26,7 @@ SUFFIX = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q4_0: "q4_0", Q.Q4_1: "q
           Q.Q5_1: "q5_1", Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
 MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through dequantized tiles + cuBLAS
 WARPS = 4  # output rows per block of the decode products (128 threads)
+MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
 
 
 CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 0, 68, -1
@@ -158,9 +159,11 @@ class Kernels:
         h, c = q_lat.shape
         s_max, r = cache_kpe.shape
         scores = self.cp.empty((h, s_max), np.float32)
+        part = self.cp.empty((h, MLA_SPLITS, c + 2), np.float32)
         out = self.cp.empty((1, h, c), np.float32)
-        self._fn("mla_decode")((h,), (256,), (q_lat, q_pe, cache_c, cache_kpe, pos, scores, out, np.int32(c),
-                                               np.int32(r), np.int32(s_max), np.float32(scale)))
+        self._fn("mla_decode")((h, MLA_SPLITS), (256,), (q_lat, q_pe, cache_c, cache_kpe, pos, scores, part,
+                                                          np.int32(c), np.int32(r), np.int32(s_max), np.float32(scale)))
+        self._fn("mla_combine")((h,), (256,), (part, out, np.int32(c)))
         return out
 
     def rms_norm(self, x, w, eps: float):
@@ -432,6 +435,9 @@ class CUDABackend:
         return y
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
+        c, r = cache_c.shape[-1], cache_k_pe.shape[-1]
+        if c % 8 or c + r > 1024:  # the kernel's vector loads and shared query
+            return None
         k = self.kernels
         k.store_row(self.xp.ascontiguousarray(lat_new), cache_c, pos)
         k.store_row(self.xp.ascontiguousarray(k_pe_new), cache_k_pe, pos)
@@ -580,6 +586,11 @@ class TieredExperts:
         self.pairs_gpu += n_gpu
         self.pairs_cpu += np.asarray(ids).size - n_gpu
 
+    def count_layers(self, layers: list[int], ids: np.ndarray) -> None:
+        """One token's choices in several layers: ids (len(layers), k), all served from VRAM."""
+        np.add.at(self.cpu_store.counts, (np.asarray(layers)[:, None], ids), 1)
+        self.pairs_gpu += ids.size
+
     def take_counts(self) -> np.ndarray:
         return self.cpu_store.take_counts()
 
@@ -673,7 +684,5 @@ class _DecodeGraph:
         logits = self.logits.get(stream=self.stream)
         store = self.model.experts
         if store is not None and self.moe_layers:
-            chosen = self.ids.get(stream=self.stream)
-            for layer in self.moe_layers:
-                store.count(layer, chosen[layer][None])
+            store.count_layers(self.moe_layers, self.ids.get(stream=self.stream)[self.moe_layers])
         return logits

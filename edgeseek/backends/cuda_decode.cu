@@ -14,11 +14,11 @@
 //     dst[pos[0] * n + i] = fp16(src[i]) for i < n: the new token's cache entry.
 //     block (256, 1, 1), grid (ceil(n / 256), 1, 1).
 // mla_decode(const float* q_lat, const float* q_pe, const u16* cache_c, const u16* cache_kpe,
-//            const int* pos, float* scores, float* out, int C, int R, int s_max, float scale)
+//            const int* pos, float* scores, float* part, int C, int R, int s_max, float scale)
 //     One new token against positions 0..pos[0] of one layer's cache: cache_c (s_max, C) and
 //     cache_kpe (s_max, R) fp16; q_lat (H, C), q_pe (H, R) float32; scores (H, s_max) scratch;
-//     out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c.
-//     block (256, 1, 1), grid (H, 1, 1).
+//     then mla_combine: out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c. C a multiple of
+//     8 and C + R <= 1024. block (256, 1, 1), grid (H, MLA_SPLITS, 1); part (H, MLA_SPLITS, C + 2).
 //     (rope_f32 at the end of this file.)
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -155,40 +155,93 @@ store_row_f16(const float* __restrict__ src, u16* __restrict__ dst, const int* _
     if (i < n) dst[(ll)pos[0] * n + i] = f2h(src[i]);
 }
 
+// Split over the cached positions (flash-decoding): block (h, b) of grid (H, MLA_SPLITS) takes
+// positions b*chunk .. (b+1)*chunk - 1 of 0..pos[0] and leaves its running max, its sum of
+// exponentials and its unnormalized output in part (H, MLA_SPLITS, C + 2); mla_combine merges the
+// splits of each head. Lanes read cache rows as 16-byte vectors (8 fp16 values).
+#define MLA_SPLITS 16
 extern "C" __global__ void __launch_bounds__(256)
 mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const u16* __restrict__ cache_c,
            const u16* __restrict__ cache_kpe, const int* __restrict__ pos, float* __restrict__ scores,
-           float* __restrict__ out, int C, int R, int s_max, float scale) {
+           float* __restrict__ part, int C, int R, int s_max, float scale) {
     __shared__ float red[8];
-    const int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    __shared__ float qs[1024];  // q_lat (C) then q_pe (R) of this head
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int S = pos[0] + 1;
-    const float* ql = q_lat + (ll)h * C;
-    const float* qp = q_pe + (ll)h * R;
+    const int chunk = (S + MLA_SPLITS - 1) / MLA_SPLITS;
+    const int s0 = b * chunk, s1 = min(S, s0 + chunk);
+    float* out = part + ((ll)h * MLA_SPLITS + b) * (C + 2);
+    for (int i = tid; i < C; i += 256) qs[i] = q_lat[(ll)h * C + i];
+    for (int i = tid; i < R; i += 256) qs[C + i] = q_pe[(ll)h * R + i];
+    __syncthreads();
     float* sc = scores + (ll)h * s_max;
-    for (int s = warp; s < S; s += 8) {  // a warp per cached position
-        const u16* c = cache_c + (ll)s * C;
-        const u16* kp = cache_kpe + (ll)s * R;
+    for (int s = s0 + warp; s < s1; s += 8) {  // a warp per cached position
+        const u32x4* c = (const u32x4*)(cache_c + (ll)s * C);
         float acc = 0.0f;
-        for (int i = lane; i < C; i += 32) acc += ql[i] * h2f(c[i]);
-        for (int i = lane; i < R; i += 32) acc += qp[i] * h2f(kp[i]);
+        for (int v = lane; v < C / 8; v += 32) {  // 8 values per 16-byte vector
+            const u32x4 t = c[v];
+            const u32 w[4] = {t.x, t.y, t.z, t.w};
+            const float* q = qs + 8 * v;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                acc += q[2 * j] * h2f((u16)(w[j] & 0xFFFFu)) + q[2 * j + 1] * h2f((u16)(w[j] >> 16));
+        }
+        const u16* kp = cache_kpe + (ll)s * R;
+        for (int i = lane; i < R; i += 32) acc += qs[C + i] * h2f(kp[i]);
         acc = warp_add(acc);
         if (lane == 0) sc[s] = acc * scale;
     }
     __syncthreads();
     float m = NEG_INF;
-    for (int s = tid; s < S; s += 256) m = fmaxf(m, sc[s]);
+    for (int s = s0 + tid; s < s1; s += 256) m = fmaxf(m, sc[s]);
     m = block_max(m, red);
     float sum = 0.0f;
-    for (int s = tid; s < S; s += 256) {
-        float e = expf(sc[s] - m);
+    for (int s = s0 + tid; s < s1; s += 256) {
+        const float e = expf(sc[s] - m);
         sc[s] = e;
         sum += e;
     }
     sum = block_add(sum, red);  // its barriers also publish sc[] to the whole block
-    for (int i = tid; i < C; i += 256) {
+    for (int i = 2 * tid; i < C; i += 512) {  // two channels per thread, one 4-byte load per position
+        float a0 = 0.0f, a1 = 0.0f;
+        const u32* col = (const u32*)(cache_c + i);
+#pragma unroll 8
+        for (int s = s0; s < s1; ++s) {
+            const u32 v = col[(ll)s * (C / 2)];
+            const float p = sc[s];
+            a0 += p * h2f((u16)(v & 0xFFFFu));
+            a1 += p * h2f((u16)(v >> 16));
+        }
+        out[i] = a0;
+        out[i + 1] = a1;
+    }
+    if (tid == 0) {
+        out[C] = m;  // -inf for an empty split
+        out[C + 1] = sum;
+    }
+}
+
+// mla_combine(const float* part, float* out, int C): out (H, C) from the splits of each head.
+//     block (256, 1, 1), grid (H, 1, 1).
+extern "C" __global__ void __launch_bounds__(256)
+mla_combine(const float* __restrict__ part, float* __restrict__ out, int C) {
+    const int h = blockIdx.x;
+    const float* p = part + (ll)h * MLA_SPLITS * (C + 2);
+    float m = NEG_INF;
+    for (int b = 0; b < MLA_SPLITS; ++b) m = fmaxf(m, p[b * (C + 2) + C]);
+    float l = 0.0f;
+    float f[MLA_SPLITS];
+#pragma unroll
+    for (int b = 0; b < MLA_SPLITS; ++b) {
+        const float mb = p[b * (C + 2) + C];
+        f[b] = mb == NEG_INF ? 0.0f : expf(mb - m);
+        l += f[b] * p[b * (C + 2) + C + 1];
+    }
+    for (int i = threadIdx.x; i < C; i += 256) {
         float acc = 0.0f;
-        for (int s = 0; s < S; ++s) acc += sc[s] * h2f(cache_c[(ll)s * C + i]);
-        out[(ll)h * C + i] = acc / sum;
+#pragma unroll
+        for (int b = 0; b < MLA_SPLITS; ++b) acc += f[b] * p[b * (C + 2) + i];
+        out[(ll)h * C + i] = acc / l;
     }
 }
 
