@@ -1,0 +1,107 @@
+"""Where a GPU step's time goes: one prompt and a few decode steps of a model on the GPU, with every
+backend operation and kernel launcher timed (a device synchronization before and after each, so
+the figures are inclusive wall times of eager execution, not of the graph); then the decode step
+as its CUDA graph: replay time on the device (CUDA events) against the whole step on the host.
+
+    python bench/gpu_profile.py MODEL.gguf [--prompt 512] [--steps 16] [--out profile.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import numpy as np
+
+
+def wrap(owner, name: str, table: dict, sync) -> None:
+    f = getattr(owner, name)
+
+    def timed(*a, **k):
+        sync()
+        t = time.perf_counter()
+        r = f(*a, **k)
+        sync()
+        table[name][0] += time.perf_counter() - t
+        table[name][1] += 1
+        return r
+
+    setattr(owner, name, timed)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--out")
+    a = p.parse_args()
+    import cupy
+
+    import edgeseek
+    from edgeseek.backends import cuda as C
+
+    engine = edgeseek.load(a.model, n_ctx=a.prompt + a.steps + 64, device="cuda")
+    model, b = engine.model, engine.backend
+    sync = cupy.cuda.Device().synchronize
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, model.config.vocab_size, a.prompt).astype(np.int32)
+    cache = model.new_cache()
+    model.forward(prompt, cache)  # warm-up: kernels compiled, pools grown
+    result = {}
+
+    # 1. the graph: replays timed on the device and on the host
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        model.forward(np.array([7], np.int32), cache)
+    host_ms = (time.perf_counter() - t) / a.steps * 1e3
+    g = getattr(cache, "decode_graph", None)
+    if g is not None:
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(g.stream)
+        for _ in range(a.steps):
+            g.graph.launch(g.stream)
+        end.record(g.stream)
+        end.synchronize()
+        result["graph_replay_ms"] = cupy.cuda.get_elapsed_time(start, end) / a.steps
+    result["decode_step_host_ms"] = host_ms
+    result["graph_used"] = g is not None
+
+    # 2. eager, every operation timed
+    b.graphs = False
+    table: dict = defaultdict(lambda: [0.0, 0])
+    for name in ("moe", "latent_decode", "per_head", "rms_norm", "swiglu", "rope", "_prompt_experts",
+                 "_router_logits", "_batched", "causal_attention"):
+        if hasattr(b, name):
+            wrap(b, name, table, sync)
+    for name in ("mmv", "mmv_ids", "dequant", "gemm_f16", "route", "mla_decode", "store_row", "scatter_add",
+                 "silu_mul"):
+        wrap(b.kernels, name, table, sync)
+    wrap(C.DeviceMatrix, "__call__", table, sync)
+    wrap(model, "attention", table, sync)
+    wrap(model, "feed_forward", table, sync)
+    for phase, tokens in (("prompt", prompt), ("decode", None)):
+        table.clear()
+        cache = model.new_cache()
+        if phase == "decode":
+            model.forward(prompt, cache)
+            table.clear()
+        sync()
+        t = time.perf_counter()
+        n = 1 if phase == "prompt" else a.steps
+        for _ in range(n):
+            model.forward(tokens if phase == "prompt" else np.array([7], np.int32), cache)
+        sync()
+        total = (time.perf_counter() - t) / n
+        result[phase] = {"step_ms": total * 1e3,
+                         "ops": {k: {"ms_per_step": v[0] / n * 1e3, "calls_per_step": v[1] / n}
+                                 for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}}
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
