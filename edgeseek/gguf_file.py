@@ -96,6 +96,7 @@ KEYS: dict[str, tuple] = {
     "expert_gating_func": ("int", 0, U32),
     "expert_weights_scale": ("float",),
     "expert_weights_norm": ("bool",),
+    "nextn_predict_layers": ("int", 0, 16),  # multi-token-prediction blocks at the end of block_count
 }
 _KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a bool",
                "str[]": "an array of strings", "int[]": "an array of integers"}

@@ -160,36 +160,42 @@ class DecoderModel:
         mats = [m for L in self.layers for m in vars(L).values() if _is_linear(m)] + [self.output]
         return self.backend.pack(mats, gguf)
 
-    def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache, all_logits: bool = False, hidden: bool = False):
         """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last,
-        as a numpy array whatever device the activations live on. A backend may run a one-token
-        step as a replay of the same step captured once (backend.replay, a CUDA graph)."""
+        as a numpy array whatever device the activations live on; with `hidden`, also the final
+        hidden states (T, D) after output_norm, as the backend's array (multi-token prediction
+        drafts from them). A backend may run a one-token step as a replay of the same step captured
+        once (backend.replay, a CUDA graph)."""
         T = len(tokens)
         start = cache.pos
         if start + T > cache.n_ctx:
             raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
         self.begin_step()
         self.rope.ensure(cache.n_ctx)
-        logits = self.backend.replay(self, tokens, cache) if T == 1 and not all_logits else None
+        logits = self.backend.replay(self, tokens, cache) if T == 1 and not all_logits and not hidden else None
+        h = None
         if logits is None:
-            logits = self.backend.host(self.step(self.backend.tokens(tokens), np.arange(start, start + T), cache,
-                                                 all_logits))
+            out = self.step(self.backend.tokens(tokens), np.arange(start, start + T), cache, all_logits, hidden)
+            logits, h = out if hidden else (out, None)
+            logits = self.backend.host(logits)
         cache.pos = start + T
-        return logits
+        return (logits, h) if hidden else logits
 
-    def step(self, ids, pos: np.ndarray, cache, all_logits: bool = False):
+    def step(self, ids, pos: np.ndarray, cache, all_logits: bool = False, hidden: bool = False):
         """The forward pass on the backend's arrays: token ids (T,) (backend.tokens), their
-        positions (host ints) -> logits (T, V), or (1, V) of the last token; the cache's position
-        is the caller's to advance."""
+        positions (host ints) -> logits (T, V), or (1, V) of the last token (and, with `hidden`,
+        the normed final hidden states); the cache's position is the caller's to advance."""
         eps = self.config.rms_eps
         pos_x = self.backend.positions(pos)
         x = self.token_embd(ids)  # (T, D)
         for i, L in enumerate(self.layers):
             x = x + self.attention(L, self.backend.rms_norm(x, L.attn_norm, eps), cache, i, pos, pos_x)
             x = x + self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i)
-        if not all_logits:
+        if not all_logits and not hidden:
             x = x[-1:]
-        return self.output(self.backend.rms_norm(x, self.output_norm, eps))
+        h = self.backend.rms_norm(x, self.output_norm, eps)
+        logits = self.output(h if all_logits or not hidden else h[-1:])
+        return (logits, h) if hidden else logits
 
     def forward_rows(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """One decode step of several sequences at once: token t continues the sequence of

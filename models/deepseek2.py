@@ -52,6 +52,7 @@ class DeepSeek2Config:
     rope_attn_factor: float
     context_length: int
     mla_layout: bool  # file holds attn_k_b / attn_v_b (else the legacy attn_kv_b)
+    n_mtp: int = 0  # multi-token-prediction blocks after the n_layer main layers (nextn_predict_layers)
 
     @classmethod
     def from_gguf(cls, g) -> "DeepSeek2Config":
@@ -70,10 +71,13 @@ class DeepSeek2Config:
         if gating not in (SOFTMAX, SIGMOID):
             raise UnsupportedError(f"{g.path}: '{g.arch}.expert_gating_func' {gating} is not supported "
                                    f"(1 softmax, 2 sigmoid)")
+        n_mtp = m("nextn_predict_layers", 0)
+        require(g, n_mtp < m("block_count"), f"'{g.arch}.nextn_predict_layers' {n_mtp} should be below "
+                f"'{g.arch}.block_count' {m('block_count')}")
         c = cls(
             arch=g.arch,
             vocab_size=m("vocab_size", None) or len(g.meta("tokenizer.ggml.tokens")),
-            n_layer=m("block_count"),
+            n_layer=m("block_count") - n_mtp,
             n_embd=m("embedding_length"),
             n_head=m("attention.head_count"),
             q_lora_rank=m("attention.q_lora_rank", 0),
@@ -106,6 +110,7 @@ class DeepSeek2Config:
             rope_attn_factor=m("rope.scaling.attn_factor", 1.0),
             context_length=m("context_length", 4096),
             mla_layout=mla,
+            n_mtp=n_mtp,
         )
         key = f"'{g.arch}.attention.key_length{'_mla' if mla else ''}'"
         require(g, k_len > rope and rope % 2 == 0, f"{key} {k_len} should exceed the even "
@@ -134,9 +139,10 @@ class LatentCache:
     float16, as llama.cpp's default cache type: (512 + 64) * 2 bytes per token per layer.
     """
 
-    def __init__(self, cfg: DeepSeek2Config, n_ctx: int, xp=np):
-        self.c = xp.zeros((cfg.n_layer, n_ctx, cfg.kv_lora_rank), np.float16)  # (L, S, C), in the backend's memory
-        self.k_pe = xp.zeros((cfg.n_layer, n_ctx, cfg.qk_rope), np.float16)  # (L, S, R)
+    def __init__(self, cfg: DeepSeek2Config, n_ctx: int, xp=np, n_layer: int | None = None):
+        n_layer = n_layer or cfg.n_layer  # the MTP block's own layer follows the main ones when it runs
+        self.c = xp.zeros((n_layer, n_ctx, cfg.kv_lora_rank), np.float16)  # (L, S, C), in the backend's memory
+        self.k_pe = xp.zeros((n_layer, n_ctx, cfg.qk_rope), np.float16)  # (L, S, R)
         self.n_ctx = n_ctx
         self.pos = 0
 
@@ -182,6 +188,29 @@ class Layer:
                 self.ffn_down_shexp = b.matrix(g, p + "ffn_down_shexp.weight", (D, F))
 
 
+class MTPLayer(Layer):
+    """DeepSeek-V3's multi-token-prediction module (block n_layer of the file, llama.cpp's nextn
+    tensors): from the main model's hidden state h_i (after output_norm, as the head sees it) and
+    the embedding of token i+1, a decoder block predicts token i+2:
+    eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]) -> block -> shared_head_norm -> shared head.
+    The embedding, head norm and head are the main model's where the file has no copy of its own."""
+
+    def __init__(self, b, g, i: int, c: DeepSeek2Config, model):
+        super().__init__(b, g, i, c)
+        D, V = c.n_embd, c.vocab_size
+        p = f"blk.{i}.nextn."
+        self.eh_proj = b.matrix(g, p + "eh_proj.weight", (D, 2 * D))
+        self.enorm = vector(b, g, p + "enorm.weight", D)
+        self.hnorm = vector(b, g, p + "hnorm.weight", D)
+        has = g.has
+        self.embed = b.embedding(g, p + "embed_tokens.weight", (V, D)) if has(p + "embed_tokens.weight") \
+            else model.token_embd
+        self.head_norm = vector(b, g, p + "shared_head_norm.weight", D) if has(p + "shared_head_norm.weight") \
+            else model.output_norm
+        self.head = b.matrix(g, p + "shared_head_head.weight", (V, D)) if has(p + "shared_head_head.weight") \
+            else model.output
+
+
 class DeepSeek2Model(DecoderModel):
     graph_safe = True  # a decode step reads its position from the backend's arrays only (capturable)
 
@@ -197,6 +226,7 @@ class DeepSeek2Model(DecoderModel):
         head = "output.weight" if g.has("output.weight") else "token_embd.weight"
         self.output = b.matrix(g, head, (c.vocab_size, c.n_embd))
         self.experts = expert_store
+        self.mtp: MTPLayer | None = None  # load_mtp() reads it when multi-token prediction is on
         if c.yarn_factor > 1.0:
             inv = yarn_freqs(c.qk_rope, c.rope_base, c.yarn_factor, c.yarn_orig_ctx,
                              c.yarn_beta_fast, c.yarn_beta_slow)
@@ -214,7 +244,31 @@ class DeepSeek2Model(DecoderModel):
         return super().pack(gguf) + (self.experts.pack(gguf) if self.experts is not None else 0)
 
     def new_cache(self, n_ctx: int | None = None) -> LatentCache:
-        return LatentCache(self.config, n_ctx or self.n_ctx, self.backend.xp)
+        n_layer = self.config.n_layer + (1 if self.mtp is not None else 0)
+        return LatentCache(self.config, n_ctx or self.n_ctx, self.backend.xp, n_layer)
+
+    def load_mtp(self, g) -> MTPLayer:
+        """Read the file's first MTP block (a GGUFError names a missing or mis-shaped tensor)."""
+        if not self.config.n_mtp:
+            raise GGUFError(f"{g.path}: no multi-token-prediction layer ('{g.arch}.nextn_predict_layers' is 0 "
+                            f"or absent)")
+        self.mtp = MTPLayer(self.backend, g, self.config.n_layer, self.config, self)
+        return self.mtp
+
+    def mtp_step(self, hidden, next_ids, pos: np.ndarray, cache):
+        """The MTP block over rows i of `hidden` (main hidden states, (T, D), backend arrays) with the
+        tokens that follow them (`next_ids`, backend ids), at positions pos -> (logits (T, V) on the
+        host, the block's output (T, D) for drafting further with the same module)."""
+        M, c, b = self.mtp, self.config, self.backend
+        eps = c.rms_eps
+        e = b.rms_norm(M.embed(next_ids), M.enorm, eps)
+        h = b.rms_norm(hidden, M.hnorm, eps)
+        x = M.eh_proj(b.xp.concatenate([e, h], axis=1))
+        pos_x = b.positions(pos)
+        i = c.n_layer
+        x = x + self.attention(M, b.rms_norm(x, M.attn_norm, eps), cache, i, pos, pos_x)
+        x = x + self.feed_forward(M, b.rms_norm(x, M.ffn_norm, eps), i)
+        return b.host(M.head(b.rms_norm(x, M.head_norm, eps))), x
 
     def _project(self, L: Layer, h: np.ndarray, pos):
         """Rows of h at positions pos (the backend's array) -> absorbed queries q_lat (T, H, C), q_pe (T, H, R), and the
