@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import kernels
@@ -34,6 +34,8 @@ class Engine:
     device_name: str = "CPU"  # the GPU's name on cuda
     gpu_plan: GPUPlan | None = None  # what went to VRAM, on cuda
     backend: object = None
+    mtp: "MTP | None" = None  # multi-token prediction, where the file has an MTP block and it is on
+    notes: list = field(default_factory=list)  # warnings for the user (an MTP block left off, ...)
 
     def vram_used(self) -> int:
         """Bytes of GPU memory this process holds (0 on the CPU)."""
@@ -69,16 +71,71 @@ class Context:
         self.n_ctx = n_ctx
         self.cache = engine.model.new_cache(n_ctx)
         self.tokens: list[int] = []  # ids whose keys/values are in the cache, in order
+        self.mtp_valid = 0  # positions whose MTP cache entries are written (multi-token prediction)
 
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
         self.cache.truncate(n)
+        self.mtp_valid = min(self.mtp_valid, n)
 
     def reset(self) -> None:
         self.truncate(0)
 
 
 DEVICES = ("auto", "cpu", "cuda")
+MTP_MAX = 3  # drafts per step: beyond one, the single MTP module drafts from its own output
+AUTO_STEPS = 16  # MTP steps measured before --mtp auto decides
+
+
+@dataclass
+class MTP:
+    """Multi-token prediction of a loaded model: drafts per step (0: off) and what it measured.
+    With `auto`, the first AUTO_STEPS steps decide: MTP stays on if its tokens per second beat the
+    plain decode steps measured in this process, or, before any were, if at least half the drafts
+    were accepted (verifying two positions costs more than one step, the more so when experts come
+    from disk: the routed experts of both positions are read)."""
+    k: int
+    auto: bool = False
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+    plain_steps: int = 0
+    plain_seconds: float = 0.0
+
+    def step(self, drafted: int, accepted: int, seconds: float) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.seconds += seconds
+        if self.auto and self.steps == AUTO_STEPS:
+            self.auto = False
+            if self.plain_steps >= 4:
+                keep = (self.steps + self.accepted) / self.seconds > self.plain_steps / self.plain_seconds
+            else:
+                keep = self.accepted >= 0.5 * self.drafted
+            self.k = self.k if keep else 0
+
+    def plain_step(self, seconds: float) -> None:
+        self.plain_steps += 1
+        self.plain_seconds += seconds
+
+    def stats(self) -> dict:
+        return {"mtp_drafts": self.k, "mtp_steps": self.steps,
+                "mtp_acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None,
+                "mtp_tokens_per_step": round((self.steps + self.accepted) / self.steps, 3) if self.steps else None}
+
+
+def mtp_mode(value: str | int | None) -> tuple[int, bool]:
+    """--mtp auto|off|N -> (drafts per step, auto)."""
+    v = "off" if value is None else str(value).strip().lower()
+    if v == "off":
+        return 0, False
+    if v == "auto":
+        return 1, True
+    if v.isdigit() and 1 <= int(v) <= MTP_MAX:
+        return int(v), False
+    raise EdgeseekError(f"--mtp {value!r}: expected auto, off or a number of drafts from 1 to {MTP_MAX}")
 GPU_RESERVE = 1 << 30  # VRAM left free by default: other programs, the CUDA context's growth, fragmentation
 
 
@@ -101,7 +158,7 @@ def resolve_device(device: str | None) -> str:
 
 def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budget: int | str | None = None,
          io_threads: int = IO_THREADS, use_profile: bool = True, on_compile=None, device: str | None = "auto",
-         gpu_budget: int | str | None = None, backend=None) -> Engine:
+         gpu_budget: int | str | None = None, backend=None, mtp: str | int | None = "auto") -> Engine:
     """Open a GGUF model file. Weights stay memory-mapped; nothing is read until it is used.
 
     With `ram_budget` (bytes, or a size such as "4G"), routed experts are read from the file on
@@ -117,9 +174,20 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     experts, then as many experts as `gpu_budget` leaves (default: the free VRAM less a reserve),
     hottest first; the rest run on the CPU from the store above. "auto" picks the GPU when one can be
     used. `backend` replaces the device's backend (tests run the CUDA backend's logic on numpy).
+
+    `mtp` ("auto", "off" or 1-3 drafts per step) turns on self-speculative decoding with the file's
+    multi-token-prediction block (DeepSeek-V3's nextn layer): with a number, a file without a
+    usable block is an error naming the tensor; with auto, a note, and MTP stays off.
     """
     t0 = time.perf_counter()
+    mtp_k, mtp_auto = mtp_mode(mtp)
     gguf = GGUFFile(path)
+    notes: list[str] = []
+    if mtp_k and not (gguf.arch == "deepseek2" and gguf.arch_meta("nextn_predict_layers", 0)):
+        if not mtp_auto:
+            raise EdgeseekError(f"--mtp {mtp}: {path} has no multi-token-prediction layer "
+                                f"('{gguf.arch}.nextn_predict_layers' is absent or 0)")
+        mtp_k = 0
     device = backend.device if backend is not None else resolve_device(device)
     plan = gpu_plan = None
     if ram_budget is not None and expert_store is None:
@@ -143,6 +211,15 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
             from .backends.cuda import TieredExperts
             expert_store = TieredExperts(backend, gguf, expert_store, gpu_plan)
     model = load_model(gguf, backend, expert_store, n_ctx)
+    mtp_state = None
+    if mtp_k:
+        try:
+            model.load_mtp(gguf)
+            mtp_state = MTP(mtp_k, mtp_auto)
+        except GGUFError as e:
+            if not mtp_auto:
+                raise
+            notes.append(f"multi-token prediction off: {e}")
     tokenizer = Tokenizer.from_gguf(gguf)
     if tokenizer.vocab_size != model.config.vocab_size:  # ids of one would index past the other
         raise GGUFError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens, but the model's "
@@ -155,7 +232,7 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
     kernels.one_blas_thread()  # last: loading may have brought in another BLAS (numba loads scipy's)
     return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store,
-                  device, backend.name() if device == "cuda" else "CPU", gpu_plan, backend)
+                  device, backend.name() if device == "cuda" else "CPU", gpu_plan, backend, mtp_state, notes)
 
 
 def _gpu_plan(gguf, backend, gpu_budget, n_ctx: int, use_profile: bool) -> GPUPlan:

@@ -110,8 +110,12 @@ def _context_full(context: Context) -> bool:
 
 
 def _steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sampler) -> Iterator[int]:
-    """Prefill `new` after what the context holds, then yield one sampled token per decode step;
-    ends when the context is full. Rolls the cache back to `context.tokens` when stopped."""
+    """Prefill `new` after what the context holds, then yield one sampled token per decode step
+    (several per step with multi-token prediction); ends when the context is full. Rolls the cache
+    back to `context.tokens` when stopped."""
+    if engine.mtp is not None and engine.mtp.k > 0:
+        yield from _mtp_steps(engine, new, context, sampler)
+        return
     model = engine.model
     try:
         logits = model.forward(np.asarray(new, dtype=np.int32), context.cache)[-1]
@@ -121,10 +125,111 @@ def _steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sample
             yield token
             if _context_full(context):
                 return
+            t = time.perf_counter()
             logits = model.forward(np.asarray([token], dtype=np.int32), context.cache)[-1]
+            if engine.mtp is not None:
+                engine.mtp.plain_step(time.perf_counter() - t)
             context.tokens.append(token)
     finally:
         context.truncate(len(context.tokens))
+
+
+def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sampler) -> Iterator[int]:
+    """Self-speculative decoding with the model's MTP block: it drafts k tokens from the main
+    model's last hidden state (k > 1 by feeding the block its own output, as vLLM reuses DeepSeek's
+    one module); the main model verifies the pending token and the drafts in one forward pass; the
+    longest agreeing prefix is kept (greedy: argmax equality; sampling: the speculative-sampling rule,
+    which leaves the sampler's distribution unchanged) and both caches roll back the rest.
+
+    The MTP cache entry at position i pairs the main hidden state h_i with token i+1; the context's
+    `mtp_valid` counts the positions whose entries are written."""
+    model, mtp, b = engine.model, engine.mtp, engine.model.backend
+    cache = context.cache
+    if context.mtp_valid < len(context.tokens):  # entries missing (a context filled without MTP): redo them
+        new = context.tokens[context.mtp_valid:] + list(new)
+        context.truncate(context.mtp_valid)
+    try:
+        start = len(context.tokens)
+        logits, hidden = model.forward(np.asarray(new, dtype=np.int32), cache, hidden=True)
+        context.tokens.extend(new)
+        token = sampler(logits[-1], context.tokens)
+        yield token
+        q_logits, g = _mtp_catch_up(model, hidden, list(new[1:]) + [token], start, cache, context)
+        while not _context_full(context):
+            n = len(context.tokens)  # the pending token's position
+            k = min(mtp.k, context.n_ctx - n - 1)
+            if k < 1:
+                break
+            t0 = time.perf_counter()
+            drafts, q_dists = [], []
+            for j in range(k):
+                hist = context.tokens + [token] + drafts
+                d, q = _draft(sampler, q_logits[-1], hist)
+                drafts.append(d)
+                q_dists.append(q)
+                if j + 1 < k:  # the block again, on its own output and the draft, at position n + j
+                    q_logits, g = model.mtp_step(g[-1:], b.tokens([d]), np.array([n + j]), cache)
+            verify = [token] + drafts
+            logits, hidden = model.forward(np.asarray(verify, dtype=np.int32), cache, all_logits=True, hidden=True)
+            accepted, nxt = _accept(sampler, logits, drafts, q_dists, context.tokens + [token])
+            cache.truncate(n + accepted + 1)  # the main cache keeps the pending token and the accepted drafts
+            context.tokens.extend(verify[:accepted + 1])
+            token = nxt
+            q_logits, g = _mtp_catch_up(model, hidden[:accepted + 1], drafts[:accepted] + [token], n, cache, context)
+            mtp.step(len(drafts), accepted, time.perf_counter() - t0)
+            for t in drafts[:accepted] + [token]:
+                yield t
+    finally:
+        context.truncate(len(context.tokens))
+
+
+def _mtp_catch_up(model, hidden, next_tokens: list[int], start: int, cache, context: Context):
+    """MTP entries for positions start.. (hidden row j with next_tokens[j]) -> the block's logits
+    and output, whose last row drafts the next token."""
+    pos = np.arange(start, start + len(next_tokens))
+    q_logits, g = model.mtp_step(hidden, model.backend.tokens(next_tokens), pos, cache)
+    context.mtp_valid = start + len(next_tokens)
+    return q_logits, g
+
+
+def _draft(sampler: Sampler, logits: np.ndarray, history: list[int]) -> tuple[int, tuple]:
+    """A draft token from the MTP block's logits, through the sampler's own chain, and the
+    distribution it was drawn from (greedy: the argmax)."""
+    ids, p = sampler.distribution(logits, history)
+    if sampler.config.temperature <= 0:
+        return int(ids[0]), (ids, p)
+    return int(ids[sampler.rng.choice(len(ids), p=p)]), (ids, p)
+
+
+def _accept(sampler: Sampler, logits: np.ndarray, drafts: list[int], q_dists: list, history: list[int]):
+    """How many drafts the main model's logits (k+1, V) keep, and the token that follows them.
+    Greedy: drafts equal to the argmax. Sampling: draft d kept with probability min(1, p(d)/q(d)),
+    the first rejected position drawn from max(0, p - q) normalized, so that every token is
+    distributed as the sampler would draw it without drafts (Leviathan et al., Chen et al. 2023)."""
+    greedy = sampler.config.temperature <= 0
+    hist = list(history)
+    for j, d in enumerate(drafts):
+        if greedy:
+            best = sampler(logits[j], hist)
+            if best != d:
+                return j, best
+        else:
+            ids, p = sampler.distribution(logits[j], hist)
+            q_ids, q = q_dists[j]
+            pd = float(p[ids == d].sum())
+            qd = float(q[q_ids == d].sum())
+            if sampler.rng.random() >= min(1.0, pd / qd if qd > 0 else 0.0):
+                V = len(logits[j])
+                res = np.zeros(V)
+                res[ids] += p
+                res[q_ids] -= q
+                res = np.maximum(res, 0.0)
+                if res.sum() <= 0:  # p == q: any draw from p
+                    return j, int(ids[sampler.rng.choice(len(ids), p=p)])
+                nz = np.nonzero(res)[0]
+                return j, int(nz[sampler.rng.choice(len(nz), p=res[nz] / res[nz].sum())])
+        hist.append(d)
+    return len(drafts), sampler(logits[len(drafts)], hist)
 
 
 def generate_step(

@@ -54,6 +54,14 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:
         """One token id from logits (V,) float32; `history` holds the ids so far (for penalties)."""
+        ids, p = self.distribution(logits, history)
+        if self.config.temperature <= 0:
+            return int(ids[0])
+        return int(ids[self.rng.choice(len(ids), p=p)])
+
+    def distribution(self, logits: np.ndarray, history: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """What a draw picks from: candidate ids and their probabilities after the whole chain
+        (greedy: the best id with probability 1). Speculative decoding accepts drafts by it."""
         c = self.config
         logits = np.asarray(logits, dtype=np.float32)
         if c.repeat_penalty != 1.0 and history and c.repeat_last_n != 0:
@@ -64,7 +72,7 @@ class Sampler:
             # llama.cpp's penalty: divide positive logits, multiply negative ones.
             logits[ids] = np.where(vals > 0, vals / c.repeat_penalty, vals * c.repeat_penalty)
         if c.temperature <= 0:
-            return int(np.argmax(logits))
+            return np.array([int(np.argmax(logits))]), np.ones(1)
 
         # Candidates sorted by logit, best first: (n,)
         if 0 < c.top_k < logits.shape[0]:
@@ -82,9 +90,7 @@ class Sampler:
             p = _softmax(cand)
             keep = p >= c.min_p * p[0]
             ids, cand = ids[keep], cand[keep]
-
-        p = _softmax(cand / c.temperature)
-        return int(ids[self.rng.choice(len(ids), p=p)])
+        return ids, _softmax(cand / c.temperature)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -8,8 +8,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 
 
-def dequantized_f32(src: Path, dst: Path) -> Path:
-    """Write src's F32 twin to dst (once: an existing dst is kept)."""
+def dequantized_f32(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
+    """Write src's F32 twin to dst (once: an existing dst is kept), without the tensors in `drop`."""
     if dst.exists():
         return dst
     r = GGUFReader(src)
@@ -23,6 +23,8 @@ def dequantized_f32(src: Path, dst: Path) -> Path:
         sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
         w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
     for t in r.tensors:
+        if t.name in drop:
+            continue
         shape = tuple(int(d) for d in reversed(t.shape))  # numpy order
         w.add_tensor(t.name, np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type).reshape(shape),
                                                   dtype=np.float32))

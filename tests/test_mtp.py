@@ -1,0 +1,134 @@
+"""Multi-token prediction: the MTP block of a DeepSeek-V3 file (our converter's --keep-mtp output of
+a tiny V3 checkpoint with one nextn layer) drafts, the main model verifies. Greedy output equals
+decoding without MTP token for token, whatever the drafts (random ones, rejected; an oracle's, mostly
+accepted); under sampling the token distribution is unchanged (a chi-square test over many seeds)."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "convert"))
+
+import edgeseek  # noqa: E402
+from edgeseek import generation  # noqa: E402
+from edgeseek.errors import EdgeseekError, GGUFError  # noqa: E402
+from gguf_f32 import dequantized_f32  # noqa: E402
+
+GREEDY = edgeseek.SamplerConfig.greedy()
+PROMPT = list(range(5, 25))
+FIXTURE = Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_0.gguf"  # no MTP layer
+
+
+@pytest.fixture(scope="module")
+def mtp_file(tmp_path_factory):
+    pytest.importorskip("torch")
+    import checkpoints as C
+    from edgeseek.convert.convert import convert
+    out = tmp_path_factory.mktemp("mtp") / "v3-mtp-f32.gguf"
+    convert(C.checkpoint("v3fp8"), out, "f32", force=True, keep_mtp=True)
+    return out
+
+
+def tokens(engine, sampler=GREEDY, n=40, prompt=PROMPT):
+    return [r.token for r in edgeseek.stream_generate(engine, prompt, max_tokens=n, sampler=sampler)
+            if r.token is not None]
+
+
+def test_the_main_model_leaves_the_mtp_block_out(mtp_file):
+    on, off = edgeseek.load(mtp_file, mtp=1), edgeseek.load(mtp_file, mtp="off")
+    assert on.model.config.n_mtp == 1 and on.model.config.n_layer == len(on.model.layers) == 2
+    assert on.mtp is not None and off.mtp is None and off.model.mtp is None
+    ids = np.array(PROMPT)
+    a = on.model.forward(ids, on.model.new_cache(), all_logits=True)
+    b = off.model.forward(ids, off.model.new_cache(), all_logits=True)
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_output_equals_decoding_without_mtp(mtp_file, k):
+    plain = tokens(edgeseek.load(mtp_file, mtp="off"))
+    e = edgeseek.load(mtp_file, mtp=k)
+    assert tokens(e) == plain
+    assert e.mtp.steps > 0 and e.mtp.drafted == k * e.mtp.steps
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_accepted_drafts_keep_both_caches_right(mtp_file, k, monkeypatch):
+    """Drafts from an oracle that knows the plain transcript, wrong one time in four: most are
+    accepted, the rest roll back, and the transcript (and a second turn that reuses the cache) stay
+    those of plain decoding."""
+    off = edgeseek.load(mtp_file, mtp="off")
+    plain = tokens(off, n=60)
+    rng = np.random.default_rng(0)
+
+    def oracle(sampler, logits, history):
+        i = len(history) - len(PROMPT)
+        right = plain[i] if i < len(plain) else 0
+        d = right if rng.random() < 0.75 else (right + 1) % len(logits)
+        return d, (np.array([d]), np.ones(1))
+
+    monkeypatch.setattr(generation, "_draft", oracle)
+    e = edgeseek.load(mtp_file, mtp=k)
+    ctx = e.new_context()
+    got = [r.token for r in edgeseek.stream_generate(e, PROMPT, max_tokens=60, sampler=GREEDY, context=ctx)
+           if r.token is not None]
+    assert got == plain
+    assert e.mtp.accepted > e.mtp.drafted // 3 and e.mtp.accepted < e.mtp.drafted
+    second = PROMPT + plain[:30] + [7, 8, 9]  # a next turn: the cached prefix is reused
+    ref = [r.token for r in edgeseek.stream_generate(off, second, max_tokens=20, sampler=GREEDY) if r.token is not None]
+    got = [r.token for r in edgeseek.stream_generate(e, second, max_tokens=20, sampler=GREEDY, context=ctx)
+           if r.token is not None]
+    assert got == ref
+
+
+def _chi2_critical(df: int, alpha_z: float = 3.29) -> float:
+    """The chi-square quantile at a one-sided normal z (3.29: p = 0.0005), Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampling_distribution_unchanged(mtp_file):
+    """The 2nd and 3rd tokens (the first that drafts decide) over 600 seeds, with and without MTP
+    (k = 2): a chi-square test of homogeneity at p = 0.0005 on the joint (2nd, 3rd) outcomes."""
+    cfg = dict(temperature=1.0, top_k=4, top_p=1.0, min_p=0.0)
+    counts = {}
+    for mode in ("off", 2):
+        e = edgeseek.load(mtp_file, mtp=mode)
+        c = counts[mode] = {}
+        for seed in range(600):
+            t = tokens(e, edgeseek.SamplerConfig(seed=seed, **cfg), n=3)
+            c[tuple(t[1:3])] = c.get(tuple(t[1:3]), 0) + 1
+        if mode == 2:
+            assert e.mtp.accepted > 0 and e.mtp.accepted < e.mtp.drafted  # both paths of the rule taken
+    keys = sorted(set(counts["off"]) | set(counts[2]))
+    a = np.array([counts["off"].get(k, 0) for k in keys], float)
+    b = np.array([counts[2].get(k, 0) for k in keys], float)
+    pooled = (a + b) / (a.sum() + b.sum())
+    keep = pooled * min(a.sum(), b.sum()) >= 5  # outcomes frequent enough for the test
+    other = ~keep
+    a = np.append(a[keep], a[other].sum())
+    b = np.append(b[keep], b[other].sum())
+    exp_a, exp_b = (a + b) * a.sum() / (a.sum() + b.sum()), (a + b) * b.sum() / (a.sum() + b.sum())
+    mask = (exp_a > 0) & (exp_b > 0)
+    stat = float((((a - exp_a) ** 2 / exp_a) + ((b - exp_b) ** 2 / exp_b))[mask].sum())
+    df = int(mask.sum()) - 1
+    assert df >= 3 and stat < _chi2_critical(df), (stat, df)
+
+
+def test_mtp_asked_of_a_file_without_it():
+    with pytest.raises(EdgeseekError, match="no multi-token-prediction layer"):
+        edgeseek.load(FIXTURE, mtp=1)
+    assert edgeseek.load(FIXTURE, mtp="auto").mtp is None
+    with pytest.raises(EdgeseekError, match="expected auto, off or a number"):
+        edgeseek.load(FIXTURE, mtp="7")
+
+
+def test_an_incomplete_mtp_block_is_named(mtp_file, tmp_path):
+    broken = dequantized_f32(mtp_file, tmp_path / "broken.gguf", drop=("blk.2.nextn.eh_proj.weight",))
+    with pytest.raises(GGUFError, match=r"blk\.2\.nextn\.eh_proj\.weight"):
+        edgeseek.load(broken, mtp=1)
+    e = edgeseek.load(broken, mtp="auto")
+    assert e.mtp is None and any("blk.2.nextn.eh_proj.weight" in n for n in e.notes)
