@@ -58,7 +58,7 @@ def _fail(message: str, code: int = 1):
 
 
 def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, device: str = "auto",
-          gpu_budget: Optional[str] = None):
+          gpu_budget: Optional[str] = None, mtp: str = "auto"):
     from edgeseek.engine import load
 
     path = _resolve(model)
@@ -72,7 +72,9 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, de
 
     with status or _nullcontext():
         engine = load(path, n_ctx=n_ctx, ram_budget=ram_budget, on_compile=compiling, device=device,
-                      gpu_budget=gpu_budget)
+                      gpu_budget=gpu_budget, mtp=mtp)
+    for note in engine.notes:
+        err.print(f"warning: {note}", markup=False)
     import atexit
     atexit.register(engine.close)  # saves the expert-usage profile
     return engine
@@ -162,6 +164,10 @@ def _stats_line(r, engine) -> str:
     line = (f"[ prompt: {r.prompt_tokens} tok, {r.prompt_tps:.1f} t/s | generation: {r.generation_tokens} tok, "
             f"{r.generation_tps:.1f} t/s | first token {r.ttft:.2f} s")
     s = engine.expert_stats()
+    if engine.mtp is not None and engine.mtp.steps:
+        m = engine.mtp.stats()
+        line += (f" | MTP: {m['mtp_drafts']} draft{'s' if m['mtp_drafts'] != 1 else ''}/step, "
+                 f"{100 * (m['mtp_acceptance'] or 0):.0f}% accepted, {m['mtp_tokens_per_step']:.2f} tok/step")
     if engine.device == "cuda":
         line += f" | {engine.device_name}, VRAM {engine.vram_used() / 2**30:.2f} GiB"
         n_gpu, n_cpu = s.get("expert_pairs_gpu", 0), s.get("expert_pairs_cpu", 0)
@@ -191,6 +197,9 @@ BUDGET = typer.Option(None, "--ram-budget", envvar="EDGESEEK_RAM_BUDGET",
                       "on demand into a cache that fits. Default: map the whole file.")
 DEVICE = typer.Option("auto", "--device", envvar="EDGESEEK_DEVICE",
                       help="cpu, cuda, or auto: the NVIDIA GPU when one and the cuda extra are there.")
+MTP = typer.Option("auto", "--mtp", envvar="EDGESEEK_MTP",
+                   help="Multi-token prediction with the file's MTP layer (DeepSeek-V3/R1): auto (on while it "
+                   "pays), off, or 1-3 drafts per step.")
 GPU_BUDGET = typer.Option(None, "--gpu-budget", envvar="EDGESEEK_GPU_BUDGET",
                           help="VRAM for weights and caches (e.g. 4G); routed experts beyond it run on the CPU. "
                           "Default: the free VRAM less 1 GiB.")
@@ -207,6 +216,7 @@ def generate(
     system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print the reply and its stats as one JSON object."),
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
+    mtp: str = MTP,
 ):
     """Reply to one prompt on stdout, nothing else: pipe-friendly.
 
@@ -223,7 +233,7 @@ def generate(
         if sys.stdin.isatty():
             _fail("no prompt: pass -p TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
-    engine = _load(model, ctx, ram_budget, device, gpu_budget)
+    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp)
     ids = single_turn_ids(engine, prompt, system=system, raw=raw)
     sampler = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
     text, last = [], None
@@ -246,6 +256,7 @@ def generate(
             "ttft_s": round(last.ttft, 4), "load_s": round(engine.load_seconds, 3), "device": engine.device,
             **({"gpu": engine.device_name, "vram_bytes": engine.vram_used()} if engine.device == "cuda" else {}),
             **({"experts": engine.expert_stats()} if engine.expert_stats() else {}),
+            **(engine.mtp.stats() if engine.mtp is not None else {}),
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
@@ -263,6 +274,7 @@ def batch(
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
+    mtp: str = MTP,
 ):
     """Generate replies for every request of a JSONL file (OpenAI batch format, or the short forms
     {"custom_id", "prompt"} and {"custom_id", "messages"}); one OpenAI-shaped line per request in OUT.
@@ -289,7 +301,7 @@ def batch(
     if not requests and not bad:
         err.print(f"Nothing to do: every request of {in_path} is in {output}.")
         return
-    engine = _load(model, ctx, ram_budget, device, gpu_budget) if requests else None
+    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp) if requests else None
     output.parent.mkdir(parents=True, exist_ok=True)
     n_failed = len(bad)
     show = err.is_terminal and not _no_color
@@ -332,6 +344,7 @@ def chat(
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
+    mtp: str = MTP,
 ):
     """Chat with a model in the terminal (streaming, the model's own chat template).
 
@@ -343,7 +356,7 @@ def chat(
 
     if system and system.startswith("@"):
         system = Path(system[1:]).read_text(encoding="utf-8")
-    engine = _load(model, ctx, ram_budget, device, gpu_budget)
+    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp)
     session = ChatSession(engine, system=system, max_tokens=max_tokens,
                           sampler=_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed))
     try:

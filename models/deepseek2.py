@@ -257,8 +257,9 @@ class DeepSeek2Model(DecoderModel):
 
     def mtp_step(self, hidden, next_ids, pos: np.ndarray, cache):
         """The MTP block over rows i of `hidden` (main hidden states, (T, D), backend arrays) with the
-        tokens that follow them (`next_ids`, backend ids), at positions pos -> (logits (T, V) on the
-        host, the block's output (T, D) for drafting further with the same module)."""
+        tokens that follow them (`next_ids`, backend ids), at positions pos -> (logits (1, V) of the
+        last row on the host: the next draft; the block's output (T, D), to draft further with the
+        same module). Every row writes the block's cache entry at its position."""
         M, c, b = self.mtp, self.config, self.backend
         eps = c.rms_eps
         e = b.rms_norm(M.embed(next_ids), M.enorm, eps)
@@ -268,7 +269,7 @@ class DeepSeek2Model(DecoderModel):
         i = c.n_layer
         x = x + self.attention(M, b.rms_norm(x, M.attn_norm, eps), cache, i, pos, pos_x)
         x = x + self.feed_forward(M, b.rms_norm(x, M.ffn_norm, eps), i)
-        return b.host(M.head(b.rms_norm(x, M.head_norm, eps))), x
+        return b.host(M.head(b.rms_norm(x[-1:], M.head_norm, eps))), x
 
     def _project(self, L: Layer, h: np.ndarray, pos):
         """Rows of h at positions pos (the backend's array) -> absorbed queries q_lat (T, H, C), q_pe (T, H, R), and the

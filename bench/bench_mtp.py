@@ -1,0 +1,121 @@
+"""Multi-token prediction: what verifying k+1 positions costs against one decode step, and what MTP
+gives on a model with a trained MTP layer.
+
+    python bench/bench_mtp.py [--cost FILE] [--model FILE_WITH_MTP] [--device cpu] [--out bench/results/mtp.json]
+
+--cost (default: bench/make_v2lite.py's Q4_0 file; random weights, so acceptance means nothing
+there): the time of a main-model forward over 1, 2, 3, 4 positions after a 64-token prompt, and
+of the MTP block's share (one MoE layer, measured as a step's per-layer mean, and the output head);
+from those, the speedup that acceptance a (DeepSeek reports 0.85-0.9 for its second token) gives
+with k drafts: tokens per step sum(a^j, j=0..k) over the step's cost (the verification, the
+catch-up over the step's tokens, k-1 further drafts) in units of a plain step. --model: greedy decode with MTP off and
+with k = 1, 2, 3 on the same prompt; tokens/s, acceptance, tokens per step, and the measured speedup
+next to the one the cost model predicts from the measured acceptance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(fn, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def costs(path: Path, device: str, repeats: int) -> dict:
+    """Seconds of a forward over T = 1..4 new positions at the same context length, and the
+    MTP block's share estimated from one layer and the head."""
+    import edgeseek
+    engine = edgeseek.load(path, n_ctx=256, device=device, mtp="off")
+    model = engine.model
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, model.config.vocab_size, 64).astype(np.int32)
+    cache = model.new_cache()
+    model.forward(prompt, cache)
+    out = {}
+    for T in (1, 2, 3, 4):
+        ids = rng.integers(100, model.config.vocab_size, T).astype(np.int32)
+
+        def run():
+            model.forward(ids, cache, all_logits=True)
+            cache.truncate(64)
+        run()  # warm: the experts these tokens route to are packed
+        out[T] = timed(run, repeats)
+    h = model.backend.xp.asarray(np.ones((1, model.config.n_embd), np.float32))
+    head = timed(lambda: model.backend.host(model.output(h)), repeats)
+    layer = (out[1] - head) / model.config.n_layer
+    return {"forward_s": out, "head_s": head, "layer_s": layer, "mtp_block_s": layer + head,
+            "n_layer": model.config.n_layer}
+
+
+def predicted_speedup(c: dict, a: float, k: int) -> float:
+    """Tokens per step over the step's cost in plain steps. A step: the verification over k+1
+    positions; the catch-up, the block's layer over the step's tokens (accepted drafts + 1) and the
+    head once (its last row is the next first draft); k-1 more drafts, layer and head each."""
+    f, layer, head = c["forward_s"], c["layer_s"], c["head_s"]
+    tokens = sum(a ** j for j in range(k + 1))
+    step = f[min(k + 1, 4)] + tokens * layer + head + (k - 1) * (layer + head)
+    return tokens * f[1] / step
+
+
+def with_model(path: Path, device: str, n: int) -> dict:
+    import edgeseek
+    from edgeseek.sampler import SamplerConfig
+    prompt = "The history of the printing press"
+    rows = {}
+    for mode in ("off", 1, 2, 3):
+        e = edgeseek.load(path, device=device, mtp=mode)
+        ids = e.tokenizer.encode(prompt)
+        list(edgeseek.stream_generate(e, ids, max_tokens=8, sampler=SamplerConfig.greedy()))  # warm
+        if e.mtp is not None:
+            e.mtp.steps = e.mtp.drafted = e.mtp.accepted = 0
+        last = None
+        for r in edgeseek.stream_generate(e, ids, max_tokens=n, sampler=SamplerConfig.greedy()):
+            last = r
+        rows[str(mode)] = {"decode_tps": round(last.generation_tps, 2), **(e.mtp.stats() if e.mtp else {})}
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cost", type=Path, default=HERE / "data" / "v2lite-q4_0.gguf")
+    p.add_argument("--model", type=Path, help="a GGUF file with an MTP layer (the distilled model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "mtp.json")
+    a = p.parse_args()
+    result = {"device": a.device}
+    if a.cost and a.cost.exists():
+        c = costs(a.cost, a.device, a.repeats)
+        c["predicted_speedup"] = {f"a={acc}": {f"k={k}": round(predicted_speedup(c, acc, k), 3) for k in (1, 2, 3)}
+                                  for acc in (0.5, 0.7, 0.85, 0.9)}
+        result["cost"] = {"file": a.cost.name, **c}
+        f = c["forward_s"]
+        print(f"{a.cost.name}: forward over 1/2/3/4 positions {f[1] * 1e3:.1f} / {f[2] * 1e3:.1f} / "
+              f"{f[3] * 1e3:.1f} / {f[4] * 1e3:.1f} ms (x{f[2] / f[1]:.2f} / x{f[3] / f[1]:.2f} / x{f[4] / f[1]:.2f});"
+              f" MTP block ~{c['mtp_block_s'] * 1e3:.1f} ms (head {c['head_s'] * 1e3:.1f} ms)")
+        for acc, row in c["predicted_speedup"].items():
+            print(f"  predicted speedup at {acc}: " + ", ".join(f"{k} {v:.2f}x" for k, v in row.items()))
+    if a.model:
+        rows = with_model(a.model, a.device, a.decode)
+        result["model"] = {"file": a.model.name, "runs": rows}
+        base = rows["off"]["decode_tps"]
+        for mode, r in rows.items():
+            print(f"  mtp {mode}: {r['decode_tps']} tok/s ({r['decode_tps'] / base:.2f}x), "
+                  f"acceptance {r.get('mtp_acceptance')}, tokens/step {r.get('mtp_tokens_per_step')}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
