@@ -16,7 +16,7 @@ from .errors import EdgeseekError
 
 # Tensors the backend keeps as float32 arrays rather than in their file quantization (models/
 # calls backend.dense for them): their VRAM is 4 bytes per value whatever the file stores.
-DENSE = ("attn_k_b", "attn_v_b", "attn_kv_b", "ffn_gate_inp", "norm", "bias", "exp_probs_b", "rope_freqs")
+DENSE = ("attn_kv_b", "ffn_gate_inp", "norm", "bias", "exp_probs_b", "rope_freqs")
 # Activations, logits, the prefill's dequantized tiles (at most PREFILL_TILE values of float16 at
 # a time) and the kernels' module: what a step needs beside the weights and the cache.
 PREFILL_TILE = 32 << 20

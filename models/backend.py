@@ -36,11 +36,15 @@ class Backend(Protocol):
     def dense(self, gguf, name: str, shape: tuple[int, ...] | None = None):
         """Any (small) tensor as float32, numpy order."""
 
+    def heads(self, gguf, name: str, shape: tuple[int, int, int]):
+        """A stack of per-head matrices (H, R, K) in the file's quantization, for per_head."""
+
     def embedding(self, gguf, name: str, shape: tuple[int, int]) -> Callable:
         """Row lookup in a (V, D) table: ids (T,) -> (T, D) float32, without dequantizing it all."""
 
     def per_head(self, w, x):
-        """y[t, h] = w[h] @ x[t, h]: w (H, R, K), x (T, H, K) -> (T, H, R)."""
+        """y[t, h] = w[h] @ x[t, h]: w (H, R, K) (from heads(), or a float32 array), x (T, H, K)
+        -> (T, H, R)."""
 
     def experts_one_token(self, x, triples: Sequence) -> object | None:
         """SwiGLU of one token x (1, D) through each (gate, up, down) triple -> (n, D), each

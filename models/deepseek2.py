@@ -164,8 +164,8 @@ class Layer:
         self.attn_kv_a_mqa = b.matrix(g, p + "attn_kv_a_mqa.weight", (C + R, D))
         self.attn_kv_a_norm = vector(b, g, p + "attn_kv_a_norm.weight", C)
         if c.mla_layout:
-            self.attn_k_b = b.dense(g, p + "attn_k_b.weight", (H, C, N))  # (H, C, N)
-            self.attn_v_b = b.dense(g, p + "attn_v_b.weight", (H, V, C))  # (H, V, C)
+            self.attn_k_b = b.heads(g, p + "attn_k_b.weight", (H, C, N))  # (H, C, N), the file's quantization
+            self.attn_v_b = b.heads(g, p + "attn_v_b.weight", (H, V, C))  # (H, V, C)
         else:
             kv_b = b.dense(g, p + "attn_kv_b.weight", (H * (N + V), C)).reshape(H, N + V, C)
             self.attn_k_b = b.xp.ascontiguousarray(kv_b[:, :N, :].transpose(0, 2, 1))  # (H, C, N)

@@ -48,6 +48,30 @@ def _heads_matvec(w, x, y):
         y[h, r] = s
 
 
+class Heads:
+    """A (H, R, K) stack of per-head matrices kept in the file's quantization: a decode step
+    multiplies every head in one kernel call (matmul_many, head h by row h of x), a prompt head by
+    head with the same kernels (8-bit activations either way, as llama.cpp's products: a prompt and
+    its tokens one at a time give the same result)."""
+
+    def __init__(self, gguf, name: str, shape: tuple[int, int, int]):
+        t = gguf.tensor(name, shape)
+        self.fmt = tensor_format(gguf, t)
+        self.name, self.shape, self.raw = name, t.shape, t.raw  # raw (H, R, row_bytes)
+        self._packed = self._dense = None
+
+    @property
+    def packed(self) -> list:
+        if self._packed is None:
+            self._packed = [self.fmt.pack(self.raw[h]) for h in range(self.shape[0])]
+        return self._packed
+
+    def matrix(self, h: int) -> QMatrix:
+        m = QMatrix(self.fmt.qtype, self.raw[h], self.shape[1:], f"{self.name}[{h}]")
+        m._packed = self.packed[h]
+        return m
+
+
 class CPUBackend:
     xp = np
     device = "cpu"
@@ -62,12 +86,24 @@ class CPUBackend:
         fmt = tensor_format(gguf, t)
         return fmt.dequantize(np.ascontiguousarray(t.raw).reshape(-1, fmt.type_size)).reshape(t.shape)
 
+    def heads(self, gguf, name: str, shape: tuple[int, int, int]) -> Heads:
+        return Heads(gguf, name, shape)
+
     def embedding(self, gguf, name: str, shape: tuple[int, int]) -> Embedding:
         return Embedding(gguf, name, shape)
 
-    def per_head(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-        # A few tokens go through a numba kernel on both cores (numpy's einsum runs these on one
-        # core, at a third of the bandwidth); more tokens through batched BLAS.
+    def per_head(self, w, x: np.ndarray) -> np.ndarray:
+        # Quantized heads, a few tokens: every head in one kernel call per token. A float32 stack,
+        # a few tokens: a numba kernel on both cores (numpy's einsum runs these on one core, at a
+        # third of the bandwidth); more tokens: batched BLAS.
+        if isinstance(w, Heads):
+            if len(x) <= 2:
+                rows = np.arange(w.shape[0])
+                ys = [w.fmt.matmul_many(w.packed, np.ascontiguousarray(x[t], dtype=np.float32), rows)
+                      for t in range(len(x))]
+                if all(y is not None for y in ys):
+                    return np.stack(ys)  # (T, H, R)
+            return np.stack([w.matrix(h)(np.ascontiguousarray(x[:, h])) for h in range(w.shape[0])], axis=1)
         if len(x) <= 2:
             out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)  # (T, H, R)
             for t in range(len(x)):

@@ -276,6 +276,14 @@ class CUDABackend:
         host = fmt.dequantize(np.ascontiguousarray(t.raw).reshape(-1, fmt.type_size)).reshape(t.shape)
         return self.upload(host.astype(np.float32))
 
+    def heads(self, gguf, name: str, shape: tuple[int, int, int]) -> "DeviceExperts":
+        """(H, R, K) per-head matrices as the file's blocks: a stack the ids kernel takes like experts."""
+        t = gguf.tensor(name, shape)
+        _format_check(gguf, t)
+        m = DeviceExperts(self, t.qtype, self.upload(t.raw), t.shape[1:], name)
+        gguf.release_pages(t)
+        return m
+
     def embedding(self, gguf, name: str, shape: tuple[int, int]) -> DeviceEmbedding:
         t = gguf.tensor(name, shape)
         _format_check(gguf, t)
@@ -286,6 +294,12 @@ class CUDABackend:
     def per_head(self, w, x):
         xp = self.xp
         t, h, k = x.shape
+        if isinstance(w, DeviceExperts):  # quantized heads
+            if t > MMV_MAX_TOKENS:
+                w = w.dense()
+            else:
+                y = w.ids(self._arange(h, t), xp.ascontiguousarray(x.reshape(t * h, k)))  # (T*H, R)
+                return y.reshape(t, h, -1)
         if t > MMV_MAX_TOKENS:
             return xp.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)  # (T, H, R)
         # each (token, head) pair a row through "expert" h of the (H, R, K) stack: one launch, no cuBLAS
@@ -527,6 +541,18 @@ class DeviceExperts:
 
     def one(self, slot: int) -> DeviceMatrix:
         return DeviceMatrix(self.b, self.qtype, self.raw[int(slot)], self.shape, f"{self.name}[{slot}]")
+
+    def dense(self):
+        """The whole stack as float32 (E, N, K), made once (per-head matrices in prompts)."""
+        d = getattr(self, "_dense", None)
+        if d is None:
+            e = self.raw.shape[0]
+            n, k = self.shape
+            d = self.b.xp.empty((e, n, k), np.float32)
+            flat = self.raw.reshape(e * n, -1)
+            self.b.kernels.dequant(self.qtype, flat, flat.shape[-1], None, e * n, k, d)
+            self._dense = d
+        return d
 
 
 class TieredExperts:
