@@ -203,8 +203,10 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
         cpu_types = {t.qtype for t in gguf.tensors.values() if "_exps." in t.name} \
             if gpu_plan.experts_on_gpu < gpu_plan.experts_total else set()
     # before the expert store, whose warm-up from the usage profile packs experts already
-    kernels.prepare(cpu_types, gguf.arch_meta("expert_used_count", 0), notify=on_compile,
-                    extra=backend.warmup)
+    many = (gguf.arch_meta("expert_used_count", 0),)  # matmul_many: a decode step's experts, MLA's heads
+    if gguf.arch == "deepseek2" and gguf.has("blk.0.attn_k_b.weight") and device == "cpu":
+        many += (gguf.arch_meta("attention.head_count"),)
+    kernels.prepare(cpu_types, many, notify=on_compile, extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)
         if gpu_plan is not None:

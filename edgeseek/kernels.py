@@ -24,12 +24,12 @@ from numba.core import event
 from edgeseek.quantize.registry import FORMATS, get_format
 
 
-def prepare(qtypes: Iterable, n_many: int = 0, notify: Callable[[str], None] | None = None,
+def prepare(qtypes: Iterable, n_many: int | tuple = 0, notify: Callable[[str], None] | None = None,
             extra: Callable[[], None] | None = None, workers: int | None = None) -> bool:
     """Compile (or load from numba's cache) the kernels of these quant types (those edgeseek has:
     loading the model names any other its layers use) and those `extra` runs (the backend's own);
-    True if any kernel had to be compiled. `n_many`: experts per decode step, for the formats'
-    matmul_many kernels."""
+    True if any kernel had to be compiled. `n_many`: matrices of one matmul_many call (experts per
+    decode step, MLA's heads), an int or a tuple of them."""
     # block formats first (their kernels take longest), then the float ones
     formats = sorted({FORMATS[q] for q in qtypes if q in FORMATS},
                      key=lambda f: (f.qtype.value <= 1 or f.qtype.name == "BF16", f.qtype.name))
@@ -85,7 +85,9 @@ def _on_cold(formats, n_many, notify, workers, listener: _FirstCompile) -> None:
     n = min(workers, len(rest))
     for share in (rest[i::n] for i in range(n)):
         listener.workers.append(subprocess.Popen(
-            [sys.executable, "-m", "edgeseek.kernels", "--n-many", str(n_many), "--parent", str(os.getpid()), *share],
+            [sys.executable, "-m", "edgeseek.kernels", "--n-many",
+             ",".join(map(str, n_many if isinstance(n_many, tuple) else (n_many,))), "--parent", str(os.getpid()),
+             *share],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     from gguf import GGMLQuantizationType
 
     p = argparse.ArgumentParser(prog="python -m edgeseek.kernels", description=main.__doc__)
-    p.add_argument("--n-many", type=int, default=0)
+    p.add_argument("--n-many", type=lambda v: tuple(int(n) for n in v.split(",")), default=(0,))
     p.add_argument("--parent", type=int, help="stop between formats once this process is gone")
     p.add_argument("qtypes", nargs="+")
     a = p.parse_args(argv)

@@ -217,11 +217,12 @@ class QuantFormat:
         return x
 
     # --- compiling ------------------------------------------------------------------------------
-    def warmup(self, n_many: int = 0) -> None:
+    def warmup(self, n_many: int | tuple = 0) -> None:
         """Run each kernel of the format once on a small matrix, so that numba compiles it (or loads
         it from its cache) now rather than at the first token: with the argument types the model
         passes (a read-only matrix as the file's mmap gives it, or a writable copy; one and two
-        activation rows; `n_many` matrices in one matmul_many call, a decode step's experts)."""
+        activation rows; `n_many` matrices in one matmul_many call, a decode step's experts, or
+        a tuple of such counts: numba compiles one kernel per count)."""
         rng = np.random.default_rng(0)
         rows, k = 64, 256  # one tile of rows; whole blocks of every format, K-quants' 256 included
         # (rows, row_bytes) of random bytes: the values do not matter, and quantizing would compile
@@ -235,8 +236,9 @@ class QuantFormat:
             self.dequantize(r[:1].reshape(-1, self.type_size))
         self.matvec(packed, x[0])
         self.matmul(packed, x)
-        if n_many > 1:
-            self.matmul_many([packed] * n_many, x[:1], [0] * n_many)
+        for n in (n_many if isinstance(n_many, tuple) else (n_many,)):
+            if n > 1:
+                self.matmul_many([packed] * n, x[:1], [0] * n)
 
 
 def get_format(qtype) -> QuantFormat:

@@ -627,8 +627,10 @@ class TieredExperts:
         tok, which = np.nonzero(mask)
         experts = np.unique(ids[tok, which])
         for group in self.cpu_store.fetch_groups(layer, experts):
-            # a decode step: the group's experts in one product per projection (the CPU backend's)
-            ys = self.cpu.experts_one_token(x, [t for _, t in group]) if len(x) == 1 and len(group) > 1 else None
+            # a decode step's group of the usual size: one product per projection (the CPU backend's
+            # kernel compiled at load for that many experts); other sizes expert by expert
+            one = len(x) == 1 and len(group) == ids.shape[1]
+            ys = self.cpu.experts_one_token(x, [t for _, t in group]) if one else None
             for i, (j, (gate, up, down)) in enumerate(group):
                 sel = ids[tok, which] == experts[j]
                 t_e, c_e = tok[sel], which[sel]
