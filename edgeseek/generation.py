@@ -173,11 +173,11 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
             logits, hidden = model.forward(np.asarray(verify, dtype=np.int32), cache, all_logits=True, hidden=True)
             accepted, nxt = _accept(sampler, logits, drafts, q_dists, context.tokens + [token])
             cache.truncate(n + accepted + 1)  # the main cache keeps the pending token and the accepted drafts
-            context.tokens.extend(verify[:accepted + 1])
             token = nxt
             q_logits, g = _mtp_catch_up(model, hidden[:accepted + 1], drafts[:accepted] + [token], n, cache, context)
             mtp.step(len(drafts), accepted, time.perf_counter() - t0)
-            for t in drafts[:accepted] + [token]:
+            for fed, t in zip(verify, drafts[:accepted] + [token]):
+                context.tokens.append(fed)  # as one token per step would have it when t is drawn
                 yield t
     finally:
         context.truncate(len(context.tokens))
@@ -329,6 +329,7 @@ class _Row:
     reply: Continuation
     n_prompt: int
     last: int = 0  # the sampled token that the next step feeds back
+    draft_from: tuple | None = None  # with MTP: the block's last logits and output, the next drafts' source
 
 
 class BatchGenerator:
@@ -369,22 +370,35 @@ class BatchGenerator:
             raise ValueError(f"sequence {uid!r} is already in the batch")
         context = self.engine.new_context(min(limit, len(ids) + max_tokens))
         row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop), len(ids))
-        logits = self.engine.model.forward(np.asarray(ids, np.int32), context.cache)[-1]
-        context.tokens.extend(ids)
-        delta = self._advance(uid, row, logits)
+        model = self.engine.model
+        if self._mtp():
+            logits, hidden = model.forward(np.asarray(ids, np.int32), context.cache, hidden=True)
+            context.tokens.extend(ids)
+            delta = self._advance(uid, row, logits[-1])
+            row.draft_from = _mtp_catch_up(model, hidden, ids[1:] + [row.last], 0, context.cache, context)
+        else:
+            logits = model.forward(np.asarray(ids, np.int32), context.cache)[-1]
+            context.tokens.extend(ids)
+            delta = self._advance(uid, row, logits)
         if delta.finish_reason is None:
             self.rows[uid] = row
         return delta
+
+    def _mtp(self) -> bool:
+        return self.engine.mtp is not None and self.engine.mtp.k > 0
 
     def remove(self, uid: Hashable) -> None:
         """Drops a sequence (and its KV cache) from the batch; one that already finished is gone."""
         self.rows.pop(uid, None)
 
     def step(self) -> list[Delta]:
-        """One decode step of every active sequence: a Delta each, in the order they were added.
-        Sequences whose Delta carries a finish_reason leave the batch."""
+        """One decode step of every active sequence: a Delta each, in the order they were added
+        (with multi-token prediction, one per token the step kept, up to the one that finishes the
+        sequence). Sequences whose Delta carries a finish_reason leave the batch."""
         if not self.rows:
             return []
+        if self._mtp() and all(r.draft_from is not None for r in self.rows.values()):
+            return self._mtp_step()
         uids, rows = list(self.rows), list(self.rows.values())
         try:
             logits = self.engine.model.forward_rows(np.array([r.last for r in rows], np.int32),
@@ -400,10 +414,62 @@ class BatchGenerator:
                 del self.rows[d.uid]
         return deltas
 
+    def _mtp_step(self) -> list[Delta]:
+        """Every sequence drafts with the MTP block; one forward_rows verifies all of them (the
+        pending token and the drafts of each); each keeps its agreeing prefix (as _mtp_steps)."""
+        model, mtp, b = self.engine.model, self.engine.mtp, self.engine.model.backend
+        uids, rows = list(self.rows), list(self.rows.values())
+        t0 = time.perf_counter()
+        chunks, drafts_of, q_of = [], [], []
+        for r in rows:
+            n = len(r.context.tokens)
+            k = max(0, min(mtp.k, r.context.n_ctx - n - 1))
+            q_logits, g = r.draft_from
+            drafts, qs = [], []
+            for j in range(k):
+                d, q = _draft(r.sampler, q_logits[-1], r.context.tokens + [r.last] + drafts)
+                drafts.append(d)
+                qs.append(q)
+                if j + 1 < k:
+                    q_logits, g = model.mtp_step(g[-1:], b.tokens([d]), np.array([n + j]), r.context.cache)
+            chunks.append([r.last] + drafts)
+            drafts_of.append(drafts)
+            q_of.append(qs)
+        counts = [len(c) for c in chunks]
+        try:
+            logits, hidden = model.forward_rows(np.array([t for c in chunks for t in c], np.int32),
+                                                [r.context.cache for r in rows], counts, hidden=True)
+        finally:
+            for r in rows:
+                r.context.truncate(len(r.context.tokens))
+        deltas, start = [], 0
+        for uid, r, chunk, drafts, qs, cnt in zip(uids, rows, chunks, drafts_of, q_of, counts):
+            n = len(r.context.tokens)
+            lg, hd = logits[start:start + cnt], hidden[start:start + cnt]
+            start += cnt
+            accepted, nxt = _accept(r.sampler, lg, drafts, qs, r.context.tokens + [r.last])
+            r.context.tokens.extend(chunk[:accepted + 1])
+            r.context.cache.pos = n + accepted + 1
+            r.draft_from = _mtp_catch_up(model, hd[:accepted + 1], drafts[:accepted] + [nxt], n, r.context.cache,
+                                         r.context)
+            mtp.step(len(drafts), accepted, (time.perf_counter() - t0) / len(rows))
+            for j, token in enumerate(drafts[:accepted] + [nxt]):
+                d = self._emit(uid, r, token, n + 1 + j >= r.context.n_ctx)  # full as one token per step has it
+                deltas.append(d)
+                if d.finish_reason:
+                    break
+        for d in deltas:
+            if d.finish_reason:
+                del self.rows[d.uid]
+        return deltas
+
     @staticmethod
     def _advance(uid: Hashable, row: _Row, logits: np.ndarray) -> Delta:
-        token = row.sampler(logits, row.context.tokens)
-        text = row.reply.add(token, _context_full(row.context))
+        return BatchGenerator._emit(uid, row, row.sampler(logits, row.context.tokens))
+
+    @staticmethod
+    def _emit(uid: Hashable, row: _Row, token: int, full: bool | None = None) -> Delta:
+        text = row.reply.add(token, _context_full(row.context) if full is None else full)
         row.last = token
         return Delta(uid, text, None if token in row.reply.stop_ids else token, row.n_prompt, row.reply.n,
                      row.reply.finish_reason)

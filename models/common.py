@@ -146,8 +146,9 @@ class DecoderModel:
     def feed_forward(self, L, h: np.ndarray, i: int) -> np.ndarray:
         raise NotImplementedError
 
-    def attention_rows(self, L, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
-        """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
+    def attention_rows(self, L, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
+        """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]
+        at positions pos[a:b]."""
         raise NotImplementedError
 
     def begin_step(self) -> None:
@@ -197,21 +198,28 @@ class DecoderModel:
         logits = self.output(h if all_logits or not hidden else h[-1:])
         return (logits, h) if hidden else logits
 
-    def forward_rows(self, tokens: np.ndarray, caches: list) -> np.ndarray:
-        """One decode step of several sequences at once: token t continues the sequence of
-        caches[t] -> logits (len(tokens), V). Every weight is read once for all of them, and each
-        routed expert once for all the sequences routed to it; attention runs per sequence."""
+    def forward_rows(self, tokens: np.ndarray, caches: list, counts: list[int] | None = None, hidden: bool = False):
+        """One decode step of several sequences at once: the tokens continue the sequences of
+        caches, counts[r] tokens for caches[r] (default one each; speculative decoding verifies
+        several) -> logits (len(tokens), V) (and, with `hidden`, the normed final hidden states).
+        Every weight is read once for all of them, and each routed expert once for all the tokens
+        routed to it; attention runs per sequence."""
         eps = self.config.rms_eps
-        pos = np.array([c.pos for c in caches])
-        for c in caches:
-            if c.pos + 1 > c.n_ctx:
-                raise ValueError(f"context full: {c.pos} + 1 tokens > {c.n_ctx}")
+        counts = [1] * len(caches) if counts is None else list(counts)
+        for c, n in zip(caches, counts):
+            if c.pos + n > c.n_ctx:
+                raise ValueError(f"context full: {c.pos} + {n} tokens > {c.n_ctx}")
+        pos = np.concatenate([np.arange(c.pos, c.pos + n) for c, n in zip(caches, counts)])
+        ends = np.cumsum(counts)
+        spans = list(zip(ends - counts, ends))
         self.begin_step()
         self.rope.ensure(max(c.n_ctx for c in caches))
         x = self.token_embd(self.backend.tokens(tokens))  # (B, D)
         for i, L in enumerate(self.layers):
-            x = x + self.attention_rows(L, self.backend.rms_norm(x, L.attn_norm, eps), caches, i, pos)
+            x = x + self.attention_rows(L, self.backend.rms_norm(x, L.attn_norm, eps), caches, i, pos, spans)
             x = x + self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i)
-        for c in caches:
-            c.pos += 1
-        return self.backend.host(self.output(self.backend.rms_norm(x, self.output_norm, eps)))
+        for c, n in zip(caches, counts):
+            c.pos += n
+        h = self.backend.rms_norm(x, self.output_norm, eps)
+        logits = self.backend.host(self.output(h))
+        return (logits, h) if hidden else logits

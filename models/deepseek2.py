@@ -313,11 +313,11 @@ class DeepSeek2Model(DecoderModel):
             o_lat = self._attend(q_lat, q_pe, lat, k_pe, cache, i, pos)
         return self._output(L, o_lat)
 
-    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
-        """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
+    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
+        """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]."""
         q_lat, q_pe, lat, k_pe = self._project(L, h, self.backend.positions(pos))
-        o_lat = self.backend.xp.concatenate([self._attend(q_lat[t:t + 1], q_pe[t:t + 1], lat[t:t + 1], k_pe[t:t + 1], caches[t],
-                                             i, pos[t:t + 1]) for t in range(len(pos))])
+        o_lat = self.backend.xp.concatenate([self._attend(q_lat[a:b], q_pe[a:b], lat[a:b], k_pe[a:b], cache, i, pos[a:b])
+                                             for cache, (a, b) in zip(caches, spans)])
         return self._output(L, o_lat)
 
     # Speculative prefetch: when decoding one token, the next MoE layer's router applied to this

@@ -136,9 +136,9 @@ class LlamaModel(DecoderModel):
     def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
         return L.attn_output(self._attend(*self._project(L, h, pos_x), cache, i, pos))
 
-    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray) -> np.ndarray:
-        """One new token of each of several sequences: row t of h goes with caches[t] at pos[t]."""
+    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
+        """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]."""
         q, k, v = self._project(L, h, self.backend.positions(pos))
-        o = self.backend.xp.concatenate([self._attend(q[t:t + 1], k[t:t + 1], v[t:t + 1], caches[t], i, pos[t:t + 1])
-                            for t in range(len(pos))])
+        o = self.backend.xp.concatenate([self._attend(q[a:b], k[a:b], v[a:b], cache, i, pos[a:b])
+                                         for cache, (a, b) in zip(caches, spans)])
         return L.attn_output(o)

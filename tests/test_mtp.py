@@ -132,3 +132,49 @@ def test_an_incomplete_mtp_block_is_named(mtp_file, tmp_path):
         edgeseek.load(broken, mtp=1)
     e = edgeseek.load(broken, mtp="auto")
     assert e.mtp is None and any("blk.2.nextn.eh_proj.weight" in n for n in e.notes)
+
+
+def _batch(engine, prompts, n):
+    gen = generation.BatchGenerator(engine)
+    out = {}
+    for i, p in enumerate(prompts):
+        d = gen.add(p, max_tokens=n, sampler=GREEDY, uid=i)
+        out[i] = [d.token]
+    while gen:
+        for d in gen.step():
+            if d.token is not None:
+                out[d.uid].append(d.token)
+    return [out[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_batch_mode_greedy_output_equals_decoding_without_mtp(mtp_file, oracle, monkeypatch):
+    prompts = [PROMPT, list(range(30, 42)), list(range(7, 11))]
+    off = edgeseek.load(mtp_file, mtp="off")
+    plain = [tokens(off, n=30, prompt=p) for p in prompts]
+    if oracle:  # drafts mostly right: rows accept different numbers of tokens in the same step
+        rng = np.random.default_rng(1)
+
+        def draft(sampler, logits, history):
+            for p, ref in zip(prompts, plain):
+                if history[:len(p)] == p:
+                    i = len(history) - len(p)
+                    right = ref[i] if i < len(ref) else 0
+                    d = right if rng.random() < 0.7 else (right + 1) % len(logits)
+                    return d, (np.array([d]), np.ones(1))
+            raise AssertionError("unknown sequence")
+        monkeypatch.setattr(generation, "_draft", draft)
+    e = edgeseek.load(mtp_file, mtp=2)
+    assert _batch(e, prompts, 30) == plain
+    if oracle:
+        assert 0 < e.mtp.accepted < e.mtp.drafted
+
+
+def test_a_full_context_ends_where_it_ends_without_mtp(mtp_file):
+    """The reply stops at the same token ('length') when the context fills up mid-step."""
+    def run(mode):
+        e = edgeseek.load(mtp_file, mtp=mode)
+        ctx = e.new_context(len(PROMPT) + 13)
+        rs = list(edgeseek.stream_generate(e, PROMPT, max_tokens=100, sampler=GREEDY, context=ctx))
+        return [r.token for r in rs], rs[-1].finish_reason
+    assert run(3) == run("off")
