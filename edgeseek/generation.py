@@ -157,9 +157,7 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
         q_logits, g = _mtp_catch_up(model, hidden, list(new[1:]) + [token], start, cache, context)
         while not _context_full(context):
             n = len(context.tokens)  # the pending token's position
-            k = min(mtp.k, context.n_ctx - n - 1)
-            if k < 1:
-                break
+            k = min(mtp.k, context.n_ctx - n - 1)  # 0 at the context's end: a plain step
             t0 = time.perf_counter()
             drafts, q_dists = [], []
             for j in range(k):
