@@ -84,16 +84,17 @@ class Context:
 
 DEVICES = ("auto", "cpu", "cuda")
 MTP_MAX = 3  # drafts per step: beyond one, the single MTP module drafts from its own output
-AUTO_STEPS = 16  # MTP steps measured before --mtp auto decides
+AUTO_PLAIN = 8  # --mtp auto: plain decode steps timed first (the MTP entries kept written meanwhile)
+AUTO_STEPS = 16  # then MTP steps measured before it decides
 
 
 @dataclass
 class MTP:
     """Multi-token prediction of a loaded model: drafts per step (0: off) and what it measured.
-    With `auto`, the first AUTO_STEPS steps decide: MTP stays on if its tokens per second beat the
-    plain decode steps measured in this process, or, before any were, if at least half the drafts
-    were accepted (verifying two positions costs more than one step, the more so when experts come
-    from disk: the routed experts of both positions are read)."""
+    With `auto`, the process's first AUTO_PLAIN decode steps run plain and are timed, the next
+    AUTO_STEPS with MTP; MTP stays on if its tokens per second beat the plain steps' (verifying
+    several positions costs more than one step, the more so when experts come from disk: the routed
+    experts of every position are read)."""
     k: int
     auto: bool = False
     steps: int = 0
@@ -115,6 +116,9 @@ class MTP:
             else:
                 keep = self.accepted >= 0.5 * self.drafted
             self.k = self.k if keep else 0
+
+    def measuring_plain(self) -> bool:
+        return self.auto and self.steps == 0 and self.plain_steps < AUTO_PLAIN
 
     def plain_step(self, seconds: float) -> None:
         self.plain_steps += 1

@@ -157,6 +157,19 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
         q_logits, g = _mtp_catch_up(model, hidden, list(new[1:]) + [token], start, cache, context)
         while not _context_full(context):
             n = len(context.tokens)  # the pending token's position
+            if mtp.k == 0 or mtp.measuring_plain():  # auto: plain steps timed first; or decided off
+                keep = mtp.k > 0  # still measuring: the MTP entries stay written
+                t0 = time.perf_counter()
+                out = model.forward(np.asarray([token], dtype=np.int32), cache, hidden=keep)
+                logits, hidden = out if keep else (out, None)
+                if keep:
+                    mtp.plain_step(time.perf_counter() - t0)
+                context.tokens.append(token)
+                token = sampler(logits[-1], context.tokens)
+                if keep:
+                    q_logits, g = _mtp_catch_up(model, hidden, [token], n, cache, context)
+                yield token
+                continue
             k = min(mtp.k, context.n_ctx - n - 1)  # 0 at the context's end: a plain step
             t0 = time.perf_counter()
             drafts, q_dists = [], []

@@ -178,3 +178,12 @@ def test_a_full_context_ends_where_it_ends_without_mtp(mtp_file):
         rs = list(edgeseek.stream_generate(e, PROMPT, max_tokens=100, sampler=GREEDY, context=ctx))
         return [r.token for r in rs], rs[-1].finish_reason
     assert run(3) == run("off")
+
+
+def test_auto_measures_and_turns_off_drafts_that_do_not_pay(mtp_file):
+    """--mtp auto: plain steps timed, then MTP steps; random drafts are never accepted, so each MTP
+    step costs more for the same one token and auto turns MTP off. The output is unchanged."""
+    plain = tokens(edgeseek.load(mtp_file, mtp="off"), n=60)
+    e = edgeseek.load(mtp_file, mtp="auto")
+    assert tokens(e, n=60) == plain
+    assert e.mtp.plain_steps == 8 and e.mtp.steps == 16 and e.mtp.k == 0 and not e.mtp.auto
