@@ -17,7 +17,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) overflows for x < -88: x / inf is the right -0
+        return x / (1.0 + np.exp(-x))
 
 
 def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
