@@ -155,15 +155,22 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 
 
 class _Chat:
-    """Prompts in the teacher's chat template, rendered by edgeseek (the file's template, sandboxed)."""
+    """Prompts in the teacher's chat template (rendered in edgeseek's jinja2 sandbox) and tokenized by
+    its tokenizer rebuilt as tokenizer.json: nothing here needs edgeseek's numba kernels, so the GPU
+    machine runs it without them."""
 
-    def __init__(self, teacher_path: Path):
-        import edgeseek
-        self.engine = edgeseek.load(teacher_path, device="cpu", mtp="off")
+    def __init__(self, teacher_path: Path, work: Path):
+        from tokenizers import Tokenizer
+
+        from edgeseek.chat_template import ChatTemplate
+        from edgeseek.gguf_file import GGUFFile
+        write_tokenizer(teacher_path, work)
+        self.tok = Tokenizer.from_file(str(work / "tokenizer.json"))
+        self.template = ChatTemplate.from_gguf(GGUFFile(teacher_path))
 
     def ids(self, text: str) -> list[int]:
-        from edgeseek.chat import single_turn_ids
-        return single_turn_ids(self.engine, text)
+        rendered = self.template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+        return self.tok.encode(rendered, add_special_tokens=False).ids
 
 
 def make_data(a) -> None:
@@ -172,7 +179,7 @@ def make_data(a) -> None:
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher, meta = load_teacher(a.teacher, device)
-    chat = _Chat(a.teacher)
+    chat = _Chat(a.teacher, a.out / "tokenizer")
     eos = int(meta.get("tokenizer.ggml.eos_token_id", 2))
     rows = []
     texts = prompts(a.prompts, a.seed)
