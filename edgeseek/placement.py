@@ -64,8 +64,9 @@ class GPUPlan:
         s = (f"weights {format_size(self.resident)}, KV cache {format_size(self.kv_cache)}, "
              f"workspace {format_size(self.workspace)}")
         if self.on_gpu:
-            s += (f", routed experts {self.experts_on_gpu}/{self.experts_total} "
-                  f"({format_size(self.expert_bytes)}); the other {self.experts_total - self.experts_on_gpu} on the CPU")
+            left = self.experts_total - self.experts_on_gpu
+            s += (f", routed experts {self.experts_on_gpu}/{self.experts_total} ({format_size(self.expert_bytes)})"
+                  + (f"; the other {left} on the CPU" if left else ", all on the GPU"))
         return s
 
 
