@@ -31,11 +31,11 @@ def timed(fn, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def costs(path: Path, device: str, repeats: int) -> dict:
+def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) -> dict:
     """Seconds of a forward over T = 1..4 new positions at the same context length, and the
     MTP block's share estimated from one layer and the head."""
     import edgeseek
-    engine = edgeseek.load(path, n_ctx=256, device=device, mtp="off")
+    engine = edgeseek.load(path, n_ctx=256, device=device, mtp="off", ram_budget=ram_budget)
     model = engine.model
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, model.config.vocab_size, 64).astype(np.int32)
@@ -90,13 +90,14 @@ def main():
     p.add_argument("--cost", type=Path, default=HERE / "data" / "v2lite-q4_0.gguf")
     p.add_argument("--model", type=Path, help="a GGUF file with an MTP layer (the distilled model)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ram-budget", help="experts from the file through a cache of this size (e.g. 4G)")
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--out", type=Path, default=HERE / "results" / "mtp.json")
     a = p.parse_args()
-    result = {"device": a.device}
+    result = {"device": a.device, "ram_budget": a.ram_budget}
     if a.cost and a.cost.exists():
-        c = costs(a.cost, a.device, a.repeats)
+        c = costs(a.cost, a.device, a.repeats, a.ram_budget)
         c["predicted_speedup"] = {f"a={acc}": {f"k={k}": round(predicted_speedup(c, acc, k), 3) for k in (1, 2, 3)}
                                   for acc in (0.5, 0.7, 0.85, 0.9)}
         result["cost"] = {"file": a.cost.name, **c}

@@ -288,3 +288,36 @@ add_f = _binary_f("fadd")
 sub_f = _binary_f("fsub")
 mul_f = _binary_f("fmul")
 
+
+
+_U16 = (types.uint16,)
+
+
+@intrinsic
+def load_h(typingctx, ary, index):
+    """Lanes ary.flat[index : index + 16] of a uint16 array holding IEEE half floats (a float16
+    array's view), widened to float32 (vcvtph2ps where the CPU has F16C or AVX-512)."""
+    _check_array(ary, _U16)
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        v = builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx,
+                                   ir.VectorType(ir.IntType(16), LANES)), align=2)
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)), _VF)
+
+    return VF(ary, index), codegen
+
+
+@intrinsic
+def hsum_f(typingctx, a):
+    """The sum of the 16 lanes (a float32)."""
+    if a != VF:
+        raise TypeError("hsum_f takes a VF vector")
+
+    def codegen(context, builder, sig, args):
+        total = builder.extract_element(args[0], ir.Constant(_I32, 0))
+        for i in range(1, LANES):
+            total = builder.fadd(total, builder.extract_element(args[0], ir.Constant(_I32, i)))
+        return total
+
+    return types.float32(a), codegen

@@ -10,6 +10,7 @@ from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import moe, route
 from edgeseek.quantize import QMatrix, get_format
+from edgeseek.quantize.simd import add_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
 
 
 def tensor_format(gguf, t):
@@ -46,6 +47,39 @@ def _heads_matvec(w, x, y):
         for k in range(K):
             s += w[h, r, k] * x[h, k]
         y[h, r] = s
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores):
+    # scores[h, s] = scale * (q_lat[h] . c[s] + q_pe[h] . k_pe[s]) for s < n, the float16 cache rows
+    # (uint16 views) widened 16 values at a time: no float32 copy of the cache
+    H, C = q_lat.shape
+    R = q_pe.shape[1]
+    for s in prange(n):
+        for h in range(H):
+            acc = zero_f()
+            for j in range(0, C, 16):
+                acc = add_f(acc, mul_f(load_h(c16, s * C + j), load_f(q_lat, h * C + j)))
+            for j in range(0, R, 16):
+                acc = add_f(acc, mul_f(load_h(kpe16, s * R + j), load_f(q_pe, h * R + j)))
+            scores[h, s] = hsum_f(acc) * scale
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_mix(p, c16, n, out):
+    # out (H, C) = p (H, n) @ c[:n]: each thread 16 columns at a time over every position, the
+    # cache read once
+    H = p.shape[0]
+    C = out.shape[1]
+    for v in prange(C // 16):
+        acc = np.zeros(H * 16, np.float32)
+        for s in range(n):
+            row = load_h(c16, s * C + v * 16)
+            for h in range(H):
+                store_f(acc, h * 16, add_f(load_f(acc, h * 16), mul_f(splat_f(p[h, s]), row)))
+        for h in range(H):
+            for lane in range(16):
+                out[h, v * 16 + lane] = acc[h * 16 + lane]
 
 
 class Heads:
@@ -131,8 +165,24 @@ class CPUBackend:
         ids, weights = route(x @ router_weight.T, router, bias)  # (T, k)
         return moe(x, ids, weights, store, layer, self)
 
-    def latent_decode(self, *args) -> None:
-        return None  # the model's numpy math is the CPU's
+    def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
+        """One new token's MLA attention straight from the float16 latent cache (two numba kernels,
+        both cores), where C and R are multiples of 16; else None (the model's numpy math)."""
+        H, C = q_lat.shape
+        R = q_pe.shape[1]
+        if C % 16 or R % 16:
+            return None
+        p = int(pos[0])
+        cache_c[p] = lat_new[0]
+        cache_k_pe[p] = k_pe_new[0]
+        n = p + 1
+        scores = np.empty((H, n), np.float32)
+        c16 = cache_c.view(np.uint16)
+        _latent_scores(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32),
+                       c16, cache_k_pe.view(np.uint16), n, np.float32(scale), scores)
+        out = np.empty((H, C), np.float32)
+        _latent_mix(np.ascontiguousarray(softmax(scores), dtype=np.float32), c16, n, out)
+        return out[None]
 
     rms_norm = staticmethod(rms_norm)
     swiglu = staticmethod(swiglu)
@@ -172,3 +222,6 @@ class CPUBackend:
     def warmup(self) -> None:
         w = np.zeros((1, 1, 16), np.float32)  # (H, R, K) as attn_k_b / attn_v_b
         self.per_head(w, np.zeros((1, 1, 16), np.float32))  # one token: the numba kernel
+        c, k = np.zeros((4, 16), np.float16), np.zeros((4, 16), np.float16)  # a latent cache of 4 positions
+        q = np.zeros((2, 16), np.float32)
+        self.latent_decode(q, q, q[:1], q[:1], c, k, np.array([1]), 0.5)
