@@ -3,6 +3,7 @@ numba kernels on first use (edgeseek/quantize); activations, caches and small te
 arrays; BLAS (one thread beside numba's) where a product is not on quantized blocks."""
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -66,20 +67,26 @@ def _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _latent_mix(p, c16, n, out):
-    # out (H, C) = p (H, n) @ c[:n]: each thread 16 columns at a time over every position, the
-    # cache read once
+def _latent_mix(p, c16, n, parts, out):
+    # out (H, C) = p (H, n) @ c[:n]: each thread a run of positions, every row read once from start
+    # to end into its own (H, C) sums (parts (threads, H * C)), which are added up at the end
     H = p.shape[0]
     C = out.shape[1]
-    for v in prange(C // 16):
-        acc = np.zeros(H * 16, np.float32)
-        for s in range(n):
-            row = load_h(c16, s * C + v * 16)
-            for h in range(H):
-                store_f(acc, h * 16, add_f(load_f(acc, h * 16), mul_f(splat_f(p[h, s]), row)))
-        for h in range(H):
-            for lane in range(16):
-                out[h, v * 16 + lane] = acc[h * 16 + lane]
+    nt = parts.shape[0]
+    for t in prange(nt):
+        acc = parts[t]
+        acc[:] = 0.0
+        for s in range(t * n // nt, (t + 1) * n // nt):
+            for v in range(0, C, 16):
+                row = load_h(c16, s * C + v)
+                for h in range(H):
+                    store_f(acc, h * C + v, add_f(load_f(acc, h * C + v), mul_f(splat_f(p[h, s]), row)))
+    for h in range(H):
+        for j in range(C):
+            total = np.float32(0.0)
+            for t in range(nt):
+                total += parts[t, h * C + j]
+            out[h, j] = total
 
 
 class Heads:
@@ -181,7 +188,10 @@ class CPUBackend:
         _latent_scores(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32),
                        c16, cache_k_pe.view(np.uint16), n, np.float32(scale), scores)
         out = np.empty((H, C), np.float32)
-        _latent_mix(np.ascontiguousarray(softmax(scores), dtype=np.float32), c16, n, out)
+        parts = np.empty((max(1, min(numba.get_num_threads(), n // 16)), H * C), np.float32)
+        probs = np.ascontiguousarray(softmax(scores), dtype=np.float32)
+        probs[probs < 1e-30] = 0.0  # subnormal weights would run the products at microcode speed
+        _latent_mix(probs, c16, n, parts, out)
         return out[None]
 
     rms_norm = staticmethod(rms_norm)
