@@ -29,11 +29,11 @@ class _Group(TyperGroup):
             err.print(f"error: {e}", markup=False)
             ctx.exit(1)
         except MemoryError as e:
-            err.print(f"error: {_out_of_memory(None, e)}", markup=False)
+            err.print(f"error: {_out_of_memory(e)}", markup=False)
             ctx.exit(1)
 
 
-def _out_of_memory(engine, e: MemoryError) -> str:
+def _out_of_memory(e: MemoryError) -> str:
     where = "the GPU" if type(e).__module__.startswith("cupy") else "memory"
     return f"out of {where}: {str(e).splitlines()[0] if str(e) else 'allocation failed'}"
 
@@ -431,7 +431,7 @@ def _reply(session, text: str) -> None:
     except MemoryError as e:  # CuPy's OutOfMemoryError is one: the device filled up mid-reply
         out.print()
         session.context.reset()  # the cache may hold half a step: the next turn prefills again
-        err.print(f"error: {_out_of_memory(session.engine, e)}; the conversation is kept (/clear, a shorter --ctx "
+        err.print(f"error: {_out_of_memory(e)}; the conversation is kept (/clear, a shorter --ctx "
                   "or a smaller --gpu-budget frees memory)", markup=False)
         return
     finally:

@@ -111,10 +111,8 @@ class MTP:
         self.seconds += seconds
         if self.auto and self.steps == AUTO_STEPS:
             self.auto = False
-            if self.plain_steps >= 4:
-                keep = (self.steps + self.accepted) / self.seconds > self.plain_steps / self.plain_seconds
-            else:
-                keep = self.accepted >= 0.5 * self.drafted
+            # MTP steps begin only once AUTO_PLAIN plain steps were timed (measuring_plain)
+            keep = (self.steps + self.accepted) / self.seconds > self.plain_steps / self.plain_seconds
             self.k = self.k if keep else 0
 
     def measuring_plain(self) -> bool:
@@ -140,6 +138,8 @@ def mtp_mode(value: str | int | None) -> tuple[int, bool]:
     if v.isdigit() and 1 <= int(v) <= MTP_MAX:
         return int(v), False
     raise EdgeseekError(f"--mtp {value!r}: expected auto, off or a number of drafts from 1 to {MTP_MAX}")
+
+
 GPU_RESERVE = 1 << 30  # VRAM left free by default: other programs, the CUDA context's growth, fragmentation
 
 

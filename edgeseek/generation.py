@@ -125,10 +125,7 @@ def _steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sample
             yield token
             if _context_full(context):
                 return
-            t = time.perf_counter()
             logits = model.forward(np.asarray([token], dtype=np.int32), context.cache)[-1]
-            if engine.mtp is not None:
-                engine.mtp.plain_step(time.perf_counter() - t)
             context.tokens.append(token)
     finally:
         context.truncate(len(context.tokens))

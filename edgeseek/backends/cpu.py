@@ -99,7 +99,7 @@ class Heads:
         t = gguf.tensor(name, shape)
         self.fmt = tensor_format(gguf, t)
         self.name, self.shape, self.raw = name, t.shape, t.raw  # raw (H, R, row_bytes)
-        self._packed = self._dense = None
+        self._packed = None
 
     @property
     def packed(self) -> list:

@@ -302,13 +302,8 @@ class CUDABackend:
                 return y.reshape(t, h, -1)
         if t > MMV_MAX_TOKENS:
             return xp.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)  # (T, H, R)
-        # each (token, head) pair a row through "expert" h of the (H, R, K) stack: one launch, no cuBLAS
-        r = w.shape[1]
-        raw = w.view(np.uint8)  # (H, R, 4K) as F32 blocks
-        y = xp.empty((t * h, r), np.float32)
-        self.kernels.mmv_ids(Q.F32, raw, 4 * k, r * 4 * k, self._arange(h, t), xp.ascontiguousarray(x.reshape(t * h, k)),
-                             1, y, r, k, t * h)
-        return y.reshape(t, h, r)
+        # a float32 stack (the legacy attn_kv_b split) as F32 blocks, through the same one-launch product
+        return self.per_head(DeviceExperts(self, Q.F32, w.view(np.uint8), w.shape[1:], "heads"), x)
 
     def _arange(self, n: int, repeat: int = 1):
         """0..n-1 repeated, int32 on the device, made once (a captured step keeps reading it)."""
@@ -458,10 +453,13 @@ class CUDABackend:
         return k.mla_decode(self.xp.ascontiguousarray(q_lat), self.xp.ascontiguousarray(q_pe), cache_c, cache_k_pe,
                             pos, scale)
 
-    def tokens(self, ids):
-        ids = np.asarray(ids)
+    def _check_ids(self, ids: np.ndarray) -> None:
         if self.vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
             raise ValueError(f"token id out of range [0, {self.vocab})")
+
+    def tokens(self, ids):
+        ids = np.asarray(ids)
+        self._check_ids(ids)
         return self.xp.asarray(ids.astype(np.int32))
 
     def positions(self, pos: np.ndarray):
@@ -478,13 +476,11 @@ class CUDABackend:
             return None
         if model.experts is not None and not all(model.experts.all_on_device(i) for i in model.experts.layers()):
             return None
-        t = int(tokens[0])
-        if self.vocab is not None and not 0 <= t < self.vocab:
-            raise ValueError(f"token id out of range [0, {self.vocab})")
+        self._check_ids(np.asarray(tokens))
         g = getattr(cache, "decode_graph", None)
         if g is None:
             g = cache.decode_graph = _DecodeGraph(self, model, cache)
-        return g.run(t, cache.pos)
+        return g.run(int(tokens[0]), cache.pos)
 
     def host(self, x) -> np.ndarray:
         return x if isinstance(x, np.ndarray) else x.get()
@@ -538,9 +534,6 @@ class DeviceExperts:
         self.b.kernels.mmv_ids(self.qtype, self.raw, self.raw.shape[-1], self.raw.shape[1] * self.raw.shape[2],
                                slots, self.b.xp.ascontiguousarray(x), x_div, y, n, kk, p)
         return y
-
-    def one(self, slot: int) -> DeviceMatrix:
-        return DeviceMatrix(self.b, self.qtype, self.raw[int(slot)], self.shape, f"{self.name}[{slot}]")
 
     def dense(self):
         """The whole stack as float32 (E, N, K), made once (per-head matrices in prompts)."""
@@ -674,27 +667,22 @@ class _DecodeGraph:
         self.moe_layers: list[int] = []
         self.graph = None
         self.logits = None
-        self._eager = False
 
     def routed(self, layer: int, ids) -> None:
         """A layer's expert ids (1, k) on the device: copied into the step's buffer, read after each replay."""
         self.ids[layer] = ids[0]
-        if not self._eager and self.graph is None:
+        if self.graph is None:
             self.moe_layers.append(layer)
 
-    def _record(self, token: int, pos: int):
-        """Run the step eagerly (warm-up) or under capture, with the buffers as its inputs."""
+    def _record(self, pos: int):
+        """Run the step eagerly (warm-up), then under capture, with the input buffers as written."""
         import cupy
-        self.tok.set(np.array([token], np.int32), stream=self.stream)
-        self.pos.set(np.array([pos], np.int32), stream=self.stream)
         self.b._step = self
         try:
             with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
-                self._eager = True
                 self.model.step(self.tok, np.array([pos]), self.cache)  # compiles, fills the pool
                 self.stream.synchronize()
-                self._eager = False
-                self.moe_layers = []
+                self.moe_layers = []  # the layers the captured step routes, not the warm-up's
                 self.stream.begin_capture()
                 try:
                     self.logits = self.model.step(self.tok, np.array([pos]), self.cache)
@@ -704,10 +692,10 @@ class _DecodeGraph:
             self.b._step = None
 
     def run(self, token: int, pos: int) -> np.ndarray:
-        if self.graph is None:
-            self._record(token, pos)
         self.tok.set(np.array([token], np.int32), stream=self.stream)
         self.pos.set(np.array([pos], np.int32), stream=self.stream)
+        if self.graph is None:
+            self._record(pos)
         self.graph.launch(self.stream)
         logits = self.logits.get(stream=self.stream)
         store = self.model.experts
