@@ -9,6 +9,7 @@ shown); `max_tokens` tokens or a full context finish it with "length". Frontends
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
@@ -109,13 +110,31 @@ def _context_full(context: Context) -> bool:
     return len(context.tokens) >= context.n_ctx
 
 
+@contextmanager
+def _interruptible():
+    """Ctrl+C that lands as a numba kernel returns surfaces as SystemError ("... returned a result
+    with an exception set") caused by the KeyboardInterrupt: callers get the KeyboardInterrupt, so
+    that stopping a reply stops the reply and not the program."""
+    try:
+        yield
+    except SystemError as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
 def _steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sampler) -> Iterator[int]:
     """Prefill `new` after what the context holds, then yield one sampled token per decode step
     (several per step with multi-token prediction); ends when the context is full. Rolls the cache
     back to `context.tokens` when stopped."""
-    if engine.mtp is not None and engine.mtp.k > 0:
-        yield from _mtp_steps(engine, new, context, sampler)
-        return
+    with _interruptible():
+        if engine.mtp is not None and engine.mtp.k > 0:
+            yield from _mtp_steps(engine, new, context, sampler)
+        else:
+            yield from _plain_steps(engine, new, context, sampler)
+
+
+def _plain_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sampler) -> Iterator[int]:
     model = engine.model
     try:
         logits = model.forward(np.asarray(new, dtype=np.int32), context.cache)[-1]
@@ -361,6 +380,7 @@ class BatchGenerator:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @_interruptible()
     def add(self, prompt_ids: Sequence[int], *, max_tokens: int = 256,
             sampler: SamplerConfig | Sampler | None = None, stop: Sequence[str] = (),
             n_ctx: int | None = None, uid: Hashable | None = None) -> Delta:
@@ -399,6 +419,7 @@ class BatchGenerator:
         """Drops a sequence (and its KV cache) from the batch; one that already finished is gone."""
         self.rows.pop(uid, None)
 
+    @_interruptible()
     def step(self) -> list[Delta]:
         """One decode step of every active sequence: a Delta each, in the order they were added
         (with multi-token prediction, one per token the step kept, up to the one that finishes the

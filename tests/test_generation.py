@@ -169,3 +169,19 @@ def test_prompts_that_do_not_fit_are_refused(engine, prompts):
     with pytest.raises(ValueError, match="already in the batch"):
         gen.add(prompts[1], uid="a")
     assert len(gen) == 1
+
+
+def test_ctrl_c_inside_a_kernel_reaches_the_caller_as_keyboard_interrupt(engine, prompts, monkeypatch):
+    """Ctrl+C landing as a numba kernel returns surfaces as SystemError caused by the interrupt
+    (seen in the terminal chat: the chat died instead of stopping the reply)."""
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            raise SystemError("CPUDispatcher(...) returned a result with an exception set") from ki
+    monkeypatch.setattr(engine.model, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(stream_generate(engine, prompts[0], max_tokens=4, sampler=GREEDY))
+    monkeypatch.setattr(engine.model, "forward_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        BatchGenerator(engine).add(prompts[0], max_tokens=4, sampler=GREEDY)
