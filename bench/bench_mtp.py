@@ -70,11 +70,13 @@ def predicted_speedup(c: dict, a: float, k: int) -> float:
 def with_model(path: Path, device: str, n: int) -> dict:
     import edgeseek
     from edgeseek.sampler import SamplerConfig
-    prompt = "The history of the printing press"
+    prompt = "Tell me about the history of the printing press."
     rows = {}
     for mode in ("off", 1, 2, 3):
         e = edgeseek.load(path, device=device, mtp=mode)
-        ids = e.tokenizer.encode(prompt)
+        text = e.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True) \
+            if e.chat_template is not None else prompt
+        ids = e.tokenizer.encode(text)
         list(edgeseek.stream_generate(e, ids, max_tokens=8, sampler=SamplerConfig.greedy()))  # warm
         if e.mtp is not None:
             e.mtp.steps = e.mtp.drafted = e.mtp.accepted = 0

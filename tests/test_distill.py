@@ -43,7 +43,7 @@ def test_the_pipeline_at_its_tiny_size(smollm2_path, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout
 
-    step("data", "--prompts", "4", "--reply", "6", "--batch", "2")
+    step("data", "--prompts", "4", "--reply", "6", "--gen-batch", "2")
     assert "saved step 2" in step("train", "--size", "tiny", "--steps", "2", "--batch", "2")
     assert "resumed at step 2" in step("train", "--size", "tiny", "--steps", "4", "--batch", "2")
     assert all(p.stat().st_size <= distill.SHARD for p in (run / "ckpt").glob("shard-*.pt"))

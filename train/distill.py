@@ -46,12 +46,33 @@ SIZES = {
                   qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4,
                   moe_intermediate_size=64, intermediate_size=768),
 }
-PROMPT_TOPICS = ["the sea", "bread", "a city at night", "prime numbers", "photosynthesis", "the moon", "a bicycle",
-                 "friendship", "rain", "the printing press", "volcanoes", "a library", "chess", "coffee",
-                 "the history of writing", "a mountain village", "electricity", "trees", "the ocean tides", "music"]
-PROMPT_FORMS = ["Write a short story about {}.", "Explain {} to a child.", "Give three facts about {}.",
-                "Write a poem about {}.", "What is the most interesting thing about {}?",
-                "Describe {} in two sentences.", "Why does {} matter?", "List some questions about {}."]
+PROMPT_TOPICS = [
+    "the sea", "bread", "a city at night", "prime numbers", "photosynthesis", "the moon", "a bicycle", "friendship",
+    "rain", "the printing press", "volcanoes", "a library", "chess", "coffee", "the history of writing",
+    "a mountain village", "electricity", "trees", "the ocean tides", "music", "honey bees", "the Roman Empire",
+    "a train journey", "gravity", "cooking rice", "the desert", "a lighthouse", "clouds", "the internet", "dogs",
+    "cats", "a garden in spring", "the human heart", "recycling", "the stars", "an old castle", "learning a language",
+    "mathematics", "a thunderstorm", "birds migrating", "the Pyramids", "a market", "sleep", "snow", "rivers",
+    "the wheel", "a robot", "teamwork", "maps", "the alphabet", "a birthday party", "saving money", "exercise",
+    "the brain", "a forest", "dinosaurs", "the solar system", "a sailing ship", "paper", "the telephone", "tea",
+    "a school day", "kindness", "time", "a bridge", "computers", "the weather", "an island", "fire", "glass",
+    "the calendar", "a museum", "football", "painting", "the piano", "a letter to a friend", "the autumn", "apples",
+    "a kitchen", "the post office", "whales", "ants", "a hospital", "the rainbow", "water", "salt", "a farmer",
+    "the newspaper", "a clock", "courage", "the first airplane", "the compass", "a picnic", "a good habit",
+    "the Earth's core", "earthquakes", "a small town", "memory", "the color blue", "a journey to the mountains",
+    "a busy street", "the night sky", "a penguin", "a recipe for soup", "the Olympic games", "a thank-you note",
+    "a mystery", "the future of cities", "a quiet morning", "an inventor", "the seasons", "a dragon", "a poem",
+]
+PROMPT_FORMS = [
+    "Write a short story about {}.", "Explain {} to a child.", "Give three facts about {}.", "Write a poem about {}.",
+    "What is the most interesting thing about {}?", "Describe {} in two sentences.", "Why does {} matter?",
+    "List some questions about {}.", "What do you know about {}?", "Tell me a joke about {}.",
+    "Write a paragraph about {}.", "How would you describe {} to someone who has never seen it?",
+    "What are the pros and cons of {}?", "Summarize the main ideas about {}.", "Write a haiku about {}.",
+    "Can you teach me something about {}?", "Write a dialogue between two friends about {}.",
+    "What would happen if there were no {}?", "Give me advice related to {}.", "Compare {} and {}.",
+]
+HELD_OUT = 0.04  # the last 4% of the data's rows: never trained on, the held-out text for perplexity
 
 
 # --- the teacher ---------------------------------------------------------------------------------
@@ -107,7 +128,7 @@ def student_config(size: str, vocab: int, bos: int, eos: int):
                            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
                            num_nextn_predict_layers=1, tie_word_embeddings=False, max_position_embeddings=2048,
                            rope_theta=10000.0, bos_token_id=bos, eos_token_id=eos, rope_scaling=None,
-                           rms_norm_eps=1e-6, **s)
+                           rms_norm_eps=1e-6, num_key_value_heads=s["num_attention_heads"], **s)  # MLA: one kv head each
     cfg._attn_implementation = "sdpa"  # causal attention with no mask: the MTP block relies on it
     return cfg
 
@@ -140,7 +161,9 @@ def build_student(cfg):
             return model.lm_head(self.head_norm(x))
 
     model = DeepseekV3ForCausalLM(cfg)
-    return model, MTP()
+    mtp = MTP()
+    mtp.apply(model._init_weights)  # a block built outside the model: its experts and router start as torch.empty
+    return model, mtp
 
 
 def routers(model) -> list:
@@ -150,8 +173,13 @@ def routers(model) -> list:
 # --- data ----------------------------------------------------------------------------------------
 def prompts(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
-    return [PROMPT_FORMS[rng.integers(len(PROMPT_FORMS))].format(PROMPT_TOPICS[rng.integers(len(PROMPT_TOPICS))])
-            + ("" if rng.random() < 0.7 else " Be brief.") for _ in range(n)]
+    out = []
+    for _ in range(n):
+        form = PROMPT_FORMS[rng.integers(len(PROMPT_FORMS))]
+        topics = rng.choice(len(PROMPT_TOPICS), 2, replace=False)
+        text = form.format(*(PROMPT_TOPICS[t] for t in topics[:form.count("{}")]))
+        out.append(text + ("" if rng.random() < 0.7 else " Be brief."))
+    return out
 
 
 class _Chat:
@@ -178,14 +206,19 @@ def make_data(a) -> None:
     prompt + reply, one sequence per row, padded with -1)."""
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_end = time.time() + 60 * a.data_minutes
     teacher, meta = load_teacher(a.teacher, device)
     chat = _Chat(a.teacher, a.out / "tokenizer")
     eos = int(meta.get("tokenizer.ggml.eos_token_id", 2))
     rows = []
     texts = prompts(a.prompts, a.seed)
     torch.manual_seed(a.seed)
-    for i in range(0, len(texts), a.batch):
-        batch = [chat.ids(t) for t in texts[i:i + a.batch]]
+    for i in range(0, len(texts), a.gen_batch):
+        if time.time() > t_end:
+            print(f"--data-minutes reached after {i} prompts")
+            break
+        batch = [chat.ids(t) for t in texts[i:i + a.gen_batch]]
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), eos, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -214,8 +247,10 @@ def train(a) -> None:
     import torch
     import torch.nn.functional as F
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
     teacher, meta = load_teacher(a.teacher, device)
     data = np.load(a.out / "data.npy")
+    data = data[:len(data) - held_out(len(data))]
     cfg = student_config(a.size, teacher.config.vocab_size, int(meta.get("tokenizer.ggml.bos_token_id", 1)),
                          int(meta.get("tokenizer.ggml.eos_token_id", 2)))
     model, mtp = build_student(cfg)
@@ -224,15 +259,24 @@ def train(a) -> None:
     ckpt = a.out / "ckpt"
     (a.out / "meta.json").write_text(json.dumps({"vocab": cfg.vocab_size, "bos": cfg.bos_token_id,
                                                  "eos": cfg.eos_token_id}))
-    step = 0
+    step, seconds = 0, 0.0
     if (ckpt / "index.json").exists():
         state = load_ckpt(ckpt, device)
         model.load_state_dict({k: v.float() for k, v in state["model"].items()})
         mtp.load_state_dict({k: v.float() for k, v in state["mtp"].items()})
-        step = state["step"]
+        step, seconds = state["step"], state["seconds"]
         print(f"resumed at step {step}")
     params = list(model.parameters()) + list(mtp.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = 100
+    if a.opt_state and Path(a.opt_state).exists():  # the moments, where the machine kept them
+        saved = torch.load(a.opt_state, map_location=device)
+        if saved["step"] == step:  # float32 weights too: the checkpoint's are bf16
+            model.load_state_dict(saved["model"])
+            mtp.load_state_dict(saved["mtp"])
+            opt.load_state_dict(saved["opt"])
+            warm = 0
+            print("optimizer state resumed")
     gates = routers(model) + routers_of_block(mtp)
     loads: dict = {}
 
@@ -242,16 +286,20 @@ def train(a) -> None:
             loads[gate] = torch.bincount(idx.reshape(-1), minlength=module.num_experts).float()
         return record
     handles = [g.register_forward_hook(hook(g)) for g in gates]
-    t_end = time.time() + 60 * a.minutes
+    t_start = time.time()
+    t_end = t_start + 60 * a.minutes
+    total = 60 * a.total_minutes  # the learning rate's cosine runs over the whole training's time
     rng = np.random.default_rng(a.seed + step)
     model.train()
     mtp.train()
-    while time.time() < t_end and step < a.steps:
+    first = step
+    while time.time() < t_end and step < a.steps and seconds + time.time() - t_start < total:
         rows = data[rng.integers(0, len(data), a.batch)]
         width = int((rows >= 0).sum(1).max())
         x = torch.from_numpy(np.where(rows[:, :width] >= 0, rows[:, :width], 0).astype(np.int64)).to(device)
         valid = torch.from_numpy(rows[:, :width] >= 0).to(device)
-        lr = a.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / a.steps))))
+        progress = min(1.0, max(step / a.steps, (seconds + time.time() - t_start) / total))
+        lr = a.lr * min(1.0, (step - first + 1) / warm if warm else 1.0) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16,
@@ -292,8 +340,12 @@ def train(a) -> None:
                        for k, v in model.state_dict().items()},
              "mtp": {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
                      for k, v in mtp.state_dict().items()},
-             "step": step, "size": a.size}
+             "step": step, "size": a.size, "seconds": seconds + time.time() - t_start}
     save_ckpt(state, ckpt)
+    if a.opt_state:
+        torch.save({"step": step, "opt": opt.state_dict(), "model": model.state_dict(), "mtp": mtp.state_dict()},
+                   a.opt_state)
+    print(f"{step - first} steps in {time.time() - t_start:.0f} s")
     print(f"saved step {step} -> {ckpt}")
 
 
@@ -311,16 +363,22 @@ def save_ckpt(state: dict, path: Path) -> None:
     shards, cur, size = [], {}, 0
     for part in ("model", "mtp"):
         for k, v in state[part].items():
+            v = v.detach().cpu()
             n = v.numel() * v.element_size()
-            if cur and size + n > SHARD:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[f"{part}/{k}"] = v.detach().cpu().contiguous()
-            size += n
+            pieces = [(f"{part}/{k}", v)] if n <= SHARD // 2 else \
+                [(f"{part}/{k}#{i}", c) for i, c in enumerate(v.chunk(-(-2 * n // SHARD), 0))]  # the embedding
+            for key, t in pieces:
+                n = t.numel() * t.element_size()
+                if cur and size + n > SHARD:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[key] = t.clone()
+                size += n
     shards.append(cur)
     for i, sh in enumerate(shards):
         torch.save(sh, tmp / f"shard-{i:02d}.pt")
-    (tmp / "index.json").write_text(json.dumps({"step": state["step"], "size": state["size"], "shards": len(shards)}))
+    (tmp / "index.json").write_text(json.dumps({"step": state["step"], "size": state["size"], "shards": len(shards),
+                                                "seconds": state.get("seconds", 0.0)}))
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
@@ -331,12 +389,20 @@ def save_ckpt(state: dict, path: Path) -> None:
 def load_ckpt(path: Path, device: str = "cpu") -> dict:
     import torch
     index = json.loads((path / "index.json").read_text())
-    state = {"model": {}, "mtp": {}, "step": index["step"], "size": index["size"]}
+    state = {"model": {}, "mtp": {}, "step": index["step"], "size": index["size"], "seconds": index.get("seconds", 0.0)}
+    pieces: dict = {}
     for i in range(index["shards"]):
         for k, v in torch.load(path / f"shard-{i:02d}.pt", map_location=device).items():
-            part, name = k.split("/", 1)
-            state[part][name] = v
+            k, _, piece = k.partition("#")  # a tensor larger than a shard comes in row pieces
+            pieces.setdefault(k, []).append((int(piece or 0), v))
+    for k, parts in pieces.items():
+        part, name = k.split("/", 1)
+        state[part][name] = torch.cat([v for _, v in sorted(parts, key=lambda p: p[0])], 0)
     return state
+
+
+def held_out(rows: int) -> int:
+    return max(1, int(rows * HELD_OUT)) if rows > 1 else 0
 
 
 def routers_of_block(mtp) -> list:
@@ -368,8 +434,76 @@ def write_tokenizer(teacher: Path, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "bos_token": name("tokenizer.ggml.bos_token_id"),
         "eos_token": name("tokenizer.ggml.eos_token_id"), "unk_token": name("tokenizer.ggml.unknown_token_id"),
-        "pad_token": name("tokenizer.ggml.padding_token_id"), "add_bos_token": False, "add_prefix_space": False,
+        "pad_token": name("tokenizer.ggml.padding_token_id"), "add_bos_token": False, "add_eos_token": False,
+        "add_prefix_space": False,
         "model_max_length": 8192, "chat_template": g.meta("tokenizer.chat_template")}, indent=1))
+
+
+def tune_mtp(a) -> None:
+    """The MTP module alone, the main model frozen: KL to the main model's own next-token distribution
+    one position later (what a draft must agree with to be accepted) plus cross-entropy on the token
+    after next. Small enough for a CPU; --reset-experts starts the block's routed experts and router
+    afresh (keeping its attention, shared expert and projection)."""
+    import torch
+    import torch.nn.functional as F
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = load_ckpt(a.out / "ckpt", device)
+    meta = json.loads((a.out / "meta.json").read_text())
+    cfg = student_config(state["size"], meta["vocab"], meta["bos"], meta["eos"])
+    model, mtp = build_student(cfg)
+    model.load_state_dict({k: v.float() for k, v in state["model"].items()})
+    fresh = {k: v.clone() for k, v in mtp.state_dict().items()}  # (state_dict() aliases the parameters)
+    mtp.load_state_dict({k: v.float() for k, v in state["mtp"].items()})
+    if a.reset_experts:
+        mtp.load_state_dict({k: fresh[k] if ".experts." in k or ".mlp.gate." in k else v
+                             for k, v in mtp.state_dict().items()})
+    model.to(device).eval().requires_grad_(False)
+    mtp.to(device).train()
+    data = np.load(a.out / "data.npy")
+    data = data[:len(data) - held_out(len(data))]
+    opt = torch.optim.AdamW(mtp.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    gates = routers_of_block(mtp)
+    loads: dict = {}
+    handles = [g.register_forward_hook(lambda m, i, o, g=g: loads.__setitem__(g, torch.bincount(
+        o[2].reshape(-1), minlength=m.num_experts).float())) for g in gates]
+    rng = np.random.default_rng(a.seed + 1)
+    t_start, step = time.time(), 0
+    while time.time() - t_start < 60 * a.minutes and step < a.steps:
+        rows = data[rng.integers(0, len(data), a.batch)]
+        width = int((rows >= 0).sum(1).max())
+        x = torch.from_numpy(np.where(rows[:, :width] >= 0, rows[:, :width], 0).astype(np.int64)).to(device)
+        valid = torch.from_numpy(rows[:, 2:width] >= 0).to(device).float()
+        with torch.no_grad():
+            hidden = model.model(input_ids=x).last_hidden_state  # after the output norm, as in training
+            top, idx = model.lm_head(hidden[:, 1:-1]).float().topk(a.top_k, dim=-1)
+            t_p = F.softmax(top, dim=-1)
+        progress = (time.time() - t_start) / (60 * a.minutes)
+        for g in opt.param_groups:
+            g["lr"] = a.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        logits = mtp(model, hidden[:, :-2], x[:, 1:-1]).float()
+        logp = F.log_softmax(logits, dim=-1)
+        kd = -(t_p * logp.gather(-1, idx)).sum(-1)
+        ce = F.nll_loss(logp.reshape(-1, logp.shape[-1]), x[:, 2:].reshape(-1), reduction="none").view_as(kd)
+        agree = (logits.argmax(-1) == idx[..., 0]).float()
+        loss = ((kd + ce) * valid).sum() / valid.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mtp.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for g in gates:
+                if g in loads:
+                    g.e_score_correction_bias += a.gamma * torch.sign(loads[g].mean() - loads[g])
+        step += 1
+        if step % 10 == 0:
+            print(f"step {step} loss {loss.item():.3f} top-1 agreement with the main model "
+                  f"{((agree * valid).sum() / valid.sum()).item():.3f}", flush=True)
+    for h in handles:
+        h.remove()
+    state["mtp"] = {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
+                    for k, v in mtp.state_dict().items()}
+    save_ckpt(state, a.out / "ckpt")
+    print(f"MTP tuned for {step} steps -> {a.out / 'ckpt'}")
 
 
 def export(a) -> None:
@@ -385,6 +519,9 @@ def export(a) -> None:
     mtp.load_state_dict({k: v.float() for k, v in state["mtp"].items()})
     out = a.out / "hf"
     model.save_pretrained(out)  # config.json with num_nextn_predict_layers = 1
+    config = json.loads((out / "config.json").read_text())
+    config.update(scoring_func="sigmoid", topk_method="noaux_tc")  # as DeepSeek-V3's: converters read them
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     tensors = load_file(out / "model.safetensors")
     L = cfg.num_hidden_layers
     for k, v in mtp.state_dict().items():
@@ -412,23 +549,28 @@ def export(a) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["data", "train", "export"])
+    p.add_argument("command", choices=["data", "train", "tune-mtp", "export"])
     p.add_argument("--teacher", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", default="small", choices=list(SIZES))
-    p.add_argument("--prompts", type=int, default=4000)
+    p.add_argument("--prompts", type=int, default=16000)
     p.add_argument("--reply", type=int, default=192)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--minutes", type=float, default=8.0)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=64, help="training sequences per step")
+    p.add_argument("--gen-batch", type=int, default=256, help="prompts the teacher answers at once")
+    p.add_argument("--data-minutes", type=float, default=4.0)
+    p.add_argument("--minutes", type=float, default=8.0, help="this run's training time")
+    p.add_argument("--total-minutes", type=float, default=16.0, help="the whole training's time (lr schedule)")
+    p.add_argument("--steps", type=int, default=100000)
+    p.add_argument("--opt-state", help="where to keep the optimizer's moments between runs on one machine")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--mtp-weight", type=float, default=0.3)
     p.add_argument("--gamma", type=float, default=1e-3, help="router bias step of the load balancing")
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reset-experts", action="store_true", help="tune-mtp: the block's routed experts afresh")
     a = p.parse_args()
-    {"data": make_data, "train": train, "export": export}[a.command](a)
+    {"data": make_data, "train": train, "tune-mtp": tune_mtp, "export": export}[a.command](a)
 
 
 if __name__ == "__main__":
