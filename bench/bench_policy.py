@@ -1,7 +1,7 @@
 """Expert-cache policies on a recorded routing trace: frequency with aging (edgeseek's) against
 plain LRU, at several cache sizes, by hit rate.
 
-    python bench/bench_policy.py [MODEL.gguf] [--tokens 200] [--decays 0.9 0.98 0.995]
+    python bench/bench_policy.py [MODEL.gguf] [--tokens 200] [--decays 0.9 0.98 0.995] [--chat]
 
 Runs the model (whole file mapped) over a fixed random token sequence, one token at a time,
 recording which experts each MoE layer chose; then replays the trace through each policy (the
@@ -17,12 +17,17 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+CHAT_PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how volcanoes form.",
+                "Give me five tips for a good night's sleep.", "Describe a busy market in the morning."]
 
 
-def record(path: str, n_tokens: int) -> tuple[list, int]:
+def record(path: str, n_tokens: int, chat: bool = False) -> tuple[list, int]:
+    """One entry per decode step: the (layer, experts) each MoE layer chose. `chat`: the model's own
+    greedy replies to a few chat prompts (a trained model's real routing, decode steps only);
+    otherwise a fixed random token sequence."""
     import edgeseek
 
-    e = edgeseek.load(path, n_ctx=n_tokens + 8)
+    e = edgeseek.load(path, n_ctx=max(n_tokens, 512) + 8, mtp="off")
     m = e.model
     store = m.experts
     trace: list[list] = []
@@ -33,6 +38,18 @@ def record(path: str, n_tokens: int) -> tuple[list, int]:
         yield from fetch(layer, ids)
 
     store.fetch = recording_fetch
+    if chat:
+        for prompt in CHAT_PROMPTS:
+            text = e.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            start = len(trace)
+            trace.append([])  # the prompt's prefill: dropped below
+            for _ in edgeseek.stream_generate(e, e.tokenizer.encode(text), max_tokens=n_tokens // len(CHAT_PROMPTS),
+                                              sampler=edgeseek.SamplerConfig.greedy()):
+                trace.append([])  # the next decode step's choices land here
+            del trace[start]
+            while trace and not trace[-1]:
+                trace.pop()
+        return trace, m.config.n_expert * sum(1 for L in m.layers if not L.dense)
     seq = np.random.default_rng(0).integers(300, m.config.vocab_size, n_tokens).astype(np.int32)
     cache = m.new_cache()
     for t in seq:
@@ -75,9 +92,11 @@ def main():
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--decays", type=float, nargs="+", default=[0.9, 0.98, 0.995])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.4, 0.6])
+    p.add_argument("--chat", action="store_true", help="record the model's own greedy chat replies "
+                   "(a trained model, e.g. edgeseek-mini) instead of a random token sequence")
     p.add_argument("--out", type=Path, default=HERE / "results" / "policy.json")
     a = p.parse_args()
-    trace, n_routed = record(a.model, a.tokens)
+    trace, n_routed = record(a.model, a.tokens, a.chat)
     # a fixed-seed uniform trace of the same shape: what routing with no preference at all gives
     rng = np.random.default_rng(1)
     k = len(trace[0][0][1])
@@ -92,7 +111,7 @@ def main():
                 row[f"aging_{d}"] = simulate(tr, AgingFrequency(d), cap)
             rows.append(row)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": Path(a.model).name, "tokens": a.tokens, "rows": rows}, indent=1))
+    a.out.write_text(json.dumps({"model": Path(a.model).name, "tokens": len(trace), "chat": a.chat, "rows": rows}, indent=1))
     cols = ["lru"] + [f"aging_{d}" for d in a.decays]
     print("| trace | cache | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))

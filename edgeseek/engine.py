@@ -14,6 +14,7 @@ from .errors import EdgeseekError, GGUFError
 from .expert_store import CachedExpertStore, ExpertStore, MmapExpertStore
 from .gguf_file import GGUFFile
 from .models import load_model
+from .models.moe import FEW_TOKENS
 from .placement import GPUPlan, plan_gpu
 from .profile import load_profile, profile_path, save_profile
 from .tokenizer import Tokenizer
@@ -210,6 +211,8 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     many = (gguf.arch_meta("expert_used_count", 0),)  # matmul_many: a decode step's experts, MLA's heads
     if gguf.arch == "deepseek2" and gguf.has("blk.0.attn_k_b.weight") and device == "cpu":
         many += (gguf.arch_meta("attention.head_count"),)
+    if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and many[0]:  # MTP's verification:
+        many += tuple(many[0] * t for t in range(2, FEW_TOKENS + 1))  # (token, expert) pairs of 2-4 tokens
     kernels.prepare(cpu_types, many, notify=on_compile, extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)

@@ -46,9 +46,9 @@ class Backend(Protocol):
         """y[t, h] = w[h] @ x[t, h]: w (H, R, K) (from heads(), or a float32 array), x (T, H, K)
         -> (T, H, R)."""
 
-    def experts_one_token(self, x, triples: Sequence) -> object | None:
-        """SwiGLU of one token x (1, D) through each (gate, up, down) triple -> (n, D), each
-        projection of all the experts in one call; None where the weights' format has no such
+    def experts_rows(self, x, triples: Sequence, rows) -> object | None:
+        """SwiGLU of row rows[i] of x (T, D) through triple i (gate, up, down) -> (n, D), each
+        projection of all the triples in one call; None where the weights' format has no such
         kernel (the caller then goes expert by expert)."""
 
     def moe(self, x, router_weight, router, bias, store, layer: int):

@@ -55,15 +55,26 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     """sum_i w_i * expert_i(x) for each token; x (T, D), ids/weights (T, k) -> (T, D).
 
     Tokens are grouped by expert so that each expert's weights are read once per call, with all
-    the tokens routed to it as one batch; experts come in the order the store has them ready.
+    the tokens routed to it as one batch; experts come in the order the store has them ready. A few
+    tokens (a speculative step's verification) with every expert at hand go as (token, choice)
+    pairs, each projection of all of them in one product.
     """
     store.count(layer, ids)  # every choice, before the experts are deduplicated
     experts, inverse = np.unique(ids, return_inverse=True)
     inverse = inverse.reshape(ids.shape)
+    groups = store.fetch_groups(layer, experts)
+    if 1 < len(x) <= FEW_TOKENS:
+        groups = list(groups)
+        if len(groups) == 1:
+            triples = dict(groups[0])
+            T, k = ids.shape
+            ys = backend.experts_rows(x, [triples[j] for j in inverse.reshape(-1)], np.repeat(np.arange(T), k))
+            if ys is not None:
+                return (ys.reshape(T, k, -1) * weights[:, :, None]).sum(1).astype(x.dtype)
     parts = [None] * len(experts)
-    for group in store.fetch_groups(layer, experts):
+    for group in groups:
         one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each
-        ys = backend.experts_one_token(x, [triple for _, triple in group]) if one else None
+        ys = backend.experts_rows(x, [triple for _, triple in group], np.zeros(len(group), np.int64)) if one else None
         for i, (j, (gate, up, down)) in enumerate(group):
             tok, slot = np.nonzero(inverse == j)
             y = ys[i:i + 1] if ys is not None else ffn(x[tok], gate, up, down)
@@ -72,3 +83,6 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     for tok, y in parts:  # summed in expert order, whatever order the store served them in
         out[tok] += y
     return out
+
+
+FEW_TOKENS = 4  # speculative decoding verifies up to 4 positions at once

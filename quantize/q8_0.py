@@ -1,9 +1,13 @@
 """Q8_0: 32 values per 34-byte block: fp16 d, int8 qs[32]; x = d * q (ggml-common.h block_q8_0,
 ggml-quants.c).
 
-Kernel layout (tiles.py): byte j of every row of a tile side by side, (n_tiles, nb, 32, TILE),
-stored as q + 128 (uint8): zero-extended bytes let LLVM multiply in 16 bits (vpmaddwd / vpdpwssd);
-the +128 comes back out through the exact activation sum.
+Kernel layouts (tiles.py), both storing q + 128 (unsigned bytes), the +128 taken back out through
+the exact activation sum:
+- portable: byte j of every row of a tile side by side, (n_tiles, nb, 32, TILE) uint8: zero-extended
+  bytes let LLVM multiply in 16 bits (vpmaddwd / vpdpwssd);
+- VNNI: the 32 bytes of a row's block as 8 uint32 words, (n_tiles, nb, 8, TILE): simd.dpbusd
+  multiplies four unsigned weight bytes by four int8 activations per lane. Both give the same
+  integer per block and the same float arithmetic after it, so the same bits.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from numba import njit, prange
 from . import activations, tiles
 from .activations import x16
 from .registry import QuantFormat, TileKernels
+from .simd import add_f, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -45,6 +50,53 @@ def _matmul(p, xq, xd, xsum, xs, y):
         for k in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
             for r in range(acc.shape[1]):  # shape-error path, seconds on a first run
                 y[t, k, r] = acc[k, r]
+
+
+@njit(cache=True, inline="always")
+def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
+    # Tile t times activation row k into y.flat[yo : yo + TILE]: qs (n_tiles, nb, 8, TILE) uint32
+    # words of four q + 128 bytes, d (n_tiles, nb, TILE); xw (T, K / 4) int32 words of int8
+    # activations, xd, xsum (T, nb). TILE = 64: four 16-lane chunks.
+    nb = qs.shape[1]
+    a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+    for b in range(nb):
+        s0 = splat_i(np.int32(-128) * xsum[k, b])  # the +128 of every stored byte
+        s1, s2, s3 = s0, s0, s0
+        for g in range(8):
+            x = splat_i(xw[k, 8 * b + g])
+            o = ((t * nb + b) * 8 + g) * tiles.TILE
+            s0 = dpbusd(s0, load_i(qs, o), x)
+            s1 = dpbusd(s1, load_i(qs, o + 16), x)
+            s2 = dpbusd(s2, load_i(qs, o + 32), x)
+            s3 = dpbusd(s3, load_i(qs, o + 48), x)
+        dx = splat_f(xd[k, b])
+        o = (t * nb + b) * tiles.TILE
+        a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_f(d, o), dx)))
+        a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)))
+        a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)))
+        a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)))
+    store_f(y, yo, a0)
+    store_f(y, yo + 16, a1)
+    store_f(y, yo + 32, a2)
+    store_f(y, yo + 48, a3)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni(qs, d, xw, xd, xsum, y):
+    # y (n_tiles, T, TILE)
+    nt, n_tok = qs.shape[0], xw.shape[0]
+    for t in prange(nt):
+        for k in range(n_tok):
+            _tile_vnni(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
+    # matrix j (qss[j], ds[j]) times activation row rows[j] -> y[j] (n_tiles, TILE), one parallel region
+    nt = qss[0].shape[0]
+    for job in prange(len(qss) * nt):
+        j, t = job // nt, job % nt
+        _tile_vnni(qss[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE)
 
 
 @njit(parallel=True, cache=True)
@@ -84,9 +136,20 @@ def _pack(b):
     return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
 
 
+def _pack_words(b):
+    # b (N, nb, 34) file blocks -> tiles.Packed with qs (n_tiles, nb, 8, TILE) uint32 words of q + 128
+    n, nb = b.shape[:2]
+    qs, d = tiles.tiled(n, nb, 8), tiles.tiled(n, nb, dtype=np.float32)
+    tiles.tile_words(b, 2, qs)
+    qs ^= np.uint32(0x80808080)  # every byte q + 128 (padding rows too: their outputs are dropped)
+    tiles.tile_fp16(b, 0, d)
+    return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
+
+
 class Q8_0(QuantFormat):
     qtype = GGMLQuantizationType.Q8_0
     portable = TileKernels(_pack, (), activations.ints, _matmul)
+    vnni = TileKernels(_pack_words, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

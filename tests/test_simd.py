@@ -102,7 +102,7 @@ def test_format_kernels_compile_to_vpdpbusd(kind, monkeypatch):
     assert len(re.findall(r"\bvpdpbusd\b", asm)) >= 8
 
 
-@pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96))])
+@pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96)), ("Q8_0", (70, 64))])
 def test_matmul_many_rows_equal_matvec(kind, shape):
     """A layer's experts in one kernel call give, row for row, what each matrix gives alone, and
     what the portable kernels give."""
@@ -132,7 +132,7 @@ def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):
             eng = load(Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_k_m.gguf", n_ctx=16)
             triples = eng.model.experts.experts(1, np.array([0, 3, 7, 9]))  # Q5_0 experts
             x = np.random.default_rng(2).standard_normal((1, eng.model.config.n_embd)).astype(np.float32)
-            return CPUBackend().experts_one_token(x, triples), np.concatenate([ffn(x, *t) for t in triples])
+            return CPUBackend().experts_rows(x, triples, np.zeros(4, np.int64)), np.concatenate([ffn(x, *t) for t in triples])
 
     one_call, by_expert = run("vnni")
     none, by_expert_portable = run("portable")

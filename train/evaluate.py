@@ -91,7 +91,7 @@ def routing(engine, rows) -> dict:
 
     store.fetch = recording
     per_layer: dict = defaultdict(lambda: defaultdict(lambda: np.zeros(m.config.n_expert)))
-    counts = np.zeros((m.config.n_layer, m.config.n_expert))
+    counts = np.zeros((m.config.n_layer + m.config.n_mtp, m.config.n_expert))  # the file's blocks, MTP's too
     try:
         for ids in rows:
             cache = m.new_cache(len(ids) + 1)

@@ -152,20 +152,20 @@ class CPUBackend:
             return out
         return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
 
-    def experts_one_token(self, x: np.ndarray, triples) -> np.ndarray | None:
-        # a decode step's experts: a few kernel launches per layer instead of three per expert;
-        # rows equal what the products give expert by expert
+    def experts_rows(self, x: np.ndarray, triples, rows) -> np.ndarray | None:
+        # a decode step's experts (or a verification's (token, expert) pairs): a few kernel calls
+        # per layer instead of three per expert; rows equal what the products give one by one
         gates, ups, downs = zip(*triples)
         fmt = gates[0].fmt
         if any(m.fmt is not fmt for m in gates + ups):
             return None
-        g = fmt.matmul_many([m.packed for m in gates], x, [0] * len(gates))
+        g = fmt.matmul_many([m.packed for m in gates], x, rows)
         if g is None:
             return None
-        h = silu(g) * fmt.matmul_many([m.packed for m in ups], x, [0] * len(ups))  # (n, F)
+        h = silu(g) * fmt.matmul_many([m.packed for m in ups], x, rows)  # (n, F)
         d = None
         if all(m.fmt is downs[0].fmt for m in downs):
-            d = downs[0].fmt.matmul_many([m.packed for m in downs], h, range(len(downs)))
+            d = downs[0].fmt.matmul_many([m.packed for m in downs], h, np.arange(len(downs)))
         return d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
 
     def moe(self, x, router_weight, router, bias, store, layer: int) -> np.ndarray:

@@ -322,7 +322,7 @@ class CUDABackend:
         with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
             return cupy.asarray(host)
 
-    def experts_one_token(self, x, triples):
+    def experts_rows(self, x, triples, rows):
         return None
 
     def moe(self, x, router_weight, router, bias, store, layer: int):
@@ -623,7 +623,7 @@ class TieredExperts:
             # a decode step's group of the usual size: one product per projection (the CPU backend's
             # kernel compiled at load for that many experts); other sizes expert by expert
             one = len(x) == 1 and len(group) == ids.shape[1]
-            ys = self.cpu.experts_one_token(x, [t for _, t in group]) if one else None
+            ys = self.cpu.experts_rows(x, [t for _, t in group], np.zeros(len(group), np.int64)) if one else None
             for i, (j, (gate, up, down)) in enumerate(group):
                 sel = ids[tok, which] == experts[j]
                 t_e, c_e = tok[sel], which[sel]
