@@ -25,10 +25,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def timed(fn, n: int) -> float:
-    t = time.perf_counter()
+    """The median of n runs: a step of a small model is a few ms, and one preempted run would
+    move a mean."""
+    times = []
     for _ in range(n):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / n
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) -> dict:
