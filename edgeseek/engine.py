@@ -208,7 +208,10 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
         cpu_types = {t.qtype for t in gguf.tensors.values() if "_exps." in t.name} \
             if gpu_plan.experts_on_gpu < gpu_plan.experts_total else set()
     # before the expert store, whose warm-up from the usage profile packs experts already
-    many = (gguf.arch_meta("expert_used_count", 0),)  # matmul_many: a decode step's experts, MLA's heads
+    used = gguf.arch_meta("expert_used_count", 0)
+    if not 0 < used <= gguf.arch_meta("expert_count", 0):
+        used = 0  # not compiled for: the model's reading of the metadata says what is wrong with it
+    many = (used,)  # matmul_many: a decode step's experts, MLA's heads
     if gguf.arch == "deepseek2" and gguf.has("blk.0.attn_k_b.weight") and device == "cpu":
         many += (gguf.arch_meta("attention.head_count"),)
     if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and many[0]:  # MTP's verification:
@@ -239,6 +242,11 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
         raise EdgeseekError(f"{path}: context length must be positive, got {n_ctx}")
     if plan is not None:
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
+    elif device == "cpu" and backend.device == "cpu":
+        from . import packed_cache
+        packed = packed_cache.attach(model, gguf, on_compile)
+        if packed.get("note"):
+            notes.append(f"packed-weights cache not written: {packed['note']}")
     kernels.one_blas_thread()  # last: loading may have brought in another BLAS (numba loads scipy's)
     return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store,
                   device, backend.name() if device == "cuda" else "CPU", gpu_plan, backend, mtp_state, notes)

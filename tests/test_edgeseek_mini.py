@@ -22,6 +22,7 @@ from gguf_f32 import dequantized_f32
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = json.loads((FIXTURES / "edgeseek_mini" / "greedy.json").read_text())
 sys.path.insert(0, str(FIXTURES))
+NOISE = 0.1  # logits: what another float order moves them by on this model (margins of 0.05 flip)
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
            "Explain photosynthesis to a child.", "Give three tips for learning a new language.",
            "Tell me a story about a robot who learns to paint."]
@@ -65,7 +66,15 @@ def test_greedy_reply_equals_the_recorded_one(path, mtp):
     out = [r.token for r in edgeseek.stream_generate(engine, ids, max_tokens=len(GOLDEN["output_ids"]),
                                                      sampler=edgeseek.SamplerConfig.greedy())
            if r.token is not None]
-    assert out == GOLDEN["output_ids"]
+    gold = GOLDEN["output_ids"]
+    first = next((i for i, (a, b) in enumerate(zip(out, gold)) if a != b), None)
+    if first is None:
+        assert out == gold
+        return
+    # the thread count changes the order of some float sums: a transcript may part only where the
+    # recorded step was a near-tie, and then to its second choice
+    assert GOLDEN["margins"][first] < NOISE, (first, GOLDEN["margins"][first])
+    assert out[first] == GOLDEN["second_ids"][first]
 
 
 @requires_llama_cpp

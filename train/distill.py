@@ -336,10 +336,7 @@ def train(a) -> None:
                   f"mtp {((mtp_ce * m2).sum() / m2.sum()).item():.3f} lr {lr:.2e}", flush=True)
     for h in handles:
         h.remove()
-    state = {"model": {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
-                       for k, v in model.state_dict().items()},
-             "mtp": {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
-                     for k, v in mtp.state_dict().items()},
+    state = {"model": checkpoint_dtypes(model), "mtp": checkpoint_dtypes(mtp),
              "step": step, "size": a.size, "seconds": seconds + time.time() - t_start}
     save_ckpt(state, ckpt)
     if a.opt_state:
@@ -347,6 +344,14 @@ def train(a) -> None:
                    a.opt_state)
     print(f"{step - first} steps in {time.time() - t_start:.0f} s")
     print(f"saved step {step} -> {ckpt}")
+
+
+def checkpoint_dtypes(module) -> dict:
+    """A module's state for the checkpoint: bf16, but the routers' selection biases in float32 (their
+    steps of gamma would vanish in bf16)."""
+    import torch
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
+            for k, v in module.state_dict().items()}
 
 
 SHARD = 15 << 20  # bytes per checkpoint file: a GPU run sends back files of at most 16 MiB
@@ -500,8 +505,7 @@ def tune_mtp(a) -> None:
                   f"{((agree * valid).sum() / valid.sum()).item():.3f}", flush=True)
     for h in handles:
         h.remove()
-    state["mtp"] = {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
-                    for k, v in mtp.state_dict().items()}
+    state["mtp"] = checkpoint_dtypes(mtp)
     save_ckpt(state, a.out / "ckpt")
     print(f"MTP tuned for {step} steps -> {a.out / 'ckpt'}")
 

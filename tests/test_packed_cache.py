@@ -1,0 +1,86 @@
+"""The packed-weights cache (edgeseek/packed_cache.py): built on the first load, memory-mapped on the
+next, the same logits either way; rebuilt when the model file changes or the cache is damaged; not
+written past its size cap; off with EDGESEEK_PACKED_CACHE=0."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeseek
+from edgeseek import packed_cache
+from edgeseek.gguf_file import GGUFFile
+
+FIXTURE = Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_k_m.gguf"
+TOKENS = np.array([1, 17, 300, 42, 7, 99, 5])
+
+
+@pytest.fixture()
+def model(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESEEK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(packed_cache, "MIN_FILE", 0)  # the fixtures are small
+    path = tmp_path / "model.gguf"
+    shutil.copy(FIXTURE, path)
+    return path
+
+
+def logits(path):
+    e = edgeseek.load(path, n_ctx=32)
+    return e.model.forward(TOKENS, e.model.new_cache(), all_logits=True)
+
+
+def caches(tmp_path):
+    return sorted((tmp_path / "cache" / "packed").glob("*.pack"))
+
+
+def test_built_then_mapped_same_logits(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESEEK_PACKED_CACHE", "0")
+    plain = logits(model)
+    assert caches(tmp_path) == []
+    monkeypatch.delenv("EDGESEEK_PACKED_CACHE")
+    first = logits(model)
+    (built,) = caches(tmp_path)
+    second = logits(model)
+    assert caches(tmp_path) == [built]
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(second, plain)
+    e = edgeseek.load(model, n_ctx=32)  # every weight, routed experts included, comes from the mapping
+    mats = list(packed_cache.matrices(e.model))
+    assert mats and all(h._packed is not None for _, h, _ in mats)
+    assert any(isinstance(h._packed, tuple) and isinstance(h._packed[0], np.memmap) for _, h, head in mats
+               if head is None)
+
+
+def test_a_changed_model_file_gets_a_new_cache(model, tmp_path):
+    logits(model)
+    (old,) = caches(tmp_path)
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    logits(model)
+    (new,) = caches(tmp_path)
+    assert new != old  # the stale one removed
+
+
+def test_a_damaged_cache_is_rebuilt(model, tmp_path):
+    want = logits(model)
+    (path,) = caches(tmp_path)
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"XXXX")  # the end marker
+    assert packed_cache.PackedFile.open(path) is None
+    np.testing.assert_array_equal(logits(model), want)
+    assert packed_cache.PackedFile.open(path) is not None
+
+
+def test_size_cap(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESEEK_PACKED_CACHE_MAX", "1K")
+    e = edgeseek.load(model, n_ctx=32)
+    assert caches(tmp_path) == [] and not list((tmp_path / "cache" / "packed").glob("*.tmp"))
+    assert any("packed-weights cache not written" in n for n in e.notes)
+
+
+def test_the_key_follows_the_file_and_the_kernels(model):
+    a = packed_cache.path_for(GGUFFile(model))
+    assert a == packed_cache.path_for(GGUFFile(model))
+    assert a.name.startswith("model-") and a.name.endswith(("-vnni.pack", "-portable.pack"))
