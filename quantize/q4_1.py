@@ -2,7 +2,9 @@
 (ggml-common.h block_q4_1, ggml-quants.c).
 
 Kernel layout as Q4_0 (nibbles.py: 4 uint32 words of nibbles per row and block). The min term
-uses Q8_1's s = fp16(d * sum(q)) of the activations, as ggml_vec_dot_q4_1_q8_1 does.
+uses Q8_1's s = fp16(d * sum(q)) of the activations, as ggml_vec_dot_q4_1_q8_1 does. The VNNI
+kernels multiply the unsigned nibbles by the int8 activations four at a time (simd.dpbusd; no
+offset to take out) and add the scaled block in the portable kernel's order: the same bits.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from numba import njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
+from .simd import add_f, band, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -31,6 +34,58 @@ def _matmul(p, xq, xd, xsum, xs, y):
         for k in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
             for r in range(acc.shape[1]):  # shape-error path, seconds on a first run
                 y[t, k, r] = acc[k, r]
+
+
+@njit(cache=True, inline="always")
+def _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, yo):
+    # Tile t times activation row k into y.flat[yo : yo + TILE]; qs (n_tiles, nb, 4, TILE) uint32
+    # words of nibbles, d, m (n_tiles, nb, TILE); xw (T, K / 4) int32 words of int8 activations,
+    # xd, xs (T, nb) (Q8_1's scale and d * sum).
+    nb = qs.shape[1]
+    low = splat_i(0x0F0F0F0F)
+    a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+    for b in range(nb):
+        s0 = splat_i(0)
+        s1, s2, s3 = s0, s0, s0
+        for g in range(4):
+            lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
+            o = ((t * nb + b) * 4 + g) * tiles.TILE
+            v = load_i(qs, o)
+            s0 = dpbusd(dpbusd(s0, band(v, low), lo), band(srl(v, 4), low), hi)
+            v = load_i(qs, o + 16)
+            s1 = dpbusd(dpbusd(s1, band(v, low), lo), band(srl(v, 4), low), hi)
+            v = load_i(qs, o + 32)
+            s2 = dpbusd(dpbusd(s2, band(v, low), lo), band(srl(v, 4), low), hi)
+            v = load_i(qs, o + 48)
+            s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
+        dx, sx = splat_f(xd[k, b]), splat_f(xs[k, b])
+        o = (t * nb + b) * tiles.TILE
+        a0 = add_f(a0, add_f(mul_f(to_f(s0), mul_f(load_f(d, o), dx)), mul_f(load_f(m, o), sx)))
+        a1 = add_f(a1, add_f(mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)), mul_f(load_f(m, o + 16), sx)))
+        a2 = add_f(a2, add_f(mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)), mul_f(load_f(m, o + 32), sx)))
+        a3 = add_f(a3, add_f(mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)), mul_f(load_f(m, o + 48), sx)))
+    store_f(y, yo, a0)
+    store_f(y, yo + 16, a1)
+    store_f(y, yo + 32, a2)
+    store_f(y, yo + 48, a3)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni(qs, d, m, xw, xd, xs, y):
+    # y (n_tiles, T, TILE)
+    nt, n_tok = qs.shape[0], xw.shape[0]
+    for t in prange(nt):
+        for k in range(n_tok):
+            _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, (t * n_tok + k) * tiles.TILE)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni_many(qss, ds, ms, rows, xw, xd, xs, y):
+    # matrix j times activation row rows[j] -> y[j] (n_tiles, TILE), one parallel region
+    nt = qss[0].shape[0]
+    for job in prange(len(qss) * nt):
+        j, t = job // nt, job % nt
+        _tile_vnni(qss[j], ds[j], ms[j], t, xw, xd, xs, rows[j], y[j], t * tiles.TILE)
 
 
 @njit(parallel=True, cache=True)
@@ -77,6 +132,7 @@ def _pack(b):
 class Q4_1(QuantFormat):
     qtype = GGMLQuantizationType.Q4_1
     portable = TileKernels(_pack, (), activations.ints, _matmul)
+    vnni = TileKernels(_pack, ("qs", "d", "m"), activations.words_min, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""
