@@ -128,6 +128,10 @@ class LlamaModel(DecoderModel):
         cache.k[i, :, s0:s1] = k.transpose(1, 0, 2)  # (Hkv, T, d)
         cache.v[i, :, s0:s1] = v.transpose(1, 0, 2)
         qg = q.reshape(T, Hkv, H // Hkv, d).transpose(1, 2, 0, 3)  # (Hkv, H/Hkv, T, d)
+        if T == 1:  # decode: straight from the float16 cache where the backend can
+            o = self.backend.kv_decode(qg[:, :, 0], cache.k[i], cache.v[i], s1, 1.0 / np.sqrt(d))
+            if o is not None:
+                return o.reshape(1, H * d)
         k_all = cache.k[i, :, :s1].astype(np.float32)  # (Hkv, S, d)
         v_all = cache.v[i, :, :s1].astype(np.float32)
         o = self.backend.causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))

@@ -151,3 +151,20 @@ def test_portable_kernels_switch(switch):
     vnni = CPU_HAS_VNNI and switch == "0"
     assert out.strip() == f"{vnni} {sorted(VNNI_KINDS) if vnni else []}"
 
+
+
+def test_gqa_decode_from_the_float16_cache_equals_numpy():
+    """The CPU's one-token attention read straight from the float16 caches (llama / qwen2 decode at
+    long contexts) against the float32 copy through causal_attention."""
+    from edgeseek.backends import CPUBackend
+    from edgeseek.backends.cpu import KV_KERNEL_MIN
+    b = CPUBackend()
+    rng = np.random.default_rng(7)
+    G, H, d, n_ctx, n = 3, 3, 64, 600, KV_KERNEL_MIN + 77
+    k = rng.standard_normal((G, n_ctx, d)).astype(np.float16)
+    v = rng.standard_normal((G, n_ctx, d)).astype(np.float16)
+    q = rng.standard_normal((G, H, d)).astype(np.float32)
+    got = b.kv_decode(q, k, v, n, 0.125)
+    want = b.causal_attention(q[:, :, None], k[:, :n].astype(np.float32), v[:, :n].astype(np.float32), n - 1, 0.125)
+    np.testing.assert_allclose(got, want[:, :, 0], rtol=1e-4, atol=1e-5)
+    assert b.kv_decode(q, k, v, KV_KERNEL_MIN - 1, 0.125) is None  # short: numpy's copy is cheaper

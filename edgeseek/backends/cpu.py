@@ -113,6 +113,9 @@ class Heads:
         return m
 
 
+KV_KERNEL_MIN = 256  # positions
+
+
 class CPUBackend:
     xp = np
     device = "cpu"
@@ -193,6 +196,26 @@ class CPUBackend:
         probs[probs < 1e-30] = 0.0  # subnormal weights would run the products at microcode speed
         _latent_mix(probs, c16, n, parts, out)
         return out[None]
+
+    def kv_decode(self, q, k_cache, v_cache, n: int, scale: float):
+        """One new token's attention (GQA) straight from the float16 caches, with the latent
+        decode's kernels, a group of heads per kv head; None where head_dim is no multiple of 16 or
+        the context is short (below KV_KERNEL_MIN positions numpy's float32 copy of the cache is the
+        cheaper: SmolLM2 at 64 positions 8.9 ms a step against 9.7; at 2000, 55 against 18)."""
+        G, Hg, d = q.shape
+        if d % 16 or n < KV_KERNEL_MIN:
+            return None
+        out = np.empty((G, Hg, d), np.float32)
+        no_pe, no_cache = np.zeros((Hg, 0), np.float32), np.zeros((1, 16), np.uint16)
+        parts = np.empty((max(1, min(numba.get_num_threads(), n // 16)), Hg * d), np.float32)
+        scores = np.empty((Hg, n), np.float32)
+        for g in range(G):
+            _latent_scores(np.ascontiguousarray(q[g], dtype=np.float32), no_pe, k_cache[g].view(np.uint16), no_cache,
+                           n, np.float32(scale), scores)
+            probs = np.ascontiguousarray(softmax(scores), dtype=np.float32)
+            probs[probs < 1e-30] = 0.0  # subnormal weights would run the products at microcode speed
+            _latent_mix(probs, v_cache[g].view(np.uint16), n, parts, out[g])
+        return out
 
     rms_norm = staticmethod(rms_norm)
     swiglu = staticmethod(swiglu)

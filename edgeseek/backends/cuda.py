@@ -485,6 +485,9 @@ class CUDABackend:
     def host(self, x) -> np.ndarray:
         return x if isinstance(x, np.ndarray) else x.get()
 
+    def kv_decode(self, q, k_cache, v_cache, n: int, scale: float):
+        return None
+
     def causal_attention(self, q, k, v, start: int, scale: float):
         from edgeseek.models.common import softmax
         xp = self.xp
