@@ -171,3 +171,20 @@ def test_gqa_decode_from_the_float16_cache_equals_numpy():
     want = b.causal_attention(q[:, :, None], k[:, :short].astype(np.float32), v[:, :short].astype(np.float32),
                               short - 1, 0.125)
     np.testing.assert_allclose(b.kv_decode(q, k, v, short, 0.125), want[:, :, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_latent_decode_on_one_core_equals_both_cores(monkeypatch):
+    """MLA's one-token attention from the float16 latent cache: the one-call kernel for short
+    contexts against the two parallel kernels."""
+    import edgeseek.backends.cpu as cpu
+    rng = np.random.default_rng(8)
+    H, C, R, n_ctx, n = 4, 128, 32, 300, 200
+    c = rng.standard_normal((n_ctx, C)).astype(np.float16)
+    k = rng.standard_normal((n_ctx, R)).astype(np.float16)
+    q_lat, q_pe = rng.standard_normal((H, C)).astype(np.float32), rng.standard_normal((H, R)).astype(np.float32)
+    new_c, new_k = rng.standard_normal((1, C)).astype(np.float32), rng.standard_normal((1, R)).astype(np.float32)
+    out = {}
+    for limit in (0, 10**6):
+        monkeypatch.setattr(cpu, "LATENT_SHORT", limit)
+        out[limit] = cpu.CPUBackend().latent_decode(q_lat, q_pe, new_c, new_k, c.copy(), k.copy(), np.array([n - 1]), 0.1)
+    np.testing.assert_allclose(out[10**6], out[0], rtol=1e-4, atol=1e-5)

@@ -113,7 +113,40 @@ class Heads:
         return m
 
 
+@njit(fastmath=True, cache=True)
+def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
+    # _latent_scores, the softmax and _latent_mix in one call on one core, for short contexts
+    H, C = q_lat.shape
+    R = q_pe.shape[1]
+    for h in range(H):
+        top = np.float32(-np.inf)
+        for s in range(n):
+            acc = zero_f()
+            for j in range(0, C, 16):
+                acc = add_f(acc, mul_f(load_h(c16, s * C + j), load_f(q_lat, h * C + j)))
+            for j in range(0, R, 16):
+                acc = add_f(acc, mul_f(load_h(kpe16, s * R + j), load_f(q_pe, h * R + j)))
+            x = hsum_f(acc) * scale
+            scores[s] = x
+            top = max(top, x)
+        total = np.float32(0.0)
+        for s in range(n):
+            e = np.float32(np.exp(scores[s] - top))
+            scores[s] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(0, C, 16):
+            store_f(out, h * C + j, zero_f())
+        for s in range(n):
+            w = scores[s] * inv
+            if w < np.float32(1e-30):
+                continue
+            for j in range(0, C, 16):
+                store_f(out, h * C + j, add_f(load_f(out, h * C + j), mul_f(splat_f(w), load_h(c16, s * C + j))))
+
+
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
+LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does it in one call
 
 
 @njit(fastmath=True, cache=True)
@@ -221,8 +254,13 @@ class CPUBackend:
         cache_c[p] = lat_new[0]
         cache_k_pe[p] = k_pe_new[0]
         n = p + 1
-        scores = np.empty((H, n), np.float32)
         c16 = cache_c.view(np.uint16)
+        if n * H < LATENT_SHORT:  # little work: one core, one call
+            out = np.empty((H, C), np.float32)
+            _latent_short(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32),
+                          c16, cache_k_pe.view(np.uint16), n, np.float32(scale), np.empty(n, np.float32), out)
+            return out[None]
+        scores = np.empty((H, n), np.float32)
         _latent_scores(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32),
                        c16, cache_k_pe.view(np.uint16), n, np.float32(scale), scores)
         out = np.empty((H, C), np.float32)
