@@ -20,7 +20,7 @@ import numpy as np
 from edgeseek.errors import GGUFError, UnsupportedError
 
 from .common import DecoderModel, Rope, ffn, require, rope_freqs, softmax, vector, yarn_freqs
-from .moe import SIGMOID, SOFTMAX, RouterConfig, route
+from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 
 
 @dataclass(frozen=True)
@@ -305,19 +305,40 @@ class DeepSeek2Model(DecoderModel):
 
     def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
         q_lat, q_pe, lat, k_pe = self._project(L, h, pos_x)
-        o_lat = None
-        if len(pos) == 1:  # a decode step: the backend's one-token kernels where it has them
-            o_lat = self.backend.latent_decode(q_lat[0], q_pe[0], lat, k_pe, cache.c[i], cache.k_pe[i], pos_x,
-                                               self.config.kq_scale)
+        o_lat = self._attend_few(q_lat, q_pe, lat, k_pe, cache, i, pos, pos_x)
         if o_lat is None:
             o_lat = self._attend(q_lat, q_pe, lat, k_pe, cache, i, pos)
         return self._output(L, o_lat)
 
+    def _attend_few(self, q_lat, q_pe, lat, k_pe, cache: LatentCache, i: int, pos: np.ndarray, pos_x):
+        """A decode step (one token), or on the host a few (a speculative verification, a batch row):
+        the backend's one-token kernels, token after token (each writes its cache entry, then attends
+        up to it); None where they do not apply."""
+        T = len(pos)
+        if T == 1:
+            return self.backend.latent_decode(q_lat[0], q_pe[0], lat, k_pe, cache.c[i], cache.k_pe[i], pos_x,
+                                              self.config.kq_scale)
+        if T > FEW_TOKENS or self.backend.xp is not np:
+            return None
+        outs = []
+        for t in range(T):
+            o = self.backend.latent_decode(q_lat[t], q_pe[t], lat[t:t + 1], k_pe[t:t + 1], cache.c[i], cache.k_pe[i],
+                                           pos[t:t + 1], self.config.kq_scale)
+            if o is None:
+                return None
+            outs.append(o)
+        return np.concatenate(outs)
+
     def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
         """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]."""
-        q_lat, q_pe, lat, k_pe = self._project(L, h, self.backend.positions(pos))
-        o_lat = self.backend.xp.concatenate([self._attend(q_lat[a:b], q_pe[a:b], lat[a:b], k_pe[a:b], cache, i, pos[a:b])
-                                             for cache, (a, b) in zip(caches, spans)])
+        pos_x = self.backend.positions(pos)
+        q_lat, q_pe, lat, k_pe = self._project(L, h, pos_x)
+        parts = []
+        for cache, (a, b) in zip(caches, spans):
+            o = self._attend_few(q_lat[a:b], q_pe[a:b], lat[a:b], k_pe[a:b], cache, i, pos[a:b], pos_x[a:b]) \
+                if self.backend.xp is np else None  # (the GPU's decode kernel is checked on single steps only)
+            parts.append(o if o is not None else self._attend(q_lat[a:b], q_pe[a:b], lat[a:b], k_pe[a:b], cache, i, pos[a:b]))
+        o_lat = self.backend.xp.concatenate(parts)
         return self._output(L, o_lat)
 
     # Speculative prefetch: when decoding one token, the next MoE layer's router applied to this
