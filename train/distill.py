@@ -325,11 +325,7 @@ def train(a) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():  # auxiliary-loss-free balancing (DeepSeek-V3): nudge each router's bias
-            for g in gates:
-                load = loads.get(g)
-                if load is not None:
-                    g.e_score_correction_bias += a.gamma * torch.sign(load.mean() - load)
+        balance(gates, loads, a.gamma)
         step += 1
         if step % 20 == 0:
             print(f"step {step} loss {loss.item():.3f} kd {((kd * m).sum() / m.sum()).item():.3f} "
@@ -344,6 +340,16 @@ def train(a) -> None:
                    a.opt_state)
     print(f"{step - first} steps in {time.time() - t_start:.0f} s")
     print(f"saved step {step} -> {ckpt}")
+
+
+def balance(gates, loads: dict, gamma: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): each router's selection bias nudged toward equal
+    load, b_i += gamma * sign(mean load - load_i), from the step's counts."""
+    import torch
+    with torch.no_grad():
+        for g in gates:
+            if g in loads:
+                g.e_score_correction_bias += gamma * torch.sign(loads[g].mean() - loads[g])
 
 
 def checkpoint_dtypes(module) -> dict:
@@ -495,10 +501,7 @@ def tune_mtp(a) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mtp.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            for g in gates:
-                if g in loads:
-                    g.e_score_correction_bias += a.gamma * torch.sign(loads[g].mean() - loads[g])
+        balance(gates, loads, a.gamma)
         step += 1
         if step % 10 == 0:
             print(f"step {step} loss {loss.item():.3f} top-1 agreement with the main model "

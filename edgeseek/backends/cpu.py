@@ -129,24 +129,32 @@ def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
             x = hsum_f(acc) * scale
             scores[s] = x
             top = max(top, x)
-        total = np.float32(0.0)
-        for s in range(n):
-            e = np.float32(np.exp(scores[s] - top))
-            scores[s] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for j in range(0, C, 16):
-            store_f(out, h * C + j, zero_f())
-        for s in range(n):
-            w = scores[s] * inv
-            if w < np.float32(1e-30):
-                continue
-            for j in range(0, C, 16):
-                store_f(out, h * C + j, add_f(load_f(out, h * C + j), mul_f(splat_f(w), load_h(c16, s * C + j))))
+        _softmax_mix(scores, n, top, c16, 0, C, out, h * C)
 
 
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
 LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does it in one call
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _softmax_mix(scores, n, top, v16, base, width, out, oo):
+    # out.flat[oo : oo + width] = softmax(scores[:n]) @ rows s of v16 (float16 as uint16, row s at
+    # base + s * width), in the scores' own storage; width a multiple of 16
+    total = np.float32(0.0)
+    for s in range(n):
+        e = np.float32(np.exp(scores[s] - top))
+        scores[s] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for j in range(0, width, 16):
+        store_f(out, oo + j, zero_f())
+    for s in range(n):
+        w = scores[s] * inv
+        if w < np.float32(1e-30):  # subnormal weights would run the products at microcode speed
+            continue
+        vo = base + s * width
+        for j in range(0, width, 16):
+            store_f(out, oo + j, add_f(load_f(out, oo + j), mul_f(splat_f(w), load_h(v16, vo + j))))
 
 
 @njit(fastmath=True, cache=True)
@@ -167,21 +175,7 @@ def _gqa_short(q, k16, v16, n, scale, scores, out):
                 x = hsum_f(acc) * scale
                 scores[s] = x
                 top = max(top, x)
-            total = np.float32(0.0)
-            for s in range(n):
-                e = np.float32(np.exp(scores[s] - top))
-                scores[s] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for j in range(0, d, 16):
-                store_f(out, qo + j, zero_f())
-            for s in range(n):
-                w = scores[s] * inv
-                if w < np.float32(1e-30):  # subnormal weights would run the products at microcode speed
-                    continue
-                vo = (g * n_ctx + s) * d
-                for j in range(0, d, 16):
-                    store_f(out, qo + j, add_f(load_f(out, qo + j), mul_f(splat_f(w), load_h(v16, vo + j))))
+            _softmax_mix(scores, n, top, v16, g * n_ctx * d, d, out, qo)
 
 
 class CPUBackend:
