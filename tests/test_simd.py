@@ -188,3 +188,14 @@ def test_latent_decode_on_one_core_equals_both_cores(monkeypatch):
         monkeypatch.setattr(cpu, "LATENT_SHORT", limit)
         out[limit] = cpu.CPUBackend().latent_decode(q_lat, q_pe, new_c, new_k, c.copy(), k.copy(), np.array([n - 1]), 0.1)
     np.testing.assert_allclose(out[10**6], out[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["norm", "neox"])
+def test_rope_kernel_equals_the_numpy_math(kind):
+    from edgeseek.backends import CPUBackend
+    from edgeseek.models.common import Rope, rope_freqs
+    x = np.random.default_rng(9).standard_normal((5, 3, 48)).astype(np.float32)
+    pos = np.array([0, 1, 7, 300, 301])
+    kernel = Rope(32, rope_freqs(32, 10000.0), kind, mscale=1.1, backend=CPUBackend())  # 16 values left as they are
+    plain = Rope(32, rope_freqs(32, 10000.0), kind, mscale=1.1)
+    np.testing.assert_allclose(kernel(x, pos), plain(x, pos), rtol=1e-6, atol=1e-6)

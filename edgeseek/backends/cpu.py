@@ -132,6 +132,25 @@ def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
         _softmax_mix(scores, n, top, c16, 0, C, out, h * C)
 
 
+@njit(cache=True)
+def _rope(x, cos, sin, positions, dim, neox, out):
+    # x (T, H, D) float32 -> out: the first dim values of each head rotated by the tables' rows at
+    # positions (pairs (2i, 2i+1), or (i, i + dim/2) for neox), the rest copied; the numpy math of
+    # models/common.py's Rope, without its temporaries
+    T, H, D = x.shape
+    half = dim // 2
+    for t in range(T):
+        p = positions[t]
+        for h in range(H):
+            for i in range(dim, D):
+                out[t, h, i] = x[t, h, i]
+            for i in range(half):
+                ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                a, b, c, s = x[t, h, ia], x[t, h, ib], cos[p, i], sin[p, i]
+                out[t, h, ia] = a * c - b * s
+                out[t, h, ib] = a * s + b * c
+
+
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
 LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does it in one call
 
@@ -291,8 +310,14 @@ class CPUBackend:
     rms_norm = staticmethod(rms_norm)
     swiglu = staticmethod(swiglu)
 
-    def rope(self, rope, x, positions) -> None:
-        return None
+    def rope(self, rope, x, positions):
+        # one numba call instead of numpy's slices and temporaries (a small model's step makes two a layer)
+        if not isinstance(positions, np.ndarray) or np.ndim(x) != 3:
+            return None
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        _rope(x, rope.cos, rope.sin, positions.astype(np.int64, copy=False), rope.dim, rope.kind == "neox", out)
+        return out
 
     def tokens(self, ids) -> np.ndarray:
         return np.asarray(ids)
@@ -324,6 +349,10 @@ class CPUBackend:
         return total
 
     def warmup(self) -> None:
+        from edgeseek.models.common import Rope, rope_freqs
+        r = Rope(16, rope_freqs(16, 10000.0))
+        r.ensure(1)
+        self.rope(r, np.zeros((1, 1, 16), np.float32), np.zeros(1, np.int64))  # the rope kernel
         w = np.zeros((1, 1, 16), np.float32)  # (H, R, K) as attn_k_b / attn_v_b
         self.per_head(w, np.zeros((1, 1, 16), np.float32))  # one token: the numba kernel
         c, k = np.zeros((4, 16), np.float16), np.zeros((4, 16), np.float16)  # a latent cache of 4 positions
