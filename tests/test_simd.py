@@ -199,3 +199,16 @@ def test_rope_kernel_equals_the_numpy_math(kind):
     kernel = Rope(32, rope_freqs(32, 10000.0), kind, mscale=1.1, backend=CPUBackend())  # 16 values left as they are
     plain = Rope(32, rope_freqs(32, 10000.0), kind, mscale=1.1)
     np.testing.assert_allclose(kernel(x, pos), plain(x, pos), rtol=1e-6, atol=1e-6)
+
+
+def test_rms_norm_kernel_is_the_float64_mean_of_squares():
+    """The CPU's norm sums the squares in float64 as llama.cpp does; within float32 rounding of the
+    numpy math (whose pairwise float32 sum it replaces)."""
+    from edgeseek.backends import CPUBackend
+    from edgeseek.models.common import rms_norm
+    rng = np.random.default_rng(10)
+    x, w = rng.standard_normal((3, 576)).astype(np.float32) * 30, rng.standard_normal(576).astype(np.float32)
+    got = CPUBackend().rms_norm(x, w, 1e-6)
+    exact = x.astype(np.float64) / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got, rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)

@@ -151,6 +151,20 @@ def _rope(x, cos, sin, positions, dim, neox, out):
                 out[t, h, ib] = a * s + b * c
 
 
+@njit(cache=True)
+def _rms_norm(x, w, eps, out):
+    # x (T, D) float32 -> x / rms(x) * w, the mean of squares summed in float64 as llama.cpp's
+    # ggml_compute_forward_rms_norm does, the scale applied in float32
+    T, D = x.shape
+    for t in range(T):
+        s = 0.0
+        for i in range(D):
+            s += np.float64(x[t, i]) * np.float64(x[t, i])
+        scale = np.float32(1.0) / np.float32(np.sqrt(np.float32(s / D) + eps))
+        for i in range(D):
+            out[t, i] = x[t, i] * scale * w[i]
+
+
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
 LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does it in one call
 
@@ -307,7 +321,14 @@ class CPUBackend:
             _latent_mix(probs, v_cache[g].view(np.uint16), n, parts, out[g])
         return out
 
-    rms_norm = staticmethod(rms_norm)
+    def rms_norm(self, x, weight, eps: float):
+        # one numba call per norm (a small model's step has two a layer)
+        if np.ndim(x) != 2 or weight.dtype != np.float32:
+            return rms_norm(x, weight, eps)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        _rms_norm(x, np.ascontiguousarray(weight), np.float32(eps), out)
+        return out
     swiglu = staticmethod(swiglu)
 
     def rope(self, rope, x, positions):
@@ -350,6 +371,7 @@ class CPUBackend:
 
     def warmup(self) -> None:
         from edgeseek.models.common import Rope, rope_freqs
+        self.rms_norm(np.ones((1, 16), np.float32), np.ones(16, np.float32), 1e-6)  # the norm kernel
         r = Rope(16, rope_freqs(16, 10000.0))
         r.ensure(1)
         self.rope(r, np.zeros((1, 1, 16), np.float32), np.zeros(1, np.int64))  # the rope kernel
