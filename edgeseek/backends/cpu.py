@@ -50,6 +50,15 @@ def _heads_matvec(w, x, y):
         y[h, r] = s
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _dot_h(acc, a16, ao, q, qo, width):
+    # acc + the float16 row a16.flat[ao : ao + width] (uint16 view) times q.flat[qo : qo + width],
+    # 16 lanes at a time; width a multiple of 16
+    for j in range(0, width, 16):
+        acc = add_f(acc, mul_f(load_h(a16, ao + j), load_f(q, qo + j)))
+    return acc
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores):
     # scores[h, s] = scale * (q_lat[h] . c[s] + q_pe[h] . k_pe[s]) for s < n, the float16 cache rows
@@ -58,11 +67,7 @@ def _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores):
     R = q_pe.shape[1]
     for s in prange(n):
         for h in range(H):
-            acc = zero_f()
-            for j in range(0, C, 16):
-                acc = add_f(acc, mul_f(load_h(c16, s * C + j), load_f(q_lat, h * C + j)))
-            for j in range(0, R, 16):
-                acc = add_f(acc, mul_f(load_h(kpe16, s * R + j), load_f(q_pe, h * R + j)))
+            acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, h * C, C), kpe16, s * R, q_pe, h * R, R)
             scores[h, s] = hsum_f(acc) * scale
 
 
@@ -121,11 +126,7 @@ def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
     for h in range(H):
         top = np.float32(-np.inf)
         for s in range(n):
-            acc = zero_f()
-            for j in range(0, C, 16):
-                acc = add_f(acc, mul_f(load_h(c16, s * C + j), load_f(q_lat, h * C + j)))
-            for j in range(0, R, 16):
-                acc = add_f(acc, mul_f(load_h(kpe16, s * R + j), load_f(q_pe, h * R + j)))
+            acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, h * C, C), kpe16, s * R, q_pe, h * R, R)
             x = hsum_f(acc) * scale
             scores[s] = x
             top = max(top, x)
@@ -201,11 +202,7 @@ def _gqa_short(q, k16, v16, n, scale, scores, out):
             qo = (g * Hg + h) * d
             top = np.float32(-np.inf)
             for s in range(n):
-                acc = zero_f()
-                ko = (g * n_ctx + s) * d
-                for j in range(0, d, 16):
-                    acc = add_f(acc, mul_f(load_h(k16, ko + j), load_f(q, qo + j)))
-                x = hsum_f(acc) * scale
+                x = hsum_f(_dot_h(zero_f(), k16, (g * n_ctx + s) * d, q, qo, d)) * scale
                 scores[s] = x
                 top = max(top, x)
             _softmax_mix(scores, n, top, v16, g * n_ctx * d, d, out, qo)
