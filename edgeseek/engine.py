@@ -244,9 +244,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
         model.pack(gguf)  # the resident weights in the kernel layout now; their file pages released
     elif device == "cpu" and backend.device == "cpu":
         from . import packed_cache
-        packed = packed_cache.attach(model, gguf, on_compile)
-        if packed.get("note"):
-            notes.append(f"packed-weights cache not written: {packed['note']}")
+        note = packed_cache.attach(model, gguf, on_compile)
+        if note:
+            notes.append(note)
     kernels.one_blas_thread()  # last: loading may have brought in another BLAS (numba loads scipy's)
     return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store,
                   device, backend.name() if device == "cuda" else "CPU", gpu_plan, backend, mtp_state, notes)

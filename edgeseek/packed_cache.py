@@ -72,9 +72,6 @@ class PackedFile:
         except (OSError, ValueError, struct.error):
             return None
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.index
-
     def get(self, name: str):
         entry = self.index.get(name)
         if entry is None:
@@ -170,26 +167,24 @@ def matrices(model):
                     yield m.name, m, None
 
 
-def attach(model, gguf, notify=None) -> dict:
-    """Point every weight of `model` at its layout in the cache (building the cache first where there
-    is none or it is stale): -> {"path", "bytes", "built"} for the load's report, or {} when off."""
+def attach(model, gguf, notify=None) -> str | None:
+    """Point every weight of `model` at its layout in the cache, building the cache first where there
+    is none or it is stale; -> a note for the user where it could not be written, else None."""
     size = gguf.path.stat().st_size
     if not enabled() or size < MIN_FILE:
-        return {}
+        return None
     path = path_for(gguf)
     pf = PackedFile.open(path)
-    built = False
     if pf is None:
         if notify is not None:
             notify(f"packing weights for this CPU into {path.parent} (first run only)")
         if write(path, _built(model), max_bytes(size)) is None:
-            return {"path": str(path), "bytes": 0, "built": False, "note": "over EDGESEEK_PACKED_CACHE_MAX"}
+            return "packed-weights cache not written: over EDGESEEK_PACKED_CACHE_MAX"
         remove_stale(path)
         gguf.release_pages()  # what was packed from them now comes from the cache's pages
         pf = PackedFile.open(path)
-        built = True
         if pf is None:
-            return {}
+            return None
     views: dict = {}
     for name, holder, head in matrices(model):
         entry = pf.index.get(name)
@@ -202,7 +197,7 @@ def attach(model, gguf, notify=None) -> dict:
     for holder, layouts in views.values():
         if all(v is not None for v in layouts):
             holder._packed = layouts
-    return {"path": str(path), "bytes": path.stat().st_size, "built": built}
+    return None
 
 
 def _built(model):
