@@ -75,7 +75,7 @@ def main():
                  "_router_logits", "_batched", "causal_attention"):
         if hasattr(b, name):
             wrap(b, name, table, sync)
-    for name in ("mmv", "mmv_ids", "dequant", "gemm_f16", "route", "mla_decode", "store_row", "scatter_add",
+    for name in ("mmv", "mmv_ids", "glu_ids", "down_ids", "dequant", "gemm_f16", "route", "mla_decode", "store_row", "scatter_add",
                  "silu_mul"):
         wrap(b.kernels, name, table, sync)
     wrap(C.DeviceMatrix, "__call__", table, sync)

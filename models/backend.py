@@ -64,6 +64,10 @@ class Backend(Protocol):
     def rms_norm(self, x, weight, eps: float):
         """models/common.rms_norm: x (T, D) -> x / rms(x) * weight."""
 
+    def ffn(self, x, gate, up, down):
+        """The SwiGLU feed-forward down(silu(gate x) * up x) of Linears: x (T, D) -> (T, D)
+        (common.ffn, or the backend's fused kernels)."""
+
     def swiglu(self, g, u):
         """silu(g) * u, elementwise."""
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeseek.errors import GGUFError, UnsupportedError
 
-from .common import DecoderModel, Rope, ffn, require, rope_freqs, softmax, vector, yarn_freqs
+from .common import DecoderModel, Rope, require, rope_freqs, softmax, vector, yarn_freqs
 from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 
 
@@ -348,12 +348,12 @@ class DeepSeek2Model(DecoderModel):
 
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         if L.dense:
-            return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, self.backend.swiglu)
+            return self.backend.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
         out = self.backend.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
         if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)
             self.experts.prefetch(i + 1, guess[0])
         if self.config.n_expert_shared:
-            out += ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, self.backend.swiglu)
+            out += self.backend.ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)
         return out

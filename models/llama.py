@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import DecoderModel, Rope, ffn, require, rope_freqs, vector
+from .common import DecoderModel, Rope, require, rope_freqs, vector
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class LlamaModel(DecoderModel):
         return KVCache(self.config, n_ctx or self.n_ctx, self.backend.xp)
 
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
-        return ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, self.backend.swiglu)
+        return self.backend.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
 
     def _project(self, L: Layer, h: np.ndarray, pos):
         """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""

@@ -22,10 +22,26 @@ class NumpyKernels:
         assert x.dtype == np.float32 and x.flags.c_contiguous and t <= 8
         y[:t] = x[:t] @ _rows(qtype, w, k).T
 
-    def mmv_ids(self, qtype, w, row_bytes, expert_bytes, ids, x, x_div, y, n, k, p):
+    def mmv_ids(self, qtype, w, row_bytes, expert_bytes, ids, x, x_div, y, n, k, p, x_stride=None):
         assert ids.dtype == np.int32 and expert_bytes == w.shape[1] * w.shape[2]
+        x = x.reshape(-1, k)  # rows at x_stride: a (T, H, K) view's rows
         for j in range(p):
             y[j] = _rows(qtype, w[ids[j]], k) @ x[j // x_div]
+
+    def glu_ids(self, qtype, wg, wu, row_bytes, expert_bytes, ids, x, x_div, h, n, k, p):
+        assert x.flags.c_contiguous
+        wg, wu = wg.reshape(-1, n, row_bytes), wu.reshape(-1, n, row_bytes)  # a matrix: a stack of one
+        for j in range(p):
+            g, u = _rows(qtype, wg[ids[j]], k) @ x[j // x_div], _rows(qtype, wu[ids[j]], k) @ x[j // x_div]
+            h[j] = self.silu_mul(g, u)
+
+    def down_ids(self, qtype, w, row_bytes, expert_bytes, ids, h, weights, add, y, n, k, t, used):
+        for r in range(t):
+            acc = np.zeros(n, np.float32)
+            for j in range(used):
+                p = r * used + j
+                acc += weights.reshape(-1)[p] * (_rows(qtype, w[ids[p]], k) @ h[p])
+            y[r] = acc if add is None else add[r] + acc
 
     def dequant(self, qtype, w, row_bytes, rows, n_rows, k, out):
         src = w if rows is None else w[rows]

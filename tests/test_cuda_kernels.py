@@ -224,10 +224,83 @@ def test_mmv_ids(module, name, x_div):
     module.get_function(f"mmv_ids_{name}")(
         ((n + 3) // 4, P), (128,),
         (cupy.asarray(raw), np.int64(row_bytes), np.int64(n * row_bytes), cupy.asarray(ids), cupy.asarray(x),
-         np.int32(x_div), y, np.int32(n), np.int32(k), np.int32(P)))
+         np.int32(x_div), np.int64(k), y, np.int32(n), np.int32(k), np.int32(P)))
     got = unpoisoned(y, P * n).reshape(P, n)
     for p in range(P):
         assert_product(got[p:p + 1], deq[ids[p]], x[p // x_div:p // x_div + 1])
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q6_k", "f32"])
+def test_mmv_ids_strided_rows(module, name):
+    """Activation rows read in place at a stride: the first K values of each (K + 64)-value row,
+    as MLA's per-head products read q's first values of each head."""
+    E, n, k, P = 3, 37, 768, 4
+    raw, deq = matrix(name, E * n, k)
+    deq = deq.reshape(E, n, k)
+    ids = np.array([2, 0, 2, 1], dtype=np.int32)
+    wide = np.random.default_rng(_seed("xs", name)).standard_normal((P, k + 64)).astype(np.float32)
+    y = poisoned(P * n)
+    module.get_function(f"mmv_ids_{name}")(
+        ((n + 3) // 4, P), (128,),
+        (cupy.asarray(raw), np.int64(raw.shape[1]), np.int64(n * raw.shape[1]), cupy.asarray(ids),
+         cupy.asarray(wide), np.int32(1), np.int64(k + 64), y, np.int32(n), np.int32(k), np.int32(P)))
+    got = unpoisoned(y, P * n).reshape(P, n)
+    for p in range(P):
+        assert_product(got[p:p + 1], deq[ids[p]], wide[p:p + 1, :k])
+
+
+def _ids_launch(module, kernel, n, grid_y, args):
+    module.get_function(kernel)(((n + 3) // 4, grid_y), (128,), args)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_mmv_glu_ids(module, name):
+    """gate, up and silu_mul in one launch: the same sums as mmv_ids, bit for bit, and the same silu."""
+    E, n, k, P, x_div = 4, 37, 768, 6, 3
+    gate, _ = matrix(name, E * n, k)
+    up = np.ascontiguousarray(matrix(name, E * n + 1, k)[0][:E * n])  # other weights of the same format
+    ids = cupy.asarray(np.array([3, 0, 3, 1, 2, 0], dtype=np.int32))
+    x = cupy.asarray(np.random.default_rng(_seed("xg", name)).standard_normal((P // x_div, k)).astype(np.float32))
+    rb = gate.shape[1]
+    g, u, h = poisoned(P * n), poisoned(P * n), poisoned(P * n)
+    for w, out in ((gate, g), (up, u)):
+        _ids_launch(module, f"mmv_ids_{name}", n, P, (cupy.asarray(w), np.int64(rb), np.int64(n * rb), ids, x,
+                                                      np.int32(x_div), np.int64(k), out, np.int32(n), np.int32(k),
+                                                      np.int32(P)))
+    _ids_launch(module, f"mmv_glu_ids_{name}", n, P, (cupy.asarray(gate), cupy.asarray(up), np.int64(rb),
+                                                      np.int64(n * rb), ids, x, np.int32(x_div), h, np.int32(n),
+                                                      np.int32(k), np.int32(P)))
+    ref = poisoned(P * n)
+    module.get_function("silu_mul_f32")((((P * n) + 255) // 256,), (256,), (g, u, ref, np.int64(P * n)))
+    assert_bits_equal(unpoisoned(h, P * n), unpoisoned(ref, P * n))
+
+
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("name", TYPES)
+def test_mmv_down_ids(module, name, add):
+    """Each token's k experts' down projections weighted and summed (plus add) in one launch,
+    against float64 sums of the dequantized experts."""
+    E, n, k, T, used = 5, 37, 768, 2, 3
+    raw, deq = matrix(name, E * n, k)
+    deq = deq.reshape(E, n, k)
+    rng = np.random.default_rng(_seed("xd", name, add))
+    ids = np.array([4, 0, 2, 2, 1, 4], dtype=np.int32)
+    h = rng.standard_normal((T * used, k)).astype(np.float32)
+    w = rng.uniform(0.1, 1.0, (T, used)).astype(np.float32)
+    base = rng.standard_normal((T, n)).astype(np.float32)
+    y = poisoned(T * n)
+    _ids_launch(module, f"mmv_down_ids_{name}", n, T,
+                (cupy.asarray(raw), np.int64(raw.shape[1]), np.int64(n * raw.shape[1]), cupy.asarray(ids),
+                 cupy.asarray(h), cupy.asarray(w), cupy.asarray(base) if add else np.uint64(0), y, np.int32(n),
+                 np.int32(k), np.int32(used)))
+    got = unpoisoned(y, T * n).reshape(T, n)
+    for t in range(T):
+        want = sum(float(w[t, j]) * (deq[ids[t * used + j]].astype(np.float64) @ h[t * used + j]) for j in range(used))
+        want = want + (base[t] if add else 0.0)
+        scale = sum(w[t, j] * (np.abs(deq[ids[t * used + j]]).astype(np.float64) @ np.abs(h[t * used + j]))
+                    for j in range(used)) + (np.abs(base[t]) if add else 0.0)
+        bad = ~(np.abs(got[t] - want) <= 2e-5 * scale + 1e-6)
+        assert not bad.any(), f"token {t}: {bad.sum()} of {n} outside the bound"
 
 
 # --- elementwise helpers ------------------------------------------------------------------------
@@ -240,12 +313,16 @@ def test_rms_norm(module, d):
     w = rng.standard_normal(d).astype(np.float32)
     x_gpu, w_gpu, y = cupy.asarray(x), cupy.asarray(w), poisoned(R * d)
     kernel = module.get_function("rms_norm_f32")
-    kernel((R,), (256,), (x_gpu, w_gpu, y, np.int32(d), np.float32(eps)))
+    kernel((R,), (256,), (x_gpu, np.int64(d), w_gpu, y, np.int32(d), np.float32(eps)))
     got = unpoisoned(y, R * d).reshape(R, d)
     x64 = x.astype(np.float64)
     want = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + eps) * w
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
-    kernel((R,), (256,), (x_gpu, w_gpu, x_gpu, np.int32(d), np.float32(eps)))  # in place
+    wide = cupy.asarray(np.concatenate([x, np.full((R, 40), np.nan, np.float32)], axis=1))  # rows at a stride
+    y2 = poisoned(R * d)
+    kernel((R,), (256,), (wide, np.int64(d + 40), w_gpu, y2, np.int32(d), np.float32(eps)))
+    np.testing.assert_array_equal(unpoisoned(y2, R * d).reshape(R, d), got)
+    kernel((R,), (256,), (x_gpu, np.int64(d), w_gpu, x_gpu, np.int32(d), np.float32(eps)))  # in place
     np.testing.assert_array_equal(x_gpu.get(), got)
 
 

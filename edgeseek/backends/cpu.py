@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgeseek.errors import UnsupportedError
-from edgeseek.models.common import rms_norm, silu, softmax, swiglu
+from edgeseek.models.common import ffn, rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import moe, route
 from edgeseek.quantize import QMatrix, get_format
 from edgeseek.quantize.simd import add_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
@@ -327,6 +327,9 @@ class CPUBackend:
         _rms_norm(x, np.ascontiguousarray(weight), np.float32(eps), out)
         return out
     swiglu = staticmethod(swiglu)
+
+    def ffn(self, x, gate, up, down):
+        return ffn(x, gate, up, down, swiglu)
 
     def rope(self, rope, x, positions):
         # one numba call instead of numpy's slices and temporaries (a small model's step makes two a layer)

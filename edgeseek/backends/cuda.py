@@ -19,6 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from edgeseek.errors import EdgeseekError, UnsupportedError
+from edgeseek.models.common import ffn
 from edgeseek.models.moe import route
 from edgeseek.placement import PREFILL_TILE
 
@@ -27,6 +28,7 @@ SUFFIX = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q4_0: "q4_0", Q.Q4_1: "q
 MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through dequantized tiles + cuBLAS
 WARPS = 4  # output rows per block of the decode products (128 threads)
 MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
+EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
 
 
 CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 0, 68, -1
@@ -100,11 +102,28 @@ class Kernels:
                                           (w, np.int64(row_bytes), x, y, np.int32(n), np.int32(k), np.int32(t)))
 
     def mmv_ids(self, qtype, w, row_bytes: int, expert_bytes: int, ids, x, x_div: int, y, n: int, k: int,
-                p: int) -> None:
+                p: int, x_stride: int | None = None) -> None:
+        """x_stride: floats from one activation row to the next (default k: packed rows)."""
         self._fn(f"mmv_ids_{SUFFIX[qtype]}")(
             (_launch_grid(n, WARPS), p), (32 * WARPS,),
-            (w, np.int64(row_bytes), np.int64(expert_bytes), ids, x, np.int32(x_div), y, np.int32(n), np.int32(k),
-             np.int32(p)))
+            (w, np.int64(row_bytes), np.int64(expert_bytes), ids, x, np.int32(x_div),
+             np.int64(k if x_stride is None else x_stride), y, np.int32(n), np.int32(k), np.int32(p)))
+
+    def glu_ids(self, qtype, wg, wu, row_bytes: int, expert_bytes: int, ids, x, x_div: int, h, n: int, k: int,
+                p: int) -> None:
+        """h (P, N) = silu(wg[ids[p]] @ x[p // x_div]) * (wu[ids[p]] @ x[p // x_div]), one launch."""
+        self._fn(f"mmv_glu_ids_{SUFFIX[qtype]}")(
+            (_launch_grid(n, WARPS), p), (32 * WARPS,),
+            (wg, wu, np.int64(row_bytes), np.int64(expert_bytes), ids, x, np.int32(x_div), h, np.int32(n),
+             np.int32(k), np.int32(p)))
+
+    def down_ids(self, qtype, w, row_bytes: int, expert_bytes: int, ids, h, weights, add, y, n: int, k: int,
+                 t: int, used: int) -> None:
+        """y (T, N) = add + sum over each token's `used` pairs of weights[p] * w[ids[p]] @ h[p]."""
+        self._fn(f"mmv_down_ids_{SUFFIX[qtype]}")(
+            (_launch_grid(n, WARPS), t), (32 * WARPS,),
+            (w, np.int64(row_bytes), np.int64(expert_bytes), ids, h, weights,
+             add if add is not None else np.uint64(0), y, np.int32(n), np.int32(k), np.int32(used)))
 
     def dequant(self, qtype, w, row_bytes: int, rows, n_rows: int, k: int, out) -> None:
         """out (n_rows, k) float32 or float16 <- rows `rows` (int32 on the device, or None: 0..n_rows-1)."""
@@ -167,10 +186,10 @@ class Kernels:
         return out
 
     def rms_norm(self, x, w, eps: float):
-        """x (R, D) contiguous float32 -> x / rms(x) * w."""
-        d = x.shape[-1]
-        y = self.cp.empty_like(x)
-        self._fn("rms_norm_f32")((x.size // d,), (256,), (x, w, y, np.int32(d), np.float32(eps)))
+        """x (R, D) float32, rows of unit stride (packed or not) -> x / rms(x) * w, packed."""
+        r, d = x.shape
+        y = self.cp.empty((r, d), np.float32)
+        self._fn("rms_norm_f32")((r,), (256,), (x, np.int64(x.strides[0] // 4), w, y, np.int32(d), np.float32(eps)))
         return y
 
     def rope(self, x, y, positions, cos, sin, dim: int, neox: bool) -> None:
@@ -232,6 +251,21 @@ class DeviceEmbedding:
         if len(ids):
             self.b.kernels.dequant(self.qtype, self.raw, self.raw.shape[-1], ids, len(ids), self.shape[1], out)
         return out
+
+
+def _address(a) -> int:
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data  # CuPy, or numpy (the tests' emulation)
+
+
+def _rows_of(xp, x):
+    """x (T, H, K) float32 as the products' activation rows: (array, floats from one row to the
+    next), read in place where the rows sit at one 16-byte-aligned stride (q's first values of each
+    head, inside the (T, H, N + R) projection), else packed."""
+    t, h, k = x.shape
+    s0, s1, s2 = (v // 4 for v in x.strides)
+    if x.dtype == np.float32 and s2 == 1 and (t == 1 or s0 == h * s1) and s1 % 4 == 0 and _address(x) % 16 == 0:
+        return x, s1
+    return xp.ascontiguousarray(x.reshape(t * h, k)), k
 
 
 def _format_check(gguf, t):
@@ -298,8 +332,7 @@ class CUDABackend:
             if t > MMV_MAX_TOKENS:
                 w = w.dense()
             else:
-                y = w.ids(self._arange(h, t), xp.ascontiguousarray(x.reshape(t * h, k)))  # (T*H, R)
-                return y.reshape(t, h, -1)
+                return w.ids(self._arange(h, t), *_rows_of(xp, x)).reshape(t, h, -1)  # (T, H, R)
         if t > MMV_MAX_TOKENS:
             return xp.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)  # (T, H, R)
         # a float32 stack (the legacy attn_kv_b split) as F32 blocks, through the same one-launch product
@@ -336,18 +369,15 @@ class CUDABackend:
         logits = self._router_logits(x, router_weight)
         if T <= MMV_MAX_TOKENS and store.all_on_device(layer):
             n = router.n_used
-            ids = xp.empty((T, n), np.int32)
+            # a captured step routes straight into the step's buffer, read after each replay
+            ids = self._step.routed(layer) if self._step is not None and T == 1 else xp.empty((T, n), np.int32)
             w = xp.empty((T, n), np.float32)
             k.route(logits, bias, router, ids, w)
-            if self._step is not None:
-                self._step.routed(layer, ids)  # counted after each replay
-            else:
+            if self._step is None:
                 store.count(layer, self.host(ids))
             gate, up, down = store.device(layer)
             flat = ids.reshape(-1)
-            g, u = gate.ids(flat, x, x_div=n), up.ids(flat, x, x_div=n)
-            y = down.ids(flat, k.silu_mul(g, u))  # (T*n, D)
-            return (y.reshape(T, n, -1) * w[:, :, None]).sum(axis=1)
+            return down.down(flat, gate.glu(up, flat, x, x_div=n), w)  # (T, D)
         host_x = self.host(x)
         ids, weights = route(self.host(logits), router, None if bias is None else self.host(bias))  # (T, k)
         store.count(layer, ids)
@@ -361,8 +391,7 @@ class CUDABackend:
                 p = len(tok)
                 s = xp.asarray(slot[tok, which].astype(np.int32))
                 xg = xp.ascontiguousarray(x[xp.asarray(tok)])  # (p, D): each pair's token
-                g, u = gate.ids(s, xg), up.ids(s, xg)
-                y = down.ids(s, k.silu_mul(g, u))  # (p, D)
+                y = down.ids(s, gate.glu(up, s, xg))  # (p, D)
                 mix = np.zeros((T, p), np.float32)
                 mix[tok, np.arange(p)] = weights[tok, which]
                 out += xp.asarray(mix) @ y
@@ -374,33 +403,37 @@ class CUDABackend:
 
     def _prompt_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
         """A prompt's routed experts in VRAM: the experts' tokens gathered into a padded (experts,
-        most tokens, D) batch, their weights dequantized to float16 a group of experts at a time,
-        one strided-batched cuBLAS product per projection and group; then each (token, expert)
-        row weighted and added to its token."""
+        most tokens, D) batch, their weights dequantized to float16 as many experts at a time as
+        EXPERT_TILE values allow (a V2-Lite layer's 64 experts in three groups), one
+        strided-batched cuBLAS product per projection and group; then each (token, expert) row
+        weighted and added to its token. The bookkeeping is vectorized and crosses to the device
+        once per group."""
         xp, k = self.xp, self.kernels
         gate, up, down = projections
         F, D = gate.shape
         tok, which = np.nonzero(on_gpu)
         e_of = slot[tok, which]
         order = np.argsort(e_of, kind="stable")
-        tok, which, e_of = tok[order], which[order], e_of[order]
+        tok, which, e_of = tok[order], which[order], e_of[order]  # pairs grouped by expert
         experts, start, count = np.unique(e_of, return_index=True, return_counts=True)
-        per_group = max(1, PREFILL_TILE // (F * D))
+        j_of = np.repeat(np.arange(len(experts)), count)  # each pair's expert, as an index into experts
+        rank = np.arange(len(tok)) - start[j_of]  # each pair's place among its expert's tokens
+        w_of = weights[tok, which].astype(np.float32)
+        per_group = max(1, EXPERT_TILE // (F * D))
         for g0 in range(0, len(experts), per_group):
-            g = slice(g0, g0 + per_group)
-            ex, st, ct = experts[g], start[g], count[g]
+            ex, ct = experts[g0:g0 + per_group], count[g0:g0 + per_group]
             n, tmax = len(ex), int(ct.max())
-            idx = np.zeros((n, tmax), np.int64)  # padding rows repeat token 0 and are dropped below
-            for j in range(n):
-                idx[j, :ct[j]] = tok[st[j]:st[j] + ct[j]]
-            xg = x[xp.asarray(idx.reshape(-1))].reshape(n, tmax, D)
+            m = slice(start[g0], start[g0] + int(ct.sum()))  # this group's pairs
+            row = (j_of[m] - g0) * tmax + rank[m]  # each pair's row in the padded batch
+            idx = np.zeros(n * tmax, np.int64)  # padding rows repeat token 0; their outputs are never read
+            idx[row] = tok[m]
+            host = np.concatenate([idx, row, tok[m]]).astype(np.int64)
+            dev = xp.asarray(host)
+            d_idx, d_row, d_tok = dev[:n * tmax], dev[n * tmax:n * tmax + len(row)], dev[n * tmax + len(row):]
+            xg = x[d_idx].reshape(n, tmax, D)
             h = k.silu_mul(self._batched(gate, ex, xg), self._batched(up, ex, xg))  # (n, tmax, F)
-            y = self._batched(down, ex, h)  # (n, tmax, D)
-            valid = (np.arange(tmax)[None, :] < ct[:, None]).reshape(-1)
-            rows = np.nonzero(valid)[0]
-            pair = np.concatenate([np.arange(st[j], st[j] + ct[j]) for j in range(n)])
-            w = xp.asarray(weights[tok[pair], which[pair]].astype(np.float32))
-            k.scatter_add(out, xp.asarray(tok[pair]), y.reshape(n * tmax, D)[xp.asarray(rows)] * w[:, None])
+            y = self._batched(down, ex, h).reshape(n * tmax, D)  # (n * tmax, D)
+            k.scatter_add(out, d_tok, y[d_row] * xp.asarray(w_of[m])[:, None])
 
     def _batched(self, proj, experts: np.ndarray, x):
         """x (n, T, K) through experts (n,) of one projection -> (n, T, N) float32: float16
@@ -428,7 +461,24 @@ class CUDABackend:
         return y
 
     def rms_norm(self, x, weight, eps: float):
-        return self.kernels.rms_norm(self.xp.ascontiguousarray(x, dtype=np.float32), weight, eps)
+        if not (x.ndim == 2 and x.dtype == np.float32 and x.strides[1] == 4 and x.strides[0] % 4 == 0):
+            x = self.xp.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+        return self.kernels.rms_norm(x, weight, eps)  # a row slice (MLA's latent) read in place
+
+    def ffn(self, x, gate, up, down):
+        """A dense or shared SwiGLU feed-forward; a few tokens through the fused gate-up kernel (the
+        matrices as stacks of one expert), a prompt through the cuBLAS tiles."""
+        if not (len(x) <= MMV_MAX_TOKENS and all(isinstance(m, DeviceMatrix) for m in (gate, up, down))):
+            return ffn(x, gate, up, down, self.swiglu)
+        zeros = self._arange(1, len(x))  # every row through expert 0: the matrix itself
+        n, kk = gate.shape
+        h = self.xp.empty((len(x), n), np.float32)
+        if gate.qtype == up.qtype:
+            self.kernels.glu_ids(gate.qtype, gate.raw, up.raw, gate.row_bytes, 0, zeros,
+                                 self.xp.ascontiguousarray(x, dtype=np.float32), 1, h, n, kk, len(x))
+        else:
+            h = self.swiglu(gate(x), up(x))
+        return down(h)
 
     def swiglu(self, g, u):
         return self.kernels.silu_mul(self.xp.ascontiguousarray(g), self.xp.ascontiguousarray(u))
@@ -529,13 +579,46 @@ class DeviceExperts:
     def __init__(self, backend, qtype, raw, shape: tuple[int, int], name: str):
         self.b, self.qtype, self.raw, self.shape, self.name = backend, qtype, raw, shape, name
 
-    def ids(self, slots, x, x_div: int = 1):
-        """Row p // x_div of x through expert slots[p] -> (P, N), one launch."""
+    @property
+    def expert_bytes(self) -> int:
+        return self.raw.shape[1] * self.raw.shape[2]
+
+    def ids(self, slots, x, x_stride: int | None = None, x_div: int = 1):
+        """Row p // x_div of x through expert slots[p] -> (P, N), one launch; x_stride: floats from
+        one row of x to the next (x then as the kernel reads it, else packed here)."""
         n, kk = self.shape
         p = len(slots)
         y = self.b.xp.empty((p, n), np.float32)
-        self.b.kernels.mmv_ids(self.qtype, self.raw, self.raw.shape[-1], self.raw.shape[1] * self.raw.shape[2],
-                               slots, self.b.xp.ascontiguousarray(x), x_div, y, n, kk, p)
+        if x_stride is None:
+            x = self.b.xp.ascontiguousarray(x)
+        self.b.kernels.mmv_ids(self.qtype, self.raw, self.raw.shape[-1], self.expert_bytes, slots, x, x_div, y, n,
+                               kk, p, x_stride)
+        return y
+
+    def glu(self, up, slots, x, x_div: int = 1):
+        """silu(self @ x) * (up @ x) for row p // x_div of x through expert slots[p] -> (P, N): gate
+        (self) and up in one launch where they share a format, else two and silu_mul."""
+        b = self.b
+        x = b.xp.ascontiguousarray(x)
+        n, kk = self.shape
+        p = len(slots)
+        if up.qtype != self.qtype or up.raw.shape != self.raw.shape:
+            return b.kernels.silu_mul(self.ids(slots, x, x_div=x_div), up.ids(slots, x, x_div=x_div))
+        h = b.xp.empty((p, n), np.float32)
+        b.kernels.glu_ids(self.qtype, self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, x, x_div, h, n,
+                          kk, p)
+        return h
+
+    def down(self, slots, h, weights, add=None):
+        """Each token's pairs (T * used rows of h, slots, weights (T, used)) through this projection,
+        weighted and summed per token (+ add) -> (T, N), one launch."""
+        b = self.b
+        t, used = weights.shape
+        n, kk = self.shape
+        y = b.xp.empty((t, n), np.float32)
+        b.kernels.down_ids(self.qtype, self.raw, self.raw.shape[-1], self.expert_bytes, slots,
+                           b.xp.ascontiguousarray(h), b.xp.ascontiguousarray(weights, dtype=np.float32), add, y, n,
+                           kk, t, used)
         return y
 
     def dense(self):
@@ -661,8 +744,8 @@ class _DecodeGraph:
         import cupy
         self.b, self.model, self.cache = backend, model, cache
         xp = backend.xp
-        self.tok = xp.zeros(1, np.int32)
-        self.pos = xp.zeros(1, np.int32)
+        self.inputs = xp.zeros(2, np.int32)  # token and position: one copy to the device per step
+        self.tok, self.pos = self.inputs[0:1], self.inputs[1:2]
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
         c = model.config
@@ -671,11 +754,11 @@ class _DecodeGraph:
         self.graph = None
         self.logits = None
 
-    def routed(self, layer: int, ids) -> None:
-        """A layer's expert ids (1, k) on the device: copied into the step's buffer, read after each replay."""
-        self.ids[layer] = ids[0]
+    def routed(self, layer: int):
+        """The step's buffer (1, k) for a layer's expert ids, read after each replay."""
         if self.graph is None:
             self.moe_layers.append(layer)
+        return self.ids[layer:layer + 1]
 
     def _record(self, pos: int):
         """Run the step eagerly (warm-up), then under capture, with the input buffers as written."""
@@ -695,8 +778,7 @@ class _DecodeGraph:
             self.b._step = None
 
     def run(self, token: int, pos: int) -> np.ndarray:
-        self.tok.set(np.array([token], np.int32), stream=self.stream)
-        self.pos.set(np.array([pos], np.int32), stream=self.stream)
+        self.inputs.set(np.array([token, pos], np.int32), stream=self.stream)
         if self.graph is None:
             self._record(pos)
         self.graph.launch(self.stream)

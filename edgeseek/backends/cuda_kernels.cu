@@ -18,19 +18,30 @@
 //     block (128, 1, 1), grid ((N + 3) / 4, 1, 1): one warp per row of W. Static shared memory
 //     (36 KiB: the block's activations, a chunk of 1024 values per token), none to pass at launch.
 // mmv_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* x,
-//             int x_div, float* y, int N, int K, int P)
+//             int x_div, ll x_stride, float* y, int N, int K, int P)
 //     W (E, N, K) stacked experts, expert_bytes = N * row_bytes; for pair p < P:
 //     y[p] (N,) = W[ids[p]] (N, K) @ x[p / x_div] (K,)   (x_div = n_used for gate/up, 1 for down)
+//     where activation row r starts at x + r * x_stride (a multiple of 4: K for packed rows).
 //     block (128, 1, 1), grid ((N + 3) / 4, P, 1), P <= 65535. Static shared memory (4.5 KiB).
+// mmv_glu_ids_<t>(const uchar* Wg, const uchar* Wu, ll row_bytes, ll expert_bytes, const int* ids,
+//                 const float* x, int x_div, float* h, int N, int K, int P)
+//     h[p] (N,) = silu(Wg[ids[p]] @ x[p / x_div]) * (Wu[ids[p]] @ x[p / x_div]): gate, up and
+//     silu_mul in one launch (gate and up of one format and shape). Grid as mmv_ids. A plain
+//     matrix is a stack of one: ids all 0, expert_bytes 0, x_div 1.
+// mmv_down_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* h,
+//                  const float* w, const float* add, float* y, int N, int K, int k)
+//     y[t] (N,) = add[t] + sum_{j < k} w[t k + j] * W[ids[t k + j]] @ h[t k + j]: a token's k routed
+//     experts' down projections weighted and summed (add = NULL: none). Grid ((N + 3) / 4, T, 1).
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
 // dequant_<t>_f16(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, ushort* out)
 //     out (n_rows, K) = row (rows ? rows[r] : r) of W, dequantized (fp16: rounded to nearest even;
 //     a cupy float16 array passes as ushort*).
 //     One thread per 32-value unit: block (256, 1, 1), grid (ceil(n_rows * (K / 32) / 256), 1, 1)
 //     (any block size works; threads past n_rows * K / 32 return). rows = NULL: numpy.uint64(0).
-// rms_norm_f32(const float* x, const float* w, float* y, int D, float eps)
-//     y (R, D) = x / sqrt(mean(x^2) + eps) * w for each row, as llama.cpp (x * scale, then * w).
-//     block (256, 1, 1), grid (R, 1, 1): one block per row. y may be x.
+// rms_norm_f32(const float* x, ll x_stride, const float* w, float* y, int D, float eps)
+//     y (R, D) = x / sqrt(mean(x^2) + eps) * w for each row, as llama.cpp (x * scale, then * w);
+//     row r of x starts at x + r * x_stride (D for packed rows). block (256, 1, 1), grid (R, 1, 1):
+//     one block per row. y may be x (with x_stride D).
 // silu_mul_f32(const float* g, const float* u, float* h, ll n)
 //     h = g / (1 + exp(-g)) * u over n values. block (256, 1, 1), grid (ceil(n / 256), 1, 1) or
 //     fewer blocks (the kernel strides over the grid). h may be g or u.
@@ -334,15 +345,14 @@ __device__ __forceinline__ float dot16(const float (&w)[16], const float* __rest
 #define XS_STRIDE 36                // floats per unit: 32 values and 4 of padding
 #define XS_TOKEN (32 * XS_STRIDE)   // floats per token and chunk
 
-// One warp: y[t * y_stride] = row . x[t * K:][:K] for t < T <= MAX_T. Lane l decodes units l,
-// l + 32, ... once and multiplies each by the T activation rows. Every warp of the block calls it
-// (the chunks are loaded together); those with active = false (rows past N) only load.
+// One warp: acc[t] = its lanes' share of row . x[t * K:][:K] for t < T <= MAX_T. Lane l decodes
+// units l, l + 32, ... once and multiplies each by the T activation rows. Every warp of the block
+// calls it (the chunks are loaded together); those with active = false (rows past N) only load.
 template <class Q, int MAX_T>
-__device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active, const float* __restrict__ x,
-                                         float* xs, float* __restrict__ y, ll y_stride, int K, int T) {
+__device__ __forceinline__ void mmv_acc(const u8* __restrict__ row, bool active, const float* __restrict__ x,
+                                        float* xs, int K, int T, float (&acc)[MAX_T]) {
     const int lane = threadIdx.x & (WARP_SIZE - 1);
     const int units = K >> 5;
-    float acc[MAX_T];
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) acc[t] = 0.0f;
 #pragma unroll 1  // one unit in flight per lane: more would pass the 64 registers
@@ -367,6 +377,15 @@ __device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active
             }
         }
     }
+}
+
+// One warp: y[t * y_stride] = row . x[t * K:][:K] for t < T <= MAX_T (lane 0 writes).
+template <class Q, int MAX_T>
+__device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active, const float* __restrict__ x,
+                                         float* xs, float* __restrict__ y, ll y_stride, int K, int T) {
+    const int lane = threadIdx.x & (WARP_SIZE - 1);
+    float acc[MAX_T];
+    mmv_acc<Q, MAX_T>(row, active, x, xs, K, T, acc);
     if (!active) return;  // whole warps
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) {
@@ -375,6 +394,15 @@ __device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active
             if (lane == 0) y[t * y_stride] = s;
         }
     }
+}
+
+// One warp: row . x (K,) in every lane; the same sum, bit for bit, as mmv_warp writes for T = 1.
+template <class Q>
+__device__ __forceinline__ float row_dot(const u8* __restrict__ row, bool active, const float* __restrict__ x,
+                                         float* xs, int K) {
+    float acc[1];
+    mmv_acc<Q, 1>(row, active, x, xs, K, 1, acc);
+    return warp_sum(acc[0]);
 }
 
 template <class Q>
@@ -394,14 +422,54 @@ __device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, cons
 template <class Q>
 __device__ __forceinline__ void mmv_ids(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
                                         const int* __restrict__ ids, const float* __restrict__ x, int x_div,
-                                        float* __restrict__ y, int N, int K, int P) {
+                                        ll x_stride, float* __restrict__ y, int N, int K, int P) {
     __shared__ float xs[XS_TOKEN];
     const int p = blockIdx.y;
     if (p >= P) return;  // the whole block
     const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
     const ll e = ids[p];
-    mmv_warp<Q, 1>(W + e * expert_bytes + min(n, N - 1) * row_bytes, n < N, x + (ll)(p / x_div) * K, xs,
+    mmv_warp<Q, 1>(W + e * expert_bytes + min(n, N - 1) * row_bytes, n < N, x + (ll)(p / x_div) * x_stride, xs,
                    y + (ll)p * N + n, N, K, 1);
+}
+
+// silu(gate . x) * (up . x) for row n of expert ids[p], gate and up of one format and shape: the
+// same two sums as two mmv_ids launches and the same float32 silu_mul, in one launch.
+template <class Q>
+__device__ __forceinline__ void mmv_glu_ids(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,
+                                            ll expert_bytes, const int* __restrict__ ids,
+                                            const float* __restrict__ x, int x_div, float* __restrict__ h, int N,
+                                            int K, int P) {
+    __shared__ float xs[XS_TOKEN];
+    const int p = blockIdx.y;
+    if (p >= P) return;
+    const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
+    const bool active = n < N;
+    const ll off = (ll)ids[p] * expert_bytes + (ll)min(n, N - 1) * row_bytes;
+    const float* xp = x + (ll)(p / x_div) * K;
+    const float g = row_dot<Q>(Wg + off, active, xp, xs, K);
+    const float u = row_dot<Q>(Wu + off, active, xp, xs, K);
+    if (active && (threadIdx.x & (WARP_SIZE - 1)) == 0) h[(ll)p * N + n] = g / (1.0f + expf(-g)) * u;
+}
+
+// A token's routed experts' down projections, weighted and summed: row n of token t is
+// add[t, n] + sum over j < k, in order, of w[t k + j] * (W[ids[t k + j]] row n . h[t k + j]).
+template <class Q>
+__device__ __forceinline__ void mmv_down_ids(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
+                                             const int* __restrict__ ids, const float* __restrict__ h,
+                                             const float* __restrict__ w, const float* __restrict__ add,
+                                             float* __restrict__ y, int N, int K, int k) {
+    __shared__ float xs[XS_TOKEN];
+    const int t = blockIdx.y;
+    const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
+    const bool active = n < N;
+    float s = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        const int p = t * k + j;
+        const float d = row_dot<Q>(W + (ll)ids[p] * expert_bytes + (ll)min(n, N - 1) * row_bytes, active,
+                                   h + (ll)p * K, xs, K);
+        s += w[p] * d;
+    }
+    if (active && (threadIdx.x & (WARP_SIZE - 1)) == 0) y[(ll)t * N + n] = (add ? add[(ll)t * N + n] : 0.0f) + s;
 }
 
 // --- dequantize rows ----------------------------------------------------------------------------
@@ -449,9 +517,22 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ W, ll row_bytes, 
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(128, 8)                                                \
         mmv_ids_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                        \
-                       const int* __restrict__ ids, const float* __restrict__ x, int x_div,            \
+                       const int* __restrict__ ids, const float* __restrict__ x, int x_div, ll x_stride, \
                        float* __restrict__ y, int N, int K, int P) {                                   \
-        mmv_ids<Q>(W, row_bytes, expert_bytes, ids, x, x_div, y, N, K, P);                              \
+        mmv_ids<Q>(W, row_bytes, expert_bytes, ids, x, x_div, x_stride, y, N, K, P);                    \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 8)                                                \
+        mmv_glu_ids_##name(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,         \
+                           ll expert_bytes, const int* __restrict__ ids, const float* __restrict__ x,  \
+                           int x_div, float* __restrict__ h, int N, int K, int P) {                    \
+        mmv_glu_ids<Q>(Wg, Wu, row_bytes, expert_bytes, ids, x, x_div, h, N, K, P);                     \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 8)                                                \
+        mmv_down_ids_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                   \
+                            const int* __restrict__ ids, const float* __restrict__ h,                  \
+                            const float* __restrict__ w, const float* __restrict__ add,                \
+                            float* __restrict__ y, int N, int K, int k) {                              \
+        mmv_down_ids<Q>(W, row_bytes, expert_bytes, ids, h, w, add, y, N, K, k);                        \
     }                                                                                                   \
     extern "C" __global__ void dequant_##name##_f32(const u8* __restrict__ W, ll row_bytes,             \
                                                     const int* __restrict__ rows, int n_rows, int K,    \
@@ -480,11 +561,10 @@ FORMAT_KERNELS(q6_k, Q6_K)
 
 // llama.cpp rms_norm_f32 (ggml-cuda/norm.cu): sum of squares in float, scale = 1 / sqrt(mean + eps)
 extern "C" __global__ void __launch_bounds__(256)
-    rms_norm_f32(const float* x, const float* w, float* y, int D, float eps) {
+    rms_norm_f32(const float* x, ll x_stride, const float* w, float* y, int D, float eps) {
     __shared__ float partial[32];
-    const ll off = (ll)blockIdx.x * D;
-    x += off;
-    y += off;
+    x += (ll)blockIdx.x * x_stride;
+    y += (ll)blockIdx.x * D;
     float s = 0.0f;
     for (int i = threadIdx.x; i < D; i += blockDim.x) s += x[i] * x[i];
     s = warp_sum(s);
