@@ -88,11 +88,12 @@ class Backend(Protocol):
     def host(self, x):
         """An activation (logits) as a numpy array in host memory."""
 
-    def kv_decode(self, q, k_cache, v_cache, n: int, scale: float):
-        """One new token's attention read from the float16 caches: q (G, H, d) (H query heads per kv
-        head), k_cache, v_cache (G, n_ctx, d) of one layer, the first n positions -> (G, H, d); None
-        where the backend has no such kernel (the caller converts the cache and uses
-        causal_attention)."""
+    def kv_decode(self, q, k_new, v_new, k_cache, v_cache, pos, scale: float):
+        """One new token of grouped-query attention: store k_new, v_new (G, d) at position pos (host
+        ints (1,), or the backend's positions) in one layer's float16 caches k_cache, v_cache
+        (G, n_ctx, d), then q (G, H, d) (H query heads per kv head) attends positions 0..pos ->
+        (G, H, d); None, having stored nothing, where the backend has no such kernel (the caller
+        stores, converts the cache and uses causal_attention)."""
 
     def causal_attention(self, q, k, v, start: int, scale: float):
         """q (G, H, T, d) against k (G, S, d), v (G, S, dv), the T queries at positions

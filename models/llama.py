@@ -91,6 +91,7 @@ class Layer:
 
 
 class LlamaModel(DecoderModel):
+    graph_safe = True  # a decode step reads its position from the backend's arrays only (capturable)
     def __init__(self, g, backend, n_ctx: int = 4096):
         b = self.backend = backend
         self.config = c = LlamaConfig.from_gguf(g)
@@ -120,25 +121,27 @@ class LlamaModel(DecoderModel):
             q, k, v = q + L.attn_q_b, k + L.attn_k_b, v + L.attn_v_b
         return self.rope(q.reshape(T, H, d), pos), self.rope(k.reshape(T, Hkv, d), pos), v.reshape(T, Hkv, d)
 
-    def _attend(self, q, k, v, cache: KVCache, i: int, pos: np.ndarray) -> np.ndarray:
-        """One sequence's new tokens: store their keys and values, attend over the cache -> (T, H*d)."""
+    def _attend(self, q, k, v, cache: KVCache, i: int, pos: np.ndarray, pos_x=None) -> np.ndarray:
+        """One sequence's new tokens: store their keys and values, attend over the cache -> (T, H*d).
+        pos_x: the backend's copy of the positions (a captured decode step reads them there)."""
         c = self.config
         T, H, Hkv, d = len(pos), c.n_head, c.n_head_kv, c.head_dim
+        qg = q.reshape(T, Hkv, H // Hkv, d).transpose(1, 2, 0, 3)  # (Hkv, H/Hkv, T, d)
+        if T == 1:  # decode: the backend stores the entry and attends straight from the float16 cache
+            o = self.backend.kv_decode(qg[:, :, 0], k[0], v[0], cache.k[i], cache.v[i],
+                                       pos if pos_x is None else pos_x, 1.0 / np.sqrt(d))
+            if o is not None:
+                return o.reshape(1, H * d)
         s0, s1 = pos[0], pos[-1] + 1
         cache.k[i, :, s0:s1] = k.transpose(1, 0, 2)  # (Hkv, T, d)
         cache.v[i, :, s0:s1] = v.transpose(1, 0, 2)
-        qg = q.reshape(T, Hkv, H // Hkv, d).transpose(1, 2, 0, 3)  # (Hkv, H/Hkv, T, d)
-        if T == 1:  # decode: straight from the float16 cache where the backend can
-            o = self.backend.kv_decode(qg[:, :, 0], cache.k[i], cache.v[i], s1, 1.0 / np.sqrt(d))
-            if o is not None:
-                return o.reshape(1, H * d)
         k_all = cache.k[i, :, :s1].astype(np.float32)  # (Hkv, S, d)
         v_all = cache.v[i, :, :s1].astype(np.float32)
         o = self.backend.causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))
         return o.transpose(2, 0, 1, 3).reshape(T, H * d)
 
     def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
-        return L.attn_output(self._attend(*self._project(L, h, pos_x), cache, i, pos))
+        return L.attn_output(self._attend(*self._project(L, h, pos_x), cache, i, pos, pos_x))
 
     def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
         """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]."""

@@ -76,6 +76,16 @@ class NumpyKernels:
     def store_row(self, src, dst, pos):
         dst[pos[0]] = src.reshape(-1).astype(np.float16)
 
+    def store_kv(self, k, v, k_cache, v_cache, pos):
+        k_cache[:, pos[0]], v_cache[:, pos[0]] = k, v
+
+    def gqa_decode(self, q, k_cache, v_cache, pos, group, scale):
+        s = int(pos[0]) + 1
+        kv = np.arange(len(q)) // group  # each query head's kv head
+        k, v = k_cache[kv, :s].astype(np.float32), v_cache[kv, :s].astype(np.float32)  # (H, S, d)
+        p = softmax(np.einsum("hd,hsd->hs", q, k) * scale)
+        return np.einsum("hs,hsd->hd", p, v).astype(np.float32)
+
     def mla_decode(self, q_lat, q_pe, cache_c, cache_kpe, pos, scale):
         s = int(pos[0]) + 1
         c, kpe = cache_c[:s].astype(np.float32), cache_kpe[:s].astype(np.float32)

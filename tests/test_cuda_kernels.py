@@ -337,3 +337,32 @@ def test_silu_mul(module, blocks):
     module.get_function("silu_mul_f32")((grid,), (256,), (cupy.asarray(g), cupy.asarray(u), h, np.int64(n)))
     g64 = g.astype(np.float64)
     np.testing.assert_allclose(unpoisoned(h, n), g64 / (1 + np.exp(-g64)) * u, rtol=1e-5, atol=1e-30)
+
+
+# --- grouped-query decode attention (cuda_decode.cu) --------------------------------------------
+
+@pytest.mark.parametrize("d,n", [(64, 1), (64, 700), (128, 37), (96, 300)])
+def test_gqa_decode_stores_and_attends(d, n):
+    """The new entry written at the device position, then each query head against its kv head's
+    positions 0..pos, split over positions and merged: against float64 softmax attention."""
+    from edgeseek.backends.cuda import Kernels
+    k = Kernels()
+    G, group, s_max = 3, 3, 1024
+    rng = np.random.default_rng(d + n)
+    kc = rng.standard_normal((G, s_max, d)).astype(np.float16)
+    vc = rng.standard_normal((G, s_max, d)).astype(np.float16)
+    k_new = rng.standard_normal((G, d)).astype(np.float32)
+    v_new = rng.standard_normal((G, d)).astype(np.float32)
+    q = rng.standard_normal((G * group, d)).astype(np.float32)
+    kc_d, vc_d, pos = cupy.asarray(kc), cupy.asarray(vc), cupy.asarray(np.array([n - 1], np.int32))
+    k.store_kv(cupy.asarray(k_new), cupy.asarray(v_new), kc_d, vc_d, pos)
+    got = k.gqa_decode(cupy.asarray(q), kc_d, vc_d, pos, group, 0.125).get()
+    kc[:, n - 1], vc[:, n - 1] = k_new, v_new
+    assert_bits_equal(kc_d.get(), kc)
+    assert_bits_equal(vc_d.get(), vc)
+    kv = np.arange(G * group) // group
+    kk, vv = kc[kv, :n].astype(np.float64), vc[kv, :n].astype(np.float64)
+    s = np.einsum("hd,hsd->hs", q.astype(np.float64), kk) * 0.125
+    p = np.exp(s - s.max(1, keepdims=True))
+    want = np.einsum("hs,hsd->hd", p / p.sum(1, keepdims=True), vv)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -164,13 +164,14 @@ def test_gqa_decode_from_the_float16_cache_equals_numpy():
     k = rng.standard_normal((G, n_ctx, d)).astype(np.float16)
     v = rng.standard_normal((G, n_ctx, d)).astype(np.float16)
     q = rng.standard_normal((G, H, d)).astype(np.float32)
-    got = b.kv_decode(q, k, v, n, 0.125)
+    got = b.kv_decode(q, k[:, n - 1], v[:, n - 1], k, v, np.array([n - 1]), 0.125)  # stores what is there
     want = b.causal_attention(q[:, :, None], k[:, :n].astype(np.float32), v[:, :n].astype(np.float32), n - 1, 0.125)
     np.testing.assert_allclose(got, want[:, :, 0], rtol=1e-4, atol=1e-5)
     short = 40  # one core
     want = b.causal_attention(q[:, :, None], k[:, :short].astype(np.float32), v[:, :short].astype(np.float32),
                               short - 1, 0.125)
-    np.testing.assert_allclose(b.kv_decode(q, k, v, short, 0.125), want[:, :, 0], rtol=1e-4, atol=1e-5)
+    got = b.kv_decode(q, k[:, short - 1], v[:, short - 1], k, v, np.array([short - 1]), 0.125)
+    np.testing.assert_allclose(got, want[:, :, 0], rtol=1e-4, atol=1e-5)
 
 
 def test_latent_decode_on_one_core_equals_both_cores(monkeypatch):

@@ -185,6 +185,25 @@ class Kernels:
         self._fn("mla_combine")((h,), (256,), (part, out, np.int32(c)))
         return out
 
+    def store_kv(self, k, v, k_cache, v_cache, pos) -> None:
+        g, d = k.shape
+        self._fn("store_kv_f16")((_launch_grid(g * d, 256),), (256,), (k, v, k_cache, v_cache,
+                                                                        np.int64(k_cache.strides[0] // 2), pos,
+                                                                        np.int32(g), np.int32(d)))
+
+    def gqa_decode(self, q, k_cache, v_cache, pos, group: int, scale: float):
+        """q (H, d) against positions 0..pos[0] of the caches (G, s_max, d) -> (H, d)."""
+        h, d = q.shape
+        s_max = k_cache.shape[1]
+        scores = self.cp.empty((h, s_max), np.float32)
+        part = self.cp.empty((h, MLA_SPLITS, d + 2), np.float32)
+        out = self.cp.empty((h, d), np.float32)
+        self._fn("gqa_decode")((h, MLA_SPLITS), (256,), (q, k_cache, v_cache, np.int64(k_cache.strides[0] // 2), pos,
+                                                          np.int32(group), scores, part, np.int32(d), np.int32(s_max),
+                                                          np.float32(scale)))
+        self._fn("mla_combine")((h,), (256,), (part, out, np.int32(d)))
+        return out
+
     def rms_norm(self, x, w, eps: float):
         """x (R, D) float32, rows of unit stride (packed or not) -> x / rms(x) * w, packed."""
         r, d = x.shape
@@ -524,7 +543,8 @@ class CUDABackend:
         host: a DeepSeek model with every routed expert in VRAM."""
         if not self.graphs or not getattr(model, "graph_safe", False):
             return None
-        if model.experts is not None and not all(model.experts.all_on_device(i) for i in model.experts.layers()):
+        experts = getattr(model, "experts", None)
+        if experts is not None and not all(experts.all_on_device(i) for i in experts.layers()):
             return None
         self._check_ids(np.asarray(tokens))
         g = getattr(cache, "decode_graph", None)
@@ -535,8 +555,18 @@ class CUDABackend:
     def host(self, x) -> np.ndarray:
         return x if isinstance(x, np.ndarray) else x.get()
 
-    def kv_decode(self, q, k_cache, v_cache, n: int, scale: float):
-        return None
+    def kv_decode(self, q, k_new, v_new, k_cache, v_cache, pos, scale: float):
+        """Store and attend in two kernels that read the position from the device (capturable)."""
+        G, Hg, d = q.shape
+        if d > 256:
+            return None
+        xp, k = self.xp, self.kernels
+        if isinstance(pos, np.ndarray):
+            pos = xp.asarray(pos[:1].astype(np.int32))
+        k.store_kv(xp.ascontiguousarray(k_new, dtype=np.float32), xp.ascontiguousarray(v_new, dtype=np.float32),
+                   k_cache, v_cache, pos)
+        return k.gqa_decode(xp.ascontiguousarray(q.reshape(G * Hg, d), dtype=np.float32), k_cache, v_cache, pos, Hg,
+                            scale).reshape(G, Hg, d)
 
     def causal_attention(self, q, k, v, start: int, scale: float):
         from edgeseek.models.common import softmax
@@ -783,7 +813,7 @@ class _DecodeGraph:
             self._record(pos)
         self.graph.launch(self.stream)
         logits = self.logits.get(stream=self.stream)
-        store = self.model.experts
+        store = getattr(self.model, "experts", None)
         if store is not None and self.moe_layers:
             store.count_layers(self.moe_layers, self.ids.get(stream=self.stream)[self.moe_layers])
         return logits

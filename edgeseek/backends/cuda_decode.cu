@@ -19,7 +19,7 @@
 //     cache_kpe (s_max, R) fp16; q_lat (H, C), q_pe (H, R) float32; scores (H, s_max) scratch;
 //     then mla_combine: out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c. C a multiple of
 //     8 and C + R <= 1024. block (256, 1, 1), grid (H, MLA_SPLITS, 1); part (H, MLA_SPLITS, C + 2).
-//     (rope_f32 at the end of this file.)
+//     (store_kv_f16, gqa_decode and rope_f32 at the end of this file.)
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -242,6 +242,79 @@ mla_combine(const float* __restrict__ part, float* __restrict__ out, int C) {
 #pragma unroll
         for (int b = 0; b < MLA_SPLITS; ++b) acc += f[b] * p[b * (C + 2) + i];
         out[(ll)h * C + i] = acc / l;
+    }
+}
+
+// store_kv_f16(const float* k, const float* v, u16* k_cache, u16* v_cache, ll head_stride,
+//              const int* pos, int n_heads, int d)
+//     A grouped-query layer's new entry: k_cache[g * head_stride + pos[0] * d + i] = fp16(k[g * d + i])
+//     for g < n_heads, i < d, the same for v. block (256, 1, 1), grid (ceil(n_heads * d / 256), 1, 1).
+extern "C" __global__ void __launch_bounds__(256)
+store_kv_f16(const float* __restrict__ k, const float* __restrict__ v, u16* __restrict__ k_cache,
+             u16* __restrict__ v_cache, ll head_stride, const int* __restrict__ pos, int n_heads, int d) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (i >= n_heads * d) return;
+    const ll at = (ll)(i / d) * head_stride + (ll)pos[0] * d + i % d;
+    k_cache[at] = f2h(k[i]);
+    v_cache[at] = f2h(v[i]);
+}
+
+// gqa_decode(const float* q, const u16* k_cache, const u16* v_cache, ll head_stride, const int* pos,
+//            int group, float* scores, float* part, int d, int s_max, float scale)
+//     One new token of a grouped-query layer (llama, qwen2) against positions 0..pos[0] of its fp16
+//     caches (n_kv_heads, s_max, d) (head g at g * head_stride): q (H, d) float32, query head h reads
+//     kv head h / group. Split over positions as mla_decode, into part (H, MLA_SPLITS, d + 2), merged
+//     by mla_combine(part, out, d). d <= 256. block (256, 1, 1), grid (H, MLA_SPLITS, 1).
+extern "C" __global__ void __launch_bounds__(256)
+gqa_decode(const float* __restrict__ q, const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
+           ll head_stride, const int* __restrict__ pos, int group, float* __restrict__ scores,
+           float* __restrict__ part, int d, int s_max, float scale) {
+    __shared__ float red[8];
+    __shared__ float qs[256];
+    __shared__ float acc_s[256];
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const u16* kc = k_cache + (ll)(h / group) * head_stride;
+    const u16* vc = v_cache + (ll)(h / group) * head_stride;
+    const int S = pos[0] + 1;
+    const int chunk = (S + MLA_SPLITS - 1) / MLA_SPLITS;
+    const int s0 = b * chunk, s1 = min(S, s0 + chunk);
+    float* out = part + ((ll)h * MLA_SPLITS + b) * (d + 2);
+    for (int i = tid; i < d; i += 256) qs[i] = q[(ll)h * d + i];
+    __syncthreads();
+    float* sc = scores + (ll)h * s_max;
+    for (int s = s0 + warp; s < s1; s += 8) {  // a warp per cached position
+        const u16* kr = kc + (ll)s * d;
+        float acc = 0.0f;
+        for (int i = lane; i < d; i += 32) acc += qs[i] * h2f(kr[i]);
+        acc = warp_add(acc);
+        if (lane == 0) sc[s] = acc * scale;
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int s = s0 + tid; s < s1; s += 256) m = fmaxf(m, sc[s]);
+    m = block_max(m, red);
+    float sum = 0.0f;
+    for (int s = s0 + tid; s < s1; s += 256) {
+        const float e = expf(sc[s] - m);
+        sc[s] = e;
+        sum += e;
+    }
+    sum = block_add(sum, red);  // its barriers also publish sc[] to the whole block
+    // 256 / d groups of threads share the positions (a thread per channel in each), then add up
+    const int groups = 256 / d, grp = tid / d, i = tid - grp * d;
+    float a = 0.0f;
+    if (grp < groups)
+        for (int s = s0 + grp; s < s1; s += groups) a += sc[s] * h2f(vc[(ll)s * d + i]);
+    acc_s[tid] = a;
+    __syncthreads();
+    if (tid < d) {
+        float t = 0.0f;
+        for (int g = 0; g < groups; ++g) t += acc_s[g * d + tid];
+        out[tid] = t;
+    }
+    if (tid == 0) {
+        out[d] = m;  // -inf for an empty split
+        out[d + 1] = sum;
     }
 }
 
