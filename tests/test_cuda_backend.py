@@ -76,6 +76,17 @@ def test_experts_split_between_vram_and_the_cpu():
     assert s["expert_pairs_gpu"] > 0 and s["expert_pairs_cpu"] > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_query_decode_graph_equals_the_cpu_path(arch, tmp_path):
+    """llama / qwen2 decode steps captured and replayed as a CUDA graph (store and attention read the
+    position on the device) against the CPU path."""
+    from random_llama import random_llama
+    path = random_llama(tmp_path / f"{arch}.gguf", arch)
+    ref = _logits(edgeseek.load(path, device="cpu"), steps=6)
+    got = _logits(edgeseek.load(path, device="cuda"), steps=6)
+    assert np.abs(got - ref).max() <= 0.005 * (ref.max() - ref.min())
+
+
 SMOLLM2 = os.environ.get("EDGESEEK_SMOLLM2_F32")  # SmolLM2 dequantized from the PyPI Q4_1 file
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
            "List three prime numbers.", "Who wrote Hamlet?"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cuda_emulation import EmulatedCUDABackend
+from random_llama import random_llama
 from edgeseek.budget import parse_size
 from edgeseek.engine import load, resolve_device
 from edgeseek.errors import EdgeseekError
@@ -40,47 +41,11 @@ def test_emulated_gpu_path_equals_the_cpu_path_on_f32(name):
     assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
 
 
-def _random_llama(path: Path, arch: str = "llama") -> Path:
-    """A two-layer grouped-query model (4 query heads over 2 kv heads of 16 values) with random
-    float32 weights, qwen2's q/k/v biases where arch is qwen2."""
-    from gguf import GGUFWriter
-    D, F, V, H, Hkv, d = 64, 128, 48, 4, 2, 16
-    rng = np.random.default_rng(11)
-    w = GGUFWriter(path, arch)
-    for k, v in {"embedding_length": D, "block_count": 2, "feed_forward_length": F, "attention.head_count": H,
-                 "attention.head_count_kv": Hkv, "context_length": 128}.items():
-        w.add_uint32(f"{arch}.{k}", v)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list([f"t{i}" for i in range(V)])
-    w.add_token_merges([])
-    shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,), "output.weight": (V, D)}
-    for i in range(2):
-        shapes.update({f"blk.{i}.attn_norm.weight": (D,), f"blk.{i}.attn_q.weight": (H * d, D),
-                       f"blk.{i}.attn_k.weight": (Hkv * d, D), f"blk.{i}.attn_v.weight": (Hkv * d, D),
-                       f"blk.{i}.attn_output.weight": (D, H * d), f"blk.{i}.ffn_norm.weight": (D,),
-                       f"blk.{i}.ffn_gate.weight": (F, D), f"blk.{i}.ffn_up.weight": (F, D),
-                       f"blk.{i}.ffn_down.weight": (D, F)})
-        if arch == "qwen2":
-            shapes.update({f"blk.{i}.attn_q.bias": (H * d,), f"blk.{i}.attn_k.bias": (Hkv * d,),
-                           f"blk.{i}.attn_v.bias": (Hkv * d,)})
-    for name, shape in shapes.items():
-        scale = 1.0 if len(shape) == 1 and "norm" in name else 0.3
-        base = 1.0 if "norm" in name else 0.0
-        w.add_tensor(name, (base + scale * rng.standard_normal(shape)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_emulated_gpu_grouped_query_decode_equals_the_cpu_path(arch, tmp_path):
     """llama / qwen2 decode on the GPU path: the new entry stored and attended by the backend from
     the position on the device (what lets a CUDA graph capture the step), the fused feed-forward."""
-    path = _random_llama(tmp_path / f"{arch}.gguf", arch)
+    path = random_llama(tmp_path / f"{arch}.gguf", arch)
     ref = _logits(load(path, device="cpu"), steps=5)
     got = _logits(load(path, backend=EmulatedCUDABackend()), steps=5)
     assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
