@@ -208,6 +208,10 @@ def _gqa_short(q, k16, v16, n, scale, scores, out):
             _softmax_mix(scores, n, top, v16, g * n_ctx * d, d, out, qo)
 
 
+def _plus(y, d):
+    return y if d is None else y + d
+
+
 class CPUBackend:
     xp = np
     device = "cpu"
@@ -247,7 +251,7 @@ class CPUBackend:
             return out
         return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
 
-    def experts_rows(self, x: np.ndarray, triples, rows) -> np.ndarray | None:
+    def experts_rows(self, x: np.ndarray, triples, rows, delta=None) -> np.ndarray | None:
         # a decode step's experts (or a verification's (token, expert) pairs): a few kernel calls
         # per layer instead of three per expert; rows equal what the products give one by one
         gates, ups, downs = zip(*triples)
@@ -257,15 +261,19 @@ class CPUBackend:
         g = fmt.matmul_many([m.packed for m in gates], x, rows)
         if g is None:
             return None
-        h = silu(g) * fmt.matmul_many([m.packed for m in ups], x, rows)  # (n, F)
+        u = fmt.matmul_many([m.packed for m in ups], x, rows)  # (n, F)
+        if delta is not None:  # LoRA: each pair's low-rank deltas (models/lora.py)
+            g, u = _plus(g, delta("gate", x[rows])), _plus(u, delta("up", x[rows]))
+        h = silu(g) * u  # (n, F)
         d = None
         if all(m.fmt is downs[0].fmt for m in downs):
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, np.arange(len(downs)))
-        return d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
+        d = d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
+        return _plus(d, delta("down", h)) if delta is not None else d
 
-    def moe(self, x, router_weight, router, bias, store, layer: int) -> np.ndarray:
+    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None) -> np.ndarray:
         ids, weights = route(x @ router_weight.T, router, bias)  # (T, k)
-        return moe(x, ids, weights, store, layer, self)
+        return moe(x, ids, weights, store, layer, self, lora)
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
         """One new token's MLA attention straight from the float16 latent cache (two numba kernels,
