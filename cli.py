@@ -1,4 +1,4 @@
-"""The `edgeseek` command: chat, generate, batch, convert, inspect, experts, bench, pull, list.
+"""The `edgeseek` command: chat, generate, batch, convert, convert-lora, inspect, experts, bench, pull, list.
 
 All terminal rendering lives here; the engine below only yields text and stats.
 Data goes to stdout, messages and progress to stderr; user mistakes exit non-zero with one line.
@@ -691,9 +691,10 @@ def pull(name: str = typer.Argument(..., help="A known model name (edgeseek list
     print(_pull(name))
 
 
-from edgeseek.convert.cli import convert_command  # noqa: E402  (after the app: it only defines a function)
+from edgeseek.convert.cli import convert_command, convert_lora_command  # noqa: E402  (after the app)
 
 app.command("convert")(convert_command)
+app.command("convert-lora")(convert_lora_command)
 
 
 def main():
