@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from .errors import GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
@@ -85,7 +86,15 @@ def read_adapter(path: str | os.PathLike, base: GGUFFile, targets: set[str], nam
             raise UnsupportedError(f"{path}: tensor {ta.name!r}: LoRA on {bname!r} is not supported (it is no "
                                    f"matrix product here; llama.cpp applies none to it either)")
         _check_shapes(path, bname, base.tensor(bname).shape, ta, tb)
-        a, b = _f32(f, ta), _f32(f, tb)
+        if bname != "token_embd.weight" and ta.qtype == tb.qtype == GGMLQuantizationType.F16:
+            # float16 kept: half the bytes a decode step reads (backend.lora_pairs); B stored as
+            # (..., r, N) so that each rank's column of B is contiguous, seen as (..., N, r)
+            a = np.array(ta.raw).view(np.float16).reshape(ta.shape)
+            b = np.ascontiguousarray(np.array(tb.raw).view(np.float16).reshape(tb.shape).swapaxes(-1, -2))
+            pairs[bname] = L.LoraPair(xp.asarray(a), xp.asarray(b).swapaxes(-1, -2))
+            continue
+        else:
+            a, b = _f32(f, ta), _f32(f, tb)
         pairs[bname] = L.LoraPair(xp.asarray(np.ascontiguousarray(a)), xp.asarray(np.ascontiguousarray(b)))
     if not pairs:
         raise GGUFError(f"{path}: the adapter holds no .lora_a / .lora_b tensors")

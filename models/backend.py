@@ -53,6 +53,11 @@ class Backend(Protocol):
         LoraRows.experts), when given: delta(kind, inputs (n, K)) -> (n, N) or None, added to the
         gate, up and down products of the pairs before the SwiGLU and the sum."""
 
+    def lora_pairs(self, a, b, e, x, s: float):
+        """Optional (models/lora.py uses numpy without it): s * B[e_i] (A[e_i] x_i) for pairs of
+        stacked LoRA tensors a (E, r, K), b (E, N, r), e (n,) expert ids, x (n, K) -> (n, N), or
+        None where the backend has no kernel for these."""
+
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None):
         """A MoE layer's routed experts for tokens x (T, D): router logits x @ router_weight.T
         (E, D), routing (models/moe.py's rule with its RouterConfig and selection bias), the

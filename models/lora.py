@@ -10,6 +10,9 @@ whatever their adapters. Routed experts get the delta of their own (A, B) pair f
 (E, r, K) / (E, N, r) tensors, only for the (token, expert) pairs the router chose (`LoraRows.experts`,
 which models/moe.py hands to the backend's expert products).
 
+Stacked experts' pairs may be kept as float16 (an F16 adapter file's own values): the backend's
+`lora_pairs` reads them in place for a decode step's few pairs; otherwise they are widened.
+
 Shapes (numpy order, as the adapter GGUF stores them): A (r, K), B (N, r) for a weight (N, K);
 A (E, r, K), B (E, N, r) for stacked experts (E, N, K); token_embd (V, D) has A (V, r) and B (D, r)
 (llama.cpp's llm_build_inp_embd takes rows of A by token id).
@@ -54,9 +57,11 @@ class LoraRows:
     rows None when one set of adapters covers every row (then any row count is accepted: the last
     row's logits, the MTP head), else an index array into the pass's n rows."""
 
-    def __init__(self):
+    def __init__(self, kernel=None):
         self.groups: list[tuple[np.ndarray | None, tuple[Adapter, ...]]] = []
         self.n = 0
+        # the backend's product for a few pairs of stacked experts (backend.lora_pairs), or None
+        self.kernel = kernel
 
     def assign(self, sets: list[tuple[Adapter, ...]], counts: list[int]) -> None:
         """sets[r]: the adapters of sequence r, whose counts[r] rows follow those of r - 1."""
@@ -86,8 +91,11 @@ class LoraRows:
                 if p is None:
                     continue
                 xs = x if rows is None else x[rows]
-                d = (xs @ p.a.T) @ p.b.T  # (T, r) -> (T, N)
-                d *= ad.factor(p)
+                d = self.kernel(p.a[None], p.b[None], np.zeros(len(xs), np.int64), xs, ad.factor(p)) \
+                    if self.kernel is not None else None
+                if d is None:
+                    d = (xs @ p.a.T.astype(np.float32, copy=False)) @ p.b.T.astype(np.float32, copy=False)  # (T, N)
+                    d *= ad.factor(p)
                 y = _added(y, rows, d)
         return y
 
@@ -126,7 +134,9 @@ class LoraRows:
                     continue
                 e = exp if sel is None else exp[sel]
                 xs = x if sel is None else x[sel]
-                d = expert_delta(p.a, p.b, e, xs, ad.factor(p))  # (n, N)
+                d = self.kernel(p.a, p.b, e, xs, ad.factor(p)) if self.kernel is not None else None
+                if d is None:
+                    d = expert_delta(p.a, p.b, e, xs, ad.factor(p))  # (n, N)
                 if out is None:
                     out = np.zeros((len(x), d.shape[1]), np.float32)
                 if sel is None:
@@ -148,8 +158,8 @@ def _added(y, rows, d):
 
 def expert_delta(a, b, e, x, s: float):
     """s * B[e_i] (A[e_i] x_i) for each pair i: a (E, r, K), b (E, N, r), e (n,), x (n, K) -> (n, N)."""
-    t = np.matmul(a[e], x[:, :, None])  # (n, r, 1)
-    return np.matmul(b[e], t)[:, :, 0] * np.float32(s)  # (n, N)
+    t = np.matmul(a[e].astype(np.float32), x[:, :, None])  # (n, r, 1); float16 pairs widened
+    return np.matmul(b[e].astype(np.float32), t)[:, :, 0] * np.float32(s)  # (n, N)
 
 
 def plus_delta(m, kind: str, delta):
@@ -205,7 +215,7 @@ def attach(model) -> LoraRows:
     adapter's token_embd pair has the embedding's layout, not a product's)."""
     if getattr(model, "lora", None) is not None:
         return model.lora
-    rows = LoraRows()
+    rows = LoraRows(getattr(model.backend, "lora_pairs", None))
     layers = list(model.layers) + ([model.mtp] if getattr(model, "mtp", None) is not None else [])
     for L in layers:
         for attr, m in list(vars(L).items()):

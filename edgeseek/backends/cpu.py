@@ -212,6 +212,27 @@ def _plus(y, d):
     return y if d is None else y + d
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _lora_pairs_h(a16, bt16, e, x, s, t, out):
+    # out[i] = s * B[e[i]] @ (A[e[i]] @ x[i]): a16 (E, r, K), bt16 (E, r, N) (B transposed) float16 as
+    # uint16, x (n, K) float32, t (n, r) scratch; K and N multiples of 16. Reads only the chosen
+    # experts' pairs, in place (no gathered copy), 16 halves widened at a time; B's rows as 16-output
+    # vectors scaled by t, so no horizontal sum per output
+    E, r, K = a16.shape
+    N = bt16.shape[2]
+    n = e.shape[0]
+    for j in prange(n * r):
+        i, q = j // r, j % r
+        t[i, q] = hsum_f(_dot_h(zero_f(), a16, (e[i] * r + q) * K, x, i * K, K)) * s
+    M = N // 16
+    for j in prange(n * M):
+        i, m = j // M, (j % M) * 16
+        acc = zero_f()
+        for q in range(r):
+            acc = add_f(acc, mul_f(splat_f(t[i, q]), load_h(bt16, (e[i] * r + q) * N + m)))
+        store_f(out, i * N + m, acc)
+
+
 class CPUBackend:
     xp = np
     device = "cpu"
@@ -270,6 +291,21 @@ class CPUBackend:
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, np.arange(len(downs)))
         d = d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
         return _plus(d, delta("down", h)) if delta is not None else d
+
+    def lora_pairs(self, a, b, e, x, s: float):
+        """s * B[e_i] (A[e_i] x_i) for a few (token, expert) pairs of float16 LoRA pairs (models/lora.py),
+        a (E, r, K) and b (E, N, r) a view of a contiguous (E, r, N): one numba call reading the chosen
+        pairs' halves in place; None where it does not apply (float32 pairs, widths no multiple of 16,
+        a prompt's many pairs)."""
+        bt = b.swapaxes(-1, -2)
+        if a.dtype != np.float16 or b.dtype != np.float16 or a.shape[2] % 16 or b.shape[1] % 16 or len(e) > 64 \
+                or not (a.flags.c_contiguous and bt.flags.c_contiguous):
+            return None
+        n, r = len(e), a.shape[1]
+        out = np.empty((n, b.shape[1]), np.float32)
+        _lora_pairs_h(a.view(np.uint16), bt.view(np.uint16), np.ascontiguousarray(e, dtype=np.int64),
+                      np.ascontiguousarray(x, dtype=np.float32), np.float32(s), np.empty((n, r), np.float32), out)
+        return out
 
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None) -> np.ndarray:
         ids, weights = route(x @ router_weight.T, router, bias)  # (T, k)
