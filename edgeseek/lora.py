@@ -130,6 +130,7 @@ class Adapters:
     def __init__(self, engine):
         self.engine = engine
         self.files: dict[Path, L.Adapter] = {}
+        self.uses: dict[tuple, L.Adapter] = {}  # (file, scale, name) -> one Adapter: rows that share it group
 
     def get(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> L.Adapter:
         """The adapter in `path` at `scale`."""
@@ -141,7 +142,10 @@ class Adapters:
             self.files[key] = read_adapter(path, e.gguf, L.targets(e.model), name=name or str(path))
         L.attach(e.model)
         base = self.files[key]
-        return base.with_scale(scale) if name is None else L.Adapter(name, base.alpha, scale, base.pairs)
+        use = (key, float(scale), name)
+        if use not in self.uses:
+            self.uses[use] = base.with_scale(scale) if name is None else L.Adapter(name, base.alpha, scale, base.pairs)
+        return self.uses[use]
 
     def parse(self, specs) -> tuple[L.Adapter, ...]:
         """--lora FILE[:SCALE] values -> the adapters, in order."""

@@ -72,7 +72,7 @@ def logits(e, adapters, tokens=TOKENS):
 # ------------------------------------------------------------------------------------------ convert
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
-@pytest.mark.parametrize("name", ["llama", "v3", "v2lite"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "v3", "v2lite"])
 def test_same_file_as_llama_cpp_lora_converter(name, outtype, out_dir):
     """Every key (type, value) and tensor (name, type, shape, bytes) as convert_lora_to_gguf.py writes
     them: Llama's permuted q / k and its embedding and head; DeepSeek's q_a / q_b / q / kv_a_mqa,
@@ -111,7 +111,7 @@ def test_convert_lora_command(out_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------ logits
 
-@pytest.mark.parametrize("name", ["llama", "v3", "v2lite"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "v3", "v2lite"])
 def test_logits_follow_transformers_with_the_adapter_merged(name, out_dir):
     """Unmerged y = Wx + s B(Ax) everywhere the adapter names (attention with MLA's q_a / q_b / q /
     kv_a_mqa, dense and shared FFN, routed experts, embedding, head) = the merged model's logits."""
@@ -123,7 +123,7 @@ def test_logits_follow_transformers_with_the_adapter_merged(name, out_dir):
     assert rel_rms(logits(e, ()), ref) > 0.3  # the adapter does something
 
 
-@pytest.mark.parametrize("name", ["llama", "v3-out-ffn"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "v3-out-ffn"])
 def test_logits_follow_llama_cpp_with_the_same_adapter(name, out_dir):
     """llama.cpp (lora_path) on the same base file and adapter file. DeepSeek: an adapter on what
     llama.cpp's deepseek2 graph adapts (attn_output, the FFNs, the experts); its q / kv_a products
@@ -335,6 +335,12 @@ def test_bad_adapters_are_one_line_each(out_dir, tmp_path):
         with pytest.raises(EdgeseekError) as err:
             e.lora.get(cases[name])
         assert all(w in str(err.value) for w in words), (name, str(err.value))
+    e.device = "cuda"  # not run there yet: one line saying so
+    try:
+        with pytest.raises(EdgeseekError, match="CPU only"):
+            e.lora.get(ours("v3", "f32", out_dir))
+    finally:
+        e.device = "cpu"
     for name in ("other-base", "rank", "model-file", "missing"):  # the command line: exit 1, one line
         r = runner.invoke(app, ["generate", str(base_file("v3")), "-p", "hi", "-n", "1", "--lora", str(cases[name])])
         assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (name, r.output)
