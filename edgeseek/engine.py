@@ -220,6 +220,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     t0 = time.perf_counter()
     mtp_k, mtp_auto = mtp_mode(mtp)
     gguf = GGUFFile(path)
+    if gguf.meta("general.type", None) == "adapter":
+        raise EdgeseekError(f"{path}: a LoRA adapter, not a model: give the base model's file and this one "
+                            f"with --lora")
     notes: list[str] = []
     if mtp_k and not (gguf.arch == "deepseek2" and gguf.arch_meta("nextn_predict_layers", 0)):
         if not mtp_auto:

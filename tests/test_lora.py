@@ -341,6 +341,8 @@ def test_bad_adapters_are_one_line_each(out_dir, tmp_path):
             e.lora.get(ours("v3", "f32", out_dir))
     finally:
         e.device = "cpu"
+    r = runner.invoke(app, ["generate", str(ours("v3", "f32", out_dir)), "-p", "hi"])  # adapter as the model
+    assert r.exit_code == 1 and "a LoRA adapter, not a model" in r.stderr and r.stderr.count("\n") == 1
     for name in ("other-base", "rank", "model-file", "missing"):  # the command line: exit 1, one line
         r = runner.invoke(app, ["generate", str(base_file("v3")), "-p", "hi", "-n", "1", "--lora", str(cases[name])])
         assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (name, r.output)
