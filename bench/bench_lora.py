@@ -13,7 +13,9 @@ best run of each is reported (the least disturbed on a shared machine; every sam
 each in its own process, with repacking off (llama_cpp_side.disable_repack: plain CPU buffers): its
 repacked ("extra buffer type") path aborts on this file here (GGML_ASSERT(*cur_backend_id != -1) in
 ggml-backend.cpp, llama-cpp-python 0.3.36), and it keeps an adapter's tensors in plain buffers
-anyway. Writes results/lora.json.
+anyway. llama.cpp's deepseek2 graph applies no LoRA to attn_q and attn_kv_a_mqa (plain
+ggml_mul_mat in src/models/deepseek2.cpp), so its "with adapter" run does less than edgeseek's.
+Writes results/lora.json.
 """
 from __future__ import annotations
 
@@ -158,6 +160,9 @@ def main():
                 for _ in range(a.llama_repeats)]
         lb, ll = max(r[0] for r in runs), max(r[1] for r in runs)
         result["llama_cpp"] = {"base_tps": lb, "lora_tps": ll, "ratio": ll / lb, "repack": False,
+                               "note": "llama.cpp's deepseek2 graph multiplies attn_q and attn_kv_a_mqa without "
+                                       "the adapter (plain ggml_mul_mat): it applies the pairs of attn_output and "
+                                       "the experts only",
                                "base_samples": [r[0] for r in runs], "lora_samples": [r[1] for r in runs]}
         result["edgeseek_over_llama_cpp"] = {"base": result["edgeseek"]["base_tps"] / lb,
                                              "lora": result["edgeseek"]["lora_tps"] / ll}
