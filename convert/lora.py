@@ -16,7 +16,6 @@ Written to a temporary file beside the output and renamed once complete.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -38,7 +37,6 @@ from .safetensors import read_header, read_raw, to_f32
 
 TYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}
 ADAPTER_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 # a PEFT tensor name -> (the base weight's name, "a" or "b")
 PEFT_NAME = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                        r"lora_embedding_B)$")

@@ -3,9 +3,9 @@ write them) read and checked against the loaded base model, the way llama.cpp's
 llama_adapter_lora_init_impl (src/llama-adapter.cpp) checks them, each problem one line naming the
 file and tensor: general.type must be `adapter`, adapter.type `lora`, general.architecture the
 base's; every tensor `<base tensor>.lora_a` / `.lora_b` (norm vectors, which llama.cpp skips, are
-skipped too); both halves present; the base tensor present and one the model multiplies (not, say,
-a router or MLA's per-head k_b / v_b, which llama.cpp leaves without LoRA too); A (r, K) and
-B (N, r) matching the base (N, K), the same rank r in both.
+skipped too); both halves present; the base tensor present and one the model multiplies with an
+adapter (not a norm, nor MLA's per-head k_b / v_b, which llama.cpp leaves without LoRA too); A (r, K)
+and B (N, r) matching the base (N, K), the same rank r in both.
 
 The math lives in models/lora.py; this module loads files into its `Adapter`s, keeps them by path
 (one copy of each file's tensors, whatever scales it is used at) and attaches the model's wrappers.
@@ -83,8 +83,8 @@ def read_adapter(path: str | os.PathLike, base: GGUFFile, targets: set[str], nam
             raise GGUFError(f"{path}: tensor {ta.name!r}: the model has no tensor {bname!r} (an adapter for "
                             f"another model?)")
         if bname not in targets:
-            raise UnsupportedError(f"{path}: tensor {ta.name!r}: LoRA on {bname!r} is not supported (it is no "
-                                   f"matrix product here; llama.cpp applies none to it either)")
+            raise UnsupportedError(f"{path}: tensor {ta.name!r}: LoRA on {bname!r} is not supported (not one of "
+                                   f"the model's matrix products that take an adapter)")
         _check_shapes(path, bname, base.tensor(bname).shape, ta, tb)
         if bname != "token_embd.weight" and ta.qtype == tb.qtype == GGMLQuantizationType.F16:
             # float16 kept: half the bytes a decode step reads (backend.lora_pairs); B stored as

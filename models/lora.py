@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .common import _is_linear
+
 EXPERT_KINDS = ("gate", "up", "down")
 
 
@@ -204,10 +206,6 @@ class LoraEmbedding:
         return self.rows.add_embedding(self.name, np.asarray(ids), y)
 
 
-def _is_linear(m) -> bool:
-    return callable(m) and hasattr(m, "shape") and hasattr(m, "name") and not isinstance(m, type)
-
-
 def attach(model) -> LoraRows:
     """Wrap the model's Linear weights (every layer's, the MTP block's, the output head) and its
     token embedding once; returns the model's LoraRows (model.lora). The base weights are shared:
@@ -230,7 +228,7 @@ def attach(model) -> LoraRows:
 
 def targets(model) -> set[str]:
     """The base tensor names an adapter may hold for this model: its Linear weights, its token
-    embedding, and the routed experts' stacked tensors."""
+    embedding, the routed experts' stacked tensors and the routers (backend.moe adds their deltas)."""
     names = {"token_embd.weight"}
     layers = list(model.layers) + ([model.mtp] if getattr(model, "mtp", None) is not None else [])
     for L in layers:
@@ -240,5 +238,5 @@ def targets(model) -> set[str]:
     if getattr(model, "experts", None) is not None:
         for i, L in enumerate(model.layers):
             if not getattr(L, "dense", True):
-                names |= {f"blk.{i}.ffn_{k}_exps.weight" for k in EXPERT_KINDS}
+                names |= {f"blk.{i}.ffn_{k}_exps.weight" for k in EXPERT_KINDS} | {f"blk.{i}.ffn_gate_inp.weight"}
     return names

@@ -202,6 +202,26 @@ def test_rows_of_one_step_each_run_their_own_adapter(out_dir):
     assert rel_rms(np.stack(want)[0], np.stack(want)[4]) > 0  # different positions, same adapter: rows differ
 
 
+def test_router_pair_adds_to_the_router_logits(tmp_path):
+    """llama.cpp's build_moe_ffn takes the router through build_lora_mm: a pair on ffn_gate_inp changes
+    the routing as the merged router would."""
+    e = engine("v3")
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)
+    path = tmp_path / "router.gguf"
+    write_adapter(path, "deepseek2", {"blk.2.ffn_gate_inp.weight.lora_a": a, "blk.2.ffn_gate_inp.weight.lora_b": b},
+                  alpha=8.0)
+    got = logits(e, e.lora.parse([str(path)]))
+    L = e.model.layers[2]
+    keep = L.ffn_gate_inp
+    L.ffn_gate_inp = keep + 2.0 * (b @ a)  # s = alpha / r = 2
+    try:
+        want = logits(e, ())
+    finally:
+        L.ffn_gate_inp = keep
+    assert rel_rms(got, want) < 1e-5 and rel_rms(got, logits(e, ())) > 1e-3
+
+
 def test_alpha_missing_means_scale_alone(out_dir, tmp_path):
     """llama.cpp's get_scale: without adapter.lora.alpha, s = the user's scale (not scale * alpha / r)."""
     src = ours("v3-out-ffn", "f32", out_dir)
@@ -308,8 +328,8 @@ def _bad_cases(out_dir, tmp_path):
     case("suffix", {**good, out + ".lora_c": np.zeros((8, 128), np.float32)})
     case("rank", {**good, out + ".lora_b": np.zeros((64, 4), np.float32)})
     case("missing-half", {k: v for k, v in good.items() if k != out + ".lora_b"})
-    case("router", {**good, "blk.1.ffn_gate_inp.weight.lora_a": np.zeros((8, 64), np.float32),
-                    "blk.1.ffn_gate_inp.weight.lora_b": np.zeros((16, 8), np.float32)})
+    case("k_b", {**good, "blk.1.attn_k_b.weight.lora_a": np.zeros((4, 8, 32), np.float32),
+                 "blk.1.attn_k_b.weight.lora_b": np.zeros((4, 64, 8), np.float32)})
     case("not-adapter", good, kind="model")
     cases["other-arch"] = ours("llama", "f32", out_dir)
     cases["model-file"] = base_file("v3")
@@ -321,7 +341,7 @@ BAD = {"other-base": ["blk.1.attn_output.weight", "another base model"],
        "suffix": ["blk.1.attn_output.weight.lora_c", "unexpected suffix"],
        "rank": ["blk.1.attn_output.weight", "rank mismatch"],
        "missing-half": ["blk.1.attn_output.weight.lora_b", "missing"],
-       "router": ["blk.1.ffn_gate_inp.weight", "not supported"],
+       "k_b": ["blk.1.attn_k_b.weight", "not supported"],
        "not-adapter": ["not a LoRA adapter", "general.type is 'model'"],
        "other-arch": ["'llama'", "'deepseek2'"],
        "model-file": ["not a LoRA adapter"],

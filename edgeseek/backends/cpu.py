@@ -308,7 +308,10 @@ class CPUBackend:
         return out
 
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None) -> np.ndarray:
-        ids, weights = route(x @ router_weight.T, router, bias)  # (T, k)
+        logits = x @ router_weight.T  # (T, E)
+        if lora is not None and lora.groups:  # an adapter's router pair (llama.cpp's build_moe_ffn has it)
+            logits = lora.add(f"blk.{layer}.ffn_gate_inp.weight", x, logits)
+        ids, weights = route(logits, router, bias)  # (T, k)
         return moe(x, ids, weights, store, layer, self, lora)
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
