@@ -207,7 +207,7 @@ def test_router_pair_adds_to_the_router_logits(tmp_path):
     the routing as the merged router would."""
     e = engine("v3")
     rng = np.random.default_rng(3)
-    a, b = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)
+    a, b = rng.standard_normal((4, 64)).astype(np.float32) / 8, rng.standard_normal((16, 4)).astype(np.float32) / 2
     path = tmp_path / "router.gguf"
     write_adapter(path, "deepseek2", {"blk.2.ffn_gate_inp.weight.lora_a": a, "blk.2.ffn_gate_inp.weight.lora_b": b},
                   alpha=8.0)
