@@ -291,9 +291,8 @@ def batch(
 
     A bad line becomes an error line (with its custom_id or line number) and the rest go on; the
     exit status is 1 if any line failed. Re-running with the same OUT skips what it already holds.
-    A line may name its LoRA adapter: "lora": "NAME" (from --lora NAME=FILE), a file ("FILE" or
-    "FILE:SCALE"), a list of them, or null for the base model; lines with different adapters still
-    decode together, one forward pass per step.
+
+    A line may name its LoRA adapter: "lora": "NAME" (from --lora NAME=FILE), a file ("FILE" or "FILE:SCALE"), a list of them, or null for the base model; lines with different adapters still decode together, one forward pass per step.
 
     Examples:
       edgeseek batch requests.jsonl -o replies.jsonl
