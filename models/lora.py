@@ -136,7 +136,8 @@ class LoraRows:
                     continue
                 e = exp if sel is None else exp[sel]
                 xs = x if sel is None else x[sel]
-                d = self.kernel(p.a, p.b, e, xs, ad.factor(p)) if self.kernel is not None else None
+                one = len(e) > 1 and (e == e[0]).all()  # a prompt's expert: its tokens in one product
+                d = self.kernel(p.a, p.b, e, xs, ad.factor(p)) if self.kernel is not None and not one else None
                 if d is None:
                     d = expert_delta(p.a, p.b, e, xs, ad.factor(p))  # (n, N)
                 if out is None:
@@ -160,6 +161,9 @@ def _added(y, rows, d):
 
 def expert_delta(a, b, e, x, s: float):
     """s * B[e_i] (A[e_i] x_i) for each pair i: a (E, r, K), b (E, N, r), e (n,), x (n, K) -> (n, N)."""
+    if len(e) > 1 and (e == e[0]).all():  # one expert: two products of all the rows
+        a1, b1 = a[e[0]].astype(np.float32), b[e[0]].astype(np.float32)  # (r, K), (N, r)
+        return (x @ a1.T) @ b1.T * np.float32(s)
     t = np.matmul(a[e].astype(np.float32), x[:, :, None])  # (n, r, 1); float16 pairs widened
     return np.matmul(b[e].astype(np.float32), t)[:, :, 0] * np.float32(s)  # (n, N)
 
