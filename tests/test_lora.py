@@ -178,6 +178,7 @@ def test_f16_adapter_decodes_through_the_backend_kernel(out_dir):
         e.model.lora.kernel = kernel
     assert rel_rms(got, plain) < 1e-4  # float32 sums in another order (measured 4e-5)
     assert rel_rms(got, A.merged_logits("v3")[:12]) < TOL["f16"]
+    assert rel_rms(logits(e, ad), A.merged_logits("v3")) < TOL["f16"]  # a prompt: float16 pairs widened
 
 
 def test_rows_of_one_step_each_run_their_own_adapter(out_dir):
