@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import requires_llama_cpp, requires_torch
+from conftest import _has, requires_llama_cpp, requires_torch
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "convert"))
 import adapters as A  # noqa: E402
@@ -29,7 +29,7 @@ from edgeseek.convert.lora import convert_lora  # noqa: E402
 from edgeseek.engine import load  # noqa: E402
 from edgeseek.errors import EdgeseekError  # noqa: E402
 
-pytestmark = [requires_torch, requires_llama_cpp]
+pytestmark = [requires_torch, requires_llama_cpp, pytest.mark.skipif(not _has("peft"), reason="peft not installed")]
 runner = CliRunner()
 TOKENS = np.array(C.ds.sequence())
 
