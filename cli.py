@@ -1,4 +1,4 @@
-"""The `edgeseek` command: chat, generate, batch, convert, inspect, experts, bench, pull, list.
+"""The `edgeseek` command: chat, generate, batch, convert, convert-lora, inspect, experts, bench, pull, list.
 
 All terminal rendering lives here; the engine below only yields text and stats.
 Data goes to stdout, messages and progress to stderr; user mistakes exit non-zero with one line.
@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -58,7 +58,7 @@ def _fail(message: str, code: int = 1):
 
 
 def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, device: str = "auto",
-          gpu_budget: Optional[str] = None, mtp: str = "auto"):
+          gpu_budget: Optional[str] = None, mtp: str = "auto", lora: Optional[List[str]] = None):
     from edgeseek.engine import load
 
     path = _resolve(model)
@@ -75,6 +75,8 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, de
                       gpu_budget=gpu_budget, mtp=mtp)
     for note in engine.notes:
         err.print(f"warning: {note}", markup=False)
+    if lora:
+        engine.use_lora(lora)  # read and checked now: a bad adapter is one line before any prompt runs
     import atexit
     atexit.register(engine.close)  # saves the expert-usage profile
     return engine
@@ -200,6 +202,9 @@ DEVICE = typer.Option("auto", "--device", envvar="EDGESEEK_DEVICE",
 MTP = typer.Option("auto", "--mtp", envvar="EDGESEEK_MTP",
                    help="Multi-token prediction with the file's MTP layer (DeepSeek-V3/R1): auto (on while it "
                    "pays), off, or 1-3 drafts per step.")
+LORA = typer.Option(None, "--lora", metavar="FILE[:SCALE]",
+                    help="LoRA adapter (GGUF, from edgeseek convert-lora or llama.cpp's convert_lora_to_gguf.py), "
+                    "applied unmerged at SCALE (default 1); repeatable: the adapters add up.")
 GPU_BUDGET = typer.Option(None, "--gpu-budget", envvar="EDGESEEK_GPU_BUDGET",
                           help="VRAM for weights and caches (e.g. 4G); routed experts beyond it run on the CPU. "
                           "Default: the free VRAM less 1 GiB.")
@@ -216,13 +221,14 @@ def generate(
     system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print the reply and its stats as one JSON object."),
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
-    mtp: str = MTP,
+    mtp: str = MTP, lora: Optional[List[str]] = LORA,
 ):
     """Reply to one prompt on stdout, nothing else: pipe-friendly.
 
     Examples:
       edgeseek generate -p "Why is the sky blue?"
       echo "Write a haiku" | edgeseek generate model.gguf --temp 0 --json
+      edgeseek generate model.gguf --lora sql-adapter.gguf:0.8 -p "List the tables"
       edgeseek generate DeepSeek-V2-Lite-Q4_K_M.gguf --ram-budget 4G -p "Hello"
       edgeseek generate DeepSeek-V2-Lite-Q4_K_M.gguf --device cuda --gpu-budget 4G -p "Hello"
     """
@@ -233,7 +239,7 @@ def generate(
         if sys.stdin.isatty():
             _fail("no prompt: pass -p TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
-    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp)
+    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp, lora)
     ids = single_turn_ids(engine, prompt, system=system, raw=raw)
     sampler = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
     text, last = [], None
@@ -275,6 +281,10 @@ def batch(
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
     mtp: str = MTP,
+    lora: Optional[List[str]] = typer.Option(
+        None, "--lora", metavar="[NAME=]FILE[:SCALE]",
+        help="LoRA adapter (GGUF): FILE[:SCALE] applies to every line without a \"lora\" key; NAME=FILE[:SCALE] "
+        "only to lines with \"lora\": \"NAME\". Repeatable."),
 ):
     """Generate replies for every request of a JSONL file (OpenAI batch format, or the short forms
     {"custom_id", "prompt"} and {"custom_id", "messages"}); one OpenAI-shaped line per request in OUT.
@@ -282,9 +292,12 @@ def batch(
     A bad line becomes an error line (with its custom_id or line number) and the rest go on; the
     exit status is 1 if any line failed. Re-running with the same OUT skips what it already holds.
 
+    A line may name its LoRA adapter: "lora": "NAME" (from --lora NAME=FILE), a file ("FILE" or "FILE:SCALE"), a list of them, or null for the base model; lines with different adapters still decode together, one forward pass per step.
+
     Examples:
       edgeseek batch requests.jsonl -o replies.jsonl
       edgeseek batch DeepSeek-V2-Lite-Q4_K_M.gguf requests.jsonl -o replies.jsonl -P 8 --temp 0
+      edgeseek batch model.gguf requests.jsonl -o replies.jsonl --lora sql=sql.gguf --lora chat=chat.gguf:0.5
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -302,6 +315,7 @@ def batch(
         err.print(f"Nothing to do: every request of {in_path} is in {output}.")
         return
     engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp) if requests else None
+    named = B.use_lora(engine, lora) if requests and lora else {}
     output.parent.mkdir(parents=True, exist_ok=True)
     n_failed = len(bad)
     show = err.is_terminal and not _no_color
@@ -325,7 +339,8 @@ def batch(
             emit(B.error_line(b))
         try:
             if requests:
-                n_failed += B.run(engine, requests, emit, parallel=parallel, n_ctx=ctx, on_token=on_token)
+                n_failed += B.run(engine, requests, emit, parallel=parallel, n_ctx=ctx, on_token=on_token,
+                                  named=named)
         except KeyboardInterrupt:
             err.print(f"interrupted: finished requests are in {output}; run again to resume")
             raise typer.Exit(130)
@@ -344,19 +359,21 @@ def chat(
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
-    mtp: str = MTP,
+    mtp: str = MTP, lora: Optional[List[str]] = LORA,
 ):
     """Chat with a model in the terminal (streaming, the model's own chat template).
+    /lora FILE [SCALE] and /lora off switch adapters without reloading the model.
 
     Examples:
       edgeseek chat
       edgeseek chat DeepSeek-V2-Lite-Chat-Q4_K_M.gguf -s "Answer briefly." --temp 0.6
+      edgeseek chat model.gguf --lora support-adapter.gguf
     """
     from edgeseek.chat import ChatSession
 
     if system and system.startswith("@"):
         system = Path(system[1:]).read_text(encoding="utf-8")
-    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp)
+    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp, lora)
     session = ChatSession(engine, system=system, max_tokens=max_tokens,
                           sampler=_sampler(temp, top_k, top_p, min_p, repeat_penalty, seed))
     try:
@@ -673,9 +690,10 @@ def pull(name: str = typer.Argument(..., help="A known model name (edgeseek list
     print(_pull(name))
 
 
-from edgeseek.convert.cli import convert_command  # noqa: E402  (after the app: it only defines a function)
+from edgeseek.convert.cli import convert_command, convert_lora_command  # noqa: E402  (after the app)
 
 app.command("convert")(convert_command)
+app.command("convert-lora")(convert_lora_command)
 
 
 def main():

@@ -80,6 +80,9 @@ class Planned:
     chunks: Callable[[], Iterator[np.ndarray]]
     source_bytes: int
     sources: list[str] = field(default_factory=list)
+    kind: str = "direct"  # direct, stacked (routed experts), derived, extra (from the config alone)
+    rows_fn: Callable[[np.ndarray], np.ndarray] | None = None  # a derived tensor that is its source's rows
+    # reordered (rope permutation): the same reordering applies to a LoRA B (convert/lora.py)
 
 
 def _row_chunks(rows: int, ne0: int):
@@ -133,10 +136,12 @@ class Plan:
                 for r0, r1 in _row_chunks(shape[0], shape[1]):
                     yield ck.rows(s, r0, r1)
 
-        self.tensors.append(Planned(gname.format(bid=bid), (n_expert, *shape), chunks, nbytes, srcs))
+        self.tensors.append(Planned(gname.format(bid=bid), (n_expert, *shape), chunks, nbytes, srcs, "stacked"))
 
-    def derived(self, gname: str, shape, bid, src_gname: str, src_shape, fn: Callable[[np.ndarray], np.ndarray]):
-        """A tensor computed from a whole source tensor (kv_b split, rope permutation)."""
+    def derived(self, gname: str, shape, bid, src_gname: str, src_shape, fn: Callable[[np.ndarray], np.ndarray],
+                rows_only: bool = False):
+        """A tensor computed from a whole source tensor (kv_b split, rope permutation); `rows_only`:
+        fn only reorders the source's rows (whatever their width)."""
         src = hf_name(src_gname, bid)
         nbytes = self._use(src, src_shape)
         ck = self.ckpt
@@ -147,12 +152,13 @@ class Plan:
             for r0, r1 in _row_chunks(out.shape[0], ne0):
                 yield np.ascontiguousarray(out[r0:r1])
 
-        self.tensors.append(Planned(gname.format(bid=bid), tuple(shape), chunks, nbytes, [src]))
+        self.tensors.append(Planned(gname.format(bid=bid), tuple(shape), chunks, nbytes, [src], "derived",
+                                    fn if rows_only else None))
 
     def extra(self, gname: str, values: np.ndarray):
         """A tensor computed from the config alone (rope_freqs)."""
         v = np.asarray(values, np.float32)
-        self.tensors.append(Planned(gname, v.shape, lambda: iter([v.reshape(-1, v.shape[-1])]), 0, []))
+        self.tensors.append(Planned(gname, v.shape, lambda: iter([v.reshape(-1, v.shape[-1])]), 0, [], "extra"))
 
     def check_all_used(self, skip: Callable[[str], bool] = lambda n: False):
         left = [n for n in self.ckpt.tensors if n not in self.used and not IGNORED.match(n) and not skip(n)]
@@ -401,7 +407,7 @@ def dense_decoder(ckpt: Checkpoint, w: GGUFWriter, opts: Options, permute: bool)
                 if kind == "bias" and not ckpt.has(hf_name(name, i)):
                     continue
                 if permute:
-                    p.derived(name, shape, i, name, shape, _permute_head_rows(n))
+                    p.derived(name, shape, i, name, shape, _permute_head_rows(n), rows_only=True)
                 else:
                     p.direct(name, shape, i)
         p.direct("blk.{bid}.attn_v.weight", (nkv * hd, H), i)

@@ -91,3 +91,39 @@ def convert_command(
     console.print(f"{report.output}: {report.architecture} -> {report.recipe}, {len(report.tensors)} tensors, "
                   f"{report.output_bytes / 1e9:.2f} GB from {report.source_bytes / 1e9:.2f} GB in "
                   f"{report.seconds:.1f} s; tokenizer pre {report.vocab['pre']!r}")
+
+
+def convert_lora_command(
+    peft_dir: Path = typer.Argument(..., help="PEFT LoRA adapter folder: adapter_config.json and "
+                                    "adapter_model.safetensors."),
+    base: Path = typer.Option(..., "--base", help="The base model's Hugging Face checkpoint folder (config.json, "
+                              "*.safetensors): names and shapes come from it."),
+    output: Path = typer.Option(..., "-o", "--output", help="Adapter GGUF file to write."),
+    type_: str = typer.Option("f16", "-t", "--type", help="Tensor type: f32, f16 or q8_0 (q8_0 falls back to f16 "
+                              "where a row is no multiple of 32, as llama.cpp does)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the per-tensor report as JSON on stdout."),
+):
+    """Convert a PEFT LoRA adapter into llama.cpp's adapter GGUF, which `--lora` (and llama.cpp's --lora) applies to the base model's GGUF at run time.
+
+    The same keys and tensors as llama.cpp's convert_lora_to_gguf.py: attention, dense and shared FFN, routed experts (stacked), embedding and output head. DeepSeek's kv_b_proj has no adapter layout (llama.cpp fails on it too).
+
+    Examples:
+
+        edgeseek convert-lora ./my-lora --base ./DeepSeek-V2-Lite-Chat -o my-lora.gguf
+
+        edgeseek convert-lora ./sql-lora --base ./Qwen2.5-0.5B -o sql.gguf -t q8_0
+
+        edgeseek chat qwen.gguf --lora sql.gguf:0.8
+    """
+    from .lora import convert_lora
+
+    report = convert_lora(peft_dir, base, output, type_, force=force)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+        return
+    from rich.console import Console
+    console = Console(stderr=True, highlight=False)
+    size = report.output_bytes
+    console.print(f"{report.output}: {report.architecture} LoRA, rank {report.rank}, alpha {report.alpha:g}, "
+                  f"{len(report.tensors) // 2} adapted weights, {size / 1e6:.2f} MB in {report.seconds:.1f} s")

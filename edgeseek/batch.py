@@ -11,6 +11,9 @@ a bad line {"id", "custom_id" (or null), "response": null, "error": {"code", "me
 are judged as OpenAI's API judges them: sampling numbers NaN, infinite or out of range, a role other
 than system / user / assistant / tool, content other than a string or text parts are bad lines.
 Custom ids already in the output file are skipped, so an interrupted run resumes where it stopped.
+A line may carry "lora" (top level, or in the body): an adapter name given on the command line
+(--lora NAME=FILE), an adapter file ("FILE" or "FILE:SCALE"), a list of them, or null for the base
+model; without it the line runs with the command line's unnamed --lora adapters.
 
 Up to `parallel` requests decode together in a `generation.BatchGenerator` (one forward pass per
 step over every active sequence; prompts prefilled one request at a time); this module only reads,
@@ -57,6 +60,7 @@ class Request:
     max_tokens: int
     sampler: SamplerConfig
     stop: list[str]
+    lora: list[str] | None = None  # adapter names or FILE[:SCALE] specs; None: the run's default adapters
 
 
 @dataclass
@@ -113,7 +117,17 @@ def parse_line(text: str, line: int, defaults: SamplerConfig, max_tokens: int) -
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         return BadLine(line, cid, f"line {line}: stop must be a string or a list of strings")
-    return Request(cid, line, kind, prompt, n, defaults.updated(**changes), stop)
+    lora = body.get("lora", obj.get("lora", ...))
+    if lora is ...:
+        lora = None
+    elif lora is None:
+        lora = []
+    elif isinstance(lora, str) and lora:
+        lora = [lora]
+    elif not (isinstance(lora, list) and all(isinstance(s, str) and s for s in lora)):
+        return BadLine(line, cid, f"line {line}: lora must be an adapter name or file, a list of them, or null, "
+                                  f"got {json.dumps(lora)[:40]}")
+    return Request(cid, line, kind, prompt, n, defaults.updated(**changes), stop, lora)
 
 
 def _bad_number(name: str, v) -> str | None:
@@ -218,11 +232,38 @@ def error_line(bad: BadLine, code: str = "invalid_request") -> dict:
             "error": {"code": code, "message": bad.message, "line": bad.line}}
 
 
+def use_lora(engine, specs: list[str]) -> dict[str, tuple]:
+    """--lora values of a batch run: FILE[:SCALE] become the engine's default adapters;
+    NAME=FILE[:SCALE] are read and returned by name, for the lines that ask for them."""
+    from .lora import parse_spec
+    named, default = {}, []
+    for spec in specs:
+        name, eq, rest = spec.partition("=")
+        if eq and name and "/" not in name and rest:
+            named[name] = (engine.lora.get(*parse_spec(rest), name=name),)
+        else:
+            default.append(spec)
+    engine.use_lora(default)
+    return named
+
+
+def _adapters(engine, req: Request, named: dict[str, tuple]) -> tuple | None:
+    """The adapters of a request: None for the engine's default."""
+    if req.lora is None:
+        return None
+    from .lora import parse_spec
+    out = []
+    for spec in req.lora:
+        out += named[spec] if spec in named else [engine.lora.get(*parse_spec(spec))]
+    return tuple(out)
+
+
 def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel: int = 8, n_ctx: int = 4096,
-        on_token: Callable[[int], None] | None = None) -> int:
+        on_token: Callable[[int], None] | None = None, named: dict[str, tuple] | None = None) -> int:
     """Runs the requests, up to `parallel` at a time; `emit` gets each output line as its request
     finishes, `on_token` the number of tokens each step sampled. Returns how many requests failed
-    (a prompt too long for the context, ...)."""
+    (a prompt too long for the context, an adapter that cannot be read, ...). `named`: adapters a
+    line may ask for by name (use_lora)."""
     model_name = engine.path.name
     pending = list(requests)
     gen = BatchGenerator(engine)
@@ -241,8 +282,9 @@ def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel:
         try:
             ids = _prompt_ids(engine, req)
             try:
+                adapters = _adapters(engine, req, named or {})
                 first = gen.add(ids, max_tokens=req.max_tokens, sampler=req.sampler, stop=req.stop, n_ctx=n_ctx,
-                                uid=req.custom_id)
+                                uid=req.custom_id, adapters=adapters)
             except EdgeseekError as e:  # the prompt does not fit
                 raise EdgeseekError(f"line {req.line}: {e}") from None
         except EdgeseekError as e:

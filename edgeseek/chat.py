@@ -24,6 +24,7 @@ HELP = """Commands:
   /system [TEXT]        show or set the system prompt (clears the conversation)
   /set NAME VALUE       sampling option: temperature top_k top_p min_p repeat_penalty seed max_tokens
   /stats                the last reply's speed
+  /lora FILE [SCALE]    run with a LoRA adapter (GGUF); /lora off: the base model; /lora: which
   /save FILE, /load FILE  the conversation as JSON
   /bye                  leave (or Ctrl+D)
 Multi-line input: start and end it with three double quotes (\"\"\"). Ctrl+C stops a reply."""
@@ -181,6 +182,29 @@ class ChatSession:
     def _stats(self, cmd: str, arg: str) -> CommandResult:
         return CommandResult(stats=self.last) if self.last else CommandResult("No reply yet.")
 
+    def _lora(self, cmd: str, arg: str) -> CommandResult:
+        """`/lora FILE [SCALE]`, `/lora off`, `/lora`: the adapter changes without reloading the
+        base; the conversation stays, the cache is recomputed on the next turn."""
+        if not arg:
+            on = ", ".join(f"{a.name} (scale {a.scale:g})" for a in self.context.adapters)
+            return CommandResult(f"LoRA: {on or 'off'}")
+        if arg == "off":
+            self.context.use_adapters(())
+            return CommandResult("LoRA off: the base model.")
+        path, scale = arg, 1.0
+        head, _, tail = arg.rpartition(" ")
+        if head:
+            try:
+                path, scale = head.strip(), float(tail)
+            except ValueError:
+                pass
+        try:
+            adapter = self.engine.lora.get(path, scale)
+        except EdgeseekError as e:
+            return CommandResult(str(e), error=True)
+        self.context.use_adapters((adapter,))
+        return CommandResult(f"LoRA {path} at scale {scale:g}.")
+
     def _save_or_load(self, cmd: str, arg: str) -> CommandResult:
         if not arg:
             return CommandResult(f"usage: {cmd} FILE")
@@ -201,6 +225,7 @@ _COMMANDS = {
     "/system": ChatSession._system,
     "/set": ChatSession._set,
     "/stats": ChatSession._stats,
+    "/lora": ChatSession._lora,
     "/save": ChatSession._save_or_load, "/load": ChatSession._save_or_load,
 }
 

@@ -5,6 +5,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import kernels
 from .backends import CPUBackend
@@ -17,6 +18,9 @@ from .models import load_model
 from .models.moe import FEW_TOKENS
 from .placement import GPUPlan, plan_gpu
 from .profile import load_profile, profile_path, save_profile
+
+if TYPE_CHECKING:
+    from .lora import Adapters
 from .tokenizer import Tokenizer
 
 
@@ -37,6 +41,21 @@ class Engine:
     backend: object = None
     mtp: "MTP | None" = None  # multi-token prediction, where the file has an MTP block and it is on
     notes: list = field(default_factory=list)  # warnings for the user (an MTP block left off, ...)
+    adapters: tuple = ()  # LoRA adapters (models/lora.py Adapter) that new contexts run with (--lora)
+    _lora: "Adapters | None" = None
+
+    @property
+    def lora(self) -> "Adapters":
+        """The LoRA adapters read for this model, each file once (edgeseek/lora.py)."""
+        if self._lora is None:
+            from .lora import Adapters
+            self._lora = Adapters(self)
+        return self._lora
+
+    def use_lora(self, specs) -> tuple:
+        """--lora FILE[:SCALE] values: the adapters every new context runs with from now on."""
+        self.adapters = self.lora.parse(specs)
+        return self.adapters
 
     def vram_used(self) -> int:
         """Bytes of GPU memory this process holds (0 on the CPU)."""
@@ -61,18 +80,32 @@ class Engine:
     def arch(self) -> str:
         return self.gguf.arch
 
-    def new_context(self, n_ctx: int | None = None) -> "Context":
-        return Context(self, n_ctx or self.n_ctx)
+    def new_context(self, n_ctx: int | None = None, adapters: tuple | None = None) -> "Context":
+        """A new KV cache; `adapters` (default: the engine's) are the LoRA adapters it runs with."""
+        return Context(self, n_ctx or self.n_ctx, adapters)
 
 
 class Context:
     """A KV cache and the token ids it holds, so that a conversation only processes new tokens."""
 
-    def __init__(self, engine: Engine, n_ctx: int):
+    def __init__(self, engine: Engine, n_ctx: int, adapters: tuple | None = None):
         self.n_ctx = n_ctx
         self.cache = engine.model.new_cache(n_ctx)
+        self.cache.lora = engine.adapters if adapters is None else tuple(adapters)  # read by each forward pass
         self.tokens: list[int] = []  # ids whose keys/values are in the cache, in order
         self.mtp_valid = 0  # positions whose MTP cache entries are written (multi-token prediction)
+
+    @property
+    def adapters(self) -> tuple:
+        return self.cache.lora
+
+    def use_adapters(self, adapters: tuple) -> None:
+        """Run with other LoRA adapters from now on: what the cache holds was computed with the
+        old ones, so it is dropped."""
+        adapters = tuple(adapters)
+        if adapters != self.cache.lora:
+            self.reset()
+            self.cache.lora = adapters
 
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
@@ -187,6 +220,9 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     t0 = time.perf_counter()
     mtp_k, mtp_auto = mtp_mode(mtp)
     gguf = GGUFFile(path)
+    if gguf.meta("general.type", None) == "adapter":
+        raise EdgeseekError(f"{path}: a LoRA adapter, not a model: give the base model's file and this one "
+                            f"with --lora")
     notes: list[str] = []
     if mtp_k and not (gguf.arch == "deepseek2" and gguf.arch_meta("nextn_predict_layers", 0)):
         if not mtp_auto:

@@ -383,12 +383,13 @@ class BatchGenerator:
     @_interruptible()
     def add(self, prompt_ids: Sequence[int], *, max_tokens: int = 256,
             sampler: SamplerConfig | Sampler | None = None, stop: Sequence[str] = (),
-            n_ctx: int | None = None, uid: Hashable | None = None) -> Delta:
+            n_ctx: int | None = None, uid: Hashable | None = None, adapters: tuple | None = None) -> Delta:
         """Prefills a new sequence (one `model.forward` of its prompt) and samples its first token.
         Its KV cache holds min(n_ctx, the engine's context, prompt + max_tokens) positions; a
         prompt that leaves no room raises EdgeseekError. `uid` names the sequence in its Deltas
-        (default: 0, 1, 2, ... in the order of adding). Returns the first token's Delta; the sequence
-        joins the next step unless that Delta already finished it."""
+        (default: 0, 1, 2, ... in the order of adding); `adapters` are the LoRA adapters it runs with
+        (default: the engine's): sequences with different adapters still share each step. Returns
+        the first token's Delta; the sequence joins the next step unless that Delta already finished it."""
         ids = list(prompt_ids)
         limit = min(n_ctx or self.engine.n_ctx, self.engine.n_ctx)
         check_prompt(ids, limit)
@@ -396,7 +397,7 @@ class BatchGenerator:
             uid = next(u for u in self._uids if u not in self.rows)
         elif uid in self.rows:
             raise ValueError(f"sequence {uid!r} is already in the batch")
-        context = self.engine.new_context(min(limit, len(ids) + max_tokens))
+        context = self.engine.new_context(min(limit, len(ids) + max_tokens), adapters)
         row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop), len(ids))
         model = self.engine.model
         if self._mtp():

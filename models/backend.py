@@ -46,15 +46,23 @@ class Backend(Protocol):
         """y[t, h] = w[h] @ x[t, h]: w (H, R, K) (from heads(), or a float32 array), x (T, H, K)
         -> (T, H, R)."""
 
-    def experts_rows(self, x, triples: Sequence, rows) -> object | None:
+    def experts_rows(self, x, triples: Sequence, rows, delta=None) -> object | None:
         """SwiGLU of row rows[i] of x (T, D) through triple i (gate, up, down) -> (n, D), each
         projection of all the triples in one call; None where the weights' format has no such
-        kernel (the caller then goes expert by expert)."""
+        kernel (the caller then goes expert by expert). `delta` (models/lora.py's
+        LoraRows.experts), when given: delta(kind, inputs (n, K)) -> (n, N) or None, added to the
+        gate, up and down products of the pairs before the SwiGLU and the sum."""
 
-    def moe(self, x, router_weight, router, bias, store, layer: int):
+    def lora_pairs(self, a, b, e, x, s: float):
+        """Optional (models/lora.py uses numpy without it): s * B[e_i] (A[e_i] x_i) for pairs of
+        stacked LoRA tensors a (E, r, K), b (E, N, r), e (n,) expert ids, x (n, K) -> (n, N), or
+        None where the backend has no kernel for these."""
+
+    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None):
         """A MoE layer's routed experts for tokens x (T, D): router logits x @ router_weight.T
         (E, D), routing (models/moe.py's rule with its RouterConfig and selection bias), the
-        choices counted in the store, each token's weighted experts summed -> (T, D)."""
+        choices counted in the store, each token's weighted experts summed -> (T, D). `lora`: the
+        model's LoraRows, whose adapters add their experts' low-rank deltas (models/lora.py)."""
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
         """MLA's absorbed attention of one new token, or None (the model's own math then runs):

@@ -139,6 +139,13 @@ class DecoderModel:
     by its `backend`."""
 
     backend: object  # models.backend.Backend
+    lora = None  # models.lora.LoraRows once adapters are attached: each pass's rows -> adapters
+
+    def assign_lora(self, caches: list, counts: list[int]) -> None:
+        """The adapters of this pass's rows: counts[r] rows run with caches[r].lora (a sequence's
+        adapters travel with its cache)."""
+        if self.lora is not None:
+            self.lora.assign([c.lora for c in caches], counts)
 
     def attention(self, L, h: np.ndarray, cache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
         """Layer L's attention for rows h at positions pos (host ints; pos_x: the backend's copy)."""
@@ -174,7 +181,10 @@ class DecoderModel:
             raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
         self.begin_step()
         self.rope.ensure(cache.n_ctx)
-        logits = self.backend.replay(self, tokens, cache) if T == 1 and not all_logits and not hidden else None
+        self.assign_lora([cache], [T])
+        plain = self.lora is None or not self.lora.groups  # a captured step knows no adapters
+        logits = self.backend.replay(self, tokens, cache) if T == 1 and not all_logits and not hidden and plain \
+            else None
         h = None
         if logits is None:
             out = self.step(self.backend.tokens(tokens), np.arange(start, start + T), cache, all_logits, hidden)
@@ -215,6 +225,7 @@ class DecoderModel:
         spans = list(zip(ends - counts, ends))
         self.begin_step()
         self.rope.ensure(max(c.n_ctx for c in caches))
+        self.assign_lora(caches, counts)
         x = self.token_embd(self.backend.tokens(tokens))  # (B, D)
         for i, L in enumerate(self.layers):
             x = x + self.attention_rows(L, self.backend.rms_norm(x, L.attn_norm, eps), caches, i, pos, spans)

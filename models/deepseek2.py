@@ -145,6 +145,7 @@ class LatentCache:
         self.k_pe = xp.zeros((n_layer, n_ctx, cfg.qk_rope), np.float16)  # (L, S, R)
         self.n_ctx = n_ctx
         self.pos = 0
+        self.lora: tuple = ()  # the adapters this sequence runs with (models/lora.py Adapter)
 
     def truncate(self, n: int) -> None:
         self.pos = min(self.pos, n)
@@ -262,6 +263,7 @@ class DeepSeek2Model(DecoderModel):
         same module). Every row writes the block's cache entry at its position."""
         M, c, b = self.mtp, self.config, self.backend
         eps = c.rms_eps
+        self.assign_lora([cache], [len(pos)])
         e = b.rms_norm(M.embed(next_ids), M.enorm, eps)
         h = b.rms_norm(hidden, M.hnorm, eps)
         x = M.eh_proj(b.xp.concatenate([e, h], axis=1))
@@ -349,7 +351,7 @@ class DeepSeek2Model(DecoderModel):
     def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
         if L.dense:
             return self.backend.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
-        out = self.backend.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i)
+        out = self.backend.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
         if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)

@@ -67,6 +67,7 @@ class KVCache:
         self.v = xp.zeros(shape, np.float16)
         self.n_ctx = n_ctx
         self.pos = 0
+        self.lora: tuple = ()  # the adapters this sequence runs with (models/lora.py Adapter)
 
     def truncate(self, n: int) -> None:
         self.pos = min(self.pos, n)

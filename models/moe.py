@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import ffn, softmax
+from .lora import plus_delta
 
 SOFTMAX, SIGMOID = 1, 2  # GGUF expert_gating_func
 
@@ -51,13 +52,14 @@ def route(logits: np.ndarray, cfg: RouterConfig, bias: np.ndarray | None = None)
     return ids, weights.astype(np.float32)
 
 
-def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, backend) -> np.ndarray:
+def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, backend, lora=None) -> np.ndarray:
     """sum_i w_i * expert_i(x) for each token; x (T, D), ids/weights (T, k) -> (T, D).
 
     Tokens are grouped by expert so that each expert's weights are read once per call, with all
     the tokens routed to it as one batch; experts come in the order the store has them ready. A few
     tokens (a speculative step's verification) with every expert at hand go as (token, choice)
-    pairs, each projection of all of them in one product.
+    pairs, each projection of all of them in one product. With `lora` (models/lora.py's LoraRows),
+    each (token, expert) pair adds its adapters' delta of that expert's gate, up and down.
     """
     store.count(layer, ids)  # every choice, before the experts are deduplicated
     experts, inverse = np.unique(ids, return_inverse=True)
@@ -68,15 +70,22 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
         if len(groups) == 1:
             triples = dict(groups[0])
             T, k = ids.shape
-            ys = backend.experts_rows(x, [triples[j] for j in inverse.reshape(-1)], np.repeat(np.arange(T), k))
+            tok = np.repeat(np.arange(T), k)
+            delta = lora.experts(layer, tok, experts[inverse.reshape(-1)]) if lora is not None else None
+            ys = backend.experts_rows(x, [triples[j] for j in inverse.reshape(-1)], tok, delta)
             if ys is not None:
                 return (ys.reshape(T, k, -1) * weights[:, :, None]).sum(1).astype(x.dtype)
     parts = [None] * len(experts)
     for group in groups:
         one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each
-        ys = backend.experts_rows(x, [triple for _, triple in group], np.zeros(len(group), np.int64)) if one else None
+        zeros = np.zeros(len(group), np.int64)
+        delta = lora.experts(layer, zeros, experts[[j for j, _ in group]]) if one and lora is not None else None
+        ys = backend.experts_rows(x, [triple for _, triple in group], zeros, delta) if one else None
         for i, (j, (gate, up, down)) in enumerate(group):
             tok, slot = np.nonzero(inverse == j)
+            d = lora.experts(layer, tok, np.full(len(tok), experts[j])) if ys is None and lora is not None else None
+            if d is not None:
+                gate, up, down = plus_delta(gate, "gate", d), plus_delta(up, "up", d), plus_delta(down, "down", d)
             y = ys[i:i + 1] if ys is not None else ffn(x[tok], gate, up, down)
             parts[j] = (tok, y * weights[tok, slot][:, None])  # (n, D)
     out = np.zeros_like(x)

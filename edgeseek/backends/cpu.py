@@ -208,6 +208,31 @@ def _gqa_short(q, k16, v16, n, scale, scores, out):
             _softmax_mix(scores, n, top, v16, g * n_ctx * d, d, out, qo)
 
 
+def _plus(y, d):
+    return y if d is None else y + d
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _lora_pairs_h(a16, bt16, e, x, s, t, out):
+    # out[i] = s * B[e[i]] @ (A[e[i]] @ x[i]): a16 (E, r, K), bt16 (E, r, N) (B transposed) float16 as
+    # uint16, x (n, K) float32, t (n, r) scratch; K and N multiples of 16. Reads only the chosen
+    # experts' pairs, in place (no gathered copy), 16 halves widened at a time; B's rows as 16-output
+    # vectors scaled by t, so no horizontal sum per output
+    E, r, K = a16.shape
+    N = bt16.shape[2]
+    n = e.shape[0]
+    for j in prange(n * r):
+        i, q = j // r, j % r
+        t[i, q] = hsum_f(_dot_h(zero_f(), a16, (e[i] * r + q) * K, x, i * K, K)) * s
+    M = N // 16
+    for j in prange(n * M):
+        i, m = j // M, (j % M) * 16
+        acc = zero_f()
+        for q in range(r):
+            acc = add_f(acc, mul_f(splat_f(t[i, q]), load_h(bt16, (e[i] * r + q) * N + m)))
+        store_f(out, i * N + m, acc)
+
+
 class CPUBackend:
     xp = np
     device = "cpu"
@@ -247,7 +272,7 @@ class CPUBackend:
             return out
         return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
 
-    def experts_rows(self, x: np.ndarray, triples, rows) -> np.ndarray | None:
+    def experts_rows(self, x: np.ndarray, triples, rows, delta=None) -> np.ndarray | None:
         # a decode step's experts (or a verification's (token, expert) pairs): a few kernel calls
         # per layer instead of three per expert; rows equal what the products give one by one
         gates, ups, downs = zip(*triples)
@@ -257,15 +282,37 @@ class CPUBackend:
         g = fmt.matmul_many([m.packed for m in gates], x, rows)
         if g is None:
             return None
-        h = silu(g) * fmt.matmul_many([m.packed for m in ups], x, rows)  # (n, F)
+        u = fmt.matmul_many([m.packed for m in ups], x, rows)  # (n, F)
+        if delta is not None:  # LoRA: each pair's low-rank deltas (models/lora.py)
+            g, u = _plus(g, delta("gate", x[rows])), _plus(u, delta("up", x[rows]))
+        h = silu(g) * u  # (n, F)
         d = None
         if all(m.fmt is downs[0].fmt for m in downs):
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, np.arange(len(downs)))
-        return d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
+        d = d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
+        return _plus(d, delta("down", h)) if delta is not None else d
 
-    def moe(self, x, router_weight, router, bias, store, layer: int) -> np.ndarray:
-        ids, weights = route(x @ router_weight.T, router, bias)  # (T, k)
-        return moe(x, ids, weights, store, layer, self)
+    def lora_pairs(self, a, b, e, x, s: float):
+        """s * B[e_i] (A[e_i] x_i) for a few (token, expert) pairs of float16 LoRA pairs (models/lora.py),
+        a (E, r, K) and b (E, N, r) a view of a contiguous (E, r, N): one numba call reading the chosen
+        pairs' halves in place; None where it does not apply (float32 pairs, widths no multiple of 16,
+        a prompt's many pairs)."""
+        bt = b.swapaxes(-1, -2)
+        if a.dtype != np.float16 or b.dtype != np.float16 or a.shape[2] % 16 or b.shape[1] % 16 or len(e) > 64 \
+                or not (a.flags.c_contiguous and bt.flags.c_contiguous):
+            return None
+        n, r = len(e), a.shape[1]
+        out = np.empty((n, b.shape[1]), np.float32)
+        _lora_pairs_h(a.view(np.uint16), bt.view(np.uint16), np.ascontiguousarray(e, dtype=np.int64),
+                      np.ascontiguousarray(x, dtype=np.float32), np.float32(s), np.empty((n, r), np.float32), out)
+        return out
+
+    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None) -> np.ndarray:
+        logits = x @ router_weight.T  # (T, E)
+        if lora is not None and lora.groups:  # an adapter's router pair (llama.cpp's build_moe_ffn has it)
+            logits = lora.add(f"blk.{layer}.ffn_gate_inp.weight", x, logits)
+        ids, weights = route(logits, router, bias)  # (T, k)
+        return moe(x, ids, weights, store, layer, self, lora)
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
         """One new token's MLA attention straight from the float16 latent cache (two numba kernels,

@@ -374,10 +374,10 @@ class CUDABackend:
         with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
             return cupy.asarray(host)
 
-    def experts_rows(self, x, triples, rows):
+    def experts_rows(self, x, triples, rows, delta=None):
         return None
 
-    def moe(self, x, router_weight, router, bias, store, layer: int):
+    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None):
         """A decode step whose layer has every expert in VRAM routes on the device and runs the
         chosen experts as one launch per projection: nothing waits for the host. Otherwise route on
         the host (a few dozen values), then the experts in VRAM (one launch per projection for a
