@@ -302,4 +302,4 @@ def prompt_ids_of(engine, kind: str, prompt) -> list[int]:
         return engine.tokenizer.encode(prompt)
     if engine.chat_template is None:
         raise EdgeseekError(f"{engine.path.name} has no chat template: send prompt, not messages")
-    return chat_prompt_ids(engine, req.prompt)
+    return chat_prompt_ids(engine, prompt)

@@ -541,7 +541,7 @@ class ContextPool:
             n = cached_prefix(c, ids)
             if n > n_best:
                 best, n_best = c, n
-        if best is None and len(self.idle) >= self.size:
+        if best is None and self.idle and len(self.idle) >= self.size:
             best = self.idle[0]  # nothing to reuse: recycle the oldest cache's memory
             best.reset()
         if best is None:

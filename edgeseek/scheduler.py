@@ -38,12 +38,14 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, parallel: int = 8, queue: int = 64):
+    def __init__(self, engine, parallel: int = 8, queue: int = 64, keep: int | None = None):
+        """`keep`: finished sequences' caches kept for the requests that continue them (default:
+        `parallel`; 0: every prompt is prefilled whole)."""
         self.engine = engine
         self.parallel = parallel
         self.queue_limit = queue
         self.gen = BatchGenerator(engine)
-        self.pool = ContextPool(engine, parallel)
+        self.pool = ContextPool(engine, parallel if keep is None else keep)
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
@@ -52,6 +54,7 @@ class Scheduler:
         self._uids = itertools.count()
         self.steps = 0  # decode steps run
         self.tokens = 0  # tokens sampled, first tokens included
+        self.peak_batch = 0  # the most sequences one step decoded
         self._thread = threading.Thread(target=self._loop, name="edgeseek-scheduler", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -90,7 +93,8 @@ class Scheduler:
     def load(self) -> dict:
         with self._lock:
             return {"running": len(self._running), "waiting": len(self._waiting), "parallel": self.parallel,
-                    "queue_limit": self.queue_limit, "steps": self.steps, "tokens": self.tokens}
+                    "queue_limit": self.queue_limit, "steps": self.steps, "tokens": self.tokens,
+                    "peak_batch": self.peak_batch}
 
     # --- the scheduler thread ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -101,17 +105,20 @@ class Scheduler:
                 if self._closing:
                     break
                 cancelled, self._cancelled = self._cancelled, []
-            for job in cancelled:
-                self._finish(job, self.gen.remove(job.uid) if job.uid in self._running else None)
-            while len(self.gen) < self.parallel:
-                with self._lock:
-                    if not self._waiting:
-                        break
-                    job = self._waiting.popleft()
-                if not job.cancelled:
-                    self._admit(job)
-            if self.gen:
-                self._step()
+            try:
+                for job in cancelled:
+                    self._finish(job, self.gen.remove(job.uid) if job.uid in self._running else None)
+                while len(self.gen) < self.parallel:
+                    with self._lock:
+                        if not self._waiting:
+                            break
+                        job = self._waiting.popleft()
+                    if not job.cancelled:
+                        self._admit(job)
+                if self.gen:
+                    self._step()
+            except Exception as e:  # noqa: BLE001  (a bug here fails the running requests, not the server)
+                self._fail_running(_reported(e))
         with self._lock:
             jobs = list(self._running.values()) + list(self._waiting)
             self._waiting.clear()
@@ -120,14 +127,16 @@ class Scheduler:
             job.deliver(ServerClosing("the server is shutting down"))
 
     def _admit(self, job: Job) -> None:
-        context = self.pool.take(job.ids)
         job.uid = next(self._uids)
+        context = None
         try:
+            context = self.pool.take(job.ids)
             first = self.gen.add(job.ids, max_tokens=job.max_tokens, sampler=job.sampler, stop=job.stop,
                                  uid=job.uid, context=context)
         except Exception as e:  # noqa: BLE001  (one request's failure is that request's)
-            context.reset()
-            self.pool.give(context)
+            if context is not None:
+                context.reset()
+                self.pool.give(context)
             job.deliver(_reported(e))
             return
         self.tokens += 1
@@ -139,14 +148,11 @@ class Scheduler:
             self._finish(job)
 
     def _step(self) -> None:
+        self.peak_batch = max(self.peak_batch, len(self.gen))
         try:
             deltas = self.gen.step()
         except Exception as e:  # noqa: BLE001  (the step's requests fail; the server goes on)
-            failure = _reported(e)
-            for job in list(self._running.values()):
-                self.gen.remove(job.uid)
-                self._finish(job, reset=True)
-                job.deliver(failure)
+            self._fail_running(_reported(e))
             return
         self.steps += 1
         self.tokens += len(deltas)
@@ -157,6 +163,13 @@ class Scheduler:
             job.deliver(d)
             if d.finish_reason:
                 self._finish(job)
+
+    def _fail_running(self, failure: Exception) -> None:
+        for job in list(self._running.values()):
+            self.gen.remove(job.uid)
+            self._finish(job, reset=True)
+            job.deliver(failure)
+        self.gen = BatchGenerator(self.engine)  # nothing half-added left behind
 
     def _finish(self, job: Job, context=None, reset: bool = False) -> None:
         """The job leaves the batch; its cache goes to the pool for a later turn to continue."""

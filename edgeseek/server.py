@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import signal
 import socket
 import threading
 import time
@@ -411,9 +412,13 @@ def listen(host: str, port: int) -> socket.socket:
 
 class _Uvicorn(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
-        """Ctrl+C (SIGINT) or SIGTERM: replies in flight end now, then uvicorn closes."""
+        """Ctrl+C (SIGINT) or SIGTERM: replies in flight end now, then uvicorn closes and `run`
+        returns (uvicorn's own handler would raise the signal again once closed); a second Ctrl+C
+        closes the connections without waiting."""
         self.on_exit()
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
 
 
 class Server:
@@ -426,9 +431,9 @@ class Server:
     """
 
     def __init__(self, engine, sock: socket.socket, *, parallel: int = 8, queue: int = 64, api_key: str | None = None,
-                 defaults: SamplerConfig | None = None, max_tokens: int | None = None):
+                 defaults: SamplerConfig | None = None, max_tokens: int | None = None, keep: int | None = None):
         self.sock = sock
-        self.scheduler = Scheduler(engine, parallel, queue)
+        self.scheduler = Scheduler(engine, parallel, queue, keep)
         self.api = OpenAIServer(engine, self.scheduler, defaults, max_tokens, api_key)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
