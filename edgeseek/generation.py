@@ -63,8 +63,8 @@ class StopMatcher:
 class Continuation:
     """The text of one sequence's sampled tokens and the reason it ends, token by token."""
 
-    def __init__(self, tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = ()):
-        self.stop_ids = tokenizer.stop_ids
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False):
+        self.stop_ids = frozenset() if ignore_eos else tokenizer.stop_ids  # ignore_eos: benchmarks' fixed lengths
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopMatcher(stop)
         self.max_tokens = max_tokens
@@ -385,12 +385,14 @@ class BatchGenerator:
     @_interruptible()
     def add(self, prompt_ids: Sequence[int], *, max_tokens: int = 256,
             sampler: SamplerConfig | Sampler | None = None, stop: Sequence[str] = (),
-            n_ctx: int | None = None, uid: Hashable | None = None, context: Context | None = None) -> Delta:
+            n_ctx: int | None = None, uid: Hashable | None = None, context: Context | None = None,
+            ignore_eos: bool = False) -> Delta:
         """Prefills a new sequence (one `model.forward` of its prompt) and samples its first token.
         Its KV cache holds min(n_ctx, the engine's context, prompt + max_tokens) positions; a
         prompt that leaves no room raises EdgeseekError. With a `context` (a finished sequence's,
         from a ContextPool), the sequence continues it: only the prompt after the prefix it already
-        holds is prefilled, and the cache keeps its size. `uid` names the sequence in its Deltas
+        holds is prefilled, and the cache keeps its size. `ignore_eos`: only stop strings,
+        max_tokens and the context end the sequence (as vLLM's option; for benchmarks). `uid` names the sequence in its Deltas
         (default: 0, 1, 2, ... in the order of adding). Returns the first token's Delta; the sequence
         joins the next step unless that Delta already finished it."""
         ids = list(prompt_ids)
@@ -407,7 +409,8 @@ class BatchGenerator:
         if mtp:  # the MTP entries of the reused prefix must be written too (a context filled without MTP)
             n = min(n, context.mtp_valid)
         context.truncate(n)
-        row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop), len(ids), n)
+        row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop, ignore_eos), len(ids),
+                   n)
         model = self.engine.model
         try:
             if mtp:

@@ -32,6 +32,7 @@ class Job:
     sampler: SamplerConfig
     stop: list[str]
     deliver: Callable[[object], None]  # a Delta, or the exception that ended the job
+    ignore_eos: bool = False  # only max_tokens and stop strings end it (benchmarks)
     cancelled: bool = False
     uid: int = -1  # the sequence in the BatchGenerator, once admitted
     context: object = field(default=None, repr=False)
@@ -132,7 +133,7 @@ class Scheduler:
         try:
             context = self.pool.take(job.ids)
             first = self.gen.add(job.ids, max_tokens=job.max_tokens, sampler=job.sampler, stop=job.stop,
-                                 uid=job.uid, context=context)
+                                 uid=job.uid, context=context, ignore_eos=job.ignore_eos)
         except Exception as e:  # noqa: BLE001  (one request's failure is that request's)
             if context is not None:
                 context.reset()

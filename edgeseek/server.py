@@ -144,6 +144,9 @@ class OpenAIServer:
         body = await _json_body(request)
         stream, include_usage = _stream_options(body)
         ids, max_tokens, sampler, stop, thinking = await run_in_threadpool(self._prepare, kind, body)
+        ignore_eos = body.get("ignore_eos", False)  # vLLM's and llama.cpp's extension, for benchmarks
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -153,7 +156,7 @@ class OpenAIServer:
             except RuntimeError:  # the event loop is closed: the server is gone
                 pass
 
-        job = Job(ids, max_tokens, sampler, stop, deliver)
+        job = Job(ids, max_tokens, sampler, stop, deliver, ignore_eos)
         if not self.scheduler.submit(job):
             s = self.scheduler
             raise ApiError(429, f"the server is busy: {s.parallel} requests running and {s.queue_limit} waiting; "

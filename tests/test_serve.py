@@ -341,3 +341,10 @@ def test_serve_command_answers_then_stops_on_ctrl_c():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_ignore_eos_runs_to_max_tokens(client):
+    kw = dict(model="any", messages=_user("What is 2+2?"), max_tokens=24, **GREEDY)
+    assert client.chat.completions.create(**kw).choices[0].finish_reason == "stop"  # EOS before 24 tokens
+    r = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 24
