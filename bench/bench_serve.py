@@ -10,7 +10,9 @@ as the client sees it (queueing and prefill included).
 
     python bench/bench_serve.py [--model bench/data/v2lite-q4_0.gguf] [--tokens 16] [--levels 1 4 8 16]
 
-Each server runs in its own process, one after the other. llama.cpp starts with its repacked CPU
+Each server runs in its own process, one after the other, its files first read through the page cache
+(the two sides' files do not fit in RAM together); the 1-minute load average before and after each
+side is recorded, since other work on the 2 cores lowers both sides' figures. llama.cpp starts with its repacked CPU
 buffers (its fastest path); if that process dies before it answers, it is started again with plain
 buffers (as bench_first_reply.py does) and the result says which. Writes bench/results/serve.json and
 prints a markdown table.
@@ -131,7 +133,21 @@ def level(base: str, clients: int, tokens: int, extra: dict) -> dict:
             "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(q[18], 3)}
 
 
-def run_side(name: str, cmd: list[str], levels: list[int], tokens: int, extra: dict, env=None) -> dict:
+def warm(paths: list[Path]) -> float:
+    """Reads files through the page cache, so that a side starts with its weights in RAM whatever the
+    other side left there (the two sides' files do not fit in RAM together). Seconds taken."""
+    t0 = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+    return time.perf_counter() - t0
+
+
+def run_side(name: str, cmd: list[str], levels: list[int], tokens: int, extra: dict, env=None,
+             files: list[Path] = ()) -> dict:
+    warmed = warm(list(files))
+    load_before = os.getloadavg()[0]
     port = free_port()
     cmd = [c.replace("{port}", str(port)) for c in cmd]
     log = open(HERE / "results" / f".serve-{name}-{port}.log", "w")  # the server's own output, git-ignored
@@ -140,12 +156,14 @@ def run_side(name: str, cmd: list[str], levels: list[int], tokens: int, extra: d
     try:
         ready = wait_ready(proc, base)
         stream_one(base, "warm up", 2, extra)  # kernels loaded, first pages read
-        out = {"command": " ".join(cmd), "ready_s": round(ready, 1), "levels": []}
+        out = {"command": " ".join(cmd), "page_cache_warm_s": round(warmed, 1), "ready_s": round(ready, 1),
+               "load_average_before": load_before, "levels": []}
         for c in levels:
             r = level(base, c, tokens, extra)
             print(f"{name}: {c} clients: {r['tokens_per_s']} tok/s, TTFT p50 {r['ttft_p50_s']} s, "
                   f"p95 {r['ttft_p95_s']} s", file=sys.stderr, flush=True)
             out["levels"].append(r)
+        out["load_average_after"] = os.getloadavg()[0]  # the 1-minute figure: other work on the 2 cores
         return out
     finally:
         proc.terminate()
@@ -173,9 +191,14 @@ def main():
     if a.side in ("edgeseek", "both"):
         cmd = [sys.executable, "-m", "edgeseek.app.cli", "serve", model, "--port", "{port}", "-P", str(parallel),
                "--ctx", "512", "--mtp", "off"]
+        from edgeseek import packed_cache
+        from edgeseek.gguf_file import GGUFFile
+
+        packed = packed_cache.path_for(GGUFFile(model))
         rows["edgeseek"] = run_side("edgeseek", cmd, a.levels, a.tokens, {"ignore_eos": True, "stream_options":
                                                                           {"include_usage": True}},
-                                    env={**os.environ, "NO_COLOR": "1"})
+                                    env={**os.environ, "NO_COLOR": "1"},
+                                    files=[packed] if packed.exists() else [a.model])
     if a.side in ("llama.cpp", "both"):
         from llama_cpp import Llama
 
@@ -185,13 +208,13 @@ def main():
                 "--n_threads_batch", "2", "--n_ctx", "512"]
         try:
             rows["llama.cpp"] = run_side("llama.cpp", [sys.executable, "-m", "llama_cpp.server", *args], a.levels,
-                                         a.tokens, extra)
+                                         a.tokens, extra, files=[a.model])
             rows["llama.cpp"]["buffers"] = "repacked (default)"
         except RuntimeError as e:
             print(f"llama.cpp with repacked buffers: {e}; again with plain buffers", file=sys.stderr)
             rows["llama.cpp-repacked-failure"] = str(e)
             rows["llama.cpp"] = run_side("llama.cpp", [sys.executable, "-c", LLAMA_PLAIN, *args], a.levels,
-                                         a.tokens, extra)
+                                         a.tokens, extra, files=[a.model])
             rows["llama.cpp"]["buffers"] = "plain (use_extra_bufts = False)"
     a.out.write_text(json.dumps({"model": a.model.name, "tokens_per_request": a.tokens, "threads": 2,
                                  "servers": rows}, indent=1))
