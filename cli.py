@@ -684,7 +684,8 @@ def _heatmap(counts, name: str, tokens: int) -> None:
 
 
 BENCHES = {"runtime": "bench_runtime.py", "offload": "bench_offload.py", "batch": "bench_batch.py",
-           "convert": "bench_convert.py", "kernels": "bench_kernels.py", "gpu": "bench_gpu.py"}
+           "convert": "bench_convert.py", "kernels": "bench_kernels.py", "gpu": "bench_gpu.py",
+           "serve": "bench_serve.py"}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
