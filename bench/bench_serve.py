@@ -4,7 +4,8 @@ llama_cpp.server`, which runs one request at a time), same file, 2 threads, loop
 
 At 1, 4, 8 and 16 concurrent clients, each client streams /v1/completions requests one after
 another (greedy, a fixed number of new tokens: end-of-sequence ignored, `ignore_eos` on ours,
-`logit_bias` against EOS on llama.cpp's) until max(4, 2 x clients) requests are done. Reported per
+`logit_bias` against EOS on llama.cpp's, whose `interrupt_requests` is turned off: by default a new
+request stops the one it is streaming) until max(4, 2 x clients) requests are done. Reported per
 level: completion tokens per second over the level's wall time, and p50 / p95 time to first token
 as the client sees it (queueing and prefill included).
 
@@ -90,9 +91,9 @@ def stream_one(base: str, prompt: str, tokens: int, extra: dict) -> tuple[float,
             if obj.get("usage"):
                 usage = obj["usage"]["completion_tokens"]
             if obj.get("choices"):
-                chunks += 1
                 if first is None:
                     first = time.perf_counter() - t0
+                chunks += obj["choices"][0].get("finish_reason") is None  # one a token; the last only ends
     return first, usage if usage is not None else chunks
 
 
@@ -126,6 +127,8 @@ def level(base: str, clients: int, tokens: int, extra: dict) -> dict:
     wall = time.perf_counter() - t0
     if errors:  # a server that dropped requests (or died) gives no figure
         raise RuntimeError(f"{len(errors)} of {n} requests of {clients} clients failed: {errors[:3]}")
+    if sum(counts) != n * tokens:
+        print(f"warning: {sum(counts)} tokens where {n} x {tokens} were asked", file=sys.stderr)
     q = statistics.quantiles(ttft, n=20, method="inclusive") if len(ttft) > 1 else ttft * 19
     return {"clients": clients, "requests": n,
             "completion_tokens": sum(counts), "seconds": round(wall, 2),
@@ -204,8 +207,9 @@ def main():
 
         eos = Llama(model, vocab_only=True, verbose=False).token_eos()
         extra = {"logit_bias": {str(eos): -100.0}}
+        # interrupt_requests off: by default a new request stops the one streaming (it serves one at a time)
         args = ["--model", model, "--host", "127.0.0.1", "--port", "{port}", "--n_threads", "2",
-                "--n_threads_batch", "2", "--n_ctx", "512"]
+                "--n_threads_batch", "2", "--n_ctx", "512", "--interrupt_requests", "False"]
         try:
             rows["llama.cpp"] = run_side("llama.cpp", [sys.executable, "-m", "llama_cpp.server", *args], a.levels,
                                          a.tokens, extra, files=[a.model])
