@@ -406,8 +406,9 @@ class BatchGenerator:
             context = self.engine.new_context(min(limit, len(ids) + max_tokens))
         mtp = self._mtp()
         n = cached_prefix(context, ids)
-        if mtp:  # the MTP entries of the reused prefix must be written too (a context filled without MTP)
-            n = min(n, context.mtp_valid)
+        if mtp:  # the reused prefix's MTP entries must be written (a context filled without MTP), and the
+            # last one is redone: it pairs the hidden state at n-1 with the token the old sequence had at n
+            n = max(0, min(n, context.mtp_valid) - 1)
         context.truncate(n)
         row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop, ignore_eos), len(ids),
                    n)

@@ -348,3 +348,32 @@ def test_ignore_eos_runs_to_max_tokens(client):
     assert client.chat.completions.create(**kw).choices[0].finish_reason == "stop"  # EOS before 24 tokens
     r = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 24
+
+
+def test_mtp_model_served_in_batches_replies_as_plain_decoding():
+    """edgeseek-mini with its MTP layer drafting: four requests verified together in each step give
+    the greedy replies of plain one-at-a-time decoding; a next turn continues its cached prefix."""
+    mtp = edgeseek.load(MINI, n_ctx=256, mtp="1")
+    plain = edgeseek.load(MINI, n_ctx=256, mtp="off")
+    asks = [_user(q) for q in ("What is the capital of France?", "Write a short poem about the sea.",
+                               "Give three tips for learning a new language.", "Name a colour.")]
+    for keep in (0, None):  # every prompt prefilled whole (comparable to plain runs); then caches kept
+        s = _start(mtp, parallel=4, keep=keep)
+        c = OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=60)
+
+        def ask(messages):
+            return c.chat.completions.create(model="any", messages=messages, max_tokens=24, **GREEDY)
+
+        try:
+            if keep == 0:
+                with ThreadPoolExecutor(4) as pool:
+                    got = list(pool.map(ask, asks))
+                assert [r.choices[0].message.content for r in got] == [_alone(plain, m, 24) for m in asks]
+                assert mtp.mtp.steps > 0 and mtp.mtp.accepted > 0  # drafts were made and kept
+            else:
+                turn2 = asks[0] + [{"role": "assistant", "content": ask(asks[0]).choices[0].message.content},
+                                   {"role": "user", "content": "And Spain?"}]
+                r2 = ask(turn2)
+                assert r2.usage.prompt_tokens_details.cached_tokens > 0 and r2.usage.completion_tokens > 0
+        finally:
+            s.stop()
