@@ -118,6 +118,7 @@ class OpenAIServer:
         routes = [Route("/v1/chat/completions", self.chat, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/v1/models/{model:path}", self.model_info, methods=["GET"]),
                   Route("/health", self.health, methods=["GET"])]
         app = Starlette(routes=routes, exception_handlers={
             ApiError: lambda request, e: e.response(),
@@ -128,8 +129,16 @@ class OpenAIServer:
 
     # --- routes -----------------------------------------------------------------------------------
     async def models(self, request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": self.created, "owned_by": "edgeseek"}]})
+        return JSONResponse({"object": "list", "data": [self._model_object()]})
+
+    def _model_object(self) -> dict:
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "edgeseek"}
+
+    async def model_info(self, request: Request) -> JSONResponse:
+        if request.path_params["model"] != self.model:
+            raise ApiError(404, f"the model {request.path_params['model']!r} does not exist; this server has "
+                           f"{self.model!r}", param="model", code="model_not_found")
+        return JSONResponse(self._model_object())
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": self.model, **self.scheduler.load()})

@@ -125,6 +125,9 @@ def test_seeded_sampling_repeats(client):
 
 def test_models_and_health(engine, client, server):
     assert [m.id for m in client.models.list()] == [engine.path.name]
+    assert client.models.retrieve(engine.path.name).id == engine.path.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     h = _health(server)
     assert h["status"] == "ok" and h["parallel"] == 8 and h["running"] == 0
 
@@ -298,6 +301,24 @@ def test_client_killed_mid_stream_leaves_the_server_serving(client, server):
         p.kill()
         p.wait()
     _until(lambda: _health(server)["running"] == 0)  # its slot freed, long before 250 tokens
+    host, port = server.sock.getsockname()[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)  # a whole (unstreamed) reply nobody waits for
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Count: 1, 2,", "max_tokens": 250}),
+                 {"Content-Type": "application/json"})
+    _until(lambda: _health(server)["running"] == 1)
+    conn.close()
+    _until(lambda: _health(server)["running"] == 0)
+    assert client.completions.create(model="any", prompt="Hi", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_a_failing_step_fails_its_requests_not_the_server(client, server, monkeypatch):
+    def broken():
+        raise RuntimeError("a bug in a step")
+
+    monkeypatch.setattr(server.scheduler.gen, "step", broken)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="any", prompt="Hi", max_tokens=5)
+    assert e.value.status_code == 500 and "RuntimeError" in e.value.message
     assert client.completions.create(model="any", prompt="Hi", max_tokens=3).usage.completion_tokens >= 1
 
 
