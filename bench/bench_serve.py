@@ -228,7 +228,8 @@ def main():
     for name, side in rows.items():
         for r in side["levels"] if isinstance(side, dict) else []:
             ratio = f"{r['tokens_per_s'] / base[r['clients']]:.2f}x" if base.get(r["clients"]) else "-"
-            print(f"| {name} | {r['clients']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} | {ratio} |")
+            print(f"| {name} | {r['clients']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} "
+                  f"| {ratio} |")
 
 
 if __name__ == "__main__":

@@ -356,7 +356,7 @@ class _Row:
     sampler: Sampler
     reply: Continuation
     n_prompt: int
-    n_cached: int = 0
+    n_cached: int = 0  # prompt tokens its context already held
     last: int = 0  # the sampled token that the next step feeds back
     draft_from: tuple | None = None  # with MTP: the block's last logits and output, the next drafts' source
 
@@ -392,9 +392,9 @@ class BatchGenerator:
         prompt that leaves no room raises EdgeseekError. With a `context` (a finished sequence's,
         from a ContextPool), the sequence continues it: only the prompt after the prefix it already
         holds is prefilled, and the cache keeps its size. `ignore_eos`: only stop strings,
-        max_tokens and the context end the sequence (as vLLM's option; for benchmarks). `uid` names the sequence in its Deltas
-        (default: 0, 1, 2, ... in the order of adding). Returns the first token's Delta; the sequence
-        joins the next step unless that Delta already finished it."""
+        max_tokens and the context end the sequence (vLLM's option; for benchmarks). `uid` names
+        the sequence in its Deltas (default: 0, 1, 2, ... in the order of adding). Returns the
+        first token's Delta; the sequence joins the next step unless that Delta already finished it."""
         ids = list(prompt_ids)
         limit = min(n_ctx or self.engine.n_ctx, self.engine.n_ctx) if context is None else context.n_ctx
         check_prompt(ids, limit)
@@ -410,8 +410,8 @@ class BatchGenerator:
             # last one is redone: it pairs the hidden state at n-1 with the token the old sequence had at n
             n = max(0, min(n, context.mtp_valid) - 1)
         context.truncate(n)
-        row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop, ignore_eos), len(ids),
-                   n)
+        reply = Continuation(self.engine.tokenizer, max_tokens, stop, ignore_eos)
+        row = _Row(context, _sampler(sampler), reply, len(ids), n)
         model = self.engine.model
         try:
             if mtp:
@@ -530,8 +530,9 @@ class ContextPool:
     prompt (else a free one, reset; else a new one); `give` returns it once its sequence is done.
     Up to `size` idle contexts are kept, the least recently given dropped first.
 
-    Contexts are made with the engine's full context length: numpy's zeros are mapped lazily, so a
-    cache costs memory only for the positions its sequence wrote."""
+    Contexts are made with the engine's full context length: numpy's zeros are mapped lazily, so on
+    the CPU a cache costs memory only for the positions its sequence wrote (on a GPU, its whole
+    size)."""
 
     def __init__(self, engine: Engine, size: int, n_ctx: int | None = None):
         self.engine = engine
