@@ -1,4 +1,5 @@
-"""The `edgeseek` command: chat, generate, batch, convert, convert-lora, inspect, experts, bench, pull, list.
+"""The `edgeseek` command: chat, generate, batch, serve, convert, convert-lora, inspect, experts, bench, pull,
+list.
 
 All terminal rendering lives here; the engine below only yields text and stats.
 Data goes to stdout, messages and progress to stderr; user mistakes exit non-zero with one line.
@@ -352,6 +353,59 @@ def batch(
 
 
 @app.command()
+def serve(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="EDGESEEK_HOST",
+                             help="Address to listen on; one other than loopback needs --api-key."),
+    port: int = typer.Option(8080, "--port", envvar="EDGESEEK_PORT"),
+    parallel: int = typer.Option(8, "-P", "--parallel", envvar="EDGESEEK_PARALLEL",
+                                 help="Requests decoded together in one forward pass."),
+    queue: int = typer.Option(64, "--queue", help="Requests that may wait for a slot; beyond them: 429."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGESEEK_API_KEY",
+                                          help="Every request must send Authorization: Bearer KEY."),
+    max_tokens: Optional[int] = typer.Option(None, "-n", "--max-tokens",
+                                             help="Most tokens one request may ask for (default: the context)."),
+    temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
+    ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
+    mtp: str = MTP,
+):
+    """Serve OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health) so that
+    editors, agents and chat front-ends connect unchanged: base URL http://HOST:PORT/v1.
+
+    Requests join the running batch at the next decode step, up to -P at a time; --queue more wait.
+    Sampling options are the defaults of requests that set none. Ctrl+C stops the server.
+
+    Examples:
+      edgeseek serve
+      edgeseek serve DeepSeek-V2-Lite-Chat-Q4_K_M.gguf -P 8 --ram-budget 8G
+      edgeseek serve model.gguf --host 0.0.0.0 --port 8000 --api-key "$(cat key.txt)"
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hello"}]}'
+    """
+    from edgeseek.server import Server, is_loopback, listen
+
+    if not is_loopback(host) and not api_key:
+        _fail(f"--host {host} is reachable from other machines: set --api-key KEY (or EDGESEEK_API_KEY), "
+              "or listen on 127.0.0.1")
+    if parallel < 1 or queue < 0:
+        _fail(f"-P must be at least 1 and --queue at least 0, got {parallel} and {queue}")
+    if max_tokens is not None and max_tokens < 1:
+        _fail(f"--max-tokens must be at least 1, got {max_tokens}")
+    defaults = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    sock = listen(host, port)  # before loading: a port in use is said at once
+    engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp)
+    server = Server(engine, sock, parallel=parallel, queue=queue, api_key=api_key, defaults=defaults,
+                    max_tokens=max_tokens)
+    where = engine.device_name if engine.device == "cuda" else "the CPU"
+    err.print(f"[bold]{engine.path.name}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s on {where}; "
+              f"serving OpenAI's API at [bold]{server.url}[/bold] ({parallel} requests at a time, {queue} waiting"
+              f"{', API key required' if api_key else ''}). Ctrl+C to stop.", highlight=False)
+    server.run()
+    err.print("server stopped", markup=False)
+
+
+@app.command()
 def chat(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt, or @FILE to read it from a file."),
@@ -648,7 +702,8 @@ def _heatmap(counts, name: str, tokens: int) -> None:
 
 
 BENCHES = {"runtime": "bench_runtime.py", "offload": "bench_offload.py", "batch": "bench_batch.py",
-           "convert": "bench_convert.py", "kernels": "bench_kernels.py", "gpu": "bench_gpu.py"}
+           "convert": "bench_convert.py", "kernels": "bench_kernels.py", "gpu": "bench_gpu.py",
+           "serve": "bench_serve.py"}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

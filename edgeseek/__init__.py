@@ -13,7 +13,8 @@ def __getattr__(name):
     if name in ("load", "Engine", "Context"):
         from . import engine
         return getattr(engine, name)
-    if name in ("generate_step", "stream_generate", "GenerationResponse", "generate", "BatchGenerator"):
+    if name in ("generate_step", "stream_generate", "GenerationResponse", "generate", "BatchGenerator",
+                "ContextPool"):
         from . import generation
         return getattr(generation, name)
     if name in ("Sampler", "SamplerConfig"):

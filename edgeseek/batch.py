@@ -56,7 +56,7 @@ class Request:
     custom_id: str
     line: int
     kind: str  # "chat" or "completion"
-    prompt: object  # messages (list of dicts) or text
+    prompt: object  # messages (list of dicts), text, or token ids
     max_tokens: int
     sampler: SamplerConfig
     stop: list[str]
@@ -93,30 +93,9 @@ def parse_line(text: str, line: int, defaults: SamplerConfig, max_tokens: int) -
     else:
         body = obj
         kind = "chat" if "messages" in obj else "completion"
-    key = "messages" if kind == "chat" else "prompt"
-    prompt = body.get(key)
-    if kind == "chat":
-        prompt = _messages(prompt)
-        if isinstance(prompt, str):
-            return BadLine(line, cid, f"line {line}: {prompt}")
-    elif not isinstance(prompt, str) or not prompt:
-        return BadLine(line, cid, f"line {line}: missing prompt (or messages)")
-    changes = {}
-    for name, (option, integer, *_) in SAMPLING.items():
-        if name not in body:
-            continue
-        problem = _bad_number(name, body[name])
-        if problem:
-            return BadLine(line, cid, f"line {line}: {problem}")
-        if option is not None:
-            changes[option] = int(body[name]) if integer else float(body[name])
-    n = body.get("max_completion_tokens", body.get("max_tokens", max_tokens))
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return BadLine(line, cid, f"line {line}: max_tokens must be a positive integer, got {json.dumps(n)}")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        return BadLine(line, cid, f"line {line}: stop must be a string or a list of strings")
+    r = parse_body(kind, body, defaults, max_tokens)
+    if isinstance(r, str):
+        return BadLine(line, cid, f"line {line}: {r}")
     lora = body.get("lora", obj.get("lora", ...))
     if lora is ...:
         lora = None
@@ -127,7 +106,43 @@ def parse_line(text: str, line: int, defaults: SamplerConfig, max_tokens: int) -
     elif not (isinstance(lora, list) and all(isinstance(s, str) and s for s in lora)):
         return BadLine(line, cid, f"line {line}: lora must be an adapter name or file, a list of them, or null, "
                                   f"got {json.dumps(lora)[:40]}")
-    return Request(cid, line, kind, prompt, n, defaults.updated(**changes), stop, lora)
+    return Request(cid, line, kind, *r, lora)
+
+
+def parse_body(kind: str, body: dict, defaults: SamplerConfig, max_tokens: int):
+    """A request body of /v1/chat/completions (kind "chat") or /v1/completions ("completion") ->
+    (messages or prompt text, max_tokens, SamplerConfig, stop strings), or what is wrong with it.
+    The server judges its requests by the same rules."""
+    key = "messages" if kind == "chat" else "prompt"
+    prompt = body.get(key)
+    if kind == "chat":
+        prompt = _messages(prompt)
+        if isinstance(prompt, str):
+            return prompt
+    else:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # one prompt in a list, as OpenAI's clients may send it
+        ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in prompt)
+        if not ids and (not isinstance(prompt, str) or not prompt):
+            return "missing prompt (or messages): a string, or a list of token ids"
+    changes = {}
+    for name, (option, integer, *_) in SAMPLING.items():
+        if name not in body:
+            continue
+        problem = _bad_number(name, body[name])
+        if problem:
+            return problem
+        if option is not None:
+            changes[option] = int(body[name]) if integer else float(body[name])
+    n = body.get("max_completion_tokens", body.get("max_tokens", max_tokens))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"max_tokens must be a positive integer, got {json.dumps(n)}"
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        return "stop must be a string or a list of strings"
+    return prompt, n, defaults.updated(**changes), stop
 
 
 def _bad_number(name: str, v) -> str | None:
@@ -313,8 +328,20 @@ def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel:
 
 
 def _prompt_ids(engine, req: Request) -> list[int]:
-    if req.kind == "completion":
-        return engine.tokenizer.encode(req.prompt)
+    return prompt_ids_of(engine, req.kind, req.prompt)
+
+
+def prompt_ids_of(engine, kind: str, prompt) -> list[int]:
+    """The token ids of a request's prompt: text or token ids (completion), or messages through
+    the model's chat template (chat). EdgeseekError names what is wrong."""
+    if kind == "completion":
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < engine.tokenizer.vocab_size]
+            if bad:
+                raise EdgeseekError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                    f"(0..{engine.tokenizer.vocab_size - 1})")
+            return list(prompt)
+        return engine.tokenizer.encode(prompt)
     if engine.chat_template is None:
         raise EdgeseekError(f"{engine.path.name} has no chat template: send prompt, not messages")
-    return chat_prompt_ids(engine, req.prompt)
+    return chat_prompt_ids(engine, prompt)

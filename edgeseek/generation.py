@@ -63,8 +63,8 @@ class StopMatcher:
 class Continuation:
     """The text of one sequence's sampled tokens and the reason it ends, token by token."""
 
-    def __init__(self, tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = ()):
-        self.stop_ids = tokenizer.stop_ids
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False):
+        self.stop_ids = frozenset() if ignore_eos else tokenizer.stop_ids  # ignore_eos: benchmarks' fixed lengths
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopMatcher(stop)
         self.max_tokens = max_tokens
@@ -347,6 +347,7 @@ class Delta:
     prompt_tokens: int  # the sequence's prompt length
     generation_tokens: int  # tokens sampled so far, an end-of-generation token included
     finish_reason: str | None  # "stop", "length", or None while the sequence runs
+    cached_tokens: int = 0  # prompt tokens the sequence's context already held (not prefilled again)
 
 
 @dataclass
@@ -355,6 +356,7 @@ class _Row:
     sampler: Sampler
     reply: Continuation
     n_prompt: int
+    n_cached: int = 0  # prompt tokens its context already held
     last: int = 0  # the sampled token that the next step feeds back
     draft_from: tuple | None = None  # with MTP: the block's last logits and output, the next drafts' source
 
@@ -383,32 +385,50 @@ class BatchGenerator:
     @_interruptible()
     def add(self, prompt_ids: Sequence[int], *, max_tokens: int = 256,
             sampler: SamplerConfig | Sampler | None = None, stop: Sequence[str] = (),
-            n_ctx: int | None = None, uid: Hashable | None = None, adapters: tuple | None = None) -> Delta:
+            n_ctx: int | None = None, uid: Hashable | None = None, context: Context | None = None,
+            ignore_eos: bool = False, adapters: tuple | None = None) -> Delta:
         """Prefills a new sequence (one `model.forward` of its prompt) and samples its first token.
         Its KV cache holds min(n_ctx, the engine's context, prompt + max_tokens) positions; a
-        prompt that leaves no room raises EdgeseekError. `uid` names the sequence in its Deltas
-        (default: 0, 1, 2, ... in the order of adding); `adapters` are the LoRA adapters it runs with
-        (default: the engine's): sequences with different adapters still share each step. Returns
-        the first token's Delta; the sequence joins the next step unless that Delta already finished it."""
+        prompt that leaves no room raises EdgeseekError. With a `context` (a finished sequence's,
+        from a ContextPool), the sequence continues it: only the prompt after the prefix it already
+        holds is prefilled, and the cache keeps its size. `ignore_eos`: only stop strings,
+        max_tokens and the context end the sequence (vLLM's option; for benchmarks). `adapters`
+        are the LoRA adapters it runs with (default: the engine's, or the context's own):
+        sequences with different adapters still share each step. `uid` names the sequence in its
+        Deltas (default: 0, 1, 2, ... in the order of adding). Returns the first token's Delta; the
+        sequence joins the next step unless that Delta already finished it."""
         ids = list(prompt_ids)
-        limit = min(n_ctx or self.engine.n_ctx, self.engine.n_ctx)
+        limit = min(n_ctx or self.engine.n_ctx, self.engine.n_ctx) if context is None else context.n_ctx
         check_prompt(ids, limit)
         if uid is None:
             uid = next(u for u in self._uids if u not in self.rows)
         elif uid in self.rows:
             raise ValueError(f"sequence {uid!r} is already in the batch")
-        context = self.engine.new_context(min(limit, len(ids) + max_tokens), adapters)
-        row = _Row(context, _sampler(sampler), Continuation(self.engine.tokenizer, max_tokens, stop), len(ids))
+        if context is None:
+            context = self.engine.new_context(min(limit, len(ids) + max_tokens), adapters)
+        elif adapters is not None:
+            context.use_adapters(adapters)  # a cache computed with other adapters is dropped
+        mtp = self._mtp()
+        n = cached_prefix(context, ids)
+        if mtp:  # the reused prefix's MTP entries must be written (a context filled without MTP), and the
+            # last one is redone: it pairs the hidden state at n-1 with the token the old sequence had at n
+            n = max(0, min(n, context.mtp_valid) - 1)
+        context.truncate(n)
+        reply = Continuation(self.engine.tokenizer, max_tokens, stop, ignore_eos)
+        row = _Row(context, _sampler(sampler), reply, len(ids), n)
         model = self.engine.model
-        if self._mtp():
-            logits, hidden = model.forward(np.asarray(ids, np.int32), context.cache, hidden=True)
-            context.tokens.extend(ids)
-            delta = self._advance(uid, row, logits[-1])
-            row.draft_from = _mtp_catch_up(model, hidden, ids[1:] + [row.last], 0, context.cache, context)
-        else:
-            logits = model.forward(np.asarray(ids, np.int32), context.cache)[-1]
-            context.tokens.extend(ids)
-            delta = self._advance(uid, row, logits)
+        try:
+            if mtp:
+                logits, hidden = model.forward(np.asarray(ids[n:], np.int32), context.cache, hidden=True)
+                context.tokens.extend(ids[n:])
+                delta = self._advance(uid, row, logits[-1])
+                row.draft_from = _mtp_catch_up(model, hidden, ids[n + 1:] + [row.last], n, context.cache, context)
+            else:
+                logits = model.forward(np.asarray(ids[n:], np.int32), context.cache)[-1]
+                context.tokens.extend(ids[n:])
+                delta = self._advance(uid, row, logits)
+        finally:  # an interrupted prefill leaves the cache as its tokens say
+            context.truncate(len(context.tokens))
         if delta.finish_reason is None:
             self.rows[uid] = row
         return delta
@@ -416,9 +436,10 @@ class BatchGenerator:
     def _mtp(self) -> bool:
         return self.engine.mtp is not None and self.engine.mtp.k > 0
 
-    def remove(self, uid: Hashable) -> None:
-        """Drops a sequence (and its KV cache) from the batch; one that already finished is gone."""
-        self.rows.pop(uid, None)
+    def remove(self, uid: Hashable) -> Context | None:
+        """Drops a sequence from the batch and returns its context (None if it already finished)."""
+        row = self.rows.pop(uid, None)
+        return row.context if row is not None else None
 
     @_interruptible()
     def step(self) -> list[Delta]:
@@ -502,4 +523,43 @@ class BatchGenerator:
         text = row.reply.add(token, _context_full(row.context) if full is None else full)
         row.last = token
         return Delta(uid, text, None if token in row.reply.stop_ids else token, row.n_prompt, row.reply.n,
-                     row.reply.finish_reason)
+                     row.reply.finish_reason, row.n_cached)
+
+
+class ContextPool:
+    """KV caches of finished sequences, kept for the requests that continue them: the next turn of a
+    conversation renders the whole conversation again, and its prompt begins with the tokens a
+    finished sequence's cache holds (the earlier turns, the reply) — as a chat session reuses its one
+    context between turns. `take` hands out the pooled context sharing the longest prefix with a
+    prompt (else a free one, reset; else a new one); `give` returns it once its sequence is done.
+    Up to `size` idle contexts are kept, the least recently given dropped first.
+
+    Contexts are made with the engine's full context length: numpy's zeros are mapped lazily, so on
+    the CPU a cache costs memory only for the positions its sequence wrote (on a GPU, its whole
+    size)."""
+
+    def __init__(self, engine: Engine, size: int, n_ctx: int | None = None):
+        self.engine = engine
+        self.size = size
+        self.n_ctx = n_ctx or engine.n_ctx
+        self.idle: list[Context] = []  # least recently given first
+
+    def take(self, ids: Sequence[int]) -> Context:
+        best, n_best = None, 0
+        for c in self.idle:
+            n = cached_prefix(c, ids)
+            if n > n_best:
+                best, n_best = c, n
+        if best is None and self.idle and len(self.idle) >= self.size:
+            best = self.idle[0]  # nothing to reuse: recycle the oldest cache's memory
+            best.reset()
+        if best is None:
+            return self.engine.new_context(self.n_ctx)
+        self.idle.remove(best)
+        return best
+
+    def give(self, context: Context | None) -> None:
+        if context is None or self.size <= 0:
+            return
+        self.idle.append(context)
+        del self.idle[:-self.size]
