@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from queue import Queue
@@ -104,6 +105,26 @@ def _prefetch(gen, depth: int = 1):
     t.join()
 
 
+@contextmanager
+def written_atomically(w: GGUFWriter, out: Path):
+    """w's header, metadata and tensor infos into a temporary file beside `out`; the caller writes
+    the tensor data to the file object this yields; renamed to `out` at the end, removed on any
+    error or Ctrl+C, so that an interrupted conversion leaves no half-written file."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        yield w.fout[0]
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        for fo in w.fout or []:
+            fo.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _general_keys(w: GGUFWriter, src: Path, plan: Plan, name: str | None):
     """general.* keys as llama.cpp's converter writes them: name and size label from gguf-py's Metadata
     (model card, folder name), type "model"."""
@@ -176,12 +197,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: str = "q8_0"
     if on_start:
         on_start(total_src)
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        f = w.fout[0]
+    with written_atomically(w, out) as f:
         align = w.data_alignment
         for p, t, nbytes in zip(plan.tensors, types, sizes):
             f.write(b"\0" * (-f.tell() % align))
@@ -202,13 +218,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: str = "q8_0"
                 raise EdgeseekError(f"internal: {p.name} wrote {written} bytes, planned {nbytes}")
             report.tensors.append(TensorReport(p.name, list(reversed(p.shape)), t.name, nbytes,
                                                float(np.sqrt(err / norm)) if norm > 0 else 0.0))
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        for fo in w.fout or []:
-            fo.close()
-        tmp.unlink(missing_ok=True)
-        raise
     report.output_bytes = out.stat().st_size
     report.seconds = time.perf_counter() - t0
     return report

@@ -32,7 +32,7 @@ from edgeseek.quantize import get_format
 
 from .architectures import Options, architecture_of
 from .checkpoint import Checkpoint, MissingFileError, TensorError, read_json
-from .convert import OutputExistsError
+from .convert import OutputExistsError, written_atomically
 from .safetensors import read_header, read_raw, to_f32
 
 TYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}
@@ -197,22 +197,10 @@ def convert_lora(peft_dir: str | os.PathLike, base: str | os.PathLike, out: str 
     if not tensors:
         raise TensorError(f"{peft_dir}: the adapter holds no LoRA pairs")
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        f = w.fout[0]
+    with written_atomically(w, out) as f:
         for q in blobs:
             f.write(b"\0" * (-f.tell() % w.data_alignment))
             f.write(memoryview(q).cast("B"))
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        for fo in w.fout or []:
-            fo.close()
-        tmp.unlink(missing_ok=True)
-        raise
     report.output_bytes = out.stat().st_size
     report.seconds = time.perf_counter() - t0
     return report

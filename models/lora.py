@@ -84,34 +84,33 @@ class LoraRows:
             raise ValueError(f"LoRA rows: {len(x)} rows in a pass of {self.n} with several adapter groups")
         return rows
 
-    def add(self, name: str, x, y):
-        """y (T, N) += each row group's deltas of weight `name` on x (T, K)."""
+    def _pairs(self, name: str, x):
+        """(rows, adapter, pair) for each row group's adapters that adapt weight `name`."""
         for rows, adapters in self.groups:
             rows = self._rows(rows, x)
             for ad in adapters:
                 p = ad.pairs.get(name)
-                if p is None:
-                    continue
-                xs = x if rows is None else x[rows]
-                d = self.kernel(p.a[None], p.b[None], np.zeros(len(xs), np.int64), xs, ad.factor(p)) \
-                    if self.kernel is not None else None
-                if d is None:
-                    d = (xs @ p.a.T.astype(np.float32, copy=False)) @ p.b.T.astype(np.float32, copy=False)  # (T, N)
-                    d *= ad.factor(p)
-                y = _added(y, rows, d)
+                if p is not None:
+                    yield rows, ad, p
+
+    def add(self, name: str, x, y):
+        """y (T, N) += each row group's deltas of weight `name` on x (T, K)."""
+        for rows, ad, p in self._pairs(name, x):
+            xs = x if rows is None else x[rows]
+            d = self.kernel(p.a[None], p.b[None], np.zeros(len(xs), np.int64), xs, ad.factor(p)) \
+                if self.kernel is not None else None
+            if d is None:
+                d = (xs @ p.a.T.astype(np.float32, copy=False)) @ p.b.T.astype(np.float32, copy=False)  # (T, N)
+                d *= ad.factor(p)
+            y = _added(y, rows, d)
         return y
 
     def add_embedding(self, name: str, ids, y):
         """y (T, D) += the deltas of the embedding rows of ids (T,): A[ids] (T, r) @ B.T."""
-        for rows, adapters in self.groups:
-            rows = self._rows(rows, ids)
-            for ad in adapters:
-                p = ad.pairs.get(name)
-                if p is None:
-                    continue
-                sel = ids if rows is None else ids[rows]
-                d = p.a[sel] @ p.b.T * ad.factor(p)
-                y = _added(y, rows, d)
+        for rows, ad, p in self._pairs(name, ids):
+            sel = ids if rows is None else ids[rows]
+            d = p.a[sel] @ p.b.T * ad.factor(p)
+            y = _added(y, rows, d)
         return y
 
     def experts(self, layer: int, tok: np.ndarray, exp: np.ndarray):

@@ -54,6 +54,21 @@ __device__ __forceinline__ float block_add(float v, float* red) {
     return r;
 }
 
+// exp(sc[s] - max) in place over a split's positions s0..s1-1 -> the split's max and sum of
+// exponentials. All 256 threads call it; its barriers also publish sc[] to the whole block.
+__device__ __forceinline__ void split_softmax(float* sc, int s0, int s1, float* red, float& m, float& sum) {
+    m = NEG_INF;
+    for (int s = s0 + threadIdx.x; s < s1; s += 256) m = fmaxf(m, sc[s]);
+    m = block_max(m, red);
+    sum = 0.0f;
+    for (int s = s0 + threadIdx.x; s < s1; s += 256) {
+        const float e = expf(sc[s] - m);
+        sc[s] = e;
+        sum += e;
+    }
+    sum = block_add(sum, red);
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 route_topk(const float* __restrict__ logits, const float* __restrict__ bias, int E, int k, int gating, int n_group,
            int n_group_used, int norm, float scale, int* __restrict__ ids, float* __restrict__ w) {
@@ -192,16 +207,8 @@ mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, cons
         if (lane == 0) sc[s] = acc * scale;
     }
     __syncthreads();
-    float m = NEG_INF;
-    for (int s = s0 + tid; s < s1; s += 256) m = fmaxf(m, sc[s]);
-    m = block_max(m, red);
-    float sum = 0.0f;
-    for (int s = s0 + tid; s < s1; s += 256) {
-        const float e = expf(sc[s] - m);
-        sc[s] = e;
-        sum += e;
-    }
-    sum = block_add(sum, red);  // its barriers also publish sc[] to the whole block
+    float m, sum;
+    split_softmax(sc, s0, s1, red, m, sum);
     for (int i = 2 * tid; i < C; i += 512) {  // two channels per thread, one 4-byte load per position
         float a0 = 0.0f, a1 = 0.0f;
         const u32* col = (const u32*)(cache_c + i);
@@ -290,16 +297,8 @@ gqa_decode(const float* __restrict__ q, const u16* __restrict__ k_cache, const u
         if (lane == 0) sc[s] = acc * scale;
     }
     __syncthreads();
-    float m = NEG_INF;
-    for (int s = s0 + tid; s < s1; s += 256) m = fmaxf(m, sc[s]);
-    m = block_max(m, red);
-    float sum = 0.0f;
-    for (int s = s0 + tid; s < s1; s += 256) {
-        const float e = expf(sc[s] - m);
-        sc[s] = e;
-        sum += e;
-    }
-    sum = block_add(sum, red);  // its barriers also publish sc[] to the whole block
+    float m, sum;
+    split_softmax(sc, s0, s1, red, m, sum);
     // 256 / d groups of threads share the positions (a thread per channel in each), then add up
     const int groups = 256 / d, grp = tid / d, i = tid - grp * d;
     float a = 0.0f;
