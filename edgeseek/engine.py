@@ -146,7 +146,8 @@ class MTP:
         if self.auto and self.steps == AUTO_STEPS:
             self.auto = False
             # MTP steps begin only once AUTO_PLAIN plain steps were timed (measuring_plain)
-            keep = (self.steps + self.accepted) / self.seconds > self.plain_steps / self.plain_seconds
+            keep = self.plain_seconds <= 0 or \
+                (self.steps + self.accepted) / self.seconds > self.plain_steps / self.plain_seconds
             self.k = self.k if keep else 0
 
     def measuring_plain(self) -> bool:

@@ -448,18 +448,33 @@ class BatchGenerator:
         sequence). Sequences whose Delta carries a finish_reason leave the batch."""
         if not self.rows:
             return []
-        if self._mtp() and all(r.draft_from is not None for r in self.rows.values()):
+        mtp = self.engine.mtp
+        drafting = self._mtp() and all(r.draft_from is not None for r in self.rows.values())
+        if drafting and not mtp.measuring_plain():
             return self._mtp_step()
+        # --mtp auto's first steps run plain and are timed (each row its share), the MTP entries kept written
+        measure = drafting
         uids, rows = list(self.rows), list(self.rows.values())
+        model = self.engine.model
+        t0 = time.perf_counter()
         try:
-            logits = self.engine.model.forward_rows(np.array([r.last for r in rows], np.int32),
-                                                    [r.context.cache for r in rows])  # (B, V)
+            out = model.forward_rows(np.array([r.last for r in rows], np.int32), [r.context.cache for r in rows],
+                                     hidden=measure)
+            logits, hidden = out if measure else (out, None)  # (B, V), (B, D)
             for r in rows:
                 r.context.tokens.append(r.last)
         finally:  # an interrupted pass leaves every cache as its tokens say
             for r in rows:
                 r.context.truncate(len(r.context.tokens))
+        if measure:
+            for _ in rows:
+                mtp.plain_step((time.perf_counter() - t0) / len(rows))
         deltas = [self._advance(uid, r, lg) for uid, r, lg in zip(uids, rows, logits)]
+        if measure:
+            for i, (r, d) in enumerate(zip(rows, deltas)):
+                if not d.finish_reason:  # the entry pairing the fed token's hidden state with the new token
+                    n = len(r.context.tokens) - 1
+                    r.draft_from = _mtp_catch_up(model, hidden[i:i + 1], [r.last], n, r.context.cache, r.context)
         for d in deltas:
             if d.finish_reason:
                 del self.rows[d.uid]

@@ -187,3 +187,15 @@ def test_auto_measures_and_turns_off_drafts_that_do_not_pay(mtp_file):
     e = edgeseek.load(mtp_file, mtp="auto")
     assert tokens(e, n=60) == plain
     assert e.mtp.plain_steps == 8 and e.mtp.steps == 16 and e.mtp.k == 0 and not e.mtp.auto
+
+
+def test_auto_in_batch_mode_measures_then_decides(mtp_file):
+    """--mtp auto in the batch runner and the server (BatchGenerator): the first steps run plain and
+    are timed, each row its share, the MTP entries kept written; then MTP steps until the decision.
+    The output is unchanged; the decision is made (it once divided by the unmeasured plain time)."""
+    prompts = [PROMPT, list(range(30, 42)), list(range(7, 11))]
+    off = edgeseek.load(mtp_file, mtp="off")
+    plain = [tokens(off, n=30, prompt=p) for p in prompts]
+    e = edgeseek.load(mtp_file, mtp="auto")
+    assert _batch(e, prompts, 30) == plain
+    assert e.mtp.plain_steps >= 8 and e.mtp.steps >= 16 and not e.mtp.auto
