@@ -12,13 +12,15 @@ The math lives in models/lora.py; this module loads files into its `Adapter`s, k
 """
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .errors import GGUFError, UnsupportedError
+from .errors import EdgeseekError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
 from .models import lora as L
 from .quantize import get_format
@@ -32,9 +34,12 @@ def parse_spec(spec: str) -> tuple[str, float]:
     path, sep, tail = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(tail)
+            scale = float(tail)
         except ValueError:
-            pass
+            return spec, 1.0
+        if not math.isfinite(scale):
+            raise EdgeseekError(f"--lora {spec}: the scale must be a finite number, got {tail}")
+        return path, scale
     return spec, 1.0
 
 
