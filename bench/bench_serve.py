@@ -37,16 +37,11 @@ TOPICS = ["the sea", "a mountain", "bread", "a library", "rain", "a train", "the
 
 # llama-cpp-python's server with llama.cpp's repacked ("extra") buffer types off, as
 # bench_first_reply.py loads it where the repacked path aborts.
-LLAMA_PLAIN = """
+LLAMA_PLAIN = f"""
 import sys
-import llama_cpp
-defaults = llama_cpp.llama_model_default_params
-def plain_buffers():
-    params = defaults()
-    params.use_extra_bufts = False
-    return params
-llama_cpp.llama_model_default_params = plain_buffers
-llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
+sys.path.insert(0, {str(HERE)!r})
+from llama_cpp_side import disable_repack
+disable_repack()
 from llama_cpp.server.__main__ import main
 sys.argv = ["llama_cpp.server"] + sys.argv[1:]
 main()

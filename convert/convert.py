@@ -105,6 +105,17 @@ def _prefetch(gen, depth: int = 1):
     t.join()
 
 
+def check_output(out: Path, force: bool) -> None:
+    """The file a conversion will write: not a folder, not an existing file unless forced, in a
+    folder that exists; checked before any work."""
+    if out.is_dir():
+        raise OutputExistsError(f"{out}: is a folder; give the output file's path")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise EdgeseekError(f"{out.parent}: output folder does not exist")
+
+
 @contextmanager
 def written_atomically(w: GGUFWriter, out: Path):
     """w's header, metadata and tensor infos into a temporary file beside `out`; the caller writes
@@ -153,12 +164,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, recipe: str = "q8_0"
     src, out = Path(src), Path(out)
     rec = get_recipe(recipe)
     overrides = parse_overrides(list(tensor_types))
-    if out.is_dir():
-        raise OutputExistsError(f"{out}: is a folder; give the output file's path")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.is_dir():
-        raise EdgeseekError(f"{out.parent}: output folder does not exist")
+    check_output(out, force)
     if threads:
         import numba
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

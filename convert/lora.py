@@ -32,7 +32,7 @@ from edgeseek.quantize import get_format
 
 from .architectures import Options, architecture_of
 from .checkpoint import Checkpoint, MissingFileError, TensorError, read_json
-from .convert import OutputExistsError, written_atomically
+from .convert import check_output, written_atomically
 from .safetensors import read_header, read_raw, to_f32
 
 TYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}
@@ -159,12 +159,7 @@ def convert_lora(peft_dir: str | os.PathLike, base: str | os.PathLike, out: str 
     peft_dir, base, out = Path(peft_dir), Path(base), Path(out)
     if outtype not in TYPES:
         raise EdgeseekError(f"--type {outtype!r}: choose one of {', '.join(TYPES)}")
-    if out.is_dir():
-        raise OutputExistsError(f"{out}: is a folder; give the output file's path")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.is_dir():
-        raise EdgeseekError(f"{out.parent}: output folder does not exist")
+    check_output(out, force)
     config, pairs = read_peft(peft_dir)
     if not isinstance(config.get("lora_alpha"), (int, float)):
         raise TensorError(f"{peft_dir / 'adapter_config.json'}: no lora_alpha (a number)")
