@@ -69,12 +69,25 @@ class Backend(Protocol):
         store lat_new (1, C) and k_pe_new (1, R) at position pos in one layer's cache (S, C) and
         (S, R); q_lat (H, C) and q_pe (H, R) attend over positions 0..pos -> o_lat (1, H, C)."""
 
+    def latent_step(self, q, kv, norm_w, eps: float, rope, q_lat, cache_c, cache_k_pe, pos, scale: float):
+        """A decode step's whole MLA attention from the raw projections, or None (the model then
+        ropes, normalizes and calls latent_decode): q (H, N + R) and kv (C + R) of the new token,
+        q_lat (H, C) its absorbed query; the latent kv[:C] normalized by norm_w (eps) and kv[C:]
+        roped are stored at pos, q's last R values of each head roped, and the token attends over
+        positions 0..pos -> o_lat (1, H, C)."""
+
     def rms_norm(self, x, weight, eps: float):
         """models/common.rms_norm: x (T, D) -> x / rms(x) * weight."""
 
-    def ffn(self, x, gate, up, down):
+    def linear(self, w, x, residual=None):
+        """w(x), plus residual (T, N) where given: residual + w(x) (a backend may add it in the
+        product's own kernel)."""
+
+    def ffn(self, x, gate, up, down, add=None, residual=None):
         """The SwiGLU feed-forward down(silu(gate x) * up x) of Linears: x (T, D) -> (T, D)
-        (common.ffn, or the backend's fused kernels)."""
+        (common.ffn, or the backend's fused kernels); with add and residual (T, D),
+        residual + (add + ffn(x)), the order of the graph's own additions (a MoE layer: the
+        residual stream + (routed + shared))."""
 
     def swiglu(self, g, u):
         """silu(g) * u, elementwise."""

@@ -147,16 +147,19 @@ class DecoderModel:
         if self.lora is not None:
             self.lora.assign([c.lora for c in caches], counts)
 
-    def attention(self, L, h: np.ndarray, cache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
-        """Layer L's attention for rows h at positions pos (host ints; pos_x: the backend's copy)."""
+    def attention(self, L, h: np.ndarray, cache, i: int, pos: np.ndarray, pos_x, residual=None) -> np.ndarray:
+        """Layer L's attention for rows h at positions pos (host ints; pos_x: the backend's copy),
+        added to residual where given (the backend may add it in the output product's kernel)."""
         raise NotImplementedError
 
-    def feed_forward(self, L, h: np.ndarray, i: int) -> np.ndarray:
+    def feed_forward(self, L, h: np.ndarray, i: int, residual=None) -> np.ndarray:
+        """Layer L's feed-forward for rows h, added to residual where given."""
         raise NotImplementedError
 
-    def attention_rows(self, L, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
+    def attention_rows(self, L, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list,
+                       residual=None) -> np.ndarray:
         """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]
-        at positions pos[a:b]."""
+        at positions pos[a:b]; added to residual where given."""
         raise NotImplementedError
 
     def begin_step(self) -> None:
@@ -201,8 +204,8 @@ class DecoderModel:
         pos_x = self.backend.positions(pos)
         x = self.token_embd(ids)  # (T, D)
         for i, L in enumerate(self.layers):
-            x = x + self.attention(L, self.backend.rms_norm(x, L.attn_norm, eps), cache, i, pos, pos_x)
-            x = x + self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i)
+            x = self.attention(L, self.backend.rms_norm(x, L.attn_norm, eps), cache, i, pos, pos_x, residual=x)
+            x = self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i, residual=x)
         if not all_logits and not hidden:
             x = x[-1:]
         h = self.backend.rms_norm(x, self.output_norm, eps)
@@ -228,8 +231,8 @@ class DecoderModel:
         self.assign_lora(caches, counts)
         x = self.token_embd(self.backend.tokens(tokens))  # (B, D)
         for i, L in enumerate(self.layers):
-            x = x + self.attention_rows(L, self.backend.rms_norm(x, L.attn_norm, eps), caches, i, pos, spans)
-            x = x + self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i)
+            x = self.attention_rows(L, self.backend.rms_norm(x, L.attn_norm, eps), caches, i, pos, spans, residual=x)
+            x = self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i, residual=x)
         for c, n in zip(caches, counts):
             c.pos += n
         h = self.backend.rms_norm(x, self.output_norm, eps)

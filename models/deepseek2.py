@@ -269,24 +269,28 @@ class DeepSeek2Model(DecoderModel):
         x = M.eh_proj(b.xp.concatenate([e, h], axis=1))
         pos_x = b.positions(pos)
         i = c.n_layer
-        x = x + self.attention(M, b.rms_norm(x, M.attn_norm, eps), cache, i, pos, pos_x)
-        x = x + self.feed_forward(M, b.rms_norm(x, M.ffn_norm, eps), i)
+        x = self.attention(M, b.rms_norm(x, M.attn_norm, eps), cache, i, pos, pos_x, residual=x)
+        x = self.feed_forward(M, b.rms_norm(x, M.ffn_norm, eps), i, residual=x)
         return b.host(M.head(b.rms_norm(x[-1:], M.head_norm, eps))), x
 
-    def _project(self, L: Layer, h: np.ndarray, pos):
-        """Rows of h at positions pos (the backend's array) -> absorbed queries q_lat (T, H, C), q_pe (T, H, R), and the
-        new cache entries: normalized latents (T, C), roped k_pe (T, R)."""
+    def _queries(self, L: Layer, h: np.ndarray):
+        """Rows of h -> q (T, H, N + R) (each head: [nope N | rope R]), its absorbed part q_lat
+        (T, H, C) = k_b @ q_nope, and kv (T, C + R) = [latent | k_pe], neither roped nor normalized."""
         c = self.config
-        T, H, C, N, R = len(h), c.n_head, c.kv_lora_rank, c.qk_nope, c.qk_rope
+        T, H, N, R = len(h), c.n_head, c.qk_nope, c.qk_rope
         if c.q_lora_rank:
             q = L.attn_q_b(self.backend.rms_norm(L.attn_q_a(h), L.attn_q_a_norm, c.rms_eps))
         else:
             q = L.attn_q(h)
-        q = q.reshape(T, H, N + R)  # each head: [nope N | rope R]
-        q_pe = self.rope(q[:, :, N:], pos)  # (T, H, R)
-        q_lat = self.backend.per_head(L.attn_k_b, q[:, :, :N])  # (T, H, C)
-        kv = L.attn_kv_a_mqa(h)  # (T, C + R): [latent | k_pe]
-        return q_lat, q_pe, self.backend.rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
+        q = q.reshape(T, H, N + R)
+        return q, self.backend.per_head(L.attn_k_b, q[:, :, :N]), L.attn_kv_a_mqa(h)
+
+    def _entries(self, L: Layer, q, kv, pos):
+        """q_pe (T, H, R) roped, and the new cache entries: normalized latents (T, C), roped k_pe (T, R)."""
+        c = self.config
+        C, N = c.kv_lora_rank, c.qk_nope
+        q_pe = self.rope(q[:, :, N:], pos)
+        return q_pe, self.backend.rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
 
     def _attend(self, q_lat, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
         """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""
@@ -301,16 +305,24 @@ class DeepSeek2Model(DecoderModel):
             scores = self.backend.xp.where(future[:, None, :], -np.inf, scores)
         return softmax(scores) @ lat  # (T, H, C)
 
-    def _output(self, L: Layer, o_lat: np.ndarray) -> np.ndarray:
+    def _output(self, L: Layer, o_lat: np.ndarray, residual=None) -> np.ndarray:
         o = self.backend.per_head(L.attn_v_b, o_lat)  # (T, H, V)
-        return L.attn_output(o.reshape(len(o), -1))
+        return self.backend.linear(L.attn_output, o.reshape(len(o), -1), residual)
 
-    def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
-        q_lat, q_pe, lat, k_pe = self._project(L, h, pos_x)
-        o_lat = self._attend_few(q_lat, q_pe, lat, k_pe, cache, i, pos, pos_x)
+    def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray, pos_x,
+                  residual=None) -> np.ndarray:
+        c = self.config
+        q, q_lat, kv = self._queries(L, h)
+        o_lat = None
+        if len(pos) == 1:  # a decode step: the backend's whole attention where it has one
+            o_lat = self.backend.latent_step(q[0], kv[0], L.attn_kv_a_norm, c.rms_eps, self.rope, q_lat[0],
+                                             cache.c[i], cache.k_pe[i], pos_x, c.kq_scale)
         if o_lat is None:
-            o_lat = self._attend(q_lat, q_pe, lat, k_pe, cache, i, pos)
-        return self._output(L, o_lat)
+            q_pe, lat, k_pe = self._entries(L, q, kv, pos_x)
+            o_lat = self._attend_few(q_lat, q_pe, lat, k_pe, cache, i, pos, pos_x)
+            if o_lat is None:
+                o_lat = self._attend(q_lat, q_pe, lat, k_pe, cache, i, pos)
+        return self._output(L, o_lat, residual)
 
     def _attend_few(self, q_lat, q_pe, lat, k_pe, cache: LatentCache, i: int, pos: np.ndarray, pos_x):
         """A decode step (one token), or on the host a few (a speculative verification, a batch row):
@@ -331,31 +343,34 @@ class DeepSeek2Model(DecoderModel):
             outs.append(o)
         return np.concatenate(outs)
 
-    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
+    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list,
+                       residual=None) -> np.ndarray:
         """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]."""
         pos_x = self.backend.positions(pos)
-        q_lat, q_pe, lat, k_pe = self._project(L, h, pos_x)
+        q, q_lat, kv = self._queries(L, h)
+        q_pe, lat, k_pe = self._entries(L, q, kv, pos_x)
         parts = []
         for cache, (a, b) in zip(caches, spans):
             o = self._attend_few(q_lat[a:b], q_pe[a:b], lat[a:b], k_pe[a:b], cache, i, pos[a:b], pos_x[a:b]) \
                 if self.backend.xp is np else None  # (the GPU's decode kernel is checked on single steps only)
             parts.append(o if o is not None else self._attend(q_lat[a:b], q_pe[a:b], lat[a:b], k_pe[a:b], cache, i, pos[a:b]))
         o_lat = self.backend.xp.concatenate(parts)
-        return self._output(L, o_lat)
+        return self._output(L, o_lat, residual)
 
     # Speculative prefetch: when decoding one token, the next MoE layer's router applied to this
     # layer's FFN input names the experts the store starts reading ahead (mixtral-offloading's
     # guess; the hidden state changes little from one layer to the next). Off unless asked for.
     prefetch_experts = False
 
-    def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
+    def feed_forward(self, L: Layer, h: np.ndarray, i: int, residual=None) -> np.ndarray:
+        b = self.backend
         if L.dense:
-            return self.backend.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
-        out = self.backend.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora)
+            return b.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, residual=residual)
+        out = b.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
         if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)
             self.experts.prefetch(i + 1, guess[0])
-        if self.config.n_expert_shared:
-            out += self.backend.ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)
-        return out
+        if self.config.n_expert_shared:  # residual + (routed + shared), as llama.cpp adds them
+            return b.ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, add=out, residual=residual)
+        return out if residual is None else residual + out

@@ -110,8 +110,8 @@ class LlamaModel(DecoderModel):
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx or self.n_ctx, self.backend.xp)
 
-    def feed_forward(self, L: Layer, h: np.ndarray, i: int) -> np.ndarray:
-        return self.backend.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
+    def feed_forward(self, L: Layer, h: np.ndarray, i: int, residual=None) -> np.ndarray:
+        return self.backend.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, residual=residual)
 
     def _project(self, L: Layer, h: np.ndarray, pos):
         """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""
@@ -141,12 +141,15 @@ class LlamaModel(DecoderModel):
         o = self.backend.causal_attention(qg, k_all, v_all, s0, 1.0 / np.sqrt(d))
         return o.transpose(2, 0, 1, 3).reshape(T, H * d)
 
-    def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray, pos_x) -> np.ndarray:
-        return L.attn_output(self._attend(*self._project(L, h, pos_x), cache, i, pos, pos_x))
+    def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray, pos_x,
+                  residual=None) -> np.ndarray:
+        return self.backend.linear(L.attn_output, self._attend(*self._project(L, h, pos_x), cache, i, pos, pos_x),
+                                   residual)
 
-    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list) -> np.ndarray:
+    def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list,
+                       residual=None) -> np.ndarray:
         """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]."""
         q, k, v = self._project(L, h, self.backend.positions(pos))
         o = self.backend.xp.concatenate([self._attend(q[a:b], k[a:b], v[a:b], cache, i, pos[a:b])
                                          for cache, (a, b) in zip(caches, spans)])
-        return L.attn_output(o)
+        return self.backend.linear(L.attn_output, o, residual)

@@ -18,9 +18,13 @@ def _rows(qtype, w: np.ndarray, k: int) -> np.ndarray:
 
 
 class NumpyKernels:
-    def mmv(self, qtype, w, row_bytes, x, y, n, k, t):
+    def mmv(self, qtype, w, row_bytes, x, y, n, k, t, add=None, res=None):
         assert x.dtype == np.float32 and x.flags.c_contiguous and t <= 8
         y[:t] = x[:t] @ _rows(qtype, w, k).T
+        if add is not None:
+            y[:t] = add + y[:t]
+        if res is not None:
+            y[:t] = res + y[:t]
 
     def mmv_ids(self, qtype, w, row_bytes, expert_bytes, ids, x, x_div, y, n, k, p, x_stride=None):
         assert ids.dtype == np.int32 and expert_bytes == w.shape[1] * w.shape[2]
@@ -85,6 +89,16 @@ class NumpyKernels:
         k, v = k_cache[kv, :s].astype(np.float32), v_cache[kv, :s].astype(np.float32)  # (H, S, d)
         p = softmax(np.einsum("hd,hsd->hs", q, k) * scale)
         return np.einsum("hs,hsd->hd", p, v).astype(np.float32)
+
+    def mla_entry(self, q, kv, norm_w, eps, rope, pos, n_head, nope, cache_c, cache_kpe):
+        r, c = cache_kpe.shape[-1], cache_c.shape[-1]
+        q_pe = np.empty((n_head, r), np.float32)
+        self.rope(q[None, :, nope:], q_pe[None], pos[:1], rope.cos, rope.sin, rope.dim, rope.kind == "neox")
+        cache_c[pos[0]] = rms_norm(kv[None, :c], norm_w, eps)[0].astype(np.float16)
+        k_pe = np.empty((1, 1, r), np.float32)
+        self.rope(kv[None, None, c:], k_pe, pos[:1], rope.cos, rope.sin, rope.dim, rope.kind == "neox")
+        cache_kpe[pos[0]] = k_pe.reshape(r).astype(np.float16)
+        return q_pe
 
     def mla_decode(self, q_lat, q_pe, cache_c, cache_kpe, pos, scale):
         s = int(pos[0]) + 1

@@ -314,6 +314,9 @@ class CPUBackend:
         ids, weights = route(logits, router, bias)  # (T, k)
         return moe(x, ids, weights, store, layer, self, lora)
 
+    def latent_step(self, q, kv, norm_w, eps: float, rope, q_lat, cache_c, cache_k_pe, pos, scale: float):
+        return None  # the model's rope and norm, then latent_decode
+
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
         """One new token's MLA attention straight from the float16 latent cache (two numba kernels,
         both cores), where C and R are multiples of 16; else None (the model's numpy math)."""
@@ -378,8 +381,15 @@ class CPUBackend:
         return out
     swiglu = staticmethod(swiglu)
 
-    def ffn(self, x, gate, up, down):
-        return ffn(x, gate, up, down, swiglu)
+    def linear(self, w, x, residual=None):
+        y = w(x)
+        return y if residual is None else residual + y
+
+    def ffn(self, x, gate, up, down, add=None, residual=None):
+        y = ffn(x, gate, up, down, swiglu)
+        if add is not None:
+            y = add + y
+        return y if residual is None else residual + y
 
     def rope(self, rope, x, positions):
         # one numba call instead of numpy's slices and temporaries (a small model's step makes two a layer)

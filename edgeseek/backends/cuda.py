@@ -28,6 +28,7 @@ SUFFIX = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q4_0: "q4_0", Q.Q4_1: "q
 MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through dequantized tiles + cuBLAS
 WARPS = 4  # output rows per block of the decode products (128 threads)
 MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
+MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
 
 
@@ -90,6 +91,8 @@ class Kernels:
         src = (here / "cuda_kernels.cu").read_text() + "\n" + (here / "cuda_decode.cu").read_text()
         self.module = cupy.RawModule(code=src, options=("-std=c++17",))
         self._fns: dict[str, object] = {}
+        # the split attention kernels' per-head counts of finished splits (each launch leaves them 0)
+        self.counters = cupy.zeros(MAX_HEADS, np.uint32)
 
     def _fn(self, name: str):
         f = self._fns.get(name)
@@ -97,9 +100,12 @@ class Kernels:
             f = self._fns[name] = self.module.get_function(name)
         return f
 
-    def mmv(self, qtype, w, row_bytes: int, x, y, n: int, k: int, t: int) -> None:
+    def mmv(self, qtype, w, row_bytes: int, x, y, n: int, k: int, t: int, add=None, res=None) -> None:
+        """y (T, N) = res + (add + x @ W.T); add, res (T, N) or None."""
+        null = np.uint64(0)
         self._fn(f"mmv_{SUFFIX[qtype]}")((_launch_grid(n, WARPS),), (32 * WARPS,),
-                                          (w, np.int64(row_bytes), x, y, np.int32(n), np.int32(k), np.int32(t)))
+                                          (w, np.int64(row_bytes), x, y, np.int32(n), np.int32(k), np.int32(t),
+                                           null if add is None else add, null if res is None else res))
 
     def mmv_ids(self, qtype, w, row_bytes: int, expert_bytes: int, ids, x, x_div: int, y, n: int, k: int,
                 p: int, x_stride: int | None = None) -> None:
@@ -181,9 +187,20 @@ class Kernels:
         part = self.cp.empty((h, MLA_SPLITS, c + 2), np.float32)
         out = self.cp.empty((1, h, c), np.float32)
         self._fn("mla_decode")((h, MLA_SPLITS), (256,), (q_lat, q_pe, cache_c, cache_kpe, pos, scores, part,
-                                                          np.int32(c), np.int32(r), np.int32(s_max), np.float32(scale)))
-        self._fn("mla_combine")((h,), (256,), (part, out, np.int32(c)))
+                                                          np.int32(c), np.int32(r), np.int32(s_max), np.float32(scale),
+                                                          self.counters, out))
         return out
+
+    def mla_entry(self, q, kv, norm_w, eps: float, rope, pos, n_head: int, nope: int, cache_c, cache_kpe):
+        """q (H, N + R), kv (C + R) of a new token -> q_pe (H, R) roped; the normalized latent and
+        the roped k_pe stored at pos in one layer's cache (fp16)."""
+        r, c = cache_kpe.shape[-1], cache_c.shape[-1]
+        q_pe = self.cp.empty((n_head, r), np.float32)
+        self._fn("mla_entry")((n_head + 1,), (256,), (q, kv, norm_w, np.float32(eps), rope.cos, rope.sin, pos,
+                                                       np.int32(rope.kind == "neox"), np.int32(rope.dim),
+                                                       np.int32(n_head), np.int32(nope), np.int32(r), np.int32(c),
+                                                       q_pe, cache_c, cache_kpe))
+        return q_pe
 
     def store_kv(self, k, v, k_cache, v_cache, pos) -> None:
         g, d = k.shape
@@ -200,8 +217,7 @@ class Kernels:
         out = self.cp.empty((h, d), np.float32)
         self._fn("gqa_decode")((h, MLA_SPLITS), (256,), (q, k_cache, v_cache, np.int64(k_cache.strides[0] // 2), pos,
                                                           np.int32(group), scores, part, np.int32(d), np.int32(s_max),
-                                                          np.float32(scale)))
-        self._fn("mla_combine")((h,), (256,), (part, out, np.int32(d)))
+                                                          np.float32(scale), self.counters, out))
         return out
 
     def rms_norm(self, x, w, eps: float):
@@ -235,17 +251,21 @@ class DeviceMatrix:
     def nbytes(self) -> int:
         return int(self.raw.nbytes)
 
-    def __call__(self, x):
+    def __call__(self, x, add=None, res=None):
+        """W @ x, plus add then res ((T, N) each, or None) where given: a few tokens add them in
+        the product's own launch."""
         xp, k = self.b.xp, self.b.kernels
         n, kk = self.shape
         one = x.ndim == 1
         x = xp.ascontiguousarray(x.reshape(-1, kk), dtype=np.float32)
         t = len(x)
-        if self.qtype == Q.F32 and t > MMV_MAX_TOKENS:
-            y = x @ self.raw.view(np.float32).T
-        elif t <= MMV_MAX_TOKENS:
+        if t <= MMV_MAX_TOKENS:
             y = xp.empty((t, n), np.float32)
-            k.mmv(self.qtype, self.raw, self.row_bytes, x, y, n, kk, t)
+            k.mmv(self.qtype, self.raw, self.row_bytes, x, y, n, kk, t,
+                  *(None if a is None else xp.ascontiguousarray(a.reshape(t, n), dtype=np.float32) for a in (add, res)))
+            return y[0] if one else y
+        if self.qtype == Q.F32:
+            y = x @ self.raw.view(np.float32).T
         else:  # a prompt: float16 tiles of the weight through cuBLAS, PREFILL_TILE values at a time
             y = xp.empty((t, n), np.float32)
             x16 = x.astype(np.float16)
@@ -257,6 +277,10 @@ class DeviceMatrix:
                 part = xp.empty((t, r1 - r0), np.float32)
                 k.gemm_f16(x16, w16, part)
                 y[:, r0:r1] = part
+        if add is not None:
+            y = add + y
+        if res is not None:
+            y = res + y
         return y[0] if one else y
 
 
@@ -484,11 +508,19 @@ class CUDABackend:
             x = self.xp.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
         return self.kernels.rms_norm(x, weight, eps)  # a row slice (MLA's latent) read in place
 
-    def ffn(self, x, gate, up, down):
+    def linear(self, w, x, residual=None):
+        if residual is None:
+            return w(x)
+        return w(x, res=residual) if isinstance(w, DeviceMatrix) else residual + w(x)
+
+    def ffn(self, x, gate, up, down, add=None, residual=None):
         """A dense or shared SwiGLU feed-forward; a few tokens through the fused gate-up kernel (the
-        matrices as stacks of one expert), a prompt through the cuBLAS tiles."""
+        matrices as stacks of one) and the down product adding `add` and `residual` in its launch,
+        a prompt through the cuBLAS tiles."""
         if not (len(x) <= MMV_MAX_TOKENS and all(isinstance(m, DeviceMatrix) for m in (gate, up, down))):
-            return ffn(x, gate, up, down, self.swiglu)
+            y = ffn(x, gate, up, down, self.swiglu)
+            y = y if add is None else add + y
+            return y if residual is None else residual + y
         zeros = self._arange(1, len(x))  # every row through expert 0: the matrix itself
         n, kk = gate.shape
         h = self.xp.empty((len(x), n), np.float32)
@@ -497,7 +529,7 @@ class CUDABackend:
                                  self.xp.ascontiguousarray(x, dtype=np.float32), 1, h, n, kk, len(x))
         else:
             h = self.swiglu(gate(x), up(x))
-        return down(h)
+        return down(h, add=add, res=residual)
 
     def swiglu(self, g, u):
         return self.kernels.silu_mul(self.xp.ascontiguousarray(g), self.xp.ascontiguousarray(u))
@@ -513,14 +545,23 @@ class CUDABackend:
         return y
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
-        c, r = cache_c.shape[-1], cache_k_pe.shape[-1]
-        if c % 8 or c + r > 1024:  # the kernel's vector loads and shared query
-            return None
-        k = self.kernels
-        k.store_row(self.xp.ascontiguousarray(lat_new), cache_c, pos)
-        k.store_row(self.xp.ascontiguousarray(k_pe_new), cache_k_pe, pos)
-        return k.mla_decode(self.xp.ascontiguousarray(q_lat), self.xp.ascontiguousarray(q_pe), cache_c, cache_k_pe,
-                            pos, scale)
+        return None  # a decode step's attention is latent_step's; several tokens take the model's math
+
+    def latent_step(self, q, kv, norm_w, eps: float, rope, q_lat, cache_c, cache_k_pe, pos, scale: float):
+        """One token's MLA attention in three launches: the cache entry and the rotary query
+        (mla_entry: rope, latent norm, both stores), then the split attention that merges its
+        own splits."""
+        H, C = q_lat.shape
+        r = cache_k_pe.shape[-1]
+        if C % 8 or C + r > 1024 or H > MAX_HEADS or q.shape != (H, q.shape[1]) or rope.dim > r:
+            return None  # the kernel's vector loads, shared query and counters
+        xp, k = self.xp, self.kernels
+        if isinstance(pos, np.ndarray):
+            pos = xp.asarray(pos[:1].astype(np.int32))
+        q = xp.ascontiguousarray(q, dtype=np.float32)
+        q_pe = k.mla_entry(q, xp.ascontiguousarray(kv, dtype=np.float32), norm_w, eps, rope, pos, H,
+                           q.shape[1] - r, cache_c, cache_k_pe)
+        return k.mla_decode(xp.ascontiguousarray(q_lat), q_pe, cache_c, cache_k_pe, pos, scale)
 
     def _check_ids(self, ids: np.ndarray) -> None:
         if self.vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
@@ -558,7 +599,7 @@ class CUDABackend:
     def kv_decode(self, q, k_new, v_new, k_cache, v_cache, pos, scale: float):
         """Store and attend in two kernels that read the position from the device (capturable)."""
         G, Hg, d = q.shape
-        if d > 256:
+        if d > 256 or G * Hg > MAX_HEADS:
             return None
         xp, k = self.xp, self.kernels
         if isinstance(pos, np.ndarray):
@@ -808,12 +849,21 @@ class _DecodeGraph:
             self.b._step = None
 
     def run(self, token: int, pos: int) -> np.ndarray:
+        import cupyx
         self.inputs.set(np.array([token, pos], np.int32), stream=self.stream)
         if self.graph is None:
             self._record(pos)
+            # page-locked copies of what a replay leaves for the host: both read back asynchronously,
+            # then one synchronization
+            self.host_logits = cupyx.empty_pinned(self.logits.shape, np.float32)
+            self.host_ids = cupyx.empty_pinned(self.ids.shape, np.int32)
         self.graph.launch(self.stream)
-        logits = self.logits.get(stream=self.stream)
+        self.logits.get(stream=self.stream, out=self.host_logits, blocking=False)
         store = getattr(self.model, "experts", None)
-        if store is not None and self.moe_layers:
-            store.count_layers(self.moe_layers, self.ids.get(stream=self.stream)[self.moe_layers])
-        return logits
+        counted = store is not None and self.moe_layers
+        if counted:
+            self.ids.get(stream=self.stream, out=self.host_ids, blocking=False)
+        self.stream.synchronize()
+        if counted:
+            store.count_layers(self.moe_layers, self.host_ids[self.moe_layers])
+        return self.host_logits.copy()

@@ -14,11 +14,22 @@
 //     dst[pos[0] * n + i] = fp16(src[i]) for i < n: the new token's cache entry.
 //     block (256, 1, 1), grid (ceil(n / 256), 1, 1).
 // mla_decode(const float* q_lat, const float* q_pe, const u16* cache_c, const u16* cache_kpe,
-//            const int* pos, float* scores, float* part, int C, int R, int s_max, float scale)
+//            const int* pos, float* scores, float* part, int C, int R, int s_max, float scale,
+//            unsigned* counters, float* out)
 //     One new token against positions 0..pos[0] of one layer's cache: cache_c (s_max, C) and
 //     cache_kpe (s_max, R) fp16; q_lat (H, C), q_pe (H, R) float32; scores (H, s_max) scratch;
-//     then mla_combine: out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c. C a multiple of
-//     8 and C + R <= 1024. block (256, 1, 1), grid (H, MLA_SPLITS, 1); part (H, MLA_SPLITS, C + 2).
+//     out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c, split over the positions; the last
+//     split of a head to finish merges the head's parts (counters (H,) uint32, zero before the
+//     launch and left zero). C a multiple of 8 and C + R <= 1024. block (256, 1, 1),
+//     grid (H, MLA_SPLITS, 1); part (H, MLA_SPLITS, C + 2) scratch.
+// mla_entry(const float* q, const float* kv, const float* norm_w, float eps, const float* cos_t,
+//           const float* sin_t, const int* pos, int neox, int dim, int H, int N, int R, int C,
+//           float* q_pe, u16* cache_c, u16* cache_kpe)
+//     A new token's cache entry and rotary query, as rope_f32, rms_norm_f32 and store_row_f16 leave
+//     them, in one launch: block h < H ropes the last R values of head h of q (H, N + R) into
+//     q_pe (H, R); block H normalizes the latent kv[0:C] by norm_w into cache_c[pos[0]] (s_max, C)
+//     and ropes kv[C:C + R] into cache_kpe[pos[0]] (s_max, R), fp16. block (256, 1, 1),
+//     grid (H + 1, 1, 1).
 //     (store_kv_f16, gqa_decode and rope_f32 at the end of this file.)
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -67,6 +78,44 @@ __device__ __forceinline__ void split_softmax(float* sc, int s0, int s1, float* 
         sum += e;
     }
     sum = block_add(sum, red);
+}
+
+#define MLA_SPLITS 16  // blocks per head of the split decode attention
+
+// The merge of a head's splits: out (C) from part (MLA_SPLITS, C + 2) (running max, sum, values).
+// Read through volatile: the other splits wrote their parts in this launch, from other blocks.
+__device__ __forceinline__ void combine_splits(const float* part, float* __restrict__ out, int C) {
+    const volatile float* p = part;
+    float m = NEG_INF;
+    for (int b = 0; b < MLA_SPLITS; ++b) m = fmaxf(m, p[b * (C + 2) + C]);
+    float l = 0.0f;
+    float f[MLA_SPLITS];
+#pragma unroll
+    for (int b = 0; b < MLA_SPLITS; ++b) {
+        const float mb = p[b * (C + 2) + C];
+        f[b] = mb == NEG_INF ? 0.0f : expf(mb - m);
+        l += f[b] * p[b * (C + 2) + C + 1];
+    }
+    for (int i = threadIdx.x; i < C; i += 256) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int b = 0; b < MLA_SPLITS; ++b) acc += f[b] * p[b * (C + 2) + i];
+        out[i] = acc / l;
+    }
+}
+
+// Called by every thread of a split's block once its part is written: true in the last block of
+// head h to get here (it then merges the head; the counter is back at 0 for the next launch).
+__device__ __forceinline__ bool last_split(unsigned* counters, int h) {
+    __shared__ unsigned ticket;
+    __threadfence();  // this block's part is visible to the whole device before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(counters + h, 1u);
+    __syncthreads();
+    if (ticket != MLA_SPLITS - 1) return false;
+    __threadfence();
+    if (threadIdx.x == 0) counters[h] = 0;
+    return true;
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -172,13 +221,13 @@ store_row_f16(const float* __restrict__ src, u16* __restrict__ dst, const int* _
 
 // Split over the cached positions (flash-decoding): block (h, b) of grid (H, MLA_SPLITS) takes
 // positions b*chunk .. (b+1)*chunk - 1 of 0..pos[0] and leaves its running max, its sum of
-// exponentials and its unnormalized output in part (H, MLA_SPLITS, C + 2); mla_combine merges the
-// splits of each head. Lanes read cache rows as 16-byte vectors (8 fp16 values).
-#define MLA_SPLITS 16
+// exponentials and its unnormalized output in part (H, MLA_SPLITS, C + 2); the last split of a
+// head to finish merges the head's splits. Lanes read cache rows as 16-byte vectors (8 fp16 values).
 extern "C" __global__ void __launch_bounds__(256)
 mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const u16* __restrict__ cache_c,
            const u16* __restrict__ cache_kpe, const int* __restrict__ pos, float* __restrict__ scores,
-           float* __restrict__ part, int C, int R, int s_max, float scale) {
+           float* __restrict__ part, int C, int R, int s_max, float scale, unsigned* __restrict__ counters,
+           float* __restrict__ o) {
     __shared__ float red[8];
     __shared__ float qs[1024];  // q_lat (C) then q_pe (R) of this head
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -226,30 +275,7 @@ mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, cons
         out[C] = m;  // -inf for an empty split
         out[C + 1] = sum;
     }
-}
-
-// mla_combine(const float* part, float* out, int C): out (H, C) from the splits of each head.
-//     block (256, 1, 1), grid (H, 1, 1).
-extern "C" __global__ void __launch_bounds__(256)
-mla_combine(const float* __restrict__ part, float* __restrict__ out, int C) {
-    const int h = blockIdx.x;
-    const float* p = part + (ll)h * MLA_SPLITS * (C + 2);
-    float m = NEG_INF;
-    for (int b = 0; b < MLA_SPLITS; ++b) m = fmaxf(m, p[b * (C + 2) + C]);
-    float l = 0.0f;
-    float f[MLA_SPLITS];
-#pragma unroll
-    for (int b = 0; b < MLA_SPLITS; ++b) {
-        const float mb = p[b * (C + 2) + C];
-        f[b] = mb == NEG_INF ? 0.0f : expf(mb - m);
-        l += f[b] * p[b * (C + 2) + C + 1];
-    }
-    for (int i = threadIdx.x; i < C; i += 256) {
-        float acc = 0.0f;
-#pragma unroll
-        for (int b = 0; b < MLA_SPLITS; ++b) acc += f[b] * p[b * (C + 2) + i];
-        out[(ll)h * C + i] = acc / l;
-    }
+    if (last_split(counters, h)) combine_splits(part + (ll)h * MLA_SPLITS * (C + 2), o + (ll)h * C, C);
 }
 
 // store_kv_f16(const float* k, const float* v, u16* k_cache, u16* v_cache, ll head_stride,
@@ -267,15 +293,18 @@ store_kv_f16(const float* __restrict__ k, const float* __restrict__ v, u16* __re
 }
 
 // gqa_decode(const float* q, const u16* k_cache, const u16* v_cache, ll head_stride, const int* pos,
-//            int group, float* scores, float* part, int d, int s_max, float scale)
+//            int group, float* scores, float* part, int d, int s_max, float scale, unsigned* counters,
+//            float* o)
 //     One new token of a grouped-query layer (llama, qwen2) against positions 0..pos[0] of its fp16
 //     caches (n_kv_heads, s_max, d) (head g at g * head_stride): q (H, d) float32, query head h reads
 //     kv head h / group. Split over positions as mla_decode, into part (H, MLA_SPLITS, d + 2), merged
-//     by mla_combine(part, out, d). d <= 256. block (256, 1, 1), grid (H, MLA_SPLITS, 1).
+//     by its last split into o (H, d) (counters as mla_decode). d <= 256. block (256, 1, 1),
+//     grid (H, MLA_SPLITS, 1).
 extern "C" __global__ void __launch_bounds__(256)
 gqa_decode(const float* __restrict__ q, const u16* __restrict__ k_cache, const u16* __restrict__ v_cache,
            ll head_stride, const int* __restrict__ pos, int group, float* __restrict__ scores,
-           float* __restrict__ part, int d, int s_max, float scale) {
+           float* __restrict__ part, int d, int s_max, float scale, unsigned* __restrict__ counters,
+           float* __restrict__ o) {
     __shared__ float red[8];
     __shared__ float qs[256];
     __shared__ float acc_s[256];
@@ -315,6 +344,7 @@ gqa_decode(const float* __restrict__ q, const u16* __restrict__ k_cache, const u
         out[d] = m;  // -inf for an empty split
         out[d + 1] = sum;
     }
+    if (last_split(counters, h)) combine_splits(part + (ll)h * MLA_SPLITS * (d + 2), o + (ll)h * d, d);
 }
 
 // rope_f32(const float* x, float* y, int T, int H, ll st, ll sh, int head_dim, int dim,
@@ -323,6 +353,21 @@ gqa_decode(const float* __restrict__ q, const u16* __restrict__ k_cache, const u
 //     -> y (T, H, head_dim) contiguous, the first dim values of each head rotated by the angles of
 //     position pos[t] (tables cos, sin: (positions, dim / 2)), adjacent pairs (neox 0) or halves
 //     (neox 1), the rest copied. block (128, 1, 1), grid (T * H, 1, 1).
+// value i of one head rotated: x the head's head_dim values, angles of one position (dim / 2 each)
+__device__ __forceinline__ float rope_value(const float* __restrict__ xr, int i, int dim, const float* __restrict__ c,
+                                            const float* __restrict__ s, int neox) {
+    const int half = dim / 2;
+    if (i >= dim) return xr[i];
+    if (!neox) {
+        const int j = i >> 1;
+        const float a = xr[2 * j], b = xr[2 * j + 1];
+        return (i & 1) ? a * s[j] + b * c[j] : a * c[j] - b * s[j];
+    }
+    const int j = i < half ? i : i - half;
+    const float a = xr[j], b = xr[j + half];
+    return i < half ? a * c[j] - b * s[j] : a * s[j] + b * c[j];
+}
+
 extern "C" __global__ void __launch_bounds__(128)
 rope_f32(const float* __restrict__ x, float* __restrict__ y, int T, int H, ll st, ll sh, int head_dim, int dim,
          const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos, int neox) {
@@ -331,17 +376,24 @@ rope_f32(const float* __restrict__ x, float* __restrict__ y, int T, int H, ll st
     float* yr = y + (ll)th * head_dim;
     const float* c = cos_t + (ll)pos[t] * half;
     const float* s = sin_t + (ll)pos[t] * half;
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
-        if (i >= dim) {
-            yr[i] = xr[i];
-        } else if (!neox) {
-            const int j = i >> 1;
-            const float a = xr[2 * j], b = xr[2 * j + 1];
-            yr[i] = (i & 1) ? a * s[j] + b * c[j] : a * c[j] - b * s[j];
-        } else {
-            const int j = i < half ? i : i - half;
-            const float a = xr[j], b = xr[j + half];
-            yr[i] = i < half ? a * c[j] - b * s[j] : a * s[j] + b * c[j];
-        }
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) yr[i] = rope_value(xr, i, dim, c, s, neox);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+mla_entry(const float* __restrict__ q, const float* __restrict__ kv, const float* __restrict__ norm_w, float eps,
+          const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos, int neox,
+          int dim, int H, int N, int R, int C, float* __restrict__ q_pe, u16* __restrict__ cache_c,
+          u16* __restrict__ cache_kpe) {
+    __shared__ float partial[32];
+    const int h = blockIdx.x, p = pos[0], half = dim / 2;
+    const float* c = cos_t + (ll)p * half;
+    const float* s = sin_t + (ll)p * half;
+    if (h < H) {
+        const float* xr = q + (ll)h * (N + R) + N;
+        for (int i = threadIdx.x; i < R; i += blockDim.x) q_pe[(ll)h * R + i] = rope_value(xr, i, dim, c, s, neox);
+        return;
     }
+    const float scale = rms_scale(kv, C, eps, partial);
+    for (int i = threadIdx.x; i < C; i += blockDim.x) cache_c[(ll)p * C + i] = f2h(kv[i] * scale * norm_w[i]);
+    for (int i = threadIdx.x; i < R; i += blockDim.x) cache_kpe[(ll)p * R + i] = f2h(rope_value(kv + C, i, dim, c, s, neox));
 }

@@ -13,8 +13,11 @@
 //   x, y, out  contiguous float32 (fp16 for dequant_<t>_f16), row-major, 16-byte aligned
 //   ll         long long (numpy.int64 on the Python side); int = numpy.int32; float = numpy.float32
 //
-// mmv_<t>(const uchar* W, ll row_bytes, const float* x, float* y, int N, int K, int T)
-//     y (T, N) = x (T, K) @ W (N, K)^T for 1 <= T <= 8 tokens (decode).
+// mmv_<t>(const uchar* W, ll row_bytes, const float* x, float* y, int N, int K, int T,
+//         const float* add, const float* res)
+//     y (T, N) = res + (add + x (T, K) @ W (N, K)^T) for 1 <= T <= 8 tokens (decode); add and res
+//     (T, N), or NULL (numpy.uint64(0)) for none: a residual folded into the product that ends a
+//     block, in the order the unfused graph adds (x + (routed + shared)).
 //     block (128, 1, 1), grid ((N + 3) / 4, 1, 1): one warp per row of W. Static shared memory
 //     (36 KiB: the block's activations, a chunk of 1024 values per token), none to pass at launch.
 // mmv_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* x,
@@ -379,10 +382,13 @@ __device__ __forceinline__ void mmv_acc(const u8* __restrict__ row, bool active,
     }
 }
 
-// One warp: y[t * y_stride] = row . x[t * K:][:K] for t < T <= MAX_T (lane 0 writes).
+// One warp: y[t * y_stride] = res + (add + row . x[t * K:][:K]) for t < T <= MAX_T (lane 0 writes;
+// add, res: values at the same offsets as y, or NULL for none).
 template <class Q, int MAX_T>
 __device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active, const float* __restrict__ x,
-                                         float* xs, float* __restrict__ y, ll y_stride, int K, int T) {
+                                         float* xs, float* __restrict__ y, ll y_stride, int K, int T,
+                                         const float* __restrict__ add = nullptr,
+                                         const float* __restrict__ res = nullptr) {
     const int lane = threadIdx.x & (WARP_SIZE - 1);
     float acc[MAX_T];
     mmv_acc<Q, MAX_T>(row, active, x, xs, K, T, acc);
@@ -390,8 +396,12 @@ __device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) {
         if (t < T) {  // T is the same for the whole warp
-            const float s = warp_sum(acc[t]);
-            if (lane == 0) y[t * y_stride] = s;
+            float s = warp_sum(acc[t]);
+            if (lane == 0) {
+                if (add) s = add[t * y_stride] + s;
+                if (res) s = res[t * y_stride] + s;
+                y[t * y_stride] = s;
+            }
         }
     }
 }
@@ -407,16 +417,19 @@ __device__ __forceinline__ float row_dot(const u8* __restrict__ row, bool active
 
 template <class Q>
 __device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,
-                                    float* __restrict__ y, int N, int K, int T) {
+                                    float* __restrict__ y, int N, int K, int T, const float* __restrict__ add,
+                                    const float* __restrict__ res) {
     __shared__ float xs[MMV_MAX_T * XS_TOKEN];
     const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
     const bool active = n < N;
     const u8* row = W + min(n, N - 1) * row_bytes;
+    const float* a = add ? add + n : nullptr;
+    const float* r = res ? res + n : nullptr;
     // T is uniform over the grid: one specialisation per power of two, guarded up to T
-    if (T <= 1) mmv_warp<Q, 1>(row, active, x, xs, y + n, N, K, T);
-    else if (T <= 2) mmv_warp<Q, 2>(row, active, x, xs, y + n, N, K, T);
-    else if (T <= 4) mmv_warp<Q, 4>(row, active, x, xs, y + n, N, K, T);
-    else mmv_warp<Q, MMV_MAX_T>(row, active, x, xs, y + n, N, K, T);
+    if (T <= 1) mmv_warp<Q, 1>(row, active, x, xs, y + n, N, K, T, a, r);
+    else if (T <= 2) mmv_warp<Q, 2>(row, active, x, xs, y + n, N, K, T, a, r);
+    else if (T <= 4) mmv_warp<Q, 4>(row, active, x, xs, y + n, N, K, T, a, r);
+    else mmv_warp<Q, MMV_MAX_T>(row, active, x, xs, y + n, N, K, T, a, r);
 }
 
 template <class Q>
@@ -512,8 +525,9 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ W, ll row_bytes, 
 #define FORMAT_KERNELS(name, Q)                                                                          \
     extern "C" __global__ void __launch_bounds__(128, 8)                                                \
         mmv_##name(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,                \
-                   float* __restrict__ y, int N, int K, int T) {                                       \
-        mmv<Q>(W, row_bytes, x, y, N, K, T);                                                            \
+                   float* __restrict__ y, int N, int K, int T, const float* __restrict__ add,          \
+                   const float* __restrict__ res) {                                                    \
+        mmv<Q>(W, row_bytes, x, y, N, K, T, add, res);                                                  \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(128, 8)                                                \
         mmv_ids_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                        \
@@ -559,12 +573,9 @@ FORMAT_KERNELS(q6_k, Q6_K)
 
 // --- elementwise helpers --------------------------------------------------------------------------
 
-// llama.cpp rms_norm_f32 (ggml-cuda/norm.cu): sum of squares in float, scale = 1 / sqrt(mean + eps)
-extern "C" __global__ void __launch_bounds__(256)
-    rms_norm_f32(const float* x, ll x_stride, const float* w, float* y, int D, float eps) {
-    __shared__ float partial[32];
-    x += (ll)blockIdx.x * x_stride;
-    y += (ll)blockIdx.x * D;
+// llama.cpp rms_norm_f32 (ggml-cuda/norm.cu): sum of squares in float, scale = 1 / sqrt(mean + eps).
+// All 256 threads of the block call it (partial: 32 floats of shared memory).
+__device__ __forceinline__ float rms_scale(const float* __restrict__ x, int D, float eps, float* partial) {
     float s = 0.0f;
     for (int i = threadIdx.x; i < D; i += blockDim.x) s += x[i] * x[i];
     s = warp_sum(s);
@@ -577,7 +588,15 @@ extern "C" __global__ void __launch_bounds__(256)
         if (lane == 0) partial[0] = s;
     }
     __syncthreads();
-    const float scale = 1.0f / sqrtf(partial[0] / (float)D + eps);
+    return 1.0f / sqrtf(partial[0] / (float)D + eps);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_f32(const float* x, ll x_stride, const float* w, float* y, int D, float eps) {
+    __shared__ float partial[32];
+    x += (ll)blockIdx.x * x_stride;
+    y += (ll)blockIdx.x * D;
+    const float scale = rms_scale(x, D, eps, partial);
     for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = x[i] * scale * w[i];
 }
 
