@@ -183,12 +183,35 @@ def _messages(messages) -> list[dict] | str:
     return out
 
 
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a JSONL file, each decoded from UTF-8; a file that is not UTF-8 text (a model
+    file given as IN.jsonl, say) is an EdgeseekError naming it and the line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise EdgeseekError(f"{path}: line {i} is not UTF-8 text (not a JSONL file?)") from None
+
+
+def check_output(path: Path) -> None:
+    """The output can be appended to: said before any model loads, naming it. Its folder is made."""
+    if path.is_dir():
+        raise EdgeseekError(f"{path}: is a folder; -o/--output takes the JSONL file the replies go to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EdgeseekError(f"{path}: cannot make its folder {path.parent}: part of that path is a file") from None
+    except OSError as e:
+        raise EdgeseekError(f"{path}: cannot make its folder {path.parent}: {e.strerror or e}") from None
+
+
 def answered(out_path: Path) -> tuple[set[str], set[int]]:
     """What an existing output file already holds: the custom_ids answered, and the input line
     numbers of errors that had no custom_id (a torn last line is ignored)."""
     ids, lines = set(), set()
     if out_path.exists():
-        for text in out_path.read_text(encoding="utf-8").splitlines():
+        for text in text_lines(out_path):
             try:
                 obj = json.loads(text)
                 cid = obj.get("custom_id")
