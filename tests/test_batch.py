@@ -156,6 +156,14 @@ def test_forward_rows_equals_separate_decode(smollm2_path):
     ('{"custom_id": "x", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
      "messages[0].content must be a string or a list of text parts"),
     ('{"custom_id": "x", "messages": ["hi"]}', 'messages[0] must be a {role, content} object, got "hi"'),
+    ('{"custom_id": "x", "messages": [{"role": ["user"], "content": "hi"}]}', "messages[0].role must be one of"),
+    # What the server refuses with 400 is a bad line too, not silently one plain choice.
+    ('{"custom_id": "x", "prompt": "hi", "n": 2}', "n=2 is not supported"),
+    ('{"custom_id": "x", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
+     'tools=[{"type": "function"}] is not supported'),
+    ('{"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}], '
+     '"logprobs": true}}', "logprobs=true is not supported"),
+    ('{"custom_id": "x", "prompt": "hi", "logprobs": 3}', "logprobs=3 is not supported"),
 ])
 def test_bad_lines_name_the_problem(line, message):
     r = B.parse_line(line, 7, SamplerConfig(), 16)
@@ -173,6 +181,15 @@ def test_openai_forms_that_are_accepted():
     assert r.prompt[0] == {"role": "system", "content": "Be brief.\nBe kind."}  # text parts joined, as vLLM does
     assert r.prompt[3]["tool_call_id"] == "c1"
     assert (r.sampler.temperature, r.sampler.top_p, r.sampler.top_k, r.sampler.seed) == (2.0, 0.0, 40, 7)
+
+
+def test_developer_role_is_the_system_message():
+    """OpenAI's newer name for "system": rendered by the chat template as the system message."""
+    line = json.dumps({"custom_id": "x", "messages": [{"role": "developer", "content": "Be brief."},
+                                                      {"role": "user", "content": "hi"}], "n": 1, "logprobs": False})
+    r = B.parse_line(line, 1, SamplerConfig(), 16)
+    assert isinstance(r, B.Request), r
+    assert r.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
 
 
 def test_nan_sampling_and_unknown_role_never_generate(smollm2_path, tmp_path):
