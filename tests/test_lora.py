@@ -109,6 +109,18 @@ def test_convert_lora_command(out_dir, tmp_path):
     assert r.exit_code == 1 and "already exists" in r.stderr
 
 
+@pytest.mark.parametrize("name", ["v3", "v2lite", "qwen2"])
+def test_convert_lora_reports_the_rank(name, tmp_path):
+    """The rank r of the PEFT config, not A's input width (which it equals only for an embedding's A)."""
+    rank = A.SPECS[name]["r"]
+    args = ["convert-lora", str(A.adapter(name)), "--base", str(C.checkpoint(A.SPECS[name]["base"])), "-t", "f32"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "a.gguf"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rank"] == rank
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "b.gguf")])
+    assert r.exit_code == 0 and r.stderr.count("\n") == 1 and f" LoRA, rank {rank}, alpha " in r.stderr, r.output
+
+
 # ------------------------------------------------------------------------------------------ logits
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "v3", "v2lite"])
