@@ -15,7 +15,8 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from edgeseek.errors import EdgeseekError
 
@@ -34,6 +35,18 @@ class _Group(TyperGroup):
             ctx.exit(1)
 
 
+class _Command(TyperCommand):
+    """A hidden argument stays out of the usage line as well as the help (click shows one with an
+    empty metavar as `[]`)."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not getattr(param, "hidden", False):
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
 def _out_of_memory(e: MemoryError) -> str:
     where = "the GPU" if type(e).__module__.startswith("cupy") else "memory"
     return f"out of {where}: {str(e).splitlines()[0] if str(e) else 'allocation failed'}"
@@ -47,8 +60,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _no_color = bool(os.environ.get("NO_COLOR"))
-out = Console(no_color=_no_color, highlight=False, soft_wrap=True)
-err = Console(stderr=True, no_color=_no_color, highlight=False, soft_wrap=True)
+# Names (files, models, options) and model text are printed as they are: no :emoji: codes anywhere,
+# and no [markup] on stderr unless a call asks for it (with its names escaped).
+out = Console(no_color=_no_color, highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, no_color=_no_color, highlight=False, soft_wrap=True, emoji=False, markup=False)
 
 MODEL_HELP = "GGUF file or known model name (edgeseek list); default: $EDGESEEK_MODEL or smollm2-135m."
 
@@ -58,16 +73,37 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def _at_least(least):
+    """An option's callback: a value below `least` is refused while the command line is read, before
+    any model loads, in one line naming the option."""
+    def check(param: typer.CallbackParam, value):
+        if value is not None and value < least:
+            raise EdgeseekError(f"{max(param.opts, key=len)} must be at least {least}, got {value:g}")
+        return value
+    return check
+
+
+def _between(least, most):
+    """As _at_least, with a most too."""
+    def check(param: typer.CallbackParam, value):
+        if value is not None and not least <= value <= most:
+            raise EdgeseekError(f"{max(param.opts, key=len)} must be between {least} and {most}, got {value:g}")
+        return value
+    return check
+
+
 def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, device: str = "auto",
           gpu_budget: Optional[str] = None, mtp: str = "auto", lora: Optional[List[str]] = None):
     from edgeseek.engine import load
 
     path = _resolve(model)
-    status = err.status(f"Loading {path.name}…", spinner="dots") if err.is_terminal else None
+    from rich.text import Text  # a spinner's str is read as markup: the file name goes in as it is
+
+    status = err.status(Text(f"Loading {path.name}…"), spinner="dots") if err.is_terminal else None
 
     def compiling(message: str) -> None:  # the first run after an install: ~10 s of numba
         if status is not None:
-            status.update(f"Loading {path.name}: {message}…")
+            status.update(Text(f"Loading {path.name}: {message}…"))
         else:
             err.print(f"{message}…", markup=False)
 
@@ -188,7 +224,7 @@ def _stats_line(r, engine) -> str:
 
 
 # Sampling options shared by chat and generate; defaults as llama.cpp's.
-TEMP = typer.Option(0.8, "--temp", envvar="EDGESEEK_TEMP", help="Temperature; 0 = greedy.")
+TEMP = typer.Option(0.8, "--temp", envvar="EDGESEEK_TEMP", help="Temperature; 0 = greedy.", callback=_at_least(0))
 TOP_K = typer.Option(40, "--top-k")
 TOP_P = typer.Option(0.95, "--top-p")
 MIN_P = typer.Option(0.05, "--min-p")
@@ -215,7 +251,7 @@ GPU_BUDGET = typer.Option(None, "--gpu-budget", envvar="EDGESEEK_GPU_BUDGET",
 def generate(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Prompt text; read from stdin when absent."),
-    max_tokens: int = typer.Option(256, "-n", "--max-tokens"),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", callback=_at_least(1)),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
@@ -269,15 +305,16 @@ def generate(
         sys.stdout.write("\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 def batch(
     model_or_input: str = typer.Argument(..., metavar="[MODEL] IN.jsonl",
                                          help="GGUF file or known model name (optional), then the input JSONL."),
     input_path: Optional[Path] = typer.Argument(None, metavar="", show_default=False, hidden=True),
     output: Path = typer.Option(..., "-o", "--output", help="Output JSONL; appended to, and resumed from."),
     parallel: int = typer.Option(8, "-P", "--parallel", envvar="EDGESEEK_PARALLEL",
-                                 help="Sequences decoded together in one forward pass."),
-    max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Default when a request sets none."),
+                                 help="Sequences decoded together in one forward pass.", callback=_at_least(1)),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Default when a request sets none.",
+                                   callback=_at_least(1)),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
@@ -307,17 +344,14 @@ def batch(
     model, in_path = (None, Path(model_or_input)) if input_path is None else (model_or_input, input_path)
     if not in_path.is_file():
         _fail(f"{in_path}: no such input file")
-    if parallel < 1:
-        _fail(f"--parallel must be at least 1, got {parallel}")
+    B.check_output(output)
     defaults = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    with open(in_path, encoding="utf-8") as f:
-        requests, bad = B.read_requests(f, defaults, max_tokens, B.answered(output))
+    requests, bad = B.read_requests(B.text_lines(in_path), defaults, max_tokens, B.answered(output))
     if not requests and not bad:
         err.print(f"Nothing to do: every request of {in_path} is in {output}.")
         return
     engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp) if requests else None
     named = B.use_lora(engine, lora) if requests and lora else {}
-    output.parent.mkdir(parents=True, exist_ok=True)
     n_failed = len(bad)
     show = err.is_terminal and not _no_color
     progress = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -357,13 +391,16 @@ def serve(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", envvar="EDGESEEK_HOST",
                              help="Address to listen on; one other than loopback needs --api-key."),
-    port: int = typer.Option(8080, "--port", envvar="EDGESEEK_PORT"),
+    port: int = typer.Option(8080, "--port", envvar="EDGESEEK_PORT", help="0: any free port (the banner says which).",
+                             callback=_between(0, 65535)),
     parallel: int = typer.Option(8, "-P", "--parallel", envvar="EDGESEEK_PARALLEL",
-                                 help="Requests decoded together in one forward pass."),
-    queue: int = typer.Option(64, "--queue", help="Requests that may wait for a slot; beyond them: 429."),
+                                 help="Requests decoded together in one forward pass.", callback=_at_least(1)),
+    queue: int = typer.Option(64, "--queue", callback=_at_least(0),
+                              help="Requests that may wait while -P run; one more is answered 429 at once. "
+                              "0: no waiting."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGESEEK_API_KEY",
                                           help="Every request must send Authorization: Bearer KEY."),
-    max_tokens: Optional[int] = typer.Option(None, "-n", "--max-tokens",
+    max_tokens: Optional[int] = typer.Option(None, "-n", "--max-tokens", callback=_at_least(1),
                                              help="Most tokens one request may ask for (default: the context)."),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
@@ -388,19 +425,16 @@ def serve(
     if not is_loopback(host) and not api_key:
         _fail(f"--host {host} is reachable from other machines: set --api-key KEY (or EDGESEEK_API_KEY), "
               "or listen on 127.0.0.1")
-    if parallel < 1 or queue < 0:
-        _fail(f"-P must be at least 1 and --queue at least 0, got {parallel} and {queue}")
-    if max_tokens is not None and max_tokens < 1:
-        _fail(f"--max-tokens must be at least 1, got {max_tokens}")
     defaults = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
     sock = listen(host, port)  # before loading: a port in use is said at once
     engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp)
     server = Server(engine, sock, parallel=parallel, queue=queue, api_key=api_key, defaults=defaults,
                     max_tokens=max_tokens)
     where = engine.device_name if engine.device == "cuda" else "the CPU"
-    err.print(f"[bold]{engine.path.name}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s on {where}; "
-              f"serving OpenAI's API at [bold]{server.url}[/bold] ({parallel} requests at a time, {queue} waiting"
-              f"{', API key required' if api_key else ''}). Ctrl+C to stop.", highlight=False)
+    err.print(f"[bold]{escape(engine.path.name)}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s on "
+              f"{escape(where)}; serving OpenAI's API at [bold]{escape(server.url)}[/bold] ({parallel} "
+              f"request{'s' if parallel != 1 else ''} at a time, {queue} waiting"
+              f"{', API key required' if api_key else ''}). Ctrl+C to stop.", markup=True)
     server.run()
     err.print("server stopped", markup=False)
 
@@ -409,7 +443,7 @@ def serve(
 def chat(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     system: Optional[str] = typer.Option(None, "-s", "--system", help="System prompt, or @FILE to read it from a file."),
-    max_tokens: int = typer.Option(1024, "-n", "--max-tokens"),
+    max_tokens: int = typer.Option(1024, "-n", "--max-tokens", callback=_at_least(1)),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,
     repeat_penalty: float = REPEAT, seed: Optional[int] = SEED, ctx: int = CTX,
     ram_budget: Optional[str] = BUDGET, device: str = DEVICE, gpu_budget: Optional[str] = GPU_BUDGET,
@@ -437,8 +471,8 @@ def chat(
     where = engine.device_name if engine.device == "cuda" else "the CPU"
     if engine.gpu_plan is not None and engine.gpu_plan.experts_on_gpu < engine.gpu_plan.experts_total:
         where += f" ({engine.gpu_plan.experts_on_gpu}/{engine.gpu_plan.experts_total} routed experts; the rest on the CPU)"
-    err.print(f"[bold]{engine.path.name}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s on {where}. "
-              "/help for commands, Ctrl+D to leave.", highlight=False)
+    err.print(f"[bold]{escape(engine.path.name)}[/bold] ({engine.arch}) loaded in {engine.load_seconds:.1f} s on "
+              f"{escape(where)}. /help for commands, Ctrl+D to leave.", markup=True)
     while True:
         try:
             text = _read_message()
@@ -561,11 +595,12 @@ def inspect(
         print(json.dumps(info, indent=2))
         return
     from rich.table import Column, Table
+    from rich.text import Text  # a value (a path, general.name) as it is, not as markup
 
     table = Table(Column(), Column(overflow="fold"), show_header=False, box=None)  # long paths fold, not cut
     for key, value in info.items():
         if key not in ("tensor_types", "chat_template"):
-            table.add_row(INSPECT_LABELS.get(key, key.replace("_", " ")), _inspect_value(key, value))
+            table.add_row(INSPECT_LABELS.get(key, key.replace("_", " ")), Text(_inspect_value(key, value)))
     out.print(table)
     types = Table("type", Column("tensors", justify="right"), Column("size", justify="right"))
     for name, t in info["tensor_types"].items():

@@ -82,7 +82,7 @@ def convert_command(
         return
     from rich.console import Console
     from rich.table import Table
-    console = Console()
+    console = Console(highlight=False, soft_wrap=True, emoji=False, markup=False)  # paths as they are, unwrapped
     table = Table("tensor", "shape", "type", "MB", "rel. error", box=None)
     for t in report.tensors:
         table.add_row(t.name, "x".join(map(str, t.shape)), t.type, f"{t.bytes / 1e6:.2f}",
@@ -123,7 +123,7 @@ def convert_lora_command(
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
     from rich.console import Console
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
     size = report.output_bytes
     console.print(f"{report.output}: {report.architecture} LoRA, rank {report.rank}, alpha {report.alpha:g}, "
                   f"{len(report.tensors) // 2} adapted weights, {size / 1e6:.2f} MB in {report.seconds:.1f} s")

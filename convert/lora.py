@@ -144,6 +144,13 @@ def plan_lora(ckpt: Checkpoint, pairs: dict) -> tuple[str, list[tuple[str, np.nd
     return arch.gguf_arch, out
 
 
+def _rank(tensors: list[tuple[str, np.ndarray]]) -> int:
+    """The adapter's rank r: the last axis of every B, (..., N, r), token_embd's (D, r) too (A's last
+    axis is the input width K, but token_embd's r). The largest where PEFT's rank_pattern gives
+    modules different ranks."""
+    return max((int(x.shape[-1]) for name, x in tensors if name.endswith(".lora_b")), default=0)
+
+
 def _type(outtype: T, x: np.ndarray) -> T:
     """llama.cpp's choice: the out type, Q8_0 falling back to F16 where a row is no multiple of 32."""
     if outtype == T.Q8_0 and x.shape[-1] % 32:
@@ -181,7 +188,7 @@ def convert_lora(peft_dir: str | os.PathLike, base: str | os.PathLike, out: str 
     meta.set_gguf_meta_model(w)
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    report = LoraReport(str(out), arch, int(tensors[0][1].shape[-1]) if tensors else 0, alpha)
+    report = LoraReport(str(out), arch, _rank(tensors), alpha)
     blobs = []
     for (name, x), t in zip(tensors, types):
         q = x if t == T.F32 else get_format(t).quantize(x.reshape(-1, x.shape[-1]))

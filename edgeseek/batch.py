@@ -9,7 +9,9 @@ Output: one line per request as it completes, appended and flushed: {"id", "cust
 "response": {"status_code": 200, "body": <chat.completion or text_completion>}, "error": null}, or for
 a bad line {"id", "custom_id" (or null), "response": null, "error": {"code", "message", "line"}}. Lines
 are judged as OpenAI's API judges them: sampling numbers NaN, infinite or out of range, a role other
-than system / user / assistant / tool, content other than a string or text parts are bad lines.
+than system (or developer, its newer name) / user / assistant / tool, content other than a string or
+text parts are bad lines; so are options edgeseek does not do (n > 1, tools, logprobs, ...), which
+the server refuses too.
 Custom ids already in the output file are skipped, so an interrupted run resumes where it stopped.
 A line may carry "lora" (top level, or in the body): an adapter name given on the command line
 (--lora NAME=FILE), an adapter file ("FILE" or "FILE:SCALE"), a list of them, or null for the base
@@ -49,6 +51,13 @@ SAMPLING = {
     "frequency_penalty": (None, False, -2.0, 2.0, False),
 }
 ROLES = ("system", "user", "assistant", "tool")
+ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message (o1 and later models)
+# Options that would change what the reply means and that edgeseek does not do: refused, not ignored.
+UNSUPPORTED = {"n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1),
+               "logprobs": lambda v: v not in (None, False), "top_logprobs": lambda v: v not in (None, 0),
+               "echo": lambda v: v not in (None, False), "suffix": lambda v: v not in (None, ""),
+               "tools": lambda v: v not in (None, []), "functions": lambda v: v not in (None, []),
+               "logit_bias": lambda v: v not in (None, {})}
 
 
 @dataclass
@@ -113,6 +122,9 @@ def parse_body(kind: str, body: dict, defaults: SamplerConfig, max_tokens: int):
     """A request body of /v1/chat/completions (kind "chat") or /v1/completions ("completion") ->
     (messages or prompt text, max_tokens, SamplerConfig, stop strings), or what is wrong with it.
     The server judges its requests by the same rules."""
+    for name, bad in UNSUPPORTED.items():
+        if bad(body.get(name)):
+            return f"{name}={json.dumps(body[name])[:40]} is not supported"
     key = "messages" if kind == "chat" else "prompt"
     prompt = body.get(key)
     if kind == "chat":
@@ -170,7 +182,9 @@ def _messages(messages) -> list[dict] | str:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return f"messages[{i}] must be a {{role, content}} object, got {json.dumps(m)[:40]}"
-        if m.get("role") not in ROLES:
+        role = m.get("role")
+        role = ALIASES.get(role, role) if isinstance(role, str) else role
+        if role not in ROLES:
             return f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(m.get('role'))[:40]}"
         content = m.get("content")
         if isinstance(content, list) and content and all(
@@ -179,8 +193,31 @@ def _messages(messages) -> list[dict] | str:
         if not isinstance(content, str):
             return (f"messages[{i}].content must be a string or a list of text parts "
                     "({\"type\": \"text\", \"text\": ...}); other content is not supported")
-        out.append({**m, "content": content})
+        out.append({**m, "role": role, "content": content})
     return out
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a JSONL file, each decoded from UTF-8; a file that is not UTF-8 text (a model
+    file given as IN.jsonl, say) is an EdgeseekError naming it and the line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise EdgeseekError(f"{path}: line {i} is not UTF-8 text (not a JSONL file?)") from None
+
+
+def check_output(path: Path) -> None:
+    """The output can be appended to: said before any model loads, naming it. Its folder is made."""
+    if path.is_dir():
+        raise EdgeseekError(f"{path}: is a folder; -o/--output takes the JSONL file the replies go to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EdgeseekError(f"{path}: cannot make its folder {path.parent}: part of that path is a file") from None
+    except OSError as e:
+        raise EdgeseekError(f"{path}: cannot make its folder {path.parent}: {e.strerror or e}") from None
 
 
 def answered(out_path: Path) -> tuple[set[str], set[int]]:
@@ -188,7 +225,7 @@ def answered(out_path: Path) -> tuple[set[str], set[int]]:
     numbers of errors that had no custom_id (a torn last line is ignored)."""
     ids, lines = set(), set()
     if out_path.exists():
-        for text in out_path.read_text(encoding="utf-8").splitlines():
+        for text in text_lines(out_path):
             try:
                 obj = json.loads(text)
                 cid = obj.get("custom_id")

@@ -24,7 +24,7 @@ HELP = """Commands:
   /system [TEXT]        show or set the system prompt (clears the conversation)
   /set NAME VALUE       sampling option: temperature top_k top_p min_p repeat_penalty seed max_tokens
   /stats                the last reply's speed
-  /lora FILE [SCALE]    run with a LoRA adapter (GGUF); /lora off: the base model; /lora: which
+  /lora FILE [SCALE]    run with a LoRA adapter (GGUF; or FILE:SCALE); /lora off: the base model; /lora: which
   /save FILE, /load FILE  the conversation as JSON
   /bye                  leave (or Ctrl+D)
 Multi-line input: start and end it with three double quotes (\"\"\"). Ctrl+C stops a reply."""
@@ -191,14 +191,10 @@ class ChatSession:
         if arg == "off":
             self.context.use_adapters(())
             return CommandResult("LoRA off: the base model.")
-        path, scale = arg, 1.0
-        head, _, tail = arg.rpartition(" ")
-        if head:
-            try:
-                path, scale = head.strip(), float(tail)
-            except ValueError:
-                pass
+        from .lora import parse_spec
+
         try:
+            path, scale = parse_spec(arg)  # FILE SCALE or FILE:SCALE, read as --lora reads them
             adapter = self.engine.lora.get(path, scale)
         except EdgeseekError as e:
             return CommandResult(str(e), error=True)

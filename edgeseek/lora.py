@@ -29,18 +29,27 @@ SUFFIXES = (".lora_a", ".lora_b")
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
-    """--lora FILE[:SCALE] -> (FILE, SCALE); a tail after the last colon that is not a number is
-    part of the path."""
-    path, sep, tail = spec.rpartition(":")
-    if sep and path:
-        try:
-            scale = float(tail)
-        except ValueError:
-            return spec, 1.0
-        if not math.isfinite(scale):
-            raise EdgeseekError(f"--lora {spec}: the scale must be a finite number, got {tail}")
-        return path, scale
-    return spec, 1.0
+    """An adapter and its scale -> (FILE, SCALE): `FILE:SCALE` (--lora, batch lines) or `FILE SCALE`
+    (chat's /lora), SCALE 1 when absent. The files on disk settle what the last colon or space
+    means: a path that holds one is taken whole where that file exists and FILE does not; a tail
+    that is not a number after an existing FILE is a bad scale, said in one line."""
+    spec = spec.strip()
+    cut = max(spec.rfind(":"), spec.rfind(" "), spec.rfind("\t"))
+    path, tail = spec[:cut].rstrip(" \t:"), spec[cut + 1:].strip()
+    if cut < 0 or not path:
+        return spec, 1.0
+    whole, head = Path(spec).is_file(), Path(path).is_file()
+    try:
+        scale = float(tail)
+    except ValueError:
+        if head and not whole:
+            raise EdgeseekError(f"LoRA {spec}: the scale {tail!r} is not a number") from None
+        return spec, 1.0  # a path with a colon or space in it (missing: read_adapter names it whole)
+    if whole and not head:
+        return spec, 1.0
+    if not math.isfinite(scale):
+        raise EdgeseekError(f"LoRA {spec}: the scale must be a finite number, got {tail}")
+    return path, scale
 
 
 def _f32(f: GGUFFile, t) -> np.ndarray:

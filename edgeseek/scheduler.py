@@ -71,7 +71,8 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> bool:
-        """Queues a job; False when the queue is full (or the server is closing)."""
+        """Queues a job; False when the queue is full (or the server is closing): beyond the free
+        slots, at most `queue` jobs wait (0: none)."""
         with self._lock:
             if self._closing or len(self._waiting) >= self.queue_limit + max(0, self.parallel - len(self._running)):
                 return False
@@ -129,12 +130,16 @@ class Scheduler:
 
     def _admit(self, job: Job) -> None:
         job.uid = next(self._uids)
+        with self._lock:  # its slot is taken while the prompt is prefilled: `submit` counts it
+            self._running[job.uid] = job
         context = None
         try:
             context = self.pool.take(job.ids)
             first = self.gen.add(job.ids, max_tokens=job.max_tokens, sampler=job.sampler, stop=job.stop,
                                  uid=job.uid, context=context, ignore_eos=job.ignore_eos)
         except Exception as e:  # noqa: BLE001  (one request's failure is that request's)
+            with self._lock:
+                self._running.pop(job.uid, None)
             if context is not None:
                 context.reset()
                 self.pool.give(context)
@@ -142,8 +147,6 @@ class Scheduler:
             return
         self.tokens += 1
         job.context = context
-        with self._lock:
-            self._running[job.uid] = job
         job.deliver(first)
         if first.finish_reason:
             self._finish(job)

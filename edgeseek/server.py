@@ -36,12 +36,6 @@ from .scheduler import Job, Scheduler, ServerClosing
 
 MAX_BODY = 8 << 20  # bytes of a request body: a long prompt is a few hundred KiB
 MAX_STOP = 16  # stop strings of one request (OpenAI allows 4; llama.cpp's server has no limit)
-# Options that would change what the reply means and that this server does not do: refused, not ignored.
-UNSUPPORTED = {"n": lambda v: v not in (None, 1), "best_of": lambda v: v not in (None, 1),
-               "logprobs": lambda v: v not in (None, False), "top_logprobs": lambda v: v not in (None, 0),
-               "echo": lambda v: v not in (None, False), "suffix": lambda v: v not in (None, ""),
-               "tools": lambda v: v not in (None, []), "functions": lambda v: v not in (None, []),
-               "logit_bias": lambda v: v not in (None, {})}
 
 
 class ApiError(Exception):
@@ -60,8 +54,9 @@ class ApiError(Exception):
 
 
 def _param_of(problem: str) -> str | None:
-    """The request field a `parse_body` problem names ("temperature must be ..." -> temperature)."""
-    word = problem.split(" ", 1)[0]
+    """The request field a `parse_body` problem names ("temperature must be ..." -> temperature,
+    "n=2 is not supported" -> n)."""
+    word = problem.split(" ", 1)[0].split("=", 1)[0]
     return word if word.replace("_", "").replace("[", "").replace("]", "").replace(".", "").isalnum() else None
 
 
@@ -141,6 +136,8 @@ class OpenAIServer:
         return JSONResponse(self._model_object())
 
     async def health(self, request: Request) -> JSONResponse:
+        if request.scope.get(_Auth.ANONYMOUS):  # a load balancer's probe without the key: up, nothing more
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": self.model, **self.scheduler.load()})
 
     async def chat(self, request: Request):
@@ -179,9 +176,6 @@ class OpenAIServer:
     def _prepare(self, kind: str, body: dict):
         """A request body -> (prompt ids, max_tokens, sampler, stop strings, whether the prompt opened
         a think block); ApiError(400) naming what is wrong."""
-        for name, bad in UNSUPPORTED.items():
-            if bad(body.get(name)):
-                raise ApiError(400, f"{name}={json.dumps(body[name])[:40]} is not supported by this server", param=name)
         r = parse_body(kind, body, self.defaults, self.max_tokens)
         if isinstance(r, str):
             raise ApiError(400, r, param=_param_of(r))
@@ -382,16 +376,24 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 
 class _Auth:
-    """ASGI middleware: every HTTP request needs `Authorization: Bearer KEY` (401 otherwise)."""
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer KEY` (401 otherwise), the
+    scheme in any case (RFC 7235 section 2.1). GET /health answers without it, as load balancers
+    probe it, but then says only that the server is up."""
+
+    ANONYMOUS = "edgeseek.anonymous"  # set in the scope of a /health request without the key
 
     def __init__(self, app, key: str):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
+            scheme, _, token = got.strip().partition(b" ")
+            ok = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+            if not ok and scope["path"] == "/health":
+                scope = {**scope, self.ANONYMOUS: True}
+            elif not ok:
                 message = "missing API key: send the header Authorization: Bearer KEY" if not got else \
                     "incorrect API key"
                 await ApiError(401, message, code="invalid_api_key").response()(scope, receive, send)

@@ -156,6 +156,14 @@ def test_forward_rows_equals_separate_decode(smollm2_path):
     ('{"custom_id": "x", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
      "messages[0].content must be a string or a list of text parts"),
     ('{"custom_id": "x", "messages": ["hi"]}', 'messages[0] must be a {role, content} object, got "hi"'),
+    ('{"custom_id": "x", "messages": [{"role": ["user"], "content": "hi"}]}', "messages[0].role must be one of"),
+    # What the server refuses with 400 is a bad line too, not silently one plain choice.
+    ('{"custom_id": "x", "prompt": "hi", "n": 2}', "n=2 is not supported"),
+    ('{"custom_id": "x", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
+     'tools=[{"type": "function"}] is not supported'),
+    ('{"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}], '
+     '"logprobs": true}}', "logprobs=true is not supported"),
+    ('{"custom_id": "x", "prompt": "hi", "logprobs": 3}', "logprobs=3 is not supported"),
 ])
 def test_bad_lines_name_the_problem(line, message):
     r = B.parse_line(line, 7, SamplerConfig(), 16)
@@ -175,6 +183,15 @@ def test_openai_forms_that_are_accepted():
     assert (r.sampler.temperature, r.sampler.top_p, r.sampler.top_k, r.sampler.seed) == (2.0, 0.0, 40, 7)
 
 
+def test_developer_role_is_the_system_message():
+    """OpenAI's newer name for "system": rendered by the chat template as the system message."""
+    line = json.dumps({"custom_id": "x", "messages": [{"role": "developer", "content": "Be brief."},
+                                                      {"role": "user", "content": "hi"}], "n": 1, "logprobs": False})
+    r = B.parse_line(line, 1, SamplerConfig(), 16)
+    assert isinstance(r, B.Request), r
+    assert r.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+
+
 def test_nan_sampling_and_unknown_role_never_generate(smollm2_path, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(src, ['{"custom_id": "nan", "prompt": "Once upon a time", "top_p": NaN}',
@@ -186,3 +203,39 @@ def test_nan_sampling_and_unknown_role_never_generate(smollm2_path, tmp_path):
     assert rows["nan"]["error"] == {"code": "invalid_request", "line": 1,
                                     "message": "line 1: top_p must be a finite number, got NaN"}
     assert "role must be one of system, user, assistant, tool" in rows["wiz"]["error"]["message"]
+
+
+def test_help_usage_line_names_the_arguments_once():
+    r = runner.invoke(app, ["batch", "--help"], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    usage = next(line for line in r.stdout.splitlines() if "Usage:" in line)
+    assert usage.rstrip().endswith("[OPTIONS] {[MODEL] IN.jsonl}"), usage  # no `[]` of the hidden argument
+
+
+def test_output_folder_and_files_that_are_not_text_are_one_line_before_loading(tmp_path):
+    src, binary = tmp_path / "in.jsonl", tmp_path / "weights.bin"
+    _write(src, [GOOD[1]])
+    binary.write_bytes(b"GGUF\x03\x00\x00\x00\xff\xfe\x00\x81" * 16)
+    (tmp_path / "replies").mkdir()
+    model = str(tmp_path / "never-loaded.gguf")  # the files are judged first: no model error
+    for args, says in [([str(src), "-o", str(tmp_path / "replies")], "replies: is a folder; -o/--output takes"),
+                       ([str(binary), "-o", str(tmp_path / "o.jsonl")], "weights.bin: line 1 is not UTF-8 text"),
+                       ([str(src), "-o", str(binary)], "weights.bin: line 1 is not UTF-8 text"),
+                       ([str(src), "-o", str(src / "o.jsonl")], "in.jsonl: part of that path is a file")]:
+        r = runner.invoke(app, ["batch", model, *args])
+        assert r.exit_code == 1 and not isinstance(r.exception, OSError), (args, r.exception)
+        assert says in r.stderr and r.stderr.count("\n") == 1 and "never-loaded" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("option, value, says", [("-n", "0", "--max-tokens must be at least 1, got 0"),
+                                                 ("--max-tokens", "-3", "--max-tokens must be at least 1, got -3"),
+                                                 ("--temp", "-0.5", "--temp must be at least 0, got -0.5"),
+                                                 ("-P", "0", "--parallel must be at least 1, got 0")])
+def test_option_values_out_of_range_are_refused_before_loading(tmp_path, option, value, says):
+    src = tmp_path / "in.jsonl"
+    _write(src, [GOOD[1]])
+    r = runner.invoke(app, ["batch", str(tmp_path / "never-loaded.gguf"), str(src), "-o", str(tmp_path / "o.jsonl"),
+                            option, value])
+    assert r.exit_code == 1 and r.stderr == f"error: {says}\n", r.output
+    assert not (tmp_path / "o.jsonl").exists()

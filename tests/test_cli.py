@@ -151,3 +151,23 @@ def _rows(table: str) -> dict:
 
     return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table.splitlines()
                 if line.startswith(" ") and re.search(r"\S\s{2,}\S", line))
+
+
+def test_names_in_messages_are_printed_as_they_are(tmp_path):
+    """No :emoji: codes nor [markup] read in file names: an error and a batch message say them literally."""
+    r = runner.invoke(app, ["generate", str(tmp_path / "a:smile:[bold]b.gguf"), "-p", "hi"])
+    assert r.exit_code == 1 and "a:smile:[bold]b.gguf: no such file" in r.stderr, r.stderr
+    src, dst = tmp_path / "[bold]in:smile:.jsonl", tmp_path / "[red]out.jsonl"
+    src.write_text('{"custom_id": "a", "prompt": "hi"}\n')
+    dst.write_text('{"custom_id": "a", "response": null, "error": null}\n')
+    r = runner.invoke(app, ["batch", str(src), "-o", str(dst)])
+    assert r.exit_code == 0 and f"every request of {src} is in {dst}." in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("option, value, says", [("-n", "0", "--max-tokens must be at least 1, got 0"),
+                                                 ("--temp", "-1", "--temp must be at least 0, got -1")])
+def test_out_of_range_options_are_refused_before_loading(tmp_path, command, option, value, says):
+    r = runner.invoke(app, [command, str(tmp_path / "never-loaded.gguf"), "-p" if command == "generate" else "-s",
+                            "hi", option, value], input="")
+    assert r.exit_code == 1 and r.stderr == f"error: {says}\n", r.output

@@ -109,6 +109,18 @@ def test_convert_lora_command(out_dir, tmp_path):
     assert r.exit_code == 1 and "already exists" in r.stderr
 
 
+@pytest.mark.parametrize("name", ["v3", "v2lite", "qwen2"])
+def test_convert_lora_reports_the_rank(name, tmp_path):
+    """The rank r of the PEFT config, not A's input width (which it equals only for an embedding's A)."""
+    rank = A.SPECS[name]["r"]
+    args = ["convert-lora", str(A.adapter(name)), "--base", str(C.checkpoint(A.SPECS[name]["base"])), "-t", "f32"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "a.gguf"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rank"] == rank
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "b.gguf")])
+    assert r.exit_code == 0 and r.stderr.count("\n") == 1 and f" LoRA, rank {rank}, alpha " in r.stderr, r.output
+
+
 # ------------------------------------------------------------------------------------------ logits
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "v3", "v2lite"])
@@ -383,3 +395,36 @@ def test_batch_line_with_a_bad_adapter_is_an_error_line(out_dir, tmp_path):
     assert "no such LoRA adapter file" in out["x"]["error"]["message"]
     assert "lora must be" in out["y"]["error"]["message"]
     assert out["z"]["error"] is None
+
+
+def test_scale_spec_read_alike_by_lora_batch_and_chat(out_dir, tmp_path):
+    """FILE:SCALE and FILE SCALE go through one parser: a scale that is not a number after an existing
+    file is said as such; a path holding a colon or a space is taken whole where that file exists."""
+    from edgeseek.lora import parse_spec
+    adapter = ours("v3", "f32", out_dir)
+    colon, spaced = tmp_path / "tuned:v2.gguf", tmp_path / "my adapter.gguf"
+    colon.write_bytes(adapter.read_bytes())
+    spaced.write_bytes(adapter.read_bytes())
+    assert parse_spec(f"{adapter}:0.5") == parse_spec(f"{adapter} 0.5") == (str(adapter), 0.5)
+    assert parse_spec(str(colon)) == (str(colon), 1.0) and parse_spec(f"{colon}:2") == (str(colon), 2.0)
+    assert parse_spec(str(spaced)) == (str(spaced), 1.0) and parse_spec(f"{spaced} 2") == (str(spaced), 2.0)
+    assert parse_spec(str(tmp_path / "gone.gguf:abc")) == (str(tmp_path / "gone.gguf:abc"), 1.0)  # no such file
+    for spec in (f"{adapter}:abc", f"{adapter} abc", f"{adapter}:"):
+        with pytest.raises(EdgeseekError, match="is not a number"):
+            parse_spec(spec)
+    base = str(base_file("v3"))
+    r = runner.invoke(app, ["generate", base, "-p", "hi", "-n", "1", "--lora", f"{adapter}:abc"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert "the scale 'abc' is not a number" in r.stderr and "no such" not in r.stderr
+    r = runner.invoke(app, ["generate", base, "-p", "hi", "-n", "1", "--temp", "0", "--lora", f"{colon}:0.5"])
+    assert r.exit_code == 0, r.output
+
+    from edgeseek.chat import ChatSession
+    s = ChatSession(engine("v3"))
+    for arg in (f"{adapter}:0.5", f"{adapter} 0.5"):
+        r = s.command(f"/lora {arg}")
+        assert not r.error and s.command("/lora").message.endswith("(scale 0.5)"), r.message
+    r = s.command(f"/lora {colon}")
+    assert not r.error and s.command("/lora").message.endswith("(scale 1)"), r.message
+    r = s.command(f"/lora {adapter} abc")
+    assert r.error and "the scale 'abc' is not a number" in r.message

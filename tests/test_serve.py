@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,7 @@ import edgeseek
 from edgeseek.app.cli import app
 from edgeseek.chat import chat_prompt_ids
 from edgeseek.chat_template import ChatTemplate
+from edgeseek.scheduler import Job, Scheduler
 from edgeseek.server import Reasoning, Server, listen
 
 GREEDY = {"temperature": 0}
@@ -158,6 +160,8 @@ def test_next_turn_continues_the_cached_conversation(engine, client):
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens", "at most 256"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', 400, "max_tokens", "positive integer"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n", "not supported"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, "tools",
+     "not supported"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream", "true or false"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": 5}', 400, "stop", "stop must be a string"),
 ])
@@ -188,19 +192,62 @@ def test_errors_through_the_client_and_the_server_lives_on(client, server):
     assert client.completions.create(model="any", prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_api_key_is_required_on_every_request(engine):
+def test_api_key_is_required_on_every_request_but_health(engine):
     s = _start(engine, api_key="sesame")
     try:
         with pytest.raises(openai.AuthenticationError) as e:
             OpenAI(base_url=s.url, api_key="wrong", max_retries=0).models.list()
         assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
-        code, reply = _http("GET", s.url.removesuffix("/v1") + "/health")
+        code, reply = _http("GET", s.url + "/models")
         assert code == 401 and "Authorization: Bearer" in reply["error"]["message"]
         good = OpenAI(base_url=s.url, api_key="sesame", max_retries=0)
         assert good.completions.create(model="any", prompt="Hi", max_tokens=2).choices[0].text is not None
-        assert _health(s, Authorization="Bearer sesame")["status"] == "ok"
+        # A load balancer's probe needs no key and learns only that the server is up.
+        assert _health(s) == _health(s, Authorization="Bearer wrong") == {"status": "ok"}
+        assert _health(s, Authorization="Bearer sesame")["model"] == engine.path.name
+        # The scheme is case-insensitive (RFC 7235): "bearer" as some clients send it.
+        for header in ("bearer sesame", "BEARER sesame"):
+            code, reply = _http("GET", s.url + "/models", headers={"Authorization": header})
+            assert code == 200 and reply["data"][0]["id"] == engine.path.name, (header, reply)
+        code, _ = _http("GET", s.url + "/models", headers={"Authorization": "Basic sesame"})
+        assert code == 401
     finally:
         s.stop()
+
+
+def test_queue_0_lets_no_request_wait(engine, monkeypatch):
+    """--queue 0 with -P 1: while the slot is taken, by a request still prefilling its prompt too, the
+    next request is refused at once (429) rather than waiting."""
+    s = Scheduler(engine, parallel=1, queue=0)
+    prefilling, go = threading.Event(), threading.Event()
+    add = s.gen.add
+
+    def slow_add(*args, **kw):
+        prefilling.set()
+        go.wait(10)
+        return add(*args, **kw)
+
+    monkeypatch.setattr(s.gen, "add", slow_add)
+    ids, got = engine.tokenizer.encode("Hi"), []
+    s.start()
+    try:
+        assert s.submit(Job(ids, 2, edgeseek.SamplerConfig.greedy(), [], got.append))
+        assert prefilling.wait(10)
+        assert not s.submit(Job(ids, 2, edgeseek.SamplerConfig.greedy(), [], got.append))
+        assert s.load()["running"] == 1 and s.load()["waiting"] == 0
+        go.set()
+        _until(lambda: got and got[-1].finish_reason is not None)
+        assert s.submit(Job(ids, 2, edgeseek.SamplerConfig.greedy(), [], got.append))  # the slot is free again
+    finally:
+        go.set()
+        s.close()
+
+
+def test_developer_role_is_the_system_message(engine, client):
+    system = [{"role": "system", "content": "Answer in French."}, *_user("Name a colour.")]
+    developer = [{"role": "developer", "content": "Answer in French."}, *_user("Name a colour.")]
+    r = client.chat.completions.create(model="any", messages=developer, max_tokens=8, **GREEDY)
+    assert r.choices[0].message.content == _alone(engine, system, 8)
 
 
 def test_full_queue_answers_429_and_a_closed_stream_frees_its_slot(engine):
@@ -336,13 +383,23 @@ def test_public_host_without_api_key_is_refused():
     assert r.output.count("\n") == 1 and "--api-key" in r.output
 
 
+@pytest.mark.parametrize("option, value, says", [("--port", "70000", "--port must be between 0 and 65535, got 70000"),
+                                                 ("--port", "-1", "--port must be between 0 and 65535, got -1"),
+                                                 ("--queue", "-1", "--queue must be at least 0, got -1"),
+                                                 ("--temp", "-1", "--temp must be at least 0, got -1"),
+                                                 ("-n", "0", "--max-tokens must be at least 1, got 0")])
+def test_out_of_range_options_are_refused_before_listening(tmp_path, option, value, says):
+    r = CliRunner().invoke(app, ["serve", str(tmp_path / "never-loaded.gguf"), option, value])
+    assert r.exit_code == 1 and r.stderr == f"error: {says}\n", r.output
+
+
 def test_serve_command_answers_then_stops_on_ctrl_c():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "NO_COLOR": "1"}
     p = subprocess.Popen([sys.executable, "-m", "edgeseek.app.cli", "serve", str(MINI), "--port", str(port),
-                          "--ctx", "256", "-P", "2"], stderr=subprocess.PIPE, text=True, env=env)
+                          "--ctx", "256", "-P", "1"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
@@ -358,7 +415,8 @@ def test_serve_command_answers_then_stops_on_ctrl_c():
         assert r.model == MINI.name and r.usage.completion_tokens >= 1
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=20) == 0
-        assert "server stopped" in p.stderr.read()
+        said = p.stderr.read()
+        assert "(1 request at a time, 64 waiting)" in said and "server stopped" in said, said
     finally:
         if p.poll() is None:
             p.kill()
