@@ -30,11 +30,68 @@ def wrap(owner, name: str, table: dict, sync) -> None:
     setattr(owner, name, timed)
 
 
+HOLD = r"""
+extern "C" __global__ void hold(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { __nanosleep(1000); asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+"""
+
+
+def kernel_times(model, b, g, cache, steps: int) -> dict:
+    """Per kernel name: device microseconds and launches per decode step, the sum, and the time
+    between kernels (other work, or the host falling behind the holding kernel). The step runs as
+    the graph was recorded (the decode graph's input and expert-id buffers: nothing in it waits
+    for the host)."""
+    import cupy
+    hold = cupy.RawKernel(HOLD, "hold")
+    kernels = b.kernels
+    plain = kernels._fn
+    log: list = []
+
+    def timed_fn(name):
+        f = plain(name)
+
+        def launch(grid, block, args, **kw):
+            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+            e0.record()
+            f(grid, block, args, **kw)
+            e1.record()
+            log.append((name, e0, e1))
+        return launch
+
+    table: dict = defaultdict(lambda: [0.0, 0])
+    gaps = 0.0
+    kernels._fn = timed_fn
+    b._step = g
+    pos = np.array([cache.pos - 1])  # the graph's last step, run again (its cache entry rewritten)
+    try:
+        for _ in range(steps):
+            log.clear()
+            hold((1,), (1,), (np.uint64(60_000_000),))  # 60 ms: longer than the host takes to queue a step
+            model.step(g.tok, pos, cache)
+            cupy.cuda.Device().synchronize()
+            for i, (name, e0, e1) in enumerate(log):
+                table[name][0] += cupy.cuda.get_elapsed_time(e0, e1) * 1e3
+                table[name][1] += 1
+                if i:
+                    gaps += cupy.cuda.get_elapsed_time(log[i - 1][2], e0) * 1e3
+    finally:
+        kernels._fn = plain
+        b._step = None
+    ops = {k: {"us_per_step": round(v[0] / steps, 1), "launches_per_step": v[1] / steps}
+           for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}
+    return {"sum_us": round(sum(v[0] for v in table.values()) / steps, 1), "between_us": round(gaps / steps, 1),
+            "launches": sum(v[1] for v in table.values()) / steps, "by_kernel": ops}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--gpu-budget", help="VRAM budget (default: all of the model on the GPU)")
     p.add_argument("--out")
     a = p.parse_args()
     import cupy
@@ -42,7 +99,7 @@ def main():
     import edgeseek
     from edgeseek.backends import cuda as C
 
-    engine = edgeseek.load(a.model, n_ctx=a.prompt + a.steps + 64, device="cuda")
+    engine = edgeseek.load(a.model, n_ctx=a.prompt + a.steps + 64, device="cuda", gpu_budget=a.gpu_budget)
     model, b = engine.model, engine.backend
     sync = cupy.cuda.Device().synchronize
     rng = np.random.default_rng(0)
@@ -68,8 +125,12 @@ def main():
     result["decode_step_host_ms"] = host_ms
     result["graph_used"] = g is not None
 
-    # 2. eager, every operation timed
+    # 2. each kernel's device time in one decode step (eager, queued behind a holding kernel)
     b.graphs = False
+    if g is not None:
+        result["kernels"] = kernel_times(model, b, g, cache, a.steps)
+
+    # 3. eager, every operation timed
     table: dict = defaultdict(lambda: [0.0, 0])
     for name in ("moe", "latent_decode", "per_head", "rms_norm", "swiglu", "rope", "_prompt_experts",
                  "_router_logits", "_batched", "causal_attention"):

@@ -87,6 +87,26 @@ def test_grouped_query_decode_graph_equals_the_cpu_path(arch, tmp_path):
     assert np.abs(got - ref).max() <= 0.005 * (ref.max() - ref.min())
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_mtp_greedy_output_equals_decoding_without_it(k, tmp_path_factory):
+    """Multi-token prediction on the GPU: the MTP block drafts, the main model verifies k + 1
+    positions on the device; greedy output as without MTP (a tiny V3 checkpoint's MTP layer)."""
+    pytest.importorskip("torch")
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "convert"))
+    import checkpoints as C
+    from edgeseek.convert.convert import convert
+    path = tmp_path_factory.mktemp("mtp") / "v3-mtp-f32.gguf"
+    convert(C.checkpoint("v3fp8"), path, "f32", force=True, keep_mtp=True)
+    greedy = edgeseek.SamplerConfig.greedy()
+    out = []
+    for mtp in ("off", k):
+        e = edgeseek.load(path, device="cuda", mtp=mtp)
+        out.append([r.token for r in edgeseek.stream_generate(e, list(range(5, 25)), max_tokens=40, sampler=greedy)
+                    if r.token is not None])
+    assert out[0] == out[1] and e.mtp.steps > 0
+
+
 SMOLLM2 = os.environ.get("EDGESEEK_SMOLLM2_F32")  # SmolLM2 dequantized from the PyPI Q4_1 file
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
            "List three prime numbers.", "Who wrote Hamlet?"]

@@ -191,8 +191,24 @@ def test_mmv(module, name, shape, T):
     y = poisoned(T * n)
     module.get_function(f"mmv_{name}")(
         ((n + 3) // 4,), (128,),
-        (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x), y, np.int32(n), np.int32(k), np.int32(T)))
+        (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x), y, np.int32(n), np.int32(k), np.int32(T),
+         np.uint64(0), np.uint64(0)))
     assert_product(unpoisoned(y, T * n).reshape(T, n), deq, x)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_mmv_adds_in_the_graphs_order(module, T):
+    """y = res + (add + x @ W.T): a residual folded into the product, bit for bit as the two adds after it."""
+    n, k = 37, 768
+    raw, deq = matrix("q4_0", n, k)
+    rng = np.random.default_rng(T)
+    x, add, res = (rng.standard_normal((T, m)).astype(np.float32) for m in (k, n, n))
+    f = module.get_function("mmv_q4_0")
+    args = (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x))
+    plain, y = cupy.empty((T, n), np.float32), cupy.empty((T, n), np.float32)
+    f(((n + 3) // 4,), (128,), args + (plain, np.int32(n), np.int32(k), np.int32(T), np.uint64(0), np.uint64(0)))
+    f(((n + 3) // 4,), (128,), args + (y, np.int32(n), np.int32(k), np.int32(T), cupy.asarray(add), cupy.asarray(res)))
+    assert_bits_equal(y.get(), res + (add + plain.get()))
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
@@ -204,7 +220,8 @@ def test_mmv_random_blocks(module, name):
     y = poisoned(2 * n)
     module.get_function(f"mmv_{name}")(
         ((n + 3) // 4,), (128,),
-        (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x), y, np.int32(n), np.int32(k), np.int32(2)))
+        (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x), y, np.int32(n), np.int32(k), np.int32(2),
+         np.uint64(0), np.uint64(0)))
     assert_product(unpoisoned(y, 2 * n).reshape(2, n), deq, x)
 
 
@@ -366,3 +383,46 @@ def test_gqa_decode_stores_and_attends(d, n):
     p = np.exp(s - s.max(1, keepdims=True))
     want = np.einsum("hs,hsd->hd", p / p.sum(1, keepdims=True), vv)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --- MLA decode (cuda_decode.cu) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 37, 700])
+def test_mla_entry_and_decode_against_the_unfused_kernels_and_float64(n):
+    """mla_entry leaves the cache entry and the rotary query bit for bit as rope_f32, rms_norm_f32
+    and store_row_f16 do; mla_decode (its splits merged by the last of each head) against float64."""
+    from types import SimpleNamespace
+    from edgeseek.backends.cuda import Kernels
+    k = Kernels()
+    H, N, R, C, s_max, eps, scale = 16, 128, 64, 512, 1024, 1e-6, 0.07
+    rng = np.random.default_rng(n)
+    ang = np.arange(s_max)[:, None] * (10000.0 ** (-np.arange(0, R, 2) / R))[None, :]
+    rope = SimpleNamespace(cos=cupy.asarray(np.cos(ang).astype(np.float32)),
+                           sin=cupy.asarray(np.sin(ang).astype(np.float32)), dim=R, kind="norm")
+    q = rng.standard_normal((H, N + R)).astype(np.float32)
+    kv = (rng.standard_normal(C + R) * 2).astype(np.float32)
+    w = rng.standard_normal(C).astype(np.float32)
+    cc = rng.standard_normal((s_max, C)).astype(np.float16)
+    kp = rng.standard_normal((s_max, R)).astype(np.float16)
+    pos = cupy.asarray(np.array([n - 1], np.int32))
+    q_d, kv_d, w_d = cupy.asarray(q), cupy.asarray(kv), cupy.asarray(w)
+    c1, k1, c2, k2 = (cupy.asarray(a) for a in (cc, kp, cc, kp))
+    q_pe = k.mla_entry(q_d, kv_d, w_d, eps, rope, pos, H, N, c1, k1)
+    # the unfused kernels
+    want_pe = cupy.empty((1, H, R), np.float32)
+    k.rope(q_d[None, :, N:], want_pe, pos, rope.cos, rope.sin, R, False)
+    k.store_row(k.rms_norm(kv_d[None, :C], w_d, eps), c2, pos)
+    k_pe = cupy.empty((1, 1, R), np.float32)
+    k.rope(kv_d[None, None, C:], k_pe, pos, rope.cos, rope.sin, R, False)
+    k.store_row(k_pe, k2, pos)
+    assert_bits_equal(q_pe.get(), want_pe.get()[0])
+    assert_bits_equal(c1.get(), c2.get())
+    assert_bits_equal(k1.get(), k2.get())
+    q_lat = rng.standard_normal((H, C)).astype(np.float32)
+    for _ in range(2):  # the split counters are left at zero: a second launch merges as the first
+        got = k.mla_decode(cupy.asarray(q_lat), q_pe, c1, k1, pos, scale).get()[0]
+    lat, kpe = c1.get()[:n].astype(np.float64), k1.get()[:n].astype(np.float64)
+    s = (q_lat.astype(np.float64) @ lat.T + q_pe.get().astype(np.float64) @ kpe.T) * scale
+    p = np.exp(s - s.max(1, keepdims=True))
+    np.testing.assert_allclose(got, (p / p.sum(1, keepdims=True)) @ lat, rtol=1e-4, atol=1e-5)
+    assert not k.counters.get().any()

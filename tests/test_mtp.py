@@ -57,6 +57,17 @@ def test_greedy_output_equals_decoding_without_mtp(mtp_file, k):
 
 
 @pytest.mark.parametrize("k", [1, 3])
+def test_greedy_output_on_the_gpu_path_equals_decoding_without_mtp(mtp_file, k):
+    """The CUDA backend's path with its kernels emulated (test_cuda_backend.py runs it on a GPU):
+    the verification of k + 1 positions, the MTP block and the caches' rollback on the device arrays."""
+    from cuda_emulation import EmulatedCUDABackend
+    plain = tokens(edgeseek.load(mtp_file, backend=EmulatedCUDABackend(), mtp="off"))
+    e = edgeseek.load(mtp_file, backend=EmulatedCUDABackend(), mtp=k)
+    assert e.device == "cuda" and tokens(e) == plain
+    assert e.mtp.steps > 0 and e.mtp.drafted == k * e.mtp.steps
+
+
+@pytest.mark.parametrize("k", [1, 3])
 def test_accepted_drafts_keep_both_caches_right(mtp_file, k, monkeypatch):
     """Drafts from an oracle that knows the plain transcript, wrong one time in four: most are
     accepted, the rest roll back, and the transcript (and a second turn that reuses the cache) stay
