@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 import numpy as np
 
 from .errors import EdgeseekError
+from .models import common as model_common
 from .sampler import Sampler, SamplerConfig
 
 if TYPE_CHECKING:
@@ -212,10 +213,14 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
 
 def _mtp_catch_up(model, hidden, next_tokens: list[int], start: int, cache, context: Context):
     """MTP entries for positions start.. (hidden row j with next_tokens[j]) -> the block's logits
-    and output, whose last row drafts the next token."""
-    pos = np.arange(start, start + len(next_tokens))
-    q_logits, g = model.mtp_step(hidden, model.backend.tokens(next_tokens), pos, cache)
-    context.mtp_valid = start + len(next_tokens)
+    and output of the last chunk (a prompt's rows PROMPT_CHUNK at a time), whose last row drafts the
+    next token."""
+    chunk = model_common.PROMPT_CHUNK
+    for a in range(0, len(next_tokens), chunk):
+        b = min(len(next_tokens), a + chunk)
+        q_logits, g = model.mtp_step(hidden[a:b], model.backend.tokens(next_tokens[a:b]), np.arange(start + a, start + b),
+                                     cache)
+        context.mtp_valid = start + b
     return q_logits, g
 
 

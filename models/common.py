@@ -129,6 +129,9 @@ class Rope:
         return out
 
 
+PROMPT_CHUNK = 512  # tokens of a prompt in one forward pass (llama.cpp's default micro-batch)
+
+
 def _is_linear(m) -> bool:
     return callable(m) and hasattr(m, "shape") and hasattr(m, "name")
 
@@ -177,11 +180,19 @@ class DecoderModel:
         as a numpy array whatever device the activations live on; with `hidden`, also the final
         hidden states (T, D) after output_norm, as the backend's array (multi-token prediction
         drafts from them). A backend may run a one-token step as a replay of the same step captured
-        once (backend.replay, a CUDA graph)."""
+        once (backend.replay, a CUDA graph). A prompt longer than PROMPT_CHUNK runs chunk after
+        chunk, each attending to the cache the earlier ones filled: its attention scores (chunk, H,
+        S) and activations stay bounded however long the prompt."""
         T = len(tokens)
         start = cache.pos
         if start + T > cache.n_ctx:
             raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
+        chunk = PROMPT_CHUNK
+        if T > chunk:
+            outs = [self.forward(tokens[a:a + chunk], cache, all_logits, hidden) for a in range(0, T, chunk)]
+            logits = [o[0] if hidden else o for o in outs]
+            logits = np.concatenate(logits) if all_logits else logits[-1]
+            return (logits, self.backend.xp.concatenate([o[1] for o in outs])) if hidden else logits
         self.begin_step()
         self.rope.ensure(cache.n_ctx)
         self.assign_lora([cache], [T])

@@ -65,3 +65,25 @@ def test_both_mla_layouts_give_the_same_model():
     _, _, a = _run("v3-f32")
     _, _, b = _run("v3-f32-legacy")
     assert np.abs(a - b).max() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["v3-f32", "v2lite-q8_0", "v3h256-q4_k_m"])
+def test_a_long_prompt_runs_in_chunks_with_the_same_result(name, monkeypatch):
+    """A prompt longer than PROMPT_CHUNK runs chunk after chunk over the cache (bounded attention
+    scores and activations): every row's logits and hidden state as in one pass, and the next
+    decode step continues the same cache."""
+    from edgeseek.models import common
+    engine = edgeseek.load(FIXTURES / f"{name}.gguf", n_ctx=64)
+    tokens = np.array([1, 5, 9, 3, 7, 2, 11, 4, 6, 8, 10, 12, 13, 14], np.int64)
+    runs = []
+    for chunk in (512, 5):
+        monkeypatch.setattr(common, "PROMPT_CHUNK", chunk)
+        cache = engine.model.new_cache()
+        logits, hidden = engine.model.forward(tokens, cache, all_logits=True, hidden=True)
+        last = engine.model.forward(tokens[-1:], cache)
+        assert cache.pos == len(tokens) + 1 and logits.shape == (len(tokens), engine.model.config.vocab_size)
+        runs.append((logits, hidden, last))
+    (a, ha, la), (b, hb, lb) = runs
+    spread = a.max() - a.min()
+    assert np.abs(a - b).max() <= 1e-4 * spread and np.abs(la - lb).max() <= 1e-4 * spread  # float32 products of other shapes
+    assert np.abs(ha - hb).max() <= 1e-4 * np.abs(ha).max()

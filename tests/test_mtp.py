@@ -56,6 +56,16 @@ def test_greedy_output_equals_decoding_without_mtp(mtp_file, k):
     assert e.mtp.steps > 0 and e.mtp.drafted == k * e.mtp.steps
 
 
+def test_a_prompt_in_chunks_drafts_as_one_pass(mtp_file, monkeypatch):
+    """A prompt longer than PROMPT_CHUNK: the main model and the MTP block's catch-up both run it
+    chunk by chunk; the greedy output is the same."""
+    from edgeseek.models import common
+    plain = tokens(edgeseek.load(mtp_file, mtp="off"))
+    monkeypatch.setattr(common, "PROMPT_CHUNK", 6)
+    e = edgeseek.load(mtp_file, mtp=2)
+    assert tokens(e) == plain and e.mtp.steps > 0
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_greedy_output_on_the_gpu_path_equals_decoding_without_mtp(mtp_file, k):
     """The CUDA backend's path with its kernels emulated (test_cuda_backend.py runs it on a GPU):
