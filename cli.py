@@ -97,6 +97,9 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, de
     from edgeseek.engine import load
 
     path = _resolve(model)
+    if lora:  # the specs and files said wrong before a model loads for minutes
+        from edgeseek.lora import check_specs
+        check_specs(lora)
     from rich.text import Text  # a spinner's str is read as markup: the file name goes in as it is
 
     status = err.status(Text(f"Loading {path.name}…"), spinner="dots") if err.is_terminal else None
@@ -230,7 +233,7 @@ TOP_P = typer.Option(0.95, "--top-p")
 MIN_P = typer.Option(0.05, "--min-p")
 REPEAT = typer.Option(1.0, "--repeat-penalty", help="1.0 = off.")
 SEED = typer.Option(None, "--seed", help="Random seed (default: random).")
-CTX = typer.Option(4096, "--ctx", envvar="EDGESEEK_CTX", help="Context length in tokens.")
+CTX = typer.Option(4096, "--ctx", envvar="EDGESEEK_CTX", help="Context length in tokens.", callback=_at_least(1))
 BUDGET = typer.Option(None, "--ram-budget", envvar="EDGESEEK_RAM_BUDGET",
                       help="Stay within this much RAM (e.g. 4G): routed experts are read from the file "
                       "on demand into a cache that fits. Default: map the whole file.")
@@ -350,6 +353,9 @@ def batch(
     if not requests and not bad:
         err.print(f"Nothing to do: every request of {in_path} is in {output}.")
         return
+    if requests and lora:
+        from edgeseek.lora import check_specs
+        check_specs(lora)
     engine = _load(model, ctx, ram_budget, device, gpu_budget, mtp) if requests else None
     named = B.use_lora(engine, lora) if requests and lora else {}
     n_failed = len(bad)

@@ -202,6 +202,8 @@ def text_lines(path: Path) -> Iterator[str]:
     file given as IN.jsonl, say) is an EdgeseekError naming it and the line."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
+            if i == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (editors on Windows write one)
+                raw = raw[3:]
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -291,7 +293,7 @@ def use_lora(engine, specs: list[str]) -> dict[str, tuple]:
     named, default = {}, []
     for spec in specs:
         name, eq, rest = spec.partition("=")
-        if eq and name and "/" not in name and rest:
+        if eq and name and "/" not in name and rest:  # as lora.check_specs reads it
             named[name] = (engine.lora.get(*parse_spec(rest), name=name),)
         else:
             default.append(spec)

@@ -52,6 +52,18 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return path, scale
 
 
+def check_specs(specs) -> None:
+    """--lora values read as they will be at load (batch's NAME=FILE[:SCALE] too): a bad scale or
+    a missing file is one line before the model loads."""
+    for spec in specs:
+        name, eq, rest = spec.partition("=")
+        if eq and name and "/" not in name and rest:
+            spec = rest
+        path, _ = parse_spec(spec)
+        if not Path(path).is_file():
+            raise GGUFError(f"{path}: no such LoRA adapter file")
+
+
 def _f32(f: GGUFFile, t) -> np.ndarray:
     try:
         fmt = get_format(t.qtype)

@@ -239,3 +239,10 @@ def test_option_values_out_of_range_are_refused_before_loading(tmp_path, option,
                             option, value])
     assert r.exit_code == 1 and r.stderr == f"error: {says}\n", r.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_an_error(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD[1]) + "\n" + json.dumps(GOOD[2]) + "\n").encode())
+    reqs, bad = B.read_requests(B.text_lines(src), SamplerConfig(), 16)
+    assert not bad and [r.custom_id for r in reqs] == ["q2", "q3"]

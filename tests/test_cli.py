@@ -171,3 +171,29 @@ def test_out_of_range_options_are_refused_before_loading(tmp_path, command, opti
     r = runner.invoke(app, [command, str(tmp_path / "never-loaded.gguf"), "-p" if command == "generate" else "-s",
                             "hi", option, value], input="")
     assert r.exit_code == 1 and r.stderr == f"error: {says}\n", r.output
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_0.gguf"
+
+
+@pytest.mark.parametrize("command, spec", [("generate", "missing.gguf"), ("batch", "missing.gguf:0.5"),
+                                           ("batch", "sql=missing.gguf:0.5")])
+def test_a_missing_lora_file_is_said_before_the_model_loads(tmp_path, monkeypatch, command, spec):
+    import edgeseek.engine
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(edgeseek.engine, "load", never)
+    monkeypatch.chdir(tmp_path)
+    if command == "generate":
+        args = ["generate", str(FIXTURE), "-p", "hi"]
+    else:
+        (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "prompt": "hi"}\n')
+        args = ["batch", str(FIXTURE), "in.jsonl", "-o", "out.jsonl"]
+    r = runner.invoke(app, args + ["--lora", spec])
+    assert r.exit_code == 1 and r.stderr == "error: missing.gguf: no such LoRA adapter file\n", r.output
+
+
+def test_ctx_below_one_is_refused(tmp_path):
+    r = runner.invoke(app, ["generate", str(tmp_path / "never-loaded.gguf"), "-p", "hi", "--ctx", "0"])
+    assert r.exit_code == 1 and r.stderr == "error: --ctx must be at least 1, got 0\n", r.output
