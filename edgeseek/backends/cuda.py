@@ -421,11 +421,15 @@ class CUDABackend:
             gate, up, down = store.device(layer)
             flat = ids.reshape(-1)
             return down.down(flat, gate.glu(up, flat, x, x_div=n), w)  # (T, D)
-        host_x = self.host(x)
-        ids, weights = route(self.host(logits), router, None if bias is None else self.host(bias))  # (T, k)
+        D = x.shape[1]
+        both = self.host(xp.concatenate([x.reshape(-1), logits.reshape(-1)]))  # one copy, one wait
+        host_x, host_logits = both[:T * D].reshape(T, D), both[T * D:].reshape(T, -1)
+        ids, weights = route(host_logits, router, None if bias is None else self._host_copy(bias))  # (T, k)
         store.count(layer, ids)
         slot = store.slots(layer)[ids]  # (T, k): the expert's index in VRAM, -1 on the CPU
         on_gpu = slot >= 0
+        if T == 1:
+            return self._split_token(x, host_x, ids, weights, slot[0], on_gpu[0], store, layer)
         out = xp.zeros_like(x)
         if on_gpu.any():
             gate, up, down = store.device(layer)
@@ -443,6 +447,29 @@ class CUDABackend:
         if not on_gpu.all():
             out += xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu, layer))
         return out
+
+    def _split_token(self, x, host_x, ids, weights, slot, on_gpu, store, layer: int):
+        """One decode token whose experts are split between VRAM and the CPU: the GPU's gate-up
+        launch queued first (its ids and weights in one copy), the CPU's experts computed while it
+        runs, then one down launch that weights, sums and adds the CPU's part."""
+        xp = self.xp
+        sel = np.nonzero(on_gpu)[0]
+        p = len(sel)
+        if p:
+            gate, up, down = store.device(layer)
+            packed = xp.asarray(np.concatenate([slot[sel].astype(np.int32), weights[0, sel].astype(np.float32).view(np.int32)]))
+            s, w = packed[:p], packed[p:].view(np.float32).reshape(1, p)
+            h = gate.glu(up, s, x, x_div=p)  # every pair reads the token's row
+        cpu = xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu[None], layer)) if p < len(slot) else None
+        return down.down(s, h, w, add=cpu) if p else cpu
+
+    def _host_copy(self, a) -> np.ndarray:
+        """A host copy of a small device array that never changes (a router's selection bias), made once."""
+        copies = self.__dict__.setdefault("_host_copies", {})
+        c = copies.get(id(a))
+        if c is None or c[0] is not a:
+            c = copies[id(a)] = (a, self.host(a))
+        return c[1]
 
     def _prompt_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
         """A prompt's routed experts in VRAM: the experts' tokens gathered into a padded (experts,
