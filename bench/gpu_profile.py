@@ -132,11 +132,11 @@ def main():
 
     # 3. eager, every operation timed
     table: dict = defaultdict(lambda: [0.0, 0])
-    for name in ("moe", "latent_decode", "per_head", "rms_norm", "swiglu", "rope", "_prompt_experts",
+    for name in ("moe", "latent_step", "per_head", "rms_norm", "swiglu", "rope", "_prompt_experts",
                  "_router_logits", "_batched", "causal_attention"):
         if hasattr(b, name):
             wrap(b, name, table, sync)
-    for name in ("mmv", "mmv_ids", "glu_ids", "down_ids", "dequant", "gemm_f16", "route", "mla_decode", "store_row", "scatter_add",
+    for name in ("mmv", "mmv_ids", "glu_ids", "down_ids", "dequant", "gemm_f16", "route", "mla_entry", "mla_decode", "scatter_add",
                  "silu_mul"):
         wrap(b.kernels, name, table, sync)
     wrap(C.DeviceMatrix, "__call__", table, sync)

@@ -31,6 +31,14 @@ def ffn(x: np.ndarray, gate, up, down, glu=swiglu) -> np.ndarray:
     return down(glu(gate(x), up(x)))
 
 
+def plus(y, add=None, residual=None):
+    """residual + (add + y), each where given: the order a layer's graph adds in (a MoE layer's
+    residual stream + (routed + shared)), for backends that add outside their kernels."""
+    if add is not None:
+        y = add + y
+    return y if residual is None else residual + y
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)

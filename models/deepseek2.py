@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeseek.errors import GGUFError, UnsupportedError
 
-from .common import DecoderModel, Rope, require, rope_freqs, softmax, vector, yarn_freqs
+from .common import DecoderModel, Rope, plus, require, rope_freqs, softmax, vector, yarn_freqs
 from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 
 
@@ -373,4 +373,4 @@ class DeepSeek2Model(DecoderModel):
             self.experts.prefetch(i + 1, guess[0])
         if self.config.n_expert_shared:  # residual + (routed + shared), as llama.cpp adds them
             return b.ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, add=out, residual=residual)
-        return out if residual is None else residual + out
+        return plus(out, residual=residual)

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgeseek.errors import UnsupportedError
-from edgeseek.models.common import ffn, rms_norm, silu, softmax, swiglu
+from edgeseek.models.common import ffn, plus, rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import moe, route
 from edgeseek.quantize import QMatrix, get_format
 from edgeseek.quantize.simd import add_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
@@ -382,14 +382,10 @@ class CPUBackend:
     swiglu = staticmethod(swiglu)
 
     def linear(self, w, x, residual=None):
-        y = w(x)
-        return y if residual is None else residual + y
+        return plus(w(x), residual=residual)
 
     def ffn(self, x, gate, up, down, add=None, residual=None):
-        y = ffn(x, gate, up, down, swiglu)
-        if add is not None:
-            y = add + y
-        return y if residual is None else residual + y
+        return plus(ffn(x, gate, up, down, swiglu), add, residual)
 
     def rope(self, rope, x, positions):
         # one numba call instead of numpy's slices and temporaries (a small model's step makes two a layer)

@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from edgeseek.errors import EdgeseekError, UnsupportedError
-from edgeseek.models.common import ffn
+from edgeseek.models.common import ffn, plus
 from edgeseek.models.moe import route
 from edgeseek.placement import PREFILL_TILE
 
@@ -277,10 +277,7 @@ class DeviceMatrix:
                 part = xp.empty((t, r1 - r0), np.float32)
                 k.gemm_f16(x16, w16, part)
                 y[:, r0:r1] = part
-        if add is not None:
-            y = add + y
-        if res is not None:
-            y = res + y
+        y = plus(y, add, res)
         return y[0] if one else y
 
 
@@ -331,6 +328,7 @@ class CUDABackend:
         self.graphs = kernels is None  # decode steps as CUDA graphs (not on emulated kernels)
         self._step = None  # the _DecodeGraph being captured: its device buffers replace host inputs
         self._aranges: dict[int, object] = {}
+        self._host_copies: dict[int, tuple] = {}  # id -> (device array, its host copy)
         self.vocab = None
 
     # --- weights ---------------------------------------------------------------------------
@@ -465,10 +463,9 @@ class CUDABackend:
 
     def _host_copy(self, a) -> np.ndarray:
         """A host copy of a small device array that never changes (a router's selection bias), made once."""
-        copies = self.__dict__.setdefault("_host_copies", {})
-        c = copies.get(id(a))
+        c = self._host_copies.get(id(a))
         if c is None or c[0] is not a:
-            c = copies[id(a)] = (a, self.host(a))
+            c = self._host_copies[id(a)] = (a, self.host(a))
         return c[1]
 
     def _prompt_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
@@ -538,16 +535,14 @@ class CUDABackend:
     def linear(self, w, x, residual=None):
         if residual is None:
             return w(x)
-        return w(x, res=residual) if isinstance(w, DeviceMatrix) else residual + w(x)
+        return w(x, res=residual) if isinstance(w, DeviceMatrix) else plus(w(x), residual=residual)
 
     def ffn(self, x, gate, up, down, add=None, residual=None):
         """A dense or shared SwiGLU feed-forward; a few tokens through the fused gate-up kernel (the
         matrices as stacks of one) and the down product adding `add` and `residual` in its launch,
         a prompt through the cuBLAS tiles."""
         if not (len(x) <= MMV_MAX_TOKENS and all(isinstance(m, DeviceMatrix) for m in (gate, up, down))):
-            y = ffn(x, gate, up, down, self.swiglu)
-            y = y if add is None else add + y
-            return y if residual is None else residual + y
+            return plus(ffn(x, gate, up, down, self.swiglu), add, residual)
         zeros = self._arange(1, len(x))  # every row through expert 0: the matrix itself
         n, kk = gate.shape
         h = self.xp.empty((len(x), n), np.float32)
@@ -580,7 +575,7 @@ class CUDABackend:
         own splits."""
         H, C = q_lat.shape
         r = cache_k_pe.shape[-1]
-        if C % 8 or C + r > 1024 or H > MAX_HEADS or q.shape != (H, q.shape[1]) or rope.dim > r:
+        if C % 8 or C + r > 1024 or H > MAX_HEADS or q.shape[0] != H or rope.dim > r:
             return None  # the kernel's vector loads, shared query and counters
         xp, k = self.xp, self.kernels
         if isinstance(pos, np.ndarray):
@@ -876,9 +871,9 @@ class _DecodeGraph:
             self.b._step = None
 
     def run(self, token: int, pos: int) -> np.ndarray:
-        import cupyx
         self.inputs.set(np.array([token, pos], np.int32), stream=self.stream)
         if self.graph is None:
+            import cupyx
             self._record(pos)
             # page-locked copies of what a replay leaves for the host: both read back asynchronously,
             # then one synchronization
