@@ -16,7 +16,7 @@ A line may carry "lora" (top level, or in the body): an adapter name given on th
 model; without it the line runs with the command line's unnamed --lora adapters.
 
 Up to `parallel` requests decode together in a `generation.BatchGenerator` (one forward pass per
-step over every active sequence; prompts prefilled one request at a time); this module only reads,
+step over every active sequence; the prompts admitted together prefilled in one pass); this module only reads,
 judges and writes lines.
 """
 from __future__ import annotations
@@ -298,8 +298,8 @@ def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel:
             ids = _prompt_ids(engine, req)
             try:
                 adapters = _adapters(engine, req, named or {})
-                first = gen.add(ids, max_tokens=req.max_tokens, sampler=req.sampler, stop=req.stop, n_ctx=n_ctx,
-                                uid=req.custom_id, adapters=adapters)
+                gen.queue(ids, max_tokens=req.max_tokens, sampler=req.sampler, stop=req.stop, n_ctx=n_ctx,
+                          uid=req.custom_id, adapters=adapters)
             except EdgeseekError as e:  # the prompt does not fit
                 raise EdgeseekError(f"line {req.line}: {e}") from None
         except EdgeseekError as e:
@@ -307,14 +307,19 @@ def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel:
             code = "context_length_exceeded" if "context" in str(e) else "invalid_request"
             emit(error_line(BadLine(req.line, req.custom_id, str(e)), code))
             return
-        if on_token:
-            on_token(1)
         running[req.custom_id] = (req, [])
-        take(first)
 
     def fill() -> None:
-        while pending and len(gen) < parallel:
-            admit(pending.pop(0))
+        n = 0
+        while pending and len(gen) + n < parallel:
+            req = pending.pop(0)
+            admit(req)
+            n += req.custom_id in running
+        firsts = gen.prefill() if n else []
+        if on_token and firsts:
+            on_token(len(firsts))
+        for d in firsts:
+            take(d)
 
     fill()
     while gen:
