@@ -53,6 +53,12 @@ class Backend(Protocol):
         LoraRows.experts), when given: delta(kind, inputs (n, K)) -> (n, N) or None, added to the
         gate, up and down products of the pairs before the SwiGLU and the sum."""
 
+    def experts_runs(self, x, triples: Sequence, counts) -> object | None:
+        """SwiGLU of runs of consecutive rows of x (n, D): the next counts[i] rows through triple i
+        (gate, up, down) -> (n, D), each projection of every triple in one call with each triple's
+        weights read once for its run (several sequences' tokens routed to one expert); None where
+        the weights' format has no such kernel (the caller then goes expert by expert)."""
+
     def lora_pairs(self, a, b, e, x, s: float):
         """Optional (models/lora.py uses numpy without it): s * B[e_i] (A[e_i] x_i) for pairs of
         stacked LoRA tensors a (E, r, K), b (E, N, r), e (n,) expert ids, x (n, K) -> (n, N), or

@@ -292,6 +292,25 @@ class CPUBackend:
         d = d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
         return _plus(d, delta("down", h)) if delta is not None else d
 
+    def experts_runs(self, x: np.ndarray, triples, counts: np.ndarray) -> np.ndarray | None:
+        # several sequences' step (or prompts): each expert once for the run of rows routed to it,
+        # gate and up of every expert in one kernel call (the rows quantized once), down in another;
+        # rows equal what the products give expert by expert
+        gates, ups, downs = zip(*triples)
+        fmt, n = gates[0].fmt, len(x)
+        if any(m.fmt is not fmt for m in gates + ups):
+            return None
+        ends = np.cumsum(counts)
+        spans = np.stack([ends - counts, ends, ends - counts], axis=1)  # (E, 3): rows a..b-1 -> rows a..
+        gu = fmt.matmul_groups([m.packed for m in gates + ups], x, np.concatenate([spans, spans + [0, 0, n]]))
+        if gu is None:
+            return None
+        h = silu(gu[:n]) * gu[n:]  # (n, F)
+        d = None
+        if all(m.fmt is downs[0].fmt for m in downs):
+            d = downs[0].fmt.matmul_groups([m.packed for m in downs], h, spans)
+        return d if d is not None else np.concatenate([m(h[a:b]) for m, (a, b, _) in zip(downs, spans)])
+
     def lora_pairs(self, a, b, e, x, s: float):
         """s * B[e_i] (A[e_i] x_i) for a few (token, expert) pairs of float16 LoRA pairs (models/lora.py),
         a (E, r, K) and b (E, N, r) a view of a contiguous (E, r, N): one numba call reading the chosen
