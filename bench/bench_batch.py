@@ -53,8 +53,8 @@ def side_edgeseek(model: str, n: int, tokens: int, parallel: int) -> dict:
     engine.tokenizer.stop_ids = frozenset()  # a fixed number of tokens per request
     reqs = [B.Request(f"r{i}", i, "completion", p, tokens, SamplerConfig.greedy(), []) for i, p in
             enumerate(prompts(n))]
-    warm = [B.Request("w", 0, "completion", "warm up", 2, SamplerConfig.greedy(), [])]
-    B.run(engine, warm * parallel, lambda line: None, parallel=parallel)  # numba loads its kernels
+    warm = [B.Request(f"w{i}", i, "completion", "warm up", 2, SamplerConfig.greedy(), []) for i in range(parallel)]
+    B.run(engine, warm, lambda line: None, parallel=parallel)  # numba loads its kernels
     out = []
     t = time.perf_counter()
     B.run(engine, reqs, out.append, parallel=parallel)

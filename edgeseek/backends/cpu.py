@@ -254,7 +254,8 @@ class CPUBackend:
         return Embedding(gguf, name, shape)
 
     def per_head(self, w, x: np.ndarray) -> np.ndarray:
-        # Quantized heads, a few tokens: every head in one kernel call per token. A float32 stack,
+        # Quantized heads, a few tokens: every head in one kernel call per token; more: every head
+        # with its rows in one call where the format has it (matmul_groups). A float32 stack,
         # a few tokens: a numba kernel on both cores (numpy's einsum runs these on one core, at a
         # third of the bandwidth); more tokens: batched BLAS.
         if isinstance(w, Heads):
@@ -264,6 +265,12 @@ class CPUBackend:
                       for t in range(len(x))]
                 if all(y is not None for y in ys):
                     return np.stack(ys)  # (T, H, R)
+            H, T = w.shape[0], len(x)
+            starts = np.arange(H) * T
+            y = w.fmt.matmul_groups(w.packed, np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32).reshape(H * T, -1),
+                                    np.stack([starts, starts + T, starts], axis=1))  # (H * T, R), head-major
+            if y is not None:  # every head in one call, as the products head by head give
+                return y.reshape(H, T, -1).transpose(1, 0, 2)
             return np.stack([w.matrix(h)(np.ascontiguousarray(x[:, h])) for h in range(w.shape[0])], axis=1)
         if len(x) <= 2:
             out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)  # (T, H, R)
@@ -398,6 +405,10 @@ class CPUBackend:
     swiglu = staticmethod(swiglu)
 
     def ffn(self, x, gate, up, down):
+        if len(x) > 1:  # several rows: gate and up in one call, the rows quantized once
+            y = self.experts_runs(x, [(gate, up, down)], np.array([len(x)]))
+            if y is not None:
+                return y
         return ffn(x, gate, up, down, swiglu)
 
     def rope(self, rope, x, positions):
