@@ -273,7 +273,7 @@ def _adapters(engine, req: Request, named: dict[str, tuple]) -> tuple | None:
     return tuple(out)
 
 
-def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel: int = 8, n_ctx: int = 4096,
+def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel: int = 32, n_ctx: int = 4096,
         on_token: Callable[[int], None] | None = None, named: dict[str, tuple] | None = None) -> int:
     """Runs the requests, up to `parallel` at a time; `emit` gets each output line as its request
     finishes, `on_token` the number of tokens each step sampled. Returns how many requests failed

@@ -75,6 +75,13 @@ class Backend(Protocol):
         store lat_new (1, C) and k_pe_new (1, R) at position pos in one layer's cache (S, C) and
         (S, R); q_lat (H, C) and q_pe (H, R) attend over positions 0..pos -> o_lat (1, H, C)."""
 
+    def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c: list, caches_k_pe: list, pos,
+                           scale: float):
+        """latent_decode for one new token of each of several sequences (row b: q_lat (B, H, C),
+        q_pe (B, H, R), lat_new (B, C), k_pe_new (B, R), its own layer caches caches_c[b] (S, C) and
+        caches_k_pe[b] (S, R), host positions pos (B,)) in one call -> o_lat (B, H, C); None, having
+        stored nothing, where it does not apply."""
+
     def rms_norm(self, x, weight, eps: float):
         """models/common.rms_norm: x (T, D) -> x / rms(x) * weight."""
 

@@ -237,6 +237,7 @@ class DecoderModel:
             c.pos += n
         if last:
             x = x[ends - 1]  # (len(caches), D)
+            self.assign_lora(caches, [1] * len(caches))  # the head's rows: one a sequence
         h = self.backend.rms_norm(x, self.output_norm, eps)
         logits = self.backend.host(self.output(h))
         return (logits, h) if hidden else logits

@@ -265,3 +265,29 @@ def test_rms_norm_kernel_is_the_float64_mean_of_squares():
     exact = x.astype(np.float64) / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1, keepdims=True) + 1e-6) * w
     np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(got, rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+def test_latent_decode_of_several_sequences_equals_one_by_one():
+    """A batch's decode step: every sequence's new token attends its own latent cache in one call,
+    bit for bit what the one-token kernel gives sequence by sequence, the same entries stored."""
+    from edgeseek.backends import CPUBackend
+    rng = np.random.default_rng(10)
+    H, C, R, n_ctx = 4, 128, 32, 64
+    pos = np.array([5, 0, 40])
+    caches = [(rng.standard_normal((n_ctx, C)).astype(np.float16), rng.standard_normal((n_ctx, R)).astype(np.float16))
+              for _ in pos]
+    q_lat = rng.standard_normal((len(pos), H, C)).astype(np.float32)
+    q_pe = rng.standard_normal((len(pos), H, R)).astype(np.float32)
+    new_c = rng.standard_normal((len(pos), C)).astype(np.float32)
+    new_k = rng.standard_normal((len(pos), R)).astype(np.float32)
+    b = CPUBackend()
+    mine = [(c.copy(), k.copy()) for c, k in caches]
+    want = np.concatenate([b.latent_decode(q_lat[i], q_pe[i], new_c[i:i + 1], new_k[i:i + 1], *mine[i], pos[i:i + 1], 0.1)
+                           for i in range(len(pos))])
+    got = b.latent_decode_rows(q_lat, q_pe, new_c, new_k, [c for c, _ in caches], [k for _, k in caches], pos, 0.1)
+    np.testing.assert_array_equal(got, want)
+    for (c, k), (c1, k1) in zip(caches, mine):
+        np.testing.assert_array_equal(c, c1)
+        np.testing.assert_array_equal(k, k1)
+    assert b.latent_decode_rows(q_lat, q_pe, new_c, new_k, [c for c, _ in caches], [k for _, k in caches],
+                                np.array([5, 0, 600]), 0.1) is None  # a long context: row by row

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import ffn, rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import moe, route
 from edgeseek.quantize import QMatrix, get_format
-from edgeseek.quantize.simd import add_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
+from edgeseek.quantize.simd import add_f, at_address, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
 
 
 def tensor_format(gguf, t):
@@ -131,6 +131,29 @@ def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
             scores[s] = x
             top = max(top, x)
         _softmax_mix(scores, n, top, c16, 0, C, out, h * C)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_rows(q_lat, q_pe, at, n, scale, out):
+    # _latent_short of several sequences' new tokens in one call, a (sequence, head) pair per
+    # iteration on both cores: q_lat (B, H, C), q_pe (B, H, R); row b's layer caches c (.., C) and
+    # k_pe (.., R) float16 (as uint16) at addresses at[b, 0], at[b, 1], its first n[b] positions
+    # attended; out (B, H, C). Per head the same steps as _latent_short, so the same results.
+    B, H, C = q_lat.shape
+    R = q_pe.shape[2]
+    for job in prange(B * H):
+        b, h = job // H, job % H
+        m = n[b]
+        c16 = carray(at_address(at[b, 0]), (m * C,), np.uint16)
+        kpe16 = carray(at_address(at[b, 1]), (m * R,), np.uint16)
+        scores = np.empty(m, np.float32)
+        top = np.float32(-np.inf)
+        for s in range(m):
+            acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, (b * H + h) * C, C), kpe16, s * R, q_pe, (b * H + h) * R, R)
+            x = hsum_f(acc) * scale
+            scores[s] = x
+            top = max(top, x)
+        _softmax_mix(scores, m, top, c16, 0, C, out, (b * H + h) * C)
 
 
 @njit(cache=True)
@@ -366,6 +389,28 @@ class CPUBackend:
         probs[probs < 1e-30] = 0.0  # subnormal weights would run the products at microcode speed
         _latent_mix(probs, c16, n, parts, out)
         return out[None]
+
+    def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c: list, caches_k_pe: list, pos,
+                           scale: float):
+        """latent_decode of one new token for each of several sequences (a batch's decode step), in
+        one call: row b stores lat_new[b], k_pe_new[b] at pos[b] of its layer caches caches_c[b]
+        (S_b, C), caches_k_pe[b] (S_b, R) and attends positions 0..pos[b] -> o_lat (B, H, C); None
+        (nothing stored) where the one-token kernel would not run every row on one core."""
+        B, H, C = q_lat.shape
+        R = q_pe.shape[2]
+        if C % 16 or R % 16 or (int(pos.max()) + 1) * H >= LATENT_SHORT:
+            return None
+        at = np.empty((B, 2), np.int64)
+        for b, (c, k, p) in enumerate(zip(caches_c, caches_k_pe, pos.tolist())):
+            if not (c.flags.c_contiguous and k.flags.c_contiguous):
+                return None
+            c[p] = lat_new[b]
+            k[p] = k_pe_new[b]
+            at[b] = c.ctypes.data, k.ctypes.data
+        out = np.empty((B, H, C), np.float32)
+        _latent_rows(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32), at,
+                     (pos + 1).astype(np.int64), np.float32(scale), out)
+        return out
 
     def kv_decode(self, q, k_new, v_new, k_cache, v_cache, pos, scale: float):
         """One new token's attention (GQA) straight from the float16 caches, with the latent
