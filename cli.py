@@ -314,8 +314,9 @@ def batch(
                                          help="GGUF file or known model name (optional), then the input JSONL."),
     input_path: Optional[Path] = typer.Argument(None, metavar="", show_default=False, hidden=True),
     output: Path = typer.Option(..., "-o", "--output", help="Output JSONL; appended to, and resumed from."),
-    parallel: int = typer.Option(8, "-P", "--parallel", envvar="EDGESEEK_PARALLEL",
-                                 help="Sequences decoded together in one forward pass.", callback=_at_least(1)),
+    parallel: int = typer.Option(32, "-P", "--parallel", envvar="EDGESEEK_PARALLEL",
+                                 help="Sequences decoded together in one forward pass (those admitted together "
+                                      "are prefilled in one pass too).", callback=_at_least(1)),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Default when a request sets none.",
                                    callback=_at_least(1)),
     temp: float = TEMP, top_k: int = TOP_K, top_p: float = TOP_P, min_p: float = MIN_P,

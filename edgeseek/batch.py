@@ -18,7 +18,7 @@ A line may carry "lora" (top level, or in the body): an adapter name given on th
 model; without it the line runs with the command line's unnamed --lora adapters.
 
 Up to `parallel` requests decode together in a `generation.BatchGenerator` (one forward pass per
-step over every active sequence; prompts prefilled one request at a time); this module only reads,
+step over every active sequence; the prompts admitted together prefilled in one pass); this module only reads,
 judges and writes lines.
 """
 from __future__ import annotations
@@ -312,7 +312,7 @@ def _adapters(engine, req: Request, named: dict[str, tuple]) -> tuple | None:
     return tuple(out)
 
 
-def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel: int = 8, n_ctx: int = 4096,
+def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel: int = 32, n_ctx: int = 4096,
         on_token: Callable[[int], None] | None = None, named: dict[str, tuple] | None = None) -> int:
     """Runs the requests, up to `parallel` at a time; `emit` gets each output line as its request
     finishes, `on_token` the number of tokens each step sampled. Returns how many requests failed
@@ -337,8 +337,8 @@ def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel:
             ids = _prompt_ids(engine, req)
             try:
                 adapters = _adapters(engine, req, named or {})
-                first = gen.add(ids, max_tokens=req.max_tokens, sampler=req.sampler, stop=req.stop, n_ctx=n_ctx,
-                                uid=req.custom_id, adapters=adapters)
+                gen.queue(ids, max_tokens=req.max_tokens, sampler=req.sampler, stop=req.stop, n_ctx=n_ctx,
+                          uid=req.custom_id, adapters=adapters)
             except EdgeseekError as e:  # the prompt does not fit
                 raise EdgeseekError(f"line {req.line}: {e}") from None
         except EdgeseekError as e:
@@ -346,14 +346,19 @@ def run(engine, requests: list[Request], emit: Callable[[dict], None], parallel:
             code = "context_length_exceeded" if "context" in str(e) else "invalid_request"
             emit(error_line(BadLine(req.line, req.custom_id, str(e)), code))
             return
-        if on_token:
-            on_token(1)
         running[req.custom_id] = (req, [])
-        take(first)
 
     def fill() -> None:
-        while pending and len(gen) < parallel:
-            admit(pending.pop(0))
+        n = 0
+        while pending and len(gen) + n < parallel:
+            req = pending.pop(0)
+            admit(req)
+            n += req.custom_id in running
+        firsts = gen.prefill() if n else []
+        if on_token and firsts:
+            on_token(len(firsts))
+        for d in firsts:
+            take(d)
 
     fill()
     while gen:

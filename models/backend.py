@@ -53,6 +53,12 @@ class Backend(Protocol):
         LoraRows.experts), when given: delta(kind, inputs (n, K)) -> (n, N) or None, added to the
         gate, up and down products of the pairs before the SwiGLU and the sum."""
 
+    def experts_runs(self, x, triples: Sequence, counts) -> object | None:
+        """SwiGLU of runs of consecutive rows of x (n, D): the next counts[i] rows through triple i
+        (gate, up, down) -> (n, D), each projection of every triple in one call with each triple's
+        weights read once for its run (several sequences' tokens routed to one expert); None where
+        the weights' format has no such kernel (the caller then goes expert by expert)."""
+
     def lora_pairs(self, a, b, e, x, s: float):
         """Optional (models/lora.py uses numpy without it): s * B[e_i] (A[e_i] x_i) for pairs of
         stacked LoRA tensors a (E, r, K), b (E, N, r), e (n,) expert ids, x (n, K) -> (n, N), or
@@ -75,6 +81,13 @@ class Backend(Protocol):
         q_lat (H, C) its absorbed query; the latent kv[:C] normalized by norm_w (eps) and kv[C:]
         roped are stored at pos, q's last R values of each head roped, and the token attends over
         positions 0..pos -> o_lat (1, H, C)."""
+
+    def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c: list, caches_k_pe: list, pos,
+                           scale: float):
+        """latent_decode for one new token of each of several sequences (row b: q_lat (B, H, C),
+        q_pe (B, H, R), lat_new (B, C), k_pe_new (B, R), its own layer caches caches_c[b] (S, C) and
+        caches_k_pe[b] (S, R), host positions pos (B,)) in one call -> o_lat (B, H, C); None, having
+        stored nothing, where it does not apply."""
 
     def rms_norm(self, x, weight, eps: float):
         """models/common.rms_norm: x (T, D) -> x / rms(x) * weight."""

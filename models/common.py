@@ -231,10 +231,13 @@ class DecoderModel:
         logits = self.output(h if all_logits or not hidden else h[-1:])
         return (logits, h) if hidden else logits
 
-    def forward_rows(self, tokens: np.ndarray, caches: list, counts: list[int] | None = None, hidden: bool = False):
+    def forward_rows(self, tokens: np.ndarray, caches: list, counts: list[int] | None = None, hidden: bool = False,
+                     last: bool = False):
         """One decode step of several sequences at once: the tokens continue the sequences of
         caches, counts[r] tokens for caches[r] (default one each; speculative decoding verifies
-        several) -> logits (len(tokens), V) (and, with `hidden`, the normed final hidden states).
+        several; several prompts prefilled together) -> logits (len(tokens), V), or with `last`
+        only each sequence's last token's (len(caches), V) (and, with `hidden`, the normed final
+        hidden states of those rows).
         Every weight is read once for all of them, and each routed expert once for all the tokens
         routed to it; attention runs per sequence."""
         eps = self.config.rms_eps
@@ -254,6 +257,9 @@ class DecoderModel:
             x = self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i, residual=x)
         for c, n in zip(caches, counts):
             c.pos += n
+        if last:
+            x = x[ends - 1]  # (len(caches), D)
+            self.assign_lora(caches, [1] * len(caches))  # the head's rows: one a sequence
         h = self.backend.rms_norm(x, self.output_norm, eps)
         logits = self.backend.host(self.output(h))
         return (logits, h) if hidden else logits

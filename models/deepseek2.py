@@ -349,6 +349,11 @@ class DeepSeek2Model(DecoderModel):
         pos_x = self.backend.positions(pos)
         q, q_lat, kv = self._queries(L, h)
         q_pe, lat, k_pe = self._entries(L, q, kv, pos_x)
+        if len(spans) == len(pos) > 1:  # a decode step: one token a sequence, every row in one call
+            o_lat = self.backend.latent_decode_rows(q_lat, q_pe, lat, k_pe, [c.c[i] for c in caches],
+                                                    [c.k_pe[i] for c in caches], pos, self.config.kq_scale)
+            if o_lat is not None:
+                return self._output(L, o_lat, residual)
         parts = []
         for cache, (a, b) in zip(caches, spans):
             o = self._attend_few(q_lat[a:b], q_pe[a:b], lat[a:b], k_pe[a:b], cache, i, pos[a:b], pos_x[a:b]) \

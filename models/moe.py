@@ -58,7 +58,8 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     Tokens are grouped by expert so that each expert's weights are read once per call, with all
     the tokens routed to it as one batch; experts come in the order the store has them ready. A few
     tokens (a speculative step's verification) with every expert at hand go as (token, choice)
-    pairs, each projection of all of them in one product. With `lora` (models/lora.py's LoraRows),
+    pairs, each projection of all of them in one product; more (several sequences, prompts) as
+    runs of (token, choice) pairs sorted by expert, each projection of every expert in one call. With `lora` (models/lora.py's LoraRows),
     each (token, expert) pair adds its adapters' delta of that expert's gate, up and down.
     """
     store.count(layer, ids)  # every choice, before the experts are deduplicated
@@ -75,6 +76,24 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
             ys = backend.experts_rows(x, [triples[j] for j in inverse.reshape(-1)], tok, delta)
             if ys is not None:
                 return (ys.reshape(T, k, -1) * weights[:, :, None]).sum(1).astype(x.dtype)
+    elif len(x) > FEW_TOKENS and lora is None:
+        groups = list(groups)
+        if len(groups) == 1:
+            triples = dict(groups[0])
+            T, k = ids.shape
+            pairs = np.argsort(inverse.reshape(-1), kind="stable")  # (T * k,) by expert, then token
+            tok, slot = pairs // k, pairs % k
+            ys = backend.experts_runs(x[tok], [triples[j] for j in range(len(experts))],
+                                      np.bincount(inverse.reshape(-1), minlength=len(experts)))
+            if ys is not None:  # (T * k, D)
+                ys *= weights[tok, slot][:, None]
+                where = np.empty(T * k, np.int64)
+                where[pairs] = np.arange(T * k)
+                where = np.take_along_axis(where.reshape(T, k), np.argsort(inverse, axis=1), axis=1)  # (T, k)
+                out = np.zeros_like(x)
+                for s in range(k):  # each token's experts summed in expert order, as below
+                    out += ys[where[:, s]]
+                return out
     parts = [None] * len(experts)
     for group in groups:
         one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each

@@ -46,6 +46,10 @@ class Kernels(Protocol):
         """Matrix j times activation row rows[j] of x (R, K) -> (len(packeds), N); None where the
         set has no such kernel."""
 
+    def matmul_groups(self, packeds: list, x: np.ndarray, spans: np.ndarray) -> np.ndarray | None:
+        """Optional. Matrix j times rows spans[j, 0]..spans[j, 1]-1 of x (R, K) -> rows spans[j, 2]..
+        of (rows, N); None where the set has no such kernel."""
+
 
 @dataclass(frozen=True)
 class TileKernels:
@@ -58,6 +62,8 @@ class TileKernels:
         matvec_kernel(*weights, *vector_activations(x), y)                   y (n_tiles, tile)
         many_kernel(*(each weight as a tuple over matrices), rows, *activations(x), y)
                                                                              y (n_mats, n_tiles, tile)
+        groups_kernel(at, n_tiles, nb, spans, *activations(x), y)            y (R, n_tiles * tile), zeroed
+            at (n_mats, len(weights)) int64: the address of each weight array of each matrix
 
     `weights` names the fields of the packed tuple the kernels take, in order; () passes the tuple
     itself. `activations` maps x (T, K), or (K,) as one row, to the kernels' 8-bit activations.
@@ -70,6 +76,7 @@ class TileKernels:
     matvec_kernel: Callable | None = None
     vector_activations: Callable | None = None
     many_kernel: Callable | None = None
+    groups_kernel: Callable | None = None
     _weights: Callable = field(init=False, repr=False, compare=False)  # packed -> the kernels' weight arguments
 
     def __post_init__(self):
@@ -108,6 +115,20 @@ class TileKernels:
         # the kernel takes one tuple per weight field, that field of every matrix
         self.many_kernel(*zip(*map(self._weights, ps)), rows, *self.activations(x), y)
         return y.reshape(len(ps), -1)[:, :ps[0].n]  # (n_mats, n_tiles * tile) -> (n_mats, N)
+
+
+    def matmul_groups(self, ps, x, spans):
+        if self.groups_kernel is None:
+            return None
+        shape, n = ps[0].d.shape, ps[0].n
+        for p in ps:
+            if p.d.shape != shape or p.n != n:
+                raise ValueError("matmul_groups: matrices of different shapes")
+        at = np.array([[a.ctypes.data for a in self._weights(p)] for p in ps], np.int64)  # (n_mats, fields)
+        n_out = int(max(spans[:, 2] + spans[:, 1] - spans[:, 0]))
+        y = np.zeros((n_out, shape[0] * shape[2]), np.float32)
+        self.groups_kernel(at, shape[0], shape[1], spans, *self.activations(x), y)
+        return y[:, :n]
 
 
 class QuantFormat:
@@ -206,6 +227,21 @@ class QuantFormat:
                              f"{x.shape[0]} activation rows")
         return self.kernels.matmul_many(packeds, x, np.array(rows, np.int64))
 
+    def matmul_groups(self, packeds: list, x: np.ndarray, spans) -> np.ndarray | None:
+        """Several matrices of one shape, each times a run of activation rows: matrix j times rows
+        spans[j][0]..spans[j][1]-1 of x (R, K) -> rows spans[j][2].. of the result (rows, N), in
+        one parallel region, the activations quantized once (a layer's routed experts, each with
+        the rows routed to it; gate and up in one call). Each row equal to what matmul gives; rows
+        no span writes are zero. None where the kernels have no such kernel."""
+        x = self._activations(packeds[0], x, 2, "matmul_groups")
+        spans = np.asarray(spans, np.int64).reshape(-1, 3)
+        if len(spans) != len(packeds) or (spans < 0).any() or (spans[:, 1] > len(x)).any() \
+                or (spans[:, 0] > spans[:, 1]).any():
+            raise ValueError(f"{self.qtype.name} matmul_groups: spans {spans.tolist()} for {len(packeds)} matrices "
+                             f"and {x.shape[0]} activation rows")
+        groups = getattr(self.kernels, "matmul_groups", None)
+        return groups(packeds, x, np.ascontiguousarray(spans)) if groups is not None else None
+
     def _activations(self, packed, x, ndim: int, op: str) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != ndim:
@@ -236,6 +272,7 @@ class QuantFormat:
             self.dequantize(r[:1].reshape(-1, self.type_size))
         self.matvec(packed, x[0])
         self.matmul(packed, x)
+        self.matmul_groups([packed, packed], x, [[0, 2, 0], [1, 2, 2]])
         for n in (n_many if isinstance(n_many, tuple) else (n_many,)):
             if n > 1:
                 self.matmul_many([packed] * n, x[:1], [0] * n)

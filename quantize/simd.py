@@ -321,3 +321,17 @@ def hsum_f(typingctx, a):
         return total
 
     return types.float32(a), codegen
+
+
+@intrinsic
+def at_address(typingctx, addr):
+    """An int64 address (numpy's `a.ctypes.data`) as a void pointer, for numba.carray: a kernel can
+    then take any number of arrays of one kind as a table of addresses (a tuple of arrays compiles
+    one kernel per length). The caller keeps the arrays alive for the call."""
+    if addr != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen

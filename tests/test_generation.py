@@ -185,3 +185,21 @@ def test_ctrl_c_inside_a_kernel_reaches_the_caller_as_keyboard_interrupt(engine,
     monkeypatch.setattr(engine.model, "forward_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         BatchGenerator(engine).add(prompts[0], max_tokens=4, sampler=GREEDY)
+
+
+def test_prompts_prefilled_together_decode_as_alone(engine, prompts):
+    want = {i: tokens(alone(engine, prompts[i], max_tokens=8)) for i in range(4)}
+    gen = BatchGenerator(engine)
+    assert [gen.queue(prompts[i], max_tokens=8, sampler=GREEDY) for i in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="prefill"):
+        gen.add(prompts[0], sampler=GREEDY)
+    with pytest.raises(EdgeseekError, match="context holds"):
+        gen.queue(prompts[0] * 40)  # refused, nothing queued
+    firsts = gen.prefill()
+    assert [d.uid for d in firsts] == [0, 1, 2, 3] and len(gen) == 4
+    assert [d.prompt_tokens for d in firsts] == [len(p) for p in prompts]
+    deltas = list(firsts)
+    while gen:
+        deltas += gen.step()
+    assert all(tokens(deltas, i) == want[i] for i in range(4))
+    assert gen.prefill() == []

@@ -141,6 +141,58 @@ def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):
     np.testing.assert_array_equal(one_call, by_expert_portable)
 
 
+def test_matmul_groups_rows_equal_matmul():
+    """Matrices each times its run of rows in one kernel call (several sequences' routed experts; gate
+    and up of them together, written to two halves of the result) give, row for row, what each
+    matrix's matmul gives, VNNI or portable; rows no run writes stay zero."""
+    fmt = get_format(T.Q4_0)
+    vnni, portable = fmt.with_kernels("vnni"), fmt.with_kernels("portable")
+    rng = np.random.default_rng(6)
+    shape = (200, 256)  # a last tile padded with zero rows
+    raws = [fmt.quantize(rng.standard_normal(shape).astype(np.float32)).reshape(shape[0], -1) for _ in range(3)]
+    x = rng.standard_normal((9, shape[1])).astype(np.float32)
+    spans = [[0, 2, 0], [2, 2, 2], [2, 8, 2], [0, 2, 10], [2, 8, 12]]  # matrix 1 gets no rows; rows 8, 9 none
+    packs = [vnni.pack(r) for r in raws]
+    got = vnni.matmul_groups([packs[0], packs[1], packs[2], packs[1], packs[2]], x, spans)
+    assert got.shape == (18, shape[0])
+    for which in (vnni, portable):  # runs of 2 rows (each block unpacked once for all) and of 6 (row by row)
+        ps = [which.pack(r) for r in raws]
+        np.testing.assert_array_equal(got[0:2], which.matmul(ps[0], x[0:2]))
+        np.testing.assert_array_equal(got[2:8], which.matmul(ps[2], x[2:8]))
+        np.testing.assert_array_equal(got[10:12], which.matmul(ps[1], x[0:2]))
+        np.testing.assert_array_equal(got[12:18], which.matmul(ps[2], x[2:8]))
+    assert not got[8:10].any()
+    assert portable.matmul_groups([portable.pack(raws[0])], x, [[0, 1, 0]]) is None
+    with pytest.raises(ValueError, match="spans"):
+        vnni.matmul_groups(packs[:2], x, [[0, 10, 0], [0, 1, 0]])
+
+
+def test_experts_of_several_tokens_equal_expert_by_expert():
+    """More tokens than a verification's (several sequences' step): moe runs every expert's run of
+    rows in one call per projection (experts_runs), bit for bit what it gives expert by expert."""
+    from edgeseek.engine import load
+    from edgeseek.backends import CPUBackend
+    from edgeseek.models.moe import FEW_TOKENS, moe
+
+    eng = load(Path(__file__).parent / "fixtures" / "deepseek2" / "v3-q4_0.gguf", n_ctx=16)
+    c = eng.model.config
+    layer = c.n_dense_lead
+    rng = np.random.default_rng(3)
+    T = FEW_TOKENS + 7
+    x = rng.standard_normal((T, c.n_embd)).astype(np.float32)
+    ids = np.stack([rng.choice(c.n_expert, c.n_expert_used, replace=False) for _ in range(T)])  # (T, k)
+    weights = rng.random(ids.shape).astype(np.float32)
+
+    class ByExpert(CPUBackend):
+        def experts_runs(self, x, triples, counts):
+            return None
+
+    runs, by_expert = CPUBackend(), ByExpert()
+    assert runs.experts_runs(x[:3], eng.model.experts.experts(layer, np.array([0, 1])), np.array([1, 2])) is not None
+    np.testing.assert_array_equal(moe(x, ids, weights, eng.model.experts, layer, runs),
+                                  moe(x, ids, weights, eng.model.experts, layer, by_expert))
+
+
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_portable_kernels_switch(switch):
     """EDGESEEK_PORTABLE_KERNELS=1: every format computes with its portable kernels, VNNI CPU or not."""
@@ -213,3 +265,29 @@ def test_rms_norm_kernel_is_the_float64_mean_of_squares():
     exact = x.astype(np.float64) / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1, keepdims=True) + 1e-6) * w
     np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(got, rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+def test_latent_decode_of_several_sequences_equals_one_by_one():
+    """A batch's decode step: every sequence's new token attends its own latent cache in one call,
+    bit for bit what the one-token kernel gives sequence by sequence, the same entries stored."""
+    from edgeseek.backends import CPUBackend
+    rng = np.random.default_rng(10)
+    H, C, R, n_ctx = 4, 128, 32, 64
+    pos = np.array([5, 0, 40])
+    caches = [(rng.standard_normal((n_ctx, C)).astype(np.float16), rng.standard_normal((n_ctx, R)).astype(np.float16))
+              for _ in pos]
+    q_lat = rng.standard_normal((len(pos), H, C)).astype(np.float32)
+    q_pe = rng.standard_normal((len(pos), H, R)).astype(np.float32)
+    new_c = rng.standard_normal((len(pos), C)).astype(np.float32)
+    new_k = rng.standard_normal((len(pos), R)).astype(np.float32)
+    b = CPUBackend()
+    mine = [(c.copy(), k.copy()) for c, k in caches]
+    want = np.concatenate([b.latent_decode(q_lat[i], q_pe[i], new_c[i:i + 1], new_k[i:i + 1], *mine[i], pos[i:i + 1], 0.1)
+                           for i in range(len(pos))])
+    got = b.latent_decode_rows(q_lat, q_pe, new_c, new_k, [c for c, _ in caches], [k for _, k in caches], pos, 0.1)
+    np.testing.assert_array_equal(got, want)
+    for (c, k), (c1, k1) in zip(caches, mine):
+        np.testing.assert_array_equal(c, c1)
+        np.testing.assert_array_equal(k, k1)
+    assert b.latent_decode_rows(q_lat, q_pe, new_c, new_k, [c for c, _ in caches], [k for _, k in caches],
+                                np.array([5, 0, 600]), 0.1) is None  # a long context: row by row

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import ffn, plus, rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import moe, route
 from edgeseek.quantize import QMatrix, get_format
-from edgeseek.quantize.simd import add_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
+from edgeseek.quantize.simd import add_f, at_address, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
 
 
 def tensor_format(gguf, t):
@@ -131,6 +131,29 @@ def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
             scores[s] = x
             top = max(top, x)
         _softmax_mix(scores, n, top, c16, 0, C, out, h * C)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_rows(q_lat, q_pe, at, n, scale, out):
+    # _latent_short of several sequences' new tokens in one call, a (sequence, head) pair per
+    # iteration on both cores: q_lat (B, H, C), q_pe (B, H, R); row b's layer caches c (.., C) and
+    # k_pe (.., R) float16 (as uint16) at addresses at[b, 0], at[b, 1], its first n[b] positions
+    # attended; out (B, H, C). Per head the same steps as _latent_short, so the same results.
+    B, H, C = q_lat.shape
+    R = q_pe.shape[2]
+    for job in prange(B * H):
+        b, h = job // H, job % H
+        m = n[b]
+        c16 = carray(at_address(at[b, 0]), (m * C,), np.uint16)
+        kpe16 = carray(at_address(at[b, 1]), (m * R,), np.uint16)
+        scores = np.empty(m, np.float32)
+        top = np.float32(-np.inf)
+        for s in range(m):
+            acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, (b * H + h) * C, C), kpe16, s * R, q_pe, (b * H + h) * R, R)
+            x = hsum_f(acc) * scale
+            scores[s] = x
+            top = max(top, x)
+        _softmax_mix(scores, m, top, c16, 0, C, out, (b * H + h) * C)
 
 
 @njit(cache=True)
@@ -254,7 +277,8 @@ class CPUBackend:
         return Embedding(gguf, name, shape)
 
     def per_head(self, w, x: np.ndarray) -> np.ndarray:
-        # Quantized heads, a few tokens: every head in one kernel call per token. A float32 stack,
+        # Quantized heads, a few tokens: every head in one kernel call per token; more: every head
+        # with its rows in one call where the format has it (matmul_groups). A float32 stack,
         # a few tokens: a numba kernel on both cores (numpy's einsum runs these on one core, at a
         # third of the bandwidth); more tokens: batched BLAS.
         if isinstance(w, Heads):
@@ -264,6 +288,12 @@ class CPUBackend:
                       for t in range(len(x))]
                 if all(y is not None for y in ys):
                     return np.stack(ys)  # (T, H, R)
+            H, T = w.shape[0], len(x)
+            starts = np.arange(H) * T
+            y = w.fmt.matmul_groups(w.packed, np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32).reshape(H * T, -1),
+                                    np.stack([starts, starts + T, starts], axis=1))  # (H * T, R), head-major
+            if y is not None:  # every head in one call, as the products head by head give
+                return y.reshape(H, T, -1).transpose(1, 0, 2)
             return np.stack([w.matrix(h)(np.ascontiguousarray(x[:, h])) for h in range(w.shape[0])], axis=1)
         if len(x) <= 2:
             out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)  # (T, H, R)
@@ -291,6 +321,25 @@ class CPUBackend:
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, np.arange(len(downs)))
         d = d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
         return _plus(d, delta("down", h)) if delta is not None else d
+
+    def experts_runs(self, x: np.ndarray, triples, counts: np.ndarray) -> np.ndarray | None:
+        # several sequences' step (or prompts): each expert once for the run of rows routed to it,
+        # gate and up of every expert in one kernel call (the rows quantized once), down in another;
+        # rows equal what the products give expert by expert
+        gates, ups, downs = zip(*triples)
+        fmt, n = gates[0].fmt, len(x)
+        if any(m.fmt is not fmt for m in gates + ups):
+            return None
+        ends = np.cumsum(counts)
+        spans = np.stack([ends - counts, ends, ends - counts], axis=1)  # (E, 3): rows a..b-1 -> rows a..
+        gu = fmt.matmul_groups([m.packed for m in gates + ups], x, np.concatenate([spans, spans + [0, 0, n]]))
+        if gu is None:
+            return None
+        h = silu(gu[:n]) * gu[n:]  # (n, F)
+        d = None
+        if all(m.fmt is downs[0].fmt for m in downs):
+            d = downs[0].fmt.matmul_groups([m.packed for m in downs], h, spans)
+        return d if d is not None else np.concatenate([m(h[a:b]) for m, (a, b, _) in zip(downs, spans)])
 
     def lora_pairs(self, a, b, e, x, s: float):
         """s * B[e_i] (A[e_i] x_i) for a few (token, expert) pairs of float16 LoRA pairs (models/lora.py),
@@ -344,6 +393,28 @@ class CPUBackend:
         _latent_mix(probs, c16, n, parts, out)
         return out[None]
 
+    def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c: list, caches_k_pe: list, pos,
+                           scale: float):
+        """latent_decode of one new token for each of several sequences (a batch's decode step), in
+        one call: row b stores lat_new[b], k_pe_new[b] at pos[b] of its layer caches caches_c[b]
+        (S_b, C), caches_k_pe[b] (S_b, R) and attends positions 0..pos[b] -> o_lat (B, H, C); None
+        (nothing stored) where the one-token kernel would not run every row on one core."""
+        B, H, C = q_lat.shape
+        R = q_pe.shape[2]
+        if C % 16 or R % 16 or (int(pos.max()) + 1) * H >= LATENT_SHORT:
+            return None
+        at = np.empty((B, 2), np.int64)
+        for b, (c, k, p) in enumerate(zip(caches_c, caches_k_pe, pos.tolist())):
+            if not (c.flags.c_contiguous and k.flags.c_contiguous):
+                return None
+            c[p] = lat_new[b]
+            k[p] = k_pe_new[b]
+            at[b] = c.ctypes.data, k.ctypes.data
+        out = np.empty((B, H, C), np.float32)
+        _latent_rows(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32), at,
+                     (pos + 1).astype(np.int64), np.float32(scale), out)
+        return out
+
     def kv_decode(self, q, k_new, v_new, k_cache, v_cache, pos, scale: float):
         """One new token's attention (GQA) straight from the float16 caches, with the latent
         decode's kernels, a group of heads per kv head (on one core below KV_KERNEL_MIN positions);
@@ -385,7 +456,10 @@ class CPUBackend:
         return plus(w(x), residual=residual)
 
     def ffn(self, x, gate, up, down, add=None, residual=None):
-        return plus(ffn(x, gate, up, down, swiglu), add, residual)
+        y = None
+        if len(x) > 1:  # several rows: gate and up in one call, the rows quantized once
+            y = self.experts_runs(x, [(gate, up, down)], np.array([len(x)]))
+        return plus(y if y is not None else ffn(x, gate, up, down, swiglu), add, residual)
 
     def rope(self, rope, x, positions):
         # one numba call instead of numpy's slices and temporaries (a small model's step makes two a layer)

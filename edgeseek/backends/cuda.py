@@ -399,6 +399,12 @@ class CUDABackend:
     def experts_rows(self, x, triples, rows, delta=None):
         return None
 
+    def experts_runs(self, x, triples, counts):
+        return None
+
+    def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c, caches_k_pe, pos, scale: float):
+        return None
+
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None):
         """A decode step whose layer has every expert in VRAM routes on the device and runs the
         chosen experts as one launch per projection: nothing waits for the host. Otherwise route on
