@@ -28,6 +28,7 @@ from gguf.constants import GGML_QUANT_SIZES
 cupy = pytest.importorskip("cupy")
 
 import edgeseek.backends  # noqa: E402
+from edgeseek.backends.cuda import GLU_ROWS, MMV1_ROWS, ids_threads  # noqa: E402
 from edgeseek.quantize import get_format  # noqa: E402
 
 
@@ -225,23 +226,36 @@ def test_mmv_random_blocks(module, name):
     assert_product(unpoisoned(y, 2 * n).reshape(2, n), deq, x)
 
 
+def _ids_launch(module, kernel, n, grid_y, args):
+    """mmv_ids: tpr threads a row (appended to args); glu: two rows a block, down: four."""
+    if kernel.startswith("mmv_ids"):
+        tpr = ids_threads(int(args[-2]))  # args end with (..., N, K, P)
+        module.get_function(kernel)((-(-n // (128 // tpr)), grid_y), (128,), args + (np.int32(tpr),))
+    else:
+        rows = GLU_ROWS if kernel.startswith("mmv_glu") else MMV1_ROWS
+        module.get_function(kernel)((-(-n // rows), grid_y), (128,), args)
+
+
+@pytest.mark.parametrize("k", [768, 128])
 @pytest.mark.parametrize("x_div", [3, 1])
 @pytest.mark.parametrize("name", TYPES)
-def test_mmv_ids(module, name, x_div):
+def test_mmv_ids(module, name, x_div, k):
     """A layer's routed experts in one launch: E = 5 stacked experts, P = 6 (token, expert) pairs,
     expert ids repeated and out of order (expert 2 unused); x_div = 3: two tokens of three experts
-    each share their activation row (gate/up), x_div = 1: one row per pair (down)."""
-    E, n, k, P = 5, 37, 768, 6
+    each share their activation row (gate/up), x_div = 1: one row per pair (down). K = 768: four
+    threads a row; K = 128 (MLA's per-head k_b): two, 64 rows a block."""
+    if k % 256 and TYPES[name] in K_QUANTS:
+        pytest.skip("K-quant rows hold multiples of 256 values")
+    E, n, P = 5, 37, 6
     raw, deq = matrix(name, E * n, k)  # (E * N, row_bytes): the (E, N, K) GGUF tensor
     deq = deq.reshape(E, n, k)
     ids = np.array([3, 0, 3, 4, 1, 3], dtype=np.int32)
-    x = np.random.default_rng(_seed("xi", name, x_div)).standard_normal((P // x_div, k)).astype(np.float32)
+    x = np.random.default_rng(_seed("xi", name, x_div, k)).standard_normal((P // x_div, k)).astype(np.float32)
     y = poisoned(P * n)
     row_bytes = raw.shape[1]
-    module.get_function(f"mmv_ids_{name}")(
-        ((n + 3) // 4, P), (128,),
-        (cupy.asarray(raw), np.int64(row_bytes), np.int64(n * row_bytes), cupy.asarray(ids), cupy.asarray(x),
-         np.int32(x_div), np.int64(k), y, np.int32(n), np.int32(k), np.int32(P)))
+    _ids_launch(module, f"mmv_ids_{name}", n, P,
+                (cupy.asarray(raw), np.int64(row_bytes), np.int64(n * row_bytes), cupy.asarray(ids), cupy.asarray(x),
+                 np.int32(x_div), np.int64(k), y, np.int32(n), np.int32(k), np.int32(P)))
     got = unpoisoned(y, P * n).reshape(P, n)
     for p in range(P):
         assert_product(got[p:p + 1], deq[ids[p]], x[p // x_div:p // x_div + 1])
@@ -257,39 +271,71 @@ def test_mmv_ids_strided_rows(module, name):
     ids = np.array([2, 0, 2, 1], dtype=np.int32)
     wide = np.random.default_rng(_seed("xs", name)).standard_normal((P, k + 64)).astype(np.float32)
     y = poisoned(P * n)
-    module.get_function(f"mmv_ids_{name}")(
-        ((n + 3) // 4, P), (128,),
-        (cupy.asarray(raw), np.int64(raw.shape[1]), np.int64(n * raw.shape[1]), cupy.asarray(ids),
-         cupy.asarray(wide), np.int32(1), np.int64(k + 64), y, np.int32(n), np.int32(k), np.int32(P)))
+    _ids_launch(module, f"mmv_ids_{name}", n, P,
+                (cupy.asarray(raw), np.int64(raw.shape[1]), np.int64(n * raw.shape[1]), cupy.asarray(ids),
+                 cupy.asarray(wide), np.int32(1), np.int64(k + 64), y, np.int32(n), np.int32(k), np.int32(P)))
     got = unpoisoned(y, P * n).reshape(P, n)
     for p in range(P):
         assert_product(got[p:p + 1], deq[ids[p]], wide[p:p + 1, :k])
 
 
-def _ids_launch(module, kernel, n, grid_y, args):
-    module.get_function(kernel)(((n + 3) // 4, grid_y), (128,), args)
-
-
 @pytest.mark.parametrize("name", TYPES)
 def test_mmv_glu_ids(module, name):
-    """gate, up and silu_mul in one launch: the same sums as mmv_ids, bit for bit, and the same silu."""
+    """gate, up and silu_mul in one launch: each sum within the float32 bound of its float64 product,
+    and h = silu(g) * u of those sums within float32 rounding."""
     E, n, k, P, x_div = 4, 37, 768, 6, 3
-    gate, _ = matrix(name, E * n, k)
-    up = np.ascontiguousarray(matrix(name, E * n + 1, k)[0][:E * n])  # other weights of the same format
-    ids = cupy.asarray(np.array([3, 0, 3, 1, 2, 0], dtype=np.int32))
-    x = cupy.asarray(np.random.default_rng(_seed("xg", name)).standard_normal((P // x_div, k)).astype(np.float32))
+    gate, gate_deq = matrix(name, E * n, k)
+    up_raw, up_deq = matrix(name, E * n + 1, k)  # other weights of the same format
+    up, up_deq = np.ascontiguousarray(up_raw[:E * n]), up_deq[:E * n]
+    ids = np.array([3, 0, 3, 1, 2, 0], dtype=np.int32)
+    x = np.random.default_rng(_seed("xg", name)).standard_normal((P // x_div, k)).astype(np.float32)
     rb = gate.shape[1]
-    g, u, h = poisoned(P * n), poisoned(P * n), poisoned(P * n)
-    for w, out in ((gate, g), (up, u)):
-        _ids_launch(module, f"mmv_ids_{name}", n, P, (cupy.asarray(w), np.int64(rb), np.int64(n * rb), ids, x,
-                                                      np.int32(x_div), np.int64(k), out, np.int32(n), np.int32(k),
-                                                      np.int32(P)))
+    h = poisoned(P * n)
     _ids_launch(module, f"mmv_glu_ids_{name}", n, P, (cupy.asarray(gate), cupy.asarray(up), np.int64(rb),
-                                                      np.int64(n * rb), ids, x, np.int32(x_div), h, np.int32(n),
-                                                      np.int32(k), np.int32(P)))
-    ref = poisoned(P * n)
-    module.get_function("silu_mul_f32")((((P * n) + 255) // 256,), (256,), (g, u, ref, np.int64(P * n)))
-    assert_bits_equal(unpoisoned(h, P * n), unpoisoned(ref, P * n))
+                                                      np.int64(n * rb), cupy.asarray(ids), cupy.asarray(x),
+                                                      np.int32(x_div), h, np.int32(n), np.int32(k), np.int32(P)))
+    got = unpoisoned(h, P * n).reshape(P, n).astype(np.float64)
+    for p in range(P):
+        e, xr = ids[p], x[p // x_div].astype(np.float64)
+        G, U = gate_deq.reshape(E, n, k)[e].astype(np.float64), up_deq.reshape(E, n, k)[e].astype(np.float64)
+        g, u = G @ xr, U @ xr
+        bg, bu = 1e-5 * (np.abs(G) @ np.abs(xr)) + 1e-6, 1e-5 * (np.abs(U) @ np.abs(xr)) + 1e-6
+        sg = 1 / (1 + np.exp(-g))
+        want = g * sg * u
+        # |d(silu(g) u)| <= |silu'(g)| |u| bg + |silu(g)| bu, silu' <= 1.1; float32 rounding of the result
+        bound = 1.1 * np.abs(u) * bg + np.abs(g * sg) * bu + 1e-6 * np.abs(want) + 1e-6
+        bad = ~(np.abs(got[p] - want) <= bound)
+        assert not bad.any(), f"pair {p}: {bad.sum()} of {n} outside the bound"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", TYPES)
+def test_mmv1(module, name, shape):
+    """One token, a block a row: the float32 bound of the float64 product, random blocks too."""
+    n, k = shape
+    for kind in ("quantized", "random") if name in QUANTIZED else ("quantized",):
+        raw, deq = matrix(name, n, k, kind)
+        x = np.random.default_rng(_seed("x1", name, n, k, kind)).standard_normal((1, k)).astype(np.float32)
+        y = poisoned(n)
+        module.get_function(f"mmv1_{name}")((-(-n // MMV1_ROWS),), (128,),
+                                            (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x), y, np.int32(n),
+                                             np.int32(k), np.uint64(0), np.uint64(0)))
+        assert_product(unpoisoned(y, n).reshape(1, n), deq, x)
+
+
+def test_mmv1_adds_in_the_graphs_order(module):
+    """y = res + (add + W x), bit for bit as the two adds after the plain product."""
+    n, k = 37, 768
+    raw, _ = matrix("q4_0", n, k)
+    rng = np.random.default_rng(11)
+    x, add, res = (rng.standard_normal(m).astype(np.float32) for m in (k, n, n))
+    f = module.get_function("mmv1_q4_0")
+    args = (cupy.asarray(raw), np.int64(raw.shape[1]), cupy.asarray(x))
+    plain, y = cupy.empty(n, np.float32), cupy.empty(n, np.float32)
+    grid = (-(-n // MMV1_ROWS),)
+    f(grid, (128,), args + (plain, np.int32(n), np.int32(k), np.uint64(0), np.uint64(0)))
+    f(grid, (128,), args + (y, np.int32(n), np.int32(k), cupy.asarray(add), cupy.asarray(res)))
+    assert_bits_equal(y.get(), res + (add + plain.get()))
 
 
 @pytest.mark.parametrize("add", [False, True])

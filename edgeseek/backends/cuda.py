@@ -26,7 +26,9 @@ from edgeseek.placement import PREFILL_TILE
 SUFFIX = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q5_0: "q5_0",
           Q.Q5_1: "q5_1", Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
 MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through dequantized tiles + cuBLAS
-WARPS = 4  # output rows per block of the decode products (128 threads)
+WARPS = 4  # output rows per block of the per-warp decode products (128 threads)
+ROW_THREADS = 128  # threads a block of mmv1, mmv_ids, glu and down (cuda_kernels.cu)
+MMV1_ROWS, GLU_ROWS = 4, 2  # rows a block of mmv1 and down, of glu
 MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
 MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
@@ -80,6 +82,14 @@ def _launch_grid(n: int, per: int) -> int:
     return (n + per - 1) // per
 
 
+def ids_threads(k: int) -> int:
+    """Threads a row of mmv_ids: a power of two <= 32 giving each about 4 pieces of 16 values."""
+    t = 1
+    while t < 32 and 2 * t * 4 * 16 <= k:
+        t *= 2
+    return t
+
+
 class Kernels:
     """cuda_kernels.cu compiled once (CuPy keeps the binary in its disk cache) and typed launchers.
     The emulation in tests/ implements the same methods with numpy."""
@@ -103,23 +113,29 @@ class Kernels:
     def mmv(self, qtype, w, row_bytes: int, x, y, n: int, k: int, t: int, add=None, res=None) -> None:
         """y (T, N) = res + (add + x @ W.T); add, res (T, N) or None."""
         null = np.uint64(0)
+        add, res = null if add is None else add, null if res is None else res
+        if t == 1:  # a block for a few rows: their loads all in flight at once
+            self._fn(f"mmv1_{SUFFIX[qtype]}")((_launch_grid(n, MMV1_ROWS),), (ROW_THREADS,),
+                                               (w, np.int64(row_bytes), x, y, np.int32(n), np.int32(k), add, res))
+            return
         self._fn(f"mmv_{SUFFIX[qtype]}")((_launch_grid(n, WARPS),), (32 * WARPS,),
                                           (w, np.int64(row_bytes), x, y, np.int32(n), np.int32(k), np.int32(t),
-                                           null if add is None else add, null if res is None else res))
+                                           add, res))
 
     def mmv_ids(self, qtype, w, row_bytes: int, expert_bytes: int, ids, x, x_div: int, y, n: int, k: int,
                 p: int, x_stride: int | None = None) -> None:
         """x_stride: floats from one activation row to the next (default k: packed rows)."""
+        tpr = ids_threads(k)
         self._fn(f"mmv_ids_{SUFFIX[qtype]}")(
-            (_launch_grid(n, WARPS), p), (32 * WARPS,),
+            (_launch_grid(n, ROW_THREADS // tpr), p), (ROW_THREADS,),
             (w, np.int64(row_bytes), np.int64(expert_bytes), ids, x, np.int32(x_div),
-             np.int64(k if x_stride is None else x_stride), y, np.int32(n), np.int32(k), np.int32(p)))
+             np.int64(k if x_stride is None else x_stride), y, np.int32(n), np.int32(k), np.int32(p), np.int32(tpr)))
 
     def glu_ids(self, qtype, wg, wu, row_bytes: int, expert_bytes: int, ids, x, x_div: int, h, n: int, k: int,
                 p: int) -> None:
         """h (P, N) = silu(wg[ids[p]] @ x[p // x_div]) * (wu[ids[p]] @ x[p // x_div]), one launch."""
         self._fn(f"mmv_glu_ids_{SUFFIX[qtype]}")(
-            (_launch_grid(n, WARPS), p), (32 * WARPS,),
+            (_launch_grid(n, GLU_ROWS), p), (ROW_THREADS,),
             (wg, wu, np.int64(row_bytes), np.int64(expert_bytes), ids, x, np.int32(x_div), h, np.int32(n),
              np.int32(k), np.int32(p)))
 
@@ -127,7 +143,7 @@ class Kernels:
                  t: int, used: int) -> None:
         """y (T, N) = add + sum over each token's `used` pairs of weights[p] * w[ids[p]] @ h[p]."""
         self._fn(f"mmv_down_ids_{SUFFIX[qtype]}")(
-            (_launch_grid(n, WARPS), t), (32 * WARPS,),
+            (_launch_grid(n, MMV1_ROWS), t), (ROW_THREADS,),
             (w, np.int64(row_bytes), np.int64(expert_bytes), ids, h, weights,
              add if add is not None else np.uint64(0), y, np.int32(n), np.int32(k), np.int32(used)))
 

@@ -21,20 +21,28 @@
 //     block (128, 1, 1), grid ((N + 3) / 4, 1, 1): one warp per row of W. Static shared memory
 //     (36 KiB: the block's activations, a chunk of 1024 values per token), none to pass at launch.
 // mmv_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* x,
-//             int x_div, ll x_stride, float* y, int N, int K, int P)
+//             int x_div, ll x_stride, float* y, int N, int K, int P, int tpr)
 //     W (E, N, K) stacked experts, expert_bytes = N * row_bytes; for pair p < P:
 //     y[p] (N,) = W[ids[p]] (N, K) @ x[p / x_div] (K,)   (x_div = n_used for gate/up, 1 for down)
 //     where activation row r starts at x + r * x_stride (a multiple of 4: K for packed rows).
-//     block (128, 1, 1), grid ((N + 3) / 4, P, 1), P <= 65535. Static shared memory (4.5 KiB).
+//     tpr threads a row (a power of two <= 32; ids_threads in cuda.py: about 4 pieces of 16 values
+//     each). block (128, 1, 1), grid (ceil(N / (128 / tpr)), P, 1), P <= 65535.
+// mmv1_<t>(const uchar* W, ll row_bytes, const float* x, float* y, int N, int K, const float* add,
+//         const float* res)
+//     y (N,) = res + (add + W (N, K) @ x (K,)): one token, a block of 128 threads for 4 rows (the
+//     rows' 16-value pieces spread over the block's threads). block (128, 1, 1),
+//     grid (ceil(N / 4), 1, 1).
 // mmv_glu_ids_<t>(const uchar* Wg, const uchar* Wu, ll row_bytes, ll expert_bytes, const int* ids,
 //                 const float* x, int x_div, float* h, int N, int K, int P)
 //     h[p] (N,) = silu(Wg[ids[p]] @ x[p / x_div]) * (Wu[ids[p]] @ x[p / x_div]): gate, up and
-//     silu_mul in one launch (gate and up of one format and shape). Grid as mmv_ids. A plain
-//     matrix is a stack of one: ids all 0, expert_bytes 0, x_div 1.
+//     silu_mul in one launch (gate and up of one format and shape). A plain matrix is a stack of
+//     one: ids all 0, expert_bytes 0, x_div 1. block (128, 1, 1), grid (ceil(N / 2), P, 1): a block
+//     two rows (of gate and of up).
 // mmv_down_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* h,
 //                  const float* w, const float* add, float* y, int N, int K, int k)
 //     y[t] (N,) = add[t] + sum_{j < k} w[t k + j] * W[ids[t k + j]] @ h[t k + j]: a token's k routed
-//     experts' down projections weighted and summed (add = NULL: none). Grid ((N + 3) / 4, T, 1).
+//     experts' down projections weighted and summed (add = NULL: none). block (128, 1, 1),
+//     grid (ceil(N / 4), T, 1): a block four rows, the k experts' pieces spread over its threads.
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
 // dequant_<t>_f16(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, ushort* out)
 //     out (n_rows, K) = row (rows ? rows[r] : r) of W, dequantized (fp16: rounded to nearest even;
@@ -406,15 +414,6 @@ __device__ __forceinline__ void mmv_warp(const u8* __restrict__ row, bool active
     }
 }
 
-// One warp: row . x (K,) in every lane; the same sum, bit for bit, as mmv_warp writes for T = 1.
-template <class Q>
-__device__ __forceinline__ float row_dot(const u8* __restrict__ row, bool active, const float* __restrict__ x,
-                                         float* xs, int K) {
-    float acc[1];
-    mmv_acc<Q, 1>(row, active, x, xs, K, 1, acc);
-    return warp_sum(acc[0]);
-}
-
 template <class Q>
 __device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,
                                     float* __restrict__ y, int N, int K, int T, const float* __restrict__ add,
@@ -432,57 +431,215 @@ __device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, cons
     else mmv_warp<Q, MMV_MAX_T>(row, active, x, xs, y + n, N, K, T, a, r);
 }
 
+// --- a block a few rows ---------------------------------------------------------------------------
+// The products of a single token and a layer's routed experts give each group of R output rows a
+// block of ROW_THREADS threads. A row is cut into items of 16 values (half a unit); thread i takes
+// items i, i + ROW_THREADS, ..., loads the item's 16 activations once and multiplies them by the R
+// rows' weights: a block's loads are contiguous, every thread has its loads in flight together, and
+// an activation loaded from L1 serves R rows (float32 activations read once a row would move 7x the
+// bytes of the Q4_0 weights through L1). The per-warp kernels above walk a row's units one after
+// another behind a barrier each (20 us for six experts' down rows that take 3 us to read).
+// Sums: float32, each thread's items in order, then the warps' shares in a fixed order
+// (deterministic run to run, not the per-warp kernels' order).
+#define ROW_THREADS 128
+#define ROW_WARPS (ROW_THREADS / WARP_SIZE)
+#define MMV1_ROWS 4   // rows a block of mmv1 and mmv_down_ids
+#define GLU_ROWS 2    // rows a block of mmv_glu_ids (each with its gate and up row)
+
+__device__ __forceinline__ void load16(const float* __restrict__ x, float (&v)[16]) {
+    const f32x4* p = (const f32x4*)x;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const f32x4 t = p[i];
+        v[4 * i] = t.x; v[4 * i + 1] = t.y; v[4 * i + 2] = t.z; v[4 * i + 3] = t.w;
+    }
+}
+
+// 16 decoded weights . 16 activations in registers; four partial sums as dot16
+__device__ __forceinline__ float dot16r(const float (&w)[16], const float (&x)[16]) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        s0 += w[4 * i] * x[4 * i];
+        s1 += w[4 * i + 1] * x[4 * i + 1];
+        s2 += w[4 * i + 2] * x[4 * i + 2];
+        s3 += w[4 * i + 3] * x[4 * i + 3];
+    }
+    return (s0 + s1) + (s2 + s3);
+}
+
+// item it of a row . its activations x[16 it:][:16]
+template <class Q>
+__device__ __forceinline__ float item_dot(const u8* __restrict__ row, int it, const float* __restrict__ x) {
+    float w[16], v[16];
+    Q::half(row, it >> 1, it & 1, w);
+    load16(x + 16 * it, v);
+    return dot16r(w, v);
+}
+
+// acc[r] += item it of rows[r] . x's item, for r < R (the activations loaded once)
+template <class Q, int R>
+__device__ __forceinline__ void items_dot(const u8* const (&rows)[R], int it, const float* __restrict__ x,
+                                          float (&acc)[R]) {
+    float v[16];
+    load16(x + 16 * it, v);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float w[16];
+        Q::half(rows[r], it >> 1, it & 1, w);
+        acc[r] += dot16r(w, v);
+    }
+}
+
+// the block's sums of each thread's acc[r], in thread 0 (red: R * ROW_WARPS floats of shared memory)
+template <int R>
+__device__ __forceinline__ void block_sums(float (&acc)[R], float* red) {
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const float s = warp_sum(acc[r]);
+        if ((threadIdx.x & (WARP_SIZE - 1)) == 0) red[r * ROW_WARPS + warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float t = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ROW_WARPS; ++w) t += red[r * ROW_WARPS + w];
+            acc[r] = t;
+        }
+    }
+}
+
+// Row n of expert ids[p] . x[p / x_div] -> y[p, n], tpr threads a row (a power of two <= 32, set by
+// the host from K: MLA's per-head products have K = 128 or 512, where a warp a row would leave most
+// lanes idle), thread r of a row taking items r, r + tpr, ...; ROW_THREADS / tpr rows a block (the
+// rows of a warp read the same activations: one load serves them all).
 template <class Q>
 __device__ __forceinline__ void mmv_ids(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
                                         const int* __restrict__ ids, const float* __restrict__ x, int x_div,
-                                        ll x_stride, float* __restrict__ y, int N, int K, int P) {
-    __shared__ float xs[XS_TOKEN];
+                                        ll x_stride, float* __restrict__ y, int N, int K, int P, int tpr) {
     const int p = blockIdx.y;
-    if (p >= P) return;  // the whole block
-    const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
-    const ll e = ids[p];
-    mmv_warp<Q, 1>(W + e * expert_bytes + min(n, N - 1) * row_bytes, n < N, x + (ll)(p / x_div) * x_stride, xs,
-                   y + (ll)p * N + n, N, K, 1);
+    const int r = threadIdx.x & (tpr - 1);
+    const int n = blockIdx.x * (ROW_THREADS / tpr) + threadIdx.x / tpr;
+    const bool active = n < N;
+    const u8* row = W + (ll)ids[p] * expert_bytes + (ll)min(n, N - 1) * row_bytes;
+    const float* xp = x + (ll)(p / x_div) * x_stride;
+    const int items = K >> 4;
+    float s = 0.0f;
+    if (active) {
+#pragma unroll 4
+        for (int it = r; it < items; it += tpr) s += item_dot<Q>(row, it, xp);
+    }
+    for (int off = tpr >> 1; off > 0; off >>= 1) s += __shfl_xor_sync(FULL_MASK, s, off);
+    if (active && r == 0) y[(ll)p * N + n] = s;
 }
 
-// silu(gate . x) * (up . x) for row n of expert ids[p], gate and up of one format and shape: the
-// same two sums as two mmv_ids launches and the same float32 silu_mul, in one launch.
+// y[n] = res[n] + (add[n] + row n . x) for the block's MMV1_ROWS rows: one token (T = 1),
+// grid (ceil(N / MMV1_ROWS), 1, 1)
+template <class Q>
+__device__ __forceinline__ void mmv1(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,
+                                     float* __restrict__ y, int N, int K, const float* __restrict__ add,
+                                     const float* __restrict__ res) {
+    constexpr int R = MMV1_ROWS;
+    __shared__ float red[R * ROW_WARPS];
+    const int n0 = blockIdx.x * R;
+    const u8* rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) rows[r] = W + (ll)min(n0 + r, N - 1) * row_bytes;
+    const int items = K >> 4;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    for (int it = threadIdx.x; it < items; it += ROW_THREADS) items_dot<Q, R>(rows, it, x, acc);
+    block_sums<R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            if (n < N) {
+                float s = acc[r];
+                if (add) s = add[n] + s;
+                if (res) s = res[n] + s;
+                y[n] = s;
+            }
+        }
+    }
+}
+
+// silu(gate . x) * (up . x) for the block's GLU_ROWS rows of expert ids[p], gate and up of one
+// format and shape, the silu_mul of silu_mul_f32: grid (ceil(N / GLU_ROWS), P, 1)
 template <class Q>
 __device__ __forceinline__ void mmv_glu_ids(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,
                                             ll expert_bytes, const int* __restrict__ ids,
                                             const float* __restrict__ x, int x_div, float* __restrict__ h, int N,
                                             int K, int P) {
-    __shared__ float xs[XS_TOKEN];
-    const int p = blockIdx.y;
-    if (p >= P) return;
-    const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
-    const bool active = n < N;
-    const ll off = (ll)ids[p] * expert_bytes + (ll)min(n, N - 1) * row_bytes;
+    constexpr int R = GLU_ROWS;
+    __shared__ float red[2 * R * ROW_WARPS];
+    const int n0 = blockIdx.x * R, p = blockIdx.y;
+    const u8* rows[2 * R];  // gate rows, then up rows
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const ll off = (ll)ids[p] * expert_bytes + (ll)min(n0 + r, N - 1) * row_bytes;
+        rows[r] = Wg + off;
+        rows[R + r] = Wu + off;
+    }
     const float* xp = x + (ll)(p / x_div) * K;
-    const float g = row_dot<Q>(Wg + off, active, xp, xs, K);
-    const float u = row_dot<Q>(Wu + off, active, xp, xs, K);
-    if (active && (threadIdx.x & (WARP_SIZE - 1)) == 0) h[(ll)p * N + n] = g / (1.0f + expf(-g)) * u;
+    const int items = K >> 4;
+    float acc[2 * R];
+#pragma unroll
+    for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
+    for (int it = threadIdx.x; it < items; it += ROW_THREADS) items_dot<Q, 2 * R>(rows, it, xp, acc);
+    block_sums<2 * R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            const float g = acc[r], u = acc[R + r];
+            if (n < N) h[(ll)p * N + n] = g / (1.0f + expf(-g)) * u;
+        }
+    }
 }
 
 // A token's routed experts' down projections, weighted and summed: row n of token t is
-// add[t, n] + sum over j < k, in order, of w[t k + j] * (W[ids[t k + j]] row n . h[t k + j]).
+// add[t, n] + sum over j < k of w[t k + j] * (W[ids[t k + j]] row n . h[t k + j]); the k experts'
+// items are one range of k * K / 16 that the block's threads share, MMV1_ROWS rows a block.
+// Grid (ceil(N / MMV1_ROWS), T, 1).
 template <class Q>
 __device__ __forceinline__ void mmv_down_ids(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
                                              const int* __restrict__ ids, const float* __restrict__ h,
                                              const float* __restrict__ w, const float* __restrict__ add,
                                              float* __restrict__ y, int N, int K, int k) {
-    __shared__ float xs[XS_TOKEN];
-    const int t = blockIdx.y;
-    const int n = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
-    const bool active = n < N;
-    float s = 0.0f;
-    for (int j = 0; j < k; ++j) {
+    constexpr int R = MMV1_ROWS;
+    __shared__ float red[R * ROW_WARPS];
+    const int n0 = blockIdx.x * R, t = blockIdx.y;
+    const int items = K >> 4;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    for (int i = threadIdx.x; i < k * items; i += ROW_THREADS) {
+        const int j = i / items, it = i - j * items;
         const int p = t * k + j;
-        const float d = row_dot<Q>(W + (ll)ids[p] * expert_bytes + (ll)min(n, N - 1) * row_bytes, active,
-                                   h + (ll)p * K, xs, K);
-        s += w[p] * d;
+        const u8* rows[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) rows[r] = W + (ll)ids[p] * expert_bytes + (ll)min(n0 + r, N - 1) * row_bytes;
+        float part[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) part[r] = 0.0f;
+        items_dot<Q, R>(rows, it, h + (ll)p * K, part);
+        const float wp = w[p];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += wp * part[r];
     }
-    if (active && (threadIdx.x & (WARP_SIZE - 1)) == 0) y[(ll)t * N + n] = (add ? add[(ll)t * N + n] : 0.0f) + s;
+    block_sums<R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            if (n < N) y[(ll)t * N + n] = (add ? add[(ll)t * N + n] : 0.0f) + acc[r];
+        }
+    }
 }
 
 // --- dequantize rows ----------------------------------------------------------------------------
@@ -529,19 +686,25 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ W, ll row_bytes, 
                    const float* __restrict__ res) {                                                    \
         mmv<Q>(W, row_bytes, x, y, N, K, T, add, res);                                                  \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, 8)                                                \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
         mmv_ids_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                        \
                        const int* __restrict__ ids, const float* __restrict__ x, int x_div, ll x_stride, \
-                       float* __restrict__ y, int N, int K, int P) {                                   \
-        mmv_ids<Q>(W, row_bytes, expert_bytes, ids, x, x_div, x_stride, y, N, K, P);                    \
+                       float* __restrict__ y, int N, int K, int P, int tpr) {                          \
+        mmv_ids<Q>(W, row_bytes, expert_bytes, ids, x, x_div, x_stride, y, N, K, P, tpr);               \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, 8)                                                \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+        mmv1_##name(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,               \
+                    float* __restrict__ y, int N, int K, const float* __restrict__ add,                \
+                    const float* __restrict__ res) {                                                   \
+        mmv1<Q>(W, row_bytes, x, y, N, K, add, res);                                                    \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
         mmv_glu_ids_##name(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,         \
                            ll expert_bytes, const int* __restrict__ ids, const float* __restrict__ x,  \
                            int x_div, float* __restrict__ h, int N, int K, int P) {                    \
         mmv_glu_ids<Q>(Wg, Wu, row_bytes, expert_bytes, ids, x, x_div, h, N, K, P);                     \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, 8)                                                \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
         mmv_down_ids_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                   \
                             const int* __restrict__ ids, const float* __restrict__ h,                  \
                             const float* __restrict__ w, const float* __restrict__ add,                \
