@@ -59,16 +59,19 @@ def kernel_times(model, b, g, cache, steps: int) -> dict:
             f(grid, block, args, **kw)
             e1.record()
             log.append((name, e0, e1))
+            launches.append((name, f, grid, block, args, kw))  # the arguments hold the buffers alive
         return launch
 
     table: dict = defaultdict(lambda: [0.0, 0])
     gaps = 0.0
+    launches: list = []
     kernels._fn = timed_fn
     b._step = g
     pos = np.array([cache.pos - 1])  # the graph's last step, run again (its cache entry rewritten)
     try:
         for _ in range(steps):
             log.clear()
+            launches.clear()
             hold((1,), (1,), (np.uint64(60_000_000),))  # 60 ms: longer than the host takes to queue a step
             model.step(g.tok, pos, cache)
             cupy.cuda.Device().synchronize()
@@ -83,7 +86,42 @@ def kernel_times(model, b, g, cache, steps: int) -> dict:
     ops = {k: {"us_per_step": round(v[0] / steps, 1), "launches_per_step": v[1] / steps}
            for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}
     return {"sum_us": round(sum(v[0] for v in table.values()) / steps, 1), "between_us": round(gaps / steps, 1),
-            "launches": sum(v[1] for v in table.values()) / steps, "by_kernel": ops}
+            "launches": sum(v[1] for v in table.values()) / steps, "by_kernel": ops,
+            "in_graph": graph_times(launches)}
+
+
+def graph_times(launches: list, repeat: int = 20) -> dict:
+    """Per kernel name, its launches of one decode step (their own arguments) captured `repeat`
+    times over into a CUDA graph of their own and replayed: microseconds a step inside a graph,
+    where the eager figures above carry each launch's event overhead. Also the whole step's
+    launches as one graph (sum_us against the decode graph's replay)."""
+    import cupy
+    stream = cupy.cuda.Stream(non_blocking=True)
+
+    def replay_us(group: list) -> float:
+        with stream:
+            stream.begin_capture()
+            for _ in range(repeat):
+                for _, f, grid, block, args, kw in group:
+                    f(grid, block, args, **kw)
+            graph = stream.end_capture()
+        graph.launch(stream)
+        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+        e0.record(stream)
+        for _ in range(3):
+            graph.launch(stream)
+        e1.record(stream)
+        e1.synchronize()
+        return cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / (3 * repeat)
+
+    by_name: dict = defaultdict(list)
+    for launch in launches:
+        by_name[launch[0]].append(launch)
+    out = {name: {"us_per_step": round(replay_us(group), 1), "launches_per_step": len(group)}
+           for name, group in by_name.items()}
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1]["us_per_step"]))
+    return {"step_us": round(replay_us(launches), 1), "sum_us": round(sum(v["us_per_step"] for v in out.values()), 1),
+            "by_kernel": out}
 
 
 def main():

@@ -64,11 +64,14 @@ class Backend(Protocol):
         stacked LoRA tensors a (E, r, K), b (E, N, r), e (n,) expert ids, x (n, K) -> (n, N), or
         None where the backend has no kernel for these."""
 
-    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None):
+    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None, shared=None, residual=None):
         """A MoE layer's routed experts for tokens x (T, D): router logits x @ router_weight.T
         (E, D), routing (models/moe.py's rule with its RouterConfig and selection bias), the
         choices counted in the store, each token's weighted experts summed -> (T, D). `lora`: the
-        model's LoraRows, whose adapters add their experts' low-rank deltas (models/lora.py)."""
+        model's LoraRows, whose adapters add their experts' low-rank deltas (models/lora.py).
+        `shared`: the layer's shared experts (gate, up, down) or None, `residual` (T, D) or None:
+        the result is then residual + (routed + ffn(x, *shared)), as llama.cpp adds them (a GPU
+        runs both experts' products in the same launches)."""
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
         """MLA's absorbed attention of one new token, or None (the model's own math then runs):

@@ -371,11 +371,10 @@ class DeepSeek2Model(DecoderModel):
         b = self.backend
         if L.dense:
             return b.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, residual=residual)
-        out = b.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora)
         nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-        if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while the shared experts run
+        if self.prefetch_experts and len(h) == 1 and nxt is not None:  # read while this layer's experts run
             guess, _ = route(h @ nxt.ffn_gate_inp.T, self.config.router, nxt.exp_probs_b)
             self.experts.prefetch(i + 1, guess[0])
-        if self.config.n_expert_shared:  # residual + (routed + shared), as llama.cpp adds them
-            return b.ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, add=out, residual=residual)
-        return plus(out, residual=residual)
+        shared = (L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp) if self.config.n_expert_shared else None
+        # residual + (routed + shared), as llama.cpp adds them
+        return b.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora, shared, residual)

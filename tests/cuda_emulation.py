@@ -32,20 +32,30 @@ class NumpyKernels:
         for j in range(p):
             y[j] = _rows(qtype, w[ids[j]], k) @ x[j // x_div]
 
-    def glu_ids(self, qtype, wg, wu, row_bytes, expert_bytes, ids, x, x_div, h, n, k, p):
+    def glu_ids(self, qtype, wg, wu, row_bytes, expert_bytes, ids, x, x_div, h, n, k, p, shared=None):
         assert x.flags.c_contiguous
         wg, wu = wg.reshape(-1, n, row_bytes), wu.reshape(-1, n, row_bytes)  # a matrix: a stack of one
         for j in range(p):
             g, u = _rows(qtype, wg[ids[j]], k) @ x[j // x_div], _rows(qtype, wu[ids[j]], k) @ x[j // x_div]
             h[j] = self.silu_mul(g, u)
+        if shared is not None:
+            wg2, wu2, _, n2, h2 = shared
+            for t in range(len(x)):
+                h2[t] = self.silu_mul(_rows(qtype, wg2, k) @ x[t], _rows(qtype, wu2, k) @ x[t])
 
-    def down_ids(self, qtype, w, row_bytes, expert_bytes, ids, h, weights, add, y, n, k, t, used):
+    def down_ids(self, qtype, w, row_bytes, expert_bytes, ids, h, weights, add, y, n, k, t, used, shared=None,
+                 res=None):
         for r in range(t):
             acc = np.zeros(n, np.float32)
             for j in range(used):
                 p = r * used + j
                 acc += weights.reshape(-1)[p] * (_rows(qtype, w[ids[p]], k) @ h[p])
             y[r] = acc if add is None else add[r] + acc
+            if shared is not None:
+                w2, _, k2, h2 = shared
+                y[r] = y[r] + _rows(qtype, w2, k2) @ h2[r]
+            if res is not None:
+                y[r] = res[r] + y[r]
 
     def dequant(self, qtype, w, row_bytes, rows, n_rows, k, out):
         src = w if rows is None else w[rows]

@@ -226,6 +226,11 @@ def test_mmv_random_blocks(module, name):
     assert_product(unpoisoned(y, 2 * n).reshape(2, n), deq, x)
 
 
+# the glu and down kernels' trailing arguments without shared experts (and without a residual)
+NO_SHARED_GLU = (np.uint64(0), np.uint64(0), np.int64(0), np.int32(0), np.uint64(0))
+NO_SHARED_DOWN = (np.uint64(0), np.int64(0), np.int32(0), np.uint64(0), np.uint64(0))
+
+
 def _ids_launch(module, kernel, n, grid_y, args):
     """mmv_ids: tpr threads a row (appended to args); glu: two rows a block, down: four."""
     if kernel.startswith("mmv_ids"):
@@ -293,7 +298,8 @@ def test_mmv_glu_ids(module, name):
     h = poisoned(P * n)
     _ids_launch(module, f"mmv_glu_ids_{name}", n, P, (cupy.asarray(gate), cupy.asarray(up), np.int64(rb),
                                                       np.int64(n * rb), cupy.asarray(ids), cupy.asarray(x),
-                                                      np.int32(x_div), h, np.int32(n), np.int32(k), np.int32(P)))
+                                                      np.int32(x_div), h, np.int32(n), np.int32(k), np.int32(P))
+                + NO_SHARED_GLU)
     got = unpoisoned(h, P * n).reshape(P, n).astype(np.float64)
     for p in range(P):
         e, xr = ids[p], x[p // x_div].astype(np.float64)
@@ -355,7 +361,7 @@ def test_mmv_down_ids(module, name, add):
     _ids_launch(module, f"mmv_down_ids_{name}", n, T,
                 (cupy.asarray(raw), np.int64(raw.shape[1]), np.int64(n * raw.shape[1]), cupy.asarray(ids),
                  cupy.asarray(h), cupy.asarray(w), cupy.asarray(base) if add else np.uint64(0), y, np.int32(n),
-                 np.int32(k), np.int32(used)))
+                 np.int32(k), np.int32(used)) + NO_SHARED_DOWN)
     got = unpoisoned(y, T * n).reshape(T, n)
     for t in range(T):
         want = sum(float(w[t, j]) * (deq[ids[t * used + j]].astype(np.float64) @ h[t * used + j]) for j in range(used))
@@ -366,9 +372,61 @@ def test_mmv_down_ids(module, name, add):
         assert not bad.any(), f"token {t}: {bad.sum()} of {n} outside the bound"
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q6_k", "f32"])
+def test_glu_and_down_with_the_shared_experts_in_the_same_launches(module, name):
+    """A MoE layer in two launches: the routed experts (256 rows of gate and up) and the shared
+    experts (512, so the routed blocks past 256 leave) through gate-up, then down summing both and
+    adding the residual in the graph's order, res + (routed + shared), against float64."""
+    E, d, n, n2, T, used = 4, 768, 256, 512, 2, 3
+    gate, gate_d = matrix(name, E * n, d)
+    up, up_d = matrix(name, E * n + 1, d)
+    up, up_d = np.ascontiguousarray(up[:E * n]), up_d[:E * n]
+    g2, g2_d = matrix(name, n2, d)
+    u2, u2_d = matrix(name, n2 + 1, d)
+    u2, u2_d = np.ascontiguousarray(u2[:n2]), u2_d[:n2]
+    down, down_d = matrix(name, E * d, n)
+    d2, d2_d = matrix(name, d, n2)
+    rng = np.random.default_rng(_seed("shared", name))
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    res = rng.standard_normal((T, d)).astype(np.float32)
+    ids = np.array([2, 0, 3, 3, 1, 0], dtype=np.int32)
+    w = rng.uniform(0.1, 1.0, (T, used)).astype(np.float32)
+    h, h2, y = poisoned(T * used * n), poisoned(T * n2), poisoned(T * d)
+    rb, rb2 = gate.shape[1], g2.shape[1]
+    module.get_function(f"mmv_glu_ids_{name}")(
+        (-(-max(n, n2) // GLU_ROWS), T * used + T), (128,),
+        (cupy.asarray(gate), cupy.asarray(up), np.int64(rb), np.int64(n * rb), cupy.asarray(ids), cupy.asarray(x),
+         np.int32(used), h, np.int32(n), np.int32(d), np.int32(T * used), cupy.asarray(g2), cupy.asarray(u2),
+         np.int64(rb2), np.int32(n2), h2))
+    hs, h2s = unpoisoned(h, T * used * n).reshape(T * used, n), unpoisoned(h2, T * n2).reshape(T, n2)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    for p in range(T * used):
+        G, U = (m.reshape(E, n, d)[ids[p]].astype(np.float64) for m in (gate_d, up_d))
+        want = silu(G @ x[p // used]) * (U @ x[p // used])
+        np.testing.assert_allclose(hs[p], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    for t in range(T):
+        want = silu(g2_d.astype(np.float64) @ x[t]) * (u2_d.astype(np.float64) @ x[t])
+        np.testing.assert_allclose(h2s[t], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    rbd, rbd2 = down.shape[1], d2.shape[1]
+    module.get_function(f"mmv_down_ids_{name}")(
+        (-(-d // MMV1_ROWS), T), (128,),
+        (cupy.asarray(down), np.int64(rbd), np.int64(d * rbd), cupy.asarray(ids), cupy.asarray(hs), cupy.asarray(w),
+         np.uint64(0), y, np.int32(d), np.int32(n), np.int32(used), cupy.asarray(d2), np.int64(rbd2), np.int32(n2),
+         cupy.asarray(h2s), cupy.asarray(res)))
+    got = unpoisoned(y, T * d).reshape(T, d)
+    D, D2 = down_d.reshape(E, d, n).astype(np.float64), d2_d.astype(np.float64)
+    for t in range(T):
+        routed = sum(float(w[t, j]) * (D[ids[t * used + j]] @ hs[t * used + j]) for j in range(used))
+        want = res[t] + (routed + D2 @ h2s[t])
+        scale = np.abs(res[t]) + sum(w[t, j] * (np.abs(D[ids[t * used + j]]) @ np.abs(hs[t * used + j]))
+                                     for j in range(used)) + np.abs(D2) @ np.abs(h2s[t])
+        bad = ~(np.abs(got[t] - want) <= 2e-5 * scale + 1e-6)
+        assert not bad.any(), f"token {t}: {bad.sum()} of {d} outside the bound"
+
+
 # --- elementwise helpers ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("d", [1000, 7168])
+@pytest.mark.parametrize("d", [1000, 2048, 7168])
 def test_rms_norm(module, d):
     R, eps = 3, 1e-6
     rng = np.random.default_rng(d)

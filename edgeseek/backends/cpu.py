@@ -356,12 +356,16 @@ class CPUBackend:
                       np.ascontiguousarray(x, dtype=np.float32), np.float32(s), np.empty((n, r), np.float32), out)
         return out
 
-    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None) -> np.ndarray:
+    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None, shared=None,
+            residual=None) -> np.ndarray:
         logits = x @ router_weight.T  # (T, E)
         if lora is not None and lora.groups:  # an adapter's router pair (llama.cpp's build_moe_ffn has it)
             logits = lora.add(f"blk.{layer}.ffn_gate_inp.weight", x, logits)
         ids, weights = route(logits, router, bias)  # (T, k)
-        return moe(x, ids, weights, store, layer, self, lora)
+        out = moe(x, ids, weights, store, layer, self, lora)
+        if shared is not None:
+            return self.ffn(x, *shared, add=out, residual=residual)
+        return plus(out, residual=residual)
 
     def latent_step(self, q, kv, norm_w, eps: float, rope, q_lat, cache_c, cache_k_pe, pos, scale: float):
         return None  # the model's rope and norm, then latent_decode

@@ -82,6 +82,16 @@ def _launch_grid(n: int, per: int) -> int:
     return (n + per - 1) // per
 
 
+def _fuses(shared, gate, up, down) -> bool:
+    """The shared experts (gate, up, down) can join the routed experts' launches: device matrices
+    of the routed experts' formats and widths."""
+    if shared is None or not all(isinstance(m, DeviceMatrix) for m in shared):
+        return False
+    g2, u2, d2 = shared
+    return (g2.qtype == u2.qtype == gate.qtype == up.qtype and d2.qtype == down.qtype
+            and g2.shape == u2.shape and g2.shape[1] == gate.shape[1] and d2.shape == (down.shape[0], g2.shape[0]))
+
+
 def ids_threads(k: int) -> int:
     """Threads a row of mmv_ids: a power of two <= 32 giving each about 4 pieces of 16 values."""
     t = 1
@@ -132,20 +142,29 @@ class Kernels:
              np.int64(k if x_stride is None else x_stride), y, np.int32(n), np.int32(k), np.int32(p), np.int32(tpr)))
 
     def glu_ids(self, qtype, wg, wu, row_bytes: int, expert_bytes: int, ids, x, x_div: int, h, n: int, k: int,
-                p: int) -> None:
-        """h (P, N) = silu(wg[ids[p]] @ x[p // x_div]) * (wu[ids[p]] @ x[p // x_div]), one launch."""
+                p: int, shared=None) -> None:
+        """h (P, N) = silu(wg[ids[p]] @ x[p // x_div]) * (wu[ids[p]] @ x[p // x_div]), one launch;
+        shared = (wg2, wu2, row_bytes2, n2, h2): also h2 (T, N2) = silu(wg2 @ x[t]) * (wu2 @ x[t]) for
+        the T rows of x, in the same launch."""
+        null = np.uint64(0)
+        wg2, wu2, rb2, n2, h2 = shared if shared is not None else (null, null, 0, 0, null)
+        t2 = 0 if shared is None else len(x)
         self._fn(f"mmv_glu_ids_{SUFFIX[qtype]}")(
-            (_launch_grid(n, GLU_ROWS), p), (ROW_THREADS,),
+            (_launch_grid(max(n, n2), GLU_ROWS), p + t2), (ROW_THREADS,),
             (wg, wu, np.int64(row_bytes), np.int64(expert_bytes), ids, x, np.int32(x_div), h, np.int32(n),
-             np.int32(k), np.int32(p)))
+             np.int32(k), np.int32(p), wg2, wu2, np.int64(rb2), np.int32(n2), h2))
 
     def down_ids(self, qtype, w, row_bytes: int, expert_bytes: int, ids, h, weights, add, y, n: int, k: int,
-                 t: int, used: int) -> None:
-        """y (T, N) = add + sum over each token's `used` pairs of weights[p] * w[ids[p]] @ h[p]."""
+                 t: int, used: int, shared=None, res=None) -> None:
+        """y (T, N) = res + ((add + sum over each token's `used` pairs of weights[p] * w[ids[p]] @ h[p])
+        + w2 @ h2[t]) with shared = (w2, row_bytes2, k2, h2 (T, k2)); add, res, shared None: none."""
+        null = np.uint64(0)
+        w2, rb2, k2, h2 = shared if shared is not None else (null, 0, 0, null)
         self._fn(f"mmv_down_ids_{SUFFIX[qtype]}")(
             (_launch_grid(n, MMV1_ROWS), t), (ROW_THREADS,),
             (w, np.int64(row_bytes), np.int64(expert_bytes), ids, h, weights,
-             add if add is not None else np.uint64(0), y, np.int32(n), np.int32(k), np.int32(used)))
+             add if add is not None else null, y, np.int32(n), np.int32(k), np.int32(used), w2, np.int64(rb2),
+             np.int32(k2), h2, res if res is not None else null))
 
     def dequant(self, qtype, w, row_bytes: int, rows, n_rows: int, k: int, out) -> None:
         """out (n_rows, k) float32 or float16 <- rows `rows` (int32 on the device, or None: 0..n_rows-1)."""
@@ -421,12 +440,13 @@ class CUDABackend:
     def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c, caches_k_pe, pos, scale: float):
         return None
 
-    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None):
+    def moe(self, x, router_weight, router, bias, store, layer: int, lora=None, shared=None, residual=None):
         """A decode step whose layer has every expert in VRAM routes on the device and runs the
-        chosen experts as one launch per projection: nothing waits for the host. Otherwise route on
-        the host (a few dozen values), then the experts in VRAM (one launch per projection for a
-        few tokens, expert by expert on tiles for a prompt) while the experts left on the CPU run
-        there on the host copy of x."""
+        chosen experts as one launch per projection, the shared experts' products in the same
+        launches: nothing waits for the host. Otherwise route on the host (a few dozen values),
+        then the experts in VRAM (one launch per projection for a few tokens, expert by expert on
+        tiles for a prompt) while the experts left on the CPU run there on the host copy of x;
+        the shared experts after them."""
         xp, k = self.xp, self.kernels
         T = len(x)
         logits = self._router_logits(x, router_weight)
@@ -440,7 +460,23 @@ class CUDABackend:
                 store.count(layer, self.host(ids))
             gate, up, down = store.device(layer)
             flat = ids.reshape(-1)
-            return down.down(flat, gate.glu(up, flat, x, x_div=n), w)  # (T, D)
+            if _fuses(shared, gate, up, down):
+                g2, u2, d2 = shared
+                h2 = xp.empty((T, g2.shape[0]), np.float32)
+                h = gate.glu(up, flat, x, x_div=n, shared=(g2, u2, h2))
+                return down.down(flat, h, w, shared=(d2, h2), res=residual)  # (T, D)
+            return self._plus_shared(x, down.down(flat, gate.glu(up, flat, x, x_div=n), w), shared, residual)
+        return self._plus_shared(x, self._routed_on_host(x, logits, router, bias, store, layer), shared, residual)
+
+    def _plus_shared(self, x, out, shared, residual):
+        """residual + (out + the shared experts' ffn of x)."""
+        if shared is not None:
+            return self.ffn(x, *shared, add=out, residual=residual)
+        return plus(out, residual=residual)
+
+    def _routed_on_host(self, x, logits, router, bias, store, layer: int):
+        """The routed experts of a layer routed on the host: those in VRAM here, the others on the CPU."""
+        xp, T = self.xp, len(x)
         D = x.shape[1]
         both = self.host(xp.concatenate([x.reshape(-1), logits.reshape(-1)]))  # one copy, one wait
         host_x, host_logits = both[:T * D].reshape(T, D), both[T * D:].reshape(T, -1)
@@ -710,9 +746,11 @@ class DeviceExperts:
                                kk, p, x_stride)
         return y
 
-    def glu(self, up, slots, x, x_div: int = 1):
+    def glu(self, up, slots, x, x_div: int = 1, shared=None):
         """silu(self @ x) * (up @ x) for row p // x_div of x through expert slots[p] -> (P, N): gate
-        (self) and up in one launch where they share a format, else two and silu_mul."""
+        (self) and up in one launch where they share a format, else two and silu_mul. shared =
+        (gate2, up2, h2): DeviceMatrix gate and up of this format (_fuses) whose silu-mul of each
+        row of x goes to h2 (T, N2) in the same launch."""
         b = self.b
         x = b.xp.ascontiguousarray(x)
         n, kk = self.shape
@@ -720,20 +758,29 @@ class DeviceExperts:
         if up.qtype != self.qtype or up.raw.shape != self.raw.shape:
             return b.kernels.silu_mul(self.ids(slots, x, x_div=x_div), up.ids(slots, x, x_div=x_div))
         h = b.xp.empty((p, n), np.float32)
+        if shared is not None:
+            g2, u2, h2 = shared
+            shared = (g2.raw, u2.raw, g2.row_bytes, g2.shape[0], h2)
         b.kernels.glu_ids(self.qtype, self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, x, x_div, h, n,
-                          kk, p)
+                          kk, p, shared)
         return h
 
-    def down(self, slots, h, weights, add=None):
+    def down(self, slots, h, weights, add=None, shared=None, res=None):
         """Each token's pairs (T * used rows of h, slots, weights (T, used)) through this projection,
-        weighted and summed per token (+ add) -> (T, N), one launch."""
+        weighted and summed per token (+ add) -> (T, N), one launch; shared = (down2, h2): plus
+        down2 @ h2[t] (a DeviceMatrix of this format), then res, in the same launch."""
         b = self.b
         t, used = weights.shape
         n, kk = self.shape
         y = b.xp.empty((t, n), np.float32)
+        if shared is not None:
+            d2, h2 = shared
+            shared = (d2.raw, d2.row_bytes, d2.shape[1], h2)
+        if res is not None:
+            res = b.xp.ascontiguousarray(res.reshape(t, n), dtype=np.float32)
         b.kernels.down_ids(self.qtype, self.raw, self.raw.shape[-1], self.expert_bytes, slots,
                            b.xp.ascontiguousarray(h), b.xp.ascontiguousarray(weights, dtype=np.float32), add, y, n,
-                           kk, t, used)
+                           kk, t, used, shared, res)
         return y
 
     def dense(self):

@@ -37,12 +37,18 @@
 //     h[p] (N,) = silu(Wg[ids[p]] @ x[p / x_div]) * (Wu[ids[p]] @ x[p / x_div]): gate, up and
 //     silu_mul in one launch (gate and up of one format and shape). A plain matrix is a stack of
 //     one: ids all 0, expert_bytes 0, x_div 1. block (128, 1, 1), grid (ceil(N / 2), P, 1): a block
-//     two rows (of gate and of up).
+//     two rows (of gate and of up). Trailing (const uchar* Wg2, const uchar* Wu2, ll row_bytes2,
+//     int N2, float* h2): the shared experts' gate and up (N2, K) of the same format in the same
+//     launch, pairs P .. P + T - 1 (token p - P) -> h2 (T, N2); grid (ceil(max(N, N2) / 2), P + T, 1).
+//     Wg2 = NULL: none.
 // mmv_down_ids_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* ids, const float* h,
 //                  const float* w, const float* add, float* y, int N, int K, int k)
 //     y[t] (N,) = add[t] + sum_{j < k} w[t k + j] * W[ids[t k + j]] @ h[t k + j]: a token's k routed
 //     experts' down projections weighted and summed (add = NULL: none). block (128, 1, 1),
 //     grid (ceil(N / 4), T, 1): a block four rows, the k experts' pieces spread over its threads.
+//     Trailing (const uchar* W2, ll row_bytes2, int K2, const float* h2, const float* res): the
+//     shared experts' down (N, K2) of the same format on h2 (T, K2) and the residual, in the order
+//     the unfused graph adds: y = res + ((add + routed) + W2 @ h2). W2, res = NULL: none.
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
 // dequant_<t>_f16(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, ushort* out)
 //     out (n_rows, K) = row (rows ? rows[r] : r) of W, dequantized (fp16: rounded to nearest even;
@@ -569,23 +575,31 @@ __device__ __forceinline__ void mmv1(const u8* __restrict__ W, ll row_bytes, con
 }
 
 // silu(gate . x) * (up . x) for the block's GLU_ROWS rows of expert ids[p], gate and up of one
-// format and shape, the silu_mul of silu_mul_f32: grid (ceil(N / GLU_ROWS), P, 1)
+// format and shape, the silu_mul of silu_mul_f32. Pairs p >= P, where Wg2 is given, are the shared
+// experts' (Wg2, Wu2: (N2, K), one pair a token, x row p - P, out h2): a MoE layer's two gate-up
+// products in one launch. Grid (ceil(max(N, N2) / GLU_ROWS), P (+ P2), 1).
 template <class Q>
 __device__ __forceinline__ void mmv_glu_ids(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,
                                             ll expert_bytes, const int* __restrict__ ids,
                                             const float* __restrict__ x, int x_div, float* __restrict__ h, int N,
-                                            int K, int P) {
+                                            int K, int P, const u8* __restrict__ Wg2, const u8* __restrict__ Wu2,
+                                            ll row_bytes2, int N2, float* __restrict__ h2) {
     constexpr int R = GLU_ROWS;
     __shared__ float red[2 * R * ROW_WARPS];
     const int n0 = blockIdx.x * R, p = blockIdx.y;
+    const bool shared = p >= P;
+    const int rows_n = shared ? N2 : N;
+    if (n0 >= rows_n) return;  // the whole block: the grid covers the longer of the two
     const u8* rows[2 * R];  // gate rows, then up rows
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        const ll off = (ll)ids[p] * expert_bytes + (ll)min(n0 + r, N - 1) * row_bytes;
-        rows[r] = Wg + off;
-        rows[R + r] = Wu + off;
+        const int n = min(n0 + r, rows_n - 1);
+        const ll off = shared ? (ll)n * row_bytes2 : (ll)ids[p] * expert_bytes + (ll)n * row_bytes;
+        rows[r] = (shared ? Wg2 : Wg) + off;
+        rows[R + r] = (shared ? Wu2 : Wu) + off;
     }
-    const float* xp = x + (ll)(p / x_div) * K;
+    const float* xp = x + (ll)(shared ? p - P : p / x_div) * K;
+    float* out = shared ? h2 + (ll)(p - P) * N2 : h + (ll)p * N;
     const int items = K >> 4;
     float acc[2 * R];
 #pragma unroll
@@ -597,47 +611,65 @@ __device__ __forceinline__ void mmv_glu_ids(const u8* __restrict__ Wg, const u8*
         for (int r = 0; r < R; ++r) {
             const int n = n0 + r;
             const float g = acc[r], u = acc[R + r];
-            if (n < N) h[(ll)p * N + n] = g / (1.0f + expf(-g)) * u;
+            if (n < rows_n) out[n] = g / (1.0f + expf(-g)) * u;
         }
     }
 }
 
 // A token's routed experts' down projections, weighted and summed: row n of token t is
-// add[t, n] + sum over j < k of w[t k + j] * (W[ids[t k + j]] row n . h[t k + j]); the k experts'
-// items are one range of k * K / 16 that the block's threads share, MMV1_ROWS rows a block.
+// res + ((add + sum over j < k of w[t k + j] * (W[ids[t k + j]] row n . h[t k + j])) + W2 row n . h2[t])
+// (add, res, W2: NULL for none; W2 (N, K2) the shared experts' down, h2 (T, K2)): the k experts' items
+// and the shared row's are one range that the block's threads share, MMV1_ROWS rows a block.
 // Grid (ceil(N / MMV1_ROWS), T, 1).
 template <class Q>
 __device__ __forceinline__ void mmv_down_ids(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
                                              const int* __restrict__ ids, const float* __restrict__ h,
                                              const float* __restrict__ w, const float* __restrict__ add,
-                                             float* __restrict__ y, int N, int K, int k) {
+                                             float* __restrict__ y, int N, int K, int k, const u8* __restrict__ W2,
+                                             ll row_bytes2, int K2, const float* __restrict__ h2,
+                                             const float* __restrict__ res) {
     constexpr int R = MMV1_ROWS;
-    __shared__ float red[R * ROW_WARPS];
+    __shared__ float red[2 * R * ROW_WARPS];
     const int n0 = blockIdx.x * R, t = blockIdx.y;
-    const int items = K >> 4;
-    float acc[R];
+    const int items = K >> 4, routed = k * items;
+    const int total = routed + (W2 ? K2 >> 4 : 0);
+    float acc[2 * R];  // routed sums, then the shared row's
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-    for (int i = threadIdx.x; i < k * items; i += ROW_THREADS) {
-        const int j = i / items, it = i - j * items;
-        const int p = t * k + j;
+    for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
+    for (int i = threadIdx.x; i < total; i += ROW_THREADS) {
         const u8* rows[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) rows[r] = W + (ll)ids[p] * expert_bytes + (ll)min(n0 + r, N - 1) * row_bytes;
         float part[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) part[r] = 0.0f;
-        items_dot<Q, R>(rows, it, h + (ll)p * K, part);
-        const float wp = w[p];
+        if (i < routed) {
+            const int j = i / items, it = i - j * items;
+            const int p = t * k + j;
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] += wp * part[r];
+            for (int r = 0; r < R; ++r) rows[r] = W + (ll)ids[p] * expert_bytes + (ll)min(n0 + r, N - 1) * row_bytes;
+            items_dot<Q, R>(rows, it, h + (ll)p * K, part);
+            const float wp = w[p];
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r] += wp * part[r];
+        } else {
+#pragma unroll
+            for (int r = 0; r < R; ++r) rows[r] = W2 + (ll)min(n0 + r, N - 1) * row_bytes2;
+            items_dot<Q, R>(rows, i - routed, h2 + (ll)t * K2, part);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[R + r] += part[r];
+        }
     }
-    block_sums<R>(acc, red);
+    block_sums<2 * R>(acc, red);
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const int n = n0 + r;
-            if (n < N) y[(ll)t * N + n] = (add ? add[(ll)t * N + n] : 0.0f) + acc[r];
+            if (n < N) {
+                const ll at = (ll)t * N + n;
+                float s = add ? add[at] + acc[r] : acc[r];
+                if (W2) s = s + acc[R + r];
+                if (res) s = res[at] + s;
+                y[at] = s;
+            }
         }
     }
 }
@@ -701,15 +733,21 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ W, ll row_bytes, 
     extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
         mmv_glu_ids_##name(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,         \
                            ll expert_bytes, const int* __restrict__ ids, const float* __restrict__ x,  \
-                           int x_div, float* __restrict__ h, int N, int K, int P) {                    \
-        mmv_glu_ids<Q>(Wg, Wu, row_bytes, expert_bytes, ids, x, x_div, h, N, K, P);                     \
+                           int x_div, float* __restrict__ h, int N, int K, int P,                      \
+                           const u8* __restrict__ Wg2, const u8* __restrict__ Wu2, ll row_bytes2,      \
+                           int N2, float* __restrict__ h2) {                                           \
+        mmv_glu_ids<Q>(Wg, Wu, row_bytes, expert_bytes, ids, x, x_div, h, N, K, P, Wg2, Wu2, row_bytes2, \
+                       N2, h2);                                                                         \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
         mmv_down_ids_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                   \
                             const int* __restrict__ ids, const float* __restrict__ h,                  \
                             const float* __restrict__ w, const float* __restrict__ add,                \
-                            float* __restrict__ y, int N, int K, int k) {                              \
-        mmv_down_ids<Q>(W, row_bytes, expert_bytes, ids, h, w, add, y, N, K, k);                        \
+                            float* __restrict__ y, int N, int K, int k, const u8* __restrict__ W2,     \
+                            ll row_bytes2, int K2, const float* __restrict__ h2,                       \
+                            const float* __restrict__ res) {                                           \
+        mmv_down_ids<Q>(W, row_bytes, expert_bytes, ids, h, w, add, y, N, K, k, W2, row_bytes2, K2, h2,  \
+                        res);                                                                           \
     }                                                                                                   \
     extern "C" __global__ void dequant_##name##_f32(const u8* __restrict__ W, ll row_bytes,             \
                                                     const int* __restrict__ rows, int n_rows, int K,    \
@@ -754,13 +792,47 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ x, int D, f
     return 1.0f / sqrtf(partial[0] / (float)D + eps);
 }
 
+#define NORM_HELD 8  // values a thread holds in registers (rows up to 256 * 8)
+
 extern "C" __global__ void __launch_bounds__(256)
     rms_norm_f32(const float* x, ll x_stride, const float* w, float* y, int D, float eps) {
     __shared__ float partial[32];
     x += (ll)blockIdx.x * x_stride;
     y += (ll)blockIdx.x * D;
-    const float scale = rms_scale(x, D, eps, partial);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = x[i] * scale * w[i];
+    if (D > NORM_HELD * 256 || blockDim.x != 256) {
+        const float scale = rms_scale(x, D, eps, partial);
+        for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = x[i] * scale * w[i];
+        return;
+    }
+    // x and w loaded together before the reduction (the weights' latency hidden behind it); the
+    // same sums in the same order as rms_scale
+    float xv[NORM_HELD], wv[NORM_HELD];
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; ++j) {
+        const int i = threadIdx.x + 256 * j;
+        xv[j] = i < D ? x[i] : 0.0f;
+        wv[j] = i < D ? w[i] : 0.0f;
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; ++j)
+        if (threadIdx.x + 256 * j < D) s += xv[j] * xv[j];
+    s = warp_sum(s);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & (WARP_SIZE - 1);
+    if (lane == 0) partial[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        s = lane < 8 ? partial[lane] : 0.0f;
+        s = warp_sum(s);
+        if (lane == 0) partial[0] = s;
+    }
+    __syncthreads();
+    const float scale = 1.0f / sqrtf(partial[0] / (float)D + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; ++j) {
+        const int i = threadIdx.x + 256 * j;
+        if (i < D) y[i] = xv[j] * scale * wv[j];
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
