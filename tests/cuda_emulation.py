@@ -5,6 +5,7 @@ tested on a machine without a GPU; the kernels themselves are tested against ggu
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from edgeseek.backends.cuda import CUDABackend
@@ -70,8 +71,35 @@ class NumpyKernels:
     def silu_mul(self, g, u):
         return g / (1.0 + np.exp(-g)) * u
 
-    def rms_norm(self, x, w, eps):
-        return rms_norm(x, w, eps)
+    def rms_norm(self, x, w, eps, q8=False):
+        y = rms_norm(x, w, eps)
+        return (y, self.quantize_q8(y)) if q8 else y
+
+    # Q4_0 on int8 activations: the kernels' q8_1, then the float products on its values
+    def quantize_q8(self, x):
+        b = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 32)
+        d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(d[:, None] == 0, 0, np.rint(b / d[:, None])).astype(np.int8)
+        return q.reshape(-1), np.stack([d, d * q.sum(axis=1, dtype=np.float32)], axis=1)
+
+    @staticmethod
+    def _values(q8, k):
+        xq, xs = q8
+        return (xq.reshape(-1, 32).astype(np.float32) * xs[:, :1]).reshape(-1, k)
+
+    def mmv1_q8(self, w, row_bytes, q8, y, n, k, add=None, res=None):
+        self.mmv(Q.Q4_0, w, row_bytes, self._values(q8, k)[:1], y, n, k, 1, add, res)
+
+    def glu_q8(self, wg, wu, row_bytes, expert_bytes, ids, q8, x_div, h, n, k, p, t, shared=None):
+        self.glu_ids(Q.Q4_0, wg, wu, row_bytes, expert_bytes, ids, self._values(q8, k)[:t], x_div, h, n, k, p, shared)
+
+    def down_q8(self, w, row_bytes, expert_bytes, ids, hq8, weights, add, y, n, k, t, used, shared=None, res=None):
+        if shared is not None:
+            w2, rb2, k2, hq2 = shared
+            shared = (w2, rb2, k2, self._values(hq2, k2))
+        self.down_ids(Q.Q4_0, w, row_bytes, expert_bytes, ids, self._values(hq8, k), weights, add, y, n, k, t, used,
+                      shared, res)
 
     def rope(self, x, y, positions, cos, sin, dim, neox):
         c, s = cos[positions][:, None, :], sin[positions][:, None, :]

@@ -424,6 +424,117 @@ def test_glu_and_down_with_the_shared_experts_in_the_same_launches(module, name)
         assert not bad.any(), f"token {t}: {bad.sum()} of {d} outside the bound"
 
 
+# --- Q4_0 on int8 activations ---------------------------------------------------------------------
+
+def q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's q8_1 of float32 values (a multiple of 32): int8 rint(x / d), d = amax / 127, and
+    (d, d * sum(q)) per 32 values, in float32 as the kernels compute them."""
+    b = x.astype(np.float32).reshape(-1, 32)
+    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[:, None] == 0, 0, np.rint(b / d[:, None])).astype(np.int8)
+    return q.reshape(-1), np.stack([d, d * q.sum(axis=1).astype(np.float32)], axis=1)
+
+
+def q8_values(q8, k: int) -> np.ndarray:
+    """The activations a q8_1 pair stands for, float64 (rows, k)."""
+    xq, xs = (np.asarray(a.get() if hasattr(a, "get") else a) for a in q8)
+    return (xq.reshape(-1, 32).astype(np.float64) * xs[:, :1]).reshape(-1, k)
+
+
+def test_quantize_q8_1_equals_numpy(module):
+    x = np.random.default_rng(5).standard_normal(4096).astype(np.float32)
+    x[64:96] = 0.0  # a block of zeros: d = 0, q = 0
+    xq, xs = cupy.empty(4096, np.int8), cupy.empty((128, 2), np.float32)
+    module.get_function("quantize_q8_1")((32,), (128,), (cupy.asarray(x), xq, xs, np.int64(4096)))
+    want_q, want_s = q8_1(x)
+    np.testing.assert_array_equal(xq.get(), want_q)
+    assert_bits_equal(xs.get(), want_s)
+
+
+@pytest.mark.parametrize("d", [512, 2048])
+def test_rms_norm_q8_is_rms_norm_f32_and_its_q8_1(module, d):
+    rng = np.random.default_rng(d)
+    x, w = (rng.standard_normal((2, d)).astype(np.float32), rng.standard_normal(d).astype(np.float32))
+    args = (cupy.asarray(x), np.int64(d), cupy.asarray(w))
+    y1, y2 = cupy.empty((2, d), np.float32), cupy.empty((2, d), np.float32)
+    xq, xs = cupy.empty(2 * d, np.int8), cupy.empty((2 * d // 32, 2), np.float32)
+    module.get_function("rms_norm_f32")((2,), (256,), args + (y1, np.int32(d), np.float32(1e-6)))
+    module.get_function("rms_norm_q8")((2,), (256,), args + (y2, np.int32(d), np.float32(1e-6), xq, xs))
+    assert_bits_equal(y2.get(), y1.get())
+    want_q, want_s = q8_1(y1.get())
+    np.testing.assert_array_equal(xq.get(), want_q)
+    assert_bits_equal(xs.get(), want_s)
+
+
+def test_q4_0_products_on_int8_activations(module):
+    """mmv1 (add, res), the routed and shared experts' gate-up and down on q8_1 activations, against
+    float64 products of the dequantized weights with the activations the q8_1 values stand for."""
+    E, d, n, n2, T, used = 4, 768, 256, 512, 2, 3
+    rng = np.random.default_rng(17)
+    gate, gate_d = matrix("q4_0", E * n, d)
+    up, up_d = matrix("q4_0", E * n + 1, d)
+    up, up_d = np.ascontiguousarray(up[:E * n]), up_d[:E * n]
+    g2, g2_d = matrix("q4_0", n2, d)
+    u2, u2_d = matrix("q4_0", n2 + 1, d)
+    u2, u2_d = np.ascontiguousarray(u2[:n2]), u2_d[:n2]
+    down, down_d = matrix("q4_0", E * d, n)
+    d2, d2_d = matrix("q4_0", d, n2)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    xq, xs = (cupy.asarray(a) for a in q8_1(x))
+    xv = q8_values((xq, xs), d)
+
+    # one token through one matrix, add and res folded in
+    sq, sq_d = matrix("q4_0", d, d)
+    add, res = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    y = poisoned(d)
+    module.get_function("mmv1_q4_0_q8")((-(-d // MMV1_ROWS),), (128,),
+                                        (cupy.asarray(sq), np.int64(sq.shape[1]), xq, xs, y, np.int32(d), np.int32(d),
+                                         cupy.asarray(add), cupy.asarray(res)))
+    want = sq_d.astype(np.float64) @ xv[0]
+    assert_product(unpoisoned(y, d).reshape(1, d) - res - add, sq_d, xv[:1], want)
+
+    ids = np.array([2, 0, 3, 3, 1, 0], dtype=np.int32)
+    w = rng.uniform(0.1, 1.0, (T, used)).astype(np.float32)
+    h, h2 = poisoned(T * used * n), poisoned(T * n2)
+    rb, rb2 = gate.shape[1], g2.shape[1]
+    module.get_function("glu_ids_q4_0_q8")(
+        (-(-max(n, n2) // GLU_ROWS), T * used + T), (128,),
+        (cupy.asarray(gate), cupy.asarray(up), np.int64(rb), np.int64(n * rb), cupy.asarray(ids), xq, xs,
+         np.int32(used), h, np.int32(n), np.int32(d), np.int32(T * used), cupy.asarray(g2), cupy.asarray(u2),
+         np.int64(rb2), np.int32(n2), h2))
+    hs, h2s = unpoisoned(h, T * used * n).reshape(T * used, n), unpoisoned(h2, T * n2).reshape(T, n2)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    for p in range(T * used):
+        G, U = (m.reshape(E, n, d)[ids[p]].astype(np.float64) for m in (gate_d, up_d))
+        want = silu(G @ xv[p // used]) * (U @ xv[p // used])
+        np.testing.assert_allclose(hs[p], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    for t in range(T):
+        want = silu(g2_d.astype(np.float64) @ xv[t]) * (u2_d.astype(np.float64) @ xv[t])
+        np.testing.assert_allclose(h2s[t], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+    hq, hsc = (cupy.asarray(a) for a in q8_1(hs))
+    hq2, hsc2 = (cupy.asarray(a) for a in q8_1(h2s))
+    hv, h2v = q8_values((hq, hsc), n), q8_values((hq2, hsc2), n2)
+    res2 = rng.standard_normal((T, d)).astype(np.float32)
+    y = poisoned(T * d)
+    rbd, rbd2 = down.shape[1], d2.shape[1]
+    module.get_function("down_ids_q4_0_q8")(
+        (-(-d // MMV1_ROWS), T), (128,),
+        (cupy.asarray(down), np.int64(rbd), np.int64(d * rbd), cupy.asarray(ids), hq, hsc, cupy.asarray(w),
+         np.uint64(0), y, np.int32(d), np.int32(n), np.int32(used), cupy.asarray(d2), np.int64(rbd2), np.int32(n2),
+         hq2, hsc2, cupy.asarray(res2)))
+    got = unpoisoned(y, T * d).reshape(T, d)
+    D, D2 = down_d.reshape(E, d, n).astype(np.float64), d2_d.astype(np.float64)
+    for t in range(T):
+        routed = sum(float(w[t, j]) * (D[ids[t * used + j]] @ hv[t * used + j]) for j in range(used))
+        want = res2[t] + (routed + D2 @ h2v[t])
+        scale = np.abs(res2[t]) + sum(w[t, j] * (np.abs(D[ids[t * used + j]]) @ np.abs(hv[t * used + j]))
+                                      for j in range(used)) + np.abs(D2) @ np.abs(h2v[t])
+        bad = ~(np.abs(got[t] - want) <= 2e-5 * scale + 1e-6)
+        assert not bad.any(), f"token {t}: {bad.sum()} of {d} outside the bound"
+
+
 # --- elementwise helpers ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("d", [1000, 2048, 7168])

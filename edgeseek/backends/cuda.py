@@ -166,6 +166,43 @@ class Kernels:
              add if add is not None else null, y, np.int32(n), np.int32(k), np.int32(used), w2, np.int64(rb2),
              np.int32(k2), h2, res if res is not None else null))
 
+    # --- Q4_0 on int8 activations: q8 = (xq int8 (n,), xs float32 (n // 32, 2)) ---------------------
+    def quantize_q8(self, x):
+        """x float32, contiguous, a multiple of 32 values -> its q8_1 (xq, xs)."""
+        n = x.size
+        xq, xs = self.cp.empty(n, np.int8), self.cp.empty((n // 32, 2), np.float32)
+        self._fn("quantize_q8_1")((_launch_grid(n, 128),), (128,), (x, xq, xs, np.int64(n)))
+        return xq, xs
+
+    def mmv1_q8(self, w, row_bytes: int, q8, y, n: int, k: int, add=None, res=None) -> None:
+        """y (N,) = res + (add + W @ x) for one token of x as q8 (a Q4_0 W)."""
+        null = np.uint64(0)
+        self._fn("mmv1_q4_0_q8")((_launch_grid(n, MMV1_ROWS),), (ROW_THREADS,),
+                                 (w, np.int64(row_bytes), *q8, y, np.int32(n), np.int32(k),
+                                  null if add is None else add, null if res is None else res))
+
+    def glu_q8(self, wg, wu, row_bytes: int, expert_bytes: int, ids, q8, x_div: int, h, n: int, k: int, p: int,
+               t: int, shared=None) -> None:
+        """glu_ids of Q4_0 experts on the T rows of x as q8 (shared as glu_ids')."""
+        null = np.uint64(0)
+        wg2, wu2, rb2, n2, h2 = shared if shared is not None else (null, null, 0, 0, null)
+        t2 = 0 if shared is None else t
+        self._fn("glu_ids_q4_0_q8")(
+            (_launch_grid(max(n, n2), GLU_ROWS), p + t2), (ROW_THREADS,),
+            (wg, wu, np.int64(row_bytes), np.int64(expert_bytes), ids, *q8, np.int32(x_div), h, np.int32(n),
+             np.int32(k), np.int32(p), wg2, wu2, np.int64(rb2), np.int32(n2), h2))
+
+    def down_q8(self, w, row_bytes: int, expert_bytes: int, ids, hq8, weights, add, y, n: int, k: int, t: int,
+                used: int, shared=None, res=None) -> None:
+        """down_ids of Q4_0 experts on h as q8; shared = (w2, row_bytes2, k2, h2 as q8)."""
+        null = np.uint64(0)
+        w2, rb2, k2, hq2 = shared if shared is not None else (null, 0, 0, (null, null))
+        self._fn("down_ids_q4_0_q8")(
+            (_launch_grid(n, MMV1_ROWS), t), (ROW_THREADS,),
+            (w, np.int64(row_bytes), np.int64(expert_bytes), ids, *hq8, weights, null if add is None else add, y,
+             np.int32(n), np.int32(k), np.int32(used), w2, np.int64(rb2), np.int32(k2), *hq2,
+             null if res is None else res))
+
     def dequant(self, qtype, w, row_bytes: int, rows, n_rows: int, k: int, out) -> None:
         """out (n_rows, k) float32 or float16 <- rows `rows` (int32 on the device, or None: 0..n_rows-1)."""
         kind = "f16" if out.dtype == np.float16 else "f32"
@@ -255,12 +292,18 @@ class Kernels:
                                                           np.float32(scale), self.counters, out))
         return out
 
-    def rms_norm(self, x, w, eps: float):
-        """x (R, D) float32, rows of unit stride (packed or not) -> x / rms(x) * w, packed."""
+    def rms_norm(self, x, w, eps: float, q8: bool = False):
+        """x (R, D) float32, rows of unit stride (packed or not) -> x / rms(x) * w, packed; q8: and
+        that as q8 ((y, (xq, xs)); D <= 2048, a multiple of 32)."""
         r, d = x.shape
         y = self.cp.empty((r, d), np.float32)
-        self._fn("rms_norm_f32")((r,), (256,), (x, np.int64(x.strides[0] // 4), w, y, np.int32(d), np.float32(eps)))
-        return y
+        args = (x, np.int64(x.strides[0] // 4), w, y, np.int32(d), np.float32(eps))
+        if not q8:
+            self._fn("rms_norm_f32")((r,), (256,), args)
+            return y
+        xq, xs = self.cp.empty(r * d, np.int8), self.cp.empty((r * d // 32, 2), np.float32)
+        self._fn("rms_norm_q8")((r,), (256,), args + (xq, xs))
+        return y, (xq, xs)
 
     def rope(self, x, y, positions, cos, sin, dim: int, neox: bool) -> None:
         t, h, hd = x.shape
@@ -292,8 +335,14 @@ class DeviceMatrix:
         xp, k = self.b.xp, self.b.kernels
         n, kk = self.shape
         one = x.ndim == 1
+        q8 = self.b.q8_of(x) if self.qtype == Q.Q4_0 and x.size == kk else None
         x = xp.ascontiguousarray(x.reshape(-1, kk), dtype=np.float32)
         t = len(x)
+        if q8 is not None:
+            y = xp.empty((1, n), np.float32)
+            k.mmv1_q8(self.raw, self.row_bytes, q8, y, n, kk,
+                      *(None if a is None else xp.ascontiguousarray(a.reshape(1, n), dtype=np.float32) for a in (add, res)))
+            return y[0] if one else y
         if t <= MMV_MAX_TOKENS:
             y = xp.empty((t, n), np.float32)
             k.mmv(self.qtype, self.raw, self.row_bytes, x, y, n, kk, t,
@@ -365,6 +414,10 @@ class CUDABackend:
         self._aranges: dict[int, object] = {}
         self._host_copies: dict[int, tuple] = {}  # id -> (device array, its host copy)
         self.vocab = None
+        # Q4_0 products of a few tokens on int8 activations (dp4a); the norms' outputs quantized
+        # in the norm's own launch, remembered by identity (the array held, so its id stays its own)
+        self.int8 = hasattr(self.kernels, "quantize_q8")
+        self._quantized: dict[int, tuple] = {}
 
     # --- weights ---------------------------------------------------------------------------
     def upload(self, a: np.ndarray):
@@ -462,9 +515,15 @@ class CUDABackend:
             flat = ids.reshape(-1)
             if _fuses(shared, gate, up, down):
                 g2, u2, d2 = shared
-                h2 = xp.empty((T, g2.shape[0]), np.float32)
-                h = gate.glu(up, flat, x, x_div=n, shared=(g2, u2, h2))
-                return down.down(flat, h, w, shared=(d2, h2), res=residual)  # (T, D)
+                P, N, N2 = len(flat), gate.shape[0], g2.shape[0]
+                hh = xp.empty(P * N + T * N2, np.float32)  # both experts' hidden rows: quantized in one launch
+                h, h2 = hh[:P * N].reshape(P, N), hh[P * N:].reshape(T, N2)
+                gate.glu(up, flat, x, x_div=n, shared=(g2, u2, h2), out=h)
+                q8 = None
+                if down.qtype == Q.Q4_0 and self.int8 and N % 32 == 0 and N2 % 32 == 0:
+                    (hq, hs), cut = k.quantize_q8(hh), P * N
+                    q8 = ((hq[:cut], hs[:cut // 32]), (hq[cut:], hs[cut // 32:]))
+                return down.down(flat, h, w, shared=(d2, h2), res=residual, q8=q8)  # (T, D)
             return self._plus_shared(x, down.down(flat, gate.glu(up, flat, x, x_div=n), w), shared, residual)
         return self._plus_shared(x, self._routed_on_host(x, logits, router, bias, store, layer), shared, residual)
 
@@ -588,7 +647,24 @@ class CUDABackend:
     def rms_norm(self, x, weight, eps: float):
         if not (x.ndim == 2 and x.dtype == np.float32 and x.strides[1] == 4 and x.strides[0] % 4 == 0):
             x = self.xp.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-        return self.kernels.rms_norm(x, weight, eps)  # a row slice (MLA's latent) read in place
+        r, d = x.shape
+        if not (self.int8 and r <= MMV_MAX_TOKENS and d % 32 == 0 and d <= 2048):
+            return self.kernels.rms_norm(x, weight, eps)  # a row slice (MLA's latent) read in place
+        y, q8 = self.kernels.rms_norm(x, weight, eps, q8=True)
+        self._quantized[id(y)] = (y, q8)
+        while len(self._quantized) > 8:
+            del self._quantized[next(iter(self._quantized))]
+        return y
+
+    def q8_of(self, x):
+        """x (T, K) as q8 for the int8 products: the norm's copy where x is a norm's output, else
+        quantized now; None where the int8 path is off or K is not a multiple of 32."""
+        if not self.int8 or x.shape[-1] % 32:
+            return None
+        known = self._quantized.get(id(x))
+        if known is not None and known[0] is x:
+            return known[1]
+        return self.kernels.quantize_q8(self.xp.ascontiguousarray(x, dtype=np.float32))
 
     def linear(self, w, x, residual=None):
         if residual is None:
@@ -604,7 +680,10 @@ class CUDABackend:
         zeros = self._arange(1, len(x))  # every row through expert 0: the matrix itself
         n, kk = gate.shape
         h = self.xp.empty((len(x), n), np.float32)
-        if gate.qtype == up.qtype:
+        q8 = self.q8_of(x) if gate.qtype == up.qtype == Q.Q4_0 else None
+        if q8 is not None:
+            self.kernels.glu_q8(gate.raw, up.raw, gate.row_bytes, 0, zeros, q8, 1, h, n, kk, len(x), len(x))
+        elif gate.qtype == up.qtype:
             self.kernels.glu_ids(gate.qtype, gate.raw, up.raw, gate.row_bytes, 0, zeros,
                                  self.xp.ascontiguousarray(x, dtype=np.float32), 1, h, n, kk, len(x))
         else:
@@ -746,40 +825,56 @@ class DeviceExperts:
                                kk, p, x_stride)
         return y
 
-    def glu(self, up, slots, x, x_div: int = 1, shared=None):
-        """silu(self @ x) * (up @ x) for row p // x_div of x through expert slots[p] -> (P, N): gate
-        (self) and up in one launch where they share a format, else two and silu_mul. shared =
-        (gate2, up2, h2): DeviceMatrix gate and up of this format (_fuses) whose silu-mul of each
-        row of x goes to h2 (T, N2) in the same launch."""
+    def glu(self, up, slots, x, x_div: int = 1, shared=None, out=None):
+        """silu(self @ x) * (up @ x) for row p // x_div of x through expert slots[p] -> (P, N) (in
+        `out` where given): gate (self) and up in one launch where they share a format, else two and
+        silu_mul. shared = (gate2, up2, h2): DeviceMatrix gate and up of this format (_fuses) whose
+        silu-mul of each row of x goes to h2 (T, N2) in the same launch. Q4_0 runs on x as int8."""
         b = self.b
+        q8 = b.q8_of(x) if self.qtype == Q.Q4_0 else None
         x = b.xp.ascontiguousarray(x)
         n, kk = self.shape
         p = len(slots)
         if up.qtype != self.qtype or up.raw.shape != self.raw.shape:
             return b.kernels.silu_mul(self.ids(slots, x, x_div=x_div), up.ids(slots, x, x_div=x_div))
-        h = b.xp.empty((p, n), np.float32)
+        h = b.xp.empty((p, n), np.float32) if out is None else out
         if shared is not None:
             g2, u2, h2 = shared
             shared = (g2.raw, u2.raw, g2.row_bytes, g2.shape[0], h2)
-        b.kernels.glu_ids(self.qtype, self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, x, x_div, h, n,
-                          kk, p, shared)
+        if q8 is not None:
+            b.kernels.glu_q8(self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, q8, x_div, h, n, kk, p,
+                             len(x), shared)
+        else:
+            b.kernels.glu_ids(self.qtype, self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, x, x_div, h,
+                              n, kk, p, shared)
         return h
 
-    def down(self, slots, h, weights, add=None, shared=None, res=None):
+    def down(self, slots, h, weights, add=None, shared=None, res=None, q8=None):
         """Each token's pairs (T * used rows of h, slots, weights (T, used)) through this projection,
         weighted and summed per token (+ add) -> (T, N), one launch; shared = (down2, h2): plus
-        down2 @ h2[t] (a DeviceMatrix of this format), then res, in the same launch."""
+        down2 @ h2[t] (a DeviceMatrix of this format), then res, in the same launch. Q4_0 runs on h
+        (and h2) as int8: q8 = (h's, h2's) where the caller quantized them, else quantized here."""
         b = self.b
         t, used = weights.shape
         n, kk = self.shape
-        y = b.xp.empty((t, n), np.float32)
+        xp = b.xp
+        y = xp.empty((t, n), np.float32)
+        h = xp.ascontiguousarray(h)
+        weights = xp.ascontiguousarray(weights, dtype=np.float32)
+        if res is not None:
+            res = xp.ascontiguousarray(res.reshape(t, n), dtype=np.float32)
+        int8 = self.qtype == Q.Q4_0 and b.int8 and kk % 32 == 0 and (shared is None or shared[1].shape[-1] % 32 == 0)
+        if int8:
+            if q8 is None:
+                q8 = (b.q8_of(h), None if shared is None else b.q8_of(shared[1]))
+            two = None if shared is None else (shared[0].raw, shared[0].row_bytes, shared[0].shape[1], q8[1])
+            b.kernels.down_q8(self.raw, self.raw.shape[-1], self.expert_bytes, slots, q8[0], weights, add, y, n, kk, t,
+                              used, two, res)
+            return y
         if shared is not None:
             d2, h2 = shared
             shared = (d2.raw, d2.row_bytes, d2.shape[1], h2)
-        if res is not None:
-            res = b.xp.ascontiguousarray(res.reshape(t, n), dtype=np.float32)
-        b.kernels.down_ids(self.qtype, self.raw, self.raw.shape[-1], self.expert_bytes, slots,
-                           b.xp.ascontiguousarray(h), b.xp.ascontiguousarray(weights, dtype=np.float32), add, y, n,
+        b.kernels.down_ids(self.qtype, self.raw, self.raw.shape[-1], self.expert_bytes, slots, h, weights, add, y, n,
                            kk, t, used, shared, res)
         return y
 

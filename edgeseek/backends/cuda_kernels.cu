@@ -49,6 +49,17 @@
 //     Trailing (const uchar* W2, ll row_bytes2, int K2, const float* h2, const float* res): the
 //     shared experts' down (N, K2) of the same format on h2 (T, K2) and the residual, in the order
 //     the unfused graph adds: y = res + ((add + routed) + W2 @ h2). W2, res = NULL: none.
+// Q4_0 on int8 activations (q8_1: xq (rows, K) int8, xs (rows, K / 32, 2) float32 (d, d * sum(q)),
+// K a multiple of 32; quantize_q8_1 or rms_norm_q8 make them):
+// mmv1_q4_0_q8(W, ll row_bytes, const char* xq, const float2* xs, float* y, int N, int K,
+//              const float* add, const float* res)                       as mmv1_q4_0
+// glu_ids_q4_0_q8(Wg, Wu, ll row_bytes, ll expert_bytes, const int* ids, xq, xs, int x_div, float* h,
+//                 int N, int K, int P, Wg2, Wu2, ll row_bytes2, int N2, float* h2)  as mmv_glu_ids_q4_0
+// down_ids_q4_0_q8(W, ll row_bytes, ll expert_bytes, const int* ids, hq, hs, const float* w,
+//                  const float* add, float* y, int N, int K, int k, W2, ll row_bytes2, int K2, hq2, hs2,
+//                  const float* res)                                       as mmv_down_ids_q4_0
+// quantize_q8_1(const float* x, char* xq, float2* xs, ll n)
+//     n values (a multiple of 32) -> q8_1. block (128, 1, 1), grid (ceil(n / 128), 1, 1).
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
 // dequant_<t>_f16(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, ushort* out)
 //     out (n_rows, K) = row (rows ? rows[r] : r) of W, dequantized (fp16: rounded to nearest even;
@@ -59,6 +70,10 @@
 //     y (R, D) = x / sqrt(mean(x^2) + eps) * w for each row, as llama.cpp (x * scale, then * w);
 //     row r of x starts at x + r * x_stride (D for packed rows). block (256, 1, 1), grid (R, 1, 1):
 //     one block per row. y may be x (with x_stride D).
+// rms_norm_q8(const float* x, ll x_stride, const float* w, float* y, int D, float eps, char* xq,
+//             float2* xs)
+//     rms_norm_f32 that also writes y as q8_1 (xq (R, D), xs (R, D / 32, 2)); D <= 2048, a multiple
+//     of 32.
 // silu_mul_f32(const float* g, const float* u, float* h, ll n)
 //     h = g / (1 + exp(-g)) * u over n values. block (256, 1, 1), grid (ceil(n / 256), 1, 1) or
 //     fewer blocks (the kernel strides over the grid). h may be g or u.
@@ -674,6 +689,203 @@ __device__ __forceinline__ void mmv_down_ids(const u8* __restrict__ W, ll row_by
     }
 }
 
+// --- Q4_0 on int8 activations ---------------------------------------------------------------------
+// The float products above spend about four instructions a weight decoding it (byte permute,
+// subtract, scale, multiply-add): on the routed experts' products that is the limit, not the
+// memory (26 MB of gate-up weights at 1.3 TB/s). Here, as llama.cpp's MMVQ, the activations are
+// quantized per 32 values (q8_1: int8 q = rint(x / d), d = amax / 127, and d * sum(q)) and four
+// weights meet four activations in one dp4a. An item is half a Q4_0 block: qs bytes 8h .. 8h + 7,
+// whose low nibbles are values 8h .. 8h + 7 and high nibbles 16 + 8h ..; the -8 of the nibbles
+// comes off as 4 * d * sum(q) a half (8 * d * sum(q) over the block).
+struct alignas(8) f32x2 { float x, y; };
+struct alignas(8) u32x2 { u32 x, y; };
+
+__device__ __forceinline__ int dp4a(u32 a, u32 b, int c) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// the int8 activations of item it and their block's (d, d * sum(q))
+struct Q8Piece {
+    u32x2 lo, hi;
+    f32x2 ds;
+    __device__ __forceinline__ void load(const u8* __restrict__ xq, const f32x2* __restrict__ xs, int it) {
+        const int blk = it >> 1, h = it & 1;
+        lo = *(const u32x2*)(xq + 32 * (ll)blk + 8 * h);
+        hi = *(const u32x2*)(xq + 32 * (ll)blk + 16 + 8 * h);
+        ds = xs[blk];
+    }
+};
+
+// item it of a Q4_0 row . its int8 activations
+__device__ __forceinline__ float q4_0_dot(const u8* __restrict__ row, int it, const Q8Piece& x) {
+    const u8* b = row + 18 * (ll)(it >> 1);
+    u32 w[2];
+    load_words(b + 2 + 8 * (it & 1), w);
+    const float d = h2f((u16)load_u16(b));
+    int s = dp4a(w[0] & 0x0F0F0F0Fu, x.lo.x, 0);
+    s = dp4a(w[1] & 0x0F0F0F0Fu, x.lo.y, s);
+    s = dp4a((w[0] >> 4) & 0x0F0F0F0Fu, x.hi.x, s);
+    s = dp4a((w[1] >> 4) & 0x0F0F0F0Fu, x.hi.y, s);
+    return d * (x.ds.x * (float)s - 4.0f * x.ds.y);
+}
+
+// y[n] = res[n] + (add[n] + row n . x) for MMV1_ROWS rows a block, x as q8_1; grid (ceil(N / 4))
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
+mmv1_q4_0_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq, const f32x2* __restrict__ xs,
+             float* __restrict__ y, int N, int K, const float* __restrict__ add, const float* __restrict__ res) {
+    constexpr int R = MMV1_ROWS;
+    __shared__ float red[R * ROW_WARPS];
+    const int n0 = blockIdx.x * R;
+    const u8* rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) rows[r] = W + (ll)min(n0 + r, N - 1) * row_bytes;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    for (int it = threadIdx.x; it < (K >> 4); it += ROW_THREADS) {
+        Q8Piece x;
+        x.load(xq, xs, it);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += q4_0_dot(rows[r], it, x);
+    }
+    block_sums<R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            if (n < N) {
+                float s = acc[r];
+                if (add) s = add[n] + s;
+                if (res) s = res[n] + s;
+                y[n] = s;
+            }
+        }
+    }
+}
+
+// mmv_glu_ids_q4_0 (shared experts included) on x as q8_1: row r of x at xq + r K, xs + r K / 32
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
+glu_ids_q4_0_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes, ll expert_bytes,
+                const int* __restrict__ ids, const u8* __restrict__ xq, const f32x2* __restrict__ xs, int x_div,
+                float* __restrict__ h, int N, int K, int P, const u8* __restrict__ Wg2, const u8* __restrict__ Wu2,
+                ll row_bytes2, int N2, float* __restrict__ h2) {
+    constexpr int R = GLU_ROWS;
+    __shared__ float red[2 * R * ROW_WARPS];
+    const int n0 = blockIdx.x * R, p = blockIdx.y;
+    const bool shared = p >= P;
+    const int rows_n = shared ? N2 : N;
+    if (n0 >= rows_n) return;
+    const u8* rows[2 * R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int n = min(n0 + r, rows_n - 1);
+        const ll off = shared ? (ll)n * row_bytes2 : (ll)ids[p] * expert_bytes + (ll)n * row_bytes;
+        rows[r] = (shared ? Wg2 : Wg) + off;
+        rows[R + r] = (shared ? Wu2 : Wu) + off;
+    }
+    const ll xr = shared ? p - P : p / x_div;
+    const u8* xqp = xq + xr * K;
+    const f32x2* xsp = xs + xr * (K >> 5);
+    float* out = shared ? h2 + (ll)(p - P) * N2 : h + (ll)p * N;
+    float acc[2 * R];
+#pragma unroll
+    for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
+    for (int it = threadIdx.x; it < (K >> 4); it += ROW_THREADS) {
+        Q8Piece x;
+        x.load(xqp, xsp, it);
+#pragma unroll
+        for (int r = 0; r < 2 * R; ++r) acc[r] += q4_0_dot(rows[r], it, x);
+    }
+    block_sums<2 * R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            const float g = acc[r], u = acc[R + r];
+            if (n < rows_n) out[n] = g / (1.0f + expf(-g)) * u;
+        }
+    }
+}
+
+// mmv_down_ids_q4_0 (shared experts and residual included) on h and h2 as q8_1: pair p's row at
+// hq + p K (hs + p K / 32), token t's shared row at hq2 + t K2 (hs2 + t K2 / 32)
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
+down_ids_q4_0_q8(const u8* __restrict__ W, ll row_bytes, ll expert_bytes, const int* __restrict__ ids,
+                 const u8* __restrict__ hq, const f32x2* __restrict__ hs, const float* __restrict__ w,
+                 const float* __restrict__ add, float* __restrict__ y, int N, int K, int k,
+                 const u8* __restrict__ W2, ll row_bytes2, int K2, const u8* __restrict__ hq2,
+                 const f32x2* __restrict__ hs2, const float* __restrict__ res) {
+    constexpr int R = MMV1_ROWS;
+    __shared__ float red[2 * R * ROW_WARPS];
+    const int n0 = blockIdx.x * R, t = blockIdx.y;
+    const int items = K >> 4, routed = k * items;
+    const int total = routed + (W2 ? K2 >> 4 : 0);
+    float acc[2 * R];
+#pragma unroll
+    for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
+    for (int i = threadIdx.x; i < total; i += ROW_THREADS) {
+        const u8* rows[R];
+        Q8Piece x;
+        if (i < routed) {
+            const int j = i / items, it = i - j * items;
+            const int p = t * k + j;
+#pragma unroll
+            for (int r = 0; r < R; ++r) rows[r] = W + (ll)ids[p] * expert_bytes + (ll)min(n0 + r, N - 1) * row_bytes;
+            x.load(hq + (ll)p * K, hs + (ll)p * (K >> 5), it);
+            const float wp = w[p];
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r] += wp * q4_0_dot(rows[r], it, x);
+        } else {
+            const int it = i - routed;
+#pragma unroll
+            for (int r = 0; r < R; ++r) rows[r] = W2 + (ll)min(n0 + r, N - 1) * row_bytes2;
+            x.load(hq2 + (ll)t * K2, hs2 + (ll)t * (K2 >> 5), it);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[R + r] += q4_0_dot(rows[r], it, x);
+        }
+    }
+    block_sums<2 * R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            if (n < N) {
+                const ll at = (ll)t * N + n;
+                float s = add ? add[at] + acc[r] : acc[r];
+                if (W2) s = s + acc[R + r];
+                if (res) s = res[at] + s;
+                y[at] = s;
+            }
+        }
+    }
+}
+
+// one warp: the 32 values v of a q8_1 block (one a lane) -> xq[i], and (d, d * sum(q)) by lane 0
+__device__ __forceinline__ void quantize_block(float v, bool valid, u8* __restrict__ xq, f32x2* __restrict__ xs,
+                                               ll i) {
+    float amax = fabsf(v);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, off));
+    const float d = amax / 127.0f;
+    const int q = amax == 0.0f ? 0 : __float2int_rn(v / d);
+    int sum = q;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, off);
+    if (valid) {
+        xq[i] = (u8)(signed char)q;
+        if ((threadIdx.x & (WARP_SIZE - 1)) == 0) xs[i >> 5] = f32x2{d, d * (float)sum};
+    }
+}
+
+// x (n,) float32 -> q8_1 xq (n,) int8, xs (n / 32) (d, d * sum(q)); n a multiple of 32
+extern "C" __global__ void __launch_bounds__(128)
+quantize_q8_1(const float* __restrict__ x, u8* __restrict__ xq, f32x2* __restrict__ xs, ll n) {
+    const ll i = (ll)blockIdx.x * 128 + threadIdx.x;
+    quantize_block(i < n ? x[i] : 0.0f, i < n, xq, xs, i);
+}
+
 // --- dequantize rows ----------------------------------------------------------------------------
 
 __device__ __forceinline__ void store16(float* __restrict__ out, const float (&v)[16]) {
@@ -794,11 +1006,11 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ x, int D, f
 
 #define NORM_HELD 8  // values a thread holds in registers (rows up to 256 * 8)
 
-extern "C" __global__ void __launch_bounds__(256)
-    rms_norm_f32(const float* x, ll x_stride, const float* w, float* y, int D, float eps) {
+// One row by a block of 256 threads: y = x / rms(x) * w, and where xq is given (rows of at most
+// 256 * NORM_HELD values, a multiple of 32) y as q8_1 too (xq, xs), for the int8 products.
+__device__ __forceinline__ void rms_norm_row(const float* x, const float* w, float* y, int D, float eps,
+                                             u8* __restrict__ xq, f32x2* __restrict__ xs) {
     __shared__ float partial[32];
-    x += (ll)blockIdx.x * x_stride;
-    y += (ll)blockIdx.x * D;
     if (D > NORM_HELD * 256 || blockDim.x != 256) {
         const float scale = rms_scale(x, D, eps, partial);
         for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = x[i] * scale * w[i];
@@ -831,8 +1043,21 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int j = 0; j < NORM_HELD; ++j) {
         const int i = threadIdx.x + 256 * j;
-        if (i < D) y[i] = xv[j] * scale * wv[j];
+        const float v = xv[j] * scale * wv[j];
+        if (i < D) y[i] = v;
+        if (xq && 256 * j < D) quantize_block(v, i < D, xq, xs, i);  // a warp's 32 values: one block
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_f32(const float* x, ll x_stride, const float* w, float* y, int D, float eps) {
+    rms_norm_row(x + (ll)blockIdx.x * x_stride, w, y + (ll)blockIdx.x * D, D, eps, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_q8(const float* x, ll x_stride, const float* w, float* y, int D, float eps, u8* xq, f32x2* xs) {
+    const ll r = blockIdx.x;
+    rms_norm_row(x + r * x_stride, w, y + r * D, D, eps, xq + r * D, xs + r * (D >> 5));
 }
 
 extern "C" __global__ void __launch_bounds__(256)
