@@ -28,7 +28,7 @@ from gguf.constants import GGML_QUANT_SIZES
 cupy = pytest.importorskip("cupy")
 
 import edgeseek.backends  # noqa: E402
-from edgeseek.backends.cuda import GLU_ROWS, MMV1_ROWS, ids_threads  # noqa: E402
+from edgeseek.backends.cuda import GLU_ROWS, MMV1_ROWS, Kernels, ids_threads  # noqa: E402
 from edgeseek.quantize import get_format  # noqa: E402
 
 
@@ -535,6 +535,32 @@ def test_q4_0_products_on_int8_activations(module):
         assert not bad.any(), f"token {t}: {bad.sum()} of {d} outside the bound"
 
 
+# --- routing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("E, k, gating, groups, bias, norm, scale", [
+    (64, 6, 1, (1, 1), False, False, 1.0),     # V2-Lite: softmax, one warp
+    (160, 6, 1, (1, 1), False, False, 16.0),   # V2: softmax, scaled
+    (256, 8, 2, (1, 1), True, True, 2.5),      # sigmoid with a selection bias, normalized, no groups
+    (256, 8, 2, (8, 4), True, True, 2.5),      # V3: group-limited, the block path
+    (300, 4, 1, (1, 1), False, True, 1.0),     # more experts than one warp holds: the block path
+])
+def test_route_topk_against_models_moe_route(E, k, gating, groups, bias, norm, scale):
+    """The device router chooses models/moe.route's experts in its order, with its weights."""
+    from edgeseek.models.moe import RouterConfig, route
+    T = 5
+    rng = np.random.default_rng(E * 31 + k)
+    logits = rng.standard_normal((T, E)).astype(np.float32) * 3
+    b = rng.uniform(0, 0.2, E).astype(np.float32) if bias else None
+    cfg = RouterConfig(E, k, gating, groups[0], groups[1], norm, scale)
+    ids, w = cupy.full((T, k), -1, np.int32), cupy.full((T, k), np.nan, np.float32)
+    Kernels().module.get_function("route_topk")((T,), (256,), (
+        cupy.asarray(logits), cupy.asarray(b) if bias else np.uint64(0), np.int32(E), np.int32(k), np.int32(gating),
+        np.int32(groups[0]), np.int32(groups[1]), np.int32(norm), np.float32(scale), ids, w))
+    want_ids, want_w = route(logits, cfg, b)
+    np.testing.assert_array_equal(ids.get(), want_ids)
+    np.testing.assert_allclose(w.get(), want_w, rtol=2e-6, atol=1e-7)
+
+
 # --- elementwise helpers ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("d", [1000, 2048, 7168])
@@ -577,7 +603,6 @@ def test_silu_mul(module, blocks):
 def test_gqa_decode_stores_and_attends(d, n):
     """The new entry written at the device position, then each query head against its kv head's
     positions 0..pos, split over positions and merged: against float64 softmax attention."""
-    from edgeseek.backends.cuda import Kernels
     k = Kernels()
     G, group, s_max = 3, 3, 1024
     rng = np.random.default_rng(d + n)
@@ -607,7 +632,6 @@ def test_mla_entry_and_decode_against_the_unfused_kernels_and_float64(n):
     """mla_entry leaves the cache entry and the rotary query bit for bit as rope_f32, rms_norm_f32
     and store_row_f16 do; mla_decode (its splits merged by the last of each head) against float64."""
     from types import SimpleNamespace
-    from edgeseek.backends.cuda import Kernels
     k = Kernels()
     H, N, R, C, s_max, eps, scale = 16, 128, 64, 512, 1024, 1e-6, 0.07
     rng = np.random.default_rng(n)

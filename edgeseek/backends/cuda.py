@@ -744,7 +744,7 @@ class CUDABackend:
         if not self.graphs or not getattr(model, "graph_safe", False):
             return None
         experts = getattr(model, "experts", None)
-        if experts is not None and not all(experts.all_on_device(i) for i in experts.layers()):
+        if experts is not None and not getattr(experts, "all_in_vram", False):
             return None
         self._check_ids(np.asarray(tokens))
         g = getattr(cache, "decode_graph", None)
@@ -920,6 +920,8 @@ class TieredExperts:
                     triple.append(DeviceExperts(backend, t.qtype, d, t.shape[1:], t.name))
                     gguf.release_pages(t)
                 self._device[layer] = tuple(triple)
+        # the placement is fixed at load: whether a decode step can be a graph is known once
+        self.all_in_vram = all(self.all_on_device(layer) for layer in self._slots)
 
     @property
     def counts(self):
@@ -1035,14 +1037,17 @@ class _DecodeGraph:
             self.b._step = None
 
     def run(self, token: int, pos: int) -> np.ndarray:
-        self.inputs.set(np.array([token, pos], np.int32), stream=self.stream)
         if self.graph is None:
             import cupyx
+            self.inputs.set(np.array([token, pos], np.int32), stream=self.stream)
             self._record(pos)
-            # page-locked copies of what a replay leaves for the host: both read back asynchronously,
-            # then one synchronization
+            # page-locked copies of what a replay reads and leaves for the host: copied
+            # asynchronously, then one synchronization
+            self.host_inputs = cupyx.empty_pinned(2, np.int32)
             self.host_logits = cupyx.empty_pinned(self.logits.shape, np.float32)
             self.host_ids = cupyx.empty_pinned(self.ids.shape, np.int32)
+        self.host_inputs[0], self.host_inputs[1] = token, pos
+        self.inputs.set(self.host_inputs, stream=self.stream)
         self.graph.launch(self.stream)
         self.logits.get(stream=self.stream, out=self.host_logits, blocking=False)
         store = getattr(self.model, "experts", None)

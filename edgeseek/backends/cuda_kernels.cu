@@ -1043,9 +1043,39 @@ __device__ __forceinline__ void rms_norm_row(const float* x, const float* w, flo
 #pragma unroll
     for (int j = 0; j < NORM_HELD; ++j) {
         const int i = threadIdx.x + 256 * j;
-        const float v = xv[j] * scale * wv[j];
-        if (i < D) y[i] = v;
-        if (xq && 256 * j < D) quantize_block(v, i < D, xq, xs, i);  // a warp's 32 values: one block
+        xv[j] = xv[j] * scale * wv[j];
+        if (i < D) y[i] = xv[j];
+    }
+    if (!xq) return;
+    // q8_1: a warp's 32 values of round j are one block; the rounds' reductions interleaved
+    float amax[NORM_HELD];
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; ++j) amax[j] = fabsf(xv[j]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+        for (int j = 0; j < NORM_HELD; ++j) amax[j] = fmaxf(amax[j], __shfl_xor_sync(FULL_MASK, amax[j], off));
+    int q[NORM_HELD], sum[NORM_HELD];
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; ++j) {
+        const float d = amax[j] / 127.0f;
+        q[j] = amax[j] == 0.0f ? 0 : __float2int_rn(xv[j] / d);
+        sum[j] = q[j];
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+        for (int j = 0; j < NORM_HELD; ++j) sum[j] += __shfl_xor_sync(FULL_MASK, sum[j], off);
+#pragma unroll
+    for (int j = 0; j < NORM_HELD; ++j) {
+        const int i = threadIdx.x + 256 * j;
+        if (i < D) {
+            xq[i] = (u8)(signed char)q[j];
+            if (lane == 0) {
+                const float d = amax[j] / 127.0f;
+                xs[i >> 5] = f32x2{d, d * (float)sum[j]};
+            }
+        }
     }
 }
 
