@@ -1,7 +1,9 @@
 """Where a GPU step's time goes: one prompt and a few decode steps of a model on the GPU, with every
 backend operation and kernel launcher timed (a device synchronization before and after each, so
 the figures are inclusive wall times of eager execution, not of the graph); then the decode step
-as its CUDA graph: replay time on the device (CUDA events) against the whole step on the host.
+as its CUDA graph: replay time on the device (CUDA events) against the whole step on the host; and
+each kernel's launches of one step replayed in a graph of their own (kernels.in_graph: what each
+kernel costs inside the decode graph, without the eager figures' per-launch event overhead).
 
     python bench/gpu_profile.py MODEL.gguf [--prompt 512] [--steps 16] [--out profile.json]
 """
