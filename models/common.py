@@ -173,6 +173,12 @@ class DecoderModel:
         at positions pos[a:b]; added to residual where given."""
         raise NotImplementedError
 
+    def linears(self, ws: list, h):
+        """[w(h) for w in ws]: several products of one input (a layer's q, k and v), through the
+        backend's linears where it has one (the CPU's makes h's 8-bit activations once)."""
+        both = getattr(self.backend, "linears", None)
+        return both(ws, h) if both is not None else [w(h) for w in ws]
+
     def begin_step(self) -> None:
         """A forward pass begins: the token boundary for whatever keeps per-token state."""
 
