@@ -108,13 +108,14 @@ class TileKernels:
         return y.reshape(-1)[:p.n]
 
     def matvecs(self, ps, x):
-        if self.matvec_kernel is None:
-            return [self.matmul(p, x)[0] for p in ps]
-        a = self.vector_activations(x)  # once for every matrix
-        ys = []
+        if self.matvec_kernel is None:  # the matmul kernel on one row, as matvec
+            kernel, a, rows = self.matmul_kernel, self.activations(x), (1,)
+        else:
+            kernel, a, rows = self.matvec_kernel, self.vector_activations(x), ()
+        ys = []  # x's activations made once for every matrix
         for p in ps:
-            y = np.empty((p.d.shape[0], p.d.shape[2]), np.float32)
-            self.matvec_kernel(*self._weights(p), *a, y)
+            y = np.empty((p.d.shape[0], *rows, p.d.shape[2]), np.float32)  # (n_tiles, [1,] tile)
+            kernel(*self._weights(p), *a, y)
             ys.append(y.reshape(-1)[:p.n])
         return ys
 
