@@ -6,7 +6,8 @@ For each file (made by make_v2lite.py if missing): llama.cpp (llama-cpp-python, 
 configuration: weights repacked for this CPU) and edgeseek, each in its own process, measure load
 time, time to the first token of a 32-token prompt, decode tokens/s (128 greedy tokens after it),
 prefill tokens/s (a 512-token prompt) and peak RSS. --cold drops the page cache before each run
-(root). --files measures other GGUF files the same way (a small dense model: SmolLM2-135M's Q4_1
+(root); otherwise both sides are timed warm: the GGUF read once before llama.cpp maps it, edgeseek's
+packed weights touched after load (edgeseek_side --page-in). --files measures other GGUF files the same way (a small dense model: SmolLM2-135M's Q4_1
 file, its Q8_0 twin from requantize.py); --kinds none skips the V2-Lite files. Each edgeseek figure is given as a ratio to llama.cpp's and, for decode, as a fraction of
 the memory-bandwidth limit: measured read bandwidth / bytes of weights read per token (every
 tensor but the routed experts, plus 6 of 64 routed experts per MoE layer).
@@ -75,9 +76,21 @@ def drop_caches():
         f.write("3\n")
 
 
+def read_through(path: Path) -> None:
+    """Read a file once, so that its pages sit in the page cache (llama.cpp without repacking maps
+    the GGUF and reads it on demand, as edgeseek maps its packed cache)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+
+
 def side(script: str, model: Path, args: list[str], cold: bool) -> dict:
     if cold:
         drop_caches()
+    elif script == "llama_cpp_side.py":
+        read_through(model)
+    else:
+        args = [*args, "--page-in"]
     cmd = [sys.executable, str(HERE / script), str(model), *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -113,7 +126,9 @@ def main():
                            "threads": 2, "bandwidth_gbs": round(bw, 1)},
                "date": time.strftime("%Y-%m-%d"), "cold": a.cold, "files": {}}
     if a.out.exists():  # files not measured this time keep their entries (each with its date)
-        results["files"] = json.loads(a.out.read_text()).get("files", {})
+        old = json.loads(a.out.read_text())
+        results["files"] = {k: {"date": old.get("date"), "bandwidth_gbs": old.get("machine", {}).get("bandwidth_gbs"),
+                                **v} for k, v in old.get("files", {}).items()}
     rows = []
     models = [(kind, write(kind, HERE / "data" / f"v2lite-{kind}.gguf")) for kind in a.kinds if kind != "none"]
     for kind, model in models + [(f.stem, f) for f in a.files]:
