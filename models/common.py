@@ -116,8 +116,8 @@ class Rope:
 
     def __call__(self, x, positions):
         """x (T, H, head_dim) float32, positions (T,) -> rotated copy."""
-        if isinstance(positions, np.ndarray) and len(positions):
-            self.ensure(int(positions.max()) + 1)
+        if isinstance(positions, np.ndarray) and len(positions):  # a decode step's one position read as it is
+            self.ensure(int(positions[0] if len(positions) == 1 else positions.max()) + 1)
         if self.backend is not None:
             out = self.backend.rope(self, x, positions)  # one kernel on a GPU; None: the math below
             if out is not None:
