@@ -95,6 +95,10 @@ class Backend(Protocol):
     def rms_norm(self, x, weight, eps: float):
         """models/common.rms_norm: x (T, D) -> x / rms(x) * weight."""
 
+    def linears(self, ws: Sequence[Linear], x) -> list:
+        """[w(x) for w in ws]: several products of one input (a backend may prepare x once); optional,
+        DecoderModel.linears calls each product where a backend has none."""
+
     def linear(self, w, x, residual=None):
         """w(x), plus residual (T, N) where given: residual + w(x) (a backend may add it in the
         product's own kernel)."""

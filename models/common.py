@@ -116,8 +116,8 @@ class Rope:
 
     def __call__(self, x, positions):
         """x (T, H, head_dim) float32, positions (T,) -> rotated copy."""
-        if isinstance(positions, np.ndarray) and len(positions):
-            self.ensure(int(positions.max()) + 1)
+        if isinstance(positions, np.ndarray) and len(positions):  # a decode step's one position read as it is
+            self.ensure(int(positions[0] if len(positions) == 1 else positions.max()) + 1)
         if self.backend is not None:
             out = self.backend.rope(self, x, positions)  # one kernel on a GPU; None: the math below
             if out is not None:
@@ -172,6 +172,12 @@ class DecoderModel:
         """New tokens of several sequences: rows a..b-1 of h (spans[r] = (a, b)) continue caches[r]
         at positions pos[a:b]; added to residual where given."""
         raise NotImplementedError
+
+    def linears(self, ws: list, h):
+        """[w(h) for w in ws]: several products of one input (a layer's q, k and v), through the
+        backend's linears where it has one (the CPU's makes h's 8-bit activations once)."""
+        both = getattr(self.backend, "linears", None)
+        return both(ws, h) if both is not None else [w(h) for w in ws]
 
     def begin_step(self) -> None:
         """A forward pass begins: the token boundary for whatever keeps per-token state."""

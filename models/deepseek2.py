@@ -278,12 +278,11 @@ class DeepSeek2Model(DecoderModel):
         (T, H, C) = k_b @ q_nope, and kv (T, C + R) = [latent | k_pe], neither roped nor normalized."""
         c = self.config
         T, H, N, R = len(h), c.n_head, c.qk_nope, c.qk_rope
+        q, kv = self.linears([L.attn_q_a if c.q_lora_rank else L.attn_q, L.attn_kv_a_mqa], h)
         if c.q_lora_rank:
-            q = L.attn_q_b(self.backend.rms_norm(L.attn_q_a(h), L.attn_q_a_norm, c.rms_eps))
-        else:
-            q = L.attn_q(h)
+            q = L.attn_q_b(self.backend.rms_norm(q, L.attn_q_a_norm, c.rms_eps))
         q = q.reshape(T, H, N + R)
-        return q, self.backend.per_head(L.attn_k_b, q[:, :, :N]), L.attn_kv_a_mqa(h)
+        return q, self.backend.per_head(L.attn_k_b, q[:, :, :N]), kv
 
     def _entries(self, L: Layer, q, kv, pos):
         """q_pe (T, H, R) roped, and the new cache entries: normalized latents (T, C), roped k_pe (T, R)."""

@@ -117,7 +117,7 @@ class LlamaModel(DecoderModel):
         """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""
         c = self.config
         T, H, Hkv, d = len(pos), c.n_head, c.n_head_kv, c.head_dim
-        q, k, v = L.attn_q(h), L.attn_k(h), L.attn_v(h)  # (T, H*d), (T, Hkv*d), (T, Hkv*d)
+        q, k, v = self.linears([L.attn_q, L.attn_k, L.attn_v], h)  # (T, H*d), (T, Hkv*d), (T, Hkv*d)
         if L.attn_q_b is not None:
             q, k, v = q + L.attn_q_b, k + L.attn_k_b, v + L.attn_v_b
         return self.rope(q.reshape(T, H, d), pos), self.rope(k.reshape(T, Hkv, d), pos), v.reshape(T, Hkv, d)

@@ -94,6 +94,19 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
                 for s in range(k):  # each token's experts summed in expert order, as below
                     out += ys[where[:, s]]
                 return out
+    elif len(x) == 1 and lora is None:  # a decode step with every expert at hand: no per-expert bookkeeping
+        groups = list(groups)
+        if len(groups) == 1 and len(groups[0]) > 1:
+            js = np.array([j for j, _ in groups[0]])
+            ys = backend.experts_rows(x, [triple for _, triple in groups[0]], np.zeros(len(js), np.int64))
+            if ys is not None:  # (k, D), the store's order
+                slot = np.argsort(inverse[0])  # the router's slot of each expert (distinct in one row)
+                order = np.argsort(js)
+                ys = ys[order] * weights[0, slot[js[order]]][:, None]
+                out = np.zeros_like(x)
+                for y in ys:  # summed in expert order, as below
+                    out[0] += y
+                return out
     parts = [None] * len(experts)
     for group in groups:
         one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each

@@ -138,6 +138,9 @@ class RowKernels:
         self.matvec_kernel(w, x, y)
         return y
 
+    def matvecs(self, ws, x):
+        return [self.matvec(w, x) for w in ws]
+
     def matmul(self, w, x):
         if self.to_f32 is None:
             return x @ w.T

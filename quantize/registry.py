@@ -42,6 +42,9 @@ class Kernels(Protocol):
     def matmul(self, packed, x: np.ndarray) -> np.ndarray:
         """x (T, K) float32 -> (T, N) float32."""
 
+    def matvecs(self, packeds: list, x: np.ndarray) -> list:
+        """Several matrices times one x (K,) -> [(N_i,), ...], x's activations made once."""
+
     def matmul_many(self, packeds: list, x: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
         """Matrix j times activation row rows[j] of x (R, K) -> (len(packeds), N); None where the
         set has no such kernel."""
@@ -103,6 +106,18 @@ class TileKernels:
         y = np.empty((p.d.shape[0], p.d.shape[2]), np.float32)
         self.matvec_kernel(*self._weights(p), *self.vector_activations(x), y)
         return y.reshape(-1)[:p.n]
+
+    def matvecs(self, ps, x):
+        if self.matvec_kernel is None:  # the matmul kernel on one row, as matvec
+            kernel, a, rows = self.matmul_kernel, self.activations(x), (1,)
+        else:
+            kernel, a, rows = self.matvec_kernel, self.vector_activations(x), ()
+        ys = []  # x's activations made once for every matrix
+        for p in ps:
+            y = np.empty((p.d.shape[0], *rows, p.d.shape[2]), np.float32)  # (n_tiles, [1,] tile)
+            kernel(*self._weights(p), *a, y)
+            ys.append(y.reshape(-1)[:p.n])
+        return ys
 
     def matmul_many(self, ps, x, rows):
         if self.many_kernel is None:
@@ -215,6 +230,11 @@ class QuantFormat:
     def matmul(self, packed, x: np.ndarray) -> np.ndarray:
         """Batched: x (T, K) float32 -> (T, N) float32 (prompt processing, several sequences)."""
         return self.kernels.matmul(packed, self._activations(packed, x, 2, "matmul"))
+
+    def matvecs(self, packeds: list, x: np.ndarray) -> list:
+        """Several matrices of this format times one activation vector x (K,) (a layer's q, k
+        and v; a feed-forward's gate and up) -> [(N_i,), ...]: x quantized once for all of them."""
+        return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"))
 
     def matmul_many(self, packeds: list, x: np.ndarray, rows) -> np.ndarray | None:
         """Several matrices of one shape at once (a layer's routed experts for one token): matrix j

@@ -201,11 +201,37 @@ def test_a_full_context_ends_where_it_ends_without_mtp(mtp_file):
     assert run(3) == run("off")
 
 
-def test_auto_measures_and_turns_off_drafts_that_do_not_pay(mtp_file):
+class ModelClock:
+    """generation's clock, advanced by the model's work instead of the wall: a forward pass one unit
+    plus half a unit for each position beyond the first (verifying drafts costs more than a step),
+    the MTP block half a unit a call. The tiny model's steps take about a millisecond, so on a
+    loaded machine one preempted plain step (timed 8 times) once made random drafts look as if they
+    paid; the decision is the code's, not the machine's, under this clock."""
+
+    def __init__(self, model):
+        self.now = 0.0
+        for name, cost in (("forward", lambda tokens, *a, **k: 0.5 + 0.5 * len(tokens)),
+                           ("mtp_step", lambda *a, **k: 0.5)):
+            self._charge(model, name, cost)
+
+    def _charge(self, model, name, cost):
+        run = getattr(model, name)
+
+        def charged(*a, **k):
+            self.now += cost(*a, **k)
+            return run(*a, **k)
+        setattr(model, name, charged)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_auto_measures_and_turns_off_drafts_that_do_not_pay(mtp_file, monkeypatch):
     """--mtp auto: plain steps timed, then MTP steps; random drafts are never accepted, so each MTP
     step costs more for the same one token and auto turns MTP off. The output is unchanged."""
     plain = tokens(edgeseek.load(mtp_file, mtp="off"), n=60)
     e = edgeseek.load(mtp_file, mtp="auto")
+    monkeypatch.setattr(generation, "time", ModelClock(e.model))
     assert tokens(e, n=60) == plain
     assert e.mtp.plain_steps == 8 and e.mtp.steps == 16 and e.mtp.k == 0 and not e.mtp.auto
 

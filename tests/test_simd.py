@@ -118,6 +118,38 @@ def test_matmul_many_rows_equal_matvec(kind, shape):
     np.testing.assert_array_equal(got, np.stack([portable.matvec(portable.pack(r), x[i]) for r, i in zip(raws, rows)]))
 
 
+@pytest.mark.parametrize("kind", [q.name for q in FORMATS])
+def test_one_vector_through_several_matrices_equals_each_alone(kind):
+    """matvecs (a layer's q, k, v; gate and up) quantizes the activation once: every matrix's
+    product bit for bit as its own matvec, matrices of different heights."""
+    fmt = get_format(T[kind])
+    k = 256
+    rng = np.random.default_rng(7)
+    packs = [fmt.pack(fmt.quantize(rng.standard_normal((n, k)).astype(np.float32)).reshape(n, -1))
+             for n in (48, 16, 80)]
+    x = rng.standard_normal(k).astype(np.float32)
+    got = fmt.matvecs(packs, x)
+    for g, p in zip(got, packs):
+        np.testing.assert_array_equal(g, fmt.matvec(p, x))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "F32"])
+@pytest.mark.parametrize("heights", [(48, 16, 80), (64, 64)])
+def test_backend_linears_equal_each_product(kind, heights):
+    """backend.linears of one token (a layer's q, k and v; gate and up), each bit for bit its own
+    product, whatever the kernel set (VNNI sets run the matmul kernel on one row)."""
+    from edgeseek.backends.cpu import CPUBackend
+    from edgeseek.quantize import QMatrix
+    fmt = get_format(T[kind])
+    k = 256
+    rng = np.random.default_rng(8)
+    ws = [QMatrix(T[kind], fmt.quantize(rng.standard_normal((n, k)).astype(np.float32)).reshape(n, -1), (n, k))
+          for n in heights]
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    for g, w in zip(CPUBackend().linears(ws, x), ws):
+        np.testing.assert_array_equal(g, w(x))
+
+
 def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):
     """Decode's experts in one kernel call per projection (the VNNI kernels' matmul_many), against
     the portable kernels, which have no such call: moe then runs expert by expert."""
