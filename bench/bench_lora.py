@@ -108,20 +108,20 @@ def llama_cpp_decode(path: Path, adapter: Path | None, n_decode: int, seed: int 
 
 def llama_cpp_side(path: Path, adapter: Path | None, n_decode: int, seed: int = 0) -> float:
     import llama_cpp
-    from llama_cpp_side import disable_repack
+    from llama_cpp_side import disable_repack, greedy
     disable_repack()
     llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False,
                           lora_path=str(adapter) if adapter else None)
     prompt = np.random.default_rng(seed).integers(100, llm.n_vocab(), 32).tolist()
     llm.eval(prompt)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = greedy(llm)
     for _ in range(2):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = greedy(llm)
     t = time.perf_counter()
     for _ in range(n_decode):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = greedy(llm)
     tps = n_decode / (time.perf_counter() - t)
     llm.close()
     return tps

@@ -35,6 +35,14 @@ def disable_repack() -> None:
     llama_cpp.llama.llama_cpp.llama_model_default_params = no_repack
 
 
+def greedy(llm) -> int:
+    """The argmax of the last evaluated token's logits. llama-cpp-python leaves them in its context
+    (Llama.scores is filled only with logits_all, and has n_batch rows: a prompt past the first
+    batch would index past it)."""
+    import llama_cpp
+    return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))))
+
+
 def run(path: str, n_prefill: int = 512, n_prompt: int = 32, n_decode: int = 128, threads: int = 2,
         repack: bool = True, mmap: bool = True, seed: int = 0) -> dict:
     import llama_cpp
@@ -48,18 +56,15 @@ def run(path: str, n_prefill: int = 512, n_prompt: int = 32, n_decode: int = 128
     rng = np.random.default_rng(seed)
     vocab = llm.n_vocab()
 
-    def greedy():
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
-
     prompt = rng.integers(100, vocab, n_prompt).tolist()
     t = time.perf_counter()
     llm.eval(prompt)
     first_token_s = time.perf_counter() - t
-    token = greedy()
+    token = greedy(llm)
     t = time.perf_counter()
     for _ in range(n_decode):
         llm.eval([token])
-        token = greedy()
+        token = greedy(llm)
     decode_tps = n_decode / (time.perf_counter() - t)
     llm.reset()
     prompt = rng.integers(100, vocab, n_prefill).tolist()
