@@ -119,13 +119,18 @@ class TileKernels:
             ys.append(y.reshape(-1)[:p.n])
         return ys
 
+    @staticmethod
+    def _one_shape(ps, what: str):
+        """The packed shape every matrix of ps shares (the grouped kernels take them as one)."""
+        shape, n = ps[0].d.shape, ps[0].n
+        if any(p.d.shape != shape or p.n != n for p in ps):
+            raise ValueError(f"{what}: matrices of different shapes")
+        return shape
+
     def matmul_many(self, ps, x, rows):
         if self.many_kernel is None:
             return None
-        shape, n = ps[0].d.shape, ps[0].n
-        for p in ps:
-            if p.d.shape != shape or p.n != n:
-                raise ValueError("matmul_many: matrices of different shapes")
+        shape = self._one_shape(ps, "matmul_many")
         y = np.empty((len(ps), shape[0], shape[2]), np.float32)
         # the kernel takes one tuple per weight field, that field of every matrix
         self.many_kernel(*zip(*map(self._weights, ps)), rows, *self.activations(x), y)
@@ -135,15 +140,12 @@ class TileKernels:
     def matmul_groups(self, ps, x, spans):
         if self.groups_kernel is None:
             return None
-        shape, n = ps[0].d.shape, ps[0].n
-        for p in ps:
-            if p.d.shape != shape or p.n != n:
-                raise ValueError("matmul_groups: matrices of different shapes")
+        shape = self._one_shape(ps, "matmul_groups")
         at = np.array([[a.ctypes.data for a in self._weights(p)] for p in ps], np.int64)  # (n_mats, fields)
         n_out = int(max(spans[:, 2] + spans[:, 1] - spans[:, 0]))
         y = np.zeros((n_out, shape[0] * shape[2]), np.float32)
         self.groups_kernel(at, shape[0], shape[1], spans, *self.activations(x), y)
-        return y[:, :n]
+        return y[:, :ps[0].n]
 
 
 class QuantFormat:
