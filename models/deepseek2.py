@@ -22,6 +22,12 @@ from edgeseek.errors import GGUFError, UnsupportedError
 from .common import DecoderModel, Rope, plus, require, rope_freqs, softmax, vector, yarn_freqs
 from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 
+# A prompt chunk of at least this many tokens attends with keys and values decompressed from the
+# latent cache (llama.cpp's prompt form): a score of N + R values a head and position, and a weighted
+# sum of V, where the absorbed form takes C + R and C (576 and 512 against 192 and 128 on V2-Lite);
+# decompressing costs the cache's positions times k_b and v_b once a chunk. On the host only.
+DECOMPRESS_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class DeepSeek2Config:
@@ -273,16 +279,17 @@ class DeepSeek2Model(DecoderModel):
         x = self.feed_forward(M, b.rms_norm(x, M.ffn_norm, eps), i, residual=x)
         return b.host(M.head(b.rms_norm(x[-1:], M.head_norm, eps))), x
 
-    def _queries(self, L: Layer, h: np.ndarray):
+    def _queries(self, L: Layer, h: np.ndarray, absorb: bool = True):
         """Rows of h -> q (T, H, N + R) (each head: [nope N | rope R]), its absorbed part q_lat
-        (T, H, C) = k_b @ q_nope, and kv (T, C + R) = [latent | k_pe], neither roped nor normalized."""
+        (T, H, C) = k_b @ q_nope (None unless absorb), and kv (T, C + R) = [latent | k_pe], neither
+        roped nor normalized."""
         c = self.config
         T, H, N, R = len(h), c.n_head, c.qk_nope, c.qk_rope
         q, kv = self.linears([L.attn_q_a if c.q_lora_rank else L.attn_q, L.attn_kv_a_mqa], h)
         if c.q_lora_rank:
             q = L.attn_q_b(self.backend.rms_norm(q, L.attn_q_a_norm, c.rms_eps))
         q = q.reshape(T, H, N + R)
-        return q, self.backend.per_head(L.attn_k_b, q[:, :, :N]), kv
+        return q, self.backend.per_head(L.attn_k_b, q[:, :, :N]) if absorb else None, kv
 
     def _entries(self, L: Layer, q, kv, pos):
         """q_pe (T, H, R) roped, and the new cache entries: normalized latents (T, C), roped k_pe (T, R)."""
@@ -300,9 +307,34 @@ class DeepSeek2Model(DecoderModel):
         k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
         scores = (q_lat @ lat.T + q_pe @ k_pe.T) * self.config.kq_scale  # (T, H, S)
         if len(pos) > 1:
-            future = self.backend.xp.asarray(np.arange(s1)[None, :] > pos[:, None])  # (T, S)
-            scores = self.backend.xp.where(future[:, None, :], -np.inf, scores)
+            xp = self.backend.xp
+            if pos[-1] - pos[0] + 1 == len(pos):  # consecutive positions: the mask made beside the scores
+                future = xp.arange(s1)[None, :] > xp.arange(int(s0), int(s1))[:, None]  # (T, S)
+            else:
+                future = xp.asarray(np.arange(s1)[None, :] > pos[:, None])
+            scores = xp.where(future[:, None, :], -np.inf, scores)
         return softmax(scores) @ lat  # (T, H, C)
+
+    def _attend_decompressed(self, L: Layer, q_nope, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int,
+                             pos: np.ndarray) -> np.ndarray:
+        """One sequence's prompt chunk: store its cache entries, decompress every cached position's
+        keys K (S, H, N) = lat @ k_b and values V (S, H, V) = lat @ v_b^T, attend head by head in
+        batched products -> o (T, H, V), the input of attn_output (no v_b after)."""
+        s0, s1 = pos[0], pos[-1] + 1
+        cache.c[i, s0:s1] = lat_new
+        cache.k_pe[i, s0:s1] = k_pe_new
+        lat = cache.c[i, :s1].astype(np.float32)  # (S, C)
+        k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
+        kb, vb = _dense_heads(L.attn_k_b), _dense_heads(L.attn_v_b)  # (H, C, N), (H, V, C)
+        keys = np.matmul(lat[None], kb)  # (H, S, N)
+        values = np.matmul(lat[None], vb.transpose(0, 2, 1))  # (H, S, V)
+        qh = np.ascontiguousarray(q_nope.transpose(1, 0, 2), dtype=np.float32)  # (H, T, N)
+        scores = np.matmul(qh, keys.transpose(0, 2, 1))  # (H, T, S)
+        scores += (np.ascontiguousarray(q_pe, dtype=np.float32) @ k_pe.T).transpose(1, 0, 2)
+        scores *= self.config.kq_scale
+        future = np.arange(s1)[None, :] > pos[:, None]  # (T, S)
+        scores = np.where(future[None], -np.inf, scores)
+        return np.matmul(softmax(scores), values).transpose(1, 0, 2)  # (T, H, V)
 
     def _output(self, L: Layer, o_lat: np.ndarray, residual=None) -> np.ndarray:
         o = self.backend.per_head(L.attn_v_b, o_lat)  # (T, H, V)
@@ -311,6 +343,11 @@ class DeepSeek2Model(DecoderModel):
     def attention(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray, pos_x,
                   residual=None) -> np.ndarray:
         c = self.config
+        if len(pos) >= DECOMPRESS_TOKENS and self.backend.xp is np and _on_host(L.attn_k_b) and _on_host(L.attn_v_b):
+            q, _, kv = self._queries(L, h, absorb=False)
+            q_pe, lat, k_pe = self._entries(L, q, kv, pos_x)
+            o = self._attend_decompressed(L, q[:, :, :c.qk_nope], q_pe, lat, k_pe, cache, i, pos)
+            return self.backend.linear(L.attn_output, o.reshape(len(o), -1), residual)
         q, q_lat, kv = self._queries(L, h)
         o_lat = None
         if len(pos) == 1:  # a decode step: the backend's whole attention where it has one
@@ -377,3 +414,15 @@ class DeepSeek2Model(DecoderModel):
         shared = (L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp) if self.config.n_expert_shared else None
         # residual + (routed + shared), as llama.cpp adds them
         return b.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora, shared, residual)
+
+
+def _on_host(w) -> bool:
+    """A per-head stack the host can dequantize: a float array, or the CPU backend's quantized heads."""
+    return isinstance(w, np.ndarray) or hasattr(w, "matrix")
+
+
+def _dense_heads(w) -> np.ndarray:
+    """A per-head stack (H, R, K) as float32: an array as is, the file's quantized heads dequantized."""
+    if isinstance(w, np.ndarray):
+        return w.astype(np.float32, copy=False)
+    return np.stack([w.matrix(h).dequantize() for h in range(w.shape[0])]).reshape(w.shape)
