@@ -173,12 +173,19 @@ def main():
     # 3. eager, every operation timed
     table: dict = defaultdict(lambda: [0.0, 0])
     for name in ("moe", "latent_step", "per_head", "rms_norm", "swiglu", "rope", "_prompt_experts",
-                 "_router_logits", "_batched", "causal_attention"):
+                 "_grouped_experts", "_routed_on_host", "_plus_shared", "_router_logits", "_batched",
+                 "causal_attention", "linears", "ffn"):
         if hasattr(b, name):
             wrap(b, name, table, sync)
     for name in ("mmv", "mmv_ids", "glu_ids", "down_ids", "dequant", "gemm_f16", "route", "mla_entry", "mla_decode", "scatter_add",
                  "silu_mul"):
         wrap(b.kernels, name, table, sync)
+    for name in ("moe_glu_mma", "moe_down_mma", "moe_combine"):
+        if hasattr(b.kernels, name):
+            wrap(b.kernels, name, table, sync)
+    for name in ("_queries", "_entries", "_attend", "_attend_few", "_output"):  # the MLA model's parts
+        if hasattr(model, name):
+            wrap(model, name, table, sync)
     wrap(C.DeviceMatrix, "__call__", table, sync)
     wrap(model, "attention", table, sync)
     wrap(model, "feed_forward", table, sync)

@@ -65,6 +65,24 @@ class NumpyKernels:
     def gemm_f16(self, x16, w16, y):
         y[:] = x16.astype(np.float32) @ np.swapaxes(w16.astype(np.float32), -1, -2)
 
+    def moe_glu_mma(self, qtype, wg, wu, row_bytes, expert_bytes, tiles, n_tiles, x16, a_rows, h16, n, k):
+        for e, p0, count in tiles.reshape(n_tiles, 3).tolist():
+            x = x16[a_rows[p0:p0 + count]].astype(np.float32)
+            g = x @ _rows(qtype, wg[e], k).astype(np.float16).astype(np.float32).T
+            u = x @ _rows(qtype, wu[e], k).astype(np.float16).astype(np.float32).T
+            h16[p0:p0 + count] = (g / (1.0 + np.exp(-g)) * u).astype(np.float16)
+
+    def moe_down_mma(self, qtype, w, row_bytes, expert_bytes, tiles, n_tiles, h16, wp, y, n, k):
+        for e, p0, count in tiles.reshape(n_tiles, 3).tolist():
+            y[p0:p0 + count] = wp[p0:p0 + count, None] * (
+                h16[p0:p0 + count].astype(np.float32) @ _rows(qtype, w[e], k).astype(np.float16).astype(np.float32).T)
+
+    def moe_combine(self, y, pos, k, out):
+        pos = pos.reshape(len(out), k)
+        for j in range(k):
+            on = pos[:, j] >= 0
+            out[on] += y[pos[on, j]]
+
     def scatter_add(self, out, rows, values):
         np.add.at(out, rows, values)
 

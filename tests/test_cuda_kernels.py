@@ -665,3 +665,83 @@ def test_mla_entry_and_decode_against_the_unfused_kernels_and_float64(n):
     p = np.exp(s - s.max(1, keepdims=True))
     np.testing.assert_allclose(got, (p / p.sum(1, keepdims=True)) @ lat, rtol=1e-4, atol=1e-5)
     assert not k.counters.get().any()
+
+
+# --- a prompt's grouped expert products (cuda_prompt.cu) -----------------------------------------
+
+def _tiles(e_of: np.ndarray, tile: int) -> np.ndarray:
+    """(n_tiles, 3) (expert, first pair, pairs) of pairs sorted by expert, at most `tile` a tile."""
+    out = []
+    for e in np.unique(e_of):
+        idx = np.nonzero(e_of == e)[0]
+        out += [(e, idx[0] + j, min(tile, len(idx) - j)) for j in range(0, len(idx), tile)]
+    return np.array(out, np.int32)
+
+
+@pytest.mark.parametrize("name", [t for t in TYPES if t != "f32"])
+def test_grouped_expert_products_of_a_prompt(name):
+    """moe_glu_mma, moe_down_mma and moe_combine on a prompt's pairs: experts with several tiles (the
+    last one partial), one with a single pair, one with none; weight rows past a 64-row tile; pairs
+    left to the CPU (pos -1). Against float64 products of the float16-rounded operands."""
+    from edgeseek.backends.cuda import GM_BM
+    k = Kernels()
+    qtype = TYPES[name]
+    E, T, used, D = 4, 150, 3, 768
+    F = 256 if qtype in K_QUANTS else 192  # a multiple of GM_BK: down's K
+    rng = np.random.default_rng(_seed("grouped", name))
+    gate, gate_deq = matrix(name, E * F, D)
+    up_raw, up_deq = matrix(name, E * F + 1, D)
+    up, up_deq = np.ascontiguousarray(up_raw[:E * F]), up_deq[:E * F]
+    down, down_deq = matrix(name, E * D, F)
+    choice = np.stack([rng.choice([0, 1, 3], used, replace=False, p=[0.6, 0.3, 0.1]) for _ in range(T)])
+    choice[7] = [2, 0, 1]  # expert 2: one pair
+    on_gpu = rng.random((T, used)) < 0.9
+    tok, which = np.nonzero(on_gpu)
+    order = np.argsort(choice[tok, which], kind="stable")
+    tok, which = tok[order], which[order]
+    e_of = choice[tok, which]
+    P = len(tok)
+    tiles = _tiles(e_of, GM_BM)
+    assert (tiles[:, 2] == GM_BM).any() and (tiles[:, 2] < GM_BM).sum() >= 2
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    wp = rng.uniform(0.1, 1.0, P).astype(np.float32)
+    pos = np.full((T, used), -1, np.int32)
+    pos[tok, which] = np.arange(P)
+
+    h16 = poisoned(P * F, np.float16)
+    k.moe_glu_mma(qtype, cupy.asarray(gate), cupy.asarray(up), gate.shape[1], F * gate.shape[1], cupy.asarray(tiles),
+                  len(tiles), cupy.asarray(x.astype(np.float16)), cupy.asarray(tok.astype(np.int32)), h16, F, D)
+    got_h = unpoisoned(h16, P * F).reshape(P, F).astype(np.float64)
+    x16 = x.astype(np.float16).astype(np.float64)
+    G16 = gate_deq.reshape(E, F, D).astype(np.float16).astype(np.float64)
+    U16 = up_deq.reshape(E, F, D).astype(np.float16).astype(np.float64)
+    g = np.einsum("pk,pnk->pn", x16[tok], G16[e_of])
+    u = np.einsum("pk,pnk->pn", x16[tok], U16[e_of])
+    bg = 1e-4 * np.einsum("pk,pnk->pn", np.abs(x16[tok]), np.abs(G16[e_of])) + 1e-6
+    bu = 1e-4 * np.einsum("pk,pnk->pn", np.abs(x16[tok]), np.abs(U16[e_of])) + 1e-6
+    sg = 1 / (1 + np.exp(-g))
+    want_h = g * sg * u
+    bound = 1.1 * np.abs(u) * bg + np.abs(g * sg) * bu + 1e-3 * np.abs(want_h) + 1e-6  # float16 result
+    bad = ~(np.abs(got_h - want_h) <= bound)
+    assert not bad.any(), f"h: {bad.sum()} of {bad.size} outside the bound, first at {np.argwhere(bad)[0]}"
+
+    y = poisoned(P * D)
+    hd = cupy.asarray(got_h.astype(np.float16))
+    k.moe_down_mma(qtype, cupy.asarray(down), down.shape[1], D * down.shape[1], cupy.asarray(tiles), len(tiles), hd,
+                   cupy.asarray(wp), y, D, F)
+    got_y = unpoisoned(y, P * D).reshape(P, D)
+    W16 = down_deq.reshape(E, D, F).astype(np.float16).astype(np.float64)
+    h64 = got_h.astype(np.float16).astype(np.float64)
+    want_y = wp[:, None] * np.einsum("pk,pnk->pn", h64, W16[e_of])
+    bound_y = wp[:, None] * (1e-4 * np.einsum("pk,pnk->pn", np.abs(h64), np.abs(W16[e_of])) + 1e-6)
+    bad = ~(np.abs(got_y - want_y) <= bound_y)
+    assert not bad.any(), f"y: {bad.sum()} of {bad.size} outside the bound, first at {np.argwhere(bad)[0]}"
+
+    base = rng.standard_normal((T, D)).astype(np.float32)
+    out = cupy.asarray(base)
+    k.moe_combine(cupy.asarray(got_y), cupy.asarray(pos), used, out)
+    want = base.copy()
+    for j in range(used):
+        on = pos[:, j] >= 0
+        want[on] += got_y[pos[on, j]]
+    assert_bits_equal(out.get(), want)

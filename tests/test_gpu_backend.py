@@ -51,6 +51,34 @@ def test_emulated_gpu_grouped_query_decode_equals_the_cpu_path(arch, tmp_path):
     assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
 
 
+@pytest.mark.parametrize("name, split", [("v3h256-q4_k_m.gguf", False), ("v2lite-q8_0.gguf", False),
+                                         ("v3-q4_0.gguf", True)])
+def test_emulated_grouped_prompt_experts_equal_the_dequantized_tiles(name, split):
+    """A prompt's routed experts through the grouped products (pairs sorted by expert, tiles of one
+    expert, each token's rows added in routing order; the bookkeeping on the device when every
+    expert is in VRAM, on the host when half of them are and the CPU's pairs join in) give the
+    logits of the dequantized tiles and cuBLAS, both on float16 operands, and the same usage
+    counts."""
+    kw = {}
+    if split:
+        full = plan_gpu(GGUFFile(FIXTURES / name), 1 << 40, 4096)
+        per_layer = full.expert_bytes // len(full.on_gpu) // full.n_expert
+        kw["gpu_budget"] = full.used - full.expert_bytes + per_layer * full.experts_total // 2
+    runs, counts = [], []
+    for grouped in (True, False):
+        b = EmulatedCUDABackend()
+        engine = load(FIXTURES / name, backend=b, **kw)
+        b.prompt_mma = grouped
+        calls = []
+        b.kernels.moe_glu_mma = (lambda f: lambda *a: calls.append(1) or f(*a))(b.kernels.moe_glu_mma)
+        runs.append(_logits(engine))
+        assert bool(calls) == grouped
+        counts.append(engine.experts.take_counts())
+    ref, got = runs[1], runs[0]
+    assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    assert counts[0].sum() > 0 and (counts[0] == counts[1]).all()
+
+
 def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result():
     path = FIXTURES / "v3-f32.gguf"
     g = GGUFFile(path)

@@ -32,6 +32,7 @@ MMV1_ROWS, GLU_ROWS = 4, 2  # rows a block of mmv1 and down, of glu
 MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
 MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
+GM_BM, GM_BN, GM_BK = 64, 64, 64  # a prompt's grouped expert products (cuda_prompt.cu): pairs, rows, values a tile
 
 
 CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 0, 68, -1
@@ -78,6 +79,15 @@ def _version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}"
 
 
+def _grouped_fits(gate, up, down) -> bool:
+    """Whether a prompt's experts can run through the grouped kernels: quantized or 16-bit blocks
+    (float32 files keep exact float32 products), gate and up of one format, every K a multiple of
+    GM_BK and every N even."""
+    (F, D), (D2, F2) = gate.shape, down.shape
+    return (gate.qtype == up.qtype and Q.F32 not in (gate.qtype, down.qtype) and up.shape == gate.shape
+            and (D2, F2) == (D, F) and D % GM_BK == 0 and F % GM_BK == 0 and D % 2 == 0 and F % 2 == 0)
+
+
 def _launch_grid(n: int, per: int) -> int:
     return (n + per - 1) // per
 
@@ -108,7 +118,7 @@ class Kernels:
         import cupy
         self.cp = cupy
         here = Path(__file__).parent
-        src = (here / "cuda_kernels.cu").read_text() + "\n" + (here / "cuda_decode.cu").read_text()
+        src = "\n".join((here / f).read_text() for f in ("cuda_kernels.cu", "cuda_decode.cu", "cuda_prompt.cu"))
         self.module = cupy.RawModule(code=src, options=("-std=c++17",))
         self._fns: dict[str, object] = {}
         # the split attention kernels' per-head counts of finished splits (each launch leaves them 0)
@@ -311,6 +321,25 @@ class Kernels:
                                                  np.int64(x.strides[1] // 4), np.int32(hd), np.int32(dim), cos, sin,
                                                  positions, np.int32(neox)))
 
+    def moe_glu_mma(self, qtype, wg, wu, row_bytes: int, expert_bytes: int, tiles, n_tiles: int, x16, a_rows, h16,
+                    n: int, k: int) -> None:
+        """h16 (P, N) float16 = silu(gate @ x) * (up @ x) for the pairs of `tiles` (cuda_prompt.cu)."""
+        self._fn(f"moe_glu_mma_{SUFFIX[qtype]}")(
+            (_launch_grid(n, GM_BN), n_tiles), (128,),
+            (wg, wu, np.int64(row_bytes), np.int64(expert_bytes), tiles, x16, a_rows, h16, np.int32(n), np.int32(k)))
+
+    def moe_down_mma(self, qtype, w, row_bytes: int, expert_bytes: int, tiles, n_tiles: int, h16, wp, y, n: int,
+                     k: int) -> None:
+        """y (P, N) float32 = wp[p] * (down @ h16[p]) for the pairs of `tiles`."""
+        self._fn(f"moe_down_mma_{SUFFIX[qtype]}")(
+            (_launch_grid(n, GM_BN), n_tiles), (128,),
+            (w, np.int64(row_bytes), np.int64(expert_bytes), tiles, h16, wp, y, np.int32(n), np.int32(k)))
+
+    def moe_combine(self, y, pos, k: int, out) -> None:
+        """out[t] += the rows pos[t] (>= 0) of y, in order."""
+        t, n = out.shape
+        self._fn("moe_combine")((_launch_grid(n, 256), t), (256,), (y, pos, np.int32(k), out, np.int32(n)))
+
     def silu_mul(self, g, u):
         h = self.cp.empty_like(g)
         n = g.size
@@ -418,6 +447,9 @@ class CUDABackend:
         # in the norm's own launch, remembered by identity (the array held, so its id stays its own)
         self.int8 = hasattr(self.kernels, "quantize_q8")
         self._quantized: dict[int, tuple] = {}
+        # a prompt's routed experts through the grouped kernels of cuda_prompt.cu (False: the
+        # dequantized tiles and cuBLAS, kept for float32 files and as the tests' second opinion)
+        self.prompt_mma = hasattr(self.kernels, "moe_glu_mma")
 
     # --- weights ---------------------------------------------------------------------------
     def upload(self, a: np.ndarray):
@@ -496,10 +528,11 @@ class CUDABackend:
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None, shared=None, residual=None):
         """A decode step whose layer has every expert in VRAM routes on the device and runs the
         chosen experts as one launch per projection, the shared experts' products in the same
-        launches: nothing waits for the host. Otherwise route on the host (a few dozen values),
-        then the experts in VRAM (one launch per projection for a few tokens, expert by expert on
-        tiles for a prompt) while the experts left on the CPU run there on the host copy of x;
-        the shared experts after them."""
+        launches: nothing waits for the host. A prompt's layer with every expert in VRAM routes
+        on the device, runs the shared experts while the choices cross, then the grouped
+        products (_grouped_experts). Otherwise route on the host (a few dozen values), then the experts
+        in VRAM (one launch per projection for a few tokens, grouped products for a prompt) while
+        the experts left on the CPU run there on the host copy of x; the shared experts after them."""
         xp, k = self.xp, self.kernels
         T = len(x)
         logits = self._router_logits(x, router_weight)
@@ -525,7 +558,37 @@ class CUDABackend:
                     q8 = ((hq[:cut], hs[:cut // 32]), (hq[cut:], hs[cut // 32:]))
                 return down.down(flat, h, w, shared=(d2, h2), res=residual, q8=q8)  # (T, D)
             return self._plus_shared(x, down.down(flat, gate.glu(up, flat, x, x_div=n), w), shared, residual)
+        if T > MMV_MAX_TOKENS and store.all_on_device(layer) and self.prompt_mma and _grouped_fits(*store.device(layer)):
+            # a prompt with every expert in VRAM: routed on the device; while its choices cross to
+            # the host (their own wait, not the stream's), the shared experts run
+            n = router.n_used
+            both = xp.empty((2, T, n), np.int32)
+            k.route(logits, bias, router, both[0], both[1].view(np.float32))
+            fetched = self._to_host_soon(both)
+            out = self.ffn(x, *shared) if shared is not None else xp.zeros_like(x)
+            both = fetched()
+            ids, weights = both[0], both[1].view(np.float32)
+            store.count(layer, ids)
+            self._grouped_experts(x, ids, np.ones(ids.shape, bool), weights, store.device(layer), out)
+            return plus(out, residual=residual)
         return self._plus_shared(x, self._routed_on_host(x, logits, router, bias, store, layer), shared, residual)
+
+    def _to_host_soon(self, a):
+        """Start copying a small device array into page-locked memory; returns a function that
+        waits for that copy alone (an event after it, not the stream) and gives the host array."""
+        if isinstance(a, np.ndarray):
+            return lambda: a
+        import cupyx
+        buf = cupyx.empty_pinned(a.shape, a.dtype)
+        stream = self.xp.cuda.get_current_stream()
+        a.get(stream=stream, out=buf, blocking=False)
+        done = self.xp.cuda.Event(block=False, disable_timing=True)
+        done.record(stream)
+
+        def wait():
+            done.synchronize()
+            return buf
+        return wait
 
     def _plus_shared(self, x, out, shared, residual):
         """residual + (out + the shared experts' ffn of x)."""
@@ -537,9 +600,17 @@ class CUDABackend:
         """The routed experts of a layer routed on the host: those in VRAM here, the others on the CPU."""
         xp, T = self.xp, len(x)
         D = x.shape[1]
-        both = self.host(xp.concatenate([x.reshape(-1), logits.reshape(-1)]))  # one copy, one wait
-        host_x, host_logits = both[:T * D].reshape(T, D), both[T * D:].reshape(T, -1)
-        ids, weights = route(host_logits, router, None if bias is None else self._host_copy(bias))  # (T, k)
+        if T > 1 and store.all_on_device(layer):
+            # a prompt whose experts are all in VRAM: routed on the device, only the choices cross
+            n = router.n_used
+            both = xp.empty((2, T, n), np.int32)
+            self.kernels.route(logits, bias, router, both[0], both[1].view(np.float32))
+            both = self.host(both)
+            ids, weights, host_x = both[0], both[1].view(np.float32), None
+        else:
+            both = self.host(xp.concatenate([x.reshape(-1), logits.reshape(-1)]))  # one copy, one wait
+            host_x, host_logits = both[:T * D].reshape(T, D), both[T * D:].reshape(T, -1)
+            ids, weights = route(host_logits, router, None if bias is None else self._host_copy(bias))  # (T, k)
         store.count(layer, ids)
         slot = store.slots(layer)[ids]  # (T, k): the expert's index in VRAM, -1 on the CPU
         on_gpu = slot >= 0
@@ -586,6 +657,50 @@ class CUDABackend:
         return c[1]
 
     def _prompt_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
+        """A prompt's routed experts in VRAM: grouped products on the file's blocks where the
+        formats allow (_grouped_experts), else dequantized tiles through cuBLAS (_tiled_experts)."""
+        gate, up, down = projections
+        F, D = gate.shape
+        if self.prompt_mma and _grouped_fits(gate, up, down):
+            self._grouped_experts(x, slot, on_gpu, weights, projections, out)
+        else:
+            self._tiled_experts(x, slot, on_gpu, weights, projections, out)
+
+    def _grouped_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
+        """The pairs (token, expert) sorted by expert and cut into tiles of GM_BM pairs of one
+        expert; one launch for gate, up and silu (float16 hidden rows), one for down times the
+        routing weight, one that adds each token's rows to out in routing order. The weights are
+        read from their blocks by the tiles, never dequantized into VRAM; the bookkeeping crosses to
+        the device in one copy."""
+        xp, k = self.xp, self.kernels
+        gate, up, down = projections
+        F, D = gate.shape
+        T, used = slot.shape
+        tok, which = np.nonzero(on_gpu)
+        e_of = slot[tok, which]
+        order = np.argsort(e_of, kind="stable")
+        tok, which, e_of = tok[order], which[order], e_of[order]  # pairs grouped by expert
+        P = len(tok)
+        experts, start, count = np.unique(e_of, return_index=True, return_counts=True)
+        per = -(-count // GM_BM)  # tiles an expert
+        first = np.repeat(start, per) + GM_BM * (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per))
+        tiles = np.stack([np.repeat(experts, per), first, np.minimum(GM_BM, np.repeat(start + count, per) - first)], 1)
+        pos = np.full((T, used), -1, np.int64)
+        pos[tok, which] = np.arange(P)  # each (token, choice)'s pair
+        w_of = weights[tok, which].astype(np.float32).view(np.int32)
+        host = np.concatenate([tok, tiles.reshape(-1), pos.reshape(-1), w_of]).astype(np.int32)
+        dev = xp.asarray(host)
+        a_rows, d_tiles = dev[:P], dev[P:P + tiles.size]
+        d_pos, wp = dev[P + tiles.size:P + tiles.size + pos.size], dev[P + tiles.size + pos.size:].view(np.float32)
+        h16 = xp.empty((P, F), np.float16)
+        k.moe_glu_mma(gate.qtype, gate.raw, up.raw, gate.raw.shape[-1], gate.expert_bytes, d_tiles, len(tiles),
+                      x.astype(np.float16), a_rows, h16, F, D)
+        y = xp.empty((P, D), np.float32)
+        k.moe_down_mma(down.qtype, down.raw, down.raw.shape[-1], down.expert_bytes, d_tiles, len(tiles), h16, wp, y,
+                       D, F)
+        k.moe_combine(y, d_pos, used, out)
+
+    def _tiled_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
         """A prompt's routed experts in VRAM: the experts' tokens gathered into a padded (experts,
         most tokens, D) batch, their weights dequantized to float16 as many experts at a time as
         EXPERT_TILE values allow (a V2-Lite layer's 64 experts in three groups), one

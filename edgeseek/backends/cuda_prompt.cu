@@ -1,0 +1,223 @@
+// A prompt's routed experts on the tensor cores: grouped matrix products straight from the file's
+// blocks. Compiled with cuda_kernels.cu (appended to it: its formats' Q::half, h2f, f2h, u32x4).
+//
+// The pairs (token, expert) of a prompt's layer are sorted by expert on the host, then cut into
+// tiles of at most GM_BM pairs of one expert: tiles (n_tiles, 3) int32 = (expert, first pair,
+// pairs); a tile of no pairs is skipped (its blocks return at once). A block multiplies one tile by GM_BN rows of its expert's matrix: it dequantizes the
+// rows' blocks GM_BK values at a time into shared memory as float16 (each value as
+// dequant_<t>_f16 leaves it), gathers the tile's activation rows beside them, and runs
+// mma.sync m16n8k16 (float16 operands, float32 sums) over them; so the weights are read from
+// VRAM once a tile, never written out dequantized.
+//
+// moe_glu_mma_<t>(const uchar* Wg, const uchar* Wu, ll row_bytes, ll expert_bytes, const int* tiles,
+//                 const ushort* x16, const int* a_rows, ushort* h16, int N, int K)
+//     h16[p] (N,) = f16(silu(Wg[e] @ x16[a_rows[p]]) * (Wu[e] @ x16[a_rows[p]])) for every pair p
+//     of every tile (e its expert); x16 (T, K) float16. block (128, 1, 1),
+//     grid (ceil(N / GM_BN), n_tiles, 1); K a multiple of GM_BK.
+// moe_down_mma_<t>(const uchar* W, ll row_bytes, ll expert_bytes, const int* tiles, const ushort* h16,
+//                  const float* wp, float* y, int N, int K)
+//     y[p] (N,) = wp[p] * (W[e] @ h16[p]): the pair's down projection times its routing weight.
+//     Same launch shape.
+// moe_combine(const float* y, const int* pos, int k, float* out, int N)
+//     out[t] += sum_{j < k, pos[t k + j] >= 0} y[pos[t k + j]] in j order (no atomics: the same sums
+//     every run). block (256, 1, 1), grid (ceil(N / 256), T, 1).
+
+#define GM_BM 64          // pairs a tile
+#define GM_BN 64          // weight rows a block
+#define GM_BK 64          // values of K a step: two 32-value units
+#define GM_LDS (GM_BK + 8)  // float16 a shared row: 144 bytes, 16-byte aligned, fragment loads without bank conflicts
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 lds32(const u16* p) { return *(const u32*)p; }
+
+// GM_BM rows of activations (row r: src + row(r) * K + k0, float16), zero past `count`
+template <class Row>
+__device__ __forceinline__ void gm_load_a(u16* __restrict__ sA, const u16* __restrict__ src, Row row, int count,
+                                          int K, int k0) {
+#pragma unroll
+    for (int i = 0; i < GM_BM * GM_BK / 8 / 128; ++i) {
+        const int c = threadIdx.x + 128 * i;  // 16-byte chunk
+        const int r = c / (GM_BK / 8), c8 = c % (GM_BK / 8);
+        u32x4 v = {0u, 0u, 0u, 0u};
+        if (r < count) v = *(const u32x4*)(src + (ll)row(r) * K + k0 + 8 * c8);
+        *(u32x4*)(sA + r * GM_LDS + 8 * c8) = v;
+    }
+}
+
+// GM_BN rows of W (from row n0) dequantized: values k0 .. k0 + GM_BK as float16, zero past N
+template <class Q>
+__device__ __forceinline__ void gm_load_w(u16* __restrict__ sW, const u8* __restrict__ W, ll row_bytes, int n0,
+                                          int N, int k0) {
+#pragma unroll
+    for (int i = 0; i < GM_BN * (GM_BK / 16) / 128; ++i) {
+        const int it = threadIdx.x + 128 * i;  // (row, unit, half)
+        const int r = it / (GM_BK / 16), u = (it / 2) % (GM_BK / 32), h = it % 2;
+        u32 w[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+        if (n0 + r < N) {
+            float v[16];
+            Q::half(W + (ll)(n0 + r) * row_bytes, (k0 >> 5) + u, h, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) w[j] = (u32)f2h(v[2 * j]) | ((u32)f2h(v[2 * j + 1]) << 16);
+        }
+        u32x4* p = (u32x4*)(sW + r * GM_LDS + 32 * u + 16 * h);
+        p[0] = u32x4{w[0], w[1], w[2], w[3]};
+        p[1] = u32x4{w[4], w[5], w[6], w[7]};
+    }
+}
+
+// acc[mi][ni] += A (warp's 32 rows) @ W (warp's 32 rows)^T over the GM_BK values in shared memory.
+// Warp w covers tile rows 32 (w / 2) .. +32 and weight rows 32 (w % 2) .. +32: 2 x 4 m16n8 tiles.
+__device__ __forceinline__ void gm_mma(float (&acc)[2][4][4], const u16* __restrict__ sA, const u16* __restrict__ sW) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const u16* a0 = sA + (32 * (warp >> 1) + g) * GM_LDS + 2 * t;
+    const u16* b0 = sW + (32 * (warp & 1) + g) * GM_LDS + 2 * t;
+#pragma unroll
+    for (int ks = 0; ks < GM_BK; ks += 16) {
+        u32 a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const u16* p = a0 + 16 * mi * GM_LDS + ks;
+            a[mi][0] = lds32(p);
+            a[mi][1] = lds32(p + 8 * GM_LDS);
+            a[mi][2] = lds32(p + 8);
+            a[mi][3] = lds32(p + 8 * GM_LDS + 8);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const u16* p = b0 + 8 * ni * GM_LDS + ks;
+            const u32 b_lo = lds32(p), b_hi = lds32(p + 8);
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) mma16816(acc[mi][ni], a[mi], b_lo, b_hi);
+        }
+    }
+}
+
+// fragment value c[2 half + i] of m16n8 tile (mi, ni): tile row gm_row(mi, half), weight row gm_col(ni) + i
+__device__ __forceinline__ int gm_row(int mi, int half) {
+    return 32 * (threadIdx.x >> 6) + 16 * mi + ((threadIdx.x & 31) >> 2) + 8 * half;
+}
+__device__ __forceinline__ int gm_col(int ni) { return 32 * ((threadIdx.x >> 5) & 1) + 8 * ni + 2 * (threadIdx.x & 3); }
+
+template <class Q>
+__device__ __forceinline__ void moe_glu_mma(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,
+                                            ll expert_bytes, const int* __restrict__ tiles,
+                                            const u16* __restrict__ x16, const int* __restrict__ a_rows,
+                                            u16* __restrict__ h16, int N, int K) {
+    __shared__ __align__(16) u16 sA[GM_BM * GM_LDS];
+    __shared__ __align__(16) u16 sG[GM_BN * GM_LDS];
+    __shared__ __align__(16) u16 sU[GM_BN * GM_LDS];
+    const int* tile = tiles + 3 * blockIdx.y;
+    const ll e = tile[0];
+    const int p0 = tile[1], count = tile[2], n0 = blockIdx.x * GM_BN;
+    if (count <= 0) return;  // a spare tile (room made on the device for the most tiles the pairs can need)
+    const u8* wg = Wg + e * expert_bytes;
+    const u8* wu = Wu + e * expert_bytes;
+    const int* rows = a_rows + p0;
+    float ag[2][4][4] = {}, au[2][4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += GM_BK) {
+        gm_load_a(sA, x16, [&](int r) { return rows[r]; }, count, K, k0);
+        gm_load_w<Q>(sG, wg, row_bytes, n0, N, k0);
+        gm_load_w<Q>(sU, wu, row_bytes, n0, N, k0);
+        __syncthreads();
+        gm_mma(ag, sA, sG);
+        gm_mma(au, sA, sU);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = gm_row(mi, half);
+            if (r >= count) continue;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int n = n0 + gm_col(ni);
+                if (n >= N) continue;
+                const float g0 = ag[mi][ni][2 * half], g1 = ag[mi][ni][2 * half + 1];
+                const float h0 = g0 / (1.0f + expf(-g0)) * au[mi][ni][2 * half];
+                const float h1 = g1 / (1.0f + expf(-g1)) * au[mi][ni][2 * half + 1];
+                *(u32*)(h16 + (ll)(p0 + r) * N + n) = (u32)f2h(h0) | ((u32)f2h(h1) << 16);
+            }
+        }
+}
+
+template <class Q>
+__device__ __forceinline__ void moe_down_mma(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
+                                             const int* __restrict__ tiles, const u16* __restrict__ h16,
+                                             const float* __restrict__ wp, float* __restrict__ y, int N, int K) {
+    __shared__ __align__(16) u16 sA[GM_BM * GM_LDS];
+    __shared__ __align__(16) u16 sW[GM_BN * GM_LDS];
+    const int* tile = tiles + 3 * blockIdx.y;
+    const ll e = tile[0];
+    const int p0 = tile[1], count = tile[2], n0 = blockIdx.x * GM_BN;
+    if (count <= 0) return;  // a spare tile (room made on the device for the most tiles the pairs can need)
+    const u8* w = W + e * expert_bytes;
+    float acc[2][4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += GM_BK) {
+        gm_load_a(sA, h16, [&](int r) { return p0 + r; }, count, K, k0);
+        gm_load_w<Q>(sW, w, row_bytes, n0, N, k0);
+        __syncthreads();
+        gm_mma(acc, sA, sW);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = gm_row(mi, half);
+            if (r >= count) continue;
+            const float s = wp[p0 + r];
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int n = n0 + gm_col(ni);
+                if (n >= N) continue;
+                *(f32x2*)(y + (ll)(p0 + r) * N + n) = f32x2{s * acc[mi][ni][2 * half], s * acc[mi][ni][2 * half + 1]};
+            }
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    moe_combine(const float* __restrict__ y, const int* __restrict__ pos, int k, float* __restrict__ out, int N) {
+    const int n = blockIdx.x * 256 + threadIdx.x;
+    if (n >= N) return;
+    const ll t = blockIdx.y;
+    float s = out[t * N + n];
+    for (int j = 0; j < k; ++j) {
+        const int p = pos[t * k + j];
+        if (p >= 0) s += y[(ll)p * N + n];
+    }
+    out[t * N + n] = s;
+}
+
+#define PROMPT_KERNELS(name, Q)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                                   \
+        moe_glu_mma_##name(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,          \
+                           ll expert_bytes, const int* __restrict__ tiles, const u16* __restrict__ x16, \
+                           const int* __restrict__ a_rows, u16* __restrict__ h16, int N, int K) {       \
+        moe_glu_mma<Q>(Wg, Wu, row_bytes, expert_bytes, tiles, x16, a_rows, h16, N, K);                 \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128)                                                   \
+        moe_down_mma_##name(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                    \
+                            const int* __restrict__ tiles, const u16* __restrict__ h16,                 \
+                            const float* __restrict__ wp, float* __restrict__ y, int N, int K) {        \
+        moe_down_mma<Q>(W, row_bytes, expert_bytes, tiles, h16, wp, y, N, K);                           \
+    }
+
+PROMPT_KERNELS(f16, F16)
+PROMPT_KERNELS(bf16, BF16)
+PROMPT_KERNELS(q4_0, Q4_0)
+PROMPT_KERNELS(q4_1, Q4_1)
+PROMPT_KERNELS(q5_0, Q5_0)
+PROMPT_KERNELS(q5_1, Q5_1)
+PROMPT_KERNELS(q8_0, Q8_0)
+PROMPT_KERNELS(q4_k, Q4_K)
+PROMPT_KERNELS(q5_k, Q5_K)
+PROMPT_KERNELS(q6_k, Q6_K)
