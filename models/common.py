@@ -4,10 +4,34 @@ hardware goes through the backend (backend.py)."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
 from edgeseek.errors import GGUFError
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def each_in_threads(fn: Callable[[int], None], n: int, threads: int) -> None:
+    """fn(0) .. fn(n - 1) shared out over `threads` host threads (work that numpy runs without the
+    GIL: large products and ufuncs); in this thread alone when threads is 1."""
+    global _POOL
+    threads = max(1, min(threads, n))
+    if threads == 1:
+        for j in range(n):
+            fn(j)
+        return
+    if _POOL is None or _POOL._max_workers < threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="edgeseek-heads")
+
+    def part(k: int) -> None:
+        for j in range(k, n, threads):
+            fn(j)
+    for f in [_POOL.submit(part, k) for k in range(threads)]:
+        f.result()
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeseek.errors import GGUFError, UnsupportedError
 
-from .common import DecoderModel, Rope, plus, require, rope_freqs, softmax, vector, yarn_freqs
+from .common import DecoderModel, Rope, each_in_threads, plus, require, rope_freqs, softmax, vector, yarn_freqs
 from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 
 # A prompt chunk of at least this many tokens attends with keys and values decompressed from the
@@ -317,24 +317,37 @@ class DeepSeek2Model(DecoderModel):
 
     def _attend_decompressed(self, L: Layer, q_nope, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int,
                              pos: np.ndarray) -> np.ndarray:
-        """One sequence's prompt chunk: store its cache entries, decompress every cached position's
-        keys K (S, H, N) = lat @ k_b and values V (S, H, V) = lat @ v_b^T, attend head by head in
-        batched products -> o (T, H, V), the input of attn_output (no v_b after)."""
-        s0, s1 = pos[0], pos[-1] + 1
+        """One sequence's prompt chunk: store its cache entries, then head by head decompress every
+        cached position's keys lat @ k_b (S, N) and values lat @ v_b^T (S, V) and attend -> o
+        (T, H, V), the input of attn_output (no v_b after). The heads are shared out over the
+        backend's threads (numpy's products and ufuncs run without the GIL, on one BLAS thread
+        each); a head's scores (T, S) stay in the cache where the whole (H, T, S) would not."""
+        c = self.config
+        s0, s1 = int(pos[0]), int(pos[-1]) + 1
+        T, H, N = q_nope.shape
         cache.c[i, s0:s1] = lat_new
         cache.k_pe[i, s0:s1] = k_pe_new
         lat = cache.c[i, :s1].astype(np.float32)  # (S, C)
         k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
         kb, vb = _dense_heads(L.attn_k_b), _dense_heads(L.attn_v_b)  # (H, C, N), (H, V, C)
-        keys = np.matmul(lat[None], kb)  # (H, S, N)
-        values = np.matmul(lat[None], vb.transpose(0, 2, 1))  # (H, S, V)
-        qh = np.ascontiguousarray(q_nope.transpose(1, 0, 2), dtype=np.float32)  # (H, T, N)
-        scores = np.matmul(qh, keys.transpose(0, 2, 1))  # (H, T, S)
-        scores += (np.ascontiguousarray(q_pe, dtype=np.float32) @ k_pe.T).transpose(1, 0, 2)
-        scores *= self.config.kq_scale
-        future = np.arange(s1)[None, :] > pos[:, None]  # (T, S)
-        scores = np.where(future[None], -np.inf, scores)
-        return np.matmul(softmax(scores), values).transpose(1, 0, 2)  # (T, H, V)
+        q = np.concatenate([q_nope, q_pe], axis=-1).astype(np.float32) * np.float32(c.kq_scale)  # (T, H, N + R)
+        # the chunk's own positions: row t sees s0 + t and before (an earlier chunk's all of them)
+        own = np.where(np.arange(s1 - s0)[None, :] > (pos - s0)[:, None], -np.inf, 0.0).astype(np.float32)
+        o = np.empty((T, H, vb.shape[1]), np.float32)
+
+        def head(h: int) -> None:
+            keys = np.empty((s1, q.shape[2]), np.float32)
+            np.matmul(lat, kb[h], out=keys[:, :N])
+            keys[:, N:] = k_pe
+            w = q[:, h] @ keys.T  # (T, S)
+            w[:, s0:] += own
+            np.subtract(w, w.max(axis=1, keepdims=True), out=w)
+            np.exp(w, out=w)
+            w /= w.sum(axis=1, keepdims=True)
+            np.matmul(w, lat @ vb[h].T, out=o[:, h])
+
+        each_in_threads(head, H, getattr(self.backend, "threads", 1))
+        return o
 
     def _output(self, L: Layer, o_lat: np.ndarray, residual=None) -> np.ndarray:
         o = self.backend.per_head(L.attn_v_b, o_lat)  # (T, H, V)

@@ -260,6 +260,11 @@ class CPUBackend:
     xp = np
     device = "cpu"
 
+    @property
+    def threads(self) -> int:
+        """Host threads the kernels run on (numba's), for work the model shares out itself."""
+        return numba.get_num_threads()
+
     def matrix(self, gguf, name: str, shape: tuple[int, int]) -> QMatrix:
         t = gguf.tensor(name, shape)
         tensor_format(gguf, t)
