@@ -258,12 +258,14 @@ def test_gqa_decode_from_the_float16_cache_equals_numpy():
     np.testing.assert_allclose(got, want[:, :, 0], rtol=1e-4, atol=1e-5)
 
 
-def test_latent_decode_on_one_core_equals_both_cores(monkeypatch):
+@pytest.mark.parametrize("H, n", [(4, 200), (16, 201), (16, 200)])
+def test_latent_decode_on_one_core_equals_both_cores(monkeypatch, H, n):
     """MLA's one-token attention from the float16 latent cache: the one-call kernel for short
-    contexts against the two parallel kernels."""
+    contexts against the two parallel kernels (eight heads and two positions at a time where H is a
+    multiple of 8, an odd last position included), and both against float64."""
     import edgeseek.backends.cpu as cpu
     rng = np.random.default_rng(8)
-    H, C, R, n_ctx, n = 4, 128, 32, 300, 200
+    C, R, n_ctx = 128, 32, 300
     c = rng.standard_normal((n_ctx, C)).astype(np.float16)
     k = rng.standard_normal((n_ctx, R)).astype(np.float16)
     q_lat, q_pe = rng.standard_normal((H, C)).astype(np.float32), rng.standard_normal((H, R)).astype(np.float32)
@@ -273,6 +275,11 @@ def test_latent_decode_on_one_core_equals_both_cores(monkeypatch):
         monkeypatch.setattr(cpu, "LATENT_SHORT", limit)
         out[limit] = cpu.CPUBackend().latent_decode(q_lat, q_pe, new_c, new_k, c.copy(), k.copy(), np.array([n - 1]), 0.1)
     np.testing.assert_allclose(out[10**6], out[0], rtol=1e-4, atol=1e-5)
+    lat, kpe = c[:n].astype(np.float64), k[:n].astype(np.float64)
+    lat[n - 1], kpe[n - 1] = new_c[0].astype(np.float16), new_k[0].astype(np.float16)
+    s = (q_lat @ lat.T + q_pe @ kpe.T) * 0.1
+    p = np.exp(s - s.max(1, keepdims=True))
+    np.testing.assert_allclose(out[0][0], (p / p.sum(1, keepdims=True)) @ lat, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["norm", "neox"])

@@ -72,6 +72,122 @@ def _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
+def _latent_scores8(q_lat, q_pe, c16, kpe16, n, scale, scores):
+    # _latent_scores for two positions and eight heads at a time (H a multiple of 8): sixteen
+    # independent sums in flight, each float16 cache row widened once for the eight heads and each
+    # query piece loaded once for the two positions; a (pair of positions, group of eight heads) per
+    # iteration, both cores
+    H, C = q_lat.shape
+    R = q_pe.shape[1]
+    G = H // 8
+    for job in prange(((n + 1) // 2) * G):
+        s, h0 = (job // G) * 2, (job % G) * 8
+        t = min(s + 1, n - 1)  # an odd last position computed twice
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero_f()
+        b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = zero_f()
+        for j in range(0, C, 16):
+            r = load_h(c16, s * C + j)
+            u = load_h(c16, t * C + j)
+            q = load_f(q_lat, (h0 + 0) * C + j)
+            a0 = add_f(a0, mul_f(r, q))
+            b0 = add_f(b0, mul_f(u, q))
+            q = load_f(q_lat, (h0 + 1) * C + j)
+            a1 = add_f(a1, mul_f(r, q))
+            b1 = add_f(b1, mul_f(u, q))
+            q = load_f(q_lat, (h0 + 2) * C + j)
+            a2 = add_f(a2, mul_f(r, q))
+            b2 = add_f(b2, mul_f(u, q))
+            q = load_f(q_lat, (h0 + 3) * C + j)
+            a3 = add_f(a3, mul_f(r, q))
+            b3 = add_f(b3, mul_f(u, q))
+            q = load_f(q_lat, (h0 + 4) * C + j)
+            a4 = add_f(a4, mul_f(r, q))
+            b4 = add_f(b4, mul_f(u, q))
+            q = load_f(q_lat, (h0 + 5) * C + j)
+            a5 = add_f(a5, mul_f(r, q))
+            b5 = add_f(b5, mul_f(u, q))
+            q = load_f(q_lat, (h0 + 6) * C + j)
+            a6 = add_f(a6, mul_f(r, q))
+            b6 = add_f(b6, mul_f(u, q))
+            q = load_f(q_lat, (h0 + 7) * C + j)
+            a7 = add_f(a7, mul_f(r, q))
+            b7 = add_f(b7, mul_f(u, q))
+        for j in range(0, R, 16):
+            r = load_h(kpe16, s * R + j)
+            u = load_h(kpe16, t * R + j)
+            q = load_f(q_pe, (h0 + 0) * R + j)
+            a0 = add_f(a0, mul_f(r, q))
+            b0 = add_f(b0, mul_f(u, q))
+            q = load_f(q_pe, (h0 + 1) * R + j)
+            a1 = add_f(a1, mul_f(r, q))
+            b1 = add_f(b1, mul_f(u, q))
+            q = load_f(q_pe, (h0 + 2) * R + j)
+            a2 = add_f(a2, mul_f(r, q))
+            b2 = add_f(b2, mul_f(u, q))
+            q = load_f(q_pe, (h0 + 3) * R + j)
+            a3 = add_f(a3, mul_f(r, q))
+            b3 = add_f(b3, mul_f(u, q))
+            q = load_f(q_pe, (h0 + 4) * R + j)
+            a4 = add_f(a4, mul_f(r, q))
+            b4 = add_f(b4, mul_f(u, q))
+            q = load_f(q_pe, (h0 + 5) * R + j)
+            a5 = add_f(a5, mul_f(r, q))
+            b5 = add_f(b5, mul_f(u, q))
+            q = load_f(q_pe, (h0 + 6) * R + j)
+            a6 = add_f(a6, mul_f(r, q))
+            b6 = add_f(b6, mul_f(u, q))
+            q = load_f(q_pe, (h0 + 7) * R + j)
+            a7 = add_f(a7, mul_f(r, q))
+            b7 = add_f(b7, mul_f(u, q))
+        scores[h0 + 0, s] = hsum_f(a0) * scale
+        scores[h0 + 1, s] = hsum_f(a1) * scale
+        scores[h0 + 2, s] = hsum_f(a2) * scale
+        scores[h0 + 3, s] = hsum_f(a3) * scale
+        scores[h0 + 4, s] = hsum_f(a4) * scale
+        scores[h0 + 5, s] = hsum_f(a5) * scale
+        scores[h0 + 6, s] = hsum_f(a6) * scale
+        scores[h0 + 7, s] = hsum_f(a7) * scale
+        scores[h0 + 0, t] = hsum_f(b0) * scale
+        scores[h0 + 1, t] = hsum_f(b1) * scale
+        scores[h0 + 2, t] = hsum_f(b2) * scale
+        scores[h0 + 3, t] = hsum_f(b3) * scale
+        scores[h0 + 4, t] = hsum_f(b4) * scale
+        scores[h0 + 5, t] = hsum_f(b5) * scale
+        scores[h0 + 6, t] = hsum_f(b6) * scale
+        scores[h0 + 7, t] = hsum_f(b7) * scale
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_mix8(p, c16, n, out):
+    # out (H, C) = p (H, n) @ c[:n], eight heads at a time (H a multiple of 8): a (16 columns, eight
+    # heads) per iteration keeps its eight sums in registers over every position, each float16 row
+    # piece widened once for the eight; both cores, no partial sums to add up
+    H, C = out.shape
+    G = H // 8
+    for job in prange((C // 16) * G):
+        j, h0 = (job // G) * 16, (job % G) * 8
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero_f()
+        for s in range(n):
+            r = load_h(c16, s * C + j)
+            a0 = add_f(a0, mul_f(r, splat_f(p[h0 + 0, s])))
+            a1 = add_f(a1, mul_f(r, splat_f(p[h0 + 1, s])))
+            a2 = add_f(a2, mul_f(r, splat_f(p[h0 + 2, s])))
+            a3 = add_f(a3, mul_f(r, splat_f(p[h0 + 3, s])))
+            a4 = add_f(a4, mul_f(r, splat_f(p[h0 + 4, s])))
+            a5 = add_f(a5, mul_f(r, splat_f(p[h0 + 5, s])))
+            a6 = add_f(a6, mul_f(r, splat_f(p[h0 + 6, s])))
+            a7 = add_f(a7, mul_f(r, splat_f(p[h0 + 7, s])))
+        store_f(out, (h0 + 0) * C + j, a0)
+        store_f(out, (h0 + 1) * C + j, a1)
+        store_f(out, (h0 + 2) * C + j, a2)
+        store_f(out, (h0 + 3) * C + j, a3)
+        store_f(out, (h0 + 4) * C + j, a4)
+        store_f(out, (h0 + 5) * C + j, a5)
+        store_f(out, (h0 + 6) * C + j, a6)
+        store_f(out, (h0 + 7) * C + j, a7)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
 def _latent_mix(p, c16, n, parts, out):
     # out (H, C) = p (H, n) @ c[:n]: each thread a run of positions, every row read once from start
     # to end into its own (H, C) sums (parts (threads, H * C)), which are added up at the end
@@ -393,13 +509,17 @@ class CPUBackend:
                           c16, cache_k_pe.view(np.uint16), n, np.float32(scale), np.empty(n, np.float32), out)
             return out[None]
         scores = np.empty((H, n), np.float32)
-        _latent_scores(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32),
-                       c16, cache_k_pe.view(np.uint16), n, np.float32(scale), scores)
+        q_lat, q_pe = np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32)
+        by8 = H % 8 == 0
+        (_latent_scores8 if by8 else _latent_scores)(q_lat, q_pe, c16, cache_k_pe.view(np.uint16), n,
+                                                      np.float32(scale), scores)
         out = np.empty((H, C), np.float32)
-        parts = np.empty((max(1, min(numba.get_num_threads(), n // 16)), H * C), np.float32)
         probs = np.ascontiguousarray(softmax(scores), dtype=np.float32)
         probs[probs < 1e-30] = 0.0  # subnormal weights would run the products at microcode speed
-        _latent_mix(probs, c16, n, parts, out)
+        if by8:
+            _latent_mix8(probs, c16, n, out)
+        else:
+            _latent_mix(probs, c16, n, np.empty((max(1, min(numba.get_num_threads(), n // 16)), H * C), np.float32), out)
         return out[None]
 
     def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c: list, caches_k_pe: list, pos,
