@@ -3,8 +3,8 @@ one file in the user's cache directory and memory-mapped on later starts, so tha
 first tokens pack nothing (llama.cpp repacks at every load instead).
 
 The file is keyed by the GGUF's identity (size, modification time and a hash of its first MiB, where
-the header and tensor index live) and by the kernel set of this CPU (the VNNI and portable layouts
-differ); a stale or damaged cache is ignored and rebuilt. It is written to a temporary file and
+the header and tensor index live), by the kernel set of this CPU (the VNNI and portable layouts
+differ) and by LAYOUT, the version of the layouts; a stale or damaged cache is ignored and rebuilt. It is written to a temporary file and
 renamed at the end. Layout: the arrays one after another, 64-byte aligned, then a JSON index, its
 length (8 bytes) and MAGIC.
 
@@ -25,6 +25,7 @@ import numpy as np
 from .hub import cache_dir
 
 MAGIC = b"EDGESEEK-PACKED1"
+LAYOUT = 2  # bumped when a kernel layout changes (2: Q6_K's VNNI layout holds its levels one a byte)
 ALIGN = 64
 
 
@@ -44,7 +45,7 @@ def path_for(gguf) -> Path:
     h = hashlib.sha256()
     with open(gguf.path, "rb") as f:
         h.update(f.read(1 << 20))
-    key = f"{st.st_size}-{st.st_mtime_ns}-{h.hexdigest()[:16]}-{'vnni' if HAVE_VNNI else 'portable'}"
+    key = f"{st.st_size}-{st.st_mtime_ns}-{h.hexdigest()[:16]}-{'vnni' if HAVE_VNNI else 'portable'}_l{LAYOUT}"
     return cache_dir() / "packed" / f"{gguf.path.stem}-{key}.pack"
 
 

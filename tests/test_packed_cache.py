@@ -62,6 +62,18 @@ def test_a_changed_model_file_gets_a_new_cache(model, tmp_path):
     assert new != old  # the stale one removed
 
 
+def test_a_cache_of_an_earlier_layout_version_is_replaced(model, tmp_path):
+    """A cache written before the layouts' version entered the key (or by an older version) is
+    never read, and goes once the current one is written."""
+    logits(model)
+    (current,) = caches(tmp_path)
+    older = current.with_name(current.name.replace(f"_l{packed_cache.LAYOUT}.pack", ".pack"))
+    current.rename(older)
+    want = logits(model)
+    assert caches(tmp_path) == [current]
+    np.testing.assert_array_equal(logits(model), want)
+
+
 def test_a_damaged_cache_is_rebuilt(model, tmp_path):
     want = logits(model)
     (path,) = caches(tmp_path)
@@ -83,4 +95,5 @@ def test_size_cap(model, tmp_path, monkeypatch):
 def test_the_key_follows_the_file_and_the_kernels(model):
     a = packed_cache.path_for(GGUFFile(model))
     assert a == packed_cache.path_for(GGUFFile(model))
-    assert a.name.startswith("model-") and a.name.endswith(("-vnni.pack", "-portable.pack"))
+    layout = f"_l{packed_cache.LAYOUT}.pack"  # a new layout version: a new key, the old file stale
+    assert a.name.startswith("model-") and a.name.endswith((f"-vnni{layout}", f"-portable{layout}"))
