@@ -106,6 +106,25 @@ __device__ __forceinline__ int gm_row(int mi, int half) {
 }
 __device__ __forceinline__ int gm_col(int ni) { return 32 * ((threadIdx.x >> 5) & 1) + 8 * ni + 2 * (threadIdx.x & 3); }
 
+// f(r, n, mi, ni, half) for each pair of output values of the thread (tile row r < count, weight
+// rows n and n + 1 < N): fragment values [mi][ni][2 half] and [2 half + 1]
+template <class F>
+__device__ __forceinline__ void gm_epilogue(int count, int n0, int N, F f) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = gm_row(mi, half);
+            if (r >= count) continue;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int n = n0 + gm_col(ni);
+                if (n >= N) continue;
+                f(r, n, mi, ni, half);
+            }
+        }
+}
+
 template <class Q>
 __device__ __forceinline__ void moe_glu_mma(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,
                                             ll expert_bytes, const int* __restrict__ tiles,
@@ -117,7 +136,7 @@ __device__ __forceinline__ void moe_glu_mma(const u8* __restrict__ Wg, const u8*
     const int* tile = tiles + 3 * blockIdx.y;
     const ll e = tile[0];
     const int p0 = tile[1], count = tile[2], n0 = blockIdx.x * GM_BN;
-    if (count <= 0) return;  // a spare tile (room made on the device for the most tiles the pairs can need)
+    if (count <= 0) return;  // a tile of no pairs
     const u8* wg = Wg + e * expert_bytes;
     const u8* wu = Wu + e * expert_bytes;
     const int* rows = a_rows + p0;
@@ -131,22 +150,12 @@ __device__ __forceinline__ void moe_glu_mma(const u8* __restrict__ Wg, const u8*
         gm_mma(au, sA, sU);
         __syncthreads();
     }
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int r = gm_row(mi, half);
-            if (r >= count) continue;
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const int n = n0 + gm_col(ni);
-                if (n >= N) continue;
-                const float g0 = ag[mi][ni][2 * half], g1 = ag[mi][ni][2 * half + 1];
-                const float h0 = g0 / (1.0f + expf(-g0)) * au[mi][ni][2 * half];
-                const float h1 = g1 / (1.0f + expf(-g1)) * au[mi][ni][2 * half + 1];
-                *(u32*)(h16 + (ll)(p0 + r) * N + n) = (u32)f2h(h0) | ((u32)f2h(h1) << 16);
-            }
-        }
+    gm_epilogue(count, n0, N, [&](int r, int n, int mi, int ni, int half) {
+        const float g0 = ag[mi][ni][2 * half], g1 = ag[mi][ni][2 * half + 1];
+        const float h0 = g0 / (1.0f + expf(-g0)) * au[mi][ni][2 * half];
+        const float h1 = g1 / (1.0f + expf(-g1)) * au[mi][ni][2 * half + 1];
+        *(u32*)(h16 + (ll)(p0 + r) * N + n) = (u32)f2h(h0) | ((u32)f2h(h1) << 16);
+    });
 }
 
 template <class Q>
@@ -158,7 +167,7 @@ __device__ __forceinline__ void moe_down_mma(const u8* __restrict__ W, ll row_by
     const int* tile = tiles + 3 * blockIdx.y;
     const ll e = tile[0];
     const int p0 = tile[1], count = tile[2], n0 = blockIdx.x * GM_BN;
-    if (count <= 0) return;  // a spare tile (room made on the device for the most tiles the pairs can need)
+    if (count <= 0) return;  // a tile of no pairs
     const u8* w = W + e * expert_bytes;
     float acc[2][4][4] = {};
     for (int k0 = 0; k0 < K; k0 += GM_BK) {
@@ -168,20 +177,10 @@ __device__ __forceinline__ void moe_down_mma(const u8* __restrict__ W, ll row_by
         gm_mma(acc, sA, sW);
         __syncthreads();
     }
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int r = gm_row(mi, half);
-            if (r >= count) continue;
-            const float s = wp[p0 + r];
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const int n = n0 + gm_col(ni);
-                if (n >= N) continue;
-                *(f32x2*)(y + (ll)(p0 + r) * N + n) = f32x2{s * acc[mi][ni][2 * half], s * acc[mi][ni][2 * half + 1]};
-            }
-        }
+    gm_epilogue(count, n0, N, [&](int r, int n, int mi, int ni, int half) {
+        const float w = wp[p0 + r];
+        *(f32x2*)(y + (ll)(p0 + r) * N + n) = f32x2{w * acc[mi][ni][2 * half], w * acc[mi][ni][2 * half + 1]};
+    });
 }
 
 extern "C" __global__ void __launch_bounds__(256)
