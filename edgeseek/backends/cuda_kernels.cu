@@ -533,6 +533,81 @@ __device__ __forceinline__ void block_sums(float (&acc)[R], float* red) {
     }
 }
 
+// The ends of the one-token products, float and int8 alike: the block's partial sums added up
+// (block_sums), then thread 0 writes the block's rows.
+// y[n] = res[n] + (add[n] + acc[r]) for rows n = n0 + r < N (add, res NULL: none)
+template <int R>
+__device__ __forceinline__ void finish_rows(float (&acc)[R], float* red, const float* __restrict__ add,
+                                            const float* __restrict__ res, float* __restrict__ y, int n0, int N) {
+    block_sums<R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            if (n < N) {
+                float s = acc[r];
+                if (add) s = add[n] + s;
+                if (res) s = res[n] + s;
+                y[n] = s;
+            }
+        }
+    }
+}
+
+// out[n] = silu(gate sum) * (up sum) for rows n = n0 + r < rows_n; acc: gate sums, then up sums
+template <int R>
+__device__ __forceinline__ void finish_glu(float (&acc)[2 * R], float* red, float* __restrict__ out, int n0,
+                                           int rows_n) {
+    block_sums<2 * R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            const float g = acc[r], u = acc[R + r];
+            if (n < rows_n) out[n] = g / (1.0f + expf(-g)) * u;
+        }
+    }
+}
+
+// y[t N + n] = res + ((add + routed sum) + shared sum) for rows n = n0 + r < N, the unfused graph's
+// order; acc: the routed sums, then the shared row's (with_shared false: none)
+template <int R>
+__device__ __forceinline__ void finish_down(float (&acc)[2 * R], float* red, const float* __restrict__ add,
+                                            const float* __restrict__ res, bool with_shared, float* __restrict__ y,
+                                            int t, int n0, int N) {
+    block_sums<2 * R>(acc, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            if (n < N) {
+                const ll at = (ll)t * N + n;
+                float s = add ? add[at] + acc[r] : acc[r];
+                if (with_shared) s = s + acc[R + r];
+                if (res) s = res[at] + s;
+                y[at] = s;
+            }
+        }
+    }
+}
+
+// A glu block's rows: gate rows, then up rows, of expert ids[p] (of the shared experts' Wg2, Wu2
+// where `shared`), rows n0 .. n0 + R - 1 clamped to rows_n - 1
+template <int R>
+__device__ __forceinline__ void glu_rows(const u8* (&rows)[2 * R], const u8* __restrict__ Wg,
+                                         const u8* __restrict__ Wu, ll row_bytes, ll expert_bytes,
+                                         const int* __restrict__ ids, const u8* __restrict__ Wg2,
+                                         const u8* __restrict__ Wu2, ll row_bytes2, bool shared, int p, int n0,
+                                         int rows_n) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int n = min(n0 + r, rows_n - 1);
+        const ll off = shared ? (ll)n * row_bytes2 : (ll)ids[p] * expert_bytes + (ll)n * row_bytes;
+        rows[r] = (shared ? Wg2 : Wg) + off;
+        rows[R + r] = (shared ? Wu2 : Wu) + off;
+    }
+}
+
 // Row n of expert ids[p] . x[p / x_div] -> y[p, n], tpr threads a row (a power of two <= 32, set by
 // the host from K: MLA's per-head products have K = 128 or 512, where a warp a row would leave most
 // lanes idle), thread r of a row taking items r, r + tpr, ...; ROW_THREADS / tpr rows a block (the
@@ -574,19 +649,7 @@ __device__ __forceinline__ void mmv1(const u8* __restrict__ W, ll row_bytes, con
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.0f;
     for (int it = threadIdx.x; it < items; it += ROW_THREADS) items_dot<Q, R>(rows, it, x, acc);
-    block_sums<R>(acc, red);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int n = n0 + r;
-            if (n < N) {
-                float s = acc[r];
-                if (add) s = add[n] + s;
-                if (res) s = res[n] + s;
-                y[n] = s;
-            }
-        }
-    }
+    finish_rows<R>(acc, red, add, res, y, n0, N);
 }
 
 // silu(gate . x) * (up . x) for the block's GLU_ROWS rows of expert ids[p], gate and up of one
@@ -606,13 +669,7 @@ __device__ __forceinline__ void mmv_glu_ids(const u8* __restrict__ Wg, const u8*
     const int rows_n = shared ? N2 : N;
     if (n0 >= rows_n) return;  // the whole block: the grid covers the longer of the two
     const u8* rows[2 * R];  // gate rows, then up rows
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int n = min(n0 + r, rows_n - 1);
-        const ll off = shared ? (ll)n * row_bytes2 : (ll)ids[p] * expert_bytes + (ll)n * row_bytes;
-        rows[r] = (shared ? Wg2 : Wg) + off;
-        rows[R + r] = (shared ? Wu2 : Wu) + off;
-    }
+    glu_rows<R>(rows, Wg, Wu, row_bytes, expert_bytes, ids, Wg2, Wu2, row_bytes2, shared, p, n0, rows_n);
     const float* xp = x + (ll)(shared ? p - P : p / x_div) * K;
     float* out = shared ? h2 + (ll)(p - P) * N2 : h + (ll)p * N;
     const int items = K >> 4;
@@ -620,15 +677,7 @@ __device__ __forceinline__ void mmv_glu_ids(const u8* __restrict__ Wg, const u8*
 #pragma unroll
     for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
     for (int it = threadIdx.x; it < items; it += ROW_THREADS) items_dot<Q, 2 * R>(rows, it, xp, acc);
-    block_sums<2 * R>(acc, red);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int n = n0 + r;
-            const float g = acc[r], u = acc[R + r];
-            if (n < rows_n) out[n] = g / (1.0f + expf(-g)) * u;
-        }
-    }
+    finish_glu<R>(acc, red, out, n0, rows_n);
 }
 
 // A token's routed experts' down projections, weighted and summed: row n of token t is
@@ -673,20 +722,7 @@ __device__ __forceinline__ void mmv_down_ids(const u8* __restrict__ W, ll row_by
             for (int r = 0; r < R; ++r) acc[R + r] += part[r];
         }
     }
-    block_sums<2 * R>(acc, red);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int n = n0 + r;
-            if (n < N) {
-                const ll at = (ll)t * N + n;
-                float s = add ? add[at] + acc[r] : acc[r];
-                if (W2) s = s + acc[R + r];
-                if (res) s = res[at] + s;
-                y[at] = s;
-            }
-        }
-    }
+    finish_down<R>(acc, red, add, res, W2 != nullptr, y, t, n0, N);
 }
 
 // --- Q4_0 on int8 activations ---------------------------------------------------------------------
@@ -750,19 +786,7 @@ mmv1_q4_0_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq, 
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] += q4_0_dot(rows[r], it, x);
     }
-    block_sums<R>(acc, red);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int n = n0 + r;
-            if (n < N) {
-                float s = acc[r];
-                if (add) s = add[n] + s;
-                if (res) s = res[n] + s;
-                y[n] = s;
-            }
-        }
-    }
+    finish_rows<R>(acc, red, add, res, y, n0, N);
 }
 
 // mmv_glu_ids_q4_0 (shared experts included) on x as q8_1: row r of x at xq + r K, xs + r K / 32
@@ -777,14 +801,8 @@ glu_ids_q4_0_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_byt
     const bool shared = p >= P;
     const int rows_n = shared ? N2 : N;
     if (n0 >= rows_n) return;
-    const u8* rows[2 * R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int n = min(n0 + r, rows_n - 1);
-        const ll off = shared ? (ll)n * row_bytes2 : (ll)ids[p] * expert_bytes + (ll)n * row_bytes;
-        rows[r] = (shared ? Wg2 : Wg) + off;
-        rows[R + r] = (shared ? Wu2 : Wu) + off;
-    }
+    const u8* rows[2 * R];  // gate rows, then up rows
+    glu_rows<R>(rows, Wg, Wu, row_bytes, expert_bytes, ids, Wg2, Wu2, row_bytes2, shared, p, n0, rows_n);
     const ll xr = shared ? p - P : p / x_div;
     const u8* xqp = xq + xr * K;
     const f32x2* xsp = xs + xr * (K >> 5);
@@ -798,15 +816,7 @@ glu_ids_q4_0_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_byt
 #pragma unroll
         for (int r = 0; r < 2 * R; ++r) acc[r] += q4_0_dot(rows[r], it, x);
     }
-    block_sums<2 * R>(acc, red);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int n = n0 + r;
-            const float g = acc[r], u = acc[R + r];
-            if (n < rows_n) out[n] = g / (1.0f + expf(-g)) * u;
-        }
-    }
+    finish_glu<R>(acc, red, out, n0, rows_n);
 }
 
 // mmv_down_ids_q4_0 (shared experts and residual included) on h and h2 as q8_1: pair p's row at
@@ -846,20 +856,7 @@ down_ids_q4_0_q8(const u8* __restrict__ W, ll row_bytes, ll expert_bytes, const 
             for (int r = 0; r < R; ++r) acc[R + r] += q4_0_dot(rows[r], it, x);
         }
     }
-    block_sums<2 * R>(acc, red);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int n = n0 + r;
-            if (n < N) {
-                const ll at = (ll)t * N + n;
-                float s = add ? add[at] + acc[r] : acc[r];
-                if (W2) s = s + acc[R + r];
-                if (res) s = res[at] + s;
-                y[at] = s;
-            }
-        }
-    }
+    finish_down<R>(acc, red, add, res, W2 != nullptr, y, t, n0, N);
 }
 
 // one warp: the 32 values v of a q8_1 block (one a lane) -> xq[i], and (d, d * sum(q)) by lane 0
