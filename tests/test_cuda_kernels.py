@@ -372,6 +372,19 @@ def test_mmv_down_ids(module, name, add):
         assert not bad.any(), f"token {t}: {bad.sum()} of {n} outside the bound"
 
 
+def assert_glu_with_shared(hs, h2s, gate, up, g2, u2, ids, used, x):
+    """The gate-up launch's outputs: pair p's silu(gate[ids[p]] @ x) * (up[ids[p]] @ x) on token
+    p // used, token t's the shared experts' on token t, against float64 (gate, up (E, n, d))."""
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    for p in range(len(hs)):
+        G, U = (m[ids[p]].astype(np.float64) for m in (gate, up))
+        want = silu(G @ x[p // used]) * (U @ x[p // used])
+        np.testing.assert_allclose(hs[p], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    for t in range(len(h2s)):
+        want = silu(g2.astype(np.float64) @ x[t]) * (u2.astype(np.float64) @ x[t])
+        np.testing.assert_allclose(h2s[t], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("name", ["q4_0", "q6_k", "f32"])
 def test_glu_and_down_with_the_shared_experts_in_the_same_launches(module, name):
     """A MoE layer in two launches: the routed experts (256 rows of gate and up) and the shared
@@ -399,14 +412,7 @@ def test_glu_and_down_with_the_shared_experts_in_the_same_launches(module, name)
          np.int32(used), h, np.int32(n), np.int32(d), np.int32(T * used), cupy.asarray(g2), cupy.asarray(u2),
          np.int64(rb2), np.int32(n2), h2))
     hs, h2s = unpoisoned(h, T * used * n).reshape(T * used, n), unpoisoned(h2, T * n2).reshape(T, n2)
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-    for p in range(T * used):
-        G, U = (m.reshape(E, n, d)[ids[p]].astype(np.float64) for m in (gate_d, up_d))
-        want = silu(G @ x[p // used]) * (U @ x[p // used])
-        np.testing.assert_allclose(hs[p], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
-    for t in range(T):
-        want = silu(g2_d.astype(np.float64) @ x[t]) * (u2_d.astype(np.float64) @ x[t])
-        np.testing.assert_allclose(h2s[t], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    assert_glu_with_shared(hs, h2s, gate_d.reshape(E, n, d), up_d.reshape(E, n, d), g2_d, u2_d, ids, used, x)
     rbd, rbd2 = down.shape[1], d2.shape[1]
     module.get_function(f"mmv_down_ids_{name}")(
         (-(-d // MMV1_ROWS), T), (128,),
@@ -504,14 +510,7 @@ def test_q4_0_products_on_int8_activations(module):
          np.int32(used), h, np.int32(n), np.int32(d), np.int32(T * used), cupy.asarray(g2), cupy.asarray(u2),
          np.int64(rb2), np.int32(n2), h2))
     hs, h2s = unpoisoned(h, T * used * n).reshape(T * used, n), unpoisoned(h2, T * n2).reshape(T, n2)
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-    for p in range(T * used):
-        G, U = (m.reshape(E, n, d)[ids[p]].astype(np.float64) for m in (gate_d, up_d))
-        want = silu(G @ xv[p // used]) * (U @ xv[p // used])
-        np.testing.assert_allclose(hs[p], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
-    for t in range(T):
-        want = silu(g2_d.astype(np.float64) @ xv[t]) * (u2_d.astype(np.float64) @ xv[t])
-        np.testing.assert_allclose(h2s[t], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    assert_glu_with_shared(hs, h2s, gate_d.reshape(E, n, d), up_d.reshape(E, n, d), g2_d, u2_d, ids, used, xv)
 
     hq, hsc = (cupy.asarray(a) for a in q8_1(hs))
     hq2, hsc2 = (cupy.asarray(a) for a in q8_1(h2s))
