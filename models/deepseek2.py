@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeseek.errors import GGUFError, UnsupportedError
 
-from .common import DecoderModel, Rope, each_in_threads, plus, require, rope_freqs, softmax, vector, yarn_freqs
+from .common import DecoderModel, Rope, each_in_threads, require, rope_freqs, softmax, vector, yarn_freqs
 from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 
 # A prompt chunk of at least this many tokens attends with keys and values decompressed from the
