@@ -79,6 +79,16 @@ def _version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}"
 
 
+def _pairs_by_expert(slot: np.ndarray, on_gpu: np.ndarray):
+    """The (token, choice) pairs whose expert is in VRAM, grouped by its slot, in token order within
+    a slot: tok, which (P,) each; and the slots present, the first pair and the pair count of each."""
+    tok, which = np.nonzero(on_gpu)
+    order = np.argsort(slot[tok, which], kind="stable")
+    tok, which = tok[order], which[order]
+    experts, start, count = np.unique(slot[tok, which], return_index=True, return_counts=True)
+    return tok, which, experts, start, count
+
+
 def _grouped_fits(gate, up, down) -> bool:
     """Whether a prompt's experts can run through the grouped kernels: quantized or 16-bit blocks
     (float32 files keep exact float32 products), gate and up of one format, every K a multiple of
@@ -569,6 +579,7 @@ class CUDABackend:
             both = fetched()
             ids, weights = both[0], both[1].view(np.float32)
             store.count(layer, ids)
+            # every expert in VRAM: an expert's slot is its id
             self._grouped_experts(x, ids, np.ones(ids.shape, bool), weights, store.device(layer), out)
             return plus(out, residual=residual)
         return self._plus_shared(x, self._routed_on_host(x, logits, router, bias, store, layer), shared, residual)
@@ -660,7 +671,6 @@ class CUDABackend:
         """A prompt's routed experts in VRAM: grouped products on the file's blocks where the
         formats allow (_grouped_experts), else dequantized tiles through cuBLAS (_tiled_experts)."""
         gate, up, down = projections
-        F, D = gate.shape
         if self.prompt_mma and _grouped_fits(gate, up, down):
             self._grouped_experts(x, slot, on_gpu, weights, projections, out)
         else:
@@ -676,12 +686,8 @@ class CUDABackend:
         gate, up, down = projections
         F, D = gate.shape
         T, used = slot.shape
-        tok, which = np.nonzero(on_gpu)
-        e_of = slot[tok, which]
-        order = np.argsort(e_of, kind="stable")
-        tok, which, e_of = tok[order], which[order], e_of[order]  # pairs grouped by expert
+        tok, which, experts, start, count = _pairs_by_expert(slot, on_gpu)
         P = len(tok)
-        experts, start, count = np.unique(e_of, return_index=True, return_counts=True)
         per = -(-count // GM_BM)  # tiles an expert
         first = np.repeat(start, per) + GM_BM * (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per))
         tiles = np.stack([np.repeat(experts, per), first, np.minimum(GM_BM, np.repeat(start + count, per) - first)], 1)
@@ -710,11 +716,7 @@ class CUDABackend:
         xp, k = self.xp, self.kernels
         gate, up, down = projections
         F, D = gate.shape
-        tok, which = np.nonzero(on_gpu)
-        e_of = slot[tok, which]
-        order = np.argsort(e_of, kind="stable")
-        tok, which, e_of = tok[order], which[order], e_of[order]  # pairs grouped by expert
-        experts, start, count = np.unique(e_of, return_index=True, return_counts=True)
+        tok, which, experts, start, count = _pairs_by_expert(slot, on_gpu)
         j_of = np.repeat(np.arange(len(experts)), count)  # each pair's expert, as an index into experts
         rank = np.arange(len(tok)) - start[j_of]  # each pair's place among its expert's tokens
         w_of = weights[tok, which].astype(np.float32)
