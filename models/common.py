@@ -13,19 +13,20 @@ from edgeseek.errors import GGUFError
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 
 
 def each_in_threads(fn: Callable[[int], None], n: int, threads: int) -> None:
     """fn(0) .. fn(n - 1) shared out over `threads` host threads (work that numpy runs without the
     GIL: large products and ufuncs); in this thread alone when threads is 1."""
-    global _POOL
+    global _POOL, _POOL_SIZE
     threads = max(1, min(threads, n))
     if threads == 1:
         for j in range(n):
             fn(j)
         return
-    if _POOL is None or _POOL._max_workers < threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="edgeseek-heads")
+    if _POOL_SIZE < threads:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="edgeseek-heads"), threads
 
     def part(k: int) -> None:
         for j in range(k, n, threads):
