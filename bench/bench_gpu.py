@@ -7,9 +7,11 @@ Scenarios, each file (default: bench/make_v2lite.py's Q4_0 and Q4_K_M files):
   experts-cpu  routed experts on the CPU (--threads); llama-bench -ngl 99 -ot exps=CPU
   budget-4g    a 4 GiB VRAM budget (a consumer card): llama-bench --n-cpu-moe N with the smallest N
                whose weights fit 4 GiB, and edgeseek with --gpu-budget equal to llama.cpp's VRAM use
-Figures: pp512 (prefill tokens/s) and tg128 (decode tokens/s), each engine in its own process; decode
-also as a fraction of the bandwidth limit (bytes a token reads: the non-expert weights but one
-embedding row, plus n_used/n_expert of the routed experts, over the datasheet bandwidth).
+Figures: pp512 (prefill tokens/s) and tg128 (decode tokens/s) as llama-bench defines them: the 128
+tokens from an empty context; and tg128 after the 512-token prompt (llama-bench -d 512), where each
+step attends to 512-640 positions. Each engine in its own process; decode also as a fraction of the
+bandwidth limit (bytes a token reads: the non-expert weights but one embedding row, plus
+n_used/n_expert of the routed experts, over the datasheet bandwidth).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ DATASHEET_BW = {"H200": 4.8e12, "H100": 3.35e12}
 
 
 def side(path: str, gpu_budget: str | None, n_prefill: int, n_decode: int, threads: int, device: str) -> dict:
-    """One engine process: load, pp (one forward of n_prefill tokens), tg (n_decode greedy steps)."""
+    """One engine process: load, pp (one forward of n_prefill tokens), tg (n_decode greedy steps from an
+    empty context) and tg_d (n_decode greedy steps after the pp prompt)."""
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     import edgeseek
 
@@ -43,21 +46,29 @@ def side(path: str, gpu_budget: str | None, n_prefill: int, n_decode: int, threa
         model.forward(rng.integers(100, vocab, n_prefill).astype(np.int32), cache)
         for _ in range(4):
             model.forward(np.array([7], np.int32), cache)
+
+    def decode(token: int, cache) -> float:
+        t = time.perf_counter()
+        for _ in range(n_decode):
+            token = int(np.argmax(model.forward(np.array([token], np.int32), cache)[-1]))
+        return time.perf_counter() - t
+
+    cache = model.new_cache()  # tg: from an empty context, as llama-bench's tg128
+    token = int(np.argmax(model.forward(np.array([7], np.int32), cache)[-1]))  # the cache's decode step captured
+    engine.expert_stats()  # reset the per-tier counters
+    decode_s = decode(token, cache)
+    s = engine.expert_stats()
     cache = model.new_cache()
     prompt = rng.integers(100, vocab, n_prefill).astype(np.int32)
     t = time.perf_counter()
     logits = model.forward(prompt, cache)
     prefill_s = time.perf_counter() - t
-    token = int(np.argmax(logits[-1]))
-    engine.expert_stats()  # reset the per-tier counters
-    t = time.perf_counter()
-    for _ in range(n_decode):
-        token = int(np.argmax(model.forward(np.array([token], np.int32), cache)[-1]))
-    decode_s = time.perf_counter() - t
-    s = engine.expert_stats()
+    token = int(np.argmax(model.forward(np.array([int(np.argmax(logits[-1]))], np.int32), cache)[-1]))
+    deep_s = decode(token, cache)  # tg at depth n_prefill, as llama-bench -d
     plan = engine.gpu_plan
     return {"load_s": round(load_s, 2), "pp_tps": round(n_prefill / prefill_s, 1),
-            "tg_tps": round(n_decode / decode_s, 1), "device": engine.device_name,
+            "tg_tps": round(n_decode / decode_s, 1), "tg_d_tps": round(n_decode / deep_s, 1),
+            "device": engine.device_name,
             "vram_bytes": engine.vram_used(),
             "experts_on_gpu": plan.experts_on_gpu if plan else None,
             "experts_total": plan.experts_total if plan else None,
@@ -98,16 +109,16 @@ def n_cpu_moe_for(path: Path, vram: int, n_ctx: int) -> tuple[int, int]:
 
 
 def llama_bench(binary: str, path: Path, extra: list[str], threads: int, n_prefill: int, n_decode: int) -> dict:
-    cmd = [binary, "-m", str(path), "-ngl", "99", "-p", str(n_prefill), "-n", str(n_decode), "-t", str(threads),
-           "-r", "3", "-o", "json", *extra]
+    cmd = [binary, "-m", str(path), "-ngl", "99", "-p", str(n_prefill), "-n", str(n_decode), "-d", f"0,{n_prefill}",
+           "-t", str(threads), "-r", "3", "-o", "json", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}",
                 "cmd": " ".join(cmd)}
     rows = json.loads(r.stdout)
     out = {"cmd": " ".join(cmd)}
-    for row in rows:
-        key = "pp_tps" if row["n_prompt"] else "tg_tps"
+    for row in rows:  # pp and tg at depth 0, then both at depth n_prefill (tg_d: decode after the prompt)
+        key = ("pp" if row["n_prompt"] else "tg") + ("_d" if row.get("n_depth") else "") + "_tps"
         out[key] = round(row["avg_ts"], 1)
     return out
 
@@ -169,18 +180,18 @@ def main():
                 row["edgeseek"]["bandwidth_fraction"] = round(ours["tg_tps"] * read / bw, 3)
             if "tg_tps" in theirs and bw and sc == "all-gpu":
                 row["llama_cpp"]["bandwidth_fraction"] = round(theirs["tg_tps"] * read / bw, 3)
-            for k in ("pp_tps", "tg_tps"):
+            for k in ("pp_tps", "tg_tps", "tg_d_tps"):
                 if k in ours and k in theirs:
-                    row[f"{k[:2]}_ratio"] = round(ours[k] / theirs[k], 2)
+                    row[k.replace("_tps", "_ratio")] = round(ours[k] / theirs[k], 2)
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\n{gpu}: {'file':24} {'scenario':12} {'edgeseek pp/tg':>18} {'llama.cpp pp/tg':>18}")
+    print(f"\n{gpu}: {'file':24} {'scenario':12} {'edgeseek pp/tg/tg@d':>24} {'llama.cpp pp/tg/tg@d':>24}")
     for row in results["runs"]:
         o, t = row["edgeseek"], row["llama_cpp"]
-        print(f"{row['file']:24} {row['scenario']:12} {o.get('pp_tps', '-'):>8}/{o.get('tg_tps', '-'):<8} "
-              f"{t.get('pp_tps', '-'):>8}/{t.get('tg_tps', '-'):<8} {o.get('error', '')[:200]}")
+        fig = lambda r: "/".join(str(r.get(k, "-")) for k in ("pp_tps", "tg_tps", "tg_d_tps"))  # noqa: E731
+        print(f"{row['file']:24} {row['scenario']:12} {fig(o):>24} {fig(t):>24} {o.get('error', '')[:200]}")
 
 
 if __name__ == "__main__":
