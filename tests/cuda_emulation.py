@@ -133,6 +133,11 @@ class NumpyKernels:
         i, ww = route(logits, router, bias)
         ids[:], w[:] = i, ww
 
+    def router_route(self, w, x, logits, bias, router, ids, wts):
+        e, d = w.shape
+        self.mmv(Q.F32, w.view(np.uint8), 4 * d, x, logits, e, d, 1)
+        self.route(logits, bias, router, ids, wts)
+
     def store_row(self, src, dst, pos):
         dst[pos[0]] = src.reshape(-1).astype(np.float16)
 

@@ -560,6 +560,36 @@ def test_route_topk_against_models_moe_route(E, k, gating, groups, bias, norm, s
     np.testing.assert_allclose(w.get(), want_w, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("E, k, gating, bias, norm, scale", [
+    (64, 6, 1, False, False, 1.0),     # V2-Lite
+    (160, 6, 1, False, False, 16.0),   # V2
+    (256, 8, 2, True, True, 2.5),      # sigmoid with a selection bias, normalized
+])
+def test_router_route_as_the_router_product_and_route_topk(E, k, gating, bias, norm, scale):
+    """One token's router product and choice in one launch: the logits of mmv1_f32 and the ids and
+    weights of route_topk, to the bit; run twice, so the counter is seen left at zero."""
+    from edgeseek.models.moe import RouterConfig
+    D = 2048
+    rng = np.random.default_rng(E + k)
+    w = cupy.asarray((rng.standard_normal((E, D)) * 0.05).astype(np.float32))
+    b = cupy.asarray(rng.uniform(0, 0.2, E).astype(np.float32)) if bias else None
+    cfg = RouterConfig(E, k, gating, 1, 1, norm, scale)
+    kern = Kernels()
+    for run in range(2):
+        x = cupy.asarray(rng.standard_normal((1, D)).astype(np.float32))
+        want_logits = cupy.empty((1, E), np.float32)
+        kern.mmv(Q.F32, w.view(np.uint8), 4 * D, x, want_logits, E, D, 1)
+        want_ids, want_w = cupy.empty((1, k), np.int32), cupy.empty((1, k), np.float32)
+        kern.route(want_logits, b, cfg, want_ids, want_w)
+        logits, ids, wts = cupy.full((1, E), np.nan, np.float32), cupy.full((1, k), -1, np.int32), \
+            cupy.full((1, k), np.nan, np.float32)
+        kern.router_route(w, x, logits, b, cfg, ids, wts)
+        np.testing.assert_array_equal(logits.get(), want_logits.get())
+        np.testing.assert_array_equal(ids.get(), want_ids.get())
+        np.testing.assert_array_equal(wts.get(), want_w.get())
+        assert int(kern.counters.max()) == 0
+
+
 # --- elementwise helpers ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("d", [1000, 2048, 7168])

@@ -112,6 +112,13 @@ def _fuses(shared, gate, up, down) -> bool:
             and g2.shape == u2.shape and g2.shape[1] == gate.shape[1] and d2.shape == (down.shape[0], g2.shape[0]))
 
 
+def route_fuses(router, weight) -> bool:
+    """Whether one token's router product and choice go in one launch (router_route: route_topk's
+    one-warp choice, float32 router weights)."""
+    return (router.n_expert <= 256 and router.n_group <= 1 and router.n_used <= 32
+            and weight.dtype == np.float32 and weight.shape == (router.n_expert, weight.shape[1]))
+
+
 def ids_threads(k: int) -> int:
     """Threads a row of mmv_ids: a power of two <= 32 giving each about 4 pieces of 16 values."""
     t = 1
@@ -267,6 +274,15 @@ class Kernels:
             logits, bias if bias is not None else np.uint64(0), np.int32(e), np.int32(router.n_used),
             np.int32(router.gating), np.int32(router.n_group), np.int32(router.n_group_used),
             np.int32(bool(router.norm_weights)), np.float32(router.scale), ids, w))
+
+    def router_route(self, w, x, logits, bias, router, ids, wts) -> None:
+        """One token's router logits (E,) = w (E, D) float32 @ x (1, D) and models/moe.route's choice
+        (ids, wts (1, k)) in one launch; for routers route_fuses takes."""
+        e, d = w.shape
+        self._fn("router_route")((_launch_grid(e, MMV1_ROWS),), (ROW_THREADS,), (
+            w, np.int64(4 * d), x, logits, np.int32(e), np.int32(d), bias if bias is not None else np.uint64(0),
+            np.int32(router.n_used), np.int32(router.gating), np.int32(bool(router.norm_weights)),
+            np.float32(router.scale), self.counters, ids, wts))
 
     def store_row(self, src, dst, pos) -> None:
         n = src.size
@@ -545,13 +561,16 @@ class CUDABackend:
         the experts left on the CPU run there on the host copy of x; the shared experts after them."""
         xp, k = self.xp, self.kernels
         T = len(x)
-        logits = self._router_logits(x, router_weight)
         if T <= MMV_MAX_TOKENS and store.all_on_device(layer):
             n = router.n_used
             # a captured step routes straight into the step's buffer, read after each replay
             ids = self._step.routed(layer) if self._step is not None and T == 1 else xp.empty((T, n), np.int32)
             w = xp.empty((T, n), np.float32)
-            k.route(logits, bias, router, ids, w)
+            if T == 1 and route_fuses(router, router_weight):
+                k.router_route(router_weight, xp.ascontiguousarray(x, dtype=np.float32),
+                               xp.empty((1, router.n_expert), np.float32), bias, router, ids, w)
+            else:
+                k.route(self._router_logits(x, router_weight), bias, router, ids, w)
             if self._step is None:
                 store.count(layer, self.host(ids))
             gate, up, down = store.device(layer)
@@ -568,6 +587,7 @@ class CUDABackend:
                     q8 = ((hq[:cut], hs[:cut // 32]), (hq[cut:], hs[cut // 32:]))
                 return down.down(flat, h, w, shared=(d2, h2), res=residual, q8=q8)  # (T, D)
             return self._plus_shared(x, down.down(flat, gate.glu(up, flat, x, x_div=n), w), shared, residual)
+        logits = self._router_logits(x, router_weight)
         if T > MMV_MAX_TOKENS and store.all_on_device(layer) and self.prompt_mma and _grouped_fits(*store.device(layer)):
             # a prompt with every expert in VRAM: routed on the device; while its choices cross to
             # the host (their own wait, not the stream's), the shared experts run

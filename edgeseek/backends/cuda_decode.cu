@@ -10,6 +10,13 @@
 //     groups of highest top-2 sum); the top k (ties: lower id first); weights the unbiased
 //     probabilities, normalized to sum 1 when norm, times scale unless scale is 0 or 1.
 //     block (256, 1, 1), grid (T, 1, 1); E <= 1024, n_group <= 64, k <= 32.
+// router_route(const uchar* W, ll row_bytes, const float* x, float* logits, int E, int D,
+//              const float* bias, int k, int gating, int norm, float scale, unsigned* counter, int* ids,
+//              float* w)
+//     One token's router and route_topk in one launch: logits (E,) = W (E, D) float32 @ x (D,) as
+//     mmv1_f32 computes them, then the last block to finish (counter: zero before the launch and
+//     left zero) chooses as route_topk does (the same ids and weights, to the bit). E <= 256, no
+//     expert groups, k <= 32. block (128, 1, 1), grid (ceil(E / 4), 1, 1).
 // store_row_f16(const float* src, u16* dst, const int* pos, int n)
 //     dst[pos[0] * n + i] = fp16(src[i]) for i < n: the new token's cache entry.
 //     block (256, 1, 1), grid (ceil(n / 256), 1, 1).
@@ -186,6 +193,26 @@ __device__ __forceinline__ void route_warp(const float* __restrict__ logits, con
     }
     if (scale != 0.0f && scale != 1.0f) mine = mine * scale;
     if (lane < k) w[lane] = mine;
+}
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
+router_route(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x, float* __restrict__ logits, int E,
+             int D, const float* __restrict__ bias, int k, int gating, int norm, float scale,
+             unsigned* __restrict__ counter, int* __restrict__ ids, float* __restrict__ w) {
+    mmv1<F32>(W, row_bytes, x, logits, E, D, nullptr, nullptr);
+    __shared__ unsigned ticket;
+    __shared__ float all[32 * ROUTE_HELD];
+    __threadfence();  // this block's logits are visible to the whole device before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(counter, 1u);
+    __syncthreads();
+    if (ticket != gridDim.x - 1) return;
+    __threadfence();
+    const volatile float* v = logits;  // written by other blocks of this launch: not through the read-only path
+    for (int e = threadIdx.x; e < E; e += ROW_THREADS) all[e] = v[e];
+    __syncthreads();
+    if (threadIdx.x < 32) route_warp(all, bias, E, k, gating, norm, scale, ids, w);
+    if (threadIdx.x == 0) *counter = 0;
 }
 
 extern "C" __global__ void __launch_bounds__(256)
