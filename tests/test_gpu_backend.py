@@ -80,8 +80,8 @@ def test_emulated_grouped_prompt_experts_equal_the_dequantized_tiles(name, split
 
 
 
-@pytest.mark.parametrize("name, int8", [("v3h256-q4_k_m.gguf", {"Q4_K", "Q5_K", "Q6_K"}), ("v2lite-q8_0.gguf", {"Q8_0"}),
-                                        ("v3-q4_k_m.gguf", {"Q5_0", "Q8_0"})])
+@pytest.mark.parametrize("name, int8", [("v3h256-q4_k_m.gguf", {"Q4_K", "Q5_K", "Q6_K"}),
+                                        ("v2lite-q8_0.gguf", {"Q8_0"}), ("v3-q4_k_m.gguf", {"Q5_0", "Q8_0"})])
 def test_emulated_decode_runs_every_quantized_product_on_int8_activations(name, int8):
     """Decode steps send the one-token products of every quantized format (attention, shared and
     routed experts, output head) to the int8 kernels; the float decode products see only F32

@@ -151,13 +151,13 @@ __device__ __forceinline__ void load_words16(const u8* p, u32 (&w)[N]) {
 // --- int8 activations ----------------------------------------------------------------------------
 // The one-token products of the quantized formats also run on activations quantized per 32 values
 // as llama.cpp's MMVQ does (q8_1, ggml-common.h block_q8_1: int8 q = rint(x / d), d = amax / 127, and
-// d * sum(q)): four weight levels meet four activations in one dp4a, where the float products spend
-// about four instructions a weight decoding it. Each format's dot_q8 (beside its half, below) takes
-// item it = 2u + h, the 16 values of half h of unit u, against a Q8Piece: the levels' integer dot,
-// then the block's scales in float (ggml-cuda vecdotq.cuh, vec_dot_<t>_q8_1). An offset or a min
-// common to a block's levels (Q4_0's -8, Q4_1's m, Q4_K's dmin * m) comes off as half the block's
-// d * sum(q) an item: a unit's two items together take it off exactly. Q6_K's -32 meets a scale of
-// 16 values, so it takes the item's own sum of q (Q8_SUM).
+// d * sum(q)): four weight levels meet four activations in one dp4a. Each format's dot_q8 (beside
+// its half, below) takes item it = 2u + h, the 16 values of half h of unit u, against a Q8Piece: the
+// levels' integer dot, then the block's scales in float (ggml-cuda vecdotq.cuh, vec_dot_<t>_q8_1).
+// An offset or a min common to a unit's levels (Q4_0's -8, Q5_0's -16, Q4_1's and Q5_1's m, Q4_K's
+// and Q5_K's dmin * m) comes off as half the block's d * sum(q) an item: a unit's two items together
+// take it off exactly. Q6_K's -32 meets a scale of 16 values, so it takes the item's own sum of q
+// (Q8_SUM).
 
 __device__ __forceinline__ int dp4a(u32 a, u32 b, int c) {
     int r;
