@@ -5,10 +5,9 @@ tested on a machine without a GPU; the kernels themselves are tested against ggu
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from edgeseek.backends.cuda import CUDABackend
+from edgeseek.backends.cuda import INT8_TYPES, MIXED_DOWN, CUDABackend
 from edgeseek.models.common import rms_norm, softmax
 from edgeseek.models.moe import route
 
@@ -93,7 +92,7 @@ class NumpyKernels:
         y = rms_norm(x, w, eps)
         return (y, self.quantize_q8(y)) if q8 else y
 
-    # Q4_0 on int8 activations: the kernels' q8_1, then the float products on its values
+    # the INT8_TYPES on int8 activations: the kernels' q8_1, then the float products on its values
     def quantize_q8(self, x):
         b = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 32)
         d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
@@ -106,18 +105,26 @@ class NumpyKernels:
         xq, xs = q8
         return (xq.reshape(-1, 32).astype(np.float32) * xs[:, :1]).reshape(-1, k)
 
-    def mmv1_q8(self, w, row_bytes, q8, y, n, k, add=None, res=None):
-        self.mmv(Q.Q4_0, w, row_bytes, self._values(q8, k)[:1], y, n, k, 1, add, res)
+    def mmv1_q8(self, qtype, w, row_bytes, q8, y, n, k, add=None, res=None):
+        assert qtype in INT8_TYPES
+        self.mmv(qtype, w, row_bytes, self._values(q8, k)[:1], y, n, k, 1, add, res)
 
-    def glu_q8(self, wg, wu, row_bytes, expert_bytes, ids, q8, x_div, h, n, k, p, t, shared=None):
-        self.glu_ids(Q.Q4_0, wg, wu, row_bytes, expert_bytes, ids, self._values(q8, k)[:t], x_div, h, n, k, p, shared)
+    def glu_q8(self, qtype, wg, wu, row_bytes, expert_bytes, ids, q8, x_div, h, n, k, p, t, shared=None):
+        assert qtype in INT8_TYPES
+        self.glu_ids(qtype, wg, wu, row_bytes, expert_bytes, ids, self._values(q8, k)[:t], x_div, h, n, k, p, shared)
 
-    def down_q8(self, w, row_bytes, expert_bytes, ids, hq8, weights, add, y, n, k, t, used, shared=None, res=None):
+    def down_q8(self, qtype, w, row_bytes, expert_bytes, ids, hq8, weights, add, y, n, k, t, used, shared=None,
+                res=None):
+        """The routed sums (+ add), then the shared experts' down (its own format), then res: the
+        kernel's order."""
+        assert qtype in INT8_TYPES
+        self.down_ids(qtype, w, row_bytes, expert_bytes, ids, self._values(hq8, k), weights, add, y, n, k, t, used)
         if shared is not None:
-            w2, rb2, k2, hq2 = shared
-            shared = (w2, rb2, k2, self._values(hq2, k2))
-        self.down_ids(Q.Q4_0, w, row_bytes, expert_bytes, ids, self._values(hq8, k), weights, add, y, n, k, t, used,
-                      shared, res)
+            qtype2, w2, _, k2, hq2 = shared
+            assert qtype2 == qtype or (qtype, qtype2) in MIXED_DOWN
+            y[:t] = y[:t] + self._values(hq2, k2)[:t] @ _rows(qtype2, w2, k2).T
+        if res is not None:
+            y[:t] = res + y[:t]
 
     def rope(self, x, y, positions, cos, sin, dim, neox):
         c, s = cos[positions][:, None, :], sin[positions][:, None, :]

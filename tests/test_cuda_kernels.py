@@ -28,7 +28,8 @@ from gguf.constants import GGML_QUANT_SIZES
 cupy = pytest.importorskip("cupy")
 
 import edgeseek.backends  # noqa: E402
-from edgeseek.backends.cuda import GLU_ROWS, MMV1_ROWS, Kernels, ids_threads  # noqa: E402
+from edgeseek.backends.cuda import (GLU_ROWS, INT8_TYPES, MIXED_DOWN, MMV1_ROWS, SUFFIX, Kernels,  # noqa: E402
+                                    ids_threads)
 from edgeseek.quantize import get_format  # noqa: E402
 
 
@@ -64,6 +65,12 @@ POISON = 64  # NaN elements past the end of each output
 @pytest.fixture(scope="module")
 def module():
     return load_module()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The backend's launchers (all three sources compiled together)."""
+    return Kernels()
 
 
 def _seed(*parts) -> int:
@@ -430,7 +437,11 @@ def test_glu_and_down_with_the_shared_experts_in_the_same_launches(module, name)
         assert not bad.any(), f"token {t}: {bad.sum()} of {d} outside the bound"
 
 
-# --- Q4_0 on int8 activations ---------------------------------------------------------------------
+# --- products on int8 activations -----------------------------------------------------------------
+
+INT8 = [name for name in QUANTIZED if TYPES[name] in INT8_TYPES]
+MIXED = sorted((SUFFIX[a], SUFFIX[b]) for a, b in MIXED_DOWN)  # (routed, shared) down formats
+
 
 def q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """numpy's q8_1 of float32 values (a multiple of 32): int8 rint(x / d), d = amax / 127, and
@@ -473,30 +484,63 @@ def test_rms_norm_q8_is_rms_norm_f32_and_its_q8_1(module, d):
     assert_bits_equal(xs.get(), want_s)
 
 
-def test_q4_0_products_on_int8_activations(module):
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", INT8)
+def test_mmv1_on_int8_activations(module, name, shape):
+    """One token on q8_1 activations, quantized and random blocks (every field bit read as the
+    dequantizer reads it): the float32 bound of the float64 product of the dequantized weights with
+    the values the q8_1 blocks stand for."""
+    n, k = shape
+    for kind in ("quantized", "random"):
+        raw, deq = matrix(name, n, k, kind)
+        x = np.random.default_rng(_seed("x8", name, n, k, kind)).standard_normal((1, k)).astype(np.float32)
+        xq, xs = (cupy.asarray(a) for a in q8_1(x))
+        y = poisoned(n)
+        module.get_function(f"mmv1_{name}_q8")((-(-n // MMV1_ROWS),), (128,),
+                                               (cupy.asarray(raw), np.int64(raw.shape[1]), xq, xs, y, np.int32(n),
+                                                np.int32(k), np.uint64(0), np.uint64(0)))
+        assert_product(unpoisoned(y, n).reshape(1, n), deq, q8_values((xq, xs), k))
+
+
+def assert_down_with_shared(got, down, down2, ids, w, hv, h2v, add, res):
+    """got (T, d) = res + ((add + routed) + shared) against float64: token t's `used` pairs of hv
+    through down (E, d, n) weighted by w (T, used), token t's h2v through down2 (d, n2)."""
+    T, used = w.shape
+    D, D2 = down.astype(np.float64), down2.astype(np.float64)
+    for t in range(T):
+        routed = sum(float(w[t, j]) * (D[ids[t * used + j]] @ hv[t * used + j]) for j in range(used))
+        want = res[t] + ((add[t] + routed) + D2 @ h2v[t])
+        scale = (np.abs(res[t]) + np.abs(add[t]) + np.abs(D2) @ np.abs(h2v[t])
+                 + sum(w[t, j] * (np.abs(D[ids[t * used + j]]) @ np.abs(hv[t * used + j])) for j in range(used)))
+        bad = ~(np.abs(got[t] - want) <= 2e-5 * scale + 1e-6)
+        assert not bad.any(), f"token {t}: {bad.sum()} of {len(want)} outside the bound"
+
+
+@pytest.mark.parametrize("name", INT8)
+def test_products_on_int8_activations(module, name):
     """mmv1 (add, res), the routed and shared experts' gate-up and down on q8_1 activations, against
     float64 products of the dequantized weights with the activations the q8_1 values stand for."""
     E, d, n, n2, T, used = 4, 768, 256, 512, 2, 3
-    rng = np.random.default_rng(17)
-    gate, gate_d = matrix("q4_0", E * n, d)
-    up, up_d = matrix("q4_0", E * n + 1, d)
+    rng = np.random.default_rng(_seed("int8", name))
+    gate, gate_d = matrix(name, E * n, d)
+    up, up_d = matrix(name, E * n + 1, d)
     up, up_d = np.ascontiguousarray(up[:E * n]), up_d[:E * n]
-    g2, g2_d = matrix("q4_0", n2, d)
-    u2, u2_d = matrix("q4_0", n2 + 1, d)
+    g2, g2_d = matrix(name, n2, d)
+    u2, u2_d = matrix(name, n2 + 1, d)
     u2, u2_d = np.ascontiguousarray(u2[:n2]), u2_d[:n2]
-    down, down_d = matrix("q4_0", E * d, n)
-    d2, d2_d = matrix("q4_0", d, n2)
+    down, down_d = matrix(name, E * d, n)
+    d2, d2_d = matrix(name, d, n2)
     x = rng.standard_normal((T, d)).astype(np.float32)
     xq, xs = (cupy.asarray(a) for a in q8_1(x))
     xv = q8_values((xq, xs), d)
 
     # one token through one matrix, add and res folded in
-    sq, sq_d = matrix("q4_0", d, d)
+    sq, sq_d = matrix(name, d, d)
     add, res = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
     y = poisoned(d)
-    module.get_function("mmv1_q4_0_q8")((-(-d // MMV1_ROWS),), (128,),
-                                        (cupy.asarray(sq), np.int64(sq.shape[1]), xq, xs, y, np.int32(d), np.int32(d),
-                                         cupy.asarray(add), cupy.asarray(res)))
+    module.get_function(f"mmv1_{name}_q8")((-(-d // MMV1_ROWS),), (128,),
+                                           (cupy.asarray(sq), np.int64(sq.shape[1]), xq, xs, y, np.int32(d),
+                                            np.int32(d), cupy.asarray(add), cupy.asarray(res)))
     want = sq_d.astype(np.float64) @ xv[0]
     assert_product(unpoisoned(y, d).reshape(1, d) - res - add, sq_d, xv[:1], want)
 
@@ -504,7 +548,7 @@ def test_q4_0_products_on_int8_activations(module):
     w = rng.uniform(0.1, 1.0, (T, used)).astype(np.float32)
     h, h2 = poisoned(T * used * n), poisoned(T * n2)
     rb, rb2 = gate.shape[1], g2.shape[1]
-    module.get_function("glu_ids_q4_0_q8")(
+    module.get_function(f"glu_ids_{name}_q8")(
         (-(-max(n, n2) // GLU_ROWS), T * used + T), (128,),
         (cupy.asarray(gate), cupy.asarray(up), np.int64(rb), np.int64(n * rb), cupy.asarray(ids), xq, xs,
          np.int32(used), h, np.int32(n), np.int32(d), np.int32(T * used), cupy.asarray(g2), cupy.asarray(u2),
@@ -514,24 +558,38 @@ def test_q4_0_products_on_int8_activations(module):
 
     hq, hsc = (cupy.asarray(a) for a in q8_1(hs))
     hq2, hsc2 = (cupy.asarray(a) for a in q8_1(h2s))
-    hv, h2v = q8_values((hq, hsc), n), q8_values((hq2, hsc2), n2)
     res2 = rng.standard_normal((T, d)).astype(np.float32)
     y = poisoned(T * d)
     rbd, rbd2 = down.shape[1], d2.shape[1]
-    module.get_function("down_ids_q4_0_q8")(
+    module.get_function(f"down_ids_{name}_q8")(
         (-(-d // MMV1_ROWS), T), (128,),
         (cupy.asarray(down), np.int64(rbd), np.int64(d * rbd), cupy.asarray(ids), hq, hsc, cupy.asarray(w),
          np.uint64(0), y, np.int32(d), np.int32(n), np.int32(used), cupy.asarray(d2), np.int64(rbd2), np.int32(n2),
          hq2, hsc2, cupy.asarray(res2)))
-    got = unpoisoned(y, T * d).reshape(T, d)
-    D, D2 = down_d.reshape(E, d, n).astype(np.float64), d2_d.astype(np.float64)
-    for t in range(T):
-        routed = sum(float(w[t, j]) * (D[ids[t * used + j]] @ hv[t * used + j]) for j in range(used))
-        want = res2[t] + (routed + D2 @ h2v[t])
-        scale = np.abs(res2[t]) + sum(w[t, j] * (np.abs(D[ids[t * used + j]]) @ np.abs(hv[t * used + j]))
-                                      for j in range(used)) + np.abs(D2) @ np.abs(h2v[t])
-        bad = ~(np.abs(got[t] - want) <= 2e-5 * scale + 1e-6)
-        assert not bad.any(), f"token {t}: {bad.sum()} of {d} outside the bound"
+    assert_down_with_shared(unpoisoned(y, T * d).reshape(T, d), down_d.reshape(E, d, n), d2_d, ids, w,
+                            q8_values((hq, hsc), n), q8_values((hq2, hsc2), n2), np.zeros((T, d)), res2)
+
+
+@pytest.mark.parametrize("name, name2", MIXED, ids=lambda v: v)
+def test_down_on_int8_activations_with_shared_experts_of_another_format(kernels, name, name2):
+    """Kernels.down_q8 with the shared experts' down of another format (a K-quant mix's
+    down_ids_<t>_<t2>_q8): y = res + ((add + routed) + shared) against float64, random blocks for
+    the shared part (its every field bit read in its own format)."""
+    E, d, n, n2, T, used = 4, 768, 256, 512, 2, 3
+    rng = np.random.default_rng(_seed("mixed", name, name2))
+    down, down_d = matrix(name, E * d, n)
+    d2, d2_d = matrix(name2, d, n2, "random")
+    ids = np.array([1, 3, 0, 2, 2, 1], dtype=np.int32)
+    w = rng.uniform(0.1, 1.0, (T, used)).astype(np.float32)
+    hq, hs = (cupy.asarray(a) for a in q8_1(rng.standard_normal((T * used, n)).astype(np.float32)))
+    hq2, hs2 = (cupy.asarray(a) for a in q8_1(rng.standard_normal((T, n2)).astype(np.float32)))
+    add, res = (rng.standard_normal((T, d)).astype(np.float32) for _ in range(2))
+    y = poisoned(T * d)
+    kernels.down_q8(TYPES[name], cupy.asarray(down), down.shape[1], d * down.shape[1], cupy.asarray(ids), (hq, hs),
+                    cupy.asarray(w), cupy.asarray(add), y, d, n, T, used,
+                    (TYPES[name2], cupy.asarray(d2), d2.shape[1], n2, (hq2, hs2)), cupy.asarray(res))
+    assert_down_with_shared(unpoisoned(y, T * d).reshape(T, d), down_d.reshape(E, d, n), d2_d, ids, w,
+                            q8_values((hq, hs), n), q8_values((hq2, hs2), n2), add, res)
 
 
 # --- routing ------------------------------------------------------------------------------------

@@ -79,6 +79,36 @@ def test_emulated_grouped_prompt_experts_equal_the_dequantized_tiles(name, split
     assert counts[0].sum() > 0 and (counts[0] == counts[1]).all()
 
 
+
+@pytest.mark.parametrize("name, int8", [("v3h256-q4_k_m.gguf", {"Q4_K", "Q5_K", "Q6_K"}),
+                                        ("v2lite-q8_0.gguf", {"Q8_0"}), ("v3-q4_k_m.gguf", {"Q5_0", "Q8_0"})])
+def test_emulated_decode_runs_every_quantized_product_on_int8_activations(name, int8):
+    """Decode steps send the one-token products of every quantized format (attention, shared and
+    routed experts, output head) to the int8 kernels; the float decode products see only F32
+    matrices (the router)."""
+    b = EmulatedCUDABackend()
+    engine = load(FIXTURES / name, backend=b)
+    ctx = engine.new_context()
+    engine.model.forward(PROMPT, ctx.cache)
+    calls, inner = [], []  # the backend's launches; inner: those the emulated int8 launches make
+
+    def record(f, m):
+        def launch(*a, **kw):
+            if not inner:
+                calls.append((m, a[0].name))
+            inner.append(m)
+            try:
+                return f(*a, **kw)
+            finally:
+                inner.pop()
+        return launch
+    for m in ("mmv", "glu_ids", "down_ids", "mmv1_q8", "glu_q8", "down_q8"):
+        setattr(b.kernels, m, record(getattr(b.kernels, m), m))
+    for t in range(2):
+        engine.model.forward(np.array([t + 2]), ctx.cache)
+    assert {q for m, q in calls if m.endswith("_q8")} == int8
+    assert {q for m, q in calls if not m.endswith("_q8")} == {"F32"}
+
 def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result():
     path = FIXTURES / "v3-f32.gguf"
     g = GGUFFile(path)
@@ -161,3 +191,61 @@ def test_inspect_shows_the_vram_split():
     r = subprocess.run([sys.executable, "-m", "edgeseek.app.cli", "inspect", str(FIXTURES / "v3-q4_0.gguf"),
                         "--gpu-budget", "10M", "--json"], capture_output=True, text=True, timeout=120)
     assert "needs at least" in json.loads(r.stdout)["gpu_budget"]["refused"]
+
+
+def _blocks(qtype, w: np.ndarray) -> np.ndarray:
+    """(..., N, K) float32 -> the GGUF bytes (..., N, row_bytes) (Q4_K, Q5_K, Q6_K by edgeseek's
+    quantizers, which gguf-py lacks)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    from edgeseek.quantize import get_format
+    rows = w.reshape(-1, w.shape[-1])
+    raw = get_format(qtype).quantize(rows) if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else quants.quantize(rows, qtype)
+    return np.ascontiguousarray(raw).view(np.uint8).reshape(*w.shape[:-1], -1)
+
+
+def test_a_k_quant_mix_layer_runs_its_two_downs_in_one_int8_launch(monkeypatch):
+    """A decode step of a MoE layer whose routed down fell back to Q8_0 (rows of 64 values, as a
+    Q4_K_M file's 1408-value rows do) while the shared down stays Q6_K: the shared experts join the
+    routed experts' gate-up and down launches on int8 activations (down_q8 with a Q6_K shared part,
+    the down_ids_q8_0_q6_k_q8 kernel), with the output of the separate launches (shared gate-up,
+    then a Q6_K mmv1 adding the routed sum and the residual) on the same q8_1 values."""
+    from gguf import GGMLQuantizationType as Q
+    from edgeseek.backends import cuda
+    from edgeseek.backends.cuda import DeviceExperts, DeviceMatrix
+    from edgeseek.models.moe import RouterConfig
+    E, k, D, F, F2, T = 8, 3, 256, 64, 256, 1
+    rng = np.random.default_rng(7)
+    b = EmulatedCUDABackend()
+    w = lambda *shape: (rng.standard_normal(shape) * 0.1).astype(np.float32)  # noqa: E731
+    gate = DeviceExperts(b, Q.Q4_K, _blocks(Q.Q4_K, w(E, F, D)), (F, D), "ffn_gate_exps")
+    up = DeviceExperts(b, Q.Q4_K, _blocks(Q.Q4_K, w(E, F, D)), (F, D), "ffn_up_exps")
+    down = DeviceExperts(b, Q.Q8_0, _blocks(Q.Q8_0, w(E, D, F)), (D, F), "ffn_down_exps")
+    shared = (DeviceMatrix(b, Q.Q4_K, _blocks(Q.Q4_K, w(F2, D)), (F2, D), "ffn_gate_shexp"),
+              DeviceMatrix(b, Q.Q4_K, _blocks(Q.Q4_K, w(F2, D)), (F2, D), "ffn_up_shexp"),
+              DeviceMatrix(b, Q.Q6_K, _blocks(Q.Q6_K, w(D, F2)), (D, F2), "ffn_down_shexp"))
+
+    class Store:  # every expert in VRAM
+        all_on_device = staticmethod(lambda layer: True)
+        device = staticmethod(lambda layer: (gate, up, down))
+        count = staticmethod(lambda layer, ids: None)
+
+    x, residual, router_w = w(T, D), w(T, D), w(E, D)
+    calls = []
+    for m in ("glu_q8", "down_q8", "mmv1_q8"):
+        f = getattr(b.kernels, m)
+        monkeypatch.setattr(b.kernels, m, (lambda f, m: lambda *a: calls.append((m, a)) or f(*a))(f, m))
+
+    def layer():
+        calls.clear()
+        return b.moe(x, router_w, RouterConfig(E, k), None, Store(), 0, shared=shared, residual=residual)
+
+    fused = layer()
+    assert [m for m, _ in calls] == ["glu_q8", "down_q8"]
+    glu, dn = calls[0][1], calls[1][1]
+    assert glu[-1] is not None and dn[0] == Q.Q8_0 and dn[13][0] == Q.Q6_K  # shared gate-up; (qtype2, ...)
+    monkeypatch.setattr(cuda, "MIXED_DOWN", frozenset())  # the shared experts in launches of their own
+    apart = layer()
+    assert [m for m, _ in calls] == ["glu_q8", "down_q8", "glu_q8", "mmv1_q8"]
+    assert calls[1][1][13] is None and calls[3][1][0] == Q.Q6_K
+    np.testing.assert_allclose(fused, apart, rtol=1e-5, atol=1e-5 * np.abs(apart).max())

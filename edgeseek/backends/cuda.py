@@ -25,6 +25,13 @@ from edgeseek.placement import PREFILL_TILE
 
 SUFFIX = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q5_0: "q5_0",
           Q.Q5_1: "q5_1", Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
+# formats whose one-token products also run on int8 activations (cuda_kernels.cu <kernel>_<t>_q8)
+INT8_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+# (routed, shared) down formats of a K-quant mix that one int8 down launch takes (down_ids_<t>_<t2>_q8):
+# routed rows not a multiple of 256 fall back to Q5_0, Q5_1 or Q8_0 (llama.cpp's llama-quant.cpp), and
+# a layer's two downs may take different K-quants
+MIXED_DOWN = frozenset((a, b) for a in (Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+                       for b in (Q.Q4_K, Q.Q5_K, Q.Q6_K) if a != b)
 MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through dequantized tiles + cuBLAS
 WARPS = 4  # output rows per block of the per-warp decode products (128 threads)
 ROW_THREADS = 128  # threads a block of mmv1, mmv_ids, glu and down (cuda_kernels.cu)
@@ -102,13 +109,15 @@ def _launch_grid(n: int, per: int) -> int:
     return (n + per - 1) // per
 
 
-def _fuses(shared, gate, up, down) -> bool:
+def _fuses(shared, gate, up, down, int8: bool) -> bool:
     """The shared experts (gate, up, down) can join the routed experts' launches: device matrices
-    of the routed experts' formats and widths."""
+    of the routed experts' formats and widths; on int8 activations a shared down of a MIXED_DOWN
+    pair's other format too."""
     if shared is None or not all(isinstance(m, DeviceMatrix) for m in shared):
         return False
     g2, u2, d2 = shared
-    return (g2.qtype == u2.qtype == gate.qtype == up.qtype and d2.qtype == down.qtype
+    return (g2.qtype == u2.qtype == gate.qtype == up.qtype
+            and (d2.qtype == down.qtype or int8 and (down.qtype, d2.qtype) in MIXED_DOWN)
             and g2.shape == u2.shape and g2.shape[1] == gate.shape[1] and d2.shape == (down.shape[0], g2.shape[0]))
 
 
@@ -193,7 +202,7 @@ class Kernels:
              add if add is not None else null, y, np.int32(n), np.int32(k), np.int32(used), w2, np.int64(rb2),
              np.int32(k2), h2, res if res is not None else null))
 
-    # --- Q4_0 on int8 activations: q8 = (xq int8 (n,), xs float32 (n // 32, 2)) ---------------------
+    # --- INT8_TYPES on int8 activations: q8 = (xq int8 (n,), xs float32 (n // 32, 2)) --------------
     def quantize_q8(self, x):
         """x float32, contiguous, a multiple of 32 values -> its q8_1 (xq, xs)."""
         n = x.size
@@ -201,30 +210,32 @@ class Kernels:
         self._fn("quantize_q8_1")((_launch_grid(n, 128),), (128,), (x, xq, xs, np.int64(n)))
         return xq, xs
 
-    def mmv1_q8(self, w, row_bytes: int, q8, y, n: int, k: int, add=None, res=None) -> None:
-        """y (N,) = res + (add + W @ x) for one token of x as q8 (a Q4_0 W)."""
+    def mmv1_q8(self, qtype, w, row_bytes: int, q8, y, n: int, k: int, add=None, res=None) -> None:
+        """y (N,) = res + (add + W @ x) for one token of x as q8."""
         null = np.uint64(0)
-        self._fn("mmv1_q4_0_q8")((_launch_grid(n, MMV1_ROWS),), (ROW_THREADS,),
-                                 (w, np.int64(row_bytes), *q8, y, np.int32(n), np.int32(k),
-                                  null if add is None else add, null if res is None else res))
+        self._fn(f"mmv1_{SUFFIX[qtype]}_q8")((_launch_grid(n, MMV1_ROWS),), (ROW_THREADS,),
+                                            (w, np.int64(row_bytes), *q8, y, np.int32(n), np.int32(k),
+                                             null if add is None else add, null if res is None else res))
 
-    def glu_q8(self, wg, wu, row_bytes: int, expert_bytes: int, ids, q8, x_div: int, h, n: int, k: int, p: int,
-               t: int, shared=None) -> None:
-        """glu_ids of Q4_0 experts on the T rows of x as q8 (shared as glu_ids')."""
+    def glu_q8(self, qtype, wg, wu, row_bytes: int, expert_bytes: int, ids, q8, x_div: int, h, n: int, k: int,
+               p: int, t: int, shared=None) -> None:
+        """glu_ids on the T rows of x as q8 (shared as glu_ids')."""
         null = np.uint64(0)
         wg2, wu2, rb2, n2, h2 = shared if shared is not None else (null, null, 0, 0, null)
         t2 = 0 if shared is None else t
-        self._fn("glu_ids_q4_0_q8")(
+        self._fn(f"glu_ids_{SUFFIX[qtype]}_q8")(
             (_launch_grid(max(n, n2), GLU_ROWS), p + t2), (ROW_THREADS,),
             (wg, wu, np.int64(row_bytes), np.int64(expert_bytes), ids, *q8, np.int32(x_div), h, np.int32(n),
              np.int32(k), np.int32(p), wg2, wu2, np.int64(rb2), np.int32(n2), h2))
 
-    def down_q8(self, w, row_bytes: int, expert_bytes: int, ids, hq8, weights, add, y, n: int, k: int, t: int,
-                used: int, shared=None, res=None) -> None:
-        """down_ids of Q4_0 experts on h as q8; shared = (w2, row_bytes2, k2, h2 as q8)."""
+    def down_q8(self, qtype, w, row_bytes: int, expert_bytes: int, ids, hq8, weights, add, y, n: int, k: int,
+                t: int, used: int, shared=None, res=None) -> None:
+        """down_ids on h as q8; shared = (qtype2, w2, row_bytes2, k2, h2 as q8): qtype2 qtype or, with
+        qtype, a MIXED_DOWN pair."""
         null = np.uint64(0)
-        w2, rb2, k2, hq2 = shared if shared is not None else (null, 0, 0, (null, null))
-        self._fn("down_ids_q4_0_q8")(
+        qtype2, w2, rb2, k2, hq2 = shared if shared is not None else (qtype, null, 0, 0, (null, null))
+        name = SUFFIX[qtype] if qtype2 == qtype else f"{SUFFIX[qtype]}_{SUFFIX[qtype2]}"
+        self._fn(f"down_ids_{name}_q8")(
             (_launch_grid(n, MMV1_ROWS), t), (ROW_THREADS,),
             (w, np.int64(row_bytes), np.int64(expert_bytes), ids, *hq8, weights, null if add is None else add, y,
              np.int32(n), np.int32(k), np.int32(used), w2, np.int64(rb2), np.int32(k2), *hq2,
@@ -390,12 +401,12 @@ class DeviceMatrix:
         xp, k = self.b.xp, self.b.kernels
         n, kk = self.shape
         one = x.ndim == 1
-        q8 = self.b.q8_of(x) if self.qtype == Q.Q4_0 and x.size == kk else None
+        q8 = self.b.q8_of(x) if self.qtype in INT8_TYPES and x.size == kk else None
         x = xp.ascontiguousarray(x.reshape(-1, kk), dtype=np.float32)
         t = len(x)
         if q8 is not None:
             y = xp.empty((1, n), np.float32)
-            k.mmv1_q8(self.raw, self.row_bytes, q8, y, n, kk,
+            k.mmv1_q8(self.qtype, self.raw, self.row_bytes, q8, y, n, kk,
                       *(None if a is None else xp.ascontiguousarray(a.reshape(1, n), dtype=np.float32) for a in (add, res)))
             return y[0] if one else y
         if t <= MMV_MAX_TOKENS:
@@ -469,8 +480,9 @@ class CUDABackend:
         self._aranges: dict[int, object] = {}
         self._host_copies: dict[int, tuple] = {}  # id -> (device array, its host copy)
         self.vocab = None
-        # Q4_0 products of a few tokens on int8 activations (dp4a); the norms' outputs quantized
-        # in the norm's own launch, remembered by identity (the array held, so its id stays its own)
+        # products of a few tokens of the INT8_TYPES on int8 activations (dp4a); the norms' outputs
+        # quantized in the norm's own launch, remembered by identity (the array held, so its id
+        # stays its own)
         self.int8 = hasattr(self.kernels, "quantize_q8")
         self._quantized: dict[int, tuple] = {}
         # a prompt's routed experts through the grouped kernels of cuda_prompt.cu (False: the
@@ -575,14 +587,14 @@ class CUDABackend:
                 store.count(layer, self.host(ids))
             gate, up, down = store.device(layer)
             flat = ids.reshape(-1)
-            if _fuses(shared, gate, up, down):
+            if _fuses(shared, gate, up, down, self.int8):
                 g2, u2, d2 = shared
                 P, N, N2 = len(flat), gate.shape[0], g2.shape[0]
                 hh = xp.empty(P * N + T * N2, np.float32)  # both experts' hidden rows: quantized in one launch
                 h, h2 = hh[:P * N].reshape(P, N), hh[P * N:].reshape(T, N2)
                 gate.glu(up, flat, x, x_div=n, shared=(g2, u2, h2), out=h)
                 q8 = None
-                if down.qtype == Q.Q4_0 and self.int8 and N % 32 == 0 and N2 % 32 == 0:
+                if down.qtype in INT8_TYPES and self.int8 and N % 32 == 0 and N2 % 32 == 0:
                     (hq, hs), cut = k.quantize_q8(hh), P * N
                     q8 = ((hq[:cut], hs[:cut // 32]), (hq[cut:], hs[cut // 32:]))
                 return down.down(flat, h, w, shared=(d2, h2), res=residual, q8=q8)  # (T, D)
@@ -817,9 +829,10 @@ class CUDABackend:
         zeros = self._arange(1, len(x))  # every row through expert 0: the matrix itself
         n, kk = gate.shape
         h = self.xp.empty((len(x), n), np.float32)
-        q8 = self.q8_of(x) if gate.qtype == up.qtype == Q.Q4_0 else None
+        q8 = self.q8_of(x) if gate.qtype == up.qtype and gate.qtype in INT8_TYPES else None
         if q8 is not None:
-            self.kernels.glu_q8(gate.raw, up.raw, gate.row_bytes, 0, zeros, q8, 1, h, n, kk, len(x), len(x))
+            self.kernels.glu_q8(gate.qtype, gate.raw, up.raw, gate.row_bytes, 0, zeros, q8, 1, h, n, kk, len(x),
+                                len(x))
         elif gate.qtype == up.qtype:
             self.kernels.glu_ids(gate.qtype, gate.raw, up.raw, gate.row_bytes, 0, zeros,
                                  self.xp.ascontiguousarray(x, dtype=np.float32), 1, h, n, kk, len(x))
@@ -966,21 +979,23 @@ class DeviceExperts:
         """silu(self @ x) * (up @ x) for row p // x_div of x through expert slots[p] -> (P, N) (in
         `out` where given): gate (self) and up in one launch where they share a format, else two and
         silu_mul. shared = (gate2, up2, h2): DeviceMatrix gate and up of this format (_fuses) whose
-        silu-mul of each row of x goes to h2 (T, N2) in the same launch. Q4_0 runs on x as int8."""
+        silu-mul of each row of x goes to h2 (T, N2) in the same launch. The INT8_TYPES run on x as
+        int8."""
         b = self.b
-        q8 = b.q8_of(x) if self.qtype == Q.Q4_0 else None
-        x = b.xp.ascontiguousarray(x)
         n, kk = self.shape
         p = len(slots)
         if up.qtype != self.qtype or up.raw.shape != self.raw.shape:
+            x = b.xp.ascontiguousarray(x)
             return b.kernels.silu_mul(self.ids(slots, x, x_div=x_div), up.ids(slots, x, x_div=x_div))
+        q8 = b.q8_of(x) if self.qtype in INT8_TYPES else None
+        x = b.xp.ascontiguousarray(x)
         h = b.xp.empty((p, n), np.float32) if out is None else out
         if shared is not None:
             g2, u2, h2 = shared
             shared = (g2.raw, u2.raw, g2.row_bytes, g2.shape[0], h2)
         if q8 is not None:
-            b.kernels.glu_q8(self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, q8, x_div, h, n, kk, p,
-                             len(x), shared)
+            b.kernels.glu_q8(self.qtype, self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, q8, x_div, h,
+                             n, kk, p, len(x), shared)
         else:
             b.kernels.glu_ids(self.qtype, self.raw, up.raw, self.raw.shape[-1], self.expert_bytes, slots, x, x_div, h,
                               n, kk, p, shared)
@@ -989,8 +1004,9 @@ class DeviceExperts:
     def down(self, slots, h, weights, add=None, shared=None, res=None, q8=None):
         """Each token's pairs (T * used rows of h, slots, weights (T, used)) through this projection,
         weighted and summed per token (+ add) -> (T, N), one launch; shared = (down2, h2): plus
-        down2 @ h2[t] (a DeviceMatrix of this format), then res, in the same launch. Q4_0 runs on h
-        (and h2) as int8: q8 = (h's, h2's) where the caller quantized them, else quantized here."""
+        down2 @ h2[t] (a DeviceMatrix of this format, or on int8 activations of a MIXED_DOWN pair's
+        other format: _fuses), then res, in the same launch. The INT8_TYPES run on h (and h2) as int8:
+        q8 = (h's, h2's) where the caller quantized them, else quantized here."""
         b = self.b
         t, used = weights.shape
         n, kk = self.shape
@@ -1000,16 +1016,19 @@ class DeviceExperts:
         weights = xp.ascontiguousarray(weights, dtype=np.float32)
         if res is not None:
             res = xp.ascontiguousarray(res.reshape(t, n), dtype=np.float32)
-        int8 = self.qtype == Q.Q4_0 and b.int8 and kk % 32 == 0 and (shared is None or shared[1].shape[-1] % 32 == 0)
+        int8 = (self.qtype in INT8_TYPES and b.int8 and kk % 32 == 0
+                and (shared is None or shared[1].shape[-1] % 32 == 0))
         if int8:
             if q8 is None:
                 q8 = (b.q8_of(h), None if shared is None else b.q8_of(shared[1]))
-            two = None if shared is None else (shared[0].raw, shared[0].row_bytes, shared[0].shape[1], q8[1])
-            b.kernels.down_q8(self.raw, self.raw.shape[-1], self.expert_bytes, slots, q8[0], weights, add, y, n, kk, t,
-                              used, two, res)
+            d2 = None if shared is None else shared[0]
+            two = None if d2 is None else (d2.qtype, d2.raw, d2.row_bytes, d2.shape[1], q8[1])
+            b.kernels.down_q8(self.qtype, self.raw, self.raw.shape[-1], self.expert_bytes, slots, q8[0], weights, add,
+                              y, n, kk, t, used, two, res)
             return y
         if shared is not None:
             d2, h2 = shared
+            assert d2.qtype == self.qtype, "a shared down of another format runs on int8 activations only"
             shared = (d2.raw, d2.row_bytes, d2.shape[1], h2)
         b.kernels.down_ids(self.qtype, self.raw, self.raw.shape[-1], self.expert_bytes, slots, h, weights, add, y, n,
                            kk, t, used, shared, res)

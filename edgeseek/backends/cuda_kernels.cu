@@ -49,15 +49,18 @@
 //     Trailing (const uchar* W2, ll row_bytes2, int K2, const float* h2, const float* res): the
 //     shared experts' down (N, K2) of the same format on h2 (T, K2) and the residual, in the order
 //     the unfused graph adds: y = res + ((add + routed) + W2 @ h2). W2, res = NULL: none.
-// Q4_0 on int8 activations (q8_1: xq (rows, K) int8, xs (rows, K / 32, 2) float32 (d, d * sum(q)),
-// K a multiple of 32; quantize_q8_1 or rms_norm_q8 make them):
-// mmv1_q4_0_q8(W, ll row_bytes, const char* xq, const float2* xs, float* y, int N, int K,
-//              const float* add, const float* res)                       as mmv1_q4_0
-// glu_ids_q4_0_q8(Wg, Wu, ll row_bytes, ll expert_bytes, const int* ids, xq, xs, int x_div, float* h,
-//                 int N, int K, int P, Wg2, Wu2, ll row_bytes2, int N2, float* h2)  as mmv_glu_ids_q4_0
-// down_ids_q4_0_q8(W, ll row_bytes, ll expert_bytes, const int* ids, hq, hs, const float* w,
-//                  const float* add, float* y, int N, int K, int k, W2, ll row_bytes2, int K2, hq2, hs2,
-//                  const float* res)                                       as mmv_down_ids_q4_0
+// The quantized formats <t> (q4_0 q4_1 q5_0 q5_1 q8_0 q4_k q5_k q6_k) on int8 activations (q8_1:
+// xq (rows, K) int8, xs (rows, K / 32, 2) float32 (d, d * sum(q)); quantize_q8_1 or rms_norm_q8 make
+// them), launched as their float versions:
+// mmv1_<t>_q8(W, ll row_bytes, const char* xq, const float2* xs, float* y, int N, int K,
+//             const float* add, const float* res)                        as mmv1_<t>
+// glu_ids_<t>_q8(Wg, Wu, ll row_bytes, ll expert_bytes, const int* ids, xq, xs, int x_div, float* h,
+//                int N, int K, int P, Wg2, Wu2, ll row_bytes2, int N2, float* h2)  as mmv_glu_ids_<t>
+// down_ids_<t>_q8(W, ll row_bytes, ll expert_bytes, const int* ids, hq, hs, const float* w,
+//                 const float* add, float* y, int N, int K, int k, W2, ll row_bytes2, int K2, hq2, hs2,
+//                 const float* res)                                        as mmv_down_ids_<t>
+// down_ids_<t>_<t2>_q8(...)  as down_ids_<t>_q8 with the shared experts' W2 of format <t2>, for the
+//     pairs of a K-quant mix (<t> q5_0 q5_1 q8_0 q4_k q5_k q6_k, <t2> another of q4_k q5_k q6_k)
 // quantize_q8_1(const float* x, char* xq, float2* xs, ll n)
 //     n values (a multiple of 32) -> q8_1. block (128, 1, 1), grid (ceil(n / 128), 1, 1).
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
@@ -87,6 +90,8 @@ typedef unsigned char u8;
 // 16-byte vectors of our own: no dependence on the vector types of the CUDA headers
 struct alignas(16) u32x4 { u32 x, y, z, w; };
 struct alignas(16) f32x4 { float x, y, z, w; };
+struct alignas(8) f32x2 { float x, y; };
+struct alignas(8) u32x2 { u32 x, y; };
 
 #define WARP_SIZE 32
 #define MMV_WARPS 4       // rows of W per mmv block, one per warp
@@ -141,6 +146,62 @@ __device__ __forceinline__ void load_words16(const u8* p, u32 (&w)[N]) {
         const u32x4 t = v[i];
         w[4 * i] = t.x; w[4 * i + 1] = t.y; w[4 * i + 2] = t.z; w[4 * i + 3] = t.w;
     }
+}
+
+// --- int8 activations ----------------------------------------------------------------------------
+// The one-token products of the quantized formats also run on activations quantized per 32 values
+// as llama.cpp's MMVQ does (q8_1, ggml-common.h block_q8_1: int8 q = rint(x / d), d = amax / 127, and
+// d * sum(q)): four weight levels meet four activations in one dp4a. Each format's dot_q8 (beside
+// its half, below) takes item it = 2u + h, the 16 values of half h of unit u, against a Q8Piece: the
+// levels' integer dot, then the block's scales in float (ggml-cuda vecdotq.cuh, vec_dot_<t>_q8_1).
+// An offset or a min common to a unit's levels (Q4_0's -8, Q5_0's -16, Q4_1's and Q5_1's m, Q4_K's
+// and Q5_K's dmin * m) comes off as half the block's d * sum(q) an item: a unit's two items together
+// take it off exactly. Q6_K's -32 meets a scale of 16 values, so it takes the item's own sum of q
+// (Q8_SUM).
+
+__device__ __forceinline__ int dp4a(u32 a, u32 b, int c) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// Item it's 16 int8 activations as two runs of 8 (lo, hi), their q8_1 block's (d, d * sum(q)) and,
+// where the format asks (Q8_SUM), their own sum of q: loaded once, they serve every row of a block.
+// Formats whose item bytes hold nibble pairs (Q8_SPLIT: Q4_0 .. Q5_1, low nibbles values
+// 8h .. 8h + 7 of the block, high ones 16 + 8h ..) take the runs at 8h and 16 + 8h, the others
+// values 16h .. 16h + 15.
+struct Q8Piece {
+    u32x2 lo, hi;
+    f32x2 ds;
+    int sum;
+    template <class Q>
+    __device__ __forceinline__ void load(const u8* __restrict__ xq, const f32x2* __restrict__ xs, int it) {
+        const int blk = it >> 1, h = it & 1;
+        const u8* q = xq + 32 * (ll)blk + (Q::Q8_SPLIT ? 8 * h : 16 * h);
+        lo = *(const u32x2*)q;
+        hi = *(const u32x2*)(q + (Q::Q8_SPLIT ? 16 : 8));
+        ds = xs[blk];
+        if constexpr (Q::Q8_SUM) {
+            constexpr u32 ones = 0x01010101u;
+            sum = dp4a(ones, hi.y, dp4a(ones, hi.x, dp4a(ones, lo.y, dp4a(ones, lo.x, 0))));
+        }
+    }
+};
+
+// 16 levels, one byte each in the item's order (those of lo, then of hi) . the piece's activations
+__device__ __forceinline__ int dot_levels(const u32 (&lv)[4], const Q8Piece& x) {
+    int s = dp4a(lv[0], x.lo.x, 0);
+    s = dp4a(lv[1], x.lo.y, s);
+    s = dp4a(lv[2], x.hi.x, s);
+    return dp4a(lv[3], x.hi.y, s);
+}
+
+// the levels of 8 bytes of nibble pairs w0 w1: low nibbles, then high
+__device__ __forceinline__ void nibble_levels(u32 w0, u32 w1, u32 (&lv)[4]) {
+    lv[0] = w0 & 0x0F0F0F0Fu;
+    lv[1] = w1 & 0x0F0F0F0Fu;
+    lv[2] = (w0 >> 4) & 0x0F0F0F0Fu;
+    lv[3] = (w1 >> 4) & 0x0F0F0F0Fu;
 }
 
 // --- formats: values 32u + 16h .. 32u + 16h + 15 of a row -------------------------------------------
@@ -201,6 +262,7 @@ struct BF16 {
 
 // block_q4_0 (18 B): d, qs[16]; value j = low nibble of qs[j], j + 16 = high; x = d * (q - 8)
 struct Q4_0 {
+    static constexpr bool Q8_SPLIT = true, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 18 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -211,10 +273,20 @@ struct Q4_0 {
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(d, level<8>(lv, l));
     }
+    // item it: qs bytes 8h .. 8h + 7
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const u8* b = row + 18 * (ll)(it >> 1);
+        u32 w[2], lv[4];
+        load_words(b + 2 + 8 * (it & 1), w);
+        const float d = h2f((u16)load_u16(b));
+        nibble_levels(w[0], w[1], lv);
+        return d * (x.ds.x * (float)dot_levels(lv, x) - 4.0f * x.ds.y);
+    }
 };
 
 // block_q4_1 (20 B, 4-byte aligned): d, m, qs[16]; x = d * q + m
 struct Q4_1 {
+    static constexpr bool Q8_SPLIT = true, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u32* b = (const u32*)(row + 20 * (ll)u);
         const u32 dm = b[0];
@@ -225,10 +297,20 @@ struct Q4_1 {
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fadd_rn(__fmul_rn(d, level<0>(lv, l)), m);
     }
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const u32* b = (const u32*)(row + 20 * (ll)(it >> 1));
+        const u32 dm = b[0];
+        const u32* qs = b + 1 + 2 * (it & 1);
+        const float d = h2f((u16)(dm & 0xFFFFu)), m = h2f((u16)(dm >> 16));
+        u32 lv[4];
+        nibble_levels(qs[0], qs[1], lv);
+        return d * (x.ds.x * (float)dot_levels(lv, x)) + 0.5f * m * x.ds.y;
+    }
 };
 
 // block_q5_0 (22 B): d, qh (uint32, bit j = fifth bit of value j), qs[16]; x = d * (q - 16)
 struct Q5_0 {
+    static constexpr bool Q8_SPLIT = true, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 22 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -241,10 +323,25 @@ struct Q5_0 {
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(d, level<16>(lv, l));
     }
+    // item it: qs bytes 8h .. 8h + 7, fifth bits 8h .. 8h + 7 and 16 + 8h .. of qh
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const u8* b = row + 22 * (ll)(it >> 1);
+        const int h = it & 1;
+        u32 qh[1], w[2], lv[4];
+        load_words(b + 2, qh);
+        load_words(b + 6 + 8 * h, w);
+        const float d = h2f((u16)load_u16(b));
+        const u32 fifth = qh[0] >> (8 * h);
+        nibble_levels(w[0], w[1], lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lv[i] |= spread4((fifth >> (4 * (i & 1) + 16 * (i >> 1))) & 0xF);
+        return d * (x.ds.x * (float)dot_levels(lv, x) - 8.0f * x.ds.y);
+    }
 };
 
 // block_q5_1 (24 B, 8-byte aligned): d, m, qh (uint32), qs[16]; x = d * q + m
 struct Q5_1 {
+    static constexpr bool Q8_SPLIT = true, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u32* b = (const u32*)(row + 24 * (ll)u);
         const u32 dm = b[0], qh = b[1];
@@ -256,10 +353,23 @@ struct Q5_1 {
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fadd_rn(__fmul_rn(d, level<0>(lv, l)), m);
     }
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const u32* b = (const u32*)(row + 24 * (ll)(it >> 1));
+        const int h = it & 1;
+        const u32 dm = b[0], fifth = b[1] >> (8 * h);
+        const u32* qs = b + 2 + 2 * h;
+        const float d = h2f((u16)(dm & 0xFFFFu)), m = h2f((u16)(dm >> 16));
+        u32 lv[4];
+        nibble_levels(qs[0], qs[1], lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lv[i] |= spread4((fifth >> (4 * (i & 1) + 16 * (i >> 1))) & 0xF);
+        return d * (x.ds.x * (float)dot_levels(lv, x)) + 0.5f * m * x.ds.y;
+    }
 };
 
 // block_q8_0 (34 B): d, int8 qs[32]; x = q * d. Byte b ^ 0x80 is the int8 plus 128.
 struct Q8_0 {
+    static constexpr bool Q8_SPLIT = false, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 34 * (ll)u;
         const float d = h2f((u16)load_u16(b));
@@ -269,6 +379,14 @@ struct Q8_0 {
         for (int i = 0; i < 4; ++i) lv[i] ^= 0x80808080u;
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(level<128>(lv, l), d);
+    }
+    // item it: qs[16h:][:16], signed levels as dp4a.s32 takes them
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const u8* b = row + 34 * (ll)(it >> 1);
+        u32 w[4];
+        load_words(b + 2 + 16 * (it & 1), w);
+        const float d = h2f((u16)load_u16(b));
+        return d * (x.ds.x * (float)dot_levels(w, x));
     }
 };
 
@@ -293,6 +411,7 @@ __device__ __forceinline__ void scales_k4(const u8* b, int j, float& dsc, float&
 // block_q4_K (144 B, 16-byte aligned): d, dmin, scales[12], qs[128]; sub-block j reads
 // qs[32 * (j / 2):][:32], low nibbles if j is even; x = (d * sc) * q - dmin * m
 struct Q4_K {
+    static constexpr bool Q8_SPLIT = false, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 144 * (ll)(u >> 3);
         const int j = u & 7;
@@ -305,11 +424,23 @@ struct Q4_K {
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fsub_rn(__fmul_rn(dsc, level<0>(lv, l)), dm);
     }
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const int u = it >> 1, j = u & 7;
+        const u8* b = row + 144 * (ll)(u >> 3);
+        float dsc, dm;
+        scales_k4(b, j, dsc, dm);
+        u32 lv[4];
+        load_words16(b + 16 + 32 * (j >> 1) + 16 * (it & 1), lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lv[i] = (lv[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu;
+        return dsc * (x.ds.x * (float)dot_levels(lv, x)) - 0.5f * dm * x.ds.y;
+    }
 };
 
 // block_q5_K (176 B, 16-byte aligned): d, dmin, scales[12], qh[32], qs[128]; as Q4_K, and value l
 // of sub-block j has fifth bit (qh[l] >> j) & 1
 struct Q5_K {
+    static constexpr bool Q8_SPLIT = false, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 176 * (ll)(u >> 3);
         const int j = u & 7;
@@ -324,6 +455,19 @@ struct Q5_K {
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fsub_rn(__fmul_rn(dsc, level<0>(lv, l)), dm);
     }
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const int u = it >> 1, j = u & 7, h = it & 1;
+        const u8* b = row + 176 * (ll)(u >> 3);
+        float dsc, dm;
+        scales_k4(b, j, dsc, dm);
+        u32 qh[4], lv[4];
+        load_words16(b + 16 + 16 * h, qh);
+        load_words16(b + 48 + 32 * (j >> 1) + 16 * h, lv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            lv[i] = ((lv[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu) | (((qh[i] >> j) & 0x01010101u) << 4);
+        return dsc * (x.ds.x * (float)dot_levels(lv, x)) - 0.5f * dm * x.ds.y;
+    }
 };
 
 // block_q6_K (210 B): ql[128], qh[64], int8 scales[16], d. Value i = 128 k + 32 s + l (half-block
@@ -331,6 +475,7 @@ struct Q5_K {
 // qh[32 k + l] >> 2 s; x = (d * scales[i / 16]) * (q - 32). Unit g = u % 8 is quarter g & 3 of
 // half-block g >> 2 (gguf-py Q6_K.dequantize_blocks, ggml-quants.c dequantize_row_q6_K).
 struct Q6_K {
+    static constexpr bool Q8_SPLIT = false, Q8_SUM = true;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
         const u8* b = row + 210 * (ll)(u >> 3);
         const int g = u & 7, k = g >> 2, s = g & 3;
@@ -343,6 +488,19 @@ struct Q6_K {
             lv[i] = ((lv[i] >> (4 * (s >> 1))) & 0x0F0F0F0Fu) | (((qh[i] >> (2 * s)) & 0x03030303u) << 4);
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(d, level<32>(lv, l));
+    }
+    // item it: scale group 2g + h, the -32 taken off the integer dot with the item's sum of q
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        const int u = it >> 1, h = it & 1, g = u & 7, k = g >> 2, s = g & 3;
+        const u8* b = row + 210 * (ll)(u >> 3);
+        u32 lv[4], qh[4];
+        load_words(b + 64 * k + 32 * (s & 1) + 16 * h, lv);
+        load_words(b + 128 + 32 * k + 16 * h, qh);
+        const float d = __fmul_rn(h2f((u16)load_u16(b + 208)), (float)(signed char)b[192 + 2 * g + h]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            lv[i] = ((lv[i] >> (4 * (s >> 1))) & 0x0F0F0F0Fu) | (((qh[i] >> (2 * s)) & 0x03030303u) << 4);
+        return d * (x.ds.x * (float)(dot_levels(lv, x) - 32 * x.sum));
     }
 };
 
@@ -725,52 +883,18 @@ __device__ __forceinline__ void mmv_down_ids(const u8* __restrict__ W, ll row_by
     finish_down<R>(acc, red, add, res, W2 != nullptr, y, t, n0, N);
 }
 
-// --- Q4_0 on int8 activations ---------------------------------------------------------------------
-// The float products above spend about four instructions a weight decoding it (byte permute,
-// subtract, scale, multiply-add): on the routed experts' products that is the limit, not the
-// memory (26 MB of gate-up weights at 1.3 TB/s). Here, as llama.cpp's MMVQ, the activations are
-// quantized per 32 values (q8_1: int8 q = rint(x / d), d = amax / 127, and d * sum(q)) and four
-// weights meet four activations in one dp4a. An item is half a Q4_0 block: qs bytes 8h .. 8h + 7,
-// whose low nibbles are values 8h .. 8h + 7 and high nibbles 16 + 8h ..; the -8 of the nibbles
-// comes off as 4 * d * sum(q) a half (8 * d * sum(q) over the block).
-struct alignas(8) f32x2 { float x, y; };
-struct alignas(8) u32x2 { u32 x, y; };
-
-__device__ __forceinline__ int dp4a(u32 a, u32 b, int c) {
-    int r;
-    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-    return r;
-}
-
-// the int8 activations of item it and their block's (d, d * sum(q))
-struct Q8Piece {
-    u32x2 lo, hi;
-    f32x2 ds;
-    __device__ __forceinline__ void load(const u8* __restrict__ xq, const f32x2* __restrict__ xs, int it) {
-        const int blk = it >> 1, h = it & 1;
-        lo = *(const u32x2*)(xq + 32 * (ll)blk + 8 * h);
-        hi = *(const u32x2*)(xq + 32 * (ll)blk + 16 + 8 * h);
-        ds = xs[blk];
-    }
-};
-
-// item it of a Q4_0 row . its int8 activations
-__device__ __forceinline__ float q4_0_dot(const u8* __restrict__ row, int it, const Q8Piece& x) {
-    const u8* b = row + 18 * (ll)(it >> 1);
-    u32 w[2];
-    load_words(b + 2 + 8 * (it & 1), w);
-    const float d = h2f((u16)load_u16(b));
-    int s = dp4a(w[0] & 0x0F0F0F0Fu, x.lo.x, 0);
-    s = dp4a(w[1] & 0x0F0F0F0Fu, x.lo.y, s);
-    s = dp4a((w[0] >> 4) & 0x0F0F0F0Fu, x.hi.x, s);
-    s = dp4a((w[1] >> 4) & 0x0F0F0F0Fu, x.hi.y, s);
-    return d * (x.ds.x * (float)s - 4.0f * x.ds.y);
-}
+// --- products on int8 activations -------------------------------------------------------------------
+// mmv1, mmv_glu_ids and mmv_down_ids of the quantized formats on activations as q8_1 (int8
+// activations, above), the same blocks, items and sums: an item's Q8Piece loaded once serves the
+// block's rows. The float products spend about four instructions a weight decoding it (byte permute,
+// subtract, scale, multiply-add): on the routed experts' products that is the limit, not the memory
+// (26 MB of Q4_0 gate-up weights at 1.3 TB/s).
 
 // y[n] = res[n] + (add[n] + row n . x) for MMV1_ROWS rows a block, x as q8_1; grid (ceil(N / 4))
-extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
-mmv1_q4_0_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq, const f32x2* __restrict__ xs,
-             float* __restrict__ y, int N, int K, const float* __restrict__ add, const float* __restrict__ res) {
+template <class Q>
+__device__ __forceinline__ void mmv1_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq,
+                                        const f32x2* __restrict__ xs, float* __restrict__ y, int N, int K,
+                                        const float* __restrict__ add, const float* __restrict__ res) {
     constexpr int R = MMV1_ROWS;
     __shared__ float red[R * ROW_WARPS];
     const int n0 = blockIdx.x * R;
@@ -782,19 +906,20 @@ mmv1_q4_0_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq, 
     for (int r = 0; r < R; ++r) acc[r] = 0.0f;
     for (int it = threadIdx.x; it < (K >> 4); it += ROW_THREADS) {
         Q8Piece x;
-        x.load(xq, xs, it);
+        x.load<Q>(xq, xs, it);
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] += q4_0_dot(rows[r], it, x);
+        for (int r = 0; r < R; ++r) acc[r] += Q::dot_q8(rows[r], it, x);
     }
     finish_rows<R>(acc, red, add, res, y, n0, N);
 }
 
-// mmv_glu_ids_q4_0 (shared experts included) on x as q8_1: row r of x at xq + r K, xs + r K / 32
-extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
-glu_ids_q4_0_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes, ll expert_bytes,
-                const int* __restrict__ ids, const u8* __restrict__ xq, const f32x2* __restrict__ xs, int x_div,
-                float* __restrict__ h, int N, int K, int P, const u8* __restrict__ Wg2, const u8* __restrict__ Wu2,
-                ll row_bytes2, int N2, float* __restrict__ h2) {
+// mmv_glu_ids (shared experts included) on x as q8_1: row r of x at xq + r K, xs + r K / 32
+template <class Q>
+__device__ __forceinline__ void glu_ids_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,
+                                           ll expert_bytes, const int* __restrict__ ids, const u8* __restrict__ xq,
+                                           const f32x2* __restrict__ xs, int x_div, float* __restrict__ h, int N,
+                                           int K, int P, const u8* __restrict__ Wg2, const u8* __restrict__ Wu2,
+                                           ll row_bytes2, int N2, float* __restrict__ h2) {
     constexpr int R = GLU_ROWS;
     __shared__ float red[2 * R * ROW_WARPS];
     const int n0 = blockIdx.x * R, p = blockIdx.y;
@@ -812,27 +937,31 @@ glu_ids_q4_0_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_byt
     for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
     for (int it = threadIdx.x; it < (K >> 4); it += ROW_THREADS) {
         Q8Piece x;
-        x.load(xqp, xsp, it);
+        x.load<Q>(xqp, xsp, it);
 #pragma unroll
-        for (int r = 0; r < 2 * R; ++r) acc[r] += q4_0_dot(rows[r], it, x);
+        for (int r = 0; r < 2 * R; ++r) acc[r] += Q::dot_q8(rows[r], it, x);
     }
     finish_glu<R>(acc, red, out, n0, rows_n);
 }
 
-// mmv_down_ids_q4_0 (shared experts and residual included) on h and h2 as q8_1: pair p's row at
-// hq + p K (hs + p K / 32), token t's shared row at hq2 + t K2 (hs2 + t K2 / 32)
-extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
-down_ids_q4_0_q8(const u8* __restrict__ W, ll row_bytes, ll expert_bytes, const int* __restrict__ ids,
-                 const u8* __restrict__ hq, const f32x2* __restrict__ hs, const float* __restrict__ w,
-                 const float* __restrict__ add, float* __restrict__ y, int N, int K, int k,
-                 const u8* __restrict__ W2, ll row_bytes2, int K2, const u8* __restrict__ hq2,
-                 const f32x2* __restrict__ hs2, const float* __restrict__ res) {
+// mmv_down_ids (shared experts and residual included) on h and h2 as q8_1: pair p's row at
+// hq + p K (hs + p K / 32), token t's shared row at hq2 + t K2 (hs2 + t K2 / 32). The shared
+// experts' down W2 is of format Q2, which may differ from the routed experts' Q (a Q4_K_M file's
+// routed down rows of 1408 values fall back to Q5_0 or Q8_0, the shared ones stay Q6_K).
+template <class Q, class Q2>
+__device__ __forceinline__ void down_ids_q8(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,
+                                            const int* __restrict__ ids, const u8* __restrict__ hq,
+                                            const f32x2* __restrict__ hs, const float* __restrict__ w,
+                                            const float* __restrict__ add, float* __restrict__ y, int N, int K, int k,
+                                            const u8* __restrict__ W2, ll row_bytes2, int K2,
+                                            const u8* __restrict__ hq2, const f32x2* __restrict__ hs2,
+                                            const float* __restrict__ res) {
     constexpr int R = MMV1_ROWS;
     __shared__ float red[2 * R * ROW_WARPS];
     const int n0 = blockIdx.x * R, t = blockIdx.y;
     const int items = K >> 4, routed = k * items;
     const int total = routed + (W2 ? K2 >> 4 : 0);
-    float acc[2 * R];
+    float acc[2 * R];  // routed sums, then the shared row's
 #pragma unroll
     for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
     for (int i = threadIdx.x; i < total; i += ROW_THREADS) {
@@ -843,17 +972,17 @@ down_ids_q4_0_q8(const u8* __restrict__ W, ll row_bytes, ll expert_bytes, const 
             const int p = t * k + j;
 #pragma unroll
             for (int r = 0; r < R; ++r) rows[r] = W + (ll)ids[p] * expert_bytes + (ll)min(n0 + r, N - 1) * row_bytes;
-            x.load(hq + (ll)p * K, hs + (ll)p * (K >> 5), it);
+            x.load<Q>(hq + (ll)p * K, hs + (ll)p * (K >> 5), it);
             const float wp = w[p];
 #pragma unroll
-            for (int r = 0; r < R; ++r) acc[r] += wp * q4_0_dot(rows[r], it, x);
+            for (int r = 0; r < R; ++r) acc[r] += wp * Q::dot_q8(rows[r], it, x);
         } else {
             const int it = i - routed;
 #pragma unroll
             for (int r = 0; r < R; ++r) rows[r] = W2 + (ll)min(n0 + r, N - 1) * row_bytes2;
-            x.load(hq2 + (ll)t * K2, hs2 + (ll)t * (K2 >> 5), it);
+            x.load<Q2>(hq2 + (ll)t * K2, hs2 + (ll)t * (K2 >> 5), it);
 #pragma unroll
-            for (int r = 0; r < R; ++r) acc[R + r] += q4_0_dot(rows[r], it, x);
+            for (int r = 0; r < R; ++r) acc[R + r] += Q2::dot_q8(rows[r], it, x);
         }
     }
     finish_down<R>(acc, red, add, res, W2 != nullptr, y, t, n0, N);
@@ -980,6 +1109,67 @@ FORMAT_KERNELS(q8_0, Q8_0)
 FORMAT_KERNELS(q4_k, Q4_K)
 FORMAT_KERNELS(q5_k, Q5_K)
 FORMAT_KERNELS(q6_k, Q6_K)
+
+// --- kernels on int8 activations ---------------------------------------------------------------------
+
+// down_ids_<kname>_q8: routed experts' down of format Q, the shared experts' of Q2
+#define DOWN_Q8_KERNEL(kname, Q, Q2)                                                                     \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+        down_ids_##kname##_q8(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                 \
+                              const int* __restrict__ ids, const u8* __restrict__ hq,                  \
+                              const f32x2* __restrict__ hs, const float* __restrict__ w,               \
+                              const float* __restrict__ add, float* __restrict__ y, int N, int K, int k, \
+                              const u8* __restrict__ W2, ll row_bytes2, int K2,                         \
+                              const u8* __restrict__ hq2, const f32x2* __restrict__ hs2,                \
+                              const float* __restrict__ res) {                                         \
+        down_ids_q8<Q, Q2>(W, row_bytes, expert_bytes, ids, hq, hs, w, add, y, N, K, k, W2, row_bytes2, K2, \
+                           hq2, hs2, res);                                                              \
+    }
+
+#define INT8_KERNELS(name, Q)                                                                            \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+        mmv1_##name##_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq,            \
+                         const f32x2* __restrict__ xs, float* __restrict__ y, int N, int K,            \
+                         const float* __restrict__ add, const float* __restrict__ res) {               \
+        mmv1_q8<Q>(W, row_bytes, xq, xs, y, N, K, add, res);                                            \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+        glu_ids_##name##_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,        \
+                            ll expert_bytes, const int* __restrict__ ids, const u8* __restrict__ xq,   \
+                            const f32x2* __restrict__ xs, int x_div, float* __restrict__ h, int N,     \
+                            int K, int P, const u8* __restrict__ Wg2, const u8* __restrict__ Wu2,      \
+                            ll row_bytes2, int N2, float* __restrict__ h2) {                           \
+        glu_ids_q8<Q>(Wg, Wu, row_bytes, expert_bytes, ids, xq, xs, x_div, h, N, K, P, Wg2, Wu2, row_bytes2, \
+                      N2, h2);                                                                          \
+    }                                                                                                   \
+    DOWN_Q8_KERNEL(name, Q, Q)
+
+INT8_KERNELS(q4_0, Q4_0)
+INT8_KERNELS(q4_1, Q4_1)
+INT8_KERNELS(q5_0, Q5_0)
+INT8_KERNELS(q5_1, Q5_1)
+INT8_KERNELS(q8_0, Q8_0)
+INT8_KERNELS(q4_k, Q4_K)
+INT8_KERNELS(q5_k, Q5_K)
+INT8_KERNELS(q6_k, Q6_K)
+
+// Routed down of a K-quant mix (Q5_0, Q5_1, Q8_0: llama.cpp's fallbacks for Q4_K, Q5_K, Q6_K rows
+// not a multiple of 256; or a K-quant) with shared down of another K-quant (cuda.py MIXED_DOWN)
+DOWN_Q8_KERNEL(q5_0_q4_k, Q5_0, Q4_K)
+DOWN_Q8_KERNEL(q5_0_q5_k, Q5_0, Q5_K)
+DOWN_Q8_KERNEL(q5_0_q6_k, Q5_0, Q6_K)
+DOWN_Q8_KERNEL(q5_1_q4_k, Q5_1, Q4_K)
+DOWN_Q8_KERNEL(q5_1_q5_k, Q5_1, Q5_K)
+DOWN_Q8_KERNEL(q5_1_q6_k, Q5_1, Q6_K)
+DOWN_Q8_KERNEL(q8_0_q4_k, Q8_0, Q4_K)
+DOWN_Q8_KERNEL(q8_0_q5_k, Q8_0, Q5_K)
+DOWN_Q8_KERNEL(q8_0_q6_k, Q8_0, Q6_K)
+DOWN_Q8_KERNEL(q4_k_q5_k, Q4_K, Q5_K)
+DOWN_Q8_KERNEL(q4_k_q6_k, Q4_K, Q6_K)
+DOWN_Q8_KERNEL(q5_k_q4_k, Q5_K, Q4_K)
+DOWN_Q8_KERNEL(q5_k_q6_k, Q5_K, Q6_K)
+DOWN_Q8_KERNEL(q6_k_q4_k, Q6_K, Q4_K)
+DOWN_Q8_KERNEL(q6_k_q5_k, Q6_K, Q5_K)
 
 // --- elementwise helpers --------------------------------------------------------------------------
 
