@@ -5,6 +5,7 @@ tested on a machine without a GPU; the kernels themselves are tested against ggu
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from edgeseek.backends.cuda import INT8_TYPES, MIXED_DOWN, CUDABackend
