@@ -141,6 +141,10 @@ class NumpyKernels:
         i, ww = route(logits, router, bias)
         ids[:], w[:] = i, ww
 
+    def mmv3_q8(self, qtype, mats, q8, ys, k):
+        for (w, row_bytes, n), y in zip(mats, ys):
+            self.mmv1_q8(qtype, w, row_bytes, q8, y, n, k)
+
     def router_route(self, w, x, logits, bias, router, ids, wts):
         e, d = w.shape
         self.mmv(Q.F32, w.view(np.uint8), 4 * d, x, logits, e, d, 1)

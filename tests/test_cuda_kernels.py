@@ -502,6 +502,26 @@ def test_mmv1_on_int8_activations(module, name, shape):
         assert_product(unpoisoned(y, n).reshape(1, n), deq, q8_values((xq, xs), k))
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q8_0"])
+@pytest.mark.parametrize("rows", [(3072, 576), (576, 192, 192)])
+def test_two_or_three_matrices_in_one_launch_as_mmv1(module, name, rows):
+    """mmv3_<t>_q8: q and kv_a (or q, k and v) of one token in one launch, each output equal to
+    its own mmv1_<t>_q8 launch to the bit (partial last blocks included: 192 and 576 rows)."""
+    from edgeseek.backends.cuda import Kernels as K
+    k = 2048
+    mats = [matrix(name, n, k)[0] for n in rows]
+    x = np.random.default_rng(_seed("mmv3", name, *rows)).standard_normal((1, k)).astype(np.float32)
+    q8 = tuple(cupy.asarray(a) for a in q8_1(x))
+    kern = K()
+    dev = [(cupy.asarray(m), m.shape[1], m.shape[0]) for m in mats]
+    ys = [cupy.full(n, np.nan, np.float32) for n in rows]
+    kern.mmv3_q8(getattr(Q, name.upper()), dev, q8, ys, k)
+    for (w, rb, n), y in zip(dev, ys):
+        want = cupy.full(n, np.nan, np.float32)
+        kern.mmv1_q8(getattr(Q, name.upper()), w, rb, q8, want, n, k)
+        np.testing.assert_array_equal(y.get(), want.get())
+
+
 def assert_down_with_shared(got, down, down2, ids, w, hv, h2v, add, res):
     """got (T, d) = res + ((add + routed) + shared) against float64: token t's `used` pairs of hv
     through down (E, d, n) weighted by w (T, used), token t's h2v through down2 (d, n2)."""

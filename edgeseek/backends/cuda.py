@@ -217,6 +217,14 @@ class Kernels:
                                             (w, np.int64(row_bytes), *q8, y, np.int32(n), np.int32(k),
                                              null if add is None else add, null if res is None else res))
 
+    def mmv3_q8(self, qtype, mats, q8, ys, k: int) -> None:
+        """ys[i] (N_i,) = mats[i] @ x for two or three (W, row_bytes, N) of one format on x as q8."""
+        null = np.uint64(0)
+        args = [a for (w, rb, n), y in zip(mats, ys) for a in (w, np.int64(rb), y, np.int32(n))]
+        args += [null, np.int64(0), null, np.int32(0)] * (3 - len(mats))
+        blocks = sum(_launch_grid(n, MMV1_ROWS) for _, _, n in mats)
+        self._fn(f"mmv3_{SUFFIX[qtype]}_q8")((blocks,), (ROW_THREADS,), (*args, *q8, np.int32(k)))
+
     def glu_q8(self, qtype, wg, wu, row_bytes: int, expert_bytes: int, ids, q8, x_div: int, h, n: int, k: int,
                p: int, t: int, shared=None) -> None:
         """glu_ids on the T rows of x as q8 (shared as glu_ids')."""
@@ -814,6 +822,20 @@ class CUDABackend:
         if known is not None and known[0] is x:
             return known[1]
         return self.kernels.quantize_q8(self.xp.ascontiguousarray(x, dtype=np.float32))
+
+    def linears(self, ws, x):
+        """[w(x) for w in ws]; two or three matrices of one int8 format and width on one token (a
+        layer's q and kv_a; q, k and v) in one launch, x quantized once."""
+        one = ws[0]
+        if not (1 < len(ws) <= 3 and x.ndim == 2 and len(x) == 1 and all(isinstance(w, DeviceMatrix) for w in ws)
+                and one.qtype in INT8_TYPES and all(w.qtype == one.qtype and w.shape[1] == one.shape[1] for w in ws)):
+            return [w(x) for w in ws]
+        q8 = self.q8_of(x)
+        if q8 is None:
+            return [w(x) for w in ws]
+        ys = [self.xp.empty((1, w.shape[0]), np.float32) for w in ws]
+        self.kernels.mmv3_q8(one.qtype, [(w.raw, w.row_bytes, w.shape[0]) for w in ws], q8, ys, one.shape[1])
+        return ys
 
     def linear(self, w, x, residual=None):
         if residual is None:

@@ -61,6 +61,11 @@
 //                 const float* res)                                        as mmv_down_ids_<t>
 // down_ids_<t>_<t2>_q8(...)  as down_ids_<t>_q8 with the shared experts' W2 of format <t2>, for the
 //     pairs of a K-quant mix (<t> q5_0 q5_1 q8_0 q4_k q5_k q6_k, <t2> another of q4_k q5_k q6_k)
+// mmv3_<t>_q8(W, ll row_bytes, float* y, int N, W2, ll row_bytes2, float* y2, int N2, W3, ll row_bytes3,
+//             float* y3, int N3, xq, xs, int K)
+//     mmv1_<t>_q8 of two or three matrices of one format and width on the same token (a layer's q
+//     and kv_a; q, k and v) in one launch: blocks 0 .. ceil(N / 4) - 1 the first, then the second's,
+//     then the third's (N3 = 0: none). grid (ceil(N / 4) + ceil(N2 / 4) + ceil(N3 / 4), 1, 1).
 // quantize_q8_1(const float* x, char* xq, float2* xs, ll n)
 //     n values (a multiple of 32) -> q8_1. block (128, 1, 1), grid (ceil(n / 128), 1, 1).
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
@@ -890,14 +895,16 @@ __device__ __forceinline__ void mmv_down_ids(const u8* __restrict__ W, ll row_by
 // subtract, scale, multiply-add): on the routed experts' products that is the limit, not the memory
 // (26 MB of Q4_0 gate-up weights at 1.3 TB/s).
 
-// y[n] = res[n] + (add[n] + row n . x) for MMV1_ROWS rows a block, x as q8_1; grid (ceil(N / 4))
+// y[n] = res[n] + (add[n] + row n . x) for MMV1_ROWS rows a block (rows 4 block ..), x as q8_1;
+// grid (ceil(N / 4))
 template <class Q>
 __device__ __forceinline__ void mmv1_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq,
                                         const f32x2* __restrict__ xs, float* __restrict__ y, int N, int K,
-                                        const float* __restrict__ add, const float* __restrict__ res) {
+                                        const float* __restrict__ add, const float* __restrict__ res,
+                                        int block) {
     constexpr int R = MMV1_ROWS;
     __shared__ float red[R * ROW_WARPS];
-    const int n0 = blockIdx.x * R;
+    const int n0 = block * R;
     const u8* rows[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) rows[r] = W + (ll)min(n0 + r, N - 1) * row_bytes;
@@ -1131,7 +1138,18 @@ FORMAT_KERNELS(q6_k, Q6_K)
         mmv1_##name##_q8(const u8* __restrict__ W, ll row_bytes, const u8* __restrict__ xq,            \
                          const f32x2* __restrict__ xs, float* __restrict__ y, int N, int K,            \
                          const float* __restrict__ add, const float* __restrict__ res) {               \
-        mmv1_q8<Q>(W, row_bytes, xq, xs, y, N, K, add, res);                                            \
+        mmv1_q8<Q>(W, row_bytes, xq, xs, y, N, K, add, res, blockIdx.x);                                \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+        mmv3_##name##_q8(const u8* __restrict__ W, ll row_bytes, float* __restrict__ y, int N,         \
+                         const u8* __restrict__ W2, ll row_bytes2, float* __restrict__ y2, int N2,     \
+                         const u8* __restrict__ W3, ll row_bytes3, float* __restrict__ y3, int N3,     \
+                         const u8* __restrict__ xq, const f32x2* __restrict__ xs, int K) {             \
+        const int b1 = (N + MMV1_ROWS - 1) / MMV1_ROWS, b2 = (N2 + MMV1_ROWS - 1) / MMV1_ROWS;          \
+        const int b = blockIdx.x;                                                                       \
+        if (b < b1) mmv1_q8<Q>(W, row_bytes, xq, xs, y, N, K, nullptr, nullptr, b);                     \
+        else if (b < b1 + b2) mmv1_q8<Q>(W2, row_bytes2, xq, xs, y2, N2, K, nullptr, nullptr, b - b1);  \
+        else mmv1_q8<Q>(W3, row_bytes3, xq, xs, y3, N3, K, nullptr, nullptr, b - b1 - b2);              \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
         glu_ids_##name##_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,        \
