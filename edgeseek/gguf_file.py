@@ -130,6 +130,9 @@ class TensorInfo:
         return self.shape[-1] // block * size
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Header:
     """A cursor over the header bytes that refuses to read past the end of the file."""
 
@@ -173,6 +176,31 @@ class _Header:
         except UnicodeDecodeError as e:
             raise self.error(f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start} of {n})") from None
 
+    def strings(self, n: int) -> list[str]:
+        """n strings in a row (a vocabulary: 100k and more): one tight loop over lengths and bytes,
+        then the checks; an element that is cut off or not UTF-8 is named as string() names it."""
+        buf, pos, size = self.buf, self.pos, self.size
+        length = _U64.unpack_from
+        items = [b""] * n
+        for i in range(n):
+            if size - pos < 8 or size - pos - 8 < length(buf, pos)[0]:
+                self.pos, self.what = pos, f"{self.what} element {i}"
+                self.string()  # raises with the element's name and position
+            (k,) = length(buf, pos)
+            items[i] = buf[pos + 8: pos + 8 + k]
+            pos += 8 + k
+        self.pos = pos
+        try:
+            return [b.decode("utf-8") for b in items]
+        except UnicodeDecodeError:
+            for i, b in enumerate(items):
+                try:
+                    b.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise self.error(f"element {i} is not valid UTF-8 (byte 0x{b[e.start]:02x} at {e.start} of "
+                                     f"{len(b)})") from None
+            raise
+
     def count(self, n: int, least_bytes: int, of: str) -> int:
         """A count of items of at least `least_bytes` each, checked against the bytes left."""
         if n * least_bytes > self.size - self.pos:
@@ -190,14 +218,7 @@ class _Header:
         if item == V.ARRAY:
             raise UnsupportedError(f"{self.path}: {self.what} is an array of arrays, which edgeseek does not read")
         if item == V.STRING:
-            n = self.count(self.u64(), 8, "strings")
-            what = self.what
-            items = []
-            for i in range(n):
-                self.what = f"{what} element {i}"
-                items.append(self.string())
-            self.what = what
-            return Field(vtype, item, items)
+            return Field(vtype, item, self.strings(self.count(self.u64(), 8, "strings")))
         dtype = np.dtype(_SCALARS[item])
         n = self.count(self.u64(), dtype.itemsize, "elements")
         values = np.frombuffer(self.buf, dtype, n, self.pos)
