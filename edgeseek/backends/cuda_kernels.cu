@@ -447,30 +447,29 @@ struct Q4_K {
 struct Q5_K {
     static constexpr bool Q8_SPLIT = false, Q8_SUM = false;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
-        const u8* b = row + 176 * (ll)(u >> 3);
-        const int j = u & 7;
         float dsc, dm;
-        scales_k4(b, j, dsc, dm);
-        u32 qh[4], lv[4];
-        load_words16(b + 16 + 16 * h, qh);
-        load_words16(b + 48 + 32 * (j >> 1) + 16 * h, lv);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            lv[i] = ((lv[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu) | (((qh[i] >> j) & 0x01010101u) << 4);
+        u32 lv[4];
+        levels(row, u, h, dsc, dm, lv);
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fsub_rn(__fmul_rn(dsc, level<0>(lv, l)), dm);
     }
-    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
-        const int u = it >> 1, j = u & 7, h = it & 1;
+    // the 16 five-bit levels of half h of unit u, one a byte, and the sub-block's d * sc, dmin * m
+    __device__ static __forceinline__ void levels(const u8* row, int u, int h, float& dsc, float& dm,
+                                                  u32 (&lv)[4]) {
         const u8* b = row + 176 * (ll)(u >> 3);
-        float dsc, dm;
+        const int j = u & 7;
         scales_k4(b, j, dsc, dm);
-        u32 qh[4], lv[4];
+        u32 qh[4];
         load_words16(b + 16 + 16 * h, qh);
         load_words16(b + 48 + 32 * (j >> 1) + 16 * h, lv);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
             lv[i] = ((lv[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu) | (((qh[i] >> j) & 0x01010101u) << 4);
+    }
+    __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
+        float dsc, dm;
+        u32 lv[4];
+        levels(row, it >> 1, it & 1, dsc, dm, lv);
         return dsc * (x.ds.x * (float)dot_levels(lv, x)) - 0.5f * dm * x.ds.y;
     }
 };
