@@ -141,10 +141,10 @@ class HFTokenizer:
             raise _CannotEmulate(f"model {model.get('type')}")
         self.tok, self.config = tok, config
         self.vocab: dict[str, int] = dict(model.get("vocab", {}))
-        self.ranks = {}
+        self.ranks = {}  # keyed by "a b", as the runtime's Tokenizer keys them (byte-level symbols hold no space)
         for i, m in enumerate(model.get("merges", [])):
             a, b = m.split(" ", 1) if isinstance(m, str) else m
-            self.ranks.setdefault((a, b), i)
+            self.ranks.setdefault(f"{a} {b}", i)
         self.ignore_merges = bool(model.get("ignore_merges", False))
         self.added = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
 

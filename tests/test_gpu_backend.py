@@ -79,7 +79,6 @@ def test_emulated_grouped_prompt_experts_equal_the_dequantized_tiles(name, split
     assert counts[0].sum() > 0 and (counts[0] == counts[1]).all()
 
 
-
 @pytest.mark.parametrize("name, int8", [("v3h256-q4_k_m.gguf", {"Q4_K", "Q5_K", "Q6_K"}),
                                         ("v2lite-q8_0.gguf", {"Q8_0"}), ("v3-q4_k_m.gguf", {"Q5_0", "Q8_0"})])
 def test_emulated_decode_runs_every_quantized_product_on_int8_activations(name, int8):
@@ -108,6 +107,7 @@ def test_emulated_decode_runs_every_quantized_product_on_int8_activations(name, 
         engine.model.forward(np.array([t + 2]), ctx.cache)
     assert {q for m, q in calls if m.endswith("_q8")} == int8
     assert {q for m, q in calls if not m.endswith("_q8")} == {"F32"}
+
 
 def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result():
     path = FIXTURES / "v3-f32.gguf"
