@@ -248,11 +248,12 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     used = gguf.arch_meta("expert_used_count", 0)
     if not 0 < used <= gguf.arch_meta("expert_count", 0):
         used = 0  # not compiled for: the model's reading of the metadata says what is wrong with it
-    many = (used,)  # matmul_many: a decode step's experts, MLA's heads
-    if gguf.arch == "deepseek2" and gguf.has("blk.0.attn_k_b.weight") and device == "cpu":
-        many += (gguf.arch_meta("attention.head_count"),)
-    if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and many[0]:  # MTP's verification:
-        many += tuple(many[0] * t for t in range(2, FEW_TOKENS + 1))  # (token, expert) pairs of 2-4 tokens
+    heads = gguf.arch_meta("attention.head_count") \
+        if gguf.arch == "deepseek2" and gguf.has("blk.0.attn_k_b.weight") and device == "cpu" else 0
+    many = (used, heads) if heads else (used,)  # matmul_many: a decode step's experts, MLA's heads
+    if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and used:  # MTP's verification: the
+        # (token, expert) pairs and the (token, head) pairs of MLA's per-head products of 2-4 tokens
+        many += tuple(n * t for n in (used, heads) if n for t in range(2, FEW_TOKENS + 1))
     kernels.prepare(cpu_types, many, notify=on_compile, extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)

@@ -9,7 +9,7 @@ from numba import carray, njit, prange
 
 from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import plus, rms_norm, silu, softmax, swiglu
-from edgeseek.models.moe import moe, route
+from edgeseek.models.moe import FEW_TOKENS, moe, route
 from edgeseek.quantize import QMatrix, get_format
 from edgeseek.quantize.simd import add_f, at_address, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
 
@@ -403,19 +403,20 @@ class CPUBackend:
         # a few tokens: a numba kernel on both cores (numpy's einsum runs these on one core, at a
         # third of the bandwidth); more tokens: batched BLAS.
         if isinstance(w, Heads):
-            if len(x) <= 2:
-                rows = np.arange(w.shape[0])
-                ys = [w.fmt.matmul_many(w.packed, np.ascontiguousarray(x[t], dtype=np.float32), rows)
-                      for t in range(len(x))]
-                if all(y is not None for y in ys):
-                    return np.stack(ys)  # (T, H, R)
             H, T = w.shape[0], len(x)
-            starts = np.arange(H) * T
-            y = w.fmt.matmul_groups(w.packed, np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32).reshape(H * T, -1),
-                                    np.stack([starts, starts + T, starts], axis=1))  # (H * T, R), head-major
-            if y is not None:  # every head in one call, as the products head by head give
-                return y.reshape(H, T, -1).transpose(1, 0, 2)
-            return np.stack([w.matrix(h)(np.ascontiguousarray(x[:, h])) for h in range(w.shape[0])], axis=1)
+            if T > 2:
+                starts = np.arange(H) * T
+                y = w.fmt.matmul_groups(w.packed, np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32)
+                                        .reshape(H * T, -1), np.stack([starts, starts + T, starts], axis=1))
+                if y is not None:  # (H * T, R) head-major: every head in one call, as head by head
+                    return y.reshape(H, T, -1).transpose(1, 0, 2)
+            if T <= FEW_TOKENS:  # every (token, head) in one call (a format without grouped products:
+                # a verification's 3-4 tokens went head by head, 8 calls a layer on edgeseek-mini)
+                y = w.fmt.matmul_many(w.packed * T, np.ascontiguousarray(x, dtype=np.float32).reshape(T * H, -1),
+                                      np.arange(T * H))
+                if y is not None:
+                    return y.reshape(T, H, -1)
+            return np.stack([w.matrix(h)(np.ascontiguousarray(x[:, h])) for h in range(H)], axis=1)
         if len(x) <= 2:
             out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)  # (T, H, R)
             for t in range(len(x)):
