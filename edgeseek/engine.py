@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from . import kernels
 from .backends import CPUBackend
+from .backends.cpu import MANY_PAIRS
 from .budget import IO_THREADS, WORKSPACE, BudgetPlan, format_size, parse_size, plan_for
 from .chat_template import ChatTemplate
 from .errors import EdgeseekError, GGUFError
@@ -253,7 +254,8 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     many = (used, heads) if heads else (used,)  # matmul_many: a decode step's experts, MLA's heads
     if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and used:  # MTP's verification: the
         # (token, expert) pairs and the (token, head) pairs of MLA's per-head products of 2-4 tokens
-        many += tuple(n * t for n in (used, heads) if n for t in range(2, FEW_TOKENS + 1))
+        many += tuple(used * t for t in range(2, FEW_TOKENS + 1))
+        many += tuple(heads * t for t in range(2, FEW_TOKENS + 1) if 0 < heads * t <= MANY_PAIRS)
     kernels.prepare(cpu_types, many, notify=on_compile, extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)

@@ -306,6 +306,8 @@ def _rms_norm(x, w, eps, out):
 
 
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
+MANY_PAIRS = 64  # (token, head) pairs of MLA's per-head products in one matmul_many call (one kernel
+# compiled per count: a few tokens of V2-Lite's 16 heads, not of V3's 128)
 LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does it in one call
 
 
@@ -410,12 +412,18 @@ class CPUBackend:
                                         .reshape(H * T, -1), np.stack([starts, starts + T, starts], axis=1))
                 if y is not None:  # (H * T, R) head-major: every head in one call, as head by head
                     return y.reshape(H, T, -1).transpose(1, 0, 2)
-            if T <= FEW_TOKENS:  # every (token, head) in one call (a format without grouped products:
-                # a verification's 3-4 tokens went head by head, 8 calls a layer on edgeseek-mini)
-                y = w.fmt.matmul_many(w.packed * T, np.ascontiguousarray(x, dtype=np.float32).reshape(T * H, -1),
-                                      np.arange(T * H))
-                if y is not None:
-                    return y.reshape(T, H, -1)
+            if T <= FEW_TOKENS:  # a format without grouped products: a verification's 3-4 tokens went
+                # head by head (8 calls a layer on edgeseek-mini); every (token, head) pair in one call
+                # where that is few matrices, else a token's heads in one call
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                if T * H <= MANY_PAIRS:
+                    y = w.fmt.matmul_many(w.packed * T, x.reshape(T * H, -1), np.arange(T * H))
+                    ys = None if y is None else y.reshape(T, H, -1)
+                else:
+                    ys = [w.fmt.matmul_many(w.packed, x[t], np.arange(H)) for t in range(T)]
+                    ys = np.stack(ys) if all(y is not None for y in ys) else None
+                if ys is not None:
+                    return ys  # (T, H, R)
             return np.stack([w.matrix(h)(np.ascontiguousarray(x[:, h])) for h in range(H)], axis=1)
         if len(x) <= 2:
             out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)  # (T, H, R)
