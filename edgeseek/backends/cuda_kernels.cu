@@ -481,30 +481,28 @@ struct Q5_K {
 struct Q6_K {
     static constexpr bool Q8_SPLIT = false, Q8_SUM = true;
     __device__ static __forceinline__ void half(const u8* row, int u, int h, float (&v)[16]) {
-        const u8* b = row + 210 * (ll)(u >> 3);
-        const int g = u & 7, k = g >> 2, s = g & 3;
-        u32 lv[4], qh[4];
-        load_words(b + 64 * k + 32 * (s & 1) + 16 * h, lv);
-        load_words(b + 128 + 32 * k + 16 * h, qh);
-        const float d = __fmul_rn(h2f((u16)load_u16(b + 208)), (float)(signed char)b[192 + 2 * g + h]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            lv[i] = ((lv[i] >> (4 * (s >> 1))) & 0x0F0F0F0Fu) | (((qh[i] >> (2 * s)) & 0x03030303u) << 4);
+        u32 lv[4];
+        const float d = levels(row, u, h, lv);
 #pragma unroll
         for (int l = 0; l < 16; ++l) v[l] = __fmul_rn(d, level<32>(lv, l));
     }
     // item it: scale group 2g + h, the -32 taken off the integer dot with the item's sum of q
     __device__ static __forceinline__ float dot_q8(const u8* row, int it, const Q8Piece& x) {
-        const int u = it >> 1, h = it & 1, g = u & 7, k = g >> 2, s = g & 3;
+        u32 lv[4];
+        const float d = levels(row, it >> 1, it & 1, lv);
+        return d * (x.ds.x * (float)(dot_levels(lv, x) - 32 * x.sum));
+    }
+    // the 16 six-bit levels of half h of unit u, one a byte, and their scale group's d * scale
+    __device__ static __forceinline__ float levels(const u8* row, int u, int h, u32 (&lv)[4]) {
         const u8* b = row + 210 * (ll)(u >> 3);
-        u32 lv[4], qh[4];
+        const int g = u & 7, k = g >> 2, s = g & 3;
+        u32 qh[4];
         load_words(b + 64 * k + 32 * (s & 1) + 16 * h, lv);
         load_words(b + 128 + 32 * k + 16 * h, qh);
-        const float d = __fmul_rn(h2f((u16)load_u16(b + 208)), (float)(signed char)b[192 + 2 * g + h]);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
             lv[i] = ((lv[i] >> (4 * (s >> 1))) & 0x0F0F0F0Fu) | (((qh[i] >> (2 * s)) & 0x03030303u) << 4);
-        return d * (x.ds.x * (float)(dot_levels(lv, x) - 32 * x.sum));
+        return __fmul_rn(h2f((u16)load_u16(b + 208)), (float)(signed char)b[192 + 2 * g + h]);
     }
 };
 
