@@ -183,10 +183,10 @@ class _Header:
         length = _U64.unpack_from
         items = [b""] * n
         for i in range(n):
-            if size - pos < 8 or size - pos - 8 < length(buf, pos)[0]:
+            k = length(buf, pos)[0] if size - pos >= 8 else size
+            if size - pos - 8 < k:
                 self.pos, self.what = pos, f"{self.what} element {i}"
                 self.string()  # raises with the element's name and position
-            (k,) = length(buf, pos)
             items[i] = buf[pos + 8: pos + 8 + k]
             pos += 8 + k
         self.pos = pos

@@ -300,16 +300,13 @@ class DeepSeek2Model(DecoderModel):
 
     def _attend(self, q_lat, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
         """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""
-        s0, s1 = pos[0], pos[-1] + 1
-        cache.c[i, s0:s1] = lat_new
-        cache.k_pe[i, s0:s1] = k_pe_new
-        lat = cache.c[i, :s1].astype(np.float32)  # (S, C)
-        k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
+        s0, s1 = int(pos[0]), int(pos[-1]) + 1
+        lat, k_pe = _stored(cache, i, s0, s1, lat_new, k_pe_new)
         scores = (q_lat @ lat.T + q_pe @ k_pe.T) * self.config.kq_scale  # (T, H, S)
         if len(pos) > 1:
             xp = self.backend.xp
             if pos[-1] - pos[0] + 1 == len(pos):  # consecutive positions: the mask made beside the scores
-                future = xp.arange(s1)[None, :] > xp.arange(int(s0), int(s1))[:, None]  # (T, S)
+                future = xp.arange(s1)[None, :] > xp.arange(s0, s1)[:, None]  # (T, S)
             else:
                 future = xp.asarray(np.arange(s1)[None, :] > pos[:, None])
             scores = xp.where(future[:, None, :], -np.inf, scores)
@@ -325,10 +322,7 @@ class DeepSeek2Model(DecoderModel):
         c = self.config
         s0, s1 = int(pos[0]), int(pos[-1]) + 1
         T, H, N = q_nope.shape
-        cache.c[i, s0:s1] = lat_new
-        cache.k_pe[i, s0:s1] = k_pe_new
-        lat = cache.c[i, :s1].astype(np.float32)  # (S, C)
-        k_pe = cache.k_pe[i, :s1].astype(np.float32)  # (S, R)
+        lat, k_pe = _stored(cache, i, s0, s1, lat_new, k_pe_new)
         kb, vb = _dense_heads(L.attn_k_b), _dense_heads(L.attn_v_b)  # (H, C, N), (H, V, C)
         q = np.concatenate([q_nope, q_pe], axis=-1).astype(np.float32) * np.float32(c.kq_scale)  # (T, H, N + R)
         # the chunk's own positions: row t sees s0 + t and before (an earlier chunk's all of them)
@@ -427,6 +421,14 @@ class DeepSeek2Model(DecoderModel):
         shared = (L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp) if self.config.n_expert_shared else None
         # residual + (routed + shared), as llama.cpp adds them
         return b.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora, shared, residual)
+
+
+def _stored(cache: LatentCache, i: int, s0: int, s1: int, lat_new, k_pe_new):
+    """Layer i's new entries stored at positions s0..s1-1 -> its whole cache up to s1 as float32:
+    latents (S, C), k_pe (S, R)."""
+    cache.c[i, s0:s1] = lat_new
+    cache.k_pe[i, s0:s1] = k_pe_new
+    return cache.c[i, :s1].astype(np.float32), cache.k_pe[i, :s1].astype(np.float32)
 
 
 def _on_host(w) -> bool:
