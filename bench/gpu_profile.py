@@ -92,6 +92,75 @@ def kernel_times(model, b, g, cache, steps: int) -> dict:
             "in_graph": graph_times(launches)}
 
 
+def prompt_times(model, b, tokens, repeat: int = 2) -> dict:
+    """A prompt's forward as a user runs it (no synchronization but its own): wall time; our kernels'
+    device time (CUDA events around each launch, summed by name; CuPy's own operations and cuBLAS
+    are in `other_ms` = the device's busy time not in our kernels is not separated from its idle
+    time); and the host's profile (cProfile, top functions by own time: a large share waiting in a
+    synchronize means the device was behind, a small one that the host sets the pace)."""
+    import cProfile
+    import io
+    import pstats
+
+    import cupy
+    kernels = b.kernels
+    plain = kernels._fn
+    log: list = []
+
+    def timed_fn(name):
+        f = plain(name)
+
+        def launch(grid, block, args, **kw):
+            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+            e0.record()
+            f(grid, block, args, **kw)
+            e1.record()
+            log.append((name, e0, e1))
+        return launch
+
+    sync = cupy.cuda.Device().synchronize
+    walls = []
+    for _ in range(repeat):
+        cache = model.new_cache()
+        sync()
+        t = time.perf_counter()
+        model.forward(tokens, cache)
+        sync()
+        walls.append(time.perf_counter() - t)
+    cache = model.new_cache()
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    model.forward(tokens, cache)
+    sync()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    kernels._fn = timed_fn
+    try:
+        cache = model.new_cache()
+        sync()
+        e_start = cupy.cuda.Event()
+        e_start.record()
+        model.forward(tokens, cache)
+        e_end = cupy.cuda.Event()
+        e_end.record()
+        sync()
+    finally:
+        kernels._fn = plain
+    table: dict = defaultdict(lambda: [0.0, 0])
+    for name, e0, e1 in log:
+        table[name][0] += cupy.cuda.get_elapsed_time(e0, e1)
+        table[name][1] += 1
+    ours = sum(v[0] for v in table.values())
+    span = cupy.cuda.get_elapsed_time(e_start, e_end)
+    return {"tokens": len(tokens), "wall_ms": round(min(walls) * 1e3, 2), "evented_span_ms": round(span, 2),
+            "our_kernels_ms": round(ours, 2), "other_ms": round(span - ours, 2),
+            "by_kernel": {k: {"ms": round(v[0], 3), "launches": v[1]}
+                          for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])},
+            "host_profile": text.getvalue().splitlines()[:60]}
+
+
 def graph_times(launches: list, repeat: int = 20) -> dict:
     """Per kernel name, its launches of one decode step (their own arguments) captured `repeat`
     times over into a CUDA graph of their own and replayed: microseconds a step inside a graph,
@@ -146,7 +215,7 @@ def main():
     prompt = rng.integers(100, model.config.vocab_size, a.prompt).astype(np.int32)
     cache = model.new_cache()
     model.forward(prompt, cache)  # warm-up: kernels compiled, pools grown
-    result = {}
+    result = {"prompt_device": prompt_times(model, b, prompt)}
 
     # 1. the graph: replays timed on the device and on the host
     t = time.perf_counter()

@@ -302,10 +302,15 @@ class DeepSeek2Model(DecoderModel):
         """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""
         s0, s1 = int(pos[0]), int(pos[-1]) + 1
         lat, k_pe = _stored(cache, i, s0, s1, lat_new, k_pe_new)
+        consecutive = pos[-1] - pos[0] + 1 == len(pos)
+        if consecutive:
+            o = self.backend.latent_attention(q_lat, q_pe, lat, k_pe, s0, self.config.kq_scale)
+            if o is not None:
+                return o
         scores = (q_lat @ lat.T + q_pe @ k_pe.T) * self.config.kq_scale  # (T, H, S)
         if len(pos) > 1:
             xp = self.backend.xp
-            if pos[-1] - pos[0] + 1 == len(pos):  # consecutive positions: the mask made beside the scores
+            if consecutive:  # consecutive positions: the mask made beside the scores
                 future = xp.arange(s1)[None, :] > xp.arange(s0, s1)[:, None]  # (T, S)
             else:
                 future = xp.asarray(np.arange(s1)[None, :] > pos[:, None])

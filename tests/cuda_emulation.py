@@ -8,7 +8,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from edgeseek.backends.cuda import INT8_TYPES, MIXED_DOWN, CUDABackend
+from edgeseek.backends.cuda import GM_BM, INT8_TYPES, MIXED_DOWN, CUDABackend
 from edgeseek.models.common import rms_norm, softmax
 from edgeseek.models.moe import route
 
@@ -66,6 +66,7 @@ class NumpyKernels:
         y[:] = x16.astype(np.float32) @ np.swapaxes(w16.astype(np.float32), -1, -2)
 
     def moe_glu_mma(self, qtype, wg, wu, row_bytes, expert_bytes, tiles, n_tiles, x16, a_rows, h16, n, k):
+        wg, wu = wg.reshape(-1, n, row_bytes), wu.reshape(-1, n, row_bytes)  # a matrix: a stack of one
         for e, p0, count in tiles.reshape(n_tiles, 3).tolist():
             x = x16[a_rows[p0:p0 + count]].astype(np.float32)
             g = x @ _rows(qtype, wg[e], k).astype(np.float16).astype(np.float32).T
@@ -73,9 +74,29 @@ class NumpyKernels:
             h16[p0:p0 + count] = (g / (1.0 + np.exp(-g)) * u).astype(np.float16)
 
     def moe_down_mma(self, qtype, w, row_bytes, expert_bytes, tiles, n_tiles, h16, wp, y, n, k):
+        w = w.reshape(-1, n, row_bytes)
         for e, p0, count in tiles.reshape(n_tiles, 3).tolist():
             y[p0:p0 + count] = wp[p0:p0 + count, None] * (
                 h16[p0:p0 + count].astype(np.float32) @ _rows(qtype, w[e], k).astype(np.float16).astype(np.float32).T)
+
+    def moe_plan(self, ids, w, p, k, e, max_tiles, tiles, a_rows, wp, pos, hist):
+        flat = ids.reshape(-1)[:p]
+        order = np.argsort(flat, kind="stable")  # pairs by expert, token order within one
+        hist[:] = np.bincount(flat, minlength=e)[:e]
+        first = np.concatenate([[0], np.cumsum(hist)[:-1]])
+        rows = [(x, first[x] + j, min(GM_BM, hist[x] - j)) for x in range(e) for j in range(0, hist[x], GM_BM)]
+        t = np.zeros((max_tiles, 3), np.int32)
+        t[:len(rows)] = rows
+        tiles[:] = t.reshape(-1)
+        a_rows[:] = order // k
+        wp[:] = w.reshape(-1)[order]
+        pos[order] = np.arange(p)
+
+    def causal_softmax(self, a, b, heads, start, scale):
+        rows, s = a.shape
+        v = np.float32(scale) * (a + b)
+        v[np.arange(s)[None, :] > start + np.arange(rows)[:, None] // heads] = -np.inf
+        a[:] = softmax(v)
 
     def moe_combine(self, y, pos, k, out):
         pos = pos.reshape(len(out), k)

@@ -852,3 +852,53 @@ def test_grouped_expert_products_of_a_prompt(name):
         on = pos[:, j] >= 0
         want[on] += got_y[pos[on, j]]
     assert_bits_equal(out.get(), want)
+
+
+@pytest.mark.parametrize("T, used, E", [(512, 6, 64), (5, 8, 256), (300, 4, 160)])
+def test_moe_plan_sorts_pairs_as_the_host_does(kernels, T, used, E):
+    """moe_plan's bookkeeping on the device equals the host's (pairs sorted stably by expert, tiles
+    of at most GM_BM pairs in expert order, the rest empty): chunks of 1024 pairs (T * used = 3072),
+    experts with no pair, a tile count at its bound."""
+    from edgeseek.backends.cuda import GM_BM, _pairs_by_expert
+    rng = np.random.default_rng(_seed("plan", T, used, E))
+    hot = rng.random(E) ** 4  # a skewed profile: some experts get many pairs, many none
+    ids = np.stack([rng.choice(E, used, replace=False, p=hot / hot.sum()) for _ in range(T)]).astype(np.int32)
+    w = rng.random((T, used)).astype(np.float32)
+    P = T * used
+    max_tiles = P // GM_BM + min(E, P)
+    tok, which, experts, start, count = _pairs_by_expert(ids, np.ones(ids.shape, bool))
+    want_tiles = np.array([(e, s + j, min(GM_BM, c - j)) for e, s, c in zip(experts, start, count)
+                           for j in range(0, c, GM_BM)], np.int32)
+    want_pos = np.full((T, used), -1, np.int32)
+    want_pos[tok, which] = np.arange(P)
+    tiles, a_rows, pos, hist = (cupy.full(n, -7, np.int32) for n in (3 * max_tiles, P, P, E))
+    wp = cupy.full(P, np.nan, np.float32)
+    kernels.moe_plan(cupy.asarray(ids), cupy.asarray(w), P, used, E, max_tiles, tiles, a_rows, wp, pos, hist)
+    got = tiles.get().reshape(max_tiles, 3)
+    n = len(want_tiles)
+    assert (got[:n] == want_tiles).all() and (got[n:] == 0).all()
+    assert (a_rows.get() == tok).all() and (pos.get() == want_pos.reshape(-1)).all()
+    assert (wp.get() == w[tok, which]).all()
+    assert (hist.get() == np.bincount(ids.reshape(-1), minlength=E)).all()
+
+
+@pytest.mark.parametrize("T, H, start", [(37, 16, 0), (5, 3, 700), (300, 2, 20)])
+def test_causal_softmax_against_float64(kernels, T, H, start):
+    """causal_softmax: the two score products added, scaled, masked to the keys each query sees
+    (several heads a token, a prompt chunk after earlier ones) and normalized, against float64;
+    masked keys exactly 0."""
+    rng = np.random.default_rng(_seed("softmax", T, H, start))
+    S = start + T
+    a = (4 * rng.standard_normal((T * H, S))).astype(np.float32)
+    b = (4 * rng.standard_normal((T * H, S))).astype(np.float32)
+    scale = 0.1352
+    got = cupy.asarray(a)
+    kernels.causal_softmax(got, cupy.asarray(b), H, start, scale)
+    got = got.get()
+    v = scale * (a.astype(np.float64) + b)
+    seen = np.arange(S)[None, :] <= start + np.arange(T * H)[:, None] // H
+    v[~seen] = -np.inf
+    want = np.exp(v - v.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    assert (got[~seen] == 0).all()
+    assert np.abs(got - want).max() <= 1e-5 * want.max()

@@ -630,6 +630,9 @@ class CPUBackend:
     def host(self, x: np.ndarray) -> np.ndarray:
         return x
 
+    def latent_attention(self, q_lat, q_pe, lat, k_pe, start: int, scale: float):
+        return None  # the model's own math
+
     def causal_attention(self, q, k, v, start: int, scale: float) -> np.ndarray:
         T, S = q.shape[2], k.shape[1]
         scores = np.matmul(q, k[:, None].transpose(0, 1, 3, 2)) * scale  # (G, H, T, S)

@@ -40,6 +40,7 @@ MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
 MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
 GM_BM, GM_BN, GM_BK = 64, 64, 64  # a prompt's grouped expert products (cuda_prompt.cu): pairs, rows, values a tile
+PLAN_EXPERTS = 256  # experts a layer moe_plan sorts pairs for (cuda_prompt.cu)
 
 
 CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 0, 68, -1
@@ -380,6 +381,17 @@ class Kernels:
             (_launch_grid(n, GM_BN), n_tiles), (128,),
             (w, np.int64(row_bytes), np.int64(expert_bytes), tiles, h16, wp, y, np.int32(n), np.int32(k)))
 
+    def moe_plan(self, ids, w, p: int, k: int, e: int, max_tiles: int, tiles, a_rows, wp, pos, hist) -> None:
+        """A prompt layer's pairs sorted by expert on the device (cuda_prompt.cu moe_plan)."""
+        self._fn("moe_plan")((1,), (1024,), (ids, w, np.int32(p), np.int32(k), np.int32(e), np.int32(max_tiles),
+                                            tiles, a_rows, wp, pos, hist))
+
+    def causal_softmax(self, a, b, heads: int, start: int, scale: float) -> None:
+        """a (rows, S) <- softmax(scale * (a + b)) of row r over keys 0 .. start + r // heads, 0 past them."""
+        rows, s = a.shape
+        self._fn("causal_softmax")((rows,), (256,), (a, b, np.int32(heads), np.int64(s), np.int64(start),
+                                                     np.float32(scale)))
+
     def moe_combine(self, y, pos, k: int, out) -> None:
         """out[t] += the rows pos[t] (>= 0) of y, in order."""
         t, n = out.shape
@@ -410,6 +422,7 @@ class DeviceMatrix:
         n, kk = self.shape
         one = x.ndim == 1
         q8 = self.b.q8_of(x) if self.qtype in INT8_TYPES and x.size == kk else None
+        given = x  # (a prompt's float16 copy is made once an array: half)
         x = xp.ascontiguousarray(x.reshape(-1, kk), dtype=np.float32)
         t = len(x)
         if q8 is not None:
@@ -424,7 +437,12 @@ class DeviceMatrix:
             return y[0] if one else y
         if self.qtype == Q.F32:
             y = x @ self.raw.view(np.float32).T
-        else:  # a prompt: float16 tiles of the weight through cuBLAS, PREFILL_TILE values at a time
+        elif self.b.grouped_fits(self):  # a prompt: the grouped products on the blocks, as one expert
+            y = xp.empty((t, n), np.float32)
+            tiles, n_tiles, ones, _ = self.b.one_matrix(t)
+            x16 = self.b.half(given if given.ndim == 2 else x)
+            k.moe_down_mma(self.qtype, self.raw, self.row_bytes, 0, tiles, n_tiles, x16, ones, y, n, kk)
+        else:  # float16 tiles of the weight through cuBLAS, PREFILL_TILE values at a time
             y = xp.empty((t, n), np.float32)
             x16 = x.astype(np.float16)
             step = max(1, PREFILL_TILE // kk)
@@ -496,6 +514,9 @@ class CUDABackend:
         # a prompt's routed experts through the grouped kernels of cuda_prompt.cu (False: the
         # dequantized tiles and cuBLAS, kept for float32 files and as the tests' second opinion)
         self.prompt_mma = hasattr(self.kernels, "moe_glu_mma")
+        self._usage: list = []  # (store, layer, device pair counts) of prompts not yet read back
+        self._halves: dict[int, tuple] = {}  # id -> (array, its float16 copy)
+        self._one_matrix: dict[int, tuple] = {}  # rows -> one_matrix's bookkeeping
 
     # --- weights ---------------------------------------------------------------------------
     def upload(self, a: np.ndarray):
@@ -608,38 +629,56 @@ class CUDABackend:
                 return down.down(flat, h, w, shared=(d2, h2), res=residual, q8=q8)  # (T, D)
             return self._plus_shared(x, down.down(flat, gate.glu(up, flat, x, x_div=n), w), shared, residual)
         logits = self._router_logits(x, router_weight)
-        if T > MMV_MAX_TOKENS and store.all_on_device(layer) and self.prompt_mma and _grouped_fits(*store.device(layer)):
-            # a prompt with every expert in VRAM: routed on the device; while its choices cross to
-            # the host (their own wait, not the stream's), the shared experts run
+        if T > MMV_MAX_TOKENS and store.all_on_device(layer) and self.prompt_mma and _grouped_fits(*store.device(layer)) \
+                and router.n_expert <= PLAN_EXPERTS:
+            # a prompt with every expert in VRAM: routed, sorted into tiles and run on the device,
+            # nothing waits for the host (the usage counts follow with the logits: _count_usage)
             n = router.n_used
-            both = xp.empty((2, T, n), np.int32)
-            k.route(logits, bias, router, both[0], both[1].view(np.float32))
-            fetched = self._to_host_soon(both)
+            ids, w = xp.empty((T, n), np.int32), xp.empty((T, n), np.float32)
+            k.route(logits, bias, router, ids, w)
             out = self.ffn(x, *shared) if shared is not None else xp.zeros_like(x)
-            both = fetched()
-            ids, weights = both[0], both[1].view(np.float32)
-            store.count(layer, ids)
-            # every expert in VRAM: an expert's slot is its id
-            self._grouped_experts(x, ids, np.ones(ids.shape, bool), weights, store.device(layer), out)
+            self._planned_experts(x, ids, w, store.device(layer), out, store, layer)
             return plus(out, residual=residual)
         return self._plus_shared(x, self._routed_on_host(x, logits, router, bias, store, layer), shared, residual)
 
-    def _to_host_soon(self, a):
-        """Start copying a small device array into page-locked memory; returns a function that
-        waits for that copy alone (an event after it, not the stream) and gives the host array."""
-        if isinstance(a, np.ndarray):
-            return lambda: a
-        import cupyx
-        buf = cupyx.empty_pinned(a.shape, a.dtype)
-        stream = self.xp.cuda.get_current_stream()
-        a.get(stream=stream, out=buf, blocking=False)
-        done = self.xp.cuda.Event(block=False, disable_timing=True)
-        done.record(stream)
+    def _planned_experts(self, x, ids, w, projections, out, store, layer: int) -> None:
+        """A prompt's routed experts, every one in VRAM (a slot is the expert's id): moe_plan sorts
+        the pairs into tiles on the device, the grouped products run on as many tiles as the pairs
+        could need (those left empty return at once), moe_combine adds each token's rows to out in
+        routing order. The layer's pair counts per expert wait on the device until the host next
+        reads an array (host()), then go to the store's usage profile."""
+        xp, k = self.xp, self.kernels
+        gate, up, down = projections
+        F, D = gate.shape
+        T, used = ids.shape
+        P, E = T * used, gate.raw.shape[0]
+        max_tiles = P // GM_BM + min(E, P)
+        book = xp.empty(3 * max_tiles + 3 * P + E, np.int32)  # tiles, a_rows, wp, pos, hist
+        t1 = 3 * max_tiles
+        tiles, a_rows, wp = book[:t1], book[t1:t1 + P], book[t1 + P:t1 + 2 * P].view(np.float32)
+        pos, hist = book[t1 + 2 * P:t1 + 3 * P], book[t1 + 3 * P:]
+        k.moe_plan(ids, w, P, used, E, max_tiles, tiles, a_rows, wp, pos, hist)
+        self._usage.append((store, layer, hist))
+        h16 = xp.empty((P, F), np.float16)
+        k.moe_glu_mma(gate.qtype, gate.raw, up.raw, gate.raw.shape[-1], gate.expert_bytes, tiles, max_tiles,
+                      self.half(x), a_rows, h16, F, D)
+        y = xp.empty((P, D), np.float32)
+        k.moe_down_mma(down.qtype, down.raw, down.raw.shape[-1], down.expert_bytes, tiles, max_tiles, h16, wp, y,
+                       D, F)
+        k.moe_combine(y, pos, used, out)
 
-        def wait():
-            done.synchronize()
-            return buf
-        return wait
+    def _count_usage(self) -> None:
+        """The pair counts the device kept (_planned_experts) into the stores' usage profiles, in
+        one copy."""
+        usage, self._usage = self._usage, []
+        if not usage:
+            return
+        hists = [h for _, _, h in usage]
+        hists = np.concatenate(hists) if self.xp is np else self.xp.concatenate(hists).get()
+        at = 0
+        for store, layer, h in usage:
+            store.count_hist(layer, hists[at:at + len(h)])
+            at += len(h)
 
     def _plus_shared(self, x, out, shared, residual):
         """residual + (out + the shared experts' ffn of x)."""
@@ -813,6 +852,39 @@ class CUDABackend:
             del self._quantized[next(iter(self._quantized))]
         return y
 
+    def half(self, x):
+        """x (T, K) as float16 for the grouped products, converted once where several read it (a
+        norm's output: q and kv_a, the shared and the routed experts)."""
+        known = self._halves.get(id(x))
+        if known is not None and known[0] is x:
+            return known[1]
+        h = self.xp.ascontiguousarray(x, dtype=np.float16)
+        self._halves[id(x)] = (x, h)
+        while len(self._halves) > 4:
+            del self._halves[next(iter(self._halves))]
+        return h
+
+    def grouped_fits(self, m) -> bool:
+        """Whether a prompt's product with matrix m runs through the grouped kernels (as an expert
+        of one): a DeviceMatrix of a block or 16-bit format, K a multiple of GM_BK, N even."""
+        return (self.prompt_mma and isinstance(m, DeviceMatrix) and m.qtype != Q.F32
+                and m.shape[1] % GM_BK == 0 and m.shape[0] % 2 == 0)
+
+    def one_matrix(self, t: int):
+        """The grouped kernels' bookkeeping for t rows through one matrix: tiles (expert 0, first
+        row, rows) on the device and their count, every row's weight 1, the rows 0..t-1; made once
+        a row count."""
+        c = self._one_matrix.get(t)
+        if c is None:
+            first = GM_BM * np.arange(-(-t // GM_BM))
+            tiles = np.stack([np.zeros_like(first), first, np.minimum(GM_BM, t - first)], 1).astype(np.int32)
+            c = (self.persistent(tiles.reshape(-1)), len(tiles), self.persistent(np.ones(t, np.float32)),
+                 self._arange(t))
+            self._one_matrix[t] = c
+            while len(self._one_matrix) > 16:
+                del self._one_matrix[next(iter(self._one_matrix))]
+        return c
+
     def q8_of(self, x):
         """x (T, K) as q8 for the int8 products: the norm's copy where x is a norm's output, else
         quantized now; None where the int8 path is off or K is not a multiple of 32."""
@@ -846,6 +918,18 @@ class CUDABackend:
         """A dense or shared SwiGLU feed-forward; a few tokens through the fused gate-up kernel (the
         matrices as stacks of one) and the down product adding `add` and `residual` in its launch,
         a prompt through the cuBLAS tiles."""
+        if len(x) > MMV_MAX_TOKENS and gate.qtype == up.qtype and gate.shape == up.shape \
+                and all(self.grouped_fits(m) for m in (gate, up, down)):
+            # a prompt: gate, up and silu in one grouped launch, down in another, on the blocks
+            t, (n, kk) = len(x), gate.shape
+            tiles, n_tiles, ones, rows = self.one_matrix(t)
+            h16 = self.xp.empty((t, n), np.float16)
+            self.kernels.moe_glu_mma(gate.qtype, gate.raw, up.raw, gate.row_bytes, 0, tiles, n_tiles, self.half(x),
+                                     rows, h16, n, kk)
+            y = self.xp.empty((t, down.shape[0]), np.float32)
+            self.kernels.moe_down_mma(down.qtype, down.raw, down.row_bytes, 0, tiles, n_tiles, h16, ones, y,
+                                      down.shape[0], n)
+            return plus(y, add, residual)
         if not (len(x) <= MMV_MAX_TOKENS and all(isinstance(m, DeviceMatrix) for m in (gate, up, down))):
             return plus(ffn(x, gate, up, down, self.swiglu), add, residual)
         zeros = self._arange(1, len(x))  # every row through expert 0: the matrix itself
@@ -925,7 +1009,9 @@ class CUDABackend:
         return g.run(int(tokens[0]), cache.pos)
 
     def host(self, x) -> np.ndarray:
-        return x if isinstance(x, np.ndarray) else x.get()
+        x = x if isinstance(x, np.ndarray) else x.get()
+        self._count_usage()
+        return x
 
     def kv_decode(self, q, k_new, v_new, k_cache, v_cache, pos, scale: float):
         """Store and attend in two kernels that read the position from the device (capturable)."""
@@ -939,6 +1025,17 @@ class CUDABackend:
                    k_cache, v_cache, pos)
         return k.gqa_decode(xp.ascontiguousarray(q.reshape(G * Hg, d), dtype=np.float32), k_cache, v_cache, pos, Hg,
                             scale).reshape(G, Hg, d)
+
+    def latent_attention(self, q_lat, q_pe, lat, k_pe, start: int, scale: float):
+        """A prompt's MLA attention in the absorbed form over the whole cache: two score products
+        (cuBLAS), one kernel that adds, scales, masks and normalizes them, one product with the
+        latents."""
+        xp = self.xp
+        T, H, C = q_lat.shape
+        a = xp.matmul(q_lat.reshape(T * H, C), lat.T)  # (T H, S)
+        b = xp.matmul(q_pe.reshape(T * H, -1), k_pe.T)
+        self.kernels.causal_softmax(a, b, H, start, scale)
+        return xp.matmul(a, lat).reshape(T, H, C)
 
     def causal_attention(self, q, k, v, start: int, scale: float):
         from edgeseek.models.common import softmax
@@ -1127,6 +1224,11 @@ class TieredExperts:
         n_gpu = int((self._slots[layer][np.asarray(ids)] >= 0).sum())
         self.pairs_gpu += n_gpu
         self.pairs_cpu += np.asarray(ids).size - n_gpu
+
+    def count_hist(self, layer: int, hist: np.ndarray) -> None:
+        """A prompt's pairs of one layer as counts per expert (E,), all served from VRAM."""
+        self.cpu_store.counts[layer] += hist
+        self.pairs_gpu += int(hist.sum())
 
     def count_layers(self, layers: list[int], ids: np.ndarray) -> None:
         """One token's choices in several layers: ids (len(layers), k), all served from VRAM."""

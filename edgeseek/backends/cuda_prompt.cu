@@ -196,6 +196,113 @@ extern "C" __global__ void __launch_bounds__(256)
     out[t * N + n] = s;
 }
 
+// The bookkeeping of a prompt's layer whose experts are all in VRAM, on the device (no host round
+// trip between the router and the products): ids (P = T k) int32 from route_topk, w (P) their
+// weights. One block (PLAN_THREADS): each expert's pair count (hist, E: the usage profile),
+// the tiles (max_tiles, 3) of at most GM_BM pairs of one expert in expert order, the rest of them
+// empty (count 0: their blocks return at once); a_rows (P): each sorted pair's token, wp (P) its
+// weight, pos (P): each (token, choice)'s pair. Pairs of one expert keep token order, as the host's
+// stable sort: a chunk of PLAN_THREADS pairs at a time, each warp's ranks by __match_any_sync,
+// the warps' counts added in warp order. E <= PLAN_EXPERTS.
+#define PLAN_THREADS 1024
+#define PLAN_EXPERTS 256
+#define PLAN_WARPS (PLAN_THREADS / WARP_SIZE)
+
+extern "C" __global__ void __launch_bounds__(PLAN_THREADS)
+    moe_plan(const int* __restrict__ ids, const float* __restrict__ w, int P, int k, int E, int max_tiles,
+             int* __restrict__ tiles, int* __restrict__ a_rows, float* __restrict__ wp, int* __restrict__ pos,
+             int* __restrict__ hist) {
+    __shared__ int base[PLAN_EXPERTS];              // next free pair of each expert
+    __shared__ int warp_at[PLAN_WARPS][PLAN_EXPERTS];  // a chunk's pairs of each expert by warp, then their first place
+    const int tid = threadIdx.x, lane = tid & (WARP_SIZE - 1), warp = tid >> 5;
+    for (int e = tid; e < E; e += PLAN_THREADS) base[e] = 0;
+    __syncthreads();
+    for (int p = tid; p < P; p += PLAN_THREADS) atomicAdd(&base[ids[p]], 1);
+    __syncthreads();
+    if (tid == 0) {  // counts -> first pairs; the tiles in expert order
+        int at = 0, t = 0;
+        for (int e = 0; e < E; ++e) {
+            const int c = base[e];
+            hist[e] = c;
+            base[e] = at;
+            for (int j = 0; j < c && t < max_tiles; j += GM_BM, ++t) {
+                tiles[3 * t] = e;
+                tiles[3 * t + 1] = at + j;
+                tiles[3 * t + 2] = min(GM_BM, c - j);
+            }
+            at += c;
+        }
+        for (; t < max_tiles; ++t) tiles[3 * t] = tiles[3 * t + 1] = tiles[3 * t + 2] = 0;
+    }
+    for (int p0 = 0; p0 < P; p0 += PLAN_THREADS) {
+        for (int i = tid; i < PLAN_WARPS * E; i += PLAN_THREADS) warp_at[i / E][i % E] = 0;
+        __syncthreads();
+        const int p = p0 + tid;
+        const int e = p < P ? ids[p] : -1;
+        const unsigned same = __match_any_sync(FULL_MASK, e);
+        const int rank = __popc(same & ((1u << lane) - 1u));
+        if (e >= 0 && rank == 0) warp_at[warp][e] = __popc(same);
+        __syncthreads();
+        for (int x = tid; x < E; x += PLAN_THREADS) {  // each expert's warps in order
+            int at = base[x];
+            for (int v = 0; v < PLAN_WARPS; ++v) {
+                const int c = warp_at[v][x];
+                warp_at[v][x] = at;
+                at += c;
+            }
+            base[x] = at;
+        }
+        __syncthreads();
+        if (e >= 0) {
+            const int q = warp_at[warp][e] + rank;
+            a_rows[q] = p / k;
+            wp[q] = w[p];
+            pos[p] = q;
+        }
+        __syncthreads();
+    }
+}
+
+// A prompt's attention weights: row r of a (rows, S) and b (rows, S) belongs to the query at
+// position start + r / H (H heads a token), which sees keys 0 .. start + r / H; a[r] becomes
+// softmax(scale * (a[r] + b[r])) over those keys, 0 past them: MLA's two score products (latent,
+// rope part) added, scaled, masked and normalized in one pass over the scores. block (256),
+// grid (rows). exp(v - max) / sum as models/common.softmax.
+__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
+    for (int off = 16; off > 0; off >>= 1) {
+        const float o = __shfl_xor_sync(FULL_MASK, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
+    }
+    const int warp = threadIdx.x >> 5;
+    __syncthreads();  // red free from an earlier reduction
+    if ((threadIdx.x & 31) == 0) red[warp] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    causal_softmax(float* __restrict__ a, const float* __restrict__ b, int H, ll S, ll start, float scale) {
+    __shared__ float red[8];
+    const ll r = blockIdx.x;
+    float* row = a + r * S;
+    const float* other = b + r * S;
+    const ll seen = min(S, start + r / H + 1);
+    float m = __int_as_float(0xff800000);
+    for (ll j = threadIdx.x; j < seen; j += 256) m = fmaxf(m, scale * (row[j] + other[j]));
+    m = block_reduce(m, red, true);
+    float sum = 0.0f;
+    for (ll j = threadIdx.x; j < seen; j += 256) {
+        const float e = expf(scale * (row[j] + other[j]) - m);
+        row[j] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false);
+    const float inv = 1.0f / sum;
+    for (ll j = threadIdx.x; j < S; j += 256) row[j] = j < seen ? row[j] * inv : 0.0f;
+}
+
 #define PROMPT_KERNELS(name, Q)                                                                          \
     extern "C" __global__ void __launch_bounds__(128)                                                   \
         moe_glu_mma_##name(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,          \
