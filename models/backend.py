@@ -136,10 +136,11 @@ class Backend(Protocol):
         (G, H, d); None, having stored nothing, where the backend has no such kernel (the caller
         stores, converts the cache and uses causal_attention)."""
 
-    def latent_attention(self, q_lat, q_pe, lat, k_pe, start: int, scale: float):
+    def latent_attention(self, q_lat, q_pe, cache_c, cache_k_pe, start: int, scale: float):
         """MLA's absorbed attention of T consecutive queries at positions start..start+T-1: q_lat
-        (T, H, C), q_pe (T, H, R) against the float32 cache up to the last of them, lat (S, C),
-        k_pe (S, R) -> o_lat (T, H, C); None where the backend leaves it to the model's math."""
+        (T, H, C), q_pe (T, H, R) against one layer's cache as stored (float16) up to the last of
+        them, cache_c (S, C), cache_k_pe (S, R) -> o_lat (T, H, C); None where the backend leaves
+        it to the model's math."""
 
     def causal_attention(self, q, k, v, start: int, scale: float):
         """q (G, H, T, d) against k (G, S, d), v (G, S, dv), the T queries at positions

@@ -301,12 +301,14 @@ class DeepSeek2Model(DecoderModel):
     def _attend(self, q_lat, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
         """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""
         s0, s1 = int(pos[0]), int(pos[-1]) + 1
-        lat, k_pe = _stored(cache, i, s0, s1, lat_new, k_pe_new)
         consecutive = pos[-1] - pos[0] + 1 == len(pos)
         if consecutive:
-            o = self.backend.latent_attention(q_lat, q_pe, lat, k_pe, s0, self.config.kq_scale)
+            _store(cache, i, s0, s1, lat_new, k_pe_new)
+            o = self.backend.latent_attention(q_lat, q_pe, cache.c[i, :s1], cache.k_pe[i, :s1], s0,
+                                              self.config.kq_scale)
             if o is not None:
                 return o
+        lat, k_pe = _stored(cache, i, s0, s1, lat_new, k_pe_new)
         scores = (q_lat @ lat.T + q_pe @ k_pe.T) * self.config.kq_scale  # (T, H, S)
         if len(pos) > 1:
             xp = self.backend.xp
@@ -428,11 +430,15 @@ class DeepSeek2Model(DecoderModel):
         return b.moe(h, L.ffn_gate_inp, self.config.router, L.exp_probs_b, self.experts, i, self.lora, shared, residual)
 
 
+def _store(cache: LatentCache, i: int, s0: int, s1: int, lat_new, k_pe_new) -> None:
+    cache.c[i, s0:s1] = lat_new
+    cache.k_pe[i, s0:s1] = k_pe_new
+
+
 def _stored(cache: LatentCache, i: int, s0: int, s1: int, lat_new, k_pe_new):
     """Layer i's new entries stored at positions s0..s1-1 -> its whole cache up to s1 as float32:
     latents (S, C), k_pe (S, R)."""
-    cache.c[i, s0:s1] = lat_new
-    cache.k_pe[i, s0:s1] = k_pe_new
+    _store(cache, i, s0, s1, lat_new, k_pe_new)
     return cache.c[i, :s1].astype(np.float32), cache.k_pe[i, :s1].astype(np.float32)
 
 

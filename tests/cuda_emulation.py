@@ -92,11 +92,14 @@ class NumpyKernels:
         wp[:] = w.reshape(-1)[order]
         pos[order] = np.arange(p)
 
-    def causal_softmax(self, a, b, heads, start, scale):
+    def causal_softmax(self, a, b, heads, start, scale, p16=None):
         rows, s = a.shape
         v = np.float32(scale) * (a + b)
         v[np.arange(s)[None, :] > start + np.arange(rows)[:, None] // heads] = -np.inf
-        a[:] = softmax(v)
+        (a if p16 is None else p16)[:] = softmax(v)
+
+    def gemm_f16_kn(self, x16, w16, y):
+        y[:] = x16.astype(np.float32) @ w16.astype(np.float32)
 
     def moe_combine(self, y, pos, k, out):
         pos = pos.reshape(len(out), k)

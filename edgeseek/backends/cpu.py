@@ -630,7 +630,7 @@ class CPUBackend:
     def host(self, x: np.ndarray) -> np.ndarray:
         return x
 
-    def latent_attention(self, q_lat, q_pe, lat, k_pe, start: int, scale: float):
+    def latent_attention(self, q_lat, q_pe, cache_c, cache_k_pe, start: int, scale: float):
         return None  # the model's own math
 
     def causal_attention(self, q, k, v, start: int, scale: float) -> np.ndarray:

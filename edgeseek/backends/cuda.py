@@ -282,6 +282,21 @@ class Kernels:
                                     zero.ctypes.data, y.data.ptr, CUDA_R_32F, n, t * n, b,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
 
+    def gemm_f16_kn(self, x16, w16, y) -> None:
+        """y (M, N) float32 = x16 (M, K) @ w16 (K, N), float16 operands, float32 accumulation (cuBLAS
+        GemmEx; w16's rows contiguous: a cache's latents)."""
+        cublas = _cublas()
+        m, k = x16.shape
+        n = w16.shape[1]
+        handle = self.cp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, self.cp.cuda.get_current_stream().ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
+        # row-major Y = X W is column-major Y^T = W^T X^T: A = W as stored (op N, ld N), B = X (op N, ld K)
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, n, m, k,
+                      one.ctypes.data, w16.data.ptr, CUDA_R_16F, w16.strides[0] // 2, x16.data.ptr, CUDA_R_16F, k,
+                      zero.ctypes.data, y.data.ptr, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+
     def scatter_add(self, out, rows, values) -> None:
         """out[rows[i]] += values[i] (rows may repeat)."""
         import cupyx
@@ -386,11 +401,12 @@ class Kernels:
         self._fn("moe_plan")((1,), (1024,), (ids, w, np.int32(p), np.int32(k), np.int32(e), np.int32(max_tiles),
                                             tiles, a_rows, wp, pos, hist))
 
-    def causal_softmax(self, a, b, heads: int, start: int, scale: float) -> None:
-        """a (rows, S) <- softmax(scale * (a + b)) of row r over keys 0 .. start + r // heads, 0 past them."""
+    def causal_softmax(self, a, b, heads: int, start: int, scale: float, p16=None) -> None:
+        """softmax(scale * (a + b)) of row r of a (rows, S) over keys 0 .. start + r // heads, 0 past
+        them, into p16 (rows, S) float16, or back into a."""
         rows, s = a.shape
         self._fn("causal_softmax")((rows,), (256,), (a, b, np.int32(heads), np.int64(s), np.int64(start),
-                                                     np.float32(scale)))
+                                                     np.float32(scale), p16 if p16 is not None else np.uint64(0)))
 
     def moe_combine(self, y, pos, k: int, out) -> None:
         """out[t] += the rows pos[t] (>= 0) of y, in order."""
@@ -1026,16 +1042,24 @@ class CUDABackend:
         return k.gqa_decode(xp.ascontiguousarray(q.reshape(G * Hg, d), dtype=np.float32), k_cache, v_cache, pos, Hg,
                             scale).reshape(G, Hg, d)
 
-    def latent_attention(self, q_lat, q_pe, lat, k_pe, start: int, scale: float):
-        """A prompt's MLA attention in the absorbed form over the whole cache: two score products
-        (cuBLAS), one kernel that adds, scales, masks and normalizes them, one product with the
-        latents."""
-        xp = self.xp
+    def latent_attention(self, q_lat, q_pe, cache_c, cache_k_pe, start: int, scale: float):
+        """A prompt's MLA attention in the absorbed form over the float16 cache as stored, on the
+        tensor cores as llama.cpp's: the two score products (float16 queries, float32 sums), one
+        kernel that adds, scales, masks and normalizes them into float16 weights, their product
+        with the latents."""
+        xp, k = self.xp, self.kernels
         T, H, C = q_lat.shape
-        a = xp.matmul(q_lat.reshape(T * H, C), lat.T)  # (T H, S)
-        b = xp.matmul(q_pe.reshape(T * H, -1), k_pe.T)
-        self.kernels.causal_softmax(a, b, H, start, scale)
-        return xp.matmul(a, lat).reshape(T, H, C)
+        S = len(cache_c)
+        if cache_c.dtype != np.float16 or cache_k_pe.dtype != np.float16:
+            return None
+        a, b = xp.empty((T * H, S), np.float32), xp.empty((T * H, S), np.float32)
+        k.gemm_f16(xp.ascontiguousarray(q_lat.reshape(T * H, C), dtype=np.float16), cache_c, a)
+        k.gemm_f16(xp.ascontiguousarray(q_pe.reshape(T * H, -1), dtype=np.float16), cache_k_pe, b)
+        p16 = xp.empty((T * H, S), np.float16)
+        k.causal_softmax(a, b, H, start, scale, p16)
+        o = xp.empty((T * H, C), np.float32)
+        k.gemm_f16_kn(p16, cache_c, o)
+        return o.reshape(T, H, C)
 
     def causal_attention(self, q, k, v, start: int, scale: float):
         from edgeseek.models.common import softmax

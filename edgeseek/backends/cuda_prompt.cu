@@ -266,8 +266,9 @@ extern "C" __global__ void __launch_bounds__(PLAN_THREADS)
 // A prompt's attention weights: row r of a (rows, S) and b (rows, S) belongs to the query at
 // position start + r / H (H heads a token), which sees keys 0 .. start + r / H; a[r] becomes
 // softmax(scale * (a[r] + b[r])) over those keys, 0 past them: MLA's two score products (latent,
-// rope part) added, scaled, masked and normalized in one pass over the scores. block (256),
-// grid (rows). exp(v - max) / sum as models/common.softmax.
+// rope part) added, scaled, masked and normalized in one pass over the scores, written to p16
+// (rows, S) as float16 (the operand of the product with the latents), or back to a where p16 is
+// NULL. block (256), grid (rows). exp(v - max) / sum as models/common.softmax.
 __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
     for (int off = 16; off > 0; off >>= 1) {
         const float o = __shfl_xor_sync(FULL_MASK, v, off);
@@ -283,7 +284,8 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    causal_softmax(float* __restrict__ a, const float* __restrict__ b, int H, ll S, ll start, float scale) {
+    causal_softmax(float* __restrict__ a, const float* __restrict__ b, int H, ll S, ll start, float scale,
+                   u16* __restrict__ p16) {
     __shared__ float red[8];
     const ll r = blockIdx.x;
     float* row = a + r * S;
@@ -300,7 +302,12 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     sum = block_reduce(sum, red, false);
     const float inv = 1.0f / sum;
-    for (ll j = threadIdx.x; j < S; j += 256) row[j] = j < seen ? row[j] * inv : 0.0f;
+    if (p16) {
+        u16* out = p16 + r * S;
+        for (ll j = threadIdx.x; j < S; j += 256) out[j] = f2h(j < seen ? row[j] * inv : 0.0f);
+    } else {
+        for (ll j = threadIdx.x; j < S; j += 256) row[j] = j < seen ? row[j] * inv : 0.0f;
+    }
 }
 
 #define PROMPT_KERNELS(name, Q)                                                                          \
