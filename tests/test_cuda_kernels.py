@@ -28,8 +28,8 @@ from gguf.constants import GGML_QUANT_SIZES
 cupy = pytest.importorskip("cupy")
 
 import edgeseek.backends  # noqa: E402
-from edgeseek.backends.cuda import (GLU_ROWS, INT8_TYPES, MIXED_DOWN, MMV1_ROWS, SUFFIX, Kernels,  # noqa: E402
-                                    ids_threads)
+from edgeseek.backends.cuda import (DOWN_THREADS, GLU_ROWS, INT8_TYPES, MIXED_DOWN, MMV1_ROWS,  # noqa: E402
+                                    SUFFIX, Kernels, ids_threads)
 from edgeseek.quantize import get_format  # noqa: E402
 
 
@@ -582,7 +582,7 @@ def test_products_on_int8_activations(module, name):
     y = poisoned(T * d)
     rbd, rbd2 = down.shape[1], d2.shape[1]
     module.get_function(f"down_ids_{name}_q8")(
-        (-(-d // MMV1_ROWS), T), (128,),
+        (-(-d // MMV1_ROWS), T), (DOWN_THREADS,),
         (cupy.asarray(down), np.int64(rbd), np.int64(d * rbd), cupy.asarray(ids), hq, hsc, cupy.asarray(w),
          np.uint64(0), y, np.int32(d), np.int32(n), np.int32(used), cupy.asarray(d2), np.int64(rbd2), np.int32(n2),
          hq2, hsc2, cupy.asarray(res2)))

@@ -36,6 +36,7 @@ MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go throug
 WARPS = 4  # output rows per block of the per-warp decode products (128 threads)
 ROW_THREADS = 128  # threads a block of mmv1, mmv_ids, glu and down (cuda_kernels.cu)
 MMV1_ROWS, GLU_ROWS = 4, 2  # rows a block of mmv1 and down, of glu
+DOWN_THREADS = 256  # threads a block of the int8 down products (cuda_kernels.cu)
 MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
 MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
@@ -245,7 +246,7 @@ class Kernels:
         qtype2, w2, rb2, k2, hq2 = shared if shared is not None else (qtype, null, 0, 0, (null, null))
         name = SUFFIX[qtype] if qtype2 == qtype else f"{SUFFIX[qtype]}_{SUFFIX[qtype2]}"
         self._fn(f"down_ids_{name}_q8")(
-            (_launch_grid(n, MMV1_ROWS), t), (ROW_THREADS,),
+            (_launch_grid(n, MMV1_ROWS), t), (DOWN_THREADS,),
             (w, np.int64(row_bytes), np.int64(expert_bytes), ids, *hq8, weights, null if add is None else add, y,
              np.int32(n), np.int32(k), np.int32(used), w2, np.int64(rb2), np.int32(k2), *hq2,
              null if res is None else res))

@@ -626,6 +626,10 @@ __device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, cons
 #define ROW_WARPS (ROW_THREADS / WARP_SIZE)
 #define MMV1_ROWS 4   // rows a block of mmv1 and mmv_down_ids
 #define GLU_ROWS 2    // rows a block of mmv_glu_ids (each with its gate and up row)
+// threads a block of the int8 down products: a V2-Lite row is 6 x 1408 + 2816 values, 704 items,
+// and each thread's items follow one another (each waiting on its loads): 256 threads halve that
+// chain (Q4_0 8.2 -> 7.0 us a launch, Q5_0 + Q6_K 12.3 -> 10.1; 512 threads and 2 or 8 rows slower)
+#define DOWN_THREADS 256
 
 __device__ __forceinline__ void load16(const float* __restrict__ x, float (&v)[16]) {
     const f32x4* p = (const f32x4*)x;
@@ -673,13 +677,13 @@ __device__ __forceinline__ void items_dot(const u8* const (&rows)[R], int it, co
 }
 
 // the block's sums of each thread's acc[r], in thread 0 (red: R * ROW_WARPS floats of shared memory)
-template <int R>
+template <int R, int WARPS = ROW_WARPS>
 __device__ __forceinline__ void block_sums(float (&acc)[R], float* red) {
     const int warp = threadIdx.x >> 5;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const float s = warp_sum(acc[r]);
-        if ((threadIdx.x & (WARP_SIZE - 1)) == 0) red[r * ROW_WARPS + warp] = s;
+        if ((threadIdx.x & (WARP_SIZE - 1)) == 0) red[r * WARPS + warp] = s;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -687,7 +691,7 @@ __device__ __forceinline__ void block_sums(float (&acc)[R], float* red) {
         for (int r = 0; r < R; ++r) {
             float t = 0.0f;
 #pragma unroll
-            for (int w = 0; w < ROW_WARPS; ++w) t += red[r * ROW_WARPS + w];
+            for (int w = 0; w < WARPS; ++w) t += red[r * WARPS + w];
             acc[r] = t;
         }
     }
@@ -731,11 +735,11 @@ __device__ __forceinline__ void finish_glu(float (&acc)[2 * R], float* red, floa
 
 // y[t N + n] = res + ((add + routed sum) + shared sum) for rows n = n0 + r < N, the unfused graph's
 // order; acc: the routed sums, then the shared row's (with_shared false: none)
-template <int R>
+template <int R, int WARPS = ROW_WARPS>
 __device__ __forceinline__ void finish_down(float (&acc)[2 * R], float* red, const float* __restrict__ add,
                                             const float* __restrict__ res, bool with_shared, float* __restrict__ y,
                                             int t, int n0, int N) {
-    block_sums<2 * R>(acc, red);
+    block_sums<2 * R, WARPS>(acc, red);
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -961,14 +965,14 @@ __device__ __forceinline__ void down_ids_q8(const u8* __restrict__ W, ll row_byt
                                             const u8* __restrict__ hq2, const f32x2* __restrict__ hs2,
                                             const float* __restrict__ res) {
     constexpr int R = MMV1_ROWS;
-    __shared__ float red[2 * R * ROW_WARPS];
+    __shared__ float red[2 * R * (DOWN_THREADS / WARP_SIZE)];
     const int n0 = blockIdx.x * R, t = blockIdx.y;
     const int items = K >> 4, routed = k * items;
     const int total = routed + (W2 ? K2 >> 4 : 0);
     float acc[2 * R];  // routed sums, then the shared row's
 #pragma unroll
     for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
-    for (int i = threadIdx.x; i < total; i += ROW_THREADS) {
+    for (int i = threadIdx.x; i < total; i += DOWN_THREADS) {
         const u8* rows[R];
         Q8Piece x;
         if (i < routed) {
@@ -989,7 +993,7 @@ __device__ __forceinline__ void down_ids_q8(const u8* __restrict__ W, ll row_byt
             for (int r = 0; r < R; ++r) acc[R + r] += Q2::dot_q8(rows[r], it, x);
         }
     }
-    finish_down<R>(acc, red, add, res, W2 != nullptr, y, t, n0, N);
+    finish_down<R, DOWN_THREADS / WARP_SIZE>(acc, red, add, res, W2 != nullptr, y, t, n0, N);
 }
 
 // one warp: the 32 values v of a q8_1 block (one a lane) -> xq[i], and (d, d * sum(q)) by lane 0
@@ -1118,7 +1122,7 @@ FORMAT_KERNELS(q6_k, Q6_K)
 
 // down_ids_<kname>_q8: routed experts' down of format Q, the shared experts' of Q2
 #define DOWN_Q8_KERNEL(kname, Q, Q2)                                                                     \
-    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS, 1024 / DOWN_THREADS)                     \
         down_ids_##kname##_q8(const u8* __restrict__ W, ll row_bytes, ll expert_bytes,                 \
                               const int* __restrict__ ids, const u8* __restrict__ hq,                  \
                               const f32x2* __restrict__ hs, const float* __restrict__ w,               \
