@@ -1,8 +1,9 @@
 // A prompt's routed experts on the tensor cores: grouped matrix products straight from the file's
 // blocks. Compiled with cuda_kernels.cu (appended to it: its formats' Q::half, h2f, f2h, u32x4).
 //
-// The pairs (token, expert) of a prompt's layer are sorted by expert on the host, then cut into
-// tiles of at most GM_BM pairs of one expert: tiles (n_tiles, 3) int32 = (expert, first pair,
+// The pairs (token, expert) of a prompt's layer are sorted by expert (on the device, moe_plan, where
+// every expert is in VRAM; on the host where some run on the CPU), then cut into tiles of at most
+// GM_BM pairs of one expert: tiles (n_tiles, 3) int32 = (expert, first pair,
 // pairs); a tile of no pairs is skipped (its blocks return at once). A block multiplies one tile by GM_BN rows of its expert's matrix: it dequantizes the
 // rows' blocks GM_BK values at a time into shared memory as float16 (each value as
 // dequant_<t>_f16 leaves it), gathers the tile's activation rows beside them, and runs
@@ -21,6 +22,13 @@
 // moe_combine(const float* y, const int* pos, int k, float* out, int N)
 //     out[t] += sum_{j < k, pos[t k + j] >= 0} y[pos[t k + j]] in j order (no atomics: the same sums
 //     every run). block (256, 1, 1), grid (ceil(N / 256), T, 1).
+// moe_plan(const int* ids, const float* w, int P, int k, int E, int max_tiles, int* tiles,
+//          int* a_rows, float* wp, int* pos, int* hist)
+//     a layer's (token, choice) pairs sorted into tiles on the device (below). block (1024), grid (1).
+// causal_softmax(float* a, const float* b, int H, ll S, ll start, float scale, ushort* p16)
+//     a prompt's attention weights from its two score products (below). block (256), grid (rows).
+// A dense matrix of a prompt (q, kv_a, the attention output, shared experts) runs through the same
+// kernels as expert 0 of one, its rows as tiles of one expert (expert_bytes 0, weights 1).
 
 #define GM_BM 64          // pairs a tile
 #define GM_BN 64          // weight rows a block
