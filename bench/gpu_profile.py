@@ -41,16 +41,11 @@ extern "C" __global__ void hold(unsigned long long ns) {
 """
 
 
-def kernel_times(model, b, g, cache, steps: int) -> dict:
-    """Per kernel name: device microseconds and launches per decode step, the sum, and the time
-    between kernels (other work, or the host falling behind the holding kernel). The step runs as
-    the graph was recorded (the decode graph's input and expert-id buffers: nothing in it waits
-    for the host)."""
+def evented(plain, log: list, launches: list | None = None):
+    """A kernel lookup (Kernels._fn) whose launches record CUDA events around them in log as (name,
+    start, end); with `launches`, also each launch's arguments (they keep its buffers alive for a
+    replay)."""
     import cupy
-    hold = cupy.RawKernel(HOLD, "hold")
-    kernels = b.kernels
-    plain = kernels._fn
-    log: list = []
 
     def timed_fn(name):
         f = plain(name)
@@ -61,13 +56,26 @@ def kernel_times(model, b, g, cache, steps: int) -> dict:
             f(grid, block, args, **kw)
             e1.record()
             log.append((name, e0, e1))
-            launches.append((name, f, grid, block, args, kw))  # the arguments hold the buffers alive
+            if launches is not None:
+                launches.append((name, f, grid, block, args, kw))
         return launch
+    return timed_fn
 
+
+def kernel_times(model, b, g, cache, steps: int) -> dict:
+    """Per kernel name: device microseconds and launches per decode step, the sum, and the time
+    between kernels (other work, or the host falling behind the holding kernel). The step runs as
+    the graph was recorded (the decode graph's input and expert-id buffers: nothing in it waits
+    for the host)."""
+    import cupy
+    hold = cupy.RawKernel(HOLD, "hold")
+    kernels = b.kernels
+    plain = kernels._fn
+    log: list = []
     table: dict = defaultdict(lambda: [0.0, 0])
     gaps = 0.0
     launches: list = []
-    kernels._fn = timed_fn
+    kernels._fn = evented(plain, log, launches)
     b._step = g
     pos = np.array([cache.pos - 1])  # the graph's last step, run again (its cache entry rewritten)
     try:
@@ -93,11 +101,11 @@ def kernel_times(model, b, g, cache, steps: int) -> dict:
 
 
 def prompt_times(model, b, tokens, repeat: int = 2) -> dict:
-    """A prompt's forward as a user runs it (no synchronization but its own): wall time; our kernels'
-    device time (CUDA events around each launch, summed by name; CuPy's own operations and cuBLAS
-    are in `other_ms` = the device's busy time not in our kernels is not separated from its idle
-    time); and the host's profile (cProfile, top functions by own time: a large share waiting in a
-    synchronize means the device was behind, a small one that the host sets the pace)."""
+    """A prompt's forward as a user runs it (no synchronization but its own): its wall time; our
+    kernels' device time (CUDA events around each launch, summed by name); `other_ms`, the rest of
+    the evented span: CuPy's own operations, cuBLAS and the device's idle time together; and the
+    host's profile (cProfile, top functions by own time: a large share waiting in a synchronize
+    means the device was behind, a small one that the host sets the pace)."""
     import cProfile
     import io
     import pstats
@@ -106,18 +114,6 @@ def prompt_times(model, b, tokens, repeat: int = 2) -> dict:
     kernels = b.kernels
     plain = kernels._fn
     log: list = []
-
-    def timed_fn(name):
-        f = plain(name)
-
-        def launch(grid, block, args, **kw):
-            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-            e0.record()
-            f(grid, block, args, **kw)
-            e1.record()
-            log.append((name, e0, e1))
-        return launch
-
     sync = cupy.cuda.Device().synchronize
     walls = []
     for _ in range(repeat):
@@ -136,7 +132,7 @@ def prompt_times(model, b, tokens, repeat: int = 2) -> dict:
     prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-    kernels._fn = timed_fn
+    kernels._fn = evented(plain, log)
     try:
         cache = model.new_cache()
         sync()
