@@ -934,7 +934,8 @@ class CUDABackend:
     def ffn(self, x, gate, up, down, add=None, residual=None):
         """A dense or shared SwiGLU feed-forward; a few tokens through the fused gate-up kernel (the
         matrices as stacks of one) and the down product adding `add` and `residual` in its launch,
-        a prompt through the cuBLAS tiles."""
+        a prompt through the grouped kernels (gate-up with SiLU, then down: the matrices as an
+        expert of one), else the cuBLAS tiles."""
         if len(x) > MMV_MAX_TOKENS and gate.qtype == up.qtype and gate.shape == up.shape \
                 and all(self.grouped_fits(m) for m in (gate, up, down)):
             # a prompt: gate, up and silu in one grouped launch, down in another, on the blocks
