@@ -301,14 +301,14 @@ class DeepSeek2Model(DecoderModel):
     def _attend(self, q_lat, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
         """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""
         s0, s1 = int(pos[0]), int(pos[-1]) + 1
+        _store(cache, i, s0, s1, lat_new, k_pe_new)
         consecutive = pos[-1] - pos[0] + 1 == len(pos)
         if consecutive:
-            _store(cache, i, s0, s1, lat_new, k_pe_new)
             o = self.backend.latent_attention(q_lat, q_pe, cache.c[i, :s1], cache.k_pe[i, :s1], s0,
                                               self.config.kq_scale)
             if o is not None:
                 return o
-        lat, k_pe = _stored(cache, i, s0, s1, lat_new, k_pe_new)
+        lat, k_pe = _as_f32(cache, i, s1)
         scores = (q_lat @ lat.T + q_pe @ k_pe.T) * self.config.kq_scale  # (T, H, S)
         if len(pos) > 1:
             xp = self.backend.xp
@@ -329,7 +329,8 @@ class DeepSeek2Model(DecoderModel):
         c = self.config
         s0, s1 = int(pos[0]), int(pos[-1]) + 1
         T, H, N = q_nope.shape
-        lat, k_pe = _stored(cache, i, s0, s1, lat_new, k_pe_new)
+        _store(cache, i, s0, s1, lat_new, k_pe_new)
+        lat, k_pe = _as_f32(cache, i, s1)
         kb, vb = _dense_heads(L.attn_k_b), _dense_heads(L.attn_v_b)  # (H, C, N), (H, V, C)
         q = np.concatenate([q_nope, q_pe], axis=-1).astype(np.float32) * np.float32(c.kq_scale)  # (T, H, N + R)
         # the chunk's own positions: row t sees s0 + t and before (an earlier chunk's all of them)
@@ -431,14 +432,13 @@ class DeepSeek2Model(DecoderModel):
 
 
 def _store(cache: LatentCache, i: int, s0: int, s1: int, lat_new, k_pe_new) -> None:
+    """Layer i's new entries stored at positions s0..s1-1."""
     cache.c[i, s0:s1] = lat_new
     cache.k_pe[i, s0:s1] = k_pe_new
 
 
-def _stored(cache: LatentCache, i: int, s0: int, s1: int, lat_new, k_pe_new):
-    """Layer i's new entries stored at positions s0..s1-1 -> its whole cache up to s1 as float32:
-    latents (S, C), k_pe (S, R)."""
-    _store(cache, i, s0, s1, lat_new, k_pe_new)
+def _as_f32(cache: LatentCache, i: int, s1: int):
+    """Layer i's cache up to position s1 as float32: latents (S, C), k_pe (S, R)."""
     return cache.c[i, :s1].astype(np.float32), cache.k_pe[i, :s1].astype(np.float32)
 
 
