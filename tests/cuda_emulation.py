@@ -8,7 +8,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from edgeseek.backends.cuda import GM_BM, INT8_TYPES, MIXED_DOWN, CUDABackend
+from edgeseek.backends.cuda import INT8_TYPES, MIXED_DOWN, CUDABackend, _expert_tiles
 from edgeseek.models.common import rms_norm, softmax
 from edgeseek.models.moe import route
 
@@ -83,8 +83,8 @@ class NumpyKernels:
         flat = ids.reshape(-1)[:p]
         order = np.argsort(flat, kind="stable")  # pairs by expert, token order within one
         hist[:] = np.bincount(flat, minlength=e)[:e]
-        first = np.concatenate([[0], np.cumsum(hist)[:-1]])
-        rows = [(x, first[x] + j, min(GM_BM, hist[x] - j)) for x in range(e) for j in range(0, hist[x], GM_BM)]
+        experts = np.nonzero(hist)[0]
+        rows = _expert_tiles(experts, (np.cumsum(hist) - hist)[experts], hist[experts])
         t = np.zeros((max_tiles, 3), np.int32)
         t[:len(rows)] = rows
         tiles[:] = t.reshape(-1)

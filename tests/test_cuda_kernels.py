@@ -859,7 +859,7 @@ def test_moe_plan_sorts_pairs_as_the_host_does(kernels, T, used, E):
     """moe_plan's bookkeeping on the device equals the host's (pairs sorted stably by expert, tiles
     of at most GM_BM pairs in expert order, the rest empty): chunks of 1024 pairs (T * used = 3072),
     experts with no pair, a tile count at its bound."""
-    from edgeseek.backends.cuda import GM_BM, _pairs_by_expert
+    from edgeseek.backends.cuda import GM_BM, _expert_tiles, _pairs_by_expert
     rng = np.random.default_rng(_seed("plan", T, used, E))
     hot = rng.random(E) ** 4  # a skewed profile: some experts get many pairs, many none
     ids = np.stack([rng.choice(E, used, replace=False, p=hot / hot.sum()) for _ in range(T)]).astype(np.int32)
@@ -867,8 +867,7 @@ def test_moe_plan_sorts_pairs_as_the_host_does(kernels, T, used, E):
     P = T * used
     max_tiles = P // GM_BM + min(E, P)
     tok, which, experts, start, count = _pairs_by_expert(ids, np.ones(ids.shape, bool))
-    want_tiles = np.array([(e, s + j, min(GM_BM, c - j)) for e, s, c in zip(experts, start, count)
-                           for j in range(0, c, GM_BM)], np.int32)
+    want_tiles = _expert_tiles(experts, start, count)
     want_pos = np.full((T, used), -1, np.int32)
     want_pos[tok, which] = np.arange(P)
     tiles, a_rows, pos, hist = (cupy.full(n, -7, np.int32) for n in (3 * max_tiles, P, P, E))

@@ -32,7 +32,7 @@ INT8_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, 
 # a layer's two downs may take different K-quants
 MIXED_DOWN = frozenset((a, b) for a in (Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
                        for b in (Q.Q4_K, Q.Q5_K, Q.Q6_K) if a != b)
-MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through dequantized tiles + cuBLAS
+MMV_MAX_TOKENS = 8  # rows a decode product takes at once; more tokens go through the grouped products
 WARPS = 4  # output rows per block of the per-warp decode products (128 threads)
 ROW_THREADS = 128  # threads a block of mmv1, mmv_ids, glu and down (cuda_kernels.cu)
 MMV1_ROWS, GLU_ROWS = 4, 2  # rows a block of mmv1 and down, of glu
@@ -98,13 +98,27 @@ def _pairs_by_expert(slot: np.ndarray, on_gpu: np.ndarray):
     return tok, which, experts, start, count
 
 
+def _grouped_shape(m) -> bool:
+    """A matrix (N, K) the grouped kernels take: quantized or 16-bit blocks (float32 keeps exact
+    float32 products), K a multiple of GM_BK, N even."""
+    n, k = m.shape
+    return m.qtype != Q.F32 and k % GM_BK == 0 and n % 2 == 0
+
+
 def _grouped_fits(gate, up, down) -> bool:
-    """Whether a prompt's experts can run through the grouped kernels: quantized or 16-bit blocks
-    (float32 files keep exact float32 products), gate and up of one format, every K a multiple of
-    GM_BK and every N even."""
+    """Whether a prompt's experts can run through the grouped kernels: gate and up of one format
+    and shape, down their transpose's shape, each a shape the kernels take."""
     (F, D), (D2, F2) = gate.shape, down.shape
-    return (gate.qtype == up.qtype and Q.F32 not in (gate.qtype, down.qtype) and up.shape == gate.shape
-            and (D2, F2) == (D, F) and D % GM_BK == 0 and F % GM_BK == 0 and D % 2 == 0 and F % 2 == 0)
+    return (gate.qtype == up.qtype and up.shape == gate.shape and (D2, F2) == (D, F)
+            and _grouped_shape(gate) and _grouped_shape(down))
+
+
+def _expert_tiles(experts: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """(n_tiles, 3) (expert, first pair, pairs): each expert's run of pairs (sorted by expert) cut
+    into tiles of at most GM_BM pairs, in expert order."""
+    per = -(-count // GM_BM)  # tiles an expert
+    first = np.repeat(start, per) + GM_BM * (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per))
+    return np.stack([np.repeat(experts, per), first, np.minimum(GM_BM, np.repeat(start + count, per) - first)], 1)
 
 
 def _launch_grid(n: int, per: int) -> int:
@@ -421,6 +435,24 @@ class Kernels:
         return h
 
 
+class _ByIdentity:
+    """Another form of an array, remembered by the array's identity for its last `keep` arrays
+    (the array is held, so its id stays its own while remembered)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._of: dict[int, tuple] = {}
+
+    def get(self, a):
+        known = self._of.get(id(a))
+        return known[1] if known is not None and known[0] is a else None
+
+    def put(self, a, form) -> None:
+        self._of[id(a)] = (a, form)
+        while len(self._of) > self.keep:
+            del self._of[next(iter(self._of))]
+
+
 class DeviceMatrix:
     """A (N, K) weight in VRAM as the file's blocks: (N, row_bytes) uint8."""
 
@@ -431,6 +463,15 @@ class DeviceMatrix:
     @property
     def nbytes(self) -> int:
         return int(self.raw.nbytes)
+
+    def grouped(self, x16):
+        """W @ x for the rows of x16 (T, K) float16 -> (T, N) float32, through the grouped kernels
+        as the one expert of a stack (backend.grouped_fits)."""
+        n, kk = self.shape
+        y = self.b.xp.empty((len(x16), n), np.float32)
+        tiles, n_tiles, ones, _ = self.b.one_matrix(len(x16))
+        self.b.kernels.moe_down_mma(self.qtype, self.raw, self.row_bytes, 0, tiles, n_tiles, x16, ones, y, n, kk)
+        return y
 
     def __call__(self, x, add=None, res=None):
         """W @ x, plus add then res ((T, N) each, or None) where given: a few tokens add them in
@@ -455,10 +496,7 @@ class DeviceMatrix:
         if self.qtype == Q.F32:
             y = x @ self.raw.view(np.float32).T
         elif self.b.grouped_fits(self):  # a prompt: the grouped products on the blocks, as one expert
-            y = xp.empty((t, n), np.float32)
-            tiles, n_tiles, ones, _ = self.b.one_matrix(t)
-            x16 = self.b.half(given if given.ndim == 2 else x)
-            k.moe_down_mma(self.qtype, self.raw, self.row_bytes, 0, tiles, n_tiles, x16, ones, y, n, kk)
+            y = self.grouped(self.b.half(given if given.ndim == 2 else x))
         else:  # float16 tiles of the weight through cuBLAS, PREFILL_TILE values at a time
             y = xp.empty((t, n), np.float32)
             x16 = x.astype(np.float16)
@@ -527,12 +565,12 @@ class CUDABackend:
         # quantized in the norm's own launch, remembered by identity (the array held, so its id
         # stays its own)
         self.int8 = hasattr(self.kernels, "quantize_q8")
-        self._quantized: dict[int, tuple] = {}
+        self._quantized = _ByIdentity(8)  # a norm's output -> its q8
         # a prompt's routed experts through the grouped kernels of cuda_prompt.cu (False: the
         # dequantized tiles and cuBLAS, kept for float32 files and as the tests' second opinion)
         self.prompt_mma = hasattr(self.kernels, "moe_glu_mma")
         self._usage: list = []  # (store, layer, device pair counts) of prompts not yet read back
-        self._halves: dict[int, tuple] = {}  # id -> (array, its float16 copy)
+        self._halves = _ByIdentity(4)  # an activation -> its float16 copy
         self._one_matrix: dict[int, tuple] = {}  # rows -> one_matrix's bookkeeping
 
     # --- weights ---------------------------------------------------------------------------
@@ -665,10 +703,8 @@ class CUDABackend:
         routing order. The layer's pair counts per expert wait on the device until the host next
         reads an array (host()), then go to the store's usage profile."""
         xp, k = self.xp, self.kernels
-        gate, up, down = projections
-        F, D = gate.shape
         T, used = ids.shape
-        P, E = T * used, gate.raw.shape[0]
+        P, E = T * used, projections[0].raw.shape[0]
         max_tiles = P // GM_BM + min(E, P)
         book = xp.empty(3 * max_tiles + 3 * P + E, np.int32)  # tiles, a_rows, wp, pos, hist
         t1 = 3 * max_tiles
@@ -676,13 +712,7 @@ class CUDABackend:
         pos, hist = book[t1 + 2 * P:t1 + 3 * P], book[t1 + 3 * P:]
         k.moe_plan(ids, w, P, used, E, max_tiles, tiles, a_rows, wp, pos, hist)
         self._usage.append((store, layer, hist))
-        h16 = xp.empty((P, F), np.float16)
-        k.moe_glu_mma(gate.qtype, gate.raw, up.raw, gate.raw.shape[-1], gate.expert_bytes, tiles, max_tiles,
-                      self.half(x), a_rows, h16, F, D)
-        y = xp.empty((P, D), np.float32)
-        k.moe_down_mma(down.qtype, down.raw, down.raw.shape[-1], down.expert_bytes, tiles, max_tiles, h16, wp, y,
-                       D, F)
-        k.moe_combine(y, pos, used, out)
+        self._tiled_products(x, projections, tiles, max_tiles, a_rows, wp, pos, P, used, out)
 
     def _count_usage(self) -> None:
         """The pair counts the device kept (_planned_experts) into the stores' usage profiles, in
@@ -773,34 +803,36 @@ class CUDABackend:
             self._tiled_experts(x, slot, on_gpu, weights, projections, out)
 
     def _grouped_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
-        """The pairs (token, expert) sorted by expert and cut into tiles of GM_BM pairs of one
-        expert; one launch for gate, up and silu (float16 hidden rows), one for down times the
-        routing weight, one that adds each token's rows to out in routing order. The weights are
-        read from their blocks by the tiles, never dequantized into VRAM; the bookkeeping crosses to
-        the device in one copy."""
-        xp, k = self.xp, self.kernels
-        gate, up, down = projections
-        F, D = gate.shape
+        """The pairs (token, expert) of the experts in VRAM sorted by expert on the host and cut into
+        tiles of GM_BM pairs of one expert, then the grouped products (_tiled_products). The weights
+        are read from their blocks by the tiles, never dequantized into VRAM; the bookkeeping crosses
+        to the device in one copy."""
         T, used = slot.shape
         tok, which, experts, start, count = _pairs_by_expert(slot, on_gpu)
         P = len(tok)
-        per = -(-count // GM_BM)  # tiles an expert
-        first = np.repeat(start, per) + GM_BM * (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per))
-        tiles = np.stack([np.repeat(experts, per), first, np.minimum(GM_BM, np.repeat(start + count, per) - first)], 1)
+        tiles = _expert_tiles(experts, start, count)
         pos = np.full((T, used), -1, np.int64)
         pos[tok, which] = np.arange(P)  # each (token, choice)'s pair
         w_of = weights[tok, which].astype(np.float32).view(np.int32)
         host = np.concatenate([tok, tiles.reshape(-1), pos.reshape(-1), w_of]).astype(np.int32)
-        dev = xp.asarray(host)
+        dev = self.xp.asarray(host)
         a_rows, d_tiles = dev[:P], dev[P:P + tiles.size]
         d_pos, wp = dev[P + tiles.size:P + tiles.size + pos.size], dev[P + tiles.size + pos.size:].view(np.float32)
+        self._tiled_products(x, projections, d_tiles, len(tiles), a_rows, wp, d_pos, P, used, out)
+
+    def _tiled_products(self, x, projections, tiles, n_tiles: int, a_rows, wp, pos, P: int, used: int, out) -> None:
+        """The grouped products of a prompt's P sorted pairs: gate, up and silu in one launch (float16
+        hidden rows), down times each pair's weight wp in a second, each token's rows added to out in
+        routing order (pos) in a third."""
+        xp, k = self.xp, self.kernels
+        gate, up, down = projections
+        F, D = gate.shape
         h16 = xp.empty((P, F), np.float16)
-        k.moe_glu_mma(gate.qtype, gate.raw, up.raw, gate.raw.shape[-1], gate.expert_bytes, d_tiles, len(tiles),
-                      x.astype(np.float16), a_rows, h16, F, D)
+        k.moe_glu_mma(gate.qtype, gate.raw, up.raw, gate.raw.shape[-1], gate.expert_bytes, tiles, n_tiles,
+                      self.half(x), a_rows, h16, F, D)
         y = xp.empty((P, D), np.float32)
-        k.moe_down_mma(down.qtype, down.raw, down.raw.shape[-1], down.expert_bytes, d_tiles, len(tiles), h16, wp, y,
-                       D, F)
-        k.moe_combine(y, d_pos, used, out)
+        k.moe_down_mma(down.qtype, down.raw, down.raw.shape[-1], down.expert_bytes, tiles, n_tiles, h16, wp, y, D, F)
+        k.moe_combine(y, pos, used, out)
 
     def _tiled_experts(self, x, slot, on_gpu, weights, projections, out) -> None:
         """A prompt's routed experts in VRAM: the experts' tokens gathered into a padded (experts,
@@ -864,28 +896,22 @@ class CUDABackend:
         if not (self.int8 and r <= MMV_MAX_TOKENS and d % 32 == 0 and d <= 2048):
             return self.kernels.rms_norm(x, weight, eps)  # a row slice (MLA's latent) read in place
         y, q8 = self.kernels.rms_norm(x, weight, eps, q8=True)
-        self._quantized[id(y)] = (y, q8)
-        while len(self._quantized) > 8:
-            del self._quantized[next(iter(self._quantized))]
+        self._quantized.put(y, q8)
         return y
 
     def half(self, x):
         """x (T, K) as float16 for the grouped products, converted once where several read it (a
         norm's output: q and kv_a, the shared and the routed experts)."""
-        known = self._halves.get(id(x))
-        if known is not None and known[0] is x:
-            return known[1]
-        h = self.xp.ascontiguousarray(x, dtype=np.float16)
-        self._halves[id(x)] = (x, h)
-        while len(self._halves) > 4:
-            del self._halves[next(iter(self._halves))]
+        h = self._halves.get(x)
+        if h is None:
+            h = self.xp.ascontiguousarray(x, dtype=np.float16)
+            self._halves.put(x, h)
         return h
 
     def grouped_fits(self, m) -> bool:
         """Whether a prompt's product with matrix m runs through the grouped kernels (as an expert
         of one): a DeviceMatrix of a block or 16-bit format, K a multiple of GM_BK, N even."""
-        return (self.prompt_mma and isinstance(m, DeviceMatrix) and m.qtype != Q.F32
-                and m.shape[1] % GM_BK == 0 and m.shape[0] % 2 == 0)
+        return self.prompt_mma and isinstance(m, DeviceMatrix) and _grouped_shape(m)
 
     def one_matrix(self, t: int):
         """The grouped kernels' bookkeeping for t rows through one matrix: tiles (expert 0, first
@@ -907,10 +933,8 @@ class CUDABackend:
         quantized now; None where the int8 path is off or K is not a multiple of 32."""
         if not self.int8 or x.shape[-1] % 32:
             return None
-        known = self._quantized.get(id(x))
-        if known is not None and known[0] is x:
-            return known[1]
-        return self.kernels.quantize_q8(self.xp.ascontiguousarray(x, dtype=np.float32))
+        known = self._quantized.get(x)
+        return known if known is not None else self.kernels.quantize_q8(self.xp.ascontiguousarray(x, dtype=np.float32))
 
     def linears(self, ws, x):
         """[w(x) for w in ws]; two or three matrices of one int8 format and width on one token (a
@@ -940,14 +964,11 @@ class CUDABackend:
                 and all(self.grouped_fits(m) for m in (gate, up, down)):
             # a prompt: gate, up and silu in one grouped launch, down in another, on the blocks
             t, (n, kk) = len(x), gate.shape
-            tiles, n_tiles, ones, rows = self.one_matrix(t)
+            tiles, n_tiles, _, rows = self.one_matrix(t)
             h16 = self.xp.empty((t, n), np.float16)
             self.kernels.moe_glu_mma(gate.qtype, gate.raw, up.raw, gate.row_bytes, 0, tiles, n_tiles, self.half(x),
                                      rows, h16, n, kk)
-            y = self.xp.empty((t, down.shape[0]), np.float32)
-            self.kernels.moe_down_mma(down.qtype, down.raw, down.row_bytes, 0, tiles, n_tiles, h16, ones, y,
-                                      down.shape[0], n)
-            return plus(y, add, residual)
+            return plus(down.grouped(h16), add, residual)
         if not (len(x) <= MMV_MAX_TOKENS and all(isinstance(m, DeviceMatrix) for m in (gate, up, down))):
             return plus(ffn(x, gate, up, down, self.swiglu), add, residual)
         zeros = self._arange(1, len(x))  # every row through expert 0: the matrix itself
