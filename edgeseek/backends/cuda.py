@@ -572,6 +572,7 @@ class CUDABackend:
         self._usage: list = []  # (store, layer, device pair counts) of prompts not yet read back
         self._halves = _ByIdentity(4)  # an activation -> its float16 copy
         self._one_matrix: dict[int, tuple] = {}  # rows -> one_matrix's bookkeeping
+        self._splits: dict[tuple, _SplitLayer] = {}  # (store, layer) -> a split layer's decode buffers
 
     # --- weights ---------------------------------------------------------------------------
     def upload(self, a: np.ndarray):
@@ -638,6 +639,16 @@ class CUDABackend:
         with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
             return cupy.asarray(host)
 
+    def pinned(self, shape, dtype) -> np.ndarray:
+        """Page-locked host memory (a plain array on emulated kernels): what a captured step's copies
+        to and from the host read and write."""
+        if self.xp is np:
+            return np.zeros(shape, dtype)
+        import cupyx
+        a = cupyx.empty_pinned(shape, dtype)
+        a[...] = 0
+        return a
+
     def experts_rows(self, x, triples, rows, delta=None):
         return None
 
@@ -657,32 +668,18 @@ class CUDABackend:
         the experts left on the CPU run there on the host copy of x; the shared experts after them."""
         xp, k = self.xp, self.kernels
         T = len(x)
+        if T == 1 and not store.all_on_device(layer):
+            return self._split_step(x, router_weight, router, bias, store, layer, shared, residual)
         if T <= MMV_MAX_TOKENS and store.all_on_device(layer):
             n = router.n_used
             # a captured step routes straight into the step's buffer, read after each replay
             ids = self._step.routed(layer) if self._step is not None and T == 1 else xp.empty((T, n), np.int32)
             w = xp.empty((T, n), np.float32)
-            if T == 1 and route_fuses(router, router_weight):
-                k.router_route(router_weight, xp.ascontiguousarray(x, dtype=np.float32),
-                               xp.empty((1, router.n_expert), np.float32), bias, router, ids, w)
-            else:
-                k.route(self._router_logits(x, router_weight), bias, router, ids, w)
+            self._route(x, router_weight, router, bias, ids, w)
             if self._step is None:
                 store.count(layer, self.host(ids))
-            gate, up, down = store.device(layer)
-            flat = ids.reshape(-1)
-            if _fuses(shared, gate, up, down, self.int8):
-                g2, u2, d2 = shared
-                P, N, N2 = len(flat), gate.shape[0], g2.shape[0]
-                hh = xp.empty(P * N + T * N2, np.float32)  # both experts' hidden rows: quantized in one launch
-                h, h2 = hh[:P * N].reshape(P, N), hh[P * N:].reshape(T, N2)
-                gate.glu(up, flat, x, x_div=n, shared=(g2, u2, h2), out=h)
-                q8 = None
-                if down.qtype in INT8_TYPES and self.int8 and N % 32 == 0 and N2 % 32 == 0:
-                    (hq, hs), cut = k.quantize_q8(hh), P * N
-                    q8 = ((hq[:cut], hs[:cut // 32]), (hq[cut:], hs[cut // 32:]))
-                return down.down(flat, h, w, shared=(d2, h2), res=residual, q8=q8)  # (T, D)
-            return self._plus_shared(x, down.down(flat, gate.glu(up, flat, x, x_div=n), w), shared, residual)
+            finish = self._routed_glu(x, ids.reshape(-1), n, store.device(layer), shared)
+            return finish(w, None, residual)
         logits = self._router_logits(x, router_weight)
         if T > MMV_MAX_TOKENS and store.all_on_device(layer) and self.prompt_mma and _grouped_fits(*store.device(layer)) \
                 and router.n_expert <= PLAN_EXPERTS:
@@ -695,6 +692,97 @@ class CUDABackend:
             self._planned_experts(x, ids, w, store.device(layer), out, store, layer)
             return plus(out, residual=residual)
         return self._plus_shared(x, self._routed_on_host(x, logits, router, bias, store, layer), shared, residual)
+
+    def _route(self, x, router_weight, router, bias, ids, w) -> None:
+        """The router's top-k of a few tokens on the device into ids and w (T, k): the logits and
+        the choice in one launch where the router's shape allows."""
+        k = self.kernels
+        if len(x) == 1 and route_fuses(router, router_weight):
+            k.router_route(router_weight, self.xp.ascontiguousarray(x, dtype=np.float32),
+                           self.xp.empty((1, router.n_expert), np.float32), bias, router, ids, w)
+        else:
+            k.route(self._router_logits(x, router_weight), bias, router, ids, w)
+
+    def _routed_glu(self, x, slots, n: int, projections, shared):
+        """The gate-up launch of a few tokens' pairs (row p // n of x through expert slots[p]), the
+        shared experts' in the same launch where _fuses -> finish(w, add, residual), which queues the
+        down launch: residual + (add + each token's pairs weighted by w (T, n) + the shared experts).
+        Split so that the CPU's experts can run between the two."""
+        gate, up, down = projections
+        if _fuses(shared, gate, up, down, self.int8):
+            xp, T = self.xp, len(x)
+            g2, u2, d2 = shared
+            P, N, N2 = len(slots), gate.shape[0], g2.shape[0]
+            hh = xp.empty(P * N + T * N2, np.float32)  # both experts' hidden rows: quantized in one launch
+            h, h2 = hh[:P * N].reshape(P, N), hh[P * N:].reshape(T, N2)
+            gate.glu(up, slots, x, x_div=n, shared=(g2, u2, h2), out=h)
+            q8 = None
+            if down.qtype in INT8_TYPES and self.int8 and N % 32 == 0 and N2 % 32 == 0:
+                (hq, hs), cut = self.kernels.quantize_q8(hh), P * N
+                q8 = ((hq[:cut], hs[:cut // 32]), (hq[cut:], hs[cut // 32:]))
+            return lambda w, add, residual: down.down(slots, h, w, add=add, shared=(d2, h2), res=residual, q8=q8)
+        h = gate.glu(up, slots, x, x_div=n)
+        return lambda w, add, residual: self._plus_shared(x, down.down(slots, h, w, add=add), shared, residual)
+
+    def _split_step(self, x, router_weight, router, bias, store, layer: int, shared, residual):
+        """One decode token of a layer whose experts are split between VRAM and the CPU (or all on
+        the CPU), without Python between the GPU's launches: routed on the device; the token's row
+        and its choices copied to page-locked host memory; the gate-up of every pair queued on the
+        GPU (a pair whose expert is on the CPU reads expert slot 0 with weight 0: the launch's shape
+        never depends on the routing); then the host waits, runs the CPU's experts (_SplitLayer.run)
+        and their sum crosses back to join the down launch. In a captured step the wait is a cut
+        between two graphs (_DecodeGraph.cut), the CPU's part runs between their replays."""
+        xp, n, D = self.xp, router.n_used, x.shape[1]
+        key = (id(store), layer)
+        s = self._splits.get(key)
+        if s is None or s.store is not store:
+            s = self._splits[key] = _SplitLayer(self, store, layer, D, n)
+        x = xp.ascontiguousarray(x, dtype=np.float32)
+        self._route(x, router_weight, router, bias, s.ids, s.w)
+        self._to_host(x, s.host_x)
+        self._to_host(s.choice, s.host_choice)
+        finish = None
+        if s.table is not None:
+            finish = self._routed_glu(x, s.table[s.ids].reshape(-1), n, store.device(layer), shared)
+            w_gpu = s.w * s.on_gpu[s.ids]
+        elif shared is not None:
+            y_shared = self.ffn(x, *shared)  # overlaps the CPU's experts
+        self._then_on_host(s.run)
+        self._to_device(s.host_out, s.out)
+        if finish is not None:
+            return finish(w_gpu, s.out, residual)
+        return plus(s.out + y_shared if shared is not None else s.out, residual=residual)
+
+    def _to_host(self, a, host: np.ndarray) -> None:
+        """Queue a copy of device array a into page-locked host memory on the current stream."""
+        if self.xp is np:
+            host[...] = a.reshape(host.shape)
+            return
+        import cupy
+        rt = cupy.cuda.runtime
+        rt.memcpyAsync(host.ctypes.data, a.data.ptr, a.nbytes, rt.memcpyDeviceToHost,
+                       cupy.cuda.get_current_stream().ptr)
+
+    def _to_device(self, host: np.ndarray, a) -> None:
+        """Queue a copy of page-locked host memory into device array a on the current stream."""
+        if self.xp is np:
+            a[...] = host.reshape(a.shape)
+            return
+        import cupy
+        rt = cupy.cuda.runtime
+        rt.memcpyAsync(a.data.ptr, host.ctypes.data, a.nbytes, rt.memcpyHostToDevice,
+                       cupy.cuda.get_current_stream().ptr)
+
+    def _then_on_host(self, fn) -> None:
+        """Run fn on the host once the work queued so far is done: now, after a wait for the stream,
+        or, while a decode step is being captured, between the replays of the graph so far and the
+        graph of what follows."""
+        if self._step is not None and self._step.capturing:
+            self._step.cut(fn)
+            return
+        if self.xp is not np:
+            self.xp.cuda.get_current_stream().synchronize()
+        fn()
 
     def _planned_experts(self, x, ids, w, projections, out, store, layer: int) -> None:
         """A prompt's routed experts, every one in VRAM (a slot is the expert's id): moe_plan sorts
@@ -751,8 +839,6 @@ class CUDABackend:
         store.count(layer, ids)
         slot = store.slots(layer)[ids]  # (T, k): the expert's index in VRAM, -1 on the CPU
         on_gpu = slot >= 0
-        if T == 1:
-            return self._split_token(x, host_x, ids, weights, slot[0], on_gpu[0], store, layer)
         out = xp.zeros_like(x)
         if on_gpu.any():
             gate, up, down = store.device(layer)
@@ -770,21 +856,6 @@ class CUDABackend:
         if not on_gpu.all():
             out += xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu, layer))
         return out
-
-    def _split_token(self, x, host_x, ids, weights, slot, on_gpu, store, layer: int):
-        """One decode token whose experts are split between VRAM and the CPU: the GPU's gate-up
-        launch queued first (its ids and weights in one copy), the CPU's experts computed while it
-        runs, then one down launch that weights, sums and adds the CPU's part."""
-        xp = self.xp
-        sel = np.nonzero(on_gpu)[0]
-        p = len(sel)
-        if p:
-            gate, up, down = store.device(layer)
-            packed = xp.asarray(np.concatenate([slot[sel].astype(np.int32), weights[0, sel].astype(np.float32).view(np.int32)]))
-            s, w = packed[:p], packed[p:].view(np.float32).reshape(1, p)
-            h = gate.glu(up, s, x, x_div=p)  # every pair reads the token's row
-        cpu = xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu[None], layer)) if p < len(slot) else None
-        return down.down(s, h, w, add=cpu) if p else cpu
 
     def _host_copy(self, a) -> np.ndarray:
         """A host copy of a small device array that never changes (a router's selection bias), made once."""
@@ -1034,12 +1105,9 @@ class CUDABackend:
     def replay(self, model, tokens, cache):
         """A decode step as a CUDA graph: captured once per cache (after one eager run that
         compiles every kernel and fills the graph's memory pool), replayed with the token and the
-        position written into its input buffers. Only where nothing in the step waits for the
-        host: a DeepSeek model with every routed expert in VRAM."""
+        position written into its input buffers; where routed experts run on the CPU, a chain of
+        graphs with the host's part between them (_split_step)."""
         if not self.graphs or not getattr(model, "graph_safe", False):
-            return None
-        experts = getattr(model, "experts", None)
-        if experts is not None and not getattr(experts, "all_in_vram", False):
             return None
         self._check_ids(np.asarray(tokens))
         g = getattr(cache, "decode_graph", None)
@@ -1242,8 +1310,6 @@ class TieredExperts:
                     triple.append(DeviceExperts(backend, t.qtype, d, t.shape[1:], t.name))
                     gguf.release_pages(t)
                 self._device[layer] = tuple(triple)
-        # the placement is fixed at load: whether a decode step can be a graph is known once
-        self.all_in_vram = all(self.all_on_device(layer) for layer in self._slots)
 
     @property
     def counts(self):
@@ -1320,11 +1386,45 @@ class TieredExperts:
 
 
 
+class _SplitLayer:
+    """A split layer's decode buffers (_split_step), made once: the choices as the router writes them
+    (ids, then w's float32 bits), page-locked host copies of the token's row and the choices, the
+    CPU's sum on the host and on the device; for a layer with experts in VRAM each expert's slot
+    there (0 for the CPU's) and whether it is there (1.0 or 0.0). `run` is the host's part."""
+
+    def __init__(self, b, store, layer: int, d: int, n: int):
+        self.store, self.layer, self.n = store, layer, n
+        self.choice = b.persistent(np.zeros(2 * n, np.int32))
+        self.ids, self.w = self.choice[:n].reshape(1, n), self.choice[n:].view(np.float32).reshape(1, n)
+        self.out = b.persistent(np.zeros((1, d), np.float32))
+        self.host_x, self.host_choice, self.host_out = (
+            b.pinned((1, d), np.float32), b.pinned(2 * n, np.int32), b.pinned((1, d), np.float32))
+        slots = store.slots(layer)
+        on = slots >= 0
+        self.table = self.on_gpu = None
+        if on.any():
+            self.table = b.persistent(np.where(on, slots, 0).astype(np.int32))
+            self.on_gpu = b.persistent(on.astype(np.float32))
+
+    def run(self) -> None:
+        """The CPU's experts of the token: counted, then those not in VRAM computed into host_out."""
+        n, store = self.n, self.store
+        ids = self.host_choice[:n].astype(np.int64).reshape(1, n)
+        w = self.host_choice[n:].view(np.float32).reshape(1, n)
+        store.count(self.layer, ids)
+        on_cpu = store.slots(self.layer)[ids] < 0
+        if on_cpu.any():
+            self.host_out[...] = store.cpu_part(self.host_x, ids, w, on_cpu, self.layer)
+        else:
+            self.host_out[...] = 0
+
+
 class _DecodeGraph:
-    """One sequence's decode step captured as a CUDA graph: token and position in device buffers,
-    every intermediate in a memory pool of its own (kept with the graph, so that nothing else is
+    """One sequence's decode step captured as CUDA graphs: token and position in device buffers,
+    every intermediate in a memory pool of its own (kept with the graphs, so that nothing else is
     ever placed where a replay writes), the logits and each layer's expert choices read back after
-    a replay."""
+    a replay. A step whose layers run experts on the CPU is a chain: a graph up to each such layer's
+    wait for the host, the host's part (cut), the next graph."""
 
     def __init__(self, backend, model, cache):
         import cupy
@@ -1337,14 +1437,23 @@ class _DecodeGraph:
         c = model.config
         self.ids = xp.zeros((c.n_layer, max(1, getattr(c, "n_expert_used", 0))), np.int32)  # each layer's choice
         self.moe_layers: list[int] = []
-        self.graph = None
+        self.graphs: list = []  # the chain's graphs, replayed in order
+        self.host_calls: list = []  # what the host runs after graph i
+        self.capturing = False
         self.logits = None
 
     def routed(self, layer: int):
         """The step's buffer (1, k) for a layer's expert ids, read after each replay."""
-        if self.graph is None:
+        if not self.graphs:
             self.moe_layers.append(layer)
         return self.ids[layer:layer + 1]
+
+    def cut(self, fn) -> None:
+        """While capturing: the graph so far ends here, fn runs on the host after its replay, and
+        the capture goes on into the next graph."""
+        self.graphs.append(self.stream.end_capture())
+        self.host_calls.append(fn)
+        self.stream.begin_capture()
 
     def _record(self, pos: int):
         """Run the step eagerly (warm-up), then under capture, with the input buffers as written."""
@@ -1356,15 +1465,17 @@ class _DecodeGraph:
                 self.stream.synchronize()
                 self.moe_layers = []  # the layers the captured step routes, not the warm-up's
                 self.stream.begin_capture()
+                self.capturing = True
                 try:
                     self.logits = self.model.step(self.tok, np.array([pos]), self.cache)
                 finally:
-                    self.graph = self.stream.end_capture()
+                    self.capturing = False
+                    self.graphs.append(self.stream.end_capture())
         finally:
             self.b._step = None
 
     def run(self, token: int, pos: int) -> np.ndarray:
-        if self.graph is None:
+        if not self.graphs:
             import cupyx
             self.inputs.set(np.array([token, pos], np.int32), stream=self.stream)
             self._record(pos)
@@ -1375,7 +1486,11 @@ class _DecodeGraph:
             self.host_ids = cupyx.empty_pinned(self.ids.shape, np.int32)
         self.host_inputs[0], self.host_inputs[1] = token, pos
         self.inputs.set(self.host_inputs, stream=self.stream)
-        self.graph.launch(self.stream)
+        for g, fn in zip(self.graphs, self.host_calls):
+            g.launch(self.stream)
+            self.stream.synchronize()
+            fn()
+        self.graphs[-1].launch(self.stream)
         self.logits.get(stream=self.stream, out=self.host_logits, blocking=False)
         store = getattr(self.model, "experts", None)
         counted = store is not None and self.moe_layers
