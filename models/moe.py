@@ -52,7 +52,8 @@ def route(logits: np.ndarray, cfg: RouterConfig, bias: np.ndarray | None = None)
     return ids, weights.astype(np.float32)
 
 
-def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, backend, lora=None) -> np.ndarray:
+def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, backend, lora=None,
+        count: bool = True) -> np.ndarray:
     """sum_i w_i * expert_i(x) for each token; x (T, D), ids/weights (T, k) -> (T, D).
 
     Tokens are grouped by expert so that each expert's weights are read once per call, with all
@@ -60,9 +61,11 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     tokens (a speculative step's verification) with every expert at hand go as (token, choice)
     pairs, each projection of all of them in one product; more (several sequences, prompts) as
     runs of (token, choice) pairs sorted by expert, each projection of every expert in one call. With `lora` (models/lora.py's LoraRows),
-    each (token, expert) pair adds its adapters' delta of that expert's gate, up and down.
+    each (token, expert) pair adds its adapters' delta of that expert's gate, up and down. `count`
+    False: the caller has counted the choices in the store's usage profile.
     """
-    store.count(layer, ids)  # every choice, before the experts are deduplicated
+    if count:
+        store.count(layer, ids)  # every choice, before the experts are deduplicated
     experts, inverse = np.unique(ids, return_inverse=True)
     inverse = inverse.reshape(ids.shape)
     groups = store.fetch_groups(layer, experts)

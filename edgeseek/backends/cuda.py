@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as Q
 
 from edgeseek.errors import EdgeseekError, UnsupportedError
 from edgeseek.models.common import ffn, plus
+from edgeseek.models import moe as moe_math
 from edgeseek.models.moe import route
 from edgeseek.placement import PREFILL_TILE
 
@@ -1352,8 +1353,11 @@ class TieredExperts:
         return self.cpu_store.take_counts()
 
     def cpu_part(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, mask: np.ndarray, layer: int) -> np.ndarray:
-        """sum over the masked (token, slot) pairs of weight * expert(x[token]), on the CPU -> (T, D)."""
-        from edgeseek.models.common import ffn
+        """sum over the masked (token, slot) pairs of weight * expert(x[token]), on the CPU -> (T, D)
+        (the pairs counted already: count)."""
+        if len(x) == 1:  # a decode step: the CPU path's own (two kernel calls for the token's experts)
+            keep = mask[0]
+            return moe_math.moe(x, ids[:, keep], weights[:, keep], self.cpu_store, layer, self.cpu, count=False)
         out = np.zeros_like(x)
         tok, which = np.nonzero(mask)
         experts = np.unique(ids[tok, which])
