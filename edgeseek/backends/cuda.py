@@ -662,7 +662,8 @@ class CUDABackend:
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None, shared=None, residual=None):
         """A decode step whose layer has every expert in VRAM routes on the device and runs the
         chosen experts as one launch per projection, the shared experts' products in the same
-        launches: nothing waits for the host. A prompt's layer with every expert in VRAM routes
+        launches: nothing waits for the host; a decode step whose layer has experts on the CPU
+        waits for the host once, between the two launches (_split_step). A prompt's layer with every expert in VRAM routes
         on the device, runs the shared experts while the choices cross, then the grouped
         products (_grouped_experts). Otherwise route on the host (a few dozen values), then the experts
         in VRAM (one launch per projection for a few tokens, grouped products for a prompt) while
