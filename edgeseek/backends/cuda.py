@@ -315,8 +315,7 @@ class Kernels:
 
     def scatter_add(self, out, rows, values) -> None:
         """out[rows[i]] += values[i] (rows may repeat)."""
-        import cupyx
-        cupyx.scatter_add(out, rows, values)
+        self.cp.add.at(out, rows, values)  # cupyx.scatter_add is deprecated for it
 
     def route(self, logits, bias, router, ids, w) -> None:
         """models/moe.route on the device: logits (T, E) -> ids (T, k) int32, w (T, k) float32."""
