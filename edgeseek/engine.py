@@ -251,10 +251,11 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
         used = 0  # not compiled for: the model's reading of the metadata says what is wrong with it
     heads = gguf.arch_meta("attention.head_count") \
         if gguf.arch == "deepseek2" and gguf.has("blk.0.attn_k_b.weight") and device == "cpu" else 0
-    many = (used, heads) if heads else (used,)  # matmul_many: a decode step's experts, MLA's heads
+    # matmul_many: a decode step's experts (gate and up in one call, then down), MLA's heads
+    many = (used, 2 * used, heads) if heads else (used, 2 * used)
     if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and used:  # MTP's verification: the
         # (token, expert) pairs and the (token, head) pairs of MLA's per-head products of 2-4 tokens
-        many += tuple(used * t for t in range(2, FEW_TOKENS + 1))
+        many += tuple(n * used * t for n in (1, 2) for t in range(2, FEW_TOKENS + 1))
         many += tuple(heads * t for t in range(2, FEW_TOKENS + 1) if 0 < heads * t <= MANY_PAIRS)
     kernels.prepare(cpu_types, many, notify=on_compile, extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
