@@ -740,8 +740,8 @@ class CUDABackend:
             s = self._splits[key] = _SplitLayer(self, store, layer, D, n)
         x = xp.ascontiguousarray(x, dtype=np.float32)
         self._route(x, router_weight, router, bias, s.ids, s.w)
-        self._to_host(x, s.host_x)
-        self._to_host(s.choice, s.host_choice)
+        self._copy(x, s.host_x, to_host=True)
+        self._copy(s.choice, s.host_choice, to_host=True)
         finish = None
         if s.table is not None:
             finish = self._routed_glu(x, s.table[s.ids].reshape(-1), n, store.device(layer), shared)
@@ -749,30 +749,25 @@ class CUDABackend:
         elif shared is not None:
             y_shared = self.ffn(x, *shared)  # overlaps the CPU's experts
         self._then_on_host(s.run)
-        self._to_device(s.host_out, s.out)
+        self._copy(s.out, s.host_out, to_host=False)
         if finish is not None:
             return finish(w_gpu, s.out, residual)
         return plus(s.out + y_shared if shared is not None else s.out, residual=residual)
 
-    def _to_host(self, a, host: np.ndarray) -> None:
-        """Queue a copy of device array a into page-locked host memory on the current stream."""
+    def _copy(self, a, host: np.ndarray, to_host: bool) -> None:
+        """Queue a copy on the current stream between device array a and page-locked host memory:
+        into host where to_host, else into a."""
         if self.xp is np:
-            host[...] = a.reshape(host.shape)
+            if to_host:
+                host[...] = a.reshape(host.shape)
+            else:
+                a[...] = host.reshape(a.shape)
             return
         import cupy
         rt = cupy.cuda.runtime
-        rt.memcpyAsync(host.ctypes.data, a.data.ptr, a.nbytes, rt.memcpyDeviceToHost,
-                       cupy.cuda.get_current_stream().ptr)
-
-    def _to_device(self, host: np.ndarray, a) -> None:
-        """Queue a copy of page-locked host memory into device array a on the current stream."""
-        if self.xp is np:
-            a[...] = host.reshape(a.shape)
-            return
-        import cupy
-        rt = cupy.cuda.runtime
-        rt.memcpyAsync(a.data.ptr, host.ctypes.data, a.nbytes, rt.memcpyHostToDevice,
-                       cupy.cuda.get_current_stream().ptr)
+        dst, src, kind = ((host.ctypes.data, a.data.ptr, rt.memcpyDeviceToHost) if to_host
+                          else (a.data.ptr, host.ctypes.data, rt.memcpyHostToDevice))
+        rt.memcpyAsync(dst, src, a.nbytes, kind, cupy.cuda.get_current_stream().ptr)
 
     def _then_on_host(self, fn) -> None:
         """Run fn on the host once the work queued so far is done: now, after a wait for the stream,
