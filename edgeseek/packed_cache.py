@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -55,7 +56,9 @@ class PackedFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.map = np.memmap(path, dtype=np.uint8, mode="c")
+        # a plain array over the mapping (it keeps the memmap as its base): views of it are made
+        # without numpy.memmap's per-view bookkeeping, thousands of them at every start
+        self.map = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)
         tail = bytes(self.map[-len(MAGIC) - 8:])
         if tail[8:] != MAGIC:
             raise ValueError(f"{path}: not a packed-weights cache (no end marker)")
@@ -85,7 +88,7 @@ class PackedFile:
 
     def _array(self, f: dict) -> np.ndarray:
         dtype, shape, off = np.dtype(f["dtype"]), tuple(f["shape"]), f["offset"]
-        n = int(np.prod(shape)) * dtype.itemsize
+        n = math.prod(shape) * dtype.itemsize
         return self.map[off:off + n].view(dtype).reshape(shape)
 
 

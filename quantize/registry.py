@@ -301,7 +301,9 @@ class QuantFormat:
 
 
 def get_format(qtype) -> QuantFormat:
-    fmt = FORMATS.get(GGMLQuantizationType(qtype))
+    fmt = FORMATS.get(qtype)  # an int or the enum member: the same key (thousands of calls a load)
+    if fmt is None:
+        fmt = FORMATS.get(GGMLQuantizationType(qtype))
     if fmt is None:
         raise UnsupportedError(
             f"quant type {GGMLQuantizationType(qtype).name} is not supported; supported: "
