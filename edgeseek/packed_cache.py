@@ -164,6 +164,7 @@ def matrices(model):
     if isinstance(model.output, QMatrix):
         yield model.output.name, model.output, None
     store = getattr(model, "experts", None)
+    store = getattr(store, "cpu_store", store)  # a GPU model's CPU tier
     if isinstance(store, MmapExpertStore):
         for layer in store.tensors:
             for triple in store.experts(layer, np.arange(store.n_expert)):
@@ -171,14 +172,17 @@ def matrices(model):
                     yield m.name, m, None
 
 
-def attach(model, gguf, notify=None) -> str | None:
+def attach(model, gguf, notify=None, build: bool = True) -> str | None:
     """Point every weight of `model` at its layout in the cache, building the cache first where there
-    is none or it is stale; -> a note for the user where it could not be written, else None."""
+    is none or it is stale (with `build`; else, as for a GPU model's CPU tier, only a cache an
+    earlier load built is used); -> a note for the user where it could not be written, else None."""
     size = gguf.path.stat().st_size
     if not enabled() or size < MIN_FILE:
         return None
     path = path_for(gguf)
     pf = PackedFile.open(path)
+    if pf is None and not build:
+        return None
     if pf is None:
         if notify is not None:
             notify(f"packing weights for this CPU into {path.parent} (first run only)")

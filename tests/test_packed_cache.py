@@ -106,3 +106,27 @@ def test_the_key_follows_the_file_and_the_kernels(model):
     assert a == packed_cache.path_for(GGUFFile(model))
     layout = f"_l{packed_cache.LAYOUT}.pack"  # a new layout version: a new key, the old file stale
     assert a.name.startswith("model-") and a.name.endswith((f"-vnni{layout}", f"-portable{layout}"))
+
+
+def test_a_gpu_models_cpu_experts_come_from_a_cache_a_cpu_load_built(model, tmp_path):
+    """Routed experts left to the CPU by a VRAM budget read their layouts from the cache an earlier CPU
+    load built (no packing at their first tokens); a GPU load never builds one itself."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cuda_emulation import EmulatedCUDABackend
+    from edgeseek.placement import plan_gpu
+    plan = plan_gpu(GGUFFile(model), 1 << 40, 32)
+    budget = plan.used - plan.expert_bytes  # every routed expert on the CPU
+    gpu = edgeseek.load(model, n_ctx=32, backend=EmulatedCUDABackend(), gpu_budget=budget)
+    assert caches(tmp_path) == []
+    assert all(m._packed is None for tr in _cpu_experts(gpu) for m in tr)
+    logits(model)  # a CPU load builds the cache
+    gpu = edgeseek.load(model, n_ctx=32, backend=EmulatedCUDABackend(), gpu_budget=budget)
+    experts = list(_cpu_experts(gpu))
+    assert experts and all(_mapped(m._packed[0]) for tr in experts for m in tr)
+
+
+def _cpu_experts(engine):
+    store = engine.model.experts.cpu_store
+    for layer in store.tensors:
+        yield from store.experts(layer, np.arange(store.n_expert))
