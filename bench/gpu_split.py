@@ -65,7 +65,8 @@ def main():
             store.cpu.experts_rows(x, triples, np.zeros(k, np.int64))
             read += sum(m.nbytes for tr in triples for m in tr)
         dt = time.perf_counter() - t
-        print(f"the CPU's experts alone: {k} a layer x {len(layers)} layers {dt * 1e3:.2f} ms ({read / dt / 1e9:.1f} GB/s)")
+        print(f"the CPU's experts alone: {k} a layer x {len(layers)} layers {dt * 1e3:.2f} ms "
+              f"({read / dt / 1e9:.1f} GB/s)")
 
     prof = cProfile.Profile()
     prof.enable()

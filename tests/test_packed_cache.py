@@ -111,8 +111,6 @@ def test_the_key_follows_the_file_and_the_kernels(model):
 def test_a_gpu_models_cpu_experts_come_from_a_cache_a_cpu_load_built(model, tmp_path):
     """Routed experts left to the CPU by a VRAM budget read their layouts from the cache an earlier CPU
     load built (no packing at their first tokens); a GPU load never builds one itself."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
     from cuda_emulation import EmulatedCUDABackend
     from edgeseek.placement import plan_gpu
     plan = plan_gpu(GGUFFile(model), 1 << 40, 32)

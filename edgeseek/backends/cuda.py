@@ -662,9 +662,9 @@ class CUDABackend:
         """A decode step whose layer has every expert in VRAM routes on the device and runs the
         chosen experts as one launch per projection, the shared experts' products in the same
         launches: nothing waits for the host; a decode step whose layer has experts on the CPU
-        waits for the host once, between the two launches (_split_step). A prompt's layer with every expert in VRAM routes
-        on the device, runs the shared experts while the choices cross, then the grouped
-        products (_grouped_experts). Otherwise route on the host (a few dozen values), then the experts
+        waits for the host once, between the two launches (_split_step). A prompt's layer with
+        every expert in VRAM routes on the device, runs the shared experts while the choices
+        cross, then the grouped products (_grouped_experts). Otherwise route on the host (a few dozen values), then the experts
         in VRAM (one launch per projection for a few tokens, grouped products for a prompt) while
         the experts left on the CPU run there on the host copy of x; the shared experts after them."""
         xp, k = self.xp, self.kernels
@@ -1448,9 +1448,9 @@ class _DecodeGraph:
         self.logits = None
 
     def routed(self, layer: int):
-        """The step's buffer (1, k) for a layer's expert ids, read after each replay."""
-        if not self.graphs:
-            self.moe_layers.append(layer)
+        """The step's buffer (1, k) for a layer's expert ids, read after each replay (asked for only
+        while the step is recorded)."""
+        self.moe_layers.append(layer)
         return self.ids[layer:layer + 1]
 
     def cut(self, fn) -> None:
