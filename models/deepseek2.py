@@ -264,20 +264,40 @@ class DeepSeek2Model(DecoderModel):
 
     def mtp_step(self, hidden, next_ids, pos: np.ndarray, cache):
         """The MTP block over rows i of `hidden` (main hidden states, (T, D), backend arrays) with the
-        tokens that follow them (`next_ids`, backend ids), at positions pos -> (logits (1, V) of the
-        last row on the host: the next draft; the block's output (T, D), to draft further with the
-        same module). Every row writes the block's cache entry at its position."""
+        tokens that follow them (`next_ids`, backend ids), at consecutive positions pos -> (logits
+        (1, V) of the last row on the host: the next draft; the block's output for that row (1, D),
+        to draft further with the same module). Every row writes the block's cache entry at its
+        position.
+
+        The block is one layer, so a row's cache entry comes from its input alone (the latent and
+        k_pe of its normed input) and no later row reads a row's output: the rows before the last
+        (a verification's accepted drafts, a prompt's catch-up) write their entries and stop there;
+        only the last runs attention, the feed-forward and the head."""
         M, c, b = self.mtp, self.config, self.backend
         eps = c.rms_eps
         self.assign_lora([cache], [len(pos)])
         e = b.rms_norm(M.embed(next_ids), M.enorm, eps)
         h = b.rms_norm(hidden, M.hnorm, eps)
         x = M.eh_proj(b.xp.concatenate([e, h], axis=1))
-        pos_x = b.positions(pos)
         i = c.n_layer
+        if len(pos) > 1:  # (a sequence's adapters apply to every row alike: the rows reassigned)
+            self.assign_lora([cache], [len(pos) - 1])
+            self._entries_only(M, b.rms_norm(x[:-1], M.attn_norm, eps), cache, i, pos[:-1])
+            x, pos = x[-1:], pos[-1:]
+            self.assign_lora([cache], [1])
+        pos_x = b.positions(pos)
         x = self.attention(M, b.rms_norm(x, M.attn_norm, eps), cache, i, pos, pos_x, residual=x)
         x = self.feed_forward(M, b.rms_norm(x, M.ffn_norm, eps), i, residual=x)
         return b.host(M.head(b.rms_norm(x[-1:], M.head_norm, eps))), x
+
+    def _entries_only(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> None:
+        """Rows h (normed layer input) at consecutive positions pos: their cache entries of layer i
+        stored, nothing attended."""
+        c = self.config
+        kv = self.backend.linear(L.attn_kv_a_mqa, h)  # (T, C + R)
+        pos_x = self.backend.positions(pos)
+        lat = self.backend.rms_norm(kv[:, :c.kv_lora_rank], L.attn_kv_a_norm, c.rms_eps)
+        _store(cache, i, int(pos[0]), int(pos[-1]) + 1, lat, self.rope(kv[:, None, c.kv_lora_rank:], pos_x)[:, 0])
 
     def _queries(self, L: Layer, h: np.ndarray, absorb: bool = True):
         """Rows of h -> q (T, H, N + R) (each head: [nope N | rope R]), its absorbed part q_lat
@@ -377,14 +397,19 @@ class DeepSeek2Model(DecoderModel):
 
     def _attend_few(self, q_lat, q_pe, lat, k_pe, cache: LatentCache, i: int, pos: np.ndarray, pos_x):
         """A decode step (one token), or on the host a few (a speculative verification, a batch row):
-        the backend's one-token kernels, token after token (each writes its cache entry, then attends
-        up to it); None where they do not apply."""
+        the backend's one-token kernels, every token in one call as a batch's rows over one cache
+        (each writes its cache entry and attends up to it), else token after token; None where they
+        do not apply."""
         T = len(pos)
         if T == 1:
             return self.backend.latent_decode(q_lat[0], q_pe[0], lat, k_pe, cache.c[i], cache.k_pe[i], pos_x,
                                               self.config.kq_scale)
         if T > FEW_TOKENS or self.backend.xp is not np:
             return None
+        o = self.backend.latent_decode_rows(q_lat, q_pe, lat, k_pe, [cache.c[i]] * T, [cache.k_pe[i]] * T, pos,
+                                            self.config.kq_scale)  # every token in one call, as a batch's rows
+        if o is not None:
+            return o
         outs = []
         for t in range(T):
             o = self.backend.latent_decode(q_lat[t], q_pe[t], lat[t:t + 1], k_pe[t:t + 1], cache.c[i], cache.k_pe[i],

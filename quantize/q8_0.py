@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from . import activations, tiles
 from .activations import x16
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
+from .simd import add_f, at_address, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -100,6 +100,23 @@ def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
 
 
 @njit(parallel=True, cache=True)
+def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
+    # Matrix j (its qs and d arrays at addresses at[j, 0], at[j, 1], laid out as _tile_vnni reads
+    # them) times activation rows spans[j, 0]..spans[j, 1]-1 -> rows spans[j, 2].. of y
+    # (R, nt * TILE), zeroed: a feed-forward's gate and up for a few rows (a verification's), a
+    # layer's routed experts each with the rows routed to it. Row by row with the sums in registers:
+    # the bytes need no unpacking, so nothing is shared between a run's rows.
+    N = y.shape[1]
+    for job in prange(at.shape[0] * nt):  # tile-major: the threads' shares match, however the runs differ
+        j, t = job % at.shape[0], job // at.shape[0]
+        qs = carray(at_address(at[j, 0]), (nt, nb, 8, tiles.TILE), np.uint32)
+        d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.float32)
+        r0, r1, yo = spans[j, 0], spans[j, 1], spans[j, 2] * N + t * tiles.TILE
+        for k in range(r0, r1):
+            _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N)
+
+
+@njit(parallel=True, cache=True)
 def _dequantize(blocks, d, out):
     # blocks (n, 34) uint8, d (n,) float32 -> out (n, 32)
     for i in prange(blocks.shape[0]):
@@ -149,7 +166,8 @@ def _pack_words(b):
 class Q8_0(QuantFormat):
     qtype = GGMLQuantizationType.Q8_0
     portable = TileKernels(_pack, (), activations.ints, _matmul)
-    vnni = TileKernels(_pack_words, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
+    vnni = TileKernels(_pack_words, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many,
+                       groups_kernel=_matmul_vnni_groups)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

@@ -45,6 +45,10 @@ class Kernels(Protocol):
     def matvecs(self, packeds: list, x: np.ndarray) -> list:
         """Several matrices times one x (K,) -> [(N_i,), ...], x's activations made once."""
 
+    def matmuls(self, packeds: list, x: np.ndarray) -> list:
+        """Optional. Several matrices times the same x (T, K) -> [(T, N_i), ...], x's activations
+        made once."""
+
     def matmul_many(self, packeds: list, x: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
         """Matrix j times activation row rows[j] of x (R, K) -> (len(packeds), N); None where the
         set has no such kernel."""
@@ -117,6 +121,15 @@ class TileKernels:
             y = np.empty((p.d.shape[0], *rows, p.d.shape[2]), np.float32)  # (n_tiles, [1,] tile)
             kernel(*self._weights(p), *a, y)
             ys.append(y.reshape(-1)[:p.n])
+        return ys
+
+    def matmuls(self, ps, x):
+        a = self.activations(x)  # x's activations made once for every matrix
+        ys = []
+        for p in ps:
+            y = np.empty((p.d.shape[0], len(x), p.d.shape[2]), np.float32)
+            self.matmul_kernel(*self._weights(p), *a, y)
+            ys.append(y.transpose(1, 0, 2).reshape(len(x), -1)[:, :p.n])
         return ys
 
     @staticmethod
@@ -237,6 +250,13 @@ class QuantFormat:
         """Several matrices of this format times one activation vector x (K,) (a layer's q, k
         and v; a feed-forward's gate and up) -> [(N_i,), ...]: x quantized once for all of them."""
         return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"))
+
+    def matmuls(self, packeds: list, x: np.ndarray) -> list:
+        """Several matrices of this format times the same rows x (T, K) (a few tokens' q and kv)
+        -> [(T, N_i), ...]: x quantized once for all of them."""
+        x = self._activations(packeds[0], x, 2, "matmul")
+        many = getattr(self.kernels, "matmuls", None)
+        return many(packeds, x) if many is not None else [self.kernels.matmul(p, x) for p in packeds]
 
     def matmul_many(self, packeds: list, x: np.ndarray, rows) -> np.ndarray | None:
         """Several matrices of one shape at once (a layer's routed experts for one token): matrix j

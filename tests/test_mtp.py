@@ -48,6 +48,30 @@ def test_the_main_model_leaves_the_mtp_block_out(mtp_file):
     assert np.array_equal(a, b)
 
 
+def test_the_block_over_several_rows_drafts_as_row_by_row(mtp_file):
+    """The MTP block over several rows (a verification's accepted drafts, a prompt's catch-up) runs
+    only the last one through attention, the feed-forward and the head, the others writing their
+    cache entries: its logits, output and every entry are those of the rows one at a time."""
+    e = edgeseek.load(mtp_file, mtp=1)
+    m = e.model
+    rng = np.random.default_rng(3)
+    hidden = rng.standard_normal((6, m.config.n_embd)).astype(np.float32)
+    ids, pos = np.array([11, 40, 7, 99, 3, 58]), np.arange(len(PROMPT), len(PROMPT) + 6)
+    caches = [m.new_cache(), m.new_cache()]
+    for c in caches:
+        m.forward(np.array(PROMPT), c)
+    q_all, g_all = m.mtp_step(hidden, ids, pos, caches[0])
+    for t in range(6):
+        q_one, g_one = m.mtp_step(hidden[t:t + 1], ids[t:t + 1], pos[t:t + 1], caches[1])
+    L, end = m.config.n_layer, pos[-1] + 1
+    np.testing.assert_allclose(caches[0].c[L, :end], caches[1].c[L, :end], atol=1e-3)  # float16 entries
+    np.testing.assert_allclose(caches[0].k_pe[L, :end], caches[1].k_pe[L, :end], atol=1e-3)
+    assert g_all.shape == g_one.shape == (1, m.config.n_embd)
+    np.testing.assert_allclose(g_all, g_one, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(q_all, q_one, atol=1e-4 * float(np.ptp(q_one)))
+    assert int(np.argmax(q_all)) == int(np.argmax(q_one))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_output_equals_decoding_without_mtp(mtp_file, k):
     plain = tokens(edgeseek.load(mtp_file, mtp="off"))

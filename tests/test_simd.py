@@ -121,7 +121,8 @@ def test_matmul_many_rows_equal_matvec(kind, shape):
 @pytest.mark.parametrize("kind", [q.name for q in FORMATS])
 def test_one_vector_through_several_matrices_equals_each_alone(kind):
     """matvecs (a layer's q, k, v; gate and up) quantizes the activation once: every matrix's
-    product bit for bit as its own matvec, matrices of different heights."""
+    product bit for bit as its own matvec, matrices of different heights; matmuls does the same
+    for a few rows (a verification's tokens) against each matrix's matmul."""
     fmt = get_format(T[kind])
     k = 256
     rng = np.random.default_rng(7)
@@ -131,13 +132,18 @@ def test_one_vector_through_several_matrices_equals_each_alone(kind):
     got = fmt.matvecs(packs, x)
     for g, p in zip(got, packs):
         np.testing.assert_array_equal(g, fmt.matvec(p, x))
+    rows = rng.standard_normal((3, k)).astype(np.float32)
+    for g, p in zip(fmt.matmuls(packs, rows), packs):
+        np.testing.assert_array_equal(g, fmt.matmul(p, rows))
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "F32"])
 @pytest.mark.parametrize("heights", [(48, 16, 80), (64, 64)])
-def test_backend_linears_equal_each_product(kind, heights):
-    """backend.linears of one token (a layer's q, k and v; gate and up), each bit for bit its own
-    product, whatever the kernel set (VNNI sets run the matmul kernel on one row)."""
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_backend_linears_equal_each_product(kind, heights, tokens):
+    """backend.linears of one token or a verification's few (a layer's q, k and v; gate and up),
+    each bit for bit its own product, whatever the kernel set (VNNI sets run the matmul kernel on
+    one row)."""
     from edgeseek.backends.cpu import CPUBackend
     from edgeseek.quantize import QMatrix
     fmt = get_format(T[kind])
@@ -145,7 +151,7 @@ def test_backend_linears_equal_each_product(kind, heights):
     rng = np.random.default_rng(8)
     ws = [QMatrix(T[kind], fmt.quantize(rng.standard_normal((n, k)).astype(np.float32)).reshape(n, -1), (n, k))
           for n in heights]
-    x = rng.standard_normal((1, k)).astype(np.float32)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
     for g, w in zip(CPUBackend().linears(ws, x), ws):
         np.testing.assert_array_equal(g, w(x))
 
@@ -173,11 +179,12 @@ def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):
     np.testing.assert_array_equal(one_call, by_expert_portable)
 
 
-def test_matmul_groups_rows_equal_matmul():
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0])
+def test_matmul_groups_rows_equal_matmul(qtype):
     """Matrices each times its run of rows in one kernel call (several sequences' routed experts; gate
     and up of them together, written to two halves of the result) give, row for row, what each
     matrix's matmul gives, VNNI or portable; rows no run writes stay zero."""
-    fmt = get_format(T.Q4_0)
+    fmt = get_format(qtype)
     vnni, portable = fmt.with_kernels("vnni"), fmt.with_kernels("portable")
     rng = np.random.default_rng(6)
     shape = (200, 256)  # a last tile padded with zero rows

@@ -598,9 +598,10 @@ class CPUBackend:
     def linears(self, ws, x):
         """One token through several matrices of one format and width: its 8-bit activations made
         once (three per layer otherwise for q, k and v, two for gate and up)."""
-        if len(x) == 1 and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
-            # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
-            return [y[None] for y in ws[0].fmt.matvecs([w.packed for w in ws], x[0])]
+        if len(x) <= FEW_TOKENS and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
+            if len(x) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
+                return [y[None] for y in ws[0].fmt.matvecs([w.packed for w in ws], x[0])]
+            return ws[0].fmt.matmuls([w.packed for w in ws], x)  # a verification's few tokens
         return [w(x) for w in ws]
 
     def ffn(self, x, gate, up, down, add=None, residual=None):
@@ -663,3 +664,5 @@ class CPUBackend:
         c, k = np.zeros((4, 16), np.float16), np.zeros((4, 16), np.float16)  # a latent cache of 4 positions
         q = np.zeros((2, 16), np.float32)
         self.latent_decode(q, q, q[:1], q[:1], c, k, np.array([1]), 0.5)
+        rows = np.zeros((2, 2, 16), np.float32)  # two rows (a batch's sequences, a verification's tokens)
+        self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)
