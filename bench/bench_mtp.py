@@ -4,13 +4,14 @@ gives on a model with a trained MTP layer.
     python bench/bench_mtp.py [--cost FILE] [--model FILE_WITH_MTP] [--device cpu] [--out bench/results/mtp.json]
 
 --cost (default: bench/make_v2lite.py's Q4_0 file; random weights, so acceptance means nothing
-there): the time of a main-model forward over 1, 2, 3, 4 positions after a 64-token prompt, and
-of the MTP block's share (one MoE layer, measured as a step's per-layer mean, and the output head);
-from those, the speedup that acceptance a (DeepSeek reports 0.85-0.9 for its second token) gives
-with k drafts: tokens per step sum(a^j, j=0..k) over the step's cost (the verification, the
-catch-up over the step's tokens, k-1 further drafts) in units of a plain step. --model: greedy decode with MTP off and
-with k = 1, 2, 3 on five prompts; tokens/s, acceptance, tokens per step, and the measured speedup
-next to the one the cost model predicts from the measured acceptance.
+there): the time of a main-model forward over 1, 2, 3, 4 positions after a 64-token prompt, and of
+the MTP block over one row and two (measured where the file has an MTP layer, else estimated as one
+MoE layer and the output head); from those, the speedup that acceptance a (DeepSeek reports
+0.85-0.9 for its second token) gives with k drafts: tokens per step sum(a^j, j=0..k) over the
+step's cost (the verification, the catch-up over the step's tokens, k-1 further drafts) in units of
+a plain step. --model: greedy decode with MTP off and with k = 1, 2, 3 on five prompts; tokens/s,
+acceptance, tokens per step, and, where --cost is the same file, the speedup the cost model
+predicts from the measured tokens per step next to the measured one.
 """
 from __future__ import annotations
 
@@ -36,10 +37,14 @@ def timed(fn, n: int) -> float:
 
 
 def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) -> dict:
-    """Seconds of a forward over T = 1..4 new positions at the same context length, and the
-    MTP block's share estimated from one layer and the head."""
+    """Seconds of a forward over T = 1..4 new positions at the same context length, and of the
+    MTP block over one row and two (a step's catch-up after a rejected draft or an accepted one):
+    measured where the file has an MTP layer, else estimated as one MoE layer (a step's per-layer
+    mean) and the output head."""
     import edgeseek
-    engine = edgeseek.load(path, n_ctx=256, device=device, mtp="off", ram_budget=ram_budget)
+    from edgeseek.gguf_file import GGUFFile
+    has_mtp = bool(GGUFFile(path).arch_meta("nextn_predict_layers", 0))
+    engine = edgeseek.load(path, n_ctx=256, device=device, mtp=1 if has_mtp else "off", ram_budget=ram_budget)
     model = engine.model
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, model.config.vocab_size, 64).astype(np.int32)
@@ -54,21 +59,35 @@ def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) 
             cache.truncate(64)
         run()  # warm: the experts these tokens route to are packed
         out[T] = timed(run, repeats)
-    h = model.backend.xp.asarray(np.ones((1, model.config.n_embd), np.float32))
+    xp = model.backend.xp
+    h = xp.asarray(np.ones((1, model.config.n_embd), np.float32))
     head = timed(lambda: model.backend.host(model.output(h)), repeats)
     layer = (out[1] - head) / model.config.n_layer
-    return {"forward_s": out, "head_s": head, "layer_s": layer, "mtp_block_s": layer + head,
+    if has_mtp:
+        hidden = xp.asarray(rng.standard_normal((2, model.config.n_embd)).astype(np.float32))
+        ids = model.backend.tokens(rng.integers(100, model.config.vocab_size, 2))
+        mtp = {T: timed(lambda: model.mtp_step(hidden[:T], ids[:T], np.arange(64, 64 + T), cache), repeats)
+               for T in (1, 2)}
+    else:
+        mtp = {1: layer + head, 2: layer + head}
+    return {"forward_s": out, "head_s": head, "layer_s": layer, "mtp_block_s": mtp, "mtp_measured": has_mtp,
             "n_layer": model.config.n_layer}
 
 
-def predicted_speedup(c: dict, a: float, k: int) -> float:
+def predicted_speedup(c: dict, tokens: float, k: int) -> float:
     """Tokens per step over the step's cost in plain steps. A step: the verification over k+1
-    positions; the catch-up, the block's layer over the step's tokens (accepted drafts + 1) and the
-    head once (its last row is the next first draft); k-1 more drafts, layer and head each."""
-    f, layer, head = c["forward_s"], c["layer_s"], c["head_s"]
-    tokens = sum(a ** j for j in range(k + 1))
-    step = f[min(k + 1, 4)] + tokens * layer + head + (k - 1) * (layer + head)
+    positions; the catch-up, the block over the step's tokens (accepted drafts + 1; the rows before
+    the last write their cache entries only: one row's cost and a share of the second's), whose
+    last row is the next first draft; k-1 more drafts, one row each."""
+    f, m = c["forward_s"], c["mtp_block_s"]
+    catch_up = m[1] + (m[2] - m[1]) * (tokens - 1)
+    step = f[min(k + 1, 4)] + catch_up + (k - 1) * m[1]
     return tokens * f[1] / step
+
+
+def at_acceptance(a: float, k: int) -> float:
+    """Tokens per step when each draft is accepted with probability a (given the ones before)."""
+    return sum(a ** j for j in range(k + 1))
 
 
 PROMPTS = ["Tell me about the history of the printing press.", "Explain photosynthesis to a child.",
@@ -120,22 +139,28 @@ def main():
     result = {"device": a.device, "ram_budget": a.ram_budget}
     if a.cost and a.cost.exists():
         c = costs(a.cost, a.device, a.repeats, a.ram_budget)
-        c["predicted_speedup"] = {f"a={acc}": {f"k={k}": round(predicted_speedup(c, acc, k), 3) for k in (1, 2, 3)}
-                                  for acc in (0.5, 0.7, 0.85, 0.9)}
+        c["predicted_speedup"] = {f"a={acc}": {f"k={k}": round(predicted_speedup(c, at_acceptance(acc, k), k), 3)
+                                               for k in (1, 2, 3)} for acc in (0.5, 0.7, 0.85, 0.9)}
         result["cost"] = {"file": a.cost.name, **c}
         f = c["forward_s"]
         print(f"{a.cost.name}: forward over 1/2/3/4 positions {f[1] * 1e3:.1f} / {f[2] * 1e3:.1f} / "
               f"{f[3] * 1e3:.1f} / {f[4] * 1e3:.1f} ms (x{f[2] / f[1]:.2f} / x{f[3] / f[1]:.2f} / x{f[4] / f[1]:.2f});"
-              f" MTP block ~{c['mtp_block_s'] * 1e3:.1f} ms (head {c['head_s'] * 1e3:.1f} ms)")
+              f" MTP block over 1 / 2 rows {c['mtp_block_s'][1] * 1e3:.2f} / {c['mtp_block_s'][2] * 1e3:.2f} ms"
+              f" ({'measured' if c['mtp_measured'] else 'estimated'}; head {c['head_s'] * 1e3:.2f} ms)")
         for acc, row in c["predicted_speedup"].items():
             print(f"  predicted speedup at {acc}: " + ", ".join(f"{k} {v:.2f}x" for k, v in row.items()))
     if a.model:
         rows = with_model(a.model, a.device, a.decode, a.runs)
         result["model"] = {"file": a.model.name, "runs": rows}
         base = rows["off"]["decode_tps"]
+        same = "cost" in result and result["cost"]["file"] == a.model.name
         for mode, r in rows.items():
-            print(f"  mtp {mode}: {r['decode_tps']} tok/s ({r['decode_tps'] / base:.2f}x), "
-                  f"acceptance {r.get('mtp_acceptance')}, tokens/step {r.get('mtp_tokens_per_step')}")
+            r["speedup"] = round(r["decode_tps"] / base, 3)
+            if same and mode != "off":  # what the cost model predicts from the measured tokens per step
+                r["predicted_speedup"] = round(predicted_speedup(result["cost"], r["mtp_tokens_per_step"], int(mode)), 3)
+            print(f"  mtp {mode}: {r['decode_tps']} tok/s ({r['speedup']:.2f}x"
+                  + (f", predicted {r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "")
+                  + f"), acceptance {r.get('mtp_acceptance')}, tokens/step {r.get('mtp_tokens_per_step')}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
 

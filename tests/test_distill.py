@@ -5,6 +5,7 @@ tokenizer; edgeseek converts the export with --keep-mtp and decodes it with MTP 
 equal to MTP off."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,30 @@ def test_the_pipeline_at_its_tiny_size(smollm2_path, tmp_path):
         edgeseek.generate(off, prompt, max_tokens=12, sampler=greedy)
     teacher = edgeseek.load(smollm2_path)
     assert on.tokenizer.encode("Hello 123 <|im_start|>") == teacher.tokenizer.encode("Hello 123 <|im_start|>")
+
+    # train/tune_mtp.py on the student: its own replies, the block in PyTorch checked against
+    # edgeseek's before training, the tuned block written back with every other tensor unchanged
+    tune_run = tmp_path / "tune"
+
+    def tune(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "train" / "tune_mtp.py"), *args, "--out", str(tune_run)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    assert "6 sequences" in tune("data", str(gguf), "--prompts", "6", "--reply", "8", "--parallel", "3")
+    out = tune("train", str(gguf), "--minutes", "0.05", "--batch", "2")
+    gap = float(re.search(r"logit difference\| ([0-9.e+-]+)", out).group(1))
+    assert gap < 1e-2  # F32 weights; edgeseek's cache is float16
+    tuned = tmp_path / "tuned.gguf"
+    tune("write", str(gguf), str(tuned))
+    from gguf import GGUFReader
+    before = {t.name: t for t in GGUFReader(gguf).tensors}
+    after = {t.name: t for t in GGUFReader(tuned).tensors}
+    assert list(before) == list(after)
+    block = f"blk.{on.model.config.n_layer}."
+    changed = {n for n in before if not np.array_equal(before[n].data, after[n].data)}
+    assert changed and all(n.startswith(block) for n in changed)
+    tuned_on = edgeseek.load(tuned, mtp=1)
+    assert edgeseek.generate(tuned_on, prompt, max_tokens=12, sampler=greedy) == \
+        edgeseek.generate(off, prompt, max_tokens=12, sampler=greedy)

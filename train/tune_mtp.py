@@ -113,7 +113,7 @@ def read_block(path: Path):
 
     def arr(name):
         x = t[name]
-        return np.ascontiguousarray(quants.dequantize(x.data, x.tensor_type).reshape(
+        return np.array(quants.dequantize(x.data, x.tensor_type).reshape(  # a copy: F32 comes as the file's mmap
             tuple(int(d) for d in reversed(x.shape))), dtype=np.float32)
     weights = {n: arr(f"blk.{L}.{n}") for n in BLOCK}
     head = "output.weight" if "output.weight" in t else "token_embd.weight"
@@ -138,10 +138,11 @@ def torch_block(cfg, weights: dict, embed: np.ndarray, head: np.ndarray):
             self.w = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.from_numpy(v.copy()))
                                        for n, v in weights.items() if n not in FIXED})
             self.register_buffer("bias", torch.from_numpy(weights["exp_probs_b.bias"].copy()))
-            self.register_buffer("embed", torch.from_numpy(embed))
-            self.register_buffer("head", torch.from_numpy(head))
+            # the main model's (frozen, not saved with the block)
+            self.register_buffer("embed", torch.from_numpy(embed), persistent=False)
+            self.register_buffer("head", torch.from_numpy(head), persistent=False)
             inv = torch.from_numpy(rope_freqs(R, cfg.rope_base))  # llama.cpp's "norm" rope: adjacent pairs
-            self.register_buffer("inv", inv)
+            self.register_buffer("inv", inv, persistent=False)
 
         def p(self, name):
             return self.w[name.replace(".", "_")]
