@@ -43,7 +43,8 @@ class ExpertStore:
 
     def count(self, layer: int, ids: np.ndarray) -> None:
         """The router's choices of one layer, (T, k) expert ids, for the usage profile."""
-        np.add.at(self.counts[layer], np.asarray(ids).reshape(-1), 1)
+        self.counts[layer] += np.bincount(np.asarray(ids).reshape(-1), minlength=len(self.counts[layer])) \
+            .astype(self.counts.dtype, copy=False)  # (np.add.at: several times the cost on a decode step's few)
 
     def take_counts(self) -> np.ndarray:
         """The counts since the last call, and reset them."""

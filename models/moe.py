@@ -44,7 +44,7 @@ def route(logits: np.ndarray, cfg: RouterConfig, bias: np.ndarray | None = None)
         masked[rows, keep] = groups[rows, keep]
         select = masked.reshape(T, E)
     ids = np.argsort(-select, axis=-1, kind="stable")[:, : cfg.n_used]  # (T, k)
-    weights = np.take_along_axis(probs, ids, axis=-1)
+    weights = probs[np.arange(T)[:, None], ids]  # (T, k): take_along_axis's values, at a third of its cost
     if cfg.norm_weights:
         weights = weights / np.maximum(weights.sum(-1, keepdims=True), 6.103515625e-5)
     if cfg.scale not in (0.0, 1.0):
@@ -66,8 +66,13 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     """
     if count:
         store.count(layer, ids)  # every choice, before the experts are deduplicated
-    experts, inverse = np.unique(ids, return_inverse=True)
-    inverse = inverse.reshape(ids.shape)
+    if len(ids) == 1:  # one token's choices are distinct: unique's sort without its bookkeeping
+        order = np.argsort(ids[0], kind="stable")
+        experts, inverse = ids[0][order], np.empty((1, ids.shape[1]), np.int64)
+        inverse[0, order] = np.arange(ids.shape[1])
+    else:
+        experts, inverse = np.unique(ids, return_inverse=True)
+        inverse = inverse.reshape(ids.shape)
     groups = store.fetch_groups(layer, experts)
     if 1 < len(x) <= FEW_TOKENS:
         groups = list(groups)
@@ -106,10 +111,8 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
                 slot = np.argsort(inverse[0])  # the router's slot of each expert (distinct in one row)
                 order = np.argsort(js)
                 ys = ys[order] * weights[0, slot[js[order]]][:, None]
-                out = np.zeros_like(x)
-                for y in ys:  # summed in expert order, as below
-                    out[0] += y
-                return out
+                # summed in expert order, as below: a reduction over rows adds them one after another
+                return np.add.reduce(ys, axis=0, keepdims=True, initial=0.0).astype(x.dtype, copy=False)
     parts = [None] * len(experts)
     for group in groups:
         one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each

@@ -81,13 +81,57 @@ def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
     store_f(y, yo + 48, a3)
 
 
+@njit(cache=True, inline="always")
+def _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo, stride):
+    # _tile_vnni for activation rows k and k + 1 into y.flat[yo ...] and y.flat[yo + stride ...]: each
+    # weight word loaded once for both rows (a verification's two tokens through the output head);
+    # per row the same int32 sums and float32 steps as _tile_vnni, so the same results.
+    nb = qs.shape[1]
+    a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
+    b0, b1, b2, b3 = zero_f(), zero_f(), zero_f(), zero_f()
+    for b in range(nb):
+        s0 = splat_i(np.int32(-128) * xsum[k, b])
+        s1, s2, s3 = s0, s0, s0
+        r0 = splat_i(np.int32(-128) * xsum[k + 1, b])
+        r1, r2, r3 = r0, r0, r0
+        for g in range(8):
+            x = splat_i(xw[k, 8 * b + g])
+            z = splat_i(xw[k + 1, 8 * b + g])
+            o = ((t * nb + b) * 8 + g) * tiles.TILE
+            w0, w1, w2, w3 = load_i(qs, o), load_i(qs, o + 16), load_i(qs, o + 32), load_i(qs, o + 48)
+            s0, s1, s2, s3 = dpbusd(s0, w0, x), dpbusd(s1, w1, x), dpbusd(s2, w2, x), dpbusd(s3, w3, x)
+            r0, r1, r2, r3 = dpbusd(r0, w0, z), dpbusd(r1, w1, z), dpbusd(r2, w2, z), dpbusd(r3, w3, z)
+        dx, dz = splat_f(xd[k, b]), splat_f(xd[k + 1, b])
+        o = (t * nb + b) * tiles.TILE
+        d0, d1, d2, d3 = load_f(d, o), load_f(d, o + 16), load_f(d, o + 32), load_f(d, o + 48)
+        a0 = add_f(a0, mul_f(to_f(s0), mul_f(d0, dx)))
+        a1 = add_f(a1, mul_f(to_f(s1), mul_f(d1, dx)))
+        a2 = add_f(a2, mul_f(to_f(s2), mul_f(d2, dx)))
+        a3 = add_f(a3, mul_f(to_f(s3), mul_f(d3, dx)))
+        b0 = add_f(b0, mul_f(to_f(r0), mul_f(d0, dz)))
+        b1 = add_f(b1, mul_f(to_f(r1), mul_f(d1, dz)))
+        b2 = add_f(b2, mul_f(to_f(r2), mul_f(d2, dz)))
+        b3 = add_f(b3, mul_f(to_f(r3), mul_f(d3, dz)))
+    store_f(y, yo, a0)
+    store_f(y, yo + 16, a1)
+    store_f(y, yo + 32, a2)
+    store_f(y, yo + 48, a3)
+    yo += stride
+    store_f(y, yo, b0)
+    store_f(y, yo + 16, b1)
+    store_f(y, yo + 32, b2)
+    store_f(y, yo + 48, b3)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_vnni(qs, d, xw, xd, xsum, y):
-    # y (n_tiles, T, TILE)
+    # y (n_tiles, T, TILE); rows two at a time (each weight word loaded once for both), an odd last alone
     nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
-        for k in range(n_tok):
-            _tile_vnni(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
+        for k in range(0, n_tok - 1, 2):
+            _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE, tiles.TILE)
+        if n_tok % 2:
+            _tile_vnni(qs, d, t, xw, xd, xsum, n_tok - 1, y, (t * n_tok + n_tok - 1) * tiles.TILE)
 
 
 @njit(parallel=True, cache=True)
@@ -103,17 +147,18 @@ def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
 def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
     # Matrix j (its qs and d arrays at addresses at[j, 0], at[j, 1], laid out as _tile_vnni reads
     # them) times activation rows spans[j, 0]..spans[j, 1]-1 -> rows spans[j, 2].. of y
-    # (R, nt * TILE), zeroed: a feed-forward's gate and up for a few rows (a verification's), a
-    # layer's routed experts each with the rows routed to it. Row by row with the sums in registers:
-    # the bytes need no unpacking, so nothing is shared between a run's rows.
+    # (R, nt * TILE), zeroed: a feed-forward's gate and up for a prompt's rows, a layer's routed
+    # experts each with the rows routed to it; two rows at a time, as _matmul_vnni.
     N = y.shape[1]
     for job in prange(at.shape[0] * nt):  # tile-major: the threads' shares match, however the runs differ
         j, t = job % at.shape[0], job // at.shape[0]
         qs = carray(at_address(at[j, 0]), (nt, nb, 8, tiles.TILE), np.uint32)
         d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.float32)
         r0, r1, yo = spans[j, 0], spans[j, 1], spans[j, 2] * N + t * tiles.TILE
-        for k in range(r0, r1):
-            _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N)
+        for k in range(r0, r1 - 1, 2):  # two rows at a time, as _matmul_vnni
+            _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
+        if (r1 - r0) % 2:
+            _tile_vnni(qs, d, t, xw, xd, xsum, r1 - 1, y, yo + (r1 - 1 - r0) * N)
 
 
 @njit(parallel=True, cache=True)
