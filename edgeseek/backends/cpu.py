@@ -596,8 +596,8 @@ class CPUBackend:
         return plus(w(x), residual=residual)
 
     def linears(self, ws, x):
-        """One token through several matrices of one format and width: its 8-bit activations made
-        once (three per layer otherwise for q, k and v, two for gate and up)."""
+        """One token, or a verification's few, through several matrices of one format and width: its
+        8-bit activations made once (three per layer otherwise for q, k and v, two for gate and up)."""
         if len(x) <= FEW_TOKENS and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
             if len(x) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
                 return [y[None] for y in ws[0].fmt.matvecs([w.packed for w in ws], x[0])]
