@@ -65,17 +65,20 @@ def make_data(a) -> None:
     model = engine.model
     texts = training_prompts(a.prompts, a.seed)
     rng = np.random.default_rng(a.seed)
-    ids = [engine.tokenizer.encode(engine.chat_template.render([{"role": "user", "content": t}],
-                                                                add_generation_prompt=True)) for t in texts]
+    template = engine.chat_template  # a file without one: the prompts as plain text
+    ids = [engine.tokenizer.encode(template.render([{"role": "user", "content": t}], add_generation_prompt=True)
+                                   if template is not None else t) for t in texts]
     replies: dict[int, list[int]] = {i: [] for i in range(len(ids))}
     gen, pending, t0 = BatchGenerator(engine), list(range(len(ids))), time.time()
     while pending or gen:
+        queued = False
         while pending and len(gen) < a.parallel:
             i = pending.pop(0)
             sampler = SamplerConfig(temperature=0.7, seed=a.seed + i) if rng.random() < a.sampled \
                 else SamplerConfig.greedy()
             gen.queue(ids[i], max_tokens=a.reply, sampler=sampler, uid=i)
-        deltas = gen.prefill() if gen._queued else gen.step()
+            queued = True
+        deltas = gen.prefill() if queued else gen.step()
         for d in deltas:
             if d.token is not None:
                 replies[d.uid].append(d.token)
@@ -89,8 +92,10 @@ def make_data(a) -> None:
         hidden.append(np.asarray(h, np.float32))
     starts = np.cumsum([0] + [len(s) for s in seqs])
     a.out.mkdir(parents=True, exist_ok=True)
-    np.savez(a.out / "data.npz", tokens=np.concatenate(seqs).astype(np.int32), starts=starts,
-             prompt=np.array([len(x) for x in ids]), hidden=np.concatenate(hidden).astype(np.float16))
+    with open(a.out / "data.npz.tmp", "wb") as f:  # written beside and renamed: an interrupted run leaves no half file
+        np.savez(f, tokens=np.concatenate(seqs).astype(np.int32), starts=starts,
+                 prompt=np.array([len(x) for x in ids]), hidden=np.concatenate(hidden).astype(np.float16))
+    (a.out / "data.npz.tmp").replace(a.out / "data.npz")
     print(f"{len(seqs)} sequences, {starts[-1]} positions ({sum(map(len, replies.values()))} reply tokens) "
           f"in {time.time() - t0:.0f} s -> {a.out / 'data.npz'}")
 
@@ -296,7 +301,8 @@ def train(a) -> None:
             log.append({"step": step, "loss": round(loss.item(), 4), "agreement": round(agree, 4)})
     after = agreement(block, held, torch)
     print(f"held-out top-1 agreement with the main model after {step} steps: {after:.3f} (before {before:.3f})")
-    torch.save(block.state_dict(), a.out / "block.pt")
+    torch.save(block.state_dict(), a.out / "block.pt.tmp")
+    (a.out / "block.pt.tmp").replace(a.out / "block.pt")
     info = json.loads((a.out / "train.json").read_text()) if (a.out / "train.json").exists() and not a.restart else {}
     info.setdefault("before", before)
     info.update(after=after, steps=info.get("steps", 0) + step, minutes=info.get("minutes", 0) + a.minutes,
