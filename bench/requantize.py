@@ -12,19 +12,16 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter, quants
 
+from edgeseek.convert.convert import copy_metadata
 from edgeseek.quantize import get_format
 
 
 def requantize(src: Path, dst: Path, qtype: T) -> Path:
     r = GGUFReader(src)
     w = GGUFWriter(dst.with_suffix(".tmp"), r.fields["general.architecture"].contents())
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    copy_metadata(r, w)
     fmt = get_format(qtype)
     for t in r.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))  # numpy order

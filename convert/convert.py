@@ -116,6 +116,16 @@ def check_output(out: Path, force: bool) -> None:
         raise EdgeseekError(f"{out.parent}: output folder does not exist")
 
 
+def copy_metadata(reader, w: GGUFWriter) -> None:
+    """Every key of `reader` (gguf-py's GGUFReader) into w but the architecture, which w was made
+    with: a file written again with other tensors (requantized, dequantized, a block retrained)."""
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+
+
 @contextmanager
 def written_atomically(w: GGUFWriter, out: Path):
     """w's header, metadata and tensor infos into a temporary file beside `out`; the caller writes

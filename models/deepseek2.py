@@ -293,11 +293,8 @@ class DeepSeek2Model(DecoderModel):
     def _entries_only(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> None:
         """Rows h (normed layer input) at consecutive positions pos: their cache entries of layer i
         stored, nothing attended."""
-        c = self.config
         kv = self.backend.linear(L.attn_kv_a_mqa, h)  # (T, C + R)
-        pos_x = self.backend.positions(pos)
-        lat = self.backend.rms_norm(kv[:, :c.kv_lora_rank], L.attn_kv_a_norm, c.rms_eps)
-        _store(cache, i, int(pos[0]), int(pos[-1]) + 1, lat, self.rope(kv[:, None, c.kv_lora_rank:], pos_x)[:, 0])
+        _store(cache, i, int(pos[0]), int(pos[-1]) + 1, *self._latent_entries(L, kv, self.backend.positions(pos)))
 
     def _queries(self, L: Layer, h: np.ndarray, absorb: bool = True):
         """Rows of h -> q (T, H, N + R) (each head: [nope N | rope R]), its absorbed part q_lat
@@ -313,10 +310,13 @@ class DeepSeek2Model(DecoderModel):
 
     def _entries(self, L: Layer, q, kv, pos):
         """q_pe (T, H, R) roped, and the new cache entries: normalized latents (T, C), roped k_pe (T, R)."""
+        return (self.rope(q[:, :, self.config.qk_nope:], pos), *self._latent_entries(L, kv, pos))
+
+    def _latent_entries(self, L: Layer, kv, pos):
+        """kv (T, C + R) -> the cache entries: normalized latents (T, C), roped k_pe (T, R)."""
         c = self.config
-        C, N = c.kv_lora_rank, c.qk_nope
-        q_pe = self.rope(q[:, :, N:], pos)
-        return q_pe, self.backend.rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
+        C = c.kv_lora_rank
+        return self.backend.rms_norm(kv[:, :C], L.attn_kv_a_norm, c.rms_eps), self.rope(kv[:, None, C:], pos)[:, 0]
 
     def _attend(self, q_lat, q_pe, lat_new, k_pe_new, cache: LatentCache, i: int, pos: np.ndarray) -> np.ndarray:
         """One sequence's new tokens: store their cache entries, attend over the cache -> o_lat (T, H, C)."""

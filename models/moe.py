@@ -67,9 +67,9 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     if count:
         store.count(layer, ids)  # every choice, before the experts are deduplicated
     if len(ids) == 1:  # one token's choices are distinct: unique's sort without its bookkeeping
-        order = np.argsort(ids[0], kind="stable")
-        experts, inverse = ids[0][order], np.empty((1, ids.shape[1]), np.int64)
-        inverse[0, order] = np.arange(ids.shape[1])
+        by_id = np.argsort(ids[0], kind="stable")  # expert j of `experts` is the router's slot by_id[j]
+        experts, inverse = ids[0][by_id], np.empty((1, ids.shape[1]), np.int64)
+        inverse[0, by_id] = np.arange(ids.shape[1])
     else:
         experts, inverse = np.unique(ids, return_inverse=True)
         inverse = inverse.reshape(ids.shape)
@@ -108,9 +108,8 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
             js = np.array([j for j, _ in groups[0]])
             ys = backend.experts_rows(x, [triple for _, triple in groups[0]], np.zeros(len(js), np.int64))
             if ys is not None:  # (k, D), the store's order
-                slot = np.argsort(inverse[0])  # the router's slot of each expert (distinct in one row)
                 order = np.argsort(js)
-                ys = ys[order] * weights[0, slot[js[order]]][:, None]
+                ys = ys[order] * weights[0, by_id[js[order]]][:, None]
                 # summed in expert order, as below: a reduction over rows adds them one after another
                 return np.add.reduce(ys, axis=0, keepdims=True, initial=0.0).astype(x.dtype, copy=False)
     parts = [None] * len(experts)

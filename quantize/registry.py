@@ -99,9 +99,12 @@ class TileKernels:
         return p.d.shape[1]
 
     def matmul(self, p, x):
-        t = 1 if x.ndim == 1 else x.shape[0]
+        return self._matmul(p, self.activations(x), 1 if x.ndim == 1 else x.shape[0])
+
+    def _matmul(self, p, a, t: int):
+        # p times t rows whose activations a are made
         y = np.empty((p.d.shape[0], t, p.d.shape[2]), np.float32)
-        self.matmul_kernel(*self._weights(p), *self.activations(x), y)
+        self.matmul_kernel(*self._weights(p), *a, y)
         return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]  # (n_tiles, T, tile) -> (T, N)
 
     def matvec(self, p, x):
@@ -125,12 +128,7 @@ class TileKernels:
 
     def matmuls(self, ps, x):
         a = self.activations(x)  # x's activations made once for every matrix
-        ys = []
-        for p in ps:
-            y = np.empty((p.d.shape[0], len(x), p.d.shape[2]), np.float32)
-            self.matmul_kernel(*self._weights(p), *a, y)
-            ys.append(y.transpose(1, 0, 2).reshape(len(x), -1)[:, :p.n])
-        return ys
+        return [self._matmul(p, a, len(x)) for p in ps]
 
     @staticmethod
     def _one_shape(ps, what: str):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGUFReader, GGUFWriter, quants
+
+from edgeseek.convert.convert import copy_metadata
 
 
 def dequantized_f32(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
@@ -16,12 +18,7 @@ def dequantized_f32(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
     arch = r.fields["general.architecture"].contents()
     tmp = dst.with_suffix(".tmp")
     w = GGUFWriter(tmp, arch)
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    copy_metadata(r, w)
     for t in r.tensors:
         if t.name in drop:
             continue

@@ -313,7 +313,9 @@ def train(a) -> None:
 def write(a) -> None:
     """The file with the tuned block: written beside DST and renamed."""
     import torch
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+
+    from edgeseek.convert.convert import copy_metadata
     cfg, L, weights, embed, head = read_block(a.model)
     block = torch_block(cfg, weights, embed, head)
     block.load_state_dict(torch.load(a.out / "block.pt"))
@@ -321,11 +323,7 @@ def write(a) -> None:
     r = GGUFReader(a.model)
     tmp = a.dst.with_name(a.dst.name + ".tmp")
     w = GGUFWriter(tmp, r.fields["general.architecture"].contents())
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    copy_metadata(r, w)
     for t in r.tensors:
         if t.name not in tuned:
             w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
