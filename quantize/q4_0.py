@@ -16,7 +16,7 @@ from numba import carray, njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, at_address, band, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
+from .simd import add_f, at_address, band, dpbusd, load_f, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -43,7 +43,8 @@ def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
     # Tile t times activation row k into y.flat[yo : yo + TILE]. Byte i of word g holds values
     # 4g + i (low nibble) and 16 + 4g + i (high nibble), so masking the word gives four unsigned
     # bytes that vpdpbusd multiplies with the four int8 activations of an int32 word of xw and adds
-    # into each row's lane. qs (n_tiles, nb, 4, TILE) uint32, d (n_tiles, nb, TILE); xw (T, K / 4)
+    # into each row's lane. qs (n_tiles, nb, 4, TILE) uint32, d (n_tiles, nb, TILE) uint16 halves
+    # (widened exactly, so the products are those of float32 scales); xw (T, K / 4)
     # int32 words of int8 activations; xd, xsum (T, nb). TILE = 64: four 16-lane chunks.
     nb = qs.shape[1]
     low = splat_i(0x0F0F0F0F)
@@ -64,10 +65,10 @@ def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
             s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
         dx = splat_f(xd[k, b])
         o = (t * nb + b) * tiles.TILE
-        a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_f(d, o), dx)))
-        a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)))
-        a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)))
-        a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)))
+        a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_h(d, o), dx)))
+        a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_h(d, o + 16), dx)))
+        a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_h(d, o + 32), dx)))
+        a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_h(d, o + 48), dx)))
     store_f(y, yo, a0)
     store_f(y, yo + 16, a1)
     store_f(y, yo + 32, a2)
@@ -111,7 +112,7 @@ def _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
             l0, l1, l2, l3 = band(v0, low), band(v1, low), band(v2, low), band(v3, low)
             h0, h1 = band(srl(v0, 4), low), band(srl(v1, 4), low)
             h2, h3 = band(srl(v2, 4), low), band(srl(v3, 4), low)
-            dr = load_f(d, (t * nb + b) * tiles.TILE + c)
+            dr = load_h(d, (t * nb + b) * tiles.TILE + c)
             for k in range(r0, r1):
                 w = 8 * b
                 s = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
@@ -134,7 +135,7 @@ def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
     for job in prange(at.shape[0] * nt):  # tile-major: the threads' shares match, however the runs differ
         j, t = job % at.shape[0], job // at.shape[0]
         qs = carray(at_address(at[j, 0]), (nt, nb, 4, tiles.TILE), np.uint32)
-        d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.float32)
+        d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.uint16)
         r0, r1, yo = spans[j, 0], spans[j, 1], spans[j, 2] * N + t * tiles.TILE
         if r1 - r0 <= GROUP_UNPACK:
             _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N)
@@ -183,10 +184,18 @@ def _pack(b):
     return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
 
 
+def _pack_halves(b):
+    # as _pack, the scales kept as the file's fp16 bits: the VNNI kernels' layout
+    n, nb = b.shape[:2]
+    qs = tiles.tiled(n, nb, 4)
+    tiles.tile_words(b, 2, qs)
+    return tiles.Packed(qs, tiles.NONE, tiles.tile_halves(n, b, 0), tiles.NONE, n)
+
+
 class Q4_0(QuantFormat):
     qtype = GGMLQuantizationType.Q4_0
     portable = TileKernels(_pack, (), activations.ints, _matmul)
-    vnni = TileKernels(_pack, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many,
+    vnni = TileKernels(_pack_halves, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many,
                        groups_kernel=_matmul_vnni_groups)
 
     def quantize_blocks(self, x):

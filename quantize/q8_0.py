@@ -6,7 +6,8 @@ the exact activation sum:
 - portable: byte j of every row of a tile side by side, (n_tiles, nb, 32, TILE) uint8: zero-extended
   bytes let LLVM multiply in 16 bits (vpmaddwd / vpdpwssd);
 - VNNI: the 32 bytes of a row's block as 8 uint32 words, (n_tiles, nb, 8, TILE): simd.dpbusd
-  multiplies four unsigned weight bytes by four int8 activations per lane. Both give the same
+  multiplies four unsigned weight bytes by four int8 activations per lane; the scales stay fp16
+  (uint16 bits, widened by simd.load_h as the kernels read them). Both give the same
   integer per block and the same float arithmetic after it, so the same bits.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from numba import carray, njit, prange
 from . import activations, tiles
 from .activations import x16
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, at_address, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
+from .simd import add_f, at_address, dpbusd, load_f, load_h, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -71,10 +72,10 @@ def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
             s3 = dpbusd(s3, load_i(qs, o + 48), x)
         dx = splat_f(xd[k, b])
         o = (t * nb + b) * tiles.TILE
-        a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_f(d, o), dx)))
-        a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)))
-        a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)))
-        a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)))
+        a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_h(d, o), dx)))
+        a1 = add_f(a1, mul_f(to_f(s1), mul_f(load_h(d, o + 16), dx)))
+        a2 = add_f(a2, mul_f(to_f(s2), mul_f(load_h(d, o + 32), dx)))
+        a3 = add_f(a3, mul_f(to_f(s3), mul_f(load_h(d, o + 48), dx)))
     store_f(y, yo, a0)
     store_f(y, yo + 16, a1)
     store_f(y, yo + 32, a2)
@@ -103,7 +104,7 @@ def _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo, stride):
             r0, r1, r2, r3 = dpbusd(r0, w0, z), dpbusd(r1, w1, z), dpbusd(r2, w2, z), dpbusd(r3, w3, z)
         dx, dz = splat_f(xd[k, b]), splat_f(xd[k + 1, b])
         o = (t * nb + b) * tiles.TILE
-        d0, d1, d2, d3 = load_f(d, o), load_f(d, o + 16), load_f(d, o + 32), load_f(d, o + 48)
+        d0, d1, d2, d3 = load_h(d, o), load_h(d, o + 16), load_h(d, o + 32), load_h(d, o + 48)
         a0 = add_f(a0, mul_f(to_f(s0), mul_f(d0, dx)))
         a1 = add_f(a1, mul_f(to_f(s1), mul_f(d1, dx)))
         a2 = add_f(a2, mul_f(to_f(s2), mul_f(d2, dx)))
@@ -153,7 +154,7 @@ def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
     for job in prange(at.shape[0] * nt):  # tile-major: the threads' shares match, however the runs differ
         j, t = job % at.shape[0], job // at.shape[0]
         qs = carray(at_address(at[j, 0]), (nt, nb, 8, tiles.TILE), np.uint32)
-        d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.float32)
+        d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.uint16)
         r0, r1, yo = spans[j, 0], spans[j, 1], spans[j, 2] * N + t * tiles.TILE
         for k in range(r0, r1 - 1, 2):  # two rows at a time, as _matmul_vnni
             _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
@@ -201,11 +202,10 @@ def _pack(b):
 def _pack_words(b):
     # b (N, nb, 34) file blocks -> tiles.Packed with qs (n_tiles, nb, 8, TILE) uint32 words of q + 128
     n, nb = b.shape[:2]
-    qs, d = tiles.tiled(n, nb, 8), tiles.tiled(n, nb, dtype=np.float32)
+    qs = tiles.tiled(n, nb, 8)
     tiles.tile_words(b, 2, qs)
     qs ^= np.uint32(0x80808080)  # every byte q + 128 (padding rows too: their outputs are dropped)
-    tiles.tile_fp16(b, 0, d)
-    return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
+    return tiles.Packed(qs, tiles.NONE, tiles.tile_halves(n, b, 0), tiles.NONE, n)  # scales: fp16 bits
 
 
 class Q8_0(QuantFormat):
