@@ -27,7 +27,7 @@ from .hub import cache_dir
 
 MAGIC = b"EDGESEEK-PACKED1"
 LAYOUT = 3  # bumped when a kernel layout changes (2: Q6_K's VNNI layout holds its levels one a byte;
-#              3: Q4_0's and Q8_0's VNNI layouts keep fp16 scales)
+#              3: every VNNI layout keeps the file's fp16 scales)
 ALIGN = 64
 
 

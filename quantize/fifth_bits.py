@@ -58,20 +58,17 @@ def tile_fifth_bits(blocks: np.ndarray, o: int, out: np.ndarray) -> None:
     _tile_fifth_bits(blocks, o, SPREAD, out)
 
 
-def pack5(b: np.ndarray, qh: int, qs: int, m: int | None = None) -> tiles.Packed:
+def pack5(b: np.ndarray, qh: int, qs: int, m: int | None = None, halves: bool = False) -> tiles.Packed:
     """File blocks (N, nb, type_size) of Q5_0 / Q5_1 -> the kernels' tiles: nibbles as words, fifth
-    bits spread, d (fp16 at byte 0) and, for Q5_1, m (fp16 at byte m) as float32; qh, qs: the byte
-    offsets of the fifth bits and the nibbles in a block."""
+    bits spread, d (fp16 at byte 0) and, for Q5_1, m (fp16 at byte m) as float32, or with `halves`
+    as their fp16 bits (the VNNI layout); qh, qs: the byte offsets of the fifth bits and the nibbles
+    in a block."""
     n, nb = b.shape[:2]
     words, fifth = tiles.tiled(n, nb, 4), tiles.tiled(n, nb)  # (n_tiles, nb, 4, TILE), (n_tiles, nb, TILE)
     tiles.tile_words(b, qs, words)
     tile_fifth_bits(b, qh, fifth)
-    d = tiles.tiled(n, nb, dtype=np.float32)  # (n_tiles, nb, TILE)
-    tiles.tile_fp16(b, 0, d)
-    mins = tiles.NONE
-    if m is not None:
-        mins = tiles.tiled(n, nb, dtype=np.float32)
-        tiles.tile_fp16(b, m, mins)
+    d = tiles.tile_scales(n, b, 0, halves)  # (n_tiles, nb, TILE)
+    mins = tiles.NONE if m is None else tiles.tile_scales(n, b, m, halves)
     return tiles.Packed(words, fifth, d, mins, n)
 
 

@@ -9,6 +9,8 @@ simd.dpbusd.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import carray, njit, prange
@@ -175,27 +177,19 @@ def _quantize(x, d, qs):
             qs[i, j] = np.uint8(lo | (hi << 4))
 
 
-def _pack(b):
-    # b (N, nb, 18) file blocks -> tiles.Packed
+def _pack(b, halves=False):
+    # b (N, nb, 18) file blocks -> tiles.Packed; halves: the scales as fp16 bits (the VNNI layout)
     n, nb = b.shape[:2]
-    qs, d = tiles.tiled(n, nb, 4), tiles.tiled(n, nb, dtype=np.float32)  # (n_tiles, nb, 4, TILE) uint32
+    qs = tiles.tiled(n, nb, 4)  # (n_tiles, nb, 4, TILE) uint32
     tiles.tile_words(b, 2, qs)
-    tiles.tile_fp16(b, 0, d)
-    return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
-
-
-def _pack_halves(b):
-    # as _pack, the scales kept as the file's fp16 bits: the VNNI kernels' layout
-    n, nb = b.shape[:2]
-    qs = tiles.tiled(n, nb, 4)
-    tiles.tile_words(b, 2, qs)
-    return tiles.Packed(qs, tiles.NONE, tiles.tile_halves(n, b, 0), tiles.NONE, n)
+    return tiles.Packed(qs, tiles.NONE, tiles.tile_scales(n, b, 0, halves), tiles.NONE, n)
 
 
 class Q4_0(QuantFormat):
     qtype = GGMLQuantizationType.Q4_0
     portable = TileKernels(_pack, (), activations.ints, _matmul)
-    vnni = TileKernels(_pack_halves, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many,
+    vnni = TileKernels(partial(_pack, halves=True),
+                       ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many,
                        groups_kernel=_matmul_vnni_groups)
 
     def quantize_blocks(self, x):

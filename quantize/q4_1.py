@@ -8,6 +8,8 @@ offset to take out) and add the scaled block in the portable kernel's order: the
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
@@ -15,7 +17,7 @@ from numba import njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, band, dpbusd, load_f, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
+from .simd import add_f, band, dpbusd, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -60,10 +62,10 @@ def _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, yo):
             s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
         dx, sx = splat_f(xd[k, b]), splat_f(xs[k, b])
         o = (t * nb + b) * tiles.TILE
-        a0 = add_f(a0, add_f(mul_f(to_f(s0), mul_f(load_f(d, o), dx)), mul_f(load_f(m, o), sx)))
-        a1 = add_f(a1, add_f(mul_f(to_f(s1), mul_f(load_f(d, o + 16), dx)), mul_f(load_f(m, o + 16), sx)))
-        a2 = add_f(a2, add_f(mul_f(to_f(s2), mul_f(load_f(d, o + 32), dx)), mul_f(load_f(m, o + 32), sx)))
-        a3 = add_f(a3, add_f(mul_f(to_f(s3), mul_f(load_f(d, o + 48), dx)), mul_f(load_f(m, o + 48), sx)))
+        a0 = add_f(a0, add_f(mul_f(to_f(s0), mul_f(load_h(d, o), dx)), mul_f(load_h(m, o), sx)))
+        a1 = add_f(a1, add_f(mul_f(to_f(s1), mul_f(load_h(d, o + 16), dx)), mul_f(load_h(m, o + 16), sx)))
+        a2 = add_f(a2, add_f(mul_f(to_f(s2), mul_f(load_h(d, o + 32), dx)), mul_f(load_h(m, o + 32), sx)))
+        a3 = add_f(a3, add_f(mul_f(to_f(s3), mul_f(load_h(d, o + 48), dx)), mul_f(load_h(m, o + 48), sx)))
     store_f(y, yo, a0)
     store_f(y, yo + 16, a1)
     store_f(y, yo + 32, a2)
@@ -118,21 +120,19 @@ def _quantize(x, d, m, qs):
             qs[i, j] = np.uint8(a | (c << 4))
 
 
-def _pack(b):
-    # b (N, nb, 20) file blocks -> tiles.Packed
+def _pack(b, halves=False):
+    # b (N, nb, 20) file blocks -> tiles.Packed; halves: d and m as fp16 bits (the VNNI layout)
     n, nb = b.shape[:2]
     qs = tiles.tiled(n, nb, 4)  # (n_tiles, nb, 4, TILE) uint32
-    d, m = tiles.tiled(n, nb, dtype=np.float32), tiles.tiled(n, nb, dtype=np.float32)
     tiles.tile_words(b, 4, qs)
-    tiles.tile_fp16(b, 0, d)
-    tiles.tile_fp16(b, 2, m)
-    return tiles.Packed(qs, tiles.NONE, d, m, n)
+    return tiles.Packed(qs, tiles.NONE, tiles.tile_scales(n, b, 0, halves), tiles.tile_scales(n, b, 2, halves), n)
 
 
 class Q4_1(QuantFormat):
     qtype = GGMLQuantizationType.Q4_1
     portable = TileKernels(_pack, (), activations.ints, _matmul)
-    vnni = TileKernels(_pack, ("qs", "d", "m"), activations.words_min, _matmul_vnni, many_kernel=_matmul_vnni_many)
+    vnni = TileKernels(partial(_pack, halves=True),
+                       ("qs", "d", "m"), activations.words_min, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

@@ -19,7 +19,7 @@ from numba import njit, prange
 from . import q8_k
 from .kquants import F32, QK_K, f16_to_f32, quantize_scale_min, scale_min_k4
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, add_i, band, dpbusd, load_f, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
+from .simd import (add_f, add_i, band, dpbusd, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
                    store_f, sub_f, to_f, zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
@@ -63,8 +63,8 @@ class PackedQ4K(NamedTuple):
     #                 VNNI: (n_tiles, nb, 4, 8, TILE) uint32, bytes 4w..4w+3 of group g in word w
     sc: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit scale of sub-block j
     mn: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit min of sub-block j
-    d: np.ndarray  # (n_tiles, nb, TILE) float32
-    dmin: np.ndarray  # (n_tiles, nb, TILE) float32
+    d: np.ndarray  # (n_tiles, nb, TILE) float32; VNNI: uint16 fp16 bits
+    dmin: np.ndarray  # (n_tiles, nb, TILE) as d
     n: int  # rows of the matrix (the last tile is padded with zero rows)
 
 
@@ -126,12 +126,14 @@ def pack(raw3: np.ndarray) -> PackedQ4K:
 
 
 def pack_words(raw3: np.ndarray) -> PackedQ4K:
-    """The VNNI kernels' layout: tiles of VTILE rows, qs as uint32 words."""
+    """The VNNI kernels' layout: tiles of VTILE rows, qs as uint32 words, d and dmin as fp16 bits
+    (simd.load_h widens them as the kernels read them)."""
     sc, mn, d, dmin = _pack_tiles(raw3, VTILE)
     n_tiles, nb = d.shape[:2]
     qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
     _pack_words(raw3, qs, sc, mn, d, dmin)
     qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
+    d, dmin = (a.astype(np.float16).view(np.uint16) for a in (d, dmin))  # fp16 bits again, exactly
     return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
 
 
@@ -240,7 +242,7 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo):
             bs = splat_i(bsums[k, b, 2 * j] + bsums[k, b, 2 * j + 1])
             msum = add_i(msum, mul_i(load_u8(mn, ((t * nb + b) * 8 + j) * VTILE), bs))
         o = (t * nb + b) * VTILE
-        part = sub_f(mul_f(load_f(d, o), to_f(isum)), mul_f(load_f(dmin, o), to_f(msum)))
+        part = sub_f(mul_f(load_h(d, o), to_f(isum)), mul_f(load_h(dmin, o), to_f(msum)))
         acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
     store_f(y, yo, acc)
 

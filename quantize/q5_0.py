@@ -9,6 +9,8 @@ the int8 activations.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
@@ -16,7 +18,7 @@ from numba import njit, prange
 from . import activations, tiles
 from .fifth_bits import bit, chunk5, pack5, qh_word, row_dot5
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, load_f, mul_f, splat_f, splat_i, store_f, to_f, zero_f
+from .simd import add_f, load_h, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -41,7 +43,7 @@ def _matmul(p, xq, xd, xsum, xs, y):
 
 @njit(cache=True, inline="always")
 def _scaled(acc, s, d, o, dx):
-    return add_f(acc, mul_f(to_f(s), mul_f(load_f(d, o), dx)))
+    return add_f(acc, mul_f(to_f(s), mul_f(load_h(d, o), dx)))
 
 
 @njit(cache=True, inline="always")
@@ -121,14 +123,15 @@ def _quantize(x, d, qh, qs):
         qh[i] = h
 
 
-def _pack(b):
-    return pack5(b, QH, QS)  # b (N, nb, 22) file blocks
+def _pack(b, halves=False):
+    return pack5(b, QH, QS, halves=halves)  # b (N, nb, 22) file blocks
 
 
 class Q5_0(QuantFormat):
     qtype = GGMLQuantizationType.Q5_0
     portable = TileKernels(_pack, (), activations.ints, _matmul)
-    vnni = TileKernels(_pack, ("qs", "qh", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
+    vnni = TileKernels(partial(_pack, halves=True),
+                       ("qs", "qh", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

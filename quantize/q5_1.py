@@ -8,6 +8,8 @@ sum(q)) of the activations, as ggml_vec_dot_q5_1_q8_1 does.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
@@ -15,7 +17,7 @@ from numba import njit, prange
 from . import activations, tiles
 from .fifth_bits import bit, chunk5, pack5, qh_word, row_dot5
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, load_f, mul_f, splat_f, splat_i, store_f, to_f, zero_f
+from .simd import add_f, load_h, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -39,7 +41,7 @@ def _matmul(p, xq, xd, xsum, xs, y):
 
 @njit(cache=True, inline="always")
 def _scaled_min(acc, s, d, m, o, dx, sx):
-    return add_f(acc, add_f(mul_f(to_f(s), mul_f(load_f(d, o), dx)), mul_f(load_f(m, o), sx)))
+    return add_f(acc, add_f(mul_f(to_f(s), mul_f(load_h(d, o), dx)), mul_f(load_h(m, o), sx)))
 
 
 @njit(parallel=True, cache=True)
@@ -102,14 +104,14 @@ def _quantize(x, d, m, qh, qs):
         qh[i] = h
 
 
-def _pack(b):
-    return pack5(b, QH, QS, m=2)  # b (N, nb, 24) file blocks
+def _pack(b, halves=False):
+    return pack5(b, QH, QS, m=2, halves=halves)  # b (N, nb, 24) file blocks
 
 
 class Q5_1(QuantFormat):
     qtype = GGMLQuantizationType.Q5_1
     portable = TileKernels(_pack, (), activations.ints, _matmul)
-    vnni = TileKernels(_pack, ("qs", "qh", "d", "m"), activations.words_min, _matmul_vnni)
+    vnni = TileKernels(partial(_pack, halves=True), ("qs", "qh", "d", "m"), activations.words_min, _matmul_vnni)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

@@ -20,7 +20,7 @@ from numba import njit, prange
 from . import q8_k
 from .kquants import F32, GROUP_MAX_EPS, QK_K, dot_levels16, f16_to_f32, f32_to_f16, make_qx_quants, nearest_int
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, add_i, dpbusd, load_f, load_i, load_i8, mul_f, mul_i, splat_f, splat_i, store_f, sub_i, to_f,
+from .simd import (add_f, add_i, dpbusd, load_h, load_i, load_i8, mul_f, mul_i, splat_f, splat_i, store_f, sub_i, to_f,
                    zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
@@ -163,7 +163,7 @@ VTILE = 16
 class PackedQ6KWords(NamedTuple):
     q: np.ndarray  # (n_tiles, nb, 64, VTILE) uint32
     sc: np.ndarray  # (n_tiles, nb, 16, VTILE) int8
-    d: np.ndarray  # (n_tiles, nb, VTILE) float32
+    d: np.ndarray  # (n_tiles, nb, VTILE) uint16: fp16 bits, widened by simd.load_h
     n: int
 
 
@@ -188,7 +188,7 @@ def pack_words(b: np.ndarray) -> PackedQ6KWords:
     q = levels.reshape(nt, VTILE, nb, QK_K).view(np.uint32)  # (nt, VTILE, nb, 64)
     pad = pad.reshape(nt, VTILE, nb, b.shape[2])
     sc = pad[..., SC:D].view(np.int8)  # (nt, VTILE, nb, 16)
-    d = np.ascontiguousarray(pad[..., D:D + 2]).view(np.float16)[..., 0].astype(np.float32)  # (nt, VTILE, nb)
+    d = np.ascontiguousarray(pad[..., D:D + 2]).view(np.uint16)[..., 0]  # (nt, VTILE, nb) fp16 bits
     return PackedQ6KWords(q=np.ascontiguousarray(q.transpose(0, 2, 3, 1)),
                           sc=np.ascontiguousarray(sc.transpose(0, 2, 3, 1)),
                           d=np.ascontiguousarray(d.transpose(0, 2, 1)), n=n)
@@ -214,7 +214,7 @@ def _matmul_vnni(q, sc, d, xw, xd, bsums, y):
                         s = dpbusd(s, load_i(q, base + w * VTILE), splat_i(xw[k, 64 * b + w]))
                     s = sub_i(s, splat_i(32 * bsums[k, b, j]))
                     isum = add_i(isum, mul_i(s, load_i8(sc, so + j * VTILE)))
-                dd = mul_f(splat_f(xd[k, b]), load_f(d, (t * nb + b) * VTILE))
+                dd = mul_f(splat_f(xd[k, b]), load_h(d, (t * nb + b) * VTILE))
                 acc = add_f(acc, mul_f(dd, to_f(isum)))
             store_f(y, (t * n_tok + k) * VTILE, acc)
 

@@ -193,10 +193,9 @@ def _quantize(x, d, qs):
 def _pack(b):
     # b (N, nb, 34) file blocks -> tiles.Packed
     n, nb = b.shape[:2]
-    qs, d = tiles.tiled(n, nb, 32, dtype=np.uint8), tiles.tiled(n, nb, dtype=np.float32)
+    qs = tiles.tiled(n, nb, 32, dtype=np.uint8)
     tiles.tile_bytes(b, 2, np.uint8(0x80), qs)  # (n_tiles, nb, 32, TILE) uint8: q + 128
-    tiles.tile_fp16(b, 0, d)
-    return tiles.Packed(qs, tiles.NONE, d, tiles.NONE, n)
+    return tiles.Packed(qs, tiles.NONE, tiles.tile_scales(n, b, 0, False), tiles.NONE, n)
 
 
 def _pack_words(b):
@@ -205,7 +204,7 @@ def _pack_words(b):
     qs = tiles.tiled(n, nb, 8)
     tiles.tile_words(b, 2, qs)
     qs ^= np.uint32(0x80808080)  # every byte q + 128 (padding rows too: their outputs are dropped)
-    return tiles.Packed(qs, tiles.NONE, tiles.tile_halves(n, b, 0), tiles.NONE, n)  # scales: fp16 bits
+    return tiles.Packed(qs, tiles.NONE, tiles.tile_scales(n, b, 0, True), tiles.NONE, n)  # scales: fp16 bits
 
 
 class Q8_0(QuantFormat):

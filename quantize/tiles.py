@@ -5,9 +5,9 @@ A matrix of N rows is cut into tiles of TILE rows. Within a tile, for each block
 word (Q8_0: each byte) of the block's quants, that word of every row of the tile lies side by side:
 (n_tiles, nb, words, TILE). The inner loops of the kernels run across the rows of a tile with unit
 stride, which LLVM vectorizes: one zmm register holds 16 rows, products of 16-bit-range integers
-become vpmaddwd / vpdpwssd. Scales and mins are converted to float32 at pack time, but for the VNNI layouts of Q4_0 and Q8_0,
-whose kernels read the file's fp16 scales and widen them as they go (decode reads every byte of
-the weights once: 18 bytes a Q4_0 block as in the file, not 20). Activations are
+become vpmaddwd / vpdpwssd. Scales and mins are float32 in the portable layouts; the VNNI layouts keep the file's fp16 bits
+and their kernels widen them as they read (decode reads every byte of the weights once: 18 bytes a
+Q4_0 block as in the file, not 20). Activations are
 int8 per 32-value block (activations.py); products are summed in int32 per block and scaled in
 float32, as llama.cpp's ggml_vec_dot_q4_0_q8_0 and its siblings do (ggml-cpu/arch/x86/quants.c).
 
@@ -35,8 +35,8 @@ class Packed(NamedTuple):
 
     qs: np.ndarray  # (n_tiles, nb, words, TILE): uint32 words of 4-bit quants; Q8_0: (.., 32, TILE) uint8 q + 128
     qh: np.ndarray  # (n_tiles, nb, TILE) uint32: fifth bits of the 5-bit formats
-    d: np.ndarray  # (n_tiles, nb, TILE) float32 scales; the VNNI layouts of Q4_0 and Q8_0: uint16 halves
-    m: np.ndarray  # (n_tiles, nb, TILE) float32 mins (Q4_1, Q5_1)
+    d: np.ndarray  # (n_tiles, nb, TILE) float32 scales; the VNNI layouts: uint16 fp16 bits
+    m: np.ndarray  # (n_tiles, nb, TILE) mins (Q4_1, Q5_1), as d
     n: int  # rows of the matrix; the last tile is padded with zero rows
 
 
@@ -96,19 +96,15 @@ def _tile_fp16(blocks, offset, table, out):
                 out[t, b, i] = table[np.int64(blocks[r, b, offset]) | (np.int64(blocks[r, b, offset + 1]) << 8)]
 
 
-def tile_fp16(blocks, offset, out):
-    """out[t, b, i] = the fp16 at byte offset of block b of row t * TILE + i, as float32."""
-    _tile_fp16(blocks, offset, F16_TO_F32, out)
-
-
 _HALF_BITS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 
 
-def tile_halves(n: int, blocks, offset) -> np.ndarray:
-    """The fp16 at byte offset of each block, its bits as they are, (n_tiles, nb, TILE) uint16: the
-    VNNI kernels widen them with simd.load_h as they read them (2 bytes a row's block, not 4)."""
-    out = tiled(n, blocks.shape[1], dtype=np.uint16)
-    _tile_fp16(blocks, offset, _HALF_BITS, out)
+def tile_scales(n: int, blocks, offset, halves: bool) -> np.ndarray:
+    """The fp16 at byte offset of each block of a matrix of n rows, (n_tiles, nb, TILE): as float32,
+    or with `halves` its bits as they are (uint16), which the VNNI kernels widen with simd.load_h as
+    they read them (2 bytes a row's block, not 4)."""
+    out = tiled(n, blocks.shape[1], dtype=np.uint16 if halves else np.float32)
+    _tile_fp16(blocks, offset, _HALF_BITS if halves else F16_TO_F32, out)
     return out
 
 
