@@ -26,8 +26,8 @@ import numpy as np
 from .hub import cache_dir
 
 MAGIC = b"EDGESEEK-PACKED1"
-LAYOUT = 3  # bumped when a kernel layout changes (2: Q6_K's VNNI layout holds its levels one a byte;
-#              3: every VNNI layout keeps the file's fp16 scales)
+LAYOUT = 4  # bumped when a kernel layout changes (2: Q6_K's VNNI layout holds its levels one a byte;
+#              3: Q4_0 and Q8_0, 4: every VNNI layout keep the file's fp16 scales)
 ALIGN = 64
 
 
