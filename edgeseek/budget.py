@@ -48,7 +48,8 @@ def resident_set_bytes(field: str = "VmRSS") -> int:
 # --- the plan ----------------------------------------------------------------------------------
 
 IO_THREADS = 8  # expert reads in flight under a budget: each holds one expert's bytes
-# Packed layouts hold scales as float32 and pad tiles: at most this much more than the file's bytes.
+# Packed layouts pad tiles, and the portable ones (no VNNI) hold scales as float32: at most this much
+# more than the file's bytes.
 PACK_OVERHEAD = 1.25
 # Activations, logits, numba's compiled kernels and numpy's working buffers beside the weights.
 WORKSPACE = 128 << 20
