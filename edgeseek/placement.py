@@ -18,8 +18,9 @@ from .errors import EdgeseekError
 # calls backend.dense for them): their VRAM is 4 bytes per value whatever the file stores.
 DENSE = ("attn_kv_b", "ffn_gate_inp", "norm", "bias", "exp_probs_b", "rope_freqs")
 # Activations, logits, the prefill's dequantized tiles (at most PREFILL_TILE values of float16 at
-# a time for a matrix; twice that for each of gate and up of a group of routed experts) and the
-# kernels' module: what a step needs beside the weights and the cache.
+# a time for a matrix; twice that for each of gate and up of a group of routed experts), a long
+# prompt's copies of experts left on the CPU (cuda.STREAM_BYTES) and the kernels' module: what a
+# step needs beside the weights and the cache.
 PREFILL_TILE = 32 << 20
 WORKSPACE = 512 << 20
 

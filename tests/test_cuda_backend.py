@@ -28,10 +28,10 @@ QUANTIZED = ["v2lite-q8_0.gguf", "v2lite27-q8_0.gguf", "v3-q4_0.gguf", "v3-q4_k_
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 11, 4, 6, 8, 10, 12], np.int64)
 
 
-def _logits(engine, steps=4):
+def _logits(engine, steps=4, prompt=PROMPT):
     """The prompt's logits (a prompt product), then `steps` decode steps (decode products)."""
     ctx = engine.new_context()
-    out = [engine.model.forward(PROMPT, ctx.cache, all_logits=True)]
+    out = [engine.model.forward(prompt, ctx.cache, all_logits=True)]
     for t in range(steps):
         out.append(engine.model.forward(np.array([t + 2]), ctx.cache))
     return np.concatenate(out)
@@ -62,7 +62,7 @@ def test_quantized_file_no_further_from_its_exact_math_than_the_cpu_path(name, t
     assert gpu <= 1.25 * cpu + 1e-3
 
 
-def test_experts_split_between_vram_and_the_cpu():
+def test_experts_split_between_vram_and_the_cpu(monkeypatch):
     path = FIXTURES / "v3-f32.gguf"
     full = plan_gpu(GGUFFile(path), 1 << 40, 4096)
     per_expert = full.expert_bytes // full.experts_total
@@ -74,6 +74,14 @@ def test_experts_split_between_vram_and_the_cpu():
     assert np.abs(got - ref).max() <= 0.005 * (ref.max() - ref.min())
     s = half.expert_stats()
     assert s["expert_pairs_gpu"] > 0 and s["expert_pairs_cpu"] > 0
+    # a long prompt: the CPU's experts copied to the GPU a few at a time (cuda.STREAM_BYTES shrunk to
+    # two experts' blocks, so that each layer takes several fills of the buffer)
+    from edgeseek.backends import cuda
+    monkeypatch.setattr(cuda, "STREAM_BYTES", 2 * per_expert)
+    prompt = np.arange(cuda.STREAM_MIN_TOKENS + 9) % 13 + 1
+    got = _logits(half, steps=1, prompt=prompt)
+    ref = _logits(edgeseek.load(path, device="cpu"), steps=1, prompt=prompt)
+    assert np.abs(got - ref).max() <= 0.005 * (ref.max() - ref.min())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

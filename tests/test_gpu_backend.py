@@ -138,6 +138,37 @@ def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result(name, tol,
     assert s["expert_pairs_cpu"] > 0 and (s["expert_pairs_gpu"] > 0) == (share > 0)
 
 
+@pytest.mark.parametrize("share", [0.5, 0.0])
+def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(share, monkeypatch):
+    """A prompt of STREAM_MIN_TOKENS tokens or more: the pairs of experts left on the CPU run on the
+    GPU on copies of their blocks, a few experts a buffer (the buffer shrunk here to two experts, so
+    that a layer takes several fills), with the logits of the all-VRAM path (F32: 1e-4 of the spread,
+    2e-5 measured: a token's pairs are added a bufferful at a time, not in routing order) and no CPU
+    products; a shorter prompt keeps them on the CPU."""
+    from edgeseek.backends import cuda
+    path = FIXTURES / "v3-f32.gguf"
+    full = plan_gpu(GGUFFile(path), 1 << 40, 4096)
+    per_expert = full.expert_bytes // len(full.on_gpu) // full.n_expert
+    monkeypatch.setattr(cuda, "STREAM_BYTES", 2 * per_expert)
+    budget = full.used - full.expert_bytes + per_expert * int(full.experts_total * share)
+    b = EmulatedCUDABackend()
+    split = load(path, backend=b, gpu_budget=budget)
+    streamed, on_cpu = [], []
+    b._streamed_experts = (lambda f: lambda *a: streamed.append(1) or f(*a))(b._streamed_experts)
+    tiers = split.model.experts
+    tiers.cpu_part = (lambda f: lambda x, *a: on_cpu.append(len(x)) or f(x, *a))(tiers.cpu_part)
+    everything = load(path, backend=EmulatedCUDABackend())
+    prompt = np.arange(cuda.STREAM_MIN_TOKENS + 3) % 13 + 1
+    ref, got = _logits(everything, prompt, steps=1), _logits(split, prompt, steps=1)
+    assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    assert len(streamed) == len(full.on_gpu)  # every MoE layer of the prompt
+    assert set(on_cpu) == {1}  # the decode step's pairs only
+    streamed.clear()
+    short = _logits(split, PROMPT, steps=0)
+    assert not streamed and len(PROMPT) in on_cpu
+    assert np.abs(short - _logits(everything, PROMPT, steps=0)).max() <= 1e-5 * (ref.max() - ref.min())
+
+
 def test_plan_refuses_a_budget_below_the_resident_weights_with_the_figure():
     g = GGUFFile(FIXTURES / "v3-q4_0.gguf")
     with pytest.raises(GPUBudgetError, match=r"needs at least .*MiB") as e:

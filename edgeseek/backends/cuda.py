@@ -43,6 +43,10 @@ MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
 GM_BM, GM_BN, GM_BK = 64, 64, 64  # a prompt's grouped expert products (cuda_prompt.cu): pairs, rows, values a tile
 PLAN_EXPERTS = 256  # experts a layer moe_plan sorts pairs for (cuda_prompt.cu)
+# A prompt of this many tokens runs the pairs of experts left on the CPU on the GPU all the same, their
+# blocks copied over PCIe for the step (llama.cpp copies a CPU-held expert's weights from a batch of 32)
+STREAM_MIN_TOKENS = 32
+STREAM_BYTES = 96 << 20  # VRAM those copies take at a time (placement.WORKSPACE holds it)
 
 
 CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 0, 68, -1
@@ -571,6 +575,7 @@ class CUDABackend:
         self.prompt_mma = hasattr(self.kernels, "moe_glu_mma")
         self._usage: list = []  # (store, layer, device pair counts) of prompts not yet read back
         self._halves = _ByIdentity(4)  # an activation -> its float16 copy
+        self._stream: dict[int, object] = {}  # projection -> a buffer of experts copied in for a prompt
         self._one_matrix: dict[int, tuple] = {}  # rows -> one_matrix's bookkeeping
         self._splits: dict[tuple, _SplitLayer] = {}  # (store, layer) -> a split layer's decode buffers
 
@@ -755,8 +760,8 @@ class CUDABackend:
         return plus(s.out + y_shared if shared is not None else s.out, residual=residual)
 
     def _copy(self, a, host: np.ndarray, to_host: bool) -> None:
-        """Queue a copy on the current stream between device array a and page-locked host memory:
-        into host where to_host, else into a."""
+        """Queue a copy on the current stream between device array a and host memory (page-locked
+        for a copy that returns at once): into host where to_host, else into a."""
         if self.xp is np:
             if to_host:
                 host[...] = a.reshape(host.shape)
@@ -850,8 +855,43 @@ class CUDABackend:
             else:
                 self._prompt_experts(x, slot, on_gpu, weights, store.device(layer), out)
         if not on_gpu.all():
-            out += xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu, layer))
+            if T >= STREAM_MIN_TOKENS and all(t.qtype in SUFFIX for t in store.cpu_store.tensors[layer]):
+                self._streamed_experts(x, ids, weights, ~on_gpu, store, layer, out)
+            else:
+                out += xp.asarray(store.cpu_part(host_x, ids, weights, ~on_gpu, layer))
         return out
+
+    def _streamed_experts(self, x, ids, weights, mask, store, layer: int, out) -> None:
+        """A prompt's pairs (mask) whose experts stay on the CPU, run on the GPU all the same: their
+        blocks copied from the CPU's store (the file's bytes, as the load uploads them) a buffer of
+        STREAM_BYTES at a time, each bufferful through the grouped products as experts in VRAM are. A
+        V2-Lite layer's 64 experts are 311 MB of Q4_0, ~12 ms over PCIe 4, where the CPU's products
+        of a 512-token prompt's pairs take far longer; copies queue on the stream, so a buffer is
+        refilled only after the products that read it."""
+        tensors = store.cpu_store.tensors[layer]
+        experts = np.unique(ids[mask])
+        n_buf = int(max(1, min(len(experts), STREAM_BYTES // sum(t.raw[0].nbytes for t in tensors))))
+        bufs = [self._stream_buffer(i, t.raw.shape[1:], n_buf) for i, t in enumerate(tensors)]
+        where = np.full(store.n_expert, -1, np.int64)
+        for c0 in range(0, len(experts), n_buf):
+            chunk = experts[c0:c0 + n_buf]
+            starts = np.flatnonzero(np.diff(chunk, prepend=-2) != 1)  # runs of consecutive ids: one copy each
+            for t, buf in zip(tensors, bufs):
+                for a, b in zip(starts, np.append(starts[1:], len(chunk))):
+                    self._copy(buf[a:b], t.raw[chunk[a]:chunk[a] + b - a], to_host=False)
+            where[:] = -1
+            where[chunk] = np.arange(len(chunk))
+            slot = where[ids]
+            projections = tuple(DeviceExperts(self, t.qtype, buf[:len(chunk)], t.shape[1:], t.name)
+                                for t, buf in zip(tensors, bufs))
+            self._prompt_experts(x, slot, mask & (slot >= 0), weights, projections, out)
+
+    def _stream_buffer(self, i: int, shape: tuple[int, int], n: int):
+        """Projection i's buffer of at least n experts of (rows, row_bytes) blocks, kept for later prompts."""
+        b = self._stream.get(i)
+        if b is None or b.shape[1:] != shape or len(b) < n:
+            b = self._stream[i] = self.xp.empty((n, *shape), np.uint8)
+        return b
 
     def _host_copy(self, a) -> np.ndarray:
         """A host copy of a small device array that never changes (a router's selection bias), made once."""
