@@ -1,6 +1,7 @@
 """Where a GPU decode step's time goes when routed experts run on the CPU: decode tokens/s with the
 experts split as a VRAM budget leaves them (`cpu`: none in VRAM, as bench_gpu.py's experts-cpu; or
-a size such as 4G), the CPU's experts alone (six random experts of every layer through the CPU
+a size such as 4G), a 512-token prompt (the CPU's experts copied to the GPU for it), the host's
+memory bandwidth and numba's threading layer, the CPU's experts alone (six random experts of every layer through the CPU
 kernels, as a step calls them, with the bandwidth they reach), then a profile of the host's side of
 the steps (the chain of graphs waits, the CPU's experts, the copies).
 
@@ -37,6 +38,12 @@ def main():
     engine = edgeseek.load(a.model, n_ctx=n_ctx, device="cuda", gpu_budget=budget)
     model, rng = engine.model, np.random.default_rng(0)
     model.forward(rng.integers(100, model.config.vocab_size, 512).astype(np.int32), model.new_cache())  # warm-up
+    for _ in range(2):
+        prompt = rng.integers(100, model.config.vocab_size, 512).astype(np.int32)
+        t = time.perf_counter()
+        model.forward(prompt, model.new_cache())
+        print(f"prefill: 512 tokens in {(time.perf_counter() - t) * 1e3:.0f} ms "
+              f"({512 / (time.perf_counter() - t):.0f} tok/s)")
     cache = model.new_cache()
     token = int(np.argmax(model.forward(rng.integers(100, model.config.vocab_size, 8).astype(np.int32), cache)[-1]))
 
@@ -54,6 +61,14 @@ def main():
         print(f"decode: {dt / a.steps * 1e3:.2f} ms a token ({a.steps / dt:.1f} tok/s)")
     print("expert pairs:", {k: v for k, v in engine.expert_stats().items() if k.startswith("expert_pairs")})
 
+    import numba
+    a1 = np.ones(1 << 28, np.float32)  # 1 GiB
+    a2 = np.empty_like(a1)
+    t = time.perf_counter()
+    np.copyto(a2, a1)
+    print(f"host: a 1 GiB copy {2 * a1.nbytes / (time.perf_counter() - t) / 1e9:.1f} GB/s (read + write, one thread); "
+          f"numba threading layer {numba.threading_layer()}, {numba.get_num_threads()} threads")
+    del a1, a2
     store = model.experts
     x = rng.standard_normal((1, model.config.n_embd)).astype(np.float32)
     layers = list(store.layers())
