@@ -291,6 +291,7 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     elif gpu_plan is not None and gpu_plan.experts_on_gpu < gpu_plan.experts_total:
         from . import packed_cache  # the CPU's experts from the cache a CPU load of the file built
         packed_cache.attach(model, gguf, build=False)
+        expert_store.pack_cpu()  # those the cache did not give, packed now
     kernels.one_blas_thread()  # last: loading may have brought in another BLAS (numba loads scipy's)
     return Engine(Path(path), gguf, model, tokenizer, template, n_ctx, time.perf_counter() - t0, plan, expert_store,
                   device, backend.name() if device == "cuda" else "CPU", gpu_plan, backend, mtp_state, notes)

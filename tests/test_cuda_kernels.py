@@ -28,7 +28,7 @@ from gguf.constants import GGML_QUANT_SIZES
 cupy = pytest.importorskip("cupy")
 
 import edgeseek.backends  # noqa: E402
-from edgeseek.backends.cuda import (DOWN_THREADS, GLU_ROWS, INT8_TYPES, MIXED_DOWN, MMV1_ROWS,  # noqa: E402
+from edgeseek.backends.cuda import (DOWN_THREADS, GLU_ROWS, GLU_THREADS, INT8_TYPES, MIXED_DOWN, MMV1_ROWS,  # noqa: E402
                                     SUFFIX, Kernels, ids_threads)
 from edgeseek.quantize import get_format  # noqa: E402
 
@@ -569,7 +569,7 @@ def test_products_on_int8_activations(module, name):
     h, h2 = poisoned(T * used * n), poisoned(T * n2)
     rb, rb2 = gate.shape[1], g2.shape[1]
     module.get_function(f"glu_ids_{name}_q8")(
-        (-(-max(n, n2) // GLU_ROWS), T * used + T), (128,),
+        (-(-max(n, n2) // GLU_ROWS), T * used + T), (GLU_THREADS,),
         (cupy.asarray(gate), cupy.asarray(up), np.int64(rb), np.int64(n * rb), cupy.asarray(ids), xq, xs,
          np.int32(used), h, np.int32(n), np.int32(d), np.int32(T * used), cupy.asarray(g2), cupy.asarray(u2),
          np.int64(rb2), np.int32(n2), h2))

@@ -144,7 +144,7 @@ def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(s
     GPU on copies of their blocks, a few experts a buffer (the buffer shrunk here to two experts, so
     that a layer takes several fills), with the logits of the all-VRAM path (F32: 1e-4 of the spread,
     2e-5 measured: a token's pairs are added a bufferful at a time, not in routing order) and no CPU
-    products; a shorter prompt keeps them on the CPU."""
+    products; a shorter prompt keeps them on the CPU. The CPU's experts are packed at load."""
     from edgeseek.backends import cuda
     path = FIXTURES / "v3-f32.gguf"
     full = plan_gpu(GGUFFile(path), 1 << 40, 4096)
@@ -156,6 +156,9 @@ def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(s
     streamed, on_cpu = [], []
     b._streamed_experts = (lambda f: lambda *a: streamed.append(1) or f(*a))(b._streamed_experts)
     tiers = split.model.experts
+    left = [m for layer, slots in tiers._slots.items()
+            for tr in tiers.cpu_store.experts(layer, np.flatnonzero(slots < 0)) for m in tr]
+    assert left and all(m._packed is not None for m in left)  # packed at load, not by the first tokens
     tiers.cpu_part = (lambda f: lambda x, *a: on_cpu.append(len(x)) or f(x, *a))(tiers.cpu_part)
     everything = load(path, backend=EmulatedCUDABackend())
     prompt = np.arange(cuda.STREAM_MIN_TOKENS + 3) % 13 + 1

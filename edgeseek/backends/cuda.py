@@ -38,6 +38,7 @@ WARPS = 4  # output rows per block of the per-warp decode products (128 threads)
 ROW_THREADS = 128  # threads a block of mmv1, mmv_ids, glu and down (cuda_kernels.cu)
 MMV1_ROWS, GLU_ROWS = 4, 2  # rows a block of mmv1 and down, of glu
 DOWN_THREADS = 256  # threads a block of the int8 down products (cuda_kernels.cu)
+GLU_THREADS = 64  # threads a block of the int8 gate-up products (cuda_kernels.cu)
 MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
 MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
@@ -253,7 +254,7 @@ class Kernels:
         wg2, wu2, rb2, n2, h2 = shared if shared is not None else (null, null, 0, 0, null)
         t2 = 0 if shared is None else t
         self._fn(f"glu_ids_{SUFFIX[qtype]}_q8")(
-            (_launch_grid(max(n, n2), GLU_ROWS), p + t2), (ROW_THREADS,),
+            (_launch_grid(max(n, n2), GLU_ROWS), p + t2), (GLU_THREADS,),
             (wg, wu, np.int64(row_bytes), np.int64(expert_bytes), ids, *q8, np.int32(x_div), h, np.int32(n),
              np.int32(k), np.int32(p), wg2, wu2, np.int64(rb2), np.int32(n2), h2))
 
@@ -1416,6 +1417,29 @@ class TieredExperts:
 
     def pack(self, gguf=None) -> int:
         return self.vram_bytes
+
+    def pack_cpu(self) -> int:
+        """Put the CPU tier's experts that a cache did not give (packed_cache.attach) into the CPU
+        kernels' layout now, as llama.cpp repacks its CPU weights at load, rather than at the first
+        tokens that meet them (a long prompt's pairs run on the GPU: it packs none of them); on
+        numba's thread-safe threading layers, with its threads. Bytes packed."""
+        from edgeseek.expert_store import MmapExpertStore
+        if not isinstance(self.cpu_store, MmapExpertStore):
+            return 0  # a store reading from disk packs each expert as it reads it
+        todo = [m for layer, slots in self._slots.items()
+                for triple in self.cpu_store.experts(layer, np.flatnonzero(slots < 0))
+                for m in triple if m._packed is None]
+        if not todo:
+            return 0
+        import numba
+        try:
+            safe = numba.threading_layer() in ("omp", "tbb")  # packers with a parallel loop, from threads
+        except ValueError:  # no parallel kernel has run yet
+            safe = False
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(numba.get_num_threads() if safe else 1) as pool:
+            list(pool.map(lambda m: m.packed, todo))
+        return sum(m.nbytes for m in todo)
 
     def prefetch(self, layer: int, ids) -> None:
         pass

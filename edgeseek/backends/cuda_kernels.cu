@@ -630,6 +630,11 @@ __device__ __forceinline__ void mmv(const u8* __restrict__ W, ll row_bytes, cons
 // and each thread's items follow one another (each waiting on its loads): 256 threads halve that
 // chain (Q4_0 8.2 -> 7.0 us a launch, Q5_0 + Q6_K 12.3 -> 10.1; 512 threads and 2 or 8 rows slower)
 #define DOWN_THREADS 256
+// threads a block of the int8 gate-up products: a V2-Lite row (K = 2048) is 128 items, one a thread
+// at 128 threads; two a thread at 64 give each thread two loads in flight and twice the blocks an SM
+// (12.0 -> 10.4 us a Q4_0 launch of six experts and the shared ones, H200; 4 or 8 rows a block at
+// 128 threads: 11.3, 11.8)
+#define GLU_THREADS 64
 
 __device__ __forceinline__ void load16(const float* __restrict__ x, float (&v)[16]) {
     const f32x4* p = (const f32x4*)x;
@@ -719,10 +724,10 @@ __device__ __forceinline__ void finish_rows(float (&acc)[R], float* red, const f
 }
 
 // out[n] = silu(gate sum) * (up sum) for rows n = n0 + r < rows_n; acc: gate sums, then up sums
-template <int R>
+template <int R, int WARPS = ROW_WARPS>
 __device__ __forceinline__ void finish_glu(float (&acc)[2 * R], float* red, float* __restrict__ out, int n0,
                                            int rows_n) {
-    block_sums<2 * R>(acc, red);
+    block_sums<2 * R, WARPS>(acc, red);
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -929,7 +934,7 @@ __device__ __forceinline__ void glu_ids_q8(const u8* __restrict__ Wg, const u8* 
                                            int K, int P, const u8* __restrict__ Wg2, const u8* __restrict__ Wu2,
                                            ll row_bytes2, int N2, float* __restrict__ h2) {
     constexpr int R = GLU_ROWS;
-    __shared__ float red[2 * R * ROW_WARPS];
+    __shared__ float red[2 * R * (GLU_THREADS / WARP_SIZE)];
     const int n0 = blockIdx.x * R, p = blockIdx.y;
     const bool shared = p >= P;
     const int rows_n = shared ? N2 : N;
@@ -943,13 +948,13 @@ __device__ __forceinline__ void glu_ids_q8(const u8* __restrict__ Wg, const u8* 
     float acc[2 * R];
 #pragma unroll
     for (int r = 0; r < 2 * R; ++r) acc[r] = 0.0f;
-    for (int it = threadIdx.x; it < (K >> 4); it += ROW_THREADS) {
+    for (int it = threadIdx.x; it < (K >> 4); it += GLU_THREADS) {
         Q8Piece x;
         x.load<Q>(xqp, xsp, it);
 #pragma unroll
         for (int r = 0; r < 2 * R; ++r) acc[r] += Q::dot_q8(rows[r], it, x);
     }
-    finish_glu<R>(acc, red, out, n0, rows_n);
+    finish_glu<R, GLU_THREADS / WARP_SIZE>(acc, red, out, n0, rows_n);
 }
 
 // mmv_down_ids (shared experts and residual included) on h and h2 as q8_1: pair p's row at
@@ -1152,7 +1157,7 @@ FORMAT_KERNELS(q6_k, Q6_K)
         else if (b < b1 + b2) mmv1_q8<Q>(W2, row_bytes2, xq, xs, y2, N2, K, nullptr, nullptr, b - b1);  \
         else mmv1_q8<Q>(W3, row_bytes3, xq, xs, y3, N3, K, nullptr, nullptr, b - b1 - b2);              \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+    extern "C" __global__ void __launch_bounds__(GLU_THREADS, 8)                                        \
         glu_ids_##name##_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,        \
                             ll expert_bytes, const int* __restrict__ ids, const u8* __restrict__ xq,   \
                             const f32x2* __restrict__ xs, int x_div, float* __restrict__ h, int N,     \
