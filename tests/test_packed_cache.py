@@ -110,14 +110,15 @@ def test_the_key_follows_the_file_and_the_kernels(model):
 
 def test_a_gpu_models_cpu_experts_come_from_a_cache_a_cpu_load_built(model, tmp_path):
     """Routed experts left to the CPU by a VRAM budget read their layouts from the cache an earlier CPU
-    load built (no packing at their first tokens); a GPU load never builds one itself."""
+    load built; without one they are packed at load, in RAM (no packing at their first tokens); a GPU
+    load never builds a cache itself."""
     from cuda_emulation import EmulatedCUDABackend
     from edgeseek.placement import plan_gpu
     plan = plan_gpu(GGUFFile(model), 1 << 40, 32)
     budget = plan.used - plan.expert_bytes  # every routed expert on the CPU
     gpu = edgeseek.load(model, n_ctx=32, backend=EmulatedCUDABackend(), gpu_budget=budget)
     assert caches(tmp_path) == []
-    assert all(m._packed is None for tr in _cpu_experts(gpu) for m in tr)
+    assert all(m._packed is not None and not _mapped(m._packed[0]) for tr in _cpu_experts(gpu) for m in tr)
     logits(model)  # a CPU load builds the cache
     gpu = edgeseek.load(model, n_ctx=32, backend=EmulatedCUDABackend(), gpu_budget=budget)
     experts = list(_cpu_experts(gpu))
