@@ -5,11 +5,11 @@ A matrix of N rows is cut into tiles of TILE rows. Within a tile, for each block
 word (Q8_0: each byte) of the block's quants, that word of every row of the tile lies side by side:
 (n_tiles, nb, words, TILE). The inner loops of the kernels run across the rows of a tile with unit
 stride, which LLVM vectorizes: one zmm register holds 16 rows, products of 16-bit-range integers
-become vpmaddwd / vpdpwssd. Scales and mins are float32 in the portable layouts; the VNNI layouts keep the file's fp16 bits
-and their kernels widen them as they read (decode reads every byte of the weights once: 18 bytes a
-Q4_0 block as in the file, not 20). Activations are
-int8 per 32-value block (activations.py); products are summed in int32 per block and scaled in
-float32, as llama.cpp's ggml_vec_dot_q4_0_q8_0 and its siblings do (ggml-cpu/arch/x86/quants.c).
+become vpmaddwd / vpdpwssd. Scales and mins are float32 in the portable layouts; the VNNI layouts
+keep the file's fp16 bits and their kernels widen them as they read (decode reads every byte of the
+weights once: 18 bytes a Q4_0 block as in the file, not 20). Activations are int8 per 32-value block
+(activations.py); products are summed in int32 per block and scaled in float32, as llama.cpp's
+ggml_vec_dot_q4_0_q8_0 and its siblings do (ggml-cpu/arch/x86/quants.c).
 
 Each format module writes its kernel `_matmul(p, xq, xd, xsum, xs, y)` the same way: prange over
 row tiles; for each block of the tile, for each of the T activation rows, one vectorized loop over
