@@ -95,6 +95,12 @@ class Backend(Protocol):
     def rms_norm(self, x, weight, eps: float):
         """models/common.rms_norm: x (T, D) -> x / rms(x) * weight."""
 
+    def normed(self, x, weight, eps: float):
+        """Optional: rms_norm(x, weight, eps) as the input of a layer's attention or feed-forward,
+        which reach it only through this interface: a backend may return a value of its own that
+        its products normalize in their own launches (DecoderModel.normed calls rms_norm where a
+        backend has none)."""
+
     def linears(self, ws: Sequence[Linear], x) -> list:
         """[w(x) for w in ws]: several products of one input (a backend may prepare x once); optional,
         DecoderModel.linears calls each product where a backend has none."""

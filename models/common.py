@@ -198,6 +198,12 @@ class DecoderModel:
         at positions pos[a:b]; added to residual where given."""
         raise NotImplementedError
 
+    def normed(self, x, weight, eps: float):
+        """rms_norm(x) for a layer's products: a backend with `normed` may leave it to the launches
+        that read it (backend.normed); their inputs are then its values, nothing else reads them."""
+        f = getattr(self.backend, "normed", None)
+        return f(x, weight, eps) if f is not None else self.backend.rms_norm(x, weight, eps)
+
     def linears(self, ws: list, h):
         """[w(h) for w in ws]: several products of one input (a layer's q, k and v), through the
         backend's linears where it has one (the CPU's makes h's 8-bit activations once)."""
@@ -254,8 +260,8 @@ class DecoderModel:
         pos_x = self.backend.positions(pos)
         x = self.token_embd(ids)  # (T, D)
         for i, L in enumerate(self.layers):
-            x = self.attention(L, self.backend.rms_norm(x, L.attn_norm, eps), cache, i, pos, pos_x, residual=x)
-            x = self.feed_forward(L, self.backend.rms_norm(x, L.ffn_norm, eps), i, residual=x)
+            x = self.attention(L, self.normed(x, L.attn_norm, eps), cache, i, pos, pos_x, residual=x)
+            x = self.feed_forward(L, self.normed(x, L.ffn_norm, eps), i, residual=x)
         if not all_logits and not hidden:
             x = x[-1:]
         h = self.backend.rms_norm(x, self.output_norm, eps)

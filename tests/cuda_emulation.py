@@ -169,6 +169,21 @@ class NumpyKernels:
         for (w, row_bytes, n), y in zip(mats, ys):
             self.mmv1_q8(qtype, w, row_bytes, q8, y, n, k)
 
+    def _staged(self, x, norm):
+        """What a launch's blocks stage: x (1, K), normalized by norm = (weight, eps) where given, as q8."""
+        return self.quantize_q8(x if norm is None else rms_norm(x.reshape(1, -1), *norm))
+
+    def mmv1_sq8(self, qtype, w, row_bytes, x, norm, y, n, k, add=None, res=None):
+        self.mmv1_q8(qtype, w, row_bytes, self._staged(x, norm), y, n, k, add, res)
+
+    def mmv3_sq8(self, qtype, mats, x, norm, ys, k):
+        self.mmv3_q8(qtype, mats, self._staged(x, norm), ys, k)
+
+    def norm_router_route(self, x, norm, y, q8, w, logits, bias, router, ids, wts):
+        y[:] = rms_norm(x, *norm)
+        q8[0][:], q8[1][:] = self.quantize_q8(y)
+        self.router_route(w, y, logits, bias, router, ids, wts)
+
     def router_route(self, w, x, logits, bias, router, ids, wts):
         e, d = w.shape
         self.mmv(Q.F32, w.view(np.uint8), 4 * d, x, logits, e, d, 1)

@@ -522,6 +522,74 @@ def test_two_or_three_matrices_in_one_launch_as_mmv1(module, name, rows):
         np.testing.assert_array_equal(y.get(), want.get())
 
 
+@pytest.mark.parametrize("k", [96, 2048, 16384])
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k", "q8_0"])
+def test_products_that_quantize_their_own_activations(kernels, name, k):
+    """mmv1_<t>_sq8 and mmv3_<t>_sq8: x quantized by the launch's own blocks equals quantize_q8_1's
+    q8 read by mmv1_<t>_q8, to the bit (six items of 16 values, fewer than a block's threads; and
+    STAGE_MAX's eight a thread). With a norm weight: within the q8 error of mmv1_<t>_q8 on
+    rms_norm_q8's copy (the sums of squares in another order: the scale may be an ulp away)."""
+    qtype, rng = getattr(Q, name.upper()), np.random.default_rng(_seed("sq8", name, k))
+    if k % 256 and qtype in K_QUANTS:
+        pytest.skip("a K-quant row is a multiple of 256 values")
+    rows = (37, 8, 5)
+    mats = [(cupy.asarray(m), m.shape[1], m.shape[0]) for m in (matrix(name, n, k)[0] for n in rows)]
+    x = cupy.asarray((rng.standard_normal((1, k)) * 2).astype(np.float32))
+    nw = cupy.asarray(rng.uniform(0.5, 1.5, k).astype(np.float32))
+    for norm in (None, (nw, 1e-6)):
+        if norm is None:
+            q8 = kernels.quantize_q8(x)
+        elif k > 2048:
+            continue  # rms_norm_q8 rows: at most 2048 values
+        else:
+            _, q8 = kernels.rms_norm(x, nw, 1e-6, q8=True)
+        want = [cupy.full(n, np.nan, np.float32) for n in rows]
+        for (w, rb, n), y in zip(mats, want):
+            kernels.mmv1_q8(qtype, w, rb, q8, y, n, k)
+        one = [cupy.full(n, np.nan, np.float32) for n in rows]
+        for (w, rb, n), y in zip(mats, one):
+            kernels.mmv1_sq8(qtype, w, rb, x, norm, y, n, k)
+        three = [cupy.full(n, np.nan, np.float32) for n in rows]
+        kernels.mmv3_sq8(qtype, mats, x, norm, three, k)
+        for a, b, c in zip(one, three, want):
+            np.testing.assert_array_equal(b.get(), a.get())
+            if norm is None:
+                np.testing.assert_array_equal(a.get(), c.get())
+            else:
+                np.testing.assert_allclose(a.get(), c.get(), rtol=0, atol=2e-3 * float(cupy.abs(c).max()))
+
+
+@pytest.mark.parametrize("E, k, gating, D", [(64, 6, 1, 2048), (256, 8, 2, 7168)])
+def test_norm_router_route_is_rms_norm_then_router_route(E, k, gating, D):
+    """The router's launch that makes the layer's norm: y within an ulp or two of rms_norm_f32's, its
+    q8 equal to quantize_q8_1 of y to the bit, and the logits, ids and weights router_route's on y to
+    the bit; twice, so the counter is seen left at zero."""
+    from edgeseek.models.moe import RouterConfig
+    rng = np.random.default_rng(E + D)
+    w = cupy.asarray((rng.standard_normal((E, D)) * 0.05).astype(np.float32))
+    nw = cupy.asarray(rng.uniform(0.5, 1.5, D).astype(np.float32))
+    cfg = RouterConfig(E, k, gating, 1, 1, True, 1.0)
+    kern = Kernels()
+    for run in range(2):
+        x = cupy.asarray((rng.standard_normal((1, D)) * 3).astype(np.float32))
+        y, xq, xs = poisoned(D), cupy.empty(D, np.int8), cupy.empty((D // 32, 2), np.float32)
+        logits, ids, wts = cupy.full((1, E), np.nan, np.float32), cupy.full((1, k), -1, np.int32), \
+            cupy.full((1, k), np.nan, np.float32)
+        kern.norm_router_route(x, (nw, 1e-6), y, (xq, xs), w, logits, None, cfg, ids, wts)
+        got = unpoisoned(y, D).reshape(1, D)
+        np.testing.assert_allclose(got, kern.rms_norm(x, nw, 1e-6).get(), rtol=3e-7, atol=0)
+        want_q, want_s = q8_1(got)
+        np.testing.assert_array_equal(xq.get(), want_q)
+        assert_bits_equal(xs.get(), want_s)
+        want_logits, want_ids, want_w = cupy.empty((1, E), np.float32), cupy.empty((1, k), np.int32), \
+            cupy.empty((1, k), np.float32)
+        kern.router_route(w, cupy.asarray(got), want_logits, None, cfg, want_ids, want_w)
+        np.testing.assert_array_equal(logits.get(), want_logits.get())
+        np.testing.assert_array_equal(ids.get(), want_ids.get())
+        np.testing.assert_array_equal(wts.get(), want_w.get())
+        assert int(kern.counters.max()) == 0
+
+
 def assert_down_with_shared(got, down, down2, ids, w, hv, h2v, add, res):
     """got (T, d) = res + ((add + routed) + shared) against float64: token t's `used` pairs of hv
     through down (E, d, n) weighted by w (T, used), token t's h2v through down2 (d, n2)."""

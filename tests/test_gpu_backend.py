@@ -105,12 +105,43 @@ def test_emulated_decode_runs_every_quantized_product_on_int8_activations(name, 
             finally:
                 inner.pop()
         return launch
-    for m in ("mmv", "glu_ids", "down_ids", "mmv1_q8", "glu_q8", "down_q8"):
+    for m in ("mmv", "glu_ids", "down_ids", "mmv1_q8", "glu_q8", "down_q8", "mmv1_sq8", "mmv3_sq8"):
         setattr(b.kernels, m, record(getattr(b.kernels, m), m))
     for t in range(2):
         engine.model.forward(np.array([t + 2]), ctx.cache)
-    assert {q for m, q in calls if m.endswith("_q8")} == int8
-    assert {q for m, q in calls if not m.endswith("_q8")} == {"F32"}
+    assert {q for m, q in calls if m.endswith("q8")} == int8
+    assert {q for m, q in calls if not m.endswith("q8")} == {"F32"}
+
+
+def test_a_decode_steps_norms_are_made_by_the_launches_that_read_them():
+    """In a decode step the layer's input norm is made inside the launch of its first products (q
+    and kv_a), the feed-forward's inside the router's launch, and the attention output is quantized
+    inside the output projection's: no launch of their own. What still launches: the first
+    (dense) layer's feed-forward norm, the head's norm, and each MoE layer's hidden rows' q8."""
+    b = EmulatedCUDABackend()
+    engine = load(FIXTURES / "v2lite-q8_0.gguf", backend=b)
+    ctx = engine.new_context()
+    engine.model.forward(PROMPT, ctx.cache)
+    calls, inner = [], []
+
+    def record(f, m):
+        def launch(*a, **kw):
+            if not inner:
+                calls.append(m)
+            inner.append(m)
+            try:
+                return f(*a, **kw)
+            finally:
+                inner.pop()
+        return launch
+    for m in [m for m in vars(type(b.kernels)) if not m.startswith("_")]:
+        setattr(b.kernels, m, record(getattr(b.kernels, m), m))
+    engine.model.forward(np.array([7]), ctx.cache)
+    layers = engine.model.layers
+    moe = sum(not L.dense for L in layers)
+    assert (calls.count("rms_norm"), calls.count("norm_router_route")) == (len(layers) - moe + 1, moe)
+    assert (calls.count("mmv3_sq8"), calls.count("mmv3_q8")) == (len(layers), 0)
+    assert calls.count("quantize_q8") == moe
 
 
 @pytest.mark.parametrize("name, tol", [("v3-f32.gguf", 1e-5), ("v2lite-q8_0.gguf", 1e-2)])

@@ -40,6 +40,8 @@ MMV1_ROWS, GLU_ROWS = 4, 2  # rows a block of mmv1 and down, of glu
 DOWN_THREADS = 256  # threads a block of the int8 down products (cuda_kernels.cu)
 GLU_THREADS = 64  # threads a block of the int8 gate-up products (cuda_kernels.cu)
 MLA_SPLITS = 16  # blocks per head of the decode attention (cuda_decode.cu)
+STAGE_MAX = 16384  # values a product's blocks quantize (and normalize) for themselves (cuda_kernels.cu)
+NORM_ROUTE_MAX = 8192  # D of the router launch that makes the layer's norm (cuda_decode.cu)
 MAX_HEADS = 4096  # query heads the decode attention kernels count splits for
 EXPERT_TILE = 2 * PREFILL_TILE  # float16 values of one projection's experts a prompt dequantizes at once
 GM_BM, GM_BN, GM_BK = 64, 64, 64  # a prompt's grouped expert products (cuda_prompt.cu): pairs, rows, values a tile
@@ -239,6 +241,25 @@ class Kernels:
                                             (w, np.int64(row_bytes), *q8, y, np.int32(n), np.int32(k),
                                              null if add is None else add, null if res is None else res))
 
+    def mmv1_sq8(self, qtype, w, row_bytes: int, x, norm, y, n: int, k: int, add=None, res=None) -> None:
+        """y (N,) = res + (add + W @ x) for one token of x (K,) float32, quantized by the launch's own
+        blocks after rms_norm by norm = (weight, eps) where given (K <= STAGE_MAX)."""
+        null = np.uint64(0)
+        nw, eps = norm if norm is not None else (null, 0.0)
+        self._fn(f"mmv1_{SUFFIX[qtype]}_sq8")((_launch_grid(n, MMV1_ROWS),), (ROW_THREADS,),
+                                             (w, np.int64(row_bytes), x, nw, np.float32(eps), y, np.int32(n),
+                                              np.int32(k), null if add is None else add, null if res is None else res))
+
+    def mmv3_sq8(self, qtype, mats, x, norm, ys, k: int) -> None:
+        """mmv3_q8 on one token of x (K,) float32 quantized by the launch's own blocks, after rms_norm
+        by norm = (weight, eps) where given."""
+        null = np.uint64(0)
+        nw, eps = norm if norm is not None else (null, 0.0)
+        args = [a for (w, rb, n), y in zip(mats, ys) for a in (w, np.int64(rb), y, np.int32(n))]
+        args += [null, np.int64(0), null, np.int32(0)] * (3 - len(mats))
+        blocks = sum(_launch_grid(n, MMV1_ROWS) for _, _, n in mats)
+        self._fn(f"mmv3_{SUFFIX[qtype]}_sq8")((blocks,), (ROW_THREADS,), (*args, x, nw, np.float32(eps), np.int32(k)))
+
     def mmv3_q8(self, qtype, mats, q8, ys, k: int) -> None:
         """ys[i] (N_i,) = mats[i] @ x for two or three (W, row_bytes, N) of one format on x as q8."""
         null = np.uint64(0)
@@ -338,6 +359,15 @@ class Kernels:
             w, np.int64(4 * d), x, logits, np.int32(e), np.int32(d), bias if bias is not None else np.uint64(0),
             np.int32(router.n_used), np.int32(router.gating), np.int32(bool(router.norm_weights)),
             np.float32(router.scale), self.counters, ids, wts))
+
+    def norm_router_route(self, x, norm, y, q8, w, logits, bias, router, ids, wts) -> None:
+        """router_route on rms_norm(x (1, D), *norm), which the launch also leaves in y (1, D) and as
+        q8 (xq, xs) for the experts' products (D <= NORM_ROUTE_MAX, a multiple of 32)."""
+        e, d = w.shape
+        self._fn("norm_router_route")((_launch_grid(e, MMV1_ROWS),), (ROW_THREADS,), (
+            x, norm[0], np.float32(norm[1]), y, *q8, w, np.int64(4 * d), logits, np.int32(e), np.int32(d),
+            bias if bias is not None else np.uint64(0), np.int32(router.n_used), np.int32(router.gating),
+            np.int32(bool(router.norm_weights)), np.float32(router.scale), self.counters, ids, wts))
 
     def store_row(self, src, dst, pos) -> None:
         n = src.size
@@ -458,6 +488,26 @@ class _ByIdentity:
             del self._of[next(iter(self._of))]
 
 
+class Normed:
+    """rms_norm(x, weight, eps) of one decode token, not yet made (CUDABackend.normed): the launches
+    that read it (a layer's first products, the router) normalize x in their own blocks, so that the
+    norm costs no launch of its own; any other reader gets the norm's output (CUDABackend.rows)."""
+
+    __slots__ = ("x", "weight", "eps", "y")
+
+    def __init__(self, x, weight, eps: float):
+        self.x, self.weight, self.eps, self.y = x, weight, eps, None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.x.shape
+
+    ndim = 2
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
 class DeviceMatrix:
     """A (N, K) weight in VRAM as the file's blocks: (N, row_bytes) uint8."""
 
@@ -483,15 +533,22 @@ class DeviceMatrix:
         the product's own launch."""
         xp, k = self.b.xp, self.b.kernels
         n, kk = self.shape
+        norm = None
+        if isinstance(x, Normed):
+            x, norm = (x.x, (x.weight, x.eps)) if self.b.stages(x.x, self.qtype) else (self.b.rows(x), None)
         one = x.ndim == 1
-        q8 = self.b.q8_of(x) if self.qtype in INT8_TYPES and x.size == kk else None
+        int8 = self.qtype in INT8_TYPES and x.size == kk
+        q8 = self.b.q8_of(x, new=not self.b.stages(x, self.qtype)) if int8 and norm is None else None
         given = x  # (a prompt's float16 copy is made once an array: half)
         x = xp.ascontiguousarray(x.reshape(-1, kk), dtype=np.float32)
         t = len(x)
-        if q8 is not None:
+        if q8 is not None or norm is not None or (int8 and self.b.stages(x, self.qtype)):
             y = xp.empty((1, n), np.float32)
-            k.mmv1_q8(self.qtype, self.raw, self.row_bytes, q8, y, n, kk,
-                      *(None if a is None else xp.ascontiguousarray(a.reshape(1, n), dtype=np.float32) for a in (add, res)))
+            add, res = (None if a is None else xp.ascontiguousarray(a.reshape(1, n), dtype=np.float32) for a in (add, res))
+            if q8 is not None:
+                k.mmv1_q8(self.qtype, self.raw, self.row_bytes, q8, y, n, kk, add, res)
+            else:  # quantized (and normalized) by the product's own blocks
+                k.mmv1_sq8(self.qtype, self.raw, self.row_bytes, x, norm, y, n, kk, add, res)
             return y[0] if one else y
         if t <= MMV_MAX_TOKENS:
             y = xp.empty((t, n), np.float32)
@@ -616,7 +673,7 @@ class CUDABackend:
 
     # --- products --------------------------------------------------------------------------
     def per_head(self, w, x):
-        xp = self.xp
+        xp, x = self.xp, self.rows(x)
         t, h, k = x.shape
         if isinstance(w, DeviceExperts):  # quantized heads
             if t > MMV_MAX_TOKENS:
@@ -682,11 +739,12 @@ class CUDABackend:
             # a captured step routes straight into the step's buffer, read after each replay
             ids = self._step.routed(layer) if self._step is not None and T == 1 else xp.empty((T, n), np.int32)
             w = xp.empty((T, n), np.float32)
-            self._route(x, router_weight, router, bias, ids, w)
+            x = self._route(x, router_weight, router, bias, ids, w)
             if self._step is None:
                 store.count(layer, self.host(ids))
             finish = self._routed_glu(x, ids.reshape(-1), n, store.device(layer), shared)
             return finish(w, None, residual)
+        x = self.rows(x)
         logits = self._router_logits(x, router_weight)
         if T > MMV_MAX_TOKENS and store.all_on_device(layer) and self.prompt_mma and _grouped_fits(*store.device(layer)) \
                 and router.n_expert <= PLAN_EXPERTS:
@@ -700,15 +758,26 @@ class CUDABackend:
             return plus(out, residual=residual)
         return self._plus_shared(x, self._routed_on_host(x, logits, router, bias, store, layer), shared, residual)
 
-    def _route(self, x, router_weight, router, bias, ids, w) -> None:
+    def _route(self, x, router_weight, router, bias, ids, w):
         """The router's top-k of a few tokens on the device into ids and w (T, k): the logits and
-        the choice in one launch where the router's shape allows."""
-        k = self.kernels
-        if len(x) == 1 and route_fuses(router, router_weight):
-            k.router_route(router_weight, self.xp.ascontiguousarray(x, dtype=np.float32),
-                           self.xp.empty((1, router.n_expert), np.float32), bias, router, ids, w)
+        the choice in one launch where the router's shape allows, which also makes a Normed x's
+        norm -> x (T, D) float32, contiguous (normalized)."""
+        xp, k = self.xp, self.kernels
+        one = len(x) == 1 and route_fuses(router, router_weight)
+        logits = xp.empty((1, router.n_expert), np.float32) if one else None
+        if one and isinstance(x, Normed) and x.shape[1] % 32 == 0 and x.shape[1] <= NORM_ROUTE_MAX and self.int8:
+            d = x.shape[1]
+            y, q8 = xp.empty((1, d), np.float32), (xp.empty(d, np.int8), xp.empty((d // 32, 2), np.float32))
+            k.norm_router_route(x.x, (x.weight, x.eps), y, q8, router_weight, logits, bias, router, ids, w)
+            self._quantized.put(y, q8)
+            x.y = y
+            return y
+        x = xp.ascontiguousarray(self.rows(x), dtype=np.float32)
+        if one:
+            k.router_route(router_weight, x, logits, bias, router, ids, w)
         else:
             k.route(self._router_logits(x, router_weight), bias, router, ids, w)
+        return x
 
     def _routed_glu(self, x, slots, n: int, projections, shared):
         """The gate-up launch of a few tokens' pairs (row p // n of x through expert slots[p]), the
@@ -744,8 +813,7 @@ class CUDABackend:
         s = self._splits.get(key)
         if s is None or s.store is not store:
             s = self._splits[key] = _SplitLayer(self, store, layer, D, n)
-        x = xp.ascontiguousarray(x, dtype=np.float32)
-        self._route(x, router_weight, router, bias, s.ids, s.w)
+        x = self._route(x, router_weight, router, bias, s.ids, s.w)
         self._copy(x, s.host_x, to_host=True)
         self._copy(s.choice, s.host_choice, to_host=True)
         finish = None
@@ -997,7 +1065,29 @@ class CUDABackend:
         self.kernels.mmv(Q.F32, w.view(np.uint8), 4 * d, self.xp.ascontiguousarray(x), y, e, d, len(x))
         return y
 
+    def normed(self, x, weight, eps: float):
+        """rms_norm(x, weight, eps) for the products that follow: one decode token's as a Normed,
+        which the int8 products and the router normalize in their own launches."""
+        if len(x) == 1 and x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous \
+                and self.stages(x, Q.Q8_0):
+            return Normed(x, weight, eps)
+        return self.rms_norm(x, weight, eps)
+
+    def rows(self, x):
+        """x, or a Normed's rows, normalized now (once)."""
+        if not isinstance(x, Normed):
+            return x
+        if x.y is None:
+            x.y = self.rms_norm(x.x, x.weight, x.eps)
+        return x.y
+
+    def stages(self, x, qtype) -> bool:
+        """Whether the int8 products of qtype quantize x (1, K) in their own blocks (mmv1_sq8)."""
+        k = x.shape[-1]
+        return self.int8 and qtype in INT8_TYPES and x.size == k and k % 32 == 0 and k <= STAGE_MAX
+
     def rms_norm(self, x, weight, eps: float):
+        x = self.rows(x)
         if not (x.ndim == 2 and x.dtype == np.float32 and x.strides[1] == 4 and x.strides[0] % 4 == 0):
             x = self.xp.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
         r, d = x.shape
@@ -1010,6 +1100,7 @@ class CUDABackend:
     def half(self, x):
         """x (T, K) as float16 for the grouped products, converted once where several read it (a
         norm's output: q and kv_a, the shared and the routed experts)."""
+        x = self.rows(x)
         h = self._halves.get(x)
         if h is None:
             h = self.xp.ascontiguousarray(x, dtype=np.float16)
@@ -1036,26 +1127,39 @@ class CUDABackend:
                 del self._one_matrix[next(iter(self._one_matrix))]
         return c
 
-    def q8_of(self, x):
+    def q8_of(self, x, new: bool = True):
         """x (T, K) as q8 for the int8 products: the norm's copy where x is a norm's output, else
-        quantized now; None where the int8 path is off or K is not a multiple of 32."""
+        quantized now (unless not new); None where the int8 path is off or K is not a multiple of 32."""
+        x = self.rows(x)
         if not self.int8 or x.shape[-1] % 32:
             return None
         known = self._quantized.get(x)
-        return known if known is not None else self.kernels.quantize_q8(self.xp.ascontiguousarray(x, dtype=np.float32))
+        if known is not None or not new:
+            return known
+        return self.kernels.quantize_q8(self.xp.ascontiguousarray(x, dtype=np.float32))
 
     def linears(self, ws, x):
         """[w(x) for w in ws]; two or three matrices of one int8 format and width on one token (a
-        layer's q and kv_a; q, k and v) in one launch, x quantized once."""
+        layer's q and kv_a; q, k and v) in one launch, x quantized once: by the launch's own blocks
+        where it can (and normalized there, where x is a Normed)."""
         one = ws[0]
         if not (1 < len(ws) <= 3 and x.ndim == 2 and len(x) == 1 and all(isinstance(w, DeviceMatrix) for w in ws)
                 and one.qtype in INT8_TYPES and all(w.qtype == one.qtype and w.shape[1] == one.shape[1] for w in ws)):
+            x = self.rows(x)
             return [w(x) for w in ws]
-        q8 = self.q8_of(x)
-        if q8 is None:
-            return [w(x) for w in ws]
+        mats, k = [(w.raw, w.row_bytes, w.shape[0]) for w in ws], one.shape[1]
         ys = [self.xp.empty((1, w.shape[0]), np.float32) for w in ws]
-        self.kernels.mmv3_q8(one.qtype, [(w.raw, w.row_bytes, w.shape[0]) for w in ws], q8, ys, one.shape[1])
+        if isinstance(x, Normed) and self.stages(x.x, one.qtype):
+            self.kernels.mmv3_sq8(one.qtype, mats, x.x, (x.weight, x.eps), ys, k)
+            return ys
+        x = self.rows(x)
+        q8 = self.q8_of(x, new=not self.stages(x, one.qtype))
+        if q8 is not None:
+            self.kernels.mmv3_q8(one.qtype, mats, q8, ys, k)
+        elif self.stages(x, one.qtype):
+            self.kernels.mmv3_sq8(one.qtype, mats, self.xp.ascontiguousarray(x, dtype=np.float32), None, ys, k)
+        else:
+            return [w(x) for w in ws]
         return ys
 
     def linear(self, w, x, residual=None):
@@ -1068,6 +1172,7 @@ class CUDABackend:
         matrices as stacks of one) and the down product adding `add` and `residual` in its launch,
         a prompt through the grouped kernels (gate-up with SiLU, then down: the matrices as an
         expert of one), else the cuBLAS tiles."""
+        x = self.rows(x)
         if len(x) > MMV_MAX_TOKENS and gate.qtype == up.qtype and gate.shape == up.shape \
                 and all(self.grouped_fits(m) for m in (gate, up, down)):
             # a prompt: gate, up and silu in one grouped launch, down in another, on the blocks
@@ -1153,6 +1258,7 @@ class CUDABackend:
         return g.run(int(tokens[0]), cache.pos)
 
     def host(self, x) -> np.ndarray:
+        x = self.rows(x)
         x = x if isinstance(x, np.ndarray) else x.get()
         self._count_usage()
         return x

@@ -17,6 +17,12 @@
 //     mmv1_f32 computes them, then the last block to finish (counter: zero before the launch and
 //     left zero) chooses as route_topk does (the same ids and weights, to the bit). E <= 256, no
 //     expert groups, k <= 32. block (128, 1, 1), grid (ceil(E / 4), 1, 1).
+// norm_router_route(const float* x, const float* nw, float eps, float* y, char* xq, float2* xs,
+//                   W, ll row_bytes, logits, E, D, bias, k, gating, norm, scale, counter, ids, w)
+//     router_route on the rms_norm of the layer's input x (D,) by nw (eps), which every block makes
+//     for itself (stage_q8); the first block also writes it, y (D,) float32 and q8_1 (xq, xs), for
+//     the experts' products: the norm costs no launch of its own. D <= 8192, a multiple of 32; block
+//     and grid as router_route's.
 // store_row_f16(const float* src, u16* dst, const int* pos, int n)
 //     dst[pos[0] * n + i] = fp16(src[i]) for i < n: the new token's cache entry.
 //     block (256, 1, 1), grid (ceil(n / 256), 1, 1).
@@ -195,11 +201,11 @@ __device__ __forceinline__ void route_warp(const float* __restrict__ logits, con
     if (lane < k) w[lane] = mine;
 }
 
-extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
-router_route(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x, float* __restrict__ logits, int E,
-             int D, const float* __restrict__ bias, int k, int gating, int norm, float scale,
-             unsigned* __restrict__ counter, int* __restrict__ ids, float* __restrict__ w) {
-    mmv1<F32>(W, row_bytes, x, logits, E, D, nullptr, nullptr);
+// The choice of router_route and norm_router_route, once every block's logits are written: the
+// last block to get here (counter: zero before the launch and left zero) routes.
+__device__ __forceinline__ void route_last(const float* logits, int E, const float* __restrict__ bias, int k,
+                                           int gating, int norm, float scale, unsigned* __restrict__ counter,
+                                           int* __restrict__ ids, float* __restrict__ w) {
     __shared__ unsigned ticket;
     __shared__ float all[32 * ROUTE_HELD];
     __threadfence();  // this block's logits are visible to the whole device before it is counted
@@ -213,6 +219,31 @@ router_route(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x
     __syncthreads();
     if (threadIdx.x < 32) route_warp(all, bias, E, k, gating, norm, scale, ids, w);
     if (threadIdx.x == 0) *counter = 0;
+}
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)
+router_route(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x, float* __restrict__ logits, int E,
+             int D, const float* __restrict__ bias, int k, int gating, int norm, float scale,
+             unsigned* __restrict__ counter, int* __restrict__ ids, float* __restrict__ w) {
+    mmv1<F32>(W, row_bytes, x, logits, E, D, nullptr, nullptr);
+    route_last(logits, E, bias, k, gating, norm, scale, counter, ids, w);
+}
+
+#define NORM_ROUTE_MAX 8192  // D of norm_router_route: the normalized row in shared memory
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+norm_router_route(const float* __restrict__ x, const float* __restrict__ nw, float eps, float* __restrict__ y,
+                  u8* __restrict__ xq, f32x2* __restrict__ xs, const u8* __restrict__ W, ll row_bytes,
+                  float* __restrict__ logits, int E, int D, const float* __restrict__ bias, int k, int gating,
+                  int norm, float scale, unsigned* __restrict__ counter, int* __restrict__ ids,
+                  float* __restrict__ w) {
+    __shared__ __align__(16) float ys[NORM_ROUTE_MAX];
+    const bool first = blockIdx.x == 0;
+    stage_q8(x, nw, eps, D, ys, first ? xq : nullptr, first ? xs : nullptr);
+    if (first)
+        for (int i = threadIdx.x; i < D; i += ROW_THREADS) y[i] = ys[i];
+    mmv1<F32>(W, row_bytes, ys, logits, E, D, nullptr, nullptr);
+    route_last(logits, E, bias, k, gating, norm, scale, counter, ids, w);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -66,6 +66,14 @@
 //     mmv1_<t>_q8 of two or three matrices of one format and width on the same token (a layer's q
 //     and kv_a; q, k and v) in one launch: blocks 0 .. ceil(N / 4) - 1 the first, then the second's,
 //     then the third's (N3 = 0: none). grid (ceil(N / 4) + ceil(N2 / 4) + ceil(N3 / 4), 1, 1).
+// mmv1_<t>_sq8(W, ll row_bytes, const float* x, const float* nw, float eps, float* y, int N, int K,
+//              const float* add, const float* res)
+// mmv3_<t>_sq8(W, row_bytes, y, N, W2, row_bytes2, y2, N2, W3, row_bytes3, y3, N3, const float* x,
+//              const float* nw, float eps, int K)
+//     mmv1_<t>_q8 and mmv3_<t>_q8 on one token's float32 x (K,), which every block quantizes to q8_1
+//     in its shared memory, after normalizing it as rms_norm_f32 does where the norm weight nw is
+//     given (NULL: x as it is): no launch of its own for the norm or the quantization. K <= 16384, a
+//     multiple of 32; grids as mmv1_<t>_q8's and mmv3_<t>_q8's.
 // quantize_q8_1(const float* x, char* xq, float2* xs, ll n)
 //     n values (a multiple of 32) -> q8_1. block (128, 1, 1), grid (ceil(n / 128), 1, 1).
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
@@ -645,6 +653,21 @@ __device__ __forceinline__ void load16(const float* __restrict__ x, float (&v)[1
     }
 }
 
+__device__ __forceinline__ void store16(float* __restrict__ out, const float (&v)[16]) {
+    f32x4* p = (f32x4*)out;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = f32x4{v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]};
+}
+
+__device__ __forceinline__ void store16(u16* __restrict__ out, const float (&v)[16]) {
+    u32 w[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) w[k] = (u32)f2h(v[2 * k]) | ((u32)f2h(v[2 * k + 1]) << 16);
+    u32x4* p = (u32x4*)out;
+    p[0] = u32x4{w[0], w[1], w[2], w[3]};
+    p[1] = u32x4{w[4], w[5], w[6], w[7]};
+}
+
 // 16 decoded weights . 16 activations in registers; four partial sums as dot16
 __device__ __forceinline__ float dot16r(const float (&w)[16], const float (&x)[16]) {
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
@@ -926,6 +949,91 @@ __device__ __forceinline__ void mmv1_q8(const u8* __restrict__ W, ll row_bytes, 
     finish_rows<R>(acc, red, add, res, y, n0, N);
 }
 
+// --- activations staged by the product's own blocks ---------------------------------------------------
+// A token's float32 activations quantized to q8_1 by every block of the product that reads them,
+// into its shared memory, instead of by a launch of their own (rms_norm_q8, quantize_q8_1) before
+// it: a decode step's norms and its attention output cost a launch each, and a launch inside a
+// graph costs more than the block's re-reading 8 KB of activations from L2. Where a norm weight is
+// given the values are normalized first (rms_norm_f32's x * scale * w; the sums of squares in each
+// thread's items' order, then the warps' in order, so the scale may differ from rms_norm_f32's by
+// an ulp).
+#define STAGE_MAX 16384  // values a block stages (V3's attention output: 128 heads x 128)
+
+// x (K,) -> ys (K) float32 where given, and q8_1 (xq (K), xs (K / 32)) where xq is given, normalized
+// by w (NULL: not normalized); all ROW_THREADS threads of the block call it; it ends with a barrier.
+// Item it (16 values) is thread it % ROW_THREADS's: a q8_1 block's two items are neighbouring lanes.
+__device__ __forceinline__ void stage_q8(const float* __restrict__ x, const float* __restrict__ w, float eps, int K,
+                                         float* ys, u8* xq, f32x2* xs) {
+    __shared__ float partial[ROW_WARPS];
+    const int items = K >> 4, rounds = (items + ROW_THREADS - 1) / ROW_THREADS;
+    float scale = 1.0f;
+    if (w) {
+        float s = 0.0f;
+        for (int it = threadIdx.x; it < items; it += ROW_THREADS) {
+            float v[16];
+            load16(x + 16 * it, v);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) s += v[i] * v[i];
+        }
+        s = warp_sum(s);
+        if ((threadIdx.x & (WARP_SIZE - 1)) == 0) partial[threadIdx.x >> 5] = s;
+        __syncthreads();
+        float t = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ROW_WARPS; ++i) t += partial[i];
+        scale = 1.0f / sqrtf(t / (float)K + eps);
+    }
+    for (int j = 0; j < rounds; ++j) {  // uniform over the block: the pair's shuffles meet
+        const int it = threadIdx.x + ROW_THREADS * j;
+        const bool valid = it < items;  // items is even: a pair is valid or not together
+        float v[16];
+        if (valid) {
+            load16(x + 16 * it, v);
+            if (w) {
+                float g[16];
+                load16(w + 16 * it, g);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) v[i] = v[i] * scale * g[i];
+            }
+            if (ys) store16(ys + 16 * it, v);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) v[i] = 0.0f;
+        }
+        if (!xq) continue;
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+        amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
+        const float d = amax / 127.0f;
+        u32 packed[4] = {0u, 0u, 0u, 0u};
+        int sum = 0;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int q = amax == 0.0f ? 0 : __float2int_rn(v[i] / d);
+            sum += q;
+            packed[i >> 2] |= ((u32)q & 0xFFu) << (8 * (i & 3));
+        }
+        sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+        if (valid) {
+            *(u32x4*)(xq + 16 * it) = u32x4{packed[0], packed[1], packed[2], packed[3]};
+            if (!(it & 1)) xs[it >> 1] = f32x2{d, d * (float)sum};
+        }
+    }
+    __syncthreads();
+}
+
+// mmv1_q8 on x (K,) float32 staged by the block (normalized by nw where given)
+template <class Q>
+__device__ __forceinline__ void mmv1_sq8(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,
+                                         const float* __restrict__ nw, float eps, float* __restrict__ y, int N, int K,
+                                         const float* __restrict__ add, const float* __restrict__ res, int block) {
+    __shared__ __align__(16) u8 xq[STAGE_MAX];
+    __shared__ f32x2 xs[STAGE_MAX / 32];
+    stage_q8(x, nw, eps, K, nullptr, xq, xs);
+    mmv1_q8<Q>(W, row_bytes, xq, xs, y, N, K, add, res, block);
+}
+
 // mmv_glu_ids (shared experts included) on x as q8_1: row r of x at xq + r K, xs + r K / 32
 template <class Q>
 __device__ __forceinline__ void glu_ids_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,
@@ -1026,21 +1134,6 @@ quantize_q8_1(const float* __restrict__ x, u8* __restrict__ xq, f32x2* __restric
 }
 
 // --- dequantize rows ----------------------------------------------------------------------------
-
-__device__ __forceinline__ void store16(float* __restrict__ out, const float (&v)[16]) {
-    f32x4* p = (f32x4*)out;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = f32x4{v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]};
-}
-
-__device__ __forceinline__ void store16(u16* __restrict__ out, const float (&v)[16]) {
-    u32 w[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) w[k] = (u32)f2h(v[2 * k]) | ((u32)f2h(v[2 * k + 1]) << 16);
-    u32x4* p = (u32x4*)out;
-    p[0] = u32x4{w[0], w[1], w[2], w[3]};
-    p[1] = u32x4{w[4], w[5], w[6], w[7]};
-}
 
 // thread i decodes unit u of output row r, i = r * (K / 32) + u, into out[32 i:][:32]
 template <class Q, class Out>
@@ -1156,6 +1249,23 @@ FORMAT_KERNELS(q6_k, Q6_K)
         if (b < b1) mmv1_q8<Q>(W, row_bytes, xq, xs, y, N, K, nullptr, nullptr, b);                     \
         else if (b < b1 + b2) mmv1_q8<Q>(W2, row_bytes2, xq, xs, y2, N2, K, nullptr, nullptr, b - b1);  \
         else mmv1_q8<Q>(W3, row_bytes3, xq, xs, y3, N3, K, nullptr, nullptr, b - b1 - b2);              \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+        mmv1_##name##_sq8(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,             \
+                          const float* __restrict__ nw, float eps, float* __restrict__ y, int N, int K,     \
+                          const float* __restrict__ add, const float* __restrict__ res) {                  \
+        mmv1_sq8<Q>(W, row_bytes, x, nw, eps, y, N, K, add, res, blockIdx.x);                           \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 8)                                        \
+        mmv3_##name##_sq8(const u8* __restrict__ W, ll row_bytes, float* __restrict__ y, int N,        \
+                          const u8* __restrict__ W2, ll row_bytes2, float* __restrict__ y2, int N2,    \
+                          const u8* __restrict__ W3, ll row_bytes3, float* __restrict__ y3, int N3,    \
+                          const float* __restrict__ x, const float* __restrict__ nw, float eps, int K) {  \
+        const int b1 = (N + MMV1_ROWS - 1) / MMV1_ROWS, b2 = (N2 + MMV1_ROWS - 1) / MMV1_ROWS;          \
+        const int b = blockIdx.x;                                                                       \
+        if (b < b1) mmv1_sq8<Q>(W, row_bytes, x, nw, eps, y, N, K, nullptr, nullptr, b);               \
+        else if (b < b1 + b2) mmv1_sq8<Q>(W2, row_bytes2, x, nw, eps, y2, N2, K, nullptr, nullptr, b - b1); \
+        else mmv1_sq8<Q>(W3, row_bytes3, x, nw, eps, y3, N3, K, nullptr, nullptr, b - b1 - b2);          \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(GLU_THREADS, 8)                                        \
         glu_ids_##name##_q8(const u8* __restrict__ Wg, const u8* __restrict__ Wu, ll row_bytes,        \
