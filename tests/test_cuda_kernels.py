@@ -802,7 +802,7 @@ def test_gqa_decode_stores_and_attends(d, n):
 
 # --- MLA decode (cuda_decode.cu) ----------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 37, 700])
+@pytest.mark.parametrize("n", [1, 32, 37, 100, 700])
 def test_mla_entry_and_decode_against_the_unfused_kernels_and_float64(n):
     """mla_entry leaves the cache entry and the rotary query bit for bit as rope_f32, rms_norm_f32
     and store_row_f16 do; mla_decode (its splits merged by the last of each head) against float64."""

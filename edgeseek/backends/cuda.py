@@ -248,7 +248,8 @@ class Kernels:
         nw, eps = norm if norm is not None else (null, 0.0)
         self._fn(f"mmv1_{SUFFIX[qtype]}_sq8")((_launch_grid(n, MMV1_ROWS),), (ROW_THREADS,),
                                              (w, np.int64(row_bytes), x, nw, np.float32(eps), y, np.int32(n),
-                                              np.int32(k), null if add is None else add, null if res is None else res))
+                                              np.int32(k), null if add is None else add, null if res is None else res),
+                                             shared_mem=k + k // 4)
 
     def mmv3_sq8(self, qtype, mats, x, norm, ys, k: int) -> None:
         """mmv3_q8 on one token of x (K,) float32 quantized by the launch's own blocks, after rms_norm
@@ -258,7 +259,8 @@ class Kernels:
         args = [a for (w, rb, n), y in zip(mats, ys) for a in (w, np.int64(rb), y, np.int32(n))]
         args += [null, np.int64(0), null, np.int32(0)] * (3 - len(mats))
         blocks = sum(_launch_grid(n, MMV1_ROWS) for _, _, n in mats)
-        self._fn(f"mmv3_{SUFFIX[qtype]}_sq8")((blocks,), (ROW_THREADS,), (*args, x, nw, np.float32(eps), np.int32(k)))
+        self._fn(f"mmv3_{SUFFIX[qtype]}_sq8")((blocks,), (ROW_THREADS,), (*args, x, nw, np.float32(eps), np.int32(k)),
+                                             shared_mem=k + k // 4)
 
     def mmv3_q8(self, qtype, mats, q8, ys, k: int) -> None:
         """ys[i] (N_i,) = mats[i] @ x for two or three (W, row_bytes, N) of one format on x as q8."""

@@ -73,7 +73,8 @@
 //     mmv1_<t>_q8 and mmv3_<t>_q8 on one token's float32 x (K,), which every block quantizes to q8_1
 //     in its shared memory, after normalizing it as rms_norm_f32 does where the norm weight nw is
 //     given (NULL: x as it is): no launch of its own for the norm or the quantization. K <= 16384, a
-//     multiple of 32; grids as mmv1_<t>_q8's and mmv3_<t>_q8's.
+//     multiple of 32; grids as mmv1_<t>_q8's and mmv3_<t>_q8's, K + K / 4 bytes of dynamic shared
+//     memory.
 // quantize_q8_1(const float* x, char* xq, float2* xs, ll n)
 //     n values (a multiple of 32) -> q8_1. block (128, 1, 1), grid (ceil(n / 128), 1, 1).
 // dequant_<t>_f32(const uchar* W, ll row_bytes, const int* rows, int n_rows, int K, float* out)
@@ -958,34 +959,92 @@ __device__ __forceinline__ void mmv1_q8(const u8* __restrict__ W, ll row_bytes, 
 // thread's items' order, then the warps' in order, so the scale may differ from rms_norm_f32's by
 // an ulp).
 #define STAGE_MAX 16384  // values a block stages (V3's attention output: 128 heads x 128)
+// The launches that stage x give their blocks K + K / 4 bytes of dynamic shared memory (cuda.py
+// stage_bytes): the q8 values, then a (d, d * sum(q)) pair of floats a 32.
+
+// Item it's 16 values v (zeros where not valid) -> ys where given, and q8_1 into xq, xs where xq is
+// given: the item's pair (it ^ 1, the neighbouring lane) shares the block's amax and sum.
+__device__ __forceinline__ void stage_item(float (&v)[16], int it, bool valid, float* ys, u8* xq, f32x2* xs) {
+    if (ys && valid) store16(ys + 16 * it, v);
+    if (!xq) return;
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
+    const float d = amax / 127.0f;
+    u32 packed[4] = {0u, 0u, 0u, 0u};
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        const int q = amax == 0.0f ? 0 : __float2int_rn(v[i] / d);
+        sum += q;
+        packed[i >> 2] |= ((u32)q & 0xFFu) << (8 * (i & 3));
+    }
+    sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+    if (valid) {
+        *(u32x4*)(xq + 16 * it) = u32x4{packed[0], packed[1], packed[2], packed[3]};
+        if (!(it & 1)) xs[it >> 1] = f32x2{d, d * (float)sum};
+    }
+}
+
+// the block's sum of each thread's s, in every thread (partial: ROW_WARPS floats of shared memory)
+__device__ __forceinline__ float block_total(float s, float* partial) {
+    s = warp_sum(s);
+    if ((threadIdx.x & (WARP_SIZE - 1)) == 0) partial[threadIdx.x >> 5] = s;
+    __syncthreads();
+    float t = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ROW_WARPS; ++i) t += partial[i];
+    return t;
+}
 
 // x (K,) -> ys (K) float32 where given, and q8_1 (xq (K), xs (K / 32)) where xq is given, normalized
 // by w (NULL: not normalized); all ROW_THREADS threads of the block call it; it ends with a barrier.
 // Item it (16 values) is thread it % ROW_THREADS's: a q8_1 block's two items are neighbouring lanes.
+// Rows of at most 16 ROW_THREADS values (an item a thread) are read once, x and w together, ahead of
+// the sum of squares; longer ones twice.
 __device__ __forceinline__ void stage_q8(const float* __restrict__ x, const float* __restrict__ w, float eps, int K,
                                          float* ys, u8* xq, f32x2* xs) {
     __shared__ float partial[ROW_WARPS];
-    const int items = K >> 4, rounds = (items + ROW_THREADS - 1) / ROW_THREADS;
+    const int items = K >> 4, it0 = threadIdx.x;
+    if (items <= ROW_THREADS) {
+        const bool valid = it0 < items;  // items is even: a pair is valid or not together
+        float v[16], g[16];
+        if (valid) {
+            load16(x + 16 * it0, v);
+            if (w) load16(w + 16 * it0, g);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) v[i] = 0.0f;
+        }
+        if (w) {
+            float s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) s += v[i] * v[i];
+            const float scale = 1.0f / sqrtf(block_total(s, partial) / (float)K + eps);
+            if (valid)
+#pragma unroll
+                for (int i = 0; i < 16; ++i) v[i] = v[i] * scale * g[i];
+        }
+        stage_item(v, it0, valid, ys, xq, xs);
+        __syncthreads();
+        return;
+    }
     float scale = 1.0f;
     if (w) {
         float s = 0.0f;
-        for (int it = threadIdx.x; it < items; it += ROW_THREADS) {
+        for (int it = it0; it < items; it += ROW_THREADS) {
             float v[16];
             load16(x + 16 * it, v);
 #pragma unroll
             for (int i = 0; i < 16; ++i) s += v[i] * v[i];
         }
-        s = warp_sum(s);
-        if ((threadIdx.x & (WARP_SIZE - 1)) == 0) partial[threadIdx.x >> 5] = s;
-        __syncthreads();
-        float t = 0.0f;
-#pragma unroll
-        for (int i = 0; i < ROW_WARPS; ++i) t += partial[i];
-        scale = 1.0f / sqrtf(t / (float)K + eps);
+        scale = 1.0f / sqrtf(block_total(s, partial) / (float)K + eps);
     }
+    const int rounds = (items + ROW_THREADS - 1) / ROW_THREADS;
     for (int j = 0; j < rounds; ++j) {  // uniform over the block: the pair's shuffles meet
-        const int it = threadIdx.x + ROW_THREADS * j;
-        const bool valid = it < items;  // items is even: a pair is valid or not together
+        const int it = it0 + ROW_THREADS * j;
+        const bool valid = it < items;
         float v[16];
         if (valid) {
             load16(x + 16 * it, v);
@@ -995,32 +1054,25 @@ __device__ __forceinline__ void stage_q8(const float* __restrict__ x, const floa
 #pragma unroll
                 for (int i = 0; i < 16; ++i) v[i] = v[i] * scale * g[i];
             }
-            if (ys) store16(ys + 16 * it, v);
         } else {
 #pragma unroll
             for (int i = 0; i < 16; ++i) v[i] = 0.0f;
         }
-        if (!xq) continue;
-        float amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
-        amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
-        const float d = amax / 127.0f;
-        u32 packed[4] = {0u, 0u, 0u, 0u};
-        int sum = 0;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const int q = amax == 0.0f ? 0 : __float2int_rn(v[i] / d);
-            sum += q;
-            packed[i >> 2] |= ((u32)q & 0xFFu) << (8 * (i & 3));
-        }
-        sum += __shfl_xor_sync(FULL_MASK, sum, 1);
-        if (valid) {
-            *(u32x4*)(xq + 16 * it) = u32x4{packed[0], packed[1], packed[2], packed[3]};
-            if (!(it & 1)) xs[it >> 1] = f32x2{d, d * (float)sum};
-        }
+        stage_item(v, it, valid, ys, xq, xs);
     }
     __syncthreads();
+}
+
+// Rows n0 .. n0 + R - 1 of W (the last repeated past N) asked of L2 ahead, a 128-byte line a thread
+// at a time (prefetch.global.L2): a block that stages its activations first has its weights on the
+// way from memory meanwhile.
+__device__ __forceinline__ void prefetch_rows(const u8* __restrict__ W, ll row_bytes, int n0, int R, int N) {
+    const int lines = (int)((row_bytes + 127) >> 7) + 1;  // a row need not start on a line
+    for (int i = threadIdx.x; i < R * lines; i += blockDim.x) {
+        const int r = i / lines;
+        const u8* p = W + (ll)min(n0 + r, N - 1) * row_bytes + ((ll)(i - r * lines) << 7);
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
 }
 
 // mmv1_q8 on x (K,) float32 staged by the block (normalized by nw where given)
@@ -1028,8 +1080,10 @@ template <class Q>
 __device__ __forceinline__ void mmv1_sq8(const u8* __restrict__ W, ll row_bytes, const float* __restrict__ x,
                                          const float* __restrict__ nw, float eps, float* __restrict__ y, int N, int K,
                                          const float* __restrict__ add, const float* __restrict__ res, int block) {
-    __shared__ __align__(16) u8 xq[STAGE_MAX];
-    __shared__ f32x2 xs[STAGE_MAX / 32];
+    extern __shared__ __align__(16) u8 staged[];  // K bytes of q8, then K / 32 (d, d * sum(q)): stage_bytes(K)
+    u8* xq = staged;
+    f32x2* xs = (f32x2*)(staged + K);
+    prefetch_rows(W, row_bytes, block * MMV1_ROWS, MMV1_ROWS, N);
     stage_q8(x, nw, eps, K, nullptr, xq, xs);
     mmv1_q8<Q>(W, row_bytes, xq, xs, y, N, K, add, res, block);
 }
