@@ -31,9 +31,9 @@
 //            unsigned* counters, float* out)
 //     One new token against positions 0..pos[0] of one layer's cache: cache_c (s_max, C) and
 //     cache_kpe (s_max, R) fp16; q_lat (H, C), q_pe (H, R) float32; scores (H, s_max) scratch;
-//     out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c, split over the positions (one split
-//     a head up to 32 positions, more as they grow: active_splits); the last split of a head to
-//     finish merges the head's parts (counters (H,) uint32, zero before the launch and left zero). C a multiple of 8 and C + R <= 1024. block (256, 1, 1),
+//     out (H, C) = softmax(scale * (q_lat c^T + q_pe kpe^T)) c, split over the positions; the last
+//     split of a head to finish merges the head's parts (counters (H,) uint32, zero before the
+//     launch and left zero). C a multiple of 8 and C + R <= 1024. block (256, 1, 1),
 //     grid (H, MLA_SPLITS, 1); part (H, MLA_SPLITS, C + 2) scratch.
 // mla_entry(const float* q, const float* kv, const float* norm_w, float eps, const float* cos_t,
 //           const float* sin_t, const int* pos, int neox, int dim, int H, int N, int R, int C,
@@ -94,49 +94,39 @@ __device__ __forceinline__ void split_softmax(float* sc, int s0, int s1, float* 
 }
 
 #define MLA_SPLITS 16  // blocks per head of the split decode attention
-#define MLA_MIN_CHUNK 32  // positions a split takes at least: a short context runs fewer splits
-
-// The splits that run for S cached positions: one for up to MLA_MIN_CHUNK (it writes the head's
-// output itself, no merge), more as S grows, MLA_SPLITS from 16 MLA_MIN_CHUNK on. The grid has
-// MLA_SPLITS blocks a head whatever S is (a captured step replays at every later position): the
-// others return at once.
-__device__ __forceinline__ int active_splits(int S) {
-    return min(MLA_SPLITS, (S + MLA_MIN_CHUNK - 1) / MLA_MIN_CHUNK);
-}
 #define MLA_VECS 4     // 16-byte vectors of a latent row per lane (C <= 32 * 4 * 8 = 1024)
 
-// The merge of a head's n splits: out (C) from part (n, C + 2) (running max, sum, values). Read
-// through volatile: the other splits wrote their parts in this launch, from other blocks.
-__device__ __forceinline__ void combine_splits(const float* part, float* __restrict__ out, int C, int n) {
+// The merge of a head's splits: out (C) from part (MLA_SPLITS, C + 2) (running max, sum, values).
+// Read through volatile: the other splits wrote their parts in this launch, from other blocks.
+__device__ __forceinline__ void combine_splits(const float* part, float* __restrict__ out, int C) {
     const volatile float* p = part;
     float m = NEG_INF;
-    for (int b = 0; b < n; ++b) m = fmaxf(m, p[b * (C + 2) + C]);
+    for (int b = 0; b < MLA_SPLITS; ++b) m = fmaxf(m, p[b * (C + 2) + C]);
     float l = 0.0f;
     float f[MLA_SPLITS];
 #pragma unroll
     for (int b = 0; b < MLA_SPLITS; ++b) {
-        const float mb = b < n ? p[b * (C + 2) + C] : NEG_INF;
+        const float mb = p[b * (C + 2) + C];
         f[b] = mb == NEG_INF ? 0.0f : expf(mb - m);
-        if (b < n) l += f[b] * p[b * (C + 2) + C + 1];
+        l += f[b] * p[b * (C + 2) + C + 1];
     }
     for (int i = threadIdx.x; i < C; i += 256) {
         float acc = 0.0f;
 #pragma unroll
-        for (int b = 0; b < MLA_SPLITS; ++b)
-            if (b < n) acc += f[b] * p[b * (C + 2) + i];
+        for (int b = 0; b < MLA_SPLITS; ++b) acc += f[b] * p[b * (C + 2) + i];
         out[i] = acc / l;
     }
 }
 
-// Called by every thread of a split's block once its part is written: true in the last of head
-// h's n splits to get here (it then merges the head; the counter is back at 0 for the next launch).
-__device__ __forceinline__ bool last_split(unsigned* counters, int h, int n) {
+// Called by every thread of a split's block once its part is written: true in the last block of
+// head h to get here (it then merges the head; the counter is back at 0 for the next launch).
+__device__ __forceinline__ bool last_split(unsigned* counters, int h) {
     __shared__ unsigned ticket;
     __threadfence();  // this block's part is visible to the whole device before it is counted
     __syncthreads();
     if (threadIdx.x == 0) ticket = atomicAdd(counters + h, 1u);
     __syncthreads();
-    if (ticket != (unsigned)n - 1) return false;
+    if (ticket != MLA_SPLITS - 1) return false;
     __threadfence();
     if (threadIdx.x == 0) counters[h] = 0;
     return true;
@@ -377,9 +367,8 @@ mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, cons
     __shared__ float qs[1024];  // q_lat (C) then q_pe (R) of this head
     __shared__ __align__(16) float wsum[8 * MLA_VECS * 256];  // each warp's weighted latents (C <= 1024)
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int S = pos[0] + 1, n = active_splits(S);
-    if (b >= n) return;
-    const int chunk = (S + n - 1) / n;
+    const int S = pos[0] + 1;
+    const int chunk = (S + MLA_SPLITS - 1) / MLA_SPLITS;
     const int s0 = b * chunk, s1 = min(S, s0 + chunk);
     float* out = part + ((ll)h * MLA_SPLITS + b) * (C + 2);
     for (int i = tid; i < C; i += 256) qs[i] = q_lat[(ll)h * C + i];
@@ -454,15 +443,6 @@ mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, cons
         }
     }
     __syncthreads();
-    if (n == 1) {  // the only split: the head's output, as combine_splits leaves one part
-        for (int i = tid; i < C; i += 256) {
-            float t = 0.0f;
-#pragma unroll
-            for (int w = 0; w < 8; ++w) t += wsum[w * C + i];
-            o[(ll)h * C + i] = t / sum;
-        }
-        return;
-    }
     for (int i = tid; i < C; i += 256) {
         float t = 0.0f;
 #pragma unroll
@@ -473,7 +453,7 @@ mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe, cons
         out[C] = m;  // -inf for an empty split
         out[C + 1] = sum;
     }
-    if (last_split(counters, h, n)) combine_splits(part + (ll)h * MLA_SPLITS * (C + 2), o + (ll)h * C, C, n);
+    if (last_split(counters, h)) combine_splits(part + (ll)h * MLA_SPLITS * (C + 2), o + (ll)h * C, C);
 }
 
 // store_kv_f16(const float* k, const float* v, u16* k_cache, u16* v_cache, ll head_stride,
@@ -509,9 +489,8 @@ gqa_decode(const float* __restrict__ q, const u16* __restrict__ k_cache, const u
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const u16* kc = k_cache + (ll)(h / group) * head_stride;
     const u16* vc = v_cache + (ll)(h / group) * head_stride;
-    const int S = pos[0] + 1, n = active_splits(S);
-    if (b >= n) return;
-    const int chunk = (S + n - 1) / n;
+    const int S = pos[0] + 1;
+    const int chunk = (S + MLA_SPLITS - 1) / MLA_SPLITS;
     const int s0 = b * chunk, s1 = min(S, s0 + chunk);
     float* out = part + ((ll)h * MLA_SPLITS + b) * (d + 2);
     for (int i = tid; i < d; i += 256) qs[i] = q[(ll)h * d + i];
@@ -537,15 +516,13 @@ gqa_decode(const float* __restrict__ q, const u16* __restrict__ k_cache, const u
     if (tid < d) {
         float t = 0.0f;
         for (int g = 0; g < groups; ++g) t += acc_s[g * d + tid];
-        if (n == 1) o[(ll)h * d + tid] = t / sum;  // the only split: as combine_splits leaves it
-        else out[tid] = t;
+        out[tid] = t;
     }
-    if (n == 1) return;
     if (tid == 0) {
         out[d] = m;  // -inf for an empty split
         out[d + 1] = sum;
     }
-    if (last_split(counters, h, n)) combine_splits(part + (ll)h * MLA_SPLITS * (d + 2), o + (ll)h * d, d, n);
+    if (last_split(counters, h)) combine_splits(part + (ll)h * MLA_SPLITS * (d + 2), o + (ll)h * d, d);
 }
 
 // rope_f32(const float* x, float* y, int T, int H, ll st, ll sh, int head_dim, int dim,
