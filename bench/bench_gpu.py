@@ -28,11 +28,13 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 DATASHEET_BW = {"H200": 4.8e12, "H100": 3.35e12}
+REPEATS = 3  # runs of each figure on our side, as llama-bench's -r 3
 
 
 def side(path: str, gpu_budget: str | None, n_prefill: int, n_decode: int, threads: int, device: str) -> dict:
     """One engine process: load, pp (one forward of n_prefill tokens), tg (n_decode greedy steps from an
-    empty context) and tg_d (n_decode greedy steps after the pp prompt)."""
+    empty context) and tg_d (n_decode greedy steps after the pp prompt), each the mean of REPEATS runs
+    (expert pairs counted over all of them)."""
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     import edgeseek
 
@@ -53,21 +55,25 @@ def side(path: str, gpu_budget: str | None, n_prefill: int, n_decode: int, threa
             token = int(np.argmax(model.forward(np.array([token], np.int32), cache)[-1]))
         return time.perf_counter() - t
 
-    cache = model.new_cache()  # tg: from an empty context, as llama-bench's tg128
-    token = int(np.argmax(model.forward(np.array([7], np.int32), cache)[-1]))  # the cache's decode step captured
+    tg, pp, deep = [], [], []
     engine.expert_stats()  # reset the per-tier counters
-    decode_s = decode(token, cache)
+    for _ in range(REPEATS):  # each figure the mean of REPEATS runs, as llama-bench -r 3 reports
+        cache = model.new_cache()  # tg: from an empty context, as llama-bench's tg128
+        token = int(np.argmax(model.forward(np.array([7], np.int32), cache)[-1]))  # the cache's step captured
+        tg.append(n_decode / decode(token, cache))
+        cache = model.new_cache()
+        prompt = rng.integers(100, vocab, n_prefill).astype(np.int32)
+        t = time.perf_counter()
+        logits = model.forward(prompt, cache)
+        pp.append(n_prefill / (time.perf_counter() - t))
+        token = int(np.argmax(model.forward(np.array([int(np.argmax(logits[-1]))], np.int32), cache)[-1]))
+        deep.append(n_decode / decode(token, cache))  # tg at depth n_prefill, as llama-bench -d
     s = engine.expert_stats()
-    cache = model.new_cache()
-    prompt = rng.integers(100, vocab, n_prefill).astype(np.int32)
-    t = time.perf_counter()
-    logits = model.forward(prompt, cache)
-    prefill_s = time.perf_counter() - t
-    token = int(np.argmax(model.forward(np.array([int(np.argmax(logits[-1]))], np.int32), cache)[-1]))
-    deep_s = decode(token, cache)  # tg at depth n_prefill, as llama-bench -d
     plan = engine.gpu_plan
-    return {"load_s": round(load_s, 2), "pp_tps": round(n_prefill / prefill_s, 1),
-            "tg_tps": round(n_decode / decode_s, 1), "tg_d_tps": round(n_decode / deep_s, 1),
+    mean = lambda v: round(float(np.mean(v)), 1)  # noqa: E731
+    return {"load_s": round(load_s, 2), "pp_tps": mean(pp), "tg_tps": mean(tg), "tg_d_tps": mean(deep),
+            "runs": {"pp_tps": [round(v, 1) for v in pp], "tg_tps": [round(v, 1) for v in tg],
+                     "tg_d_tps": [round(v, 1) for v in deep]},
             "device": engine.device_name,
             "vram_bytes": engine.vram_used(),
             "experts_on_gpu": plan.experts_on_gpu if plan else None,
