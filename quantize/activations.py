@@ -92,36 +92,64 @@ def _quantize_rows(x, dtype):
     return q, d, sums, s
 
 
-def quantize_q8(x: np.ndarray, dtype=np.int8) -> Q8Activations:
+@njit(cache=True)
+def _normed_one(x, w, eps, dtype):
+    # rms_norm(x) * w as the CPU backend's _rms_norm makes it (the squares summed in float64, the
+    # scale applied in float32: the same bits), then _quantize_one: a decode step's norm and the
+    # 8-bit activations of the products that read it in one call
+    k = x.shape[0]
+    s = 0.0
+    for i in range(k):
+        s += np.float64(x[i]) * np.float64(x[i])
+    scale = F32(1.0) / F32(np.sqrt(F32(s / k) + eps))
+    y = np.empty(k, np.float32)
+    for i in range(k):
+        y[i] = x[i] * scale * w[i]
+    return _quantize_one(y, dtype)
+
+
+def quantize_q8(x: np.ndarray, dtype=np.int8, norm=None) -> Q8Activations:
     """x (T, K) or (K,) float32 -> Q8Activations with leading dimension T (1 for a vector).
-    dtype int32 gives the values widened, as the kernels read them."""
+    dtype int32 gives the values widened, as the kernels read them. A vector may come with its
+    norm, norm = (weight, eps): the activations of rms_norm(x) * weight, made in the same call."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[-1] % QK:
         raise ValueError(f"activation length {x.shape[-1]} is not a multiple of {QK}")
     if x.ndim == 1:
+        if norm is not None:
+            return Q8Activations(*_normed_one(x, np.ascontiguousarray(norm[0], dtype=np.float32), F32(norm[1]),
+                                              np.dtype(dtype)))
         return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
+    if norm is not None:
+        raise ValueError("a norm prologue takes one activation vector")
     return Q8Activations(*_quantize_rows(x, np.dtype(dtype)))
 
 
 # --- the activation arguments of the kernels (registry.TileKernels) ----------------------------
 
 
-def ints(x: np.ndarray) -> tuple:
+# Each takes quantize_q8's prologue (norm=) for a vector: PROLOGUES.
+
+
+def ints(x: np.ndarray, **prologue) -> tuple:
     """The portable kernels' (q (T, K) int32, d, sums, s)."""
-    return tuple(quantize_q8(x, np.int32))
+    return tuple(quantize_q8(x, np.int32, **prologue))
 
 
-def words(x: np.ndarray) -> tuple:
+def words(x: np.ndarray, **prologue) -> tuple:
     """The simd.dpbusd kernels' (q as int32 words of four int8 (T, K / 4), d, sums): formats with
     an offset (Q4_0, Q5_0)."""
-    a = quantize_q8(x, np.int8)
+    a = quantize_q8(x, np.int8, **prologue)
     return a.q.view(np.int32), a.d, a.sums
 
 
-def words_min(x: np.ndarray) -> tuple:
+def words_min(x: np.ndarray, **prologue) -> tuple:
     """As words, with Q8_1's s in place of the sums: formats with a min (Q5_1)."""
-    a = quantize_q8(x, np.int8)
+    a = quantize_q8(x, np.int8, **prologue)
     return a.q.view(np.int32), a.d, a.s
+
+
+PROLOGUES = frozenset({ints, words, words_min})  # the activation makers that take a prologue
 
 
 @njit(cache=True, inline="always")

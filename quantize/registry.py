@@ -20,6 +20,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from edgeseek.errors import UnsupportedError
 
+from .activations import PROLOGUES
 from .simd import HAVE_VNNI
 
 FORMATS: dict[GGMLQuantizationType, "QuantFormat"] = {}
@@ -107,18 +108,26 @@ class TileKernels:
         self.matmul_kernel(*self._weights(p), *a, y)
         return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]  # (n_tiles, T, tile) -> (T, N)
 
-    def matvec(self, p, x):
+    @property
+    def prologues(self) -> bool:
+        """Whether the activation makers take a prologue (activations.quantize_q8's norm)."""
+        return self.activations in PROLOGUES and (self.vector_activations is None or self.vector_activations in PROLOGUES)
+
+    def matvec(self, p, x, prologue=None):
         if self.matvec_kernel is None:
+            if prologue:
+                return self._matmul(p, self.activations(x, **prologue), 1)[0]
             return self.matmul(p, x)[0]
         y = np.empty((p.d.shape[0], p.d.shape[2]), np.float32)
-        self.matvec_kernel(*self._weights(p), *self.vector_activations(x), y)
+        self.matvec_kernel(*self._weights(p), *self.vector_activations(x, **(prologue or {})), y)
         return y.reshape(-1)[:p.n]
 
-    def matvecs(self, ps, x):
+    def matvecs(self, ps, x, prologue=None):
+        pro = prologue or {}
         if self.matvec_kernel is None:  # the matmul kernel on one row, as matvec
-            kernel, a, rows = self.matmul_kernel, self.activations(x), (1,)
+            kernel, a, rows = self.matmul_kernel, self.activations(x, **pro), (1,)
         else:
-            kernel, a, rows = self.matvec_kernel, self.vector_activations(x), ()
+            kernel, a, rows = self.matvec_kernel, self.vector_activations(x, **pro), ()
         ys = []  # x's activations made once for every matrix
         for p in ps:
             y = np.empty((p.d.shape[0], *rows, p.d.shape[2]), np.float32)  # (n_tiles, [1,] tile)
@@ -236,17 +245,29 @@ class QuantFormat:
         """(N, row_bytes) uint8 rows of the file -> the layout the kernels read (any object)."""
         return self.kernels.pack(self.blocks(raw))
 
-    def matvec(self, packed, x: np.ndarray) -> np.ndarray:
-        """W @ x for one activation vector: x (K,) float32 -> (N,) float32."""
+    def matvec(self, packed, x: np.ndarray, prologue=None) -> np.ndarray:
+        """W @ x for one activation vector: x (K,) float32 -> (N,) float32. `prologue` (where
+        `prologues`): what x becomes before the product, made with its 8-bit activations in one
+        call: {"norm": (weight, eps)}, rms_norm(x) * weight."""
+        if prologue:
+            return self.kernels.matvec(packed, self._activations(packed, x, 1, "matvec"), prologue)
         return self.kernels.matvec(packed, self._activations(packed, x, 1, "matvec"))
+
+    @property
+    def prologues(self) -> bool:
+        """Whether matvec and matvecs take a prologue."""
+        return getattr(self.kernels, "prologues", False)
 
     def matmul(self, packed, x: np.ndarray) -> np.ndarray:
         """Batched: x (T, K) float32 -> (T, N) float32 (prompt processing, several sequences)."""
         return self.kernels.matmul(packed, self._activations(packed, x, 2, "matmul"))
 
-    def matvecs(self, packeds: list, x: np.ndarray) -> list:
+    def matvecs(self, packeds: list, x: np.ndarray, prologue=None) -> list:
         """Several matrices of this format times one activation vector x (K,) (a layer's q, k
-        and v; a feed-forward's gate and up) -> [(N_i,), ...]: x quantized once for all of them."""
+        and v; a feed-forward's gate and up) -> [(N_i,), ...]: x quantized once for all of them
+        (after the prologue, as matvec's)."""
+        if prologue:
+            return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"), prologue)
         return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"))
 
     def matmuls(self, packeds: list, x: np.ndarray) -> list:
@@ -311,6 +332,11 @@ class QuantFormat:
             packed = self.pack(r)
             self.dequantize(r[:1].reshape(-1, self.type_size))
         self.matvec(packed, x[0])
+        if self.prologues:  # a decode step's norm, its weight from the file's pages or a copy
+            weight = x[1].copy()
+            weight.setflags(write=False)
+            for w in (x[1], weight):
+                self.matvec(packed, x[0], {"norm": (w, 1e-6)})
         self.matmul(packed, x)
         self.matmul_groups([packed, packed], x, [[0, 2, 0], [1, 2, 2]])
         for n in (n_many if isinstance(n_many, tuple) else (n_many,)):

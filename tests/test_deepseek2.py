@@ -109,3 +109,20 @@ def test_a_prompt_attends_the_same_with_keys_and_values_decompressed(name, tol, 
     (a, la), (b, lb) = runs
     spread = a.max() - a.min()
     assert np.abs(a - b).max() <= tol * spread and np.abs(la - lb).max() <= tol * spread
+
+
+@pytest.mark.parametrize("name", ["v2lite-q8_0", "v3-q4_0", "v3-q4_k_m"])
+def test_a_decode_steps_norms_made_with_the_activations_change_no_bit(name):
+    """On the CPU a decode step hands each layer's input norm to the products that read it
+    (backend.normed: q and kv_a quantize the normalized row in the call that normalizes it); the
+    logits are those of the norm made on its own, to the bit."""
+    engine = edgeseek.load(FIXTURES / f"{name}.gguf", n_ctx=64)
+    m, tokens = engine.model, np.array([3, 17, 29, 5, 11])
+
+    def steps():
+        cache = m.new_cache()
+        m.forward(tokens[:2], cache)
+        return np.concatenate([m.forward(tokens[i:i + 1], cache) for i in range(2, len(tokens))])
+    fused = steps()
+    m.backend.normed = None  # DecoderModel.normed: rms_norm where a backend has no normed
+    np.testing.assert_array_equal(fused, steps())

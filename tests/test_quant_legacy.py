@@ -291,6 +291,24 @@ def test_matmul_within_q8_bound(kind, kernels, n_tok):
     np.testing.assert_array_equal(y[n_tok // 2], f.matvec(p, x[n_tok // 2]))
 
 
+@pytest.mark.parametrize("kind, kernels", kernel_sets(BLOCK_KINDS))
+def test_a_norm_made_with_the_activations_equals_the_norm_then_the_product(kind, kernels):
+    """matvec and matvecs with a norm prologue (a decode step's norm made in the call that
+    quantizes the activations): the same bits as the CPU backend's rms_norm, then the product."""
+    from edgeseek.backends.cpu import CPUBackend
+    f = fmt(kind).with_kernels(kernels)
+    assert f.prologues
+    rng = np.random.default_rng(17)
+    n, k = 67, 576
+    ps = [f.pack(f.quantize(rng.standard_normal((n, k)).astype(np.float32))) for _ in range(2)]
+    x = (rng.standard_normal(k) * 3).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    normed = CPUBackend().rms_norm(x[None], w, 1e-6)[0]
+    np.testing.assert_array_equal(f.matvec(ps[0], x, {"norm": (w, 1e-6)}), f.matvec(ps[0], normed))
+    for got, want in zip(f.matvecs(ps, x, {"norm": (w, 1e-6)}), f.matvecs(ps, normed)):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("kind", [k for k in BLOCK_KINDS if fmt(k).vnni is not None])
 def test_vnni_kernels_equal_portable_kernels(kind):
     """The kernels on simd.dpbusd sum the same int32 block products and scale them in the same

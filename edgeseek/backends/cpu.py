@@ -13,6 +13,8 @@ from edgeseek.models.moe import FEW_TOKENS, moe, route
 from edgeseek.quantize import QMatrix, get_format
 from edgeseek.quantize.simd import add_f, at_address, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
 
+from .normed import Normed, rows
+
 
 def tensor_format(gguf, t):
     """The quant format of tensor `t`; an unsupported type is named with the file and tensor."""
@@ -490,6 +492,7 @@ class CPUBackend:
 
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None, shared=None,
             residual=None) -> np.ndarray:
+        x = rows(x)
         logits = x @ router_weight.T  # (T, E)
         if lora is not None and lora.groups:  # an adapter's router pair (llama.cpp's build_moe_ffn has it)
             logits = lora.add(f"blk.{layer}.ffn_gate_inp.weight", x, logits)
@@ -582,8 +585,18 @@ class CPUBackend:
             _latent_mix(probs, v_cache[g].view(np.uint16), n, parts, out[g])
         return out
 
+    def normed(self, x, weight, eps: float):
+        """rms_norm(x, weight, eps) for the products that follow: one decode token's as a Normed,
+        which linears normalizes in the call that quantizes it (activations.quantize_q8's norm)."""
+        if np.ndim(x) == 2 and len(x) == 1 and getattr(weight, "dtype", None) == np.float32:
+            return Normed(x, weight, eps, self.rms_norm)
+        return self.rms_norm(x, weight, eps)
+
+    rows = staticmethod(rows)
+
     def rms_norm(self, x, weight, eps: float):
         # one numba call per norm (a small model's step has two a layer)
+        x = rows(x)
         if np.ndim(x) != 2 or weight.dtype != np.float32:
             return rms_norm(x, weight, eps)
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -593,15 +606,21 @@ class CPUBackend:
     swiglu = staticmethod(swiglu)
 
     def linear(self, w, x, residual=None):
-        return plus(w(x), residual=residual)
+        return plus(w(rows(x)), residual=residual)
 
     def linears(self, ws, x):
         """One token, or a verification's few, through several matrices of one format and width: its
-        8-bit activations made once (three per layer otherwise for q, k and v, two for gate and up)."""
+        8-bit activations made once (three per layer otherwise for q, k and v, two for gate and up),
+        in the call that normalizes it where x is a Normed and the format takes a prologue."""
         if len(x) <= FEW_TOKENS and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
+            fmt, packed = ws[0].fmt, [w.packed for w in ws]
+            if isinstance(x, Normed) and fmt.prologues:
+                return [y[None] for y in fmt.matvecs(packed, x.x[0], {"norm": (x.weight, x.eps)})]
+            x = rows(x)
             if len(x) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
-                return [y[None] for y in ws[0].fmt.matvecs([w.packed for w in ws], x[0])]
-            return ws[0].fmt.matmuls([w.packed for w in ws], x)  # a verification's few tokens
+                return [y[None] for y in fmt.matvecs(packed, x[0])]
+            return fmt.matmuls(packed, x)  # a verification's few tokens
+        x = rows(x)
         return [w(x) for w in ws]
 
     def ffn(self, x, gate, up, down, add=None, residual=None):

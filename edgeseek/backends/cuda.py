@@ -24,6 +24,8 @@ from edgeseek.models import moe as moe_math
 from edgeseek.models.moe import route
 from edgeseek.placement import PREFILL_TILE
 
+from .normed import Normed, rows
+
 SUFFIX = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q5_0: "q5_0",
           Q.Q5_1: "q5_1", Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
 # formats whose one-token products also run on int8 activations (cuda_kernels.cu <kernel>_<t>_q8)
@@ -490,26 +492,6 @@ class _ByIdentity:
             del self._of[next(iter(self._of))]
 
 
-class Normed:
-    """rms_norm(x, weight, eps) of one decode token, not yet made (CUDABackend.normed): the launches
-    that read it (a layer's first products, the router) normalize x in their own blocks, so that the
-    norm costs no launch of its own; any other reader gets the norm's output (CUDABackend.rows)."""
-
-    __slots__ = ("x", "weight", "eps", "y")
-
-    def __init__(self, x, weight, eps: float):
-        self.x, self.weight, self.eps, self.y = x, weight, eps, None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.x.shape
-
-    ndim = 2
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-
 class DeviceMatrix:
     """A (N, K) weight in VRAM as the file's blocks: (N, row_bytes) uint8."""
 
@@ -772,7 +754,7 @@ class CUDABackend:
             y, q8 = xp.empty((1, d), np.float32), (xp.empty(d, np.int8), xp.empty((d // 32, 2), np.float32))
             k.norm_router_route(x.x, (x.weight, x.eps), y, q8, router_weight, logits, bias, router, ids, w)
             self._quantized.put(y, q8)
-            x.y = y
+            x.y = y  # the Normed's rows from now on
             return y
         x = xp.ascontiguousarray(self.rows(x), dtype=np.float32)
         if one:
@@ -1072,16 +1054,10 @@ class CUDABackend:
         which the int8 products and the router normalize in their own launches."""
         if len(x) == 1 and x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous \
                 and self.stages(x, Q.Q8_0):
-            return Normed(x, weight, eps)
+            return Normed(x, weight, eps, self.rms_norm)
         return self.rms_norm(x, weight, eps)
 
-    def rows(self, x):
-        """x, or a Normed's rows, normalized now (once)."""
-        if not isinstance(x, Normed):
-            return x
-        if x.y is None:
-            x.y = self.rms_norm(x.x, x.weight, x.eps)
-        return x.y
+    rows = staticmethod(rows)  # x, or a Normed's rows, normalized now (once)
 
     def stages(self, x, qtype) -> bool:
         """Whether the int8 products of qtype quantize x (1, K) in their own blocks (mmv1_sq8)."""
