@@ -194,29 +194,47 @@ def pack_words(b: np.ndarray) -> PackedQ6KWords:
                           d=np.ascontiguousarray(d.transpose(0, 2, 1)), n=n)
 
 
+@njit(cache=True, inline="always")
+def _tile_vnni(q, sc, d, t, xw, xd, bsums, k, y, yo):
+    # Tile t (16 rows, one vector) times activation row k into y.flat[yo : yo + 16]. q (n_tiles, nb,
+    # 64, 16) uint32 levels; sc (n_tiles, nb, 16, 16) int8; d (n_tiles, nb, 16); xw (T, K / 4) int32
+    # words of Q8_K int8; xd (T, nb); bsums (T, nb, 16). Sub-block j: sum of q x over its 16 values
+    # (4 words), less 32 * sum(x) (the level offset), times its scale; the 16 sub-blocks' chains
+    # are independent.
+    nb = q.shape[1]
+    acc = zero_f()
+    for b in range(nb):
+        base = (t * nb + b) * 64 * VTILE
+        so = (t * nb + b) * 16 * VTILE
+        isum = zero_i()
+        for j in range(16):
+            s = zero_i()
+            for w in range(4 * j, 4 * j + 4):
+                s = dpbusd(s, load_i(q, base + w * VTILE), splat_i(xw[k, 64 * b + w]))
+            s = sub_i(s, splat_i(32 * bsums[k, b, j]))
+            isum = add_i(isum, mul_i(s, load_i8(sc, so + j * VTILE)))
+        dd = mul_f(splat_f(xd[k, b]), load_h(d, (t * nb + b) * VTILE))
+        acc = add_f(acc, mul_f(dd, to_f(isum)))
+    store_f(y, yo, acc)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_vnni(q, sc, d, xw, xd, bsums, y):
-    # q (n_tiles, nb, 64, 16) uint32 levels; sc (n_tiles, nb, 16, 16) int8; d (n_tiles, nb, 16); xw
-    # (T, K / 4) int32 words of Q8_K int8; xd (T, nb); bsums (T, nb, 16); y (n_tiles, T, 16).
-    # Sub-block j: sum of q x over its 16 values (4 words), less 32 * sum(x) (the level offset),
-    # times its scale; the 16 sub-blocks' chains are independent.
-    nt, nb, n_tok = q.shape[0], q.shape[1], xw.shape[0]
+    # y (n_tiles, T, 16)
+    nt, n_tok = q.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            acc = zero_f()
-            for b in range(nb):
-                base = (t * nb + b) * 64 * VTILE
-                so = (t * nb + b) * 16 * VTILE
-                isum = zero_i()
-                for j in range(16):
-                    s = zero_i()
-                    for w in range(4 * j, 4 * j + 4):
-                        s = dpbusd(s, load_i(q, base + w * VTILE), splat_i(xw[k, 64 * b + w]))
-                    s = sub_i(s, splat_i(32 * bsums[k, b, j]))
-                    isum = add_i(isum, mul_i(s, load_i8(sc, so + j * VTILE)))
-                dd = mul_f(splat_f(xd[k, b]), load_h(d, (t * nb + b) * VTILE))
-                acc = add_f(acc, mul_f(dd, to_f(isum)))
-            store_f(y, (t * n_tok + k) * VTILE, acc)
+            _tile_vnni(q, sc, d, t, xw, xd, bsums, k, y, (t * n_tok + k) * VTILE)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni_many(qs, scs, ds, rows, xw, xd, bsums, y):
+    # matrix j times activation row rows[j] -> y[j] (n_tiles, 16); the arguments are tuples of
+    # arrays (MLA's per-head k_b / v_b of a Q4_K_M mix: a decode step's 16 heads in one call)
+    nt = qs[0].shape[0]
+    for job in prange(len(qs) * nt):
+        j, t = job // nt, job % nt
+        _tile_vnni(qs[j], scs[j], ds[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE)
 
 
 @njit(cache=True)
@@ -314,7 +332,7 @@ def _matmul(q3, sc, d, xq, xd, bsums, y):
 class Q6_K(QuantFormat):
     qtype = GGMLQuantizationType.Q6_K
     portable = TileKernels(pack, ("q3", "sc", "d"), q8_k.ints, _matmul, _matvec, q8_k.vector)
-    vnni = TileKernels(pack_words, ("q", "sc", "d"), q8_k.words, _matmul_vnni)
+    vnni = TileKernels(pack_words, ("q", "sc", "d"), q8_k.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
     def quantize_blocks(self, x):
         """Bit-identical to llama.cpp."""

@@ -50,6 +50,16 @@ def _quantize_rows(x, qs, d, bsums):
                                   bsums[r, 16 * i: 16 * (i + 1)])
 
 
+@njit(cache=True)
+def _quantize_row(x, qs, d, bsums):
+    # _quantize_rows of one row, on one core: a decode step's vector is a few blocks, and a
+    # parallel region costs more than they do (a V2-Lite step quantizes some 130 of them)
+    nb = x.shape[1] // QK_K
+    for i in range(nb):
+        d[0, i] = _quantize_block(x[0, QK_K * i: QK_K * (i + 1)], qs[0, QK_K * i: QK_K * (i + 1)],
+                                  bsums[0, 16 * i: 16 * (i + 1)])
+
+
 def quantize(x: np.ndarray):
     """Activations (T, K) float32 -> (qs (T, K) int8, d (T, K // 256) float32,
     bsums (T, K // 16) int32), llama.cpp's Q8_K fields."""
@@ -60,7 +70,7 @@ def quantize(x: np.ndarray):
     qs = np.empty((t, k), np.int8)
     d = np.empty((t, k // QK_K), np.float32)
     bsums = np.empty((t, k // 16), np.int32)
-    _quantize_rows(x, qs, d, bsums)
+    (_quantize_row if t == 1 else _quantize_rows)(x, qs, d, bsums)
     return qs, d, bsums
 
 

@@ -83,7 +83,7 @@ def test_blocks_view_and_checks(kind):
     assert fmt.quantize(np.zeros((2, 5, 4 * fmt.block_size), np.float32)).shape == (2, 5, 4 * fmt.type_size)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q4_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("kernels", ["vnni", "portable"])
 def test_matmul_many_refuses_bad_arguments(kind, kernels):
     fmt = get_format(T[kind]).with_kernels(kernels)

@@ -102,7 +102,8 @@ def test_format_kernels_compile_to_vpdpbusd(kind, monkeypatch):
     assert len(re.findall(r"\bvpdpbusd\b", asm)) >= 8
 
 
-@pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96)), ("Q8_0", (70, 64)), ("Q4_1", (90, 128))])
+@pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96)), ("Q8_0", (70, 64)),
+                                         ("Q4_1", (90, 128)), ("Q6_K", (130, 512))])
 def test_matmul_many_rows_equal_matvec(kind, shape):
     """A layer's experts in one kernel call give, row for row, what each matrix gives alone, and
     what the portable kernels give."""
