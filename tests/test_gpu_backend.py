@@ -83,6 +83,26 @@ def test_emulated_grouped_prompt_experts_equal_the_dequantized_tiles(name, split
     assert counts[0].sum() > 0 and (counts[0] == counts[1]).all()
 
 
+def _record_launches(kernels, names, what=lambda m, a: m) -> list:
+    """Wrap the launchers `names` of emulated kernels: each launch the backend makes appends
+    what(name, args) to the list returned (the launches an emulated launch makes are not counted)."""
+    calls, inner = [], []
+
+    def record(f, m):
+        def launch(*a, **kw):
+            if not inner:
+                calls.append(what(m, a))
+            inner.append(m)
+            try:
+                return f(*a, **kw)
+            finally:
+                inner.pop()
+        return launch
+    for m in names:
+        setattr(kernels, m, record(getattr(kernels, m), m))
+    return calls
+
+
 @pytest.mark.parametrize("name, int8", [("v3h256-q4_k_m.gguf", {"Q4_K", "Q5_K", "Q6_K"}),
                                         ("v2lite-q8_0.gguf", {"Q8_0"}), ("v3-q4_k_m.gguf", {"Q5_0", "Q8_0"})])
 def test_emulated_decode_runs_every_quantized_product_on_int8_activations(name, int8):
@@ -93,20 +113,8 @@ def test_emulated_decode_runs_every_quantized_product_on_int8_activations(name, 
     engine = load(FIXTURES / name, backend=b)
     ctx = engine.new_context()
     engine.model.forward(PROMPT, ctx.cache)
-    calls, inner = [], []  # the backend's launches; inner: those the emulated int8 launches make
-
-    def record(f, m):
-        def launch(*a, **kw):
-            if not inner:
-                calls.append((m, a[0].name))
-            inner.append(m)
-            try:
-                return f(*a, **kw)
-            finally:
-                inner.pop()
-        return launch
-    for m in ("mmv", "glu_ids", "down_ids", "mmv1_q8", "glu_q8", "down_q8", "mmv1_sq8", "mmv3_sq8"):
-        setattr(b.kernels, m, record(getattr(b.kernels, m), m))
+    calls = _record_launches(b.kernels, ("mmv", "glu_ids", "down_ids", "mmv1_q8", "glu_q8", "down_q8", "mmv1_sq8",
+                                         "mmv3_sq8"), lambda m, a: (m, a[0].name))
     for t in range(2):
         engine.model.forward(np.array([t + 2]), ctx.cache)
     assert {q for m, q in calls if m.endswith("q8")} == int8
@@ -122,20 +130,7 @@ def test_a_decode_steps_norms_are_made_by_the_launches_that_read_them():
     engine = load(FIXTURES / "v2lite-q8_0.gguf", backend=b)
     ctx = engine.new_context()
     engine.model.forward(PROMPT, ctx.cache)
-    calls, inner = [], []
-
-    def record(f, m):
-        def launch(*a, **kw):
-            if not inner:
-                calls.append(m)
-            inner.append(m)
-            try:
-                return f(*a, **kw)
-            finally:
-                inner.pop()
-        return launch
-    for m in [m for m in vars(type(b.kernels)) if not m.startswith("_")]:
-        setattr(b.kernels, m, record(getattr(b.kernels, m), m))
+    calls = _record_launches(b.kernels, [m for m in vars(type(b.kernels)) if not m.startswith("_")])
     engine.model.forward(np.array([7]), ctx.cache)
     layers = engine.model.layers
     moe = sum(not L.dense for L in layers)
