@@ -126,3 +126,18 @@ def test_a_decode_steps_norms_made_with_the_activations_change_no_bit(name):
     fused = steps()
     m.backend.normed = None  # DecoderModel.normed: rms_norm where a backend has no normed
     np.testing.assert_array_equal(fused, steps())
+
+
+def test_prefetching_the_next_layers_experts_changes_no_logit():
+    """The speculative prefetch (the next layer's router on this layer's normed input, a decode
+    step's input handed over unmade: backend.normed) reads ahead without changing the logits."""
+    engine = edgeseek.load(FIXTURES / "v2lite-q8_0.gguf", n_ctx=64)
+    m, tokens = engine.model, np.array([3, 17, 29, 5, 11])
+
+    def steps():
+        cache = m.new_cache()
+        m.forward(tokens[:2], cache)
+        return np.concatenate([m.forward(tokens[i:i + 1], cache) for i in range(2, len(tokens))])
+    plain = steps()
+    m.prefetch_experts = True
+    np.testing.assert_array_equal(steps(), plain)
