@@ -92,19 +92,26 @@ def _quantize_rows(x, dtype):
     return q, d, sums, s
 
 
-@njit(cache=True)
-def _normed_one(x, w, eps, dtype):
-    # rms_norm(x) * w as the CPU backend's _rms_norm makes it (the squares summed in float64, the
-    # scale applied in float32: the same bits), then _quantize_one: a decode step's norm and the
-    # 8-bit activations of the products that read it in one call
+@njit(cache=True, inline="always")
+def rms_norm_row(x, w, eps, out):
+    """out = x / rms(x) * w for one row of float32 (eps float32): the mean of squares summed in
+    float64 as llama.cpp's ggml_compute_forward_rms_norm does, the scale applied in float32. The
+    CPU backend's norm and the norm made with the activations (quantize_q8's norm) both run it."""
     k = x.shape[0]
     s = 0.0
     for i in range(k):
         s += np.float64(x[i]) * np.float64(x[i])
     scale = F32(1.0) / F32(np.sqrt(F32(s / k) + eps))
-    y = np.empty(k, np.float32)
     for i in range(k):
-        y[i] = x[i] * scale * w[i]
+        out[i] = x[i] * scale * w[i]
+
+
+@njit(cache=True)
+def _normed_one(x, w, eps, dtype):
+    # rms_norm_row, then _quantize_one: a decode step's norm and the 8-bit activations of the
+    # products that read it in one call
+    y = np.empty(x.shape[0], np.float32)
+    rms_norm_row(x, w, eps, y)
     return _quantize_one(y, dtype)
 
 

@@ -114,12 +114,11 @@ class TileKernels:
         return self.activations in PROLOGUES and (self.vector_activations is None or self.vector_activations in PROLOGUES)
 
     def matvec(self, p, x, prologue=None):
-        if self.matvec_kernel is None:
-            if prologue:
-                return self._matmul(p, self.activations(x, **prologue), 1)[0]
-            return self.matmul(p, x)[0]
+        pro = prologue or {}
+        if self.matvec_kernel is None:  # the matmul kernel on one row
+            return self._matmul(p, self.activations(x, **pro), 1)[0]
         y = np.empty((p.d.shape[0], p.d.shape[2]), np.float32)
-        self.matvec_kernel(*self._weights(p), *self.vector_activations(x, **(prologue or {})), y)
+        self.matvec_kernel(*self._weights(p), *self.vector_activations(x, **pro), y)
         return y.reshape(-1)[:p.n]
 
     def matvecs(self, ps, x, prologue=None):

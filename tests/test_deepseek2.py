@@ -111,33 +111,30 @@ def test_a_prompt_attends_the_same_with_keys_and_values_decompressed(name, tol, 
     assert np.abs(a - b).max() <= tol * spread and np.abs(la - lb).max() <= tol * spread
 
 
+def _decode_steps(m, tokens=(3, 17, 29, 5, 11)) -> np.ndarray:
+    """A fresh cache: the first two tokens as a prompt, then the rest one decode step each -> the
+    steps' logits."""
+    tokens = np.array(tokens)
+    cache = m.new_cache()
+    m.forward(tokens[:2], cache)
+    return np.concatenate([m.forward(tokens[i:i + 1], cache) for i in range(2, len(tokens))])
+
+
 @pytest.mark.parametrize("name", ["v2lite-q8_0", "v3-q4_0", "v3-q4_k_m"])
 def test_a_decode_steps_norms_made_with_the_activations_change_no_bit(name):
     """On the CPU a decode step hands each layer's input norm to the products that read it
     (backend.normed: q and kv_a quantize the normalized row in the call that normalizes it); the
     logits are those of the norm made on its own, to the bit."""
-    engine = edgeseek.load(FIXTURES / f"{name}.gguf", n_ctx=64)
-    m, tokens = engine.model, np.array([3, 17, 29, 5, 11])
-
-    def steps():
-        cache = m.new_cache()
-        m.forward(tokens[:2], cache)
-        return np.concatenate([m.forward(tokens[i:i + 1], cache) for i in range(2, len(tokens))])
-    fused = steps()
+    m = edgeseek.load(FIXTURES / f"{name}.gguf", n_ctx=64).model
+    fused = _decode_steps(m)
     m.backend.normed = None  # DecoderModel.normed: rms_norm where a backend has no normed
-    np.testing.assert_array_equal(fused, steps())
+    np.testing.assert_array_equal(fused, _decode_steps(m))
 
 
 def test_prefetching_the_next_layers_experts_changes_no_logit():
     """The speculative prefetch (the next layer's router on this layer's normed input, a decode
     step's input handed over unmade: backend.normed) reads ahead without changing the logits."""
-    engine = edgeseek.load(FIXTURES / "v2lite-q8_0.gguf", n_ctx=64)
-    m, tokens = engine.model, np.array([3, 17, 29, 5, 11])
-
-    def steps():
-        cache = m.new_cache()
-        m.forward(tokens[:2], cache)
-        return np.concatenate([m.forward(tokens[i:i + 1], cache) for i in range(2, len(tokens))])
-    plain = steps()
+    m = edgeseek.load(FIXTURES / "v2lite-q8_0.gguf", n_ctx=64).model
+    plain = _decode_steps(m)
     m.prefetch_experts = True
-    np.testing.assert_array_equal(steps(), plain)
+    np.testing.assert_array_equal(_decode_steps(m), plain)

@@ -11,6 +11,7 @@ from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import plus, rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import FEW_TOKENS, moe, route
 from edgeseek.quantize import QMatrix, get_format
+from edgeseek.quantize.activations import rms_norm_row
 from edgeseek.quantize.simd import add_f, at_address, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
 
 from .normed import Normed, rows
@@ -295,16 +296,9 @@ def _rope(x, cos, sin, positions, dim, neox, out):
 
 @njit(cache=True)
 def _rms_norm(x, w, eps, out):
-    # x (T, D) float32 -> x / rms(x) * w, the mean of squares summed in float64 as llama.cpp's
-    # ggml_compute_forward_rms_norm does, the scale applied in float32
-    T, D = x.shape
-    for t in range(T):
-        s = 0.0
-        for i in range(D):
-            s += np.float64(x[t, i]) * np.float64(x[t, i])
-        scale = np.float32(1.0) / np.float32(np.sqrt(np.float32(s / D) + eps))
-        for i in range(D):
-            out[t, i] = x[t, i] * scale * w[i]
+    # x (T, D) float32 -> x / rms(x) * w, row by row (activations.rms_norm_row)
+    for t in range(x.shape[0]):
+        rms_norm_row(x[t], w, eps, out[t])
 
 
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)

@@ -519,14 +519,15 @@ class DeviceMatrix:
         n, kk = self.shape
         norm = None
         if isinstance(x, Normed):
-            x, norm = (x.x, (x.weight, x.eps)) if self.b.stages(x.x, self.qtype) else (self.b.rows(x), None)
+            x, norm = (x.x, (x.weight, x.eps)) if self.b.stages(x.x, self.qtype) and x.x.size == kk \
+                else (self.b.rows(x), None)
         one = x.ndim == 1
-        int8 = self.qtype in INT8_TYPES and x.size == kk
-        q8 = self.b.q8_of(x, new=not self.b.stages(x, self.qtype)) if int8 and norm is None else None
+        staged = self.b.stages(x, self.qtype) and x.size == kk  # quantized (and normalized) by its own blocks
+        q8 = self.b.q8_of(x, new=not staged) if self.qtype in INT8_TYPES and x.size == kk and norm is None else None
         given = x  # (a prompt's float16 copy is made once an array: half)
         x = xp.ascontiguousarray(x.reshape(-1, kk), dtype=np.float32)
         t = len(x)
-        if q8 is not None or norm is not None or (int8 and self.b.stages(x, self.qtype)):
+        if q8 is not None or staged:
             y = xp.empty((1, n), np.float32)
             add, res = (None if a is None else xp.ascontiguousarray(a.reshape(1, n), dtype=np.float32) for a in (add, res))
             if q8 is not None:
@@ -749,7 +750,7 @@ class CUDABackend:
         xp, k = self.xp, self.kernels
         one = len(x) == 1 and route_fuses(router, router_weight)
         logits = xp.empty((1, router.n_expert), np.float32) if one else None
-        if one and isinstance(x, Normed) and x.shape[1] % 32 == 0 and x.shape[1] <= NORM_ROUTE_MAX and self.int8:
+        if one and isinstance(x, Normed) and x.shape[1] <= NORM_ROUTE_MAX:  # (a Normed is _stageable)
             d = x.shape[1]
             y, q8 = xp.empty((1, d), np.float32), (xp.empty(d, np.int8), xp.empty((d // 32, 2), np.float32))
             k.norm_router_route(x.x, (x.weight, x.eps), y, q8, router_weight, logits, bias, router, ids, w)
@@ -792,7 +793,7 @@ class CUDABackend:
         never depends on the routing); then the host waits, runs the CPU's experts (_SplitLayer.run)
         and their sum crosses back to join the down launch. In a captured step the wait is a cut
         between two graphs (_DecodeGraph.cut), the CPU's part runs between their replays."""
-        xp, n, D = self.xp, router.n_used, x.shape[1]
+        n, D = router.n_used, x.shape[1]
         key = (id(store), layer)
         s = self._splits.get(key)
         if s is None or s.store is not store:
@@ -1052,17 +1053,20 @@ class CUDABackend:
     def normed(self, x, weight, eps: float):
         """rms_norm(x, weight, eps) for the products that follow: one decode token's as a Normed,
         which the int8 products and the router normalize in their own launches."""
-        if len(x) == 1 and x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous \
-                and self.stages(x, Q.Q8_0):
+        if len(x) == 1 and x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous and self._stageable(x):
             return Normed(x, weight, eps, self.rms_norm)
         return self.rms_norm(x, weight, eps)
 
     rows = staticmethod(rows)  # x, or a Normed's rows, normalized now (once)
 
+    def _stageable(self, x) -> bool:
+        """Whether x is one token's row that an int8 launch's blocks can quantize for themselves."""
+        k = x.shape[-1]
+        return self.int8 and x.size == k and k % 32 == 0 and k <= STAGE_MAX
+
     def stages(self, x, qtype) -> bool:
         """Whether the int8 products of qtype quantize x (1, K) in their own blocks (mmv1_sq8)."""
-        k = x.shape[-1]
-        return self.int8 and qtype in INT8_TYPES and x.size == k and k % 32 == 0 and k <= STAGE_MAX
+        return qtype in INT8_TYPES and self._stageable(x)
 
     def rms_norm(self, x, weight, eps: float):
         x = self.rows(x)
@@ -1131,10 +1135,11 @@ class CUDABackend:
             self.kernels.mmv3_sq8(one.qtype, mats, x.x, (x.weight, x.eps), ys, k)
             return ys
         x = self.rows(x)
-        q8 = self.q8_of(x, new=not self.stages(x, one.qtype))
+        staged = self.stages(x, one.qtype)
+        q8 = self.q8_of(x, new=not staged)
         if q8 is not None:
             self.kernels.mmv3_q8(one.qtype, mats, q8, ys, k)
-        elif self.stages(x, one.qtype):
+        elif staged:
             self.kernels.mmv3_sq8(one.qtype, mats, self.xp.ascontiguousarray(x, dtype=np.float32), None, ys, k)
         else:
             return [w(x) for w in ws]
