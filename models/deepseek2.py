@@ -286,8 +286,8 @@ class DeepSeek2Model(DecoderModel):
             x, pos = x[-1:], pos[-1:]
             self.assign_lora([cache], [1])
         pos_x = b.positions(pos)
-        x = self.attention(M, b.rms_norm(x, M.attn_norm, eps), cache, i, pos, pos_x, residual=x)
-        x = self.feed_forward(M, b.rms_norm(x, M.ffn_norm, eps), i, residual=x)
+        x = self.attention(M, self.normed(x, M.attn_norm, eps), cache, i, pos, pos_x, residual=x)
+        x = self.feed_forward(M, self.normed(x, M.ffn_norm, eps), i, residual=x)
         return b.host(M.head(b.rms_norm(x[-1:], M.head_norm, eps))), x
 
     def _entries_only(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> None:

@@ -92,6 +92,20 @@ def _quantize_rows(x, dtype):
     return q, d, sums, s
 
 
+@njit(cache=True)
+def _quantize_few(x, dtype):
+    # _quantize_rows on one core: a verification's few rows cost less than a parallel region
+    nb = x.shape[1] // QK
+    q = np.empty(x.shape, dtype)
+    d, sums, s = np.empty((x.shape[0], nb), np.float32), np.empty((x.shape[0], nb), np.int32), np.empty((x.shape[0], nb), np.float32)
+    for t in range(x.shape[0]):
+        _quantize_row(x[t], q[t], d[t], sums[t], s[t])
+    return q, d, sums, s
+
+
+FEW_ROWS = 4  # rows up to which quantize_q8 runs on one core (a speculative verification's)
+
+
 @njit(cache=True, inline="always")
 def rms_norm_row(x, w, eps, out):
     """out = x / rms(x) * w for one row of float32 (eps float32): the mean of squares summed in
@@ -129,7 +143,7 @@ def quantize_q8(x: np.ndarray, dtype=np.int8, norm=None) -> Q8Activations:
         return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
     if norm is not None:
         raise ValueError("a norm prologue takes one activation vector")
-    return Q8Activations(*_quantize_rows(x, np.dtype(dtype)))
+    return Q8Activations(*(_quantize_few if len(x) <= FEW_ROWS else _quantize_rows)(x, np.dtype(dtype)))
 
 
 # --- the activation arguments of the kernels (registry.TileKernels) ----------------------------

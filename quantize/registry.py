@@ -336,7 +336,8 @@ class QuantFormat:
             weight.setflags(write=False)
             for w in (x[1], weight):
                 self.matvec(packed, x[0], {"norm": (w, 1e-6)})
-        self.matmul(packed, x)
+        self.matmul(packed, x)  # a verification's rows, quantized on one core
+        self.matmul(packed, np.concatenate([x, x, x]))  # a prompt's, quantized on both
         self.matmul_groups([packed, packed], x, [[0, 2, 0], [1, 2, 2]])
         for n in (n_many if isinstance(n_many, tuple) else (n_many,)):
             if n > 1:

@@ -252,27 +252,41 @@ def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
         _softmax_mix(scores, n, top, c16, 0, C, out, h * C)
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _latent_job(q_lat, q_pe, at, n, scale, out, job):
+    # (sequence, head) pair `job` of _latent_rows: the same steps as _latent_short for that head
+    B, H, C = q_lat.shape
+    R = q_pe.shape[2]
+    b, h = job // H, job % H
+    m = n[b]
+    c16 = carray(at_address(at[b, 0]), (m * C,), np.uint16)
+    kpe16 = carray(at_address(at[b, 1]), (m * R,), np.uint16)
+    scores = np.empty(m, np.float32)
+    top = np.float32(-np.inf)
+    for s in range(m):
+        acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, (b * H + h) * C, C), kpe16, s * R, q_pe, (b * H + h) * R, R)
+        x = hsum_f(acc) * scale
+        scores[s] = x
+        top = max(top, x)
+    _softmax_mix(scores, m, top, c16, 0, C, out, (b * H + h) * C)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _latent_rows(q_lat, q_pe, at, n, scale, out):
     # _latent_short of several sequences' new tokens in one call, a (sequence, head) pair per
     # iteration on both cores: q_lat (B, H, C), q_pe (B, H, R); row b's layer caches c (.., C) and
     # k_pe (.., R) float16 (as uint16) at addresses at[b, 0], at[b, 1], its first n[b] positions
     # attended; out (B, H, C). Per head the same steps as _latent_short, so the same results.
-    B, H, C = q_lat.shape
-    R = q_pe.shape[2]
-    for job in prange(B * H):
-        b, h = job // H, job % H
-        m = n[b]
-        c16 = carray(at_address(at[b, 0]), (m * C,), np.uint16)
-        kpe16 = carray(at_address(at[b, 1]), (m * R,), np.uint16)
-        scores = np.empty(m, np.float32)
-        top = np.float32(-np.inf)
-        for s in range(m):
-            acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, (b * H + h) * C, C), kpe16, s * R, q_pe, (b * H + h) * R, R)
-            x = hsum_f(acc) * scale
-            scores[s] = x
-            top = max(top, x)
-        _softmax_mix(scores, m, top, c16, 0, C, out, (b * H + h) * C)
+    for job in prange(q_lat.shape[0] * q_lat.shape[1]):
+        _latent_job(q_lat, q_pe, at, n, scale, out, job)
+
+
+@njit(fastmath=True, cache=True)
+def _latent_rows_one_core(q_lat, q_pe, at, n, scale, out):
+    # _latent_rows where the work is less than a parallel region costs (a speculative verification's
+    # few tokens over a short context)
+    for job in range(q_lat.shape[0] * q_lat.shape[1]):
+        _latent_job(q_lat, q_pe, at, n, scale, out, job)
 
 
 @njit(cache=True)
@@ -548,8 +562,9 @@ class CPUBackend:
             k[p] = k_pe_new[b]
             at[b] = c.ctypes.data, k.ctypes.data
         out = np.empty((B, H, C), np.float32)
-        _latent_rows(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32), at,
-                     (pos + 1).astype(np.int64), np.float32(scale), out)
+        kernel = _latent_rows_one_core if int(pos.sum() + B) * H < LATENT_SHORT else _latent_rows
+        kernel(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32), at,
+               (pos + 1).astype(np.int64), np.float32(scale), out)
         return out
 
     def kv_decode(self, q, k_new, v_new, k_cache, v_cache, pos, scale: float):
@@ -679,4 +694,7 @@ class CPUBackend:
         q = np.zeros((2, 16), np.float32)
         self.latent_decode(q, q, q[:1], q[:1], c, k, np.array([1]), 0.5)
         rows = np.zeros((2, 2, 16), np.float32)  # two rows (a batch's sequences, a verification's tokens)
-        self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)
+        self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)  # on one core
+        n = LATENT_SHORT // 3  # and enough positions for both cores (each row still a short one)
+        c, k = np.zeros((n + 1, 16), np.float16), np.zeros((n + 1, 16), np.float16)
+        self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([n, n]), 0.5)
