@@ -111,3 +111,26 @@ def tile_scales(n: int, blocks, offset, halves: bool) -> np.ndarray:
 def tiled(n: int, nb: int, *inner, dtype=np.uint32) -> np.ndarray:
     """Zeros of shape (n_tiles, nb, *inner, TILE) for a matrix of n rows."""
     return np.zeros((-(-n // TILE), nb, *inner, TILE), dtype)
+
+
+def fused(packeds: list) -> tuple[Packed, list[Packed]] | None:
+    """Matrices of one format and row width as one: their tiles one after another, so that a
+    product of one input with all of them (a layer's q, k and v; a feed-forward's gate and up) is
+    one kernel call and its output their outputs side by side. -> (the fused layout, each matrix's
+    layout as a view of it), or None where the matrices are not Packed of one kind or a matrix but
+    the last has rows that are no whole number of tiles."""
+    if not all(type(p) is Packed for p in packeds) or any(p.n % TILE for p in packeds[:-1]):
+        return None
+    fields = []
+    for f in ("qs", "qh", "d", "m"):
+        arrays = [getattr(p, f) for p in packeds]
+        if any(a.shape[1:] != arrays[0].shape[1:] or a.dtype != arrays[0].dtype for a in arrays):
+            return None
+        fields.append(arrays[0] if arrays[0].size == 0 else np.concatenate(arrays))
+    whole = Packed(*fields, sum(p.n for p in packeds))
+    views, t = [], 0
+    for p in packeds:
+        k = p.qs.shape[0]
+        views.append(Packed(*(a if a.size == 0 else a[t:t + k] for a in fields), p.n))
+        t += k
+    return whole, views

@@ -138,23 +138,34 @@ def test_one_vector_through_several_matrices_equals_each_alone(kind):
         np.testing.assert_array_equal(g, fmt.matmul(p, rows))
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "F32"])
-@pytest.mark.parametrize("heights", [(48, 16, 80), (64, 64)])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32"])
+@pytest.mark.parametrize("heights", [(48, 16, 80), (64, 64), (128, 64, 40)])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_backend_linears_equal_each_product(kind, heights, tokens):
     """backend.linears of one token or a verification's few (a layer's q, k and v; gate and up),
     each bit for bit its own product, whatever the kernel set (VNNI sets run the matmul kernel on
-    one row)."""
+    one row). Matrices of the tile layouts whose rows are whole tiles but the last's run as one
+    fused matrix, each one's layout then a view of it (the weights held once); others one by one."""
     from edgeseek.backends.cpu import CPUBackend
-    from edgeseek.quantize import QMatrix
+    from edgeseek.quantize import QMatrix, tiles
     fmt = get_format(T[kind])
     k = 256
     rng = np.random.default_rng(8)
     ws = [QMatrix(T[kind], fmt.quantize(rng.standard_normal((n, k)).astype(np.float32)).reshape(n, -1), (n, k))
           for n in heights]
     x = rng.standard_normal((tokens, k)).astype(np.float32)
-    for g, w in zip(CPUBackend().linears(ws, x), ws):
-        np.testing.assert_array_equal(g, w(x))
+    want = [w(x) for w in ws]  # before any fusing
+    b = CPUBackend()
+    for g, w in zip(b.linears(ws, x), want):
+        np.testing.assert_array_equal(g, w)
+    fusable = type(ws[0].packed) is tiles.Packed and all(n % tiles.TILE == 0 for n in heights[:-1])
+    group = b._fused(ws)
+    assert (group is not None) == fusable
+    if fusable:
+        assert all(np.shares_memory(w.packed.qs, group[0].qs) for w in ws)
+        for g, w, want_w in zip(b.linears(ws, x[:1]), ws, want):  # one token after the fused verification
+            np.testing.assert_array_equal(g, want_w[:1])
+            np.testing.assert_array_equal(w(x), want_w)  # each matrix alone, on its view
 
 
 def test_experts_of_one_token_equal_expert_by_expert(monkeypatch):

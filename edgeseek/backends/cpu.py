@@ -10,8 +10,9 @@ from numba import carray, njit, prange
 from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import plus, rms_norm, silu, softmax, swiglu
 from edgeseek.models.moe import FEW_TOKENS, moe, route
-from edgeseek.quantize import QMatrix, get_format
+from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import rms_norm_row
+from edgeseek.quantize.matrix import packed_nbytes
 from edgeseek.quantize.simd import add_f, at_address, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
 
 from .normed import Normed, rows
@@ -318,6 +319,8 @@ def _rms_norm(x, w, eps, out):
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
 MANY_PAIRS = 64  # (token, head) pairs of MLA's per-head products in one matmul_many call (one kernel
 # compiled per count: a few tokens of V2-Lite's 16 heads, not of V3's 128)
+FUSE_MAX = 2 << 20  # bytes of the matrices one linears call reads up to which they run as one matrix (SmolLM2's
+# gate and up, 1.9 MB in Q8_0: a call's own cost is then as much as its bytes take; 7-8% of its decode step)
 LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does it in one call
 
 
@@ -387,6 +390,9 @@ def _lora_pairs_h(a16, bt16, e, x, s, t, out):
 class CPUBackend:
     xp = np
     device = "cpu"
+
+    def __init__(self):
+        self._groups: dict = {}  # linears' matrices (their ids) -> (fused layout or None, output cuts, the matrices)
 
     @property
     def threads(self) -> int:
@@ -620,17 +626,42 @@ class CPUBackend:
     def linears(self, ws, x):
         """One token, or a verification's few, through several matrices of one format and width: its
         8-bit activations made once (three per layer otherwise for q, k and v, two for gate and up),
-        in the call that normalizes it where x is a Normed and the format takes a prologue."""
+        in the call that normalizes it where x is a Normed and the format takes a prologue; small
+        matrices as one (fused), one kernel call for all of them."""
         if len(x) <= FEW_TOKENS and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
-            fmt, packed = ws[0].fmt, [w.packed for w in ws]
+            fmt, group = ws[0].fmt, self._fused(ws)
+            packed = [w.packed for w in ws] if group is None else [group[0]]
             if isinstance(x, Normed) and fmt.prologues:
-                return [y[None] for y in fmt.matvecs(packed, x.x[0], {"norm": (x.weight, x.eps)})]
-            x = rows(x)
-            if len(x) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
-                return [y[None] for y in fmt.matvecs(packed, x[0])]
-            return fmt.matmuls(packed, x)  # a verification's few tokens
+                ys = [y[None] for y in fmt.matvecs(packed, x.x[0], {"norm": (x.weight, x.eps)})]
+            elif len(rows(x)) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
+                ys = [y[None] for y in fmt.matvecs(packed, rows(x)[0])]
+            else:
+                ys = fmt.matmuls(packed, rows(x))  # a verification's few tokens
+            if group is None:
+                return ys
+            y, cuts = ys[0], group[1]
+            return [y[:, a:b] for a, b in zip(cuts, cuts[1:])]
         x = rows(x)
         return [w(x) for w in ws]
+
+    def _fused(self, ws):
+        """The fused layout of matrices that one `linears` call reads (tiles.fused), made on their
+        first product where their layouts together are at most FUSE_MAX bytes (each member's layout
+        then a view of it, so the weights are held once); None where they are not fused."""
+        if len(ws) < 2:
+            return None
+        key = tuple(map(id, ws))
+        group = self._groups.get(key)
+        if group is None:
+            made = tiles.fused([w.packed for w in ws]) \
+                if sum(packed_nbytes(w.packed) for w in ws) <= FUSE_MAX else None
+            if made is not None:
+                for w, view in zip(ws, made[1]):
+                    w._packed = view
+                cuts = [0, *np.cumsum([w.shape[0] for w in ws]).tolist()]  # each matrix's columns of the output
+                group = (made[0], cuts, ws)
+            group = self._groups[key] = group or (None, None, ws)  # ws held: their ids stay theirs
+        return group if group[0] is not None else None
 
     def ffn(self, x, gate, up, down, add=None, residual=None):
         y = None
