@@ -129,6 +129,21 @@ def _normed_one(x, w, eps, dtype):
     return _quantize_one(y, dtype)
 
 
+@njit(cache=True)
+def q8_row(x, norm_w, eps, dtype):
+    """One vector's 8-bit activations inside a kernel's own call (the formats' row kernels: the
+    activations and the product in one call): quantize_q8's, of rms_norm(x) * norm_w where norm_w
+    has values (its norm), else of x."""
+    if norm_w.shape[0] == 0:
+        return _quantize_one(x, dtype)
+    y = np.empty(x.shape[0], np.float32)
+    rms_norm_row(x, norm_w, eps, y)
+    return _quantize_one(y, dtype)
+
+
+NO_NORM = np.zeros(0, np.float32)  # a row kernel's norm weight where the product has no norm
+
+
 def quantize_q8(x: np.ndarray, dtype=np.int8, norm=None) -> Q8Activations:
     """x (T, K) or (K,) float32 -> Q8Activations with leading dimension T (1 for a vector).
     dtype int32 gives the values widened, as the kernels read them. A vector may come with its

@@ -128,11 +128,26 @@ def _pack(b, halves=False):
     return tiles.Packed(qs, tiles.NONE, tiles.tile_scales(n, b, 0, halves), tiles.tile_scales(n, b, 2, halves), n)
 
 
+@njit(cache=True)
+def _row_vnni(qs, d, m, x, norm_w, eps, y):
+    # one vector's product, its activations (and norm) made in the same call (TileKernels.row_kernel)
+    q, xd, _, xs = activations.q8_row(x, norm_w, eps, np.int8)
+    _matmul_vnni(qs, d, m, q.view(np.int32), xd, xs, y)
+
+
+@njit(cache=True)
+def _row(p, x, norm_w, eps, y):
+    # the portable kernel's row_kernel
+    q, xd, xsum, xs = activations.q8_row(x, norm_w, eps, np.int32)
+    _matmul(p, q, xd, xsum, xs, y)
+
+
 class Q4_1(QuantFormat):
     qtype = GGMLQuantizationType.Q4_1
-    portable = TileKernels(_pack, (), activations.ints, _matmul)
+    portable = TileKernels(_pack, (), activations.ints, _matmul, row_kernel=_row)
     vnni = TileKernels(partial(_pack, halves=True),
-                       ("qs", "d", "m"), activations.words_min, _matmul_vnni, many_kernel=_matmul_vnni_many)
+                       ("qs", "d", "m"), activations.words_min, _matmul_vnni, many_kernel=_matmul_vnni_many,
+                       row_kernel=_row_vnni)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

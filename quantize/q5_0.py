@@ -127,11 +127,26 @@ def _pack(b, halves=False):
     return pack5(b, QH, QS, halves=halves)  # b (N, nb, 22) file blocks
 
 
+@njit(cache=True)
+def _row_vnni(qs, qh, d, x, norm_w, eps, y):
+    # one vector's product, its activations (and norm) made in the same call (TileKernels.row_kernel)
+    q, xd, xsum, _ = activations.q8_row(x, norm_w, eps, np.int8)
+    _matmul_vnni(qs, qh, d, q.view(np.int32), xd, xsum, y)
+
+
+@njit(cache=True)
+def _row(p, x, norm_w, eps, y):
+    # the portable kernel's row_kernel
+    q, xd, xsum, xs = activations.q8_row(x, norm_w, eps, np.int32)
+    _matmul(p, q, xd, xsum, xs, y)
+
+
 class Q5_0(QuantFormat):
     qtype = GGMLQuantizationType.Q5_0
-    portable = TileKernels(_pack, (), activations.ints, _matmul)
+    portable = TileKernels(_pack, (), activations.ints, _matmul, row_kernel=_row)
     vnni = TileKernels(partial(_pack, halves=True),
-                       ("qs", "qh", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
+                       ("qs", "qh", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many,
+                       row_kernel=_row_vnni)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

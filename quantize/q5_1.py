@@ -108,10 +108,25 @@ def _pack(b, halves=False):
     return pack5(b, QH, QS, m=2, halves=halves)  # b (N, nb, 24) file blocks
 
 
+@njit(cache=True)
+def _row_vnni(qs, qh, d, m, x, norm_w, eps, y):
+    # one vector's product, its activations (and norm) made in the same call (TileKernels.row_kernel)
+    q, xd, _, xs = activations.q8_row(x, norm_w, eps, np.int8)
+    _matmul_vnni(qs, qh, d, m, q.view(np.int32), xd, xs, y)
+
+
+@njit(cache=True)
+def _row(p, x, norm_w, eps, y):
+    # the portable kernel's row_kernel
+    q, xd, xsum, xs = activations.q8_row(x, norm_w, eps, np.int32)
+    _matmul(p, q, xd, xsum, xs, y)
+
+
 class Q5_1(QuantFormat):
     qtype = GGMLQuantizationType.Q5_1
-    portable = TileKernels(_pack, (), activations.ints, _matmul)
-    vnni = TileKernels(partial(_pack, halves=True), ("qs", "qh", "d", "m"), activations.words_min, _matmul_vnni)
+    portable = TileKernels(_pack, (), activations.ints, _matmul, row_kernel=_row)
+    vnni = TileKernels(partial(_pack, halves=True), ("qs", "qh", "d", "m"), activations.words_min, _matmul_vnni,
+                       row_kernel=_row_vnni)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

@@ -135,6 +135,13 @@ def _matmul_vnni(qs, d, xw, xd, xsum, y):
             _tile_vnni(qs, d, t, xw, xd, xsum, n_tok - 1, y, (t * n_tok + n_tok - 1) * tiles.TILE)
 
 
+@njit(cache=True)
+def _row_vnni(qs, d, x, norm_w, eps, y):
+    # one vector's product, its activations (and norm) made in the same call (TileKernels.row_kernel)
+    q, xd, xsum, _ = activations.q8_row(x, norm_w, eps, np.int8)
+    _matmul_vnni(qs, d, q.view(np.int32), xd, xsum, y)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
     # matrix j (qss[j], ds[j]) times activation row rows[j] -> y[j] (n_tiles, TILE), one parallel region
@@ -207,11 +214,18 @@ def _pack_words(b):
     return tiles.Packed(qs, tiles.NONE, tiles.tile_scales(n, b, 0, True), tiles.NONE, n)  # scales: fp16 bits
 
 
+@njit(cache=True)
+def _row(p, x, norm_w, eps, y):
+    # the portable kernel's row_kernel
+    q, xd, xsum, xs = activations.q8_row(x, norm_w, eps, np.int32)
+    _matmul(p, q, xd, xsum, xs, y)
+
+
 class Q8_0(QuantFormat):
     qtype = GGMLQuantizationType.Q8_0
-    portable = TileKernels(_pack, (), activations.ints, _matmul)
+    portable = TileKernels(_pack, (), activations.ints, _matmul, row_kernel=_row)
     vnni = TileKernels(_pack_words, ("qs", "d"), activations.words, _matmul_vnni, many_kernel=_matmul_vnni_many,
-                       groups_kernel=_matmul_vnni_groups)
+                       groups_kernel=_matmul_vnni_groups, row_kernel=_row_vnni)
 
     def quantize_blocks(self, x):
         """Bit-identical to gguf-py."""

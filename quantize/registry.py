@@ -20,7 +20,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from edgeseek.errors import UnsupportedError
 
-from .activations import PROLOGUES
+from .activations import NO_NORM, PROLOGUES
 from .simd import HAVE_VNNI
 
 FORMATS: dict[GGMLQuantizationType, "QuantFormat"] = {}
@@ -85,6 +85,8 @@ class TileKernels:
     vector_activations: Callable | None = None
     many_kernel: Callable | None = None
     groups_kernel: Callable | None = None
+    row_kernel: Callable | None = None  # (*weights, x (K,), norm weight or NO_NORM, eps, y (n_tiles, 1, tile)):
+    # one vector's 8-bit activations, after its norm where it has one, and the product in one call
     _weights: Callable = field(init=False, repr=False, compare=False)  # packed -> the kernels' weight arguments
 
     def __post_init__(self):
@@ -113,7 +115,17 @@ class TileKernels:
         """Whether the activation makers take a prologue (activations.quantize_q8's norm)."""
         return self.activations in PROLOGUES and (self.vector_activations is None or self.vector_activations in PROLOGUES)
 
+    def _row(self, p, x, prologue):
+        # the row kernel: x's activations (after its norm) and the product in one numba call
+        y = np.empty((p.d.shape[0], 1, p.d.shape[2]), np.float32)
+        w, eps = prologue["norm"] if prologue else (NO_NORM, 0.0)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        self.row_kernel(*self._weights(p), x, w, np.float32(eps), y)
+        return y.reshape(-1)[:p.n]
+
     def matvec(self, p, x, prologue=None):
+        if self.row_kernel is not None:
+            return self._row(p, x, prologue)
         pro = prologue or {}
         if self.matvec_kernel is None:  # the matmul kernel on one row
             return self._matmul(p, self.activations(x, **pro), 1)[0]
@@ -122,6 +134,8 @@ class TileKernels:
         return y.reshape(-1)[:p.n]
 
     def matvecs(self, ps, x, prologue=None):
+        if self.row_kernel is not None:  # each its own call, x's activations made in it (a call costs about
+            return [self._row(p, x, prologue) for p in ps]  # what a separate quantization did)
         pro = prologue or {}
         if self.matvec_kernel is None:  # the matmul kernel on one row, as matvec
             kernel, a, rows = self.matmul_kernel, self.activations(x, **pro), (1,)
