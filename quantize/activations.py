@@ -92,18 +92,6 @@ def _quantize_rows(x, dtype):
     return q, d, sums, s
 
 
-@njit(cache=True)
-def _quantize_few(x, dtype):
-    # _quantize_rows on one core: a verification's few rows cost less than a parallel region
-    nb = x.shape[1] // QK
-    q = np.empty(x.shape, dtype)
-    d, sums, s = np.empty((x.shape[0], nb), np.float32), np.empty((x.shape[0], nb), np.int32), np.empty((x.shape[0], nb), np.float32)
-    for t in range(x.shape[0]):
-        _quantize_row(x[t], q[t], d[t], sums[t], s[t])
-    return q, d, sums, s
-
-
-FEW_ROWS = 4  # rows up to which quantize_q8 runs on one core (a speculative verification's)
 
 
 @njit(cache=True, inline="always")
@@ -121,44 +109,43 @@ def rms_norm_row(x, w, eps, out):
 
 
 @njit(cache=True)
-def _normed_one(x, w, eps, dtype):
-    # rms_norm_row, then _quantize_one: a decode step's norm and the 8-bit activations of the
-    # products that read it in one call
-    y = np.empty(x.shape[0], np.float32)
-    rms_norm_row(x, w, eps, y)
-    return _quantize_one(y, dtype)
-
-
-@njit(cache=True)
-def q8_row(x, norm_w, eps, dtype):
-    """One vector's 8-bit activations inside a kernel's own call (the formats' row kernels: the
-    activations and the product in one call): quantize_q8's, of rms_norm(x) * norm_w where norm_w
-    has values (its norm), else of x."""
-    if norm_w.shape[0] == 0:
-        return _quantize_one(x, dtype)
-    y = np.empty(x.shape[0], np.float32)
-    rms_norm_row(x, norm_w, eps, y)
-    return _quantize_one(y, dtype)
+def q8_rows(x, norm_w, eps, dtype):
+    """A few rows' 8-bit activations inside a kernel's own call (the formats' row kernels: the
+    activations and the product in one call): quantize_q8's, row by row on one core, of
+    rms_norm(x) * norm_w where norm_w has values (the rows' norm), else of x (T, K)."""
+    T, K = x.shape
+    nb = K // QK
+    q = np.empty((T, K), dtype)
+    d, sums, s = np.empty((T, nb), np.float32), np.empty((T, nb), np.int32), np.empty((T, nb), np.float32)
+    y = np.empty(K, np.float32)
+    for t in range(T):
+        if norm_w.shape[0] == 0:
+            _quantize_row(x[t], q[t], d[t], sums[t], s[t])
+        else:
+            rms_norm_row(x[t], norm_w, eps, y)
+            _quantize_row(y, q[t], d[t], sums[t], s[t])
+    return q, d, sums, s
 
 
 NO_NORM = np.zeros(0, np.float32)  # a row kernel's norm weight where the product has no norm
+FEW_ROWS = 4  # rows up to which quantize_q8 and the row kernels run on one core (a speculative verification's)
 
 
 def quantize_q8(x: np.ndarray, dtype=np.int8, norm=None) -> Q8Activations:
     """x (T, K) or (K,) float32 -> Q8Activations with leading dimension T (1 for a vector).
-    dtype int32 gives the values widened, as the kernels read them. A vector may come with its
-    norm, norm = (weight, eps): the activations of rms_norm(x) * weight, made in the same call."""
+    dtype int32 gives the values widened, as the kernels read them. x may come with its norm,
+    norm = (weight, eps): the activations of rms_norm(x) * weight, made in the same call (a decode
+    step's vector, or a verification's few rows)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[-1] % QK:
         raise ValueError(f"activation length {x.shape[-1]} is not a multiple of {QK}")
-    if x.ndim == 1:
-        if norm is not None:
-            return Q8Activations(*_normed_one(x, np.ascontiguousarray(norm[0], dtype=np.float32), F32(norm[1]),
-                                              np.dtype(dtype)))
-        return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
     if norm is not None:
-        raise ValueError("a norm prologue takes one activation vector")
-    return Q8Activations(*(_quantize_few if len(x) <= FEW_ROWS else _quantize_rows)(x, np.dtype(dtype)))
+        return Q8Activations(*q8_rows(x.reshape(-1, x.shape[-1]), np.ascontiguousarray(norm[0], dtype=np.float32),
+                                      F32(norm[1]), np.dtype(dtype)))
+    if x.ndim == 1:
+        return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
+    few = len(x) <= FEW_ROWS  # a verification's rows: on one core, a parallel region costs more
+    return Q8Activations(*(q8_rows(x, NO_NORM, F32(0.0), np.dtype(dtype)) if few else _quantize_rows(x, np.dtype(dtype))))
 
 
 # --- the activation arguments of the kernels (registry.TileKernels) ----------------------------

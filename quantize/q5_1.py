@@ -110,15 +110,15 @@ def _pack(b, halves=False):
 
 @njit(cache=True)
 def _row_vnni(qs, qh, d, m, x, norm_w, eps, y):
-    # one vector's product, its activations (and norm) made in the same call (TileKernels.row_kernel)
-    q, xd, _, xs = activations.q8_row(x, norm_w, eps, np.int8)
+    # a few rows' product, their activations (and norm) made in the same call (TileKernels.row_kernel)
+    q, xd, _, xs = activations.q8_rows(x, norm_w, eps, np.int8)
     _matmul_vnni(qs, qh, d, m, q.view(np.int32), xd, xs, y)
 
 
 @njit(cache=True)
 def _row(p, x, norm_w, eps, y):
     # the portable kernel's row_kernel
-    q, xd, xsum, xs = activations.q8_row(x, norm_w, eps, np.int32)
+    q, xd, xsum, xs = activations.q8_rows(x, norm_w, eps, np.int32)
     _matmul(p, q, xd, xsum, xs, y)
 
 

@@ -137,8 +137,8 @@ def _matmul_vnni(qs, d, xw, xd, xsum, y):
 
 @njit(cache=True)
 def _row_vnni(qs, d, x, norm_w, eps, y):
-    # one vector's product, its activations (and norm) made in the same call (TileKernels.row_kernel)
-    q, xd, xsum, _ = activations.q8_row(x, norm_w, eps, np.int8)
+    # a few rows' product, their activations (and norm) made in the same call (TileKernels.row_kernel)
+    q, xd, xsum, _ = activations.q8_rows(x, norm_w, eps, np.int8)
     _matmul_vnni(qs, d, q.view(np.int32), xd, xsum, y)
 
 
@@ -217,7 +217,7 @@ def _pack_words(b):
 @njit(cache=True)
 def _row(p, x, norm_w, eps, y):
     # the portable kernel's row_kernel
-    q, xd, xsum, xs = activations.q8_row(x, norm_w, eps, np.int32)
+    q, xd, xsum, xs = activations.q8_rows(x, norm_w, eps, np.int32)
     _matmul(p, q, xd, xsum, xs, y)
 
 

@@ -20,7 +20,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from edgeseek.errors import UnsupportedError
 
-from .activations import NO_NORM, PROLOGUES
+from .activations import FEW_ROWS, NO_NORM, PROLOGUES
 from .simd import HAVE_VNNI
 
 FORMATS: dict[GGMLQuantizationType, "QuantFormat"] = {}
@@ -46,9 +46,9 @@ class Kernels(Protocol):
     def matvecs(self, packeds: list, x: np.ndarray) -> list:
         """Several matrices times one x (K,) -> [(N_i,), ...], x's activations made once."""
 
-    def matmuls(self, packeds: list, x: np.ndarray) -> list:
+    def matmuls(self, packeds: list, x: np.ndarray, prologue=None) -> list:
         """Optional. Several matrices times the same x (T, K) -> [(T, N_i), ...], x's activations
-        made once."""
+        made once (after the prologue, where the set takes one)."""
 
     def matmul_many(self, packeds: list, x: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
         """Matrix j times activation row rows[j] of x (R, K) -> (len(packeds), N); None where the
@@ -85,8 +85,8 @@ class TileKernels:
     vector_activations: Callable | None = None
     many_kernel: Callable | None = None
     groups_kernel: Callable | None = None
-    row_kernel: Callable | None = None  # (*weights, x (K,), norm weight or NO_NORM, eps, y (n_tiles, 1, tile)):
-    # one vector's 8-bit activations, after its norm where it has one, and the product in one call
+    row_kernel: Callable | None = None  # (*weights, x (T, K), norm weight or NO_NORM, eps, y (n_tiles, T, tile)):
+    # a few rows' 8-bit activations, after their norm where they have one, and the product in one call
     _weights: Callable = field(init=False, repr=False, compare=False)  # packed -> the kernels' weight arguments
 
     def __post_init__(self):
@@ -102,6 +102,8 @@ class TileKernels:
         return p.d.shape[1]
 
     def matmul(self, p, x):
+        if self.row_kernel is not None and x.ndim == 2 and len(x) <= FEW_ROWS:
+            return self._row(p, x, None)
         return self._matmul(p, self.activations(x), 1 if x.ndim == 1 else x.shape[0])
 
     def _matmul(self, p, a, t: int):
@@ -116,16 +118,16 @@ class TileKernels:
         return self.activations in PROLOGUES and (self.vector_activations is None or self.vector_activations in PROLOGUES)
 
     def _row(self, p, x, prologue):
-        # the row kernel: x's activations (after its norm) and the product in one numba call
-        y = np.empty((p.d.shape[0], 1, p.d.shape[2]), np.float32)
+        # the row kernel: the rows' activations (after their norm) and the product in one numba call;
+        # x (T, K) -> (T, N)
+        y = np.empty((p.d.shape[0], len(x), p.d.shape[2]), np.float32)
         w, eps = prologue["norm"] if prologue else (NO_NORM, 0.0)
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        self.row_kernel(*self._weights(p), x, w, np.float32(eps), y)
-        return y.reshape(-1)[:p.n]
+        self.row_kernel(*self._weights(p), x, np.ascontiguousarray(w, dtype=np.float32), np.float32(eps), y)
+        return y.transpose(1, 0, 2).reshape(len(x), -1)[:, :p.n]
 
     def matvec(self, p, x, prologue=None):
         if self.row_kernel is not None:
-            return self._row(p, x, prologue)
+            return self._row(p, x[None], prologue)[0]
         pro = prologue or {}
         if self.matvec_kernel is None:  # the matmul kernel on one row
             return self._matmul(p, self.activations(x, **pro), 1)[0]
@@ -135,7 +137,7 @@ class TileKernels:
 
     def matvecs(self, ps, x, prologue=None):
         if self.row_kernel is not None:  # each its own call, x's activations made in it (a call costs about
-            return [self._row(p, x, prologue) for p in ps]  # what a separate quantization did)
+            return [self._row(p, x[None], prologue)[0] for p in ps]  # what a separate quantization did)
         pro = prologue or {}
         if self.matvec_kernel is None:  # the matmul kernel on one row, as matvec
             kernel, a, rows = self.matmul_kernel, self.activations(x, **pro), (1,)
@@ -148,8 +150,10 @@ class TileKernels:
             ys.append(y.reshape(-1)[:p.n])
         return ys
 
-    def matmuls(self, ps, x):
-        a = self.activations(x)  # x's activations made once for every matrix
+    def matmuls(self, ps, x, prologue=None):
+        if self.row_kernel is not None and len(x) <= FEW_ROWS:  # a verification's few rows, as matvecs
+            return [self._row(p, x, prologue) for p in ps]
+        a = self.activations(x, **(prologue or {}))  # x's activations made once for every matrix
         return [self._matmul(p, a, len(x)) for p in ps]
 
     @staticmethod
@@ -283,11 +287,14 @@ class QuantFormat:
             return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"), prologue)
         return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"))
 
-    def matmuls(self, packeds: list, x: np.ndarray) -> list:
+    def matmuls(self, packeds: list, x: np.ndarray, prologue=None) -> list:
         """Several matrices of this format times the same rows x (T, K) (a few tokens' q and kv)
-        -> [(T, N_i), ...]: x quantized once for all of them."""
+        -> [(T, N_i), ...]: x quantized once for all of them (after the prologue, where
+        `prologues`, as matvec's)."""
         x = self._activations(packeds[0], x, 2, "matmul")
         many = getattr(self.kernels, "matmuls", None)
+        if prologue:
+            return many(packeds, x, prologue)
         return many(packeds, x) if many is not None else [self.kernels.matmul(p, x) for p in packeds]
 
     def matmul_many(self, packeds: list, x: np.ndarray, rows) -> np.ndarray | None:

@@ -93,7 +93,8 @@ def test_format_kernels_compile_to_vpdpbusd(kind, monkeypatch):
     fmt = get_format(T[kind]).with_kernels("vnni")
     rng = np.random.default_rng(0)
     raw = fmt.quantize(rng.standard_normal((32, 256)).astype(np.float32)).reshape(32, -1)
-    fmt.matmul(fmt.pack(raw), rng.standard_normal((2, 256)).astype(np.float32))  # compiles (or loads) the kernel
+    fmt.matmul(fmt.pack(raw), rng.standard_normal((8, 256)).astype(np.float32))  # compiles (or loads) the kernel
+    # (from Python: more rows than the row kernels take, which call it inside their own call)
     kernel = fmt.kernels.matmul_kernel
     monkeypatch.setattr(simd, "HAVE_VNNI", True)  # whatever EDGESEEK_PORTABLE_KERNELS says
     fresh = numba.njit(parallel=True)(kernel.py_func)

@@ -561,12 +561,16 @@ class CPUBackend:
         if C % 16 or R % 16 or (int(pos.max()) + 1) * H >= LATENT_SHORT:
             return None
         at = np.empty((B, 2), np.int64)
+        addresses: dict = {}  # a verification's rows share one cache: its addresses looked up once
         for b, (c, k, p) in enumerate(zip(caches_c, caches_k_pe, pos.tolist())):
-            if not (c.flags.c_contiguous and k.flags.c_contiguous):
-                return None
+            where = addresses.get((id(c), id(k)))
+            if where is None:
+                if not (c.flags.c_contiguous and k.flags.c_contiguous):
+                    return None
+                where = addresses[id(c), id(k)] = c.ctypes.data, k.ctypes.data
             c[p] = lat_new[b]
             k[p] = k_pe_new[b]
-            at[b] = c.ctypes.data, k.ctypes.data
+            at[b] = where
         out = np.empty((B, H, C), np.float32)
         kernel = _latent_rows_one_core if int(pos.sum() + B) * H < LATENT_SHORT else _latent_rows
         kernel(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32), at,
@@ -601,9 +605,10 @@ class CPUBackend:
         return out
 
     def normed(self, x, weight, eps: float):
-        """rms_norm(x, weight, eps) for the products that follow: one decode token's as a Normed,
-        which linears normalizes in the call that quantizes it (activations.quantize_q8's norm)."""
-        if np.ndim(x) == 2 and len(x) == 1 and getattr(weight, "dtype", None) == np.float32:
+        """rms_norm(x, weight, eps) for the products that follow: a decode token's (or a
+        verification's few) as a Normed, which linears normalizes in the call that quantizes it
+        (the row kernels' norm, activations.q8_rows)."""
+        if np.ndim(x) == 2 and len(x) <= FEW_TOKENS and getattr(weight, "dtype", None) == np.float32:
             return Normed(x, weight, eps, self.rms_norm)
         return self.rms_norm(x, weight, eps)
 
@@ -632,7 +637,8 @@ class CPUBackend:
             fmt, group = ws[0].fmt, self._fused(ws)
             packed = [w.packed for w in ws] if group is None else [group[0]]
             if isinstance(x, Normed) and fmt.prologues:
-                ys = [y[None] for y in fmt.matvecs(packed, x.x[0], {"norm": (x.weight, x.eps)})]
+                pro = {"norm": (x.weight, x.eps)}
+                ys = [y[None] for y in fmt.matvecs(packed, x.x[0], pro)] if len(x) == 1 else fmt.matmuls(packed, x.x, pro)
             elif len(rows(x)) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
                 ys = [y[None] for y in fmt.matvecs(packed, rows(x)[0])]
             else:
