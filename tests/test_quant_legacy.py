@@ -294,7 +294,9 @@ def test_matmul_within_q8_bound(kind, kernels, n_tok):
 @pytest.mark.parametrize("kind, kernels", kernel_sets(BLOCK_KINDS))
 def test_a_norm_made_with_the_activations_equals_the_norm_then_the_product(kind, kernels):
     """matvec and matvecs with a norm prologue (a decode step's norm made in the call that
-    quantizes the activations): the same bits as the CPU backend's rms_norm, then the product."""
+    quantizes the activations), and matmuls of a verification's few rows with it: the same bits as
+    the CPU backend's rms_norm, then the product; and those few rows (the row kernels, one call on
+    one core) the same bits as the same rows among a prompt's many (quantized on both cores)."""
     from edgeseek.backends.cpu import CPUBackend
     f = fmt(kind).with_kernels(kernels)
     assert f.prologues
@@ -307,6 +309,13 @@ def test_a_norm_made_with_the_activations_equals_the_norm_then_the_product(kind,
     np.testing.assert_array_equal(f.matvec(ps[0], x, {"norm": (w, 1e-6)}), f.matvec(ps[0], normed))
     for got, want in zip(f.matvecs(ps, x, {"norm": (w, 1e-6)}), f.matvecs(ps, normed)):
         np.testing.assert_array_equal(got, want)
+    rows = (rng.standard_normal((3, k)) * 3).astype(np.float32)
+    normed_rows = CPUBackend().rms_norm(rows, w, 1e-6)
+    for got, want in zip(f.matmuls(ps, rows, {"norm": (w, 1e-6)}), f.matmuls(ps, normed_rows)):
+        np.testing.assert_array_equal(got, want)
+    many = np.concatenate([normed_rows, normed_rows])
+    np.testing.assert_array_equal(f.matmul(ps[0], normed_rows), f.matmul(ps[0], many)[:3])
+    np.testing.assert_array_equal(f.matvec(ps[0], normed_rows[0]), f.matmul(ps[0], many)[0])
 
 
 @pytest.mark.parametrize("kind", [k for k in BLOCK_KINDS if fmt(k).vnni is not None])

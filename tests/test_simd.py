@@ -145,8 +145,9 @@ def test_one_vector_through_several_matrices_equals_each_alone(kind):
 def test_backend_linears_equal_each_product(kind, heights, tokens):
     """backend.linears of one token or a verification's few (a layer's q, k and v; gate and up),
     each bit for bit its own product, whatever the kernel set (VNNI sets run the matmul kernel on
-    one row). Matrices of the tile layouts whose rows are whole tiles but the last's run as one
-    fused matrix, each one's layout then a view of it (the weights held once); others one by one."""
+    one row), with their norm made in the products' calls or not. Matrices of the tile layouts whose
+    rows are whole tiles but the last's run as one fused matrix, each one's layout then a view of it
+    (the weights held once); others one by one."""
     from edgeseek.backends.cpu import CPUBackend
     from edgeseek.quantize import QMatrix, tiles
     fmt = get_format(T[kind])
@@ -159,6 +160,9 @@ def test_backend_linears_equal_each_product(kind, heights, tokens):
     b = CPUBackend()
     for g, w in zip(b.linears(ws, x), want):
         np.testing.assert_array_equal(g, w)
+    norm = rng.uniform(0.5, 1.5, k).astype(np.float32)  # the rows' norm made in the products' own calls
+    for g, w in zip(b.linears(ws, b.normed(x, norm, 1e-6)), ws):
+        np.testing.assert_array_equal(g, w(b.rms_norm(x, norm, 1e-6)))
     fusable = type(ws[0].packed) is tiles.Packed and all(n % tiles.TILE == 0 for n in heights[:-1])
     group = b._fused(ws)
     assert (group is not None) == fusable
