@@ -25,15 +25,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def timed(fn, n: int) -> float:
-    """The median of n runs: a step of a small model is a few ms, and one preempted run would
-    move a mean."""
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def interleaved(runs: dict, repeats: int) -> dict:
+    """The median seconds of each of `runs`, timed one after another in rounds: this machine's
+    speed drifts by a quarter within minutes, and a cost measured while it was slow would be set
+    against another measured while it was fast."""
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) -> dict:
@@ -50,26 +52,27 @@ def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) 
     prompt = rng.integers(100, model.config.vocab_size, 64).astype(np.int32)
     cache = model.new_cache()
     model.forward(prompt, cache)
-    out = {}
+    runs = {}
     for T in (1, 2, 3, 4):
         ids = rng.integers(100, model.config.vocab_size, T).astype(np.int32)
 
-        def run():
+        def run(ids=ids):
             model.forward(ids, cache, all_logits=True)
             cache.truncate(64)
         run()  # warm: the experts these tokens route to are packed
-        out[T] = timed(run, repeats)
+        runs[T] = run
     xp = model.backend.xp
     h = xp.asarray(np.ones((1, model.config.n_embd), np.float32))
-    head = timed(lambda: model.backend.host(model.output(h)), repeats)
-    layer = (out[1] - head) / model.config.n_layer
+    runs["head"] = lambda: model.backend.host(model.output(h))
     if has_mtp:
         hidden = xp.asarray(rng.standard_normal((2, model.config.n_embd)).astype(np.float32))
-        ids = model.backend.tokens(rng.integers(100, model.config.vocab_size, 2))
-        mtp = {T: timed(lambda: model.mtp_step(hidden[:T], ids[:T], np.arange(64, 64 + T), cache), repeats)
-               for T in (1, 2)}
-    else:
-        mtp = {1: layer + head, 2: layer + head}
+        ids2 = model.backend.tokens(rng.integers(100, model.config.vocab_size, 2))
+        for T in (1, 2):
+            runs["mtp", T] = lambda T=T: model.mtp_step(hidden[:T], ids2[:T], np.arange(64, 64 + T), cache)
+    t = interleaved(runs, repeats)
+    out, head = {T: t[T] for T in (1, 2, 3, 4)}, t["head"]
+    layer = (out[1] - head) / model.config.n_layer
+    mtp = {T: t["mtp", T] for T in (1, 2)} if has_mtp else {1: layer + head, 2: layer + head}
     return {"forward_s": out, "head_s": head, "layer_s": layer, "mtp_block_s": mtp, "mtp_measured": has_mtp,
             "n_layer": model.config.n_layer}
 
@@ -98,31 +101,35 @@ PROMPTS = ["Tell me about the history of the printing press.", "Explain photosyn
 def with_model(path: Path, device: str, n: int, runs: int = 7) -> dict:
     """Greedy replies of up to n tokens to five prompts (their lengths and the MTP head's acceptance
     differ from prompt to prompt: one reply of 30 tokens measured mostly its first steps), each mode
-    the median over `runs` of all replies' tokens over all replies' decode time."""
+    the median over `runs` rounds of all replies' tokens over all replies' decode time; the modes
+    take turns within each round (one engine each), and a mode's speedup is the median of its
+    rounds' rates over plain decoding's in the same round."""
     import edgeseek
     from edgeseek.sampler import SamplerConfig
-    rows = {}
-    for mode in ("off", 1, 2, 3):
-        e = edgeseek.load(path, device=device, mtp=mode)
-        prompts = [e.tokenizer.encode(e.chat_template.render([{"role": "user", "content": p}],
-                                                             add_generation_prompt=True)
-                                      if e.chat_template is not None else p) for p in PROMPTS]
+    modes = ("off", 1, 2, 3)
+    engines = {mode: edgeseek.load(path, device=device, mtp=mode) for mode in modes}
+    e = engines["off"]
+    prompts = [e.tokenizer.encode(e.chat_template.render([{"role": "user", "content": p}], add_generation_prompt=True)
+                                  if e.chat_template is not None else p) for p in PROMPTS]
+    for e in engines.values():
         list(edgeseek.stream_generate(e, prompts[0], max_tokens=8, sampler=SamplerConfig.greedy()))  # warm
         if e.mtp is not None:
             e.mtp.steps = e.mtp.drafted = e.mtp.accepted = 0
-        rates = []
-        for _ in range(runs):  # the median of a few rounds: a small model's reply takes a fraction of a second
+    rates: dict = {mode: [] for mode in modes}
+    for _ in range(runs):  # a small model's reply takes a fraction of a second
+        for mode in modes:
             tokens = seconds = 0.0
             for ids in prompts:
                 last = None
-                for r in edgeseek.stream_generate(e, ids, max_tokens=n, sampler=SamplerConfig.greedy()):
+                for r in edgeseek.stream_generate(engines[mode], ids, max_tokens=n, sampler=SamplerConfig.greedy()):
                     last = r
                 tokens += last.generation_tokens
                 seconds += last.generation_tokens / last.generation_tps
-            rates.append(tokens / seconds)
-        rows[str(mode)] = {"decode_tps": round(float(np.median(rates)), 2), "runs": runs, "prompts": len(PROMPTS),
-                           **(e.mtp.stats() if e.mtp else {})}
-    return rows
+            rates[mode].append(tokens / seconds)
+    off = np.array(rates["off"])
+    return {str(mode): {"decode_tps": round(float(np.median(rates[mode])), 2), "runs": runs, "prompts": len(PROMPTS),
+                        "speedup": round(float(np.median(np.array(rates[mode]) / off)), 3),
+                        **(engines[mode].mtp.stats() if engines[mode].mtp else {})} for mode in modes}
 
 
 def main():
@@ -131,7 +138,7 @@ def main():
     p.add_argument("--model", type=Path, help="a GGUF file with an MTP layer (the distilled model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ram-budget", help="experts from the file through a cache of this size (e.g. 4G)")
-    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--runs", type=int, default=7, help="--model: replies per mode (their median)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "mtp.json")
@@ -152,10 +159,8 @@ def main():
     if a.model:
         rows = with_model(a.model, a.device, a.decode, a.runs)
         result["model"] = {"file": a.model.name, "runs": rows}
-        base = rows["off"]["decode_tps"]
         same = "cost" in result and result["cost"]["file"] == a.model.name
         for mode, r in rows.items():
-            r["speedup"] = round(r["decode_tps"] / base, 3)
             if same and mode != "off":  # what the cost model predicts from the measured tokens per step
                 r["predicted_speedup"] = round(predicted_speedup(result["cost"], r["mtp_tokens_per_step"], int(mode)), 3)
             print(f"  mtp {mode}: {r['decode_tps']} tok/s ({r['speedup']:.2f}x"

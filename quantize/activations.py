@@ -128,7 +128,9 @@ def q8_rows(x, norm_w, eps, dtype):
 
 
 NO_NORM = np.zeros(0, np.float32)  # a row kernel's norm weight where the product has no norm
-FEW_ROWS = 4  # rows up to which quantize_q8 and the row kernels run on one core (a speculative verification's)
+FEW_ROWS = 4  # rows up to which the row kernels run (a speculative verification's)
+FEW_VALUES = 8192  # values up to which quantize_q8 quantizes rows on one core (a verification's four rows of
+# V2-Lite's 2048; its per-head products' 4 x 16 rows of 128)
 
 
 def quantize_q8(x: np.ndarray, dtype=np.int8, norm=None) -> Q8Activations:
@@ -144,7 +146,7 @@ def quantize_q8(x: np.ndarray, dtype=np.int8, norm=None) -> Q8Activations:
                                       F32(norm[1]), np.dtype(dtype)))
     if x.ndim == 1:
         return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
-    few = len(x) <= FEW_ROWS  # a verification's rows: on one core, a parallel region costs more
+    few = x.size <= FEW_VALUES  # a verification's rows (or its heads'): a parallel region costs more
     return Q8Activations(*(q8_rows(x, NO_NORM, F32(0.0), np.dtype(dtype)) if few else _quantize_rows(x, np.dtype(dtype))))
 
 
