@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import llvmlite.binding as ll
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
@@ -289,6 +291,74 @@ sub_f = _binary_f("fsub")
 mul_f = _binary_f("fmul")
 
 
+def _unary_f(name: str, doc: str):
+    @intrinsic
+    def fn(typingctx, a):
+        if a != VF:
+            raise TypeError(f"simd.{name} takes a VF vector")
+
+        def codegen(context, builder, sig, args):
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.{name}.v16f32")
+            return builder.call(f, args)
+
+        return VF(a), codegen
+
+    fn.__doc__ = doc
+    return fn
+
+
+rint_f = _unary_f("rint", "Each lane rounded to the nearest integer, ties to even (still float32).")
+
+
+@intrinsic
+def to_i(typingctx, a):
+    """float32 lanes holding integers -> int32 lanes."""
+    if a != VF:
+        raise TypeError("to_i takes a VF vector")
+
+    def codegen(context, builder, sig, args):
+        return builder.fptosi(args[0], _VI)
+
+    return VI(a), codegen
+
+
+@intrinsic
+def as_f(typingctx, a):
+    """int32 lanes reinterpreted as the bits of float32 lanes."""
+    if a != VI:
+        raise TypeError("as_f takes a VI vector")
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _VF)
+
+    return VF(a), codegen
+
+
+@intrinsic
+def max_f(typingctx, a, b):
+    """The larger of each pair of lanes (b where either is NaN)."""
+    if a != VF or b != VF:
+        raise TypeError("max_f takes two VF vectors")
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return VF(a, b), codegen
+
+
+@intrinsic
+def zero_below(typingctx, x, t, y):
+    """y's lanes where x's lane is at least the float32 t, 0 where it is below (or NaN)."""
+    if x != VF or y != VF or not isinstance(t, types.Float):
+        raise TypeError("zero_below takes a VF vector, a float and a VF vector")
+
+    def codegen(context, builder, sig, args):
+        limit = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF)
+        return builder.select(builder.fcmp_ordered(">=", args[0], limit), args[2], ir.Constant(_VF, None))
+
+    return VF(x, t, y), codegen
+
+
 
 _U16 = (types.uint16,)
 
@@ -335,3 +405,22 @@ def at_address(typingctx, addr):
         return builder.inttoptr(args[0], cgutils.voidptr_t)
 
     return types.voidptr(types.int64), codegen
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def exp_f(x):
+    """e**x in each lane, for a softmax's shifted scores (x <= 0), 16 at a time where numba calls
+    libm's expf lane by lane (no SVML here): Cephes' expf, x = n ln2 + r, a degree-6 polynomial in r,
+    2**n built in the exponent bits; within 3e-7 of e**x relative (numpy's float32 exp: 2e-7). x is
+    taken as at least -87.3, where float32 turns subnormal: callers zero those lanes (zero_below)."""
+    x = max_f(x, splat_f(np.float32(-87.3)))
+    n = rint_f(mul_f(x, splat_f(np.float32(1.44269504088896341))))
+    r = sub_f(sub_f(x, mul_f(n, splat_f(np.float32(0.693359375)))), mul_f(n, splat_f(np.float32(-2.12194440e-4))))
+    p = splat_f(np.float32(1.9875691500e-4))
+    p = add_f(mul_f(p, r), splat_f(np.float32(1.3981999507e-3)))
+    p = add_f(mul_f(p, r), splat_f(np.float32(8.3334519073e-3)))
+    p = add_f(mul_f(p, r), splat_f(np.float32(4.1665795894e-2)))
+    p = add_f(mul_f(p, r), splat_f(np.float32(1.6666665459e-1)))
+    p = add_f(mul_f(p, r), splat_f(np.float32(5.0000001201e-1)))
+    y = add_f(add_f(mul_f(mul_f(p, r), r), r), splat_f(np.float32(1.0)))
+    return mul_f(y, as_f(sll(add_i(to_i(n), splat_i(np.int32(127))), 23)))

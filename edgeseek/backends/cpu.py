@@ -13,7 +13,8 @@ from edgeseek.models.moe import FEW_TOKENS, moe, route
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
-from edgeseek.quantize.simd import add_f, at_address, hsum_f, load_f, load_h, mul_f, splat_f, store_f, zero_f
+from edgeseek.quantize.simd import (add_f, at_address, exp_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, sub_f,
+                                    zero_below, zero_f)
 
 from .normed import Normed, rows
 
@@ -262,7 +263,7 @@ def _latent_job(q_lat, q_pe, at, n, scale, out, job):
     m = n[b]
     c16 = carray(at_address(at[b, 0]), (m * C,), np.uint16)
     kpe16 = carray(at_address(at[b, 1]), (m * R,), np.uint16)
-    scores = np.empty(m, np.float32)
+    scores = np.empty(m + 16, np.float32)
     top = np.float32(-np.inf)
     for s in range(m):
         acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, (b * H + h) * C, C), kpe16, s * R, q_pe, (b * H + h) * R, R)
@@ -327,13 +328,18 @@ LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does i
 @njit(fastmath=True, cache=True, inline="always")
 def _softmax_mix(scores, n, top, v16, base, width, out, oo):
     # out.flat[oo : oo + width] = softmax(scores[:n]) @ rows s of v16 (float16 as uint16, row s at
-    # base + s * width), in the scores' own storage; width a multiple of 16
-    total = np.float32(0.0)
-    for s in range(n):
-        e = np.float32(np.exp(scores[s] - top))
-        scores[s] = e
-        total += e
-    inv = np.float32(1.0) / total
+    # base + s * width), in the scores' own storage (room for 16 more than n); width
+    # a multiple of 16. The exponentials 16 at a time (simd.exp_f; libm's one by one were half a
+    # short context's attention)
+    for s in range(n, n + (-n) % 16):
+        scores[s] = -np.inf
+    t, acc = splat_f(top), zero_f()
+    for s in range(0, n, 16):
+        x = sub_f(load_f(scores, s), t)
+        e = zero_below(x, np.float32(-87.3), exp_f(x))
+        store_f(scores, s, e)
+        acc = add_f(acc, e)
+    inv = np.float32(1.0) / hsum_f(acc)
     for j in range(0, width, 16):
         store_f(out, oo + j, zero_f())
     for s in range(n):
@@ -534,7 +540,7 @@ class CPUBackend:
         if n * H < LATENT_SHORT:  # little work: one core, one call
             out = np.empty((H, C), np.float32)
             _latent_short(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32),
-                          c16, cache_k_pe.view(np.uint16), n, np.float32(scale), np.empty(n, np.float32), out)
+                          c16, cache_k_pe.view(np.uint16), n, np.float32(scale), np.empty(n + 16, np.float32), out)
             return out[None]
         scores = np.empty((H, n), np.float32)
         q_lat, q_pe = np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32)
@@ -591,7 +597,7 @@ class CPUBackend:
         out = np.empty((G, Hg, d), np.float32)
         if n < KV_KERNEL_MIN:
             _gqa_short(np.ascontiguousarray(q, dtype=np.float32), k_cache.view(np.uint16), v_cache.view(np.uint16), n,
-                       np.float32(scale), np.empty(n, np.float32), out)
+                       np.float32(scale), np.empty(n + 16, np.float32), out)
             return out
         no_pe, no_cache = np.zeros((Hg, 0), np.float32), np.zeros((1, 16), np.uint16)
         parts = np.empty((max(1, min(numba.get_num_threads(), n // 16)), Hg * d), np.float32)
