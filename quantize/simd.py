@@ -260,16 +260,24 @@ def dpbusd(typingctx, acc, a, b):
     return VI(acc, a, b), codegen
 
 
-@intrinsic
-def to_f(typingctx, a):
-    """int32 lanes -> float32 lanes."""
-    if a != VI:
-        raise TypeError("to_f takes a VI vector")
+def _cast(name: str, src, dst, op: str, doc: str):
+    @intrinsic
+    def fn(typingctx, a):
+        if a != src:
+            raise TypeError(f"simd.{name} takes a {src} vector")
 
-    def codegen(context, builder, sig, args):
-        return builder.sitofp(args[0], _VF)
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], _VF if dst is VF else _VI)
 
-    return VF(a), codegen
+        return dst(a), codegen
+
+    fn.__doc__ = doc
+    return fn
+
+
+to_f = _cast("to_f", VI, VF, "sitofp", "int32 lanes -> float32 lanes.")
+to_i = _cast("to_i", VF, VI, "fptosi", "float32 lanes holding integers -> int32 lanes.")
+as_f = _cast("as_f", VI, VF, "bitcast", "int32 lanes reinterpreted as the bits of float32 lanes.")
 
 
 def _binary_f(op):
@@ -308,30 +316,6 @@ def _unary_f(name: str, doc: str):
 
 
 rint_f = _unary_f("rint", "Each lane rounded to the nearest integer, ties to even (still float32).")
-
-
-@intrinsic
-def to_i(typingctx, a):
-    """float32 lanes holding integers -> int32 lanes."""
-    if a != VF:
-        raise TypeError("to_i takes a VF vector")
-
-    def codegen(context, builder, sig, args):
-        return builder.fptosi(args[0], _VI)
-
-    return VI(a), codegen
-
-
-@intrinsic
-def as_f(typingctx, a):
-    """int32 lanes reinterpreted as the bits of float32 lanes."""
-    if a != VI:
-        raise TypeError("as_f takes a VI vector")
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _VF)
-
-    return VF(a), codegen
 
 
 @intrinsic
