@@ -71,16 +71,6 @@ def _quantize_row(x, q, d, sums, s):
         s[b] = fp16_round(db * F32(tot))
 
 
-@njit(cache=True)
-def _quantize_one(x, dtype):
-    # x (K,) -> one row; serial: a vector is too small to share between threads
-    nb = x.shape[0] // QK
-    q = np.empty((1, x.shape[0]), dtype)
-    d, sums, s = np.empty((1, nb), np.float32), np.empty((1, nb), np.int32), np.empty((1, nb), np.float32)
-    _quantize_row(x, q[0], d[0], sums[0], s[0])
-    return q, d, sums, s
-
-
 @njit(parallel=True, cache=True)
 def _quantize_rows(x, dtype):
     # x (T, K)
@@ -90,8 +80,6 @@ def _quantize_rows(x, dtype):
     for t in prange(x.shape[0]):
         _quantize_row(x[t], q[t], d[t], sums[t], s[t])
     return q, d, sums, s
-
-
 
 
 @njit(cache=True, inline="always")
@@ -141,13 +129,13 @@ def quantize_q8(x: np.ndarray, dtype=np.int8, norm=None) -> Q8Activations:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[-1] % QK:
         raise ValueError(f"activation length {x.shape[-1]} is not a multiple of {QK}")
-    if norm is not None:
-        return Q8Activations(*q8_rows(x.reshape(-1, x.shape[-1]), np.ascontiguousarray(norm[0], dtype=np.float32),
-                                      F32(norm[1]), np.dtype(dtype)))
-    if x.ndim == 1:
-        return Q8Activations(*_quantize_one(x, np.dtype(dtype)))
-    few = x.size <= FEW_VALUES  # a verification's rows (or its heads'): a parallel region costs more
-    return Q8Activations(*(q8_rows(x, NO_NORM, F32(0.0), np.dtype(dtype)) if few else _quantize_rows(x, np.dtype(dtype))))
+    if norm is None and x.ndim == 2 and x.size > FEW_VALUES:  # a prompt's rows, on both cores
+        return Q8Activations(*_quantize_rows(x, np.dtype(dtype)))
+    # a vector, a verification's rows (or its heads'), or rows with their norm: on one core, where
+    # a parallel region costs more than the work
+    w, eps = norm if norm is not None else (NO_NORM, 0.0)
+    return Q8Activations(*q8_rows(x.reshape(-1, x.shape[-1]), np.ascontiguousarray(w, dtype=np.float32), F32(eps),
+                                  np.dtype(dtype)))
 
 
 # --- the activation arguments of the kernels (registry.TileKernels) ----------------------------

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 import llvmlite.binding as ll
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -299,23 +298,17 @@ sub_f = _binary_f("fsub")
 mul_f = _binary_f("fmul")
 
 
-def _unary_f(name: str, doc: str):
-    @intrinsic
-    def fn(typingctx, a):
-        if a != VF:
-            raise TypeError(f"simd.{name} takes a VF vector")
+@intrinsic
+def rint_f(typingctx, a):
+    """Each lane rounded to the nearest integer, ties to even (still float32)."""
+    if a != VF:
+        raise TypeError("rint_f takes a VF vector")
 
-        def codegen(context, builder, sig, args):
-            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.{name}.v16f32")
-            return builder.call(f, args)
+    def codegen(context, builder, sig, args):
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF]), "llvm.rint.v16f32")
+        return builder.call(f, args)
 
-        return VF(a), codegen
-
-    fn.__doc__ = doc
-    return fn
-
-
-rint_f = _unary_f("rint", "Each lane rounded to the nearest integer, ties to even (still float32).")
+    return VF(a), codegen
 
 
 @intrinsic
@@ -391,15 +384,18 @@ def at_address(typingctx, addr):
     return types.voidptr(types.int64), codegen
 
 
+EXP_LOW = np.float32(-87.3)  # exp_f's lanes below this are 0
+
+
 @njit(fastmath=True, cache=True, inline="always")
 def exp_f(x):
     """e**x in each lane, for a softmax's shifted scores (x <= 0), 16 at a time where numba calls
     libm's expf lane by lane (no SVML here): Cephes' expf, x = n ln2 + r, a degree-6 polynomial in r,
-    2**n built in the exponent bits; within 3e-7 of e**x relative (numpy's float32 exp: 2e-7). x is
-    taken as at least -87.3, where float32 turns subnormal: callers zero those lanes (zero_below)."""
-    x = max_f(x, splat_f(np.float32(-87.3)))
-    n = rint_f(mul_f(x, splat_f(np.float32(1.44269504088896341))))
-    r = sub_f(sub_f(x, mul_f(n, splat_f(np.float32(0.693359375)))), mul_f(n, splat_f(np.float32(-2.12194440e-4))))
+    2**n built in the exponent bits; within 3e-7 of e**x relative (numpy's float32 exp: 2e-7), and 0
+    below EXP_LOW, where float32 turns subnormal."""
+    c = max_f(x, splat_f(EXP_LOW))
+    n = rint_f(mul_f(c, splat_f(np.float32(1.44269504088896341))))
+    r = sub_f(sub_f(c, mul_f(n, splat_f(np.float32(0.693359375)))), mul_f(n, splat_f(np.float32(-2.12194440e-4))))
     p = splat_f(np.float32(1.9875691500e-4))
     p = add_f(mul_f(p, r), splat_f(np.float32(1.3981999507e-3)))
     p = add_f(mul_f(p, r), splat_f(np.float32(8.3334519073e-3)))
@@ -407,4 +403,4 @@ def exp_f(x):
     p = add_f(mul_f(p, r), splat_f(np.float32(1.6666665459e-1)))
     p = add_f(mul_f(p, r), splat_f(np.float32(5.0000001201e-1)))
     y = add_f(add_f(mul_f(mul_f(p, r), r), r), splat_f(np.float32(1.0)))
-    return mul_f(y, as_f(sll(add_i(to_i(n), splat_i(np.int32(127))), 23)))
+    return zero_below(x, EXP_LOW, mul_f(y, as_f(sll(add_i(to_i(n), splat_i(np.int32(127))), 23))))

@@ -14,7 +14,7 @@ from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
 from edgeseek.quantize.simd import (add_f, at_address, exp_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, sub_f,
-                                    zero_below, zero_f)
+                                    zero_f)
 
 from .normed import Normed, rows
 
@@ -239,38 +239,36 @@ class Heads:
         return m
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _latent_head(q_lat, q_pe, i, c16, kpe16, n, scale, scores, out):
+    # One head's attention over n positions of a latent cache: query row i of q_lat (.., C) and
+    # q_pe (.., R) (flat), the cache's latents c16 and k_pe kpe16 (float16 as uint16) -> row i of out
+    C, R = q_lat.shape[-1], q_pe.shape[-1]
+    top = np.float32(-np.inf)
+    for s in range(n):
+        acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, i * C, C), kpe16, s * R, q_pe, i * R, R)
+        x = hsum_f(acc) * scale
+        scores[s] = x
+        top = max(top, x)
+    _softmax_mix(scores, n, top, c16, 0, C, out, i * C)
+
+
 @njit(fastmath=True, cache=True)
 def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
     # _latent_scores, the softmax and _latent_mix in one call on one core, for short contexts
-    H, C = q_lat.shape
-    R = q_pe.shape[1]
-    for h in range(H):
-        top = np.float32(-np.inf)
-        for s in range(n):
-            acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, h * C, C), kpe16, s * R, q_pe, h * R, R)
-            x = hsum_f(acc) * scale
-            scores[s] = x
-            top = max(top, x)
-        _softmax_mix(scores, n, top, c16, 0, C, out, h * C)
+    for h in range(q_lat.shape[0]):
+        _latent_head(q_lat, q_pe, h, c16, kpe16, n, scale, scores, out)
 
 
 @njit(fastmath=True, cache=True, inline="always")
 def _latent_job(q_lat, q_pe, at, n, scale, out, job):
-    # (sequence, head) pair `job` of _latent_rows: the same steps as _latent_short for that head
+    # (sequence, head) pair `job` of _latent_rows: _latent_head on that sequence's caches
     B, H, C = q_lat.shape
-    R = q_pe.shape[2]
-    b, h = job // H, job % H
+    b = job // H
     m = n[b]
     c16 = carray(at_address(at[b, 0]), (m * C,), np.uint16)
-    kpe16 = carray(at_address(at[b, 1]), (m * R,), np.uint16)
-    scores = np.empty(m + 16, np.float32)
-    top = np.float32(-np.inf)
-    for s in range(m):
-        acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, (b * H + h) * C, C), kpe16, s * R, q_pe, (b * H + h) * R, R)
-        x = hsum_f(acc) * scale
-        scores[s] = x
-        top = max(top, x)
-    _softmax_mix(scores, m, top, c16, 0, C, out, (b * H + h) * C)
+    kpe16 = carray(at_address(at[b, 1]), (m * q_pe.shape[2],), np.uint16)
+    _latent_head(q_lat, q_pe, job, c16, kpe16, m, scale, np.empty(m + 16, np.float32), out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -336,7 +334,7 @@ def _softmax_mix(scores, n, top, v16, base, width, out, oo):
     t, acc = splat_f(top), zero_f()
     for s in range(0, n, 16):
         x = sub_f(load_f(scores, s), t)
-        e = zero_below(x, np.float32(-87.3), exp_f(x))
+        e = exp_f(x)
         store_f(scores, s, e)
         acc = add_f(acc, e)
     inv = np.float32(1.0) / hsum_f(acc)
@@ -642,13 +640,12 @@ class CPUBackend:
         if len(x) <= FEW_TOKENS and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
             fmt, group = ws[0].fmt, self._fused(ws)
             packed = [w.packed for w in ws] if group is None else [group[0]]
-            if isinstance(x, Normed) and fmt.prologues:
-                pro = {"norm": (x.weight, x.eps)}
-                ys = [y[None] for y in fmt.matvecs(packed, x.x[0], pro)] if len(x) == 1 else fmt.matmuls(packed, x.x, pro)
-            elif len(rows(x)) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
-                ys = [y[None] for y in fmt.matvecs(packed, rows(x)[0])]
+            pro = {"norm": (x.weight, x.eps)} if isinstance(x, Normed) and fmt.prologues else None
+            x = x.x if pro else rows(x)
+            if len(x) == 1:  # (gate and up through one matmul_many call measured slower: 23 us against 19 on SmolLM2's)
+                ys = [y[None] for y in fmt.matvecs(packed, x[0], pro)]
             else:
-                ys = fmt.matmuls(packed, rows(x))  # a verification's few tokens
+                ys = fmt.matmuls(packed, x, pro)  # a verification's few tokens
             if group is None:
                 return ys
             y, cuts = ys[0], group[1]
