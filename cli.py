@@ -94,6 +94,8 @@ def _between(least, most):
 
 def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, device: str = "auto",
           gpu_budget: Optional[str] = None, mtp: str = "auto", lora: Optional[List[str]] = None):
+    import gc
+    gc.disable()  # numba's import and the load make ~10^5 objects: no collection walks them meanwhile
     from edgeseek.engine import load
 
     path = _resolve(model)
@@ -120,6 +122,8 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, de
     import atexit
     atexit.register(engine.close)  # saves the expert-usage profile
     _CLOSERS.append(engine.close)
+    gc.freeze()  # the process keeps its model to the end: later collections skip what loading made
+    gc.enable()
     return engine
 
 
