@@ -84,14 +84,14 @@ def read_through(path: Path) -> None:
             pass
 
 
-def side(script: str, model: Path, args: list[str], cold: bool) -> dict:
+def side(script: str, model: Path, args: list[str], cold: bool, python: str = sys.executable) -> dict:
     if cold:
         drop_caches()
     elif script == "llama_cpp_side.py":
         read_through(model)
     else:
         args = [*args, "--page-in"]
-    cmd = [sys.executable, str(HERE / script), str(model), *args]
+    cmd = [python, str(HERE / script), str(model), *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -115,6 +115,10 @@ def main():
     p.add_argument("--files", nargs="*", type=Path, default=[])
     p.add_argument("--cold", action="store_true")
     p.add_argument("--rounds", type=int, default=1, help="the sides alternated N times, each one's best kept")
+    p.add_argument("--edgeseek-python", default=sys.executable, metavar="PYTHON",
+                   help="the interpreter of edgeseek's side: a virtual environment holding edgeseek's own "
+                        "install (bench_first_reply.py --user-env makes one) rather than this one, whose "
+                        "test extras bring SciPy into numba's start")
     p.add_argument("--out", type=Path, default=HERE / "results" / "runtime.json")
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
@@ -124,7 +128,9 @@ def main():
     args = ["--decode", str(a.decode), "--prompt", str(a.prompt), "--prefill", str(a.prefill)]
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "threads": 2, "bandwidth_gbs": round(bw, 1)},
-               "date": time.strftime("%Y-%m-%d"), "cold": a.cold, "files": {}}
+               "date": time.strftime("%Y-%m-%d"), "cold": a.cold,
+               "edgeseek_python": "this environment" if a.edgeseek_python == sys.executable else a.edgeseek_python,
+               "files": {}}
     if a.out.exists():  # files not measured this time keep their entries (each with its date)
         old = json.loads(a.out.read_text())
         results["files"] = {k: {"date": old.get("date"), "bandwidth_gbs": old.get("machine", {}).get("bandwidth_gbs"),
@@ -144,10 +150,10 @@ def main():
             print(f"llama.cpp with repacking failed, measured without it: {str(e).splitlines()[0]}", file=sys.stderr)
             ref_args = [*args, "--no-repack"]
             ref = [side("llama_cpp_side.py", model, ref_args, a.cold)]
-        ours = [side("edgeseek_side.py", model, args, a.cold)]
+        ours = [side("edgeseek_side.py", model, args, a.cold, a.edgeseek_python)]
         for _ in range(a.rounds - 1):
             ref.append(side("llama_cpp_side.py", model, ref_args, a.cold))
-            ours.append(side("edgeseek_side.py", model, args, a.cold))
+            ours.append(side("edgeseek_side.py", model, args, a.cold, a.edgeseek_python))
         ref, ours = best_of(ref), best_of(ours)
         limit = bw * 1e9 / bpt
         entry = {"file": model.name, "date": results["date"], "bandwidth_gbs": round(bw, 1),
