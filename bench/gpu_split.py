@@ -69,6 +69,8 @@ def main():
     print(f"host: a 1 GiB copy {2 * a1.nbytes / (time.perf_counter() - t) / 1e9:.1f} GB/s (read + write, one thread); "
           f"numba threading layer {numba.threading_layer()}, {numba.get_num_threads()} threads")
     del a1, a2
+    from bench_runtime import bandwidth_gbs  # beside this script
+    print(f"host: read bandwidth {bandwidth_gbs():.1f} GB/s with numba's {numba.get_num_threads()} threads")
     store = model.experts
     x = rng.standard_normal((1, model.config.n_embd)).astype(np.float32)
     layers = list(store.layers())
