@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -57,9 +58,11 @@ class PackedFile:
 
     def __init__(self, path: Path):
         self.path = path
+        mapped = np.memmap(path, dtype=np.uint8, mode="c")
+        huge_pages(mapped._mmap)
         # a plain array over the mapping (it keeps the memmap as its base): views of it are made
         # without numpy.memmap's per-view bookkeeping, thousands of them at every start
-        self.map = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)
+        self.map = mapped.view(np.ndarray)
         tail = bytes(self.map[-len(MAGIC) - 8:])
         if tail[8:] != MAGIC:
             raise ValueError(f"{path}: not a packed-weights cache (no end marker)")
@@ -93,6 +96,21 @@ class PackedFile:
         return self.map[off:off + n].view(dtype).reshape(shape)
 
 
+def huge_pages(m: mmap.mmap) -> None:
+    """Ask for the mapping in 2 MiB pages (MADV_HUGEPAGE) where the kernel has transparent huge
+    pages: the page cache then reads the file in 2 MiB folios and maps each with one page-table
+    entry. A decode step reads ~1.5 GB scattered over a V2-Lite file's 8.8 GB; in 4 KiB pages
+    the TLB misses cost a third of its speed (the Q4_0 file: 21.2-22.1 tok/s against 12.5-15.0, the
+    cache's pages in memory either way). Folios the page cache already holds in 4 KiB stay so until
+    they are evicted; a cache written here is in large folios from the start (buffered writes)."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            m.madvise(advice)
+        except OSError:  # a kernel without transparent huge pages
+            pass
+
+
 def write(path: Path, items, limit: int) -> int | None:
     """(name, packed layout, kernel set) triples -> the cache file at `path`, written beside it and renamed at the
     end; the bytes written, or None (nothing left behind) where it would pass `limit`."""
@@ -100,7 +118,7 @@ def write(path: Path, items, limit: int) -> int | None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     index: dict = {}
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw, _ChunkWriter(raw) as f:
             for name, packed, kernels in items:
                 arrays = [packed] if isinstance(packed, np.ndarray) else list(packed)
                 fields = []
@@ -110,7 +128,7 @@ def write(path: Path, items, limit: int) -> int | None:
                         continue
                     f.write(b"\0" * (-f.tell() % ALIGN))
                     fields.append({"dtype": a.dtype.str, "shape": list(a.shape), "offset": f.tell()})
-                    f.write(np.ascontiguousarray(a).tobytes())
+                    f.write(np.ascontiguousarray(a))
                     if f.tell() > limit:
                         raise _TooLarge
                 kind = None if isinstance(packed, np.ndarray) else f"{type(packed).__module__}.{type(packed).__qualname__}"
@@ -130,6 +148,38 @@ def write(path: Path, items, limit: int) -> int | None:
 
 class _TooLarge(Exception):
     pass
+
+
+class _ChunkWriter:
+    """Writes to a file in whole CHUNKs at chunk-aligned offsets (the last one shorter): the page
+    cache keeps what it is given in folios of the writes' size, and 2 MiB folios, with huge_pages,
+    map the cache in 2 MiB pages from its first use; the layouts' own writes (a few KiB to a few
+    MiB each, at any offset) left nine tenths of a V2-Lite cache in smaller folios."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, f):
+        self.f, self.buf, self.fill, self.pos = f, bytearray(self.CHUNK), 0, 0
+
+    def write(self, data) -> None:
+        view = memoryview(data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data)
+        while len(view):
+            n = min(len(view), self.CHUNK - self.fill)
+            self.buf[self.fill:self.fill + n] = view[:n]
+            self.fill, self.pos, view = self.fill + n, self.pos + n, view[n:]
+            if self.fill == self.CHUNK:
+                self.f.write(self.buf)
+                self.fill = 0
+
+    def tell(self) -> int:
+        return self.pos
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None and self.fill:
+            self.f.write(memoryview(self.buf)[:self.fill])
 
 
 def remove_stale(path: Path) -> None:
