@@ -99,7 +99,8 @@ def main():
     args = ["-m", "edgeseek.app.cli", "generate", a.model, "-p", PROMPT, "-n", str(a.tokens), "--temp", "0", "--json"]
     es = [sys.executable, *args]
     cache = tempfile.mkdtemp(prefix="edgeseek-packed-")
-    env = {**os.environ, "EDGESEEK_CACHE": cache, "NUMBA_NUM_THREADS": str(a.threads)}
+    from bench_runtime import user_python_env  # beside this script
+    env = {**user_python_env(), "EDGESEEK_CACHE": cache, "NUMBA_NUM_THREADS": str(a.threads)}
     rows = {}
 
     def best(variants: dict):
