@@ -131,7 +131,7 @@ def main():
               "tokens": a.tokens, "threads": a.threads, "runs": rows,
               "whole_process_ratio": round(rows["llama.cpp"]["wall_s"] / rows["edgeseek, cache built"]["wall_s"], 2),
               "decode_ratio": round(rows["edgeseek, cache built"]["generation_tps"]
-                                    / rows["llama.cpp"]["generation_tps"], 2)}
+                                    / rows["llama.cpp"]["generation_tps"], 2) if a.tokens > 1 else None}
     if own is not None:
         result["whole_process_ratio_own_install"] = round(
             rows["llama.cpp"]["wall_s"] / rows["edgeseek, its own install, cache built"]["wall_s"], 2)
@@ -142,7 +142,7 @@ def main():
     print(f"cache {size / 1e9:.2f} GB for a {result['model_bytes'] / 1e9:.2f} GB file; whole process "
           f"{result['whole_process_ratio']}x llama.cpp's speed"
           + (f" ({result['whole_process_ratio_own_install']}x from its own install)" if own is not None else "")
-          + f", decode {result['decode_ratio']}x")
+          + (f", decode {result['decode_ratio']}x" if a.tokens > 1 else ""))
 
 
 if __name__ == "__main__":
