@@ -96,6 +96,16 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, de
           gpu_budget: Optional[str] = None, mtp: str = "auto", lora: Optional[List[str]] = None):
     import gc
     gc.disable()  # numba's import and the load make ~10^5 objects: no collection walks them meanwhile
+    try:
+        engine = _open(model, n_ctx, ram_budget, device, gpu_budget, mtp, lora)
+        gc.freeze()  # the process keeps its model to the end: later collections skip what loading made
+        return engine
+    finally:
+        gc.enable()
+
+
+def _open(model: Optional[str], n_ctx: int, ram_budget: Optional[str], device: str, gpu_budget: Optional[str],
+          mtp: str, lora: Optional[List[str]]):
     from edgeseek.engine import load
 
     path = _resolve(model)
@@ -122,8 +132,6 @@ def _load(model: Optional[str], n_ctx: int, ram_budget: Optional[str] = None, de
     import atexit
     atexit.register(engine.close)  # saves the expert-usage profile
     _CLOSERS.append(engine.close)
-    gc.freeze()  # the process keeps its model to the end: later collections skip what loading made
-    gc.enable()
     return engine
 
 
