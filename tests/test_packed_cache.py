@@ -129,3 +129,22 @@ def _cpu_experts(engine):
     store = engine.model.experts.cpu_store
     for layer in store.tensors:
         yield from store.experts(layer, np.arange(store.n_expert))
+
+
+def test_written_in_chunks_and_mapped_in_huge_pages(model, tmp_path, monkeypatch):
+    """The cache is written through 8 MiB chunks (here 4 KiB ones, so that the small fixture crosses
+    many) byte for byte as the layouts are, and its mapping asks for 2 MiB pages."""
+    monkeypatch.setattr(packed_cache._ChunkWriter, "CHUNK", 4096)
+    chunked = logits(model)
+    (built,) = caches(tmp_path)
+    monkeypatch.setenv("EDGESEEK_PACKED_CACHE", "0")
+    np.testing.assert_array_equal(chunked, logits(model))
+    pf = packed_cache.PackedFile(built)
+    assert len(pf.index) > 10 and pf.map.nbytes == built.stat().st_size
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/proc/self/smaps").exists():
+        pytest.skip("no transparent huge pages on this platform")
+    smaps = Path("/proc/self/smaps").read_text().split("\n")
+    at = [i for i, line in enumerate(smaps) if line.endswith(str(built))]
+    assert at, "the cache is not mapped"
+    flags = next(line for line in smaps[at[-1]:] if line.startswith("VmFlags:"))
+    assert " hg" in flags  # VM_HUGEPAGE: madvise(MADV_HUGEPAGE) took
