@@ -128,17 +128,24 @@ def load_f(typingctx, ary, index):
     return VF(ary, index), codegen
 
 
-@intrinsic
-def store_f(typingctx, ary, index, v):
-    """ary.flat[index : index + 16] = v (float32 array)."""
-    _check_array(ary, (types.float32,))
+def _storer(kinds, vecty, doc: str):
+    @intrinsic
+    def store(typingctx, ary, index, v):
+        _check_array(ary, kinds)
 
-    def codegen(context, builder, sig, args):
-        idx = context.cast(builder, args[1], sig.args[1], types.intp)
-        builder.store(args[2], _lane_ptr(context, builder, sig.args[0], args[0], idx, _VF), align=4)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            idx = context.cast(builder, args[1], sig.args[1], types.intp)
+            builder.store(args[2], _lane_ptr(context, builder, sig.args[0], args[0], idx, vecty), align=4)
+            return context.get_dummy_value()
 
-    return types.none(ary, index, v), codegen
+        return types.none(ary, index, v), codegen
+
+    store.__doc__ = doc
+    return store
+
+
+store_f = _storer((types.float32,), _VF, "ary.flat[index : index + 16] = v (float32 array).")
+store_i = _storer(_INTS, _VI, "ary.flat[index : index + 16] = v (int32 / uint32 array).")
 
 
 def _splat(builder, scalar, vecty):
