@@ -231,6 +231,14 @@ def _scaled(isum, s0, s1, s2, s3, bsums, k, b, j, sc, so):
 
 
 @njit(cache=True, inline="always")
+def _level_words(q, o, m4, m2):
+    # step p of a block (its three words at q.flat[o:]): level words p, p + 16, p + 32 and p + 48
+    n0, n1, hb = load_i(q, o), load_i(q, o + VTILE), load_i(q, o + 2 * VTILE)
+    return (bor(band(n0, m4), band(sll(hb, 4), m2)), bor(band(n1, m4), band(sll(hb, 2), m2)),
+            bor(band(srl(n0, 4), m4), band(hb, m2)), bor(band(srl(n1, 4), m4), band(srl(hb, 2), m2)))
+
+
+@njit(cache=True, inline="always")
 def _tile_vnni(q, sc, d, t, xw, xd, bsums, k, y, yo):
     # Tile t (16 rows, one vector) times activation row k into y.flat[yo : yo + 16]. q (n_tiles, nb,
     # WORDS, 16) uint32 in the layout above; sc (n_tiles, nb, 16, 16) int8; d (n_tiles, nb, 16);
@@ -248,13 +256,12 @@ def _tile_vnni(q, sc, d, t, xw, xd, bsums, k, y, yo):
             s0, s1, s2, s3 = zero_i(), zero_i(), zero_i(), zero_i()
             for i in range(4):
                 p = 4 * j + i
-                o = base + 3 * p * VTILE
-                n0, n1, hb = load_i(q, o), load_i(q, o + VTILE), load_i(q, o + 2 * VTILE)
+                l0, l1, l2, l3 = _level_words(q, base + 3 * p * VTILE, m4, m2)
                 w = 64 * b + p
-                s0 = dpbusd(s0, bor(band(n0, m4), band(sll(hb, 4), m2)), splat_i(xw[k, w]))
-                s1 = dpbusd(s1, bor(band(n1, m4), band(sll(hb, 2), m2)), splat_i(xw[k, w + 16]))
-                s2 = dpbusd(s2, bor(band(srl(n0, 4), m4), band(hb, m2)), splat_i(xw[k, w + 32]))
-                s3 = dpbusd(s3, bor(band(srl(n1, 4), m4), band(srl(hb, 2), m2)), splat_i(xw[k, w + 48]))
+                s0 = dpbusd(s0, l0, splat_i(xw[k, w]))
+                s1 = dpbusd(s1, l1, splat_i(xw[k, w + 16]))
+                s2 = dpbusd(s2, l2, splat_i(xw[k, w + 32]))
+                s3 = dpbusd(s3, l3, splat_i(xw[k, w + 48]))
             isum = _scaled(isum, s0, s1, s2, s3, bsums, k, b, j, sc, so)
         dd = mul_f(splat_f(xd[k, b]), load_h(d, (t * nb + b) * VTILE))
         acc = add_f(acc, mul_f(dd, to_f(isum)))
@@ -270,13 +277,12 @@ def _unpack_tile(q, t, lv):
     for b in range(nb):
         base = (t * nb + b) * WORDS * VTILE
         for p in range(16):
-            o = base + 3 * p * VTILE
-            n0, n1, hb = load_i(q, o), load_i(q, o + VTILE), load_i(q, o + 2 * VTILE)
+            l0, l1, l2, l3 = _level_words(q, base + 3 * p * VTILE, m4, m2)
             w = (64 * b + p) * VTILE
-            store_i(lv, w, bor(band(n0, m4), band(sll(hb, 4), m2)))
-            store_i(lv, w + 16 * VTILE, bor(band(n1, m4), band(sll(hb, 2), m2)))
-            store_i(lv, w + 32 * VTILE, bor(band(srl(n0, 4), m4), band(hb, m2)))
-            store_i(lv, w + 48 * VTILE, bor(band(srl(n1, 4), m4), band(srl(hb, 2), m2)))
+            store_i(lv, w, l0)
+            store_i(lv, w + 16 * VTILE, l1)
+            store_i(lv, w + 32 * VTILE, l2)
+            store_i(lv, w + 48 * VTILE, l3)
 
 
 @njit(cache=True, inline="always")
