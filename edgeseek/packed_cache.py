@@ -59,11 +59,12 @@ class PackedFile:
 
     def __init__(self, path: Path):
         self.path = path
-        mapped = np.memmap(path, dtype=np.uint8, mode="c")
-        huge_pages(mapped._mmap)
-        # a plain array over the mapping (it keeps the memmap as its base): views of it are made
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        huge_pages(mapped)
+        # a plain array over the mapping (it keeps the mmap as its base): views of it are made
         # without numpy.memmap's per-view bookkeeping, thousands of them at every start
-        self.map = mapped.view(np.ndarray)
+        self.map = np.frombuffer(mapped, np.uint8)
         tail = bytes(self.map[-len(MAGIC) - 8:])
         if tail[8:] != MAGIC:
             raise ValueError(f"{path}: not a packed-weights cache (no end marker)")

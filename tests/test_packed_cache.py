@@ -57,7 +57,7 @@ def _mapped(a) -> bool:
     while a is not None:
         if isinstance(a, (np.memmap, mmap.mmap)):
             return True
-        a = getattr(a, "base", None)
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)  # np.frombuffer's base
     return False
 
 
