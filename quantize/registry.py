@@ -358,6 +358,7 @@ class QuantFormat:
             for w in (x[1], weight):
                 self.matvec(packed, x[0], {"norm": (w, 1e-6)})
         self.matmul(packed, x)  # a verification's rows, quantized on one core
+        self.matmul(packed, np.repeat(x, FEW_ROWS // 2 + 1, axis=0))  # more rows than the row kernels take
         self.matmul(packed, np.repeat(x, FEW_VALUES // k // 2 + 1, axis=0))  # a prompt's, quantized on both
         self.matmul_groups([packed, packed], x, [[0, 2, 0], [1, 2, 2]])
         for n in (n_many if isinstance(n_many, tuple) else (n_many,)):

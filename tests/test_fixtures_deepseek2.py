@@ -112,9 +112,23 @@ def test_k_quants_land_on_the_matrices():
 @requires_llama_cpp
 @pytest.mark.parametrize("rec", FILES, ids=IDS)
 def test_llama_cpp_reproduces_goldens(rec):
+    """The installed llama.cpp gives the recorded logits. Recorded on an AVX-512 CPU; on another
+    (AVX2: measured) llama.cpp's quantized products sum in another order, and once a router's near
+    tie goes the other way the positions after it move (the first such move came at position 18-64
+    of 64 there, 0.03-1.8 of the spread after it): there the first position must still match, and
+    the whole no further from the exact math (transformers on the dequantized weights) than the
+    recording is, within 10%."""
     g = golden(rec)
     got = gen.llama_logits(DIR / rec["file"], g["tokens"].tolist())
-    assert rel(got, g["logits_llama_cpp"], g["logits_transformers"]).max() < 1e-3
+    ref = g["logits_transformers"]
+    per_pos = rel(got, g["logits_llama_cpp"], ref)
+    if rec["type"] == "f32":  # float products: the same on either CPU
+        assert per_pos.max() < 1e-3
+        return
+    assert per_pos[0] < 1e-3
+    exact = g["logits_transformers_dequant"]
+    assert np.median(rel(got, exact, ref)) <= 1.1 * np.median(rel(g["logits_llama_cpp"], exact, ref))
+    assert (got.argmax(-1) == g["logits_llama_cpp"].argmax(-1)).mean() >= 0.95
 
 
 @requires_torch
