@@ -1,9 +1,12 @@
 """Where each weight lives when a GPU runs the model: VRAM first for everything but the routed
 experts (embeddings, output, attention with its latent KV cache, norms, routers, shared experts,
-dense layers), then as many routed experts as the budget leaves, hottest first by the saved usage
-profile; the rest stay with the CPU's expert store (RAM, or the file under --ram-budget). The plan
-is made from the file's tensor table before any weight is read, so `edgeseek inspect --gpu-budget`
-shows it and a budget too small is refused before loading.
+dense layers), then as many routed experts as the budget leaves, chosen by the saved usage profile
+so that a decode step leaves the least to the CPU: each pair left there costs its expert's CPU
+products, and each layer with any expert left there a wait for the host (the step's graph cut in
+two). A layer's hottest experts go first; whole layers win where the profile is flat, as llama.cpp's
+--n-cpu-moe places them. The rest stay with the CPU's expert store (RAM, or the file under
+--ram-budget). The plan is made from the file's tensor table before any weight is read, so
+`edgeseek inspect --gpu-budget` shows it and a budget too small is refused before loading.
 """
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ DENSE = ("attn_kv_b", "ffn_gate_inp", "norm", "bias", "exp_probs_b", "rope_freqs
 # step needs beside the weights and the cache.
 PREFILL_TILE = 32 << 20
 WORKSPACE = 512 << 20
+# A decode step's wait for the host in a layer with experts on the CPU (the graph cut, the copies
+# both ways, the host's part around its products), in units of one expert's products on the CPU.
+HOST_WAIT_EXPERTS = 1.0
+# Where layers' experts differ in size (a mix of quant types), the plan counts the budget in steps
+# of this fraction of the smallest one, each size rounded up to whole steps.
+GRAIN = 8
 
 
 class GPUBudgetError(EdgeseekError):
@@ -74,8 +83,8 @@ class GPUPlan:
 
 def plan_gpu(gguf, budget: int, n_ctx: int, profile: np.ndarray | None = None) -> GPUPlan:
     """Fill `budget` bytes of VRAM: the non-expert weights and the KV cache must fit (else a
-    GPUBudgetError with the figure needed), then routed experts by descending profile count (ties:
-    the same number in every layer, lower ids first)."""
+    GPUBudgetError with the figure needed), then the routed experts that leave a decode step the
+    least CPU work by the profile's counts (none: every expert alike), see _choose."""
     ctx = min(n_ctx, gguf.arch_meta("context_length", n_ctx) or n_ctx)
     resident = sum(_vram_bytes(t) for t in gguf.tensors.values() if not _is_routed(t.name))
     kv = kv_cache_bytes(gguf, ctx)
@@ -91,16 +100,49 @@ def plan_gpu(gguf, budget: int, n_ctx: int, profile: np.ndarray | None = None) -
     if not n_expert or not layers:
         return plan
     plan.n_expert = n_expert
-    per_expert = {i: sum(gguf.tensor(f"blk.{i}.{k}.weight").n_bytes for k in KINDS) // n_expert for i in layers}
+    per_expert = np.array([sum(gguf.tensor(f"blk.{i}.{k}.weight").n_bytes for k in KINDS) // n_expert
+                           for i in layers], np.int64)
     counts = np.zeros((n_layer, n_expert)) if profile is None else np.asarray(profile, np.float64)
-    # hottest first; among equals expert id then layer, so that an even spread fills every layer alike
-    order = sorted(((i, e) for i in layers for e in range(n_expert)), key=lambda ie: (-counts[ie], ie[1], ie[0]))
-    left = budget - need
-    chosen: dict[int, list[int]] = {i: [] for i in layers}
-    for i, e in order:
-        if per_expert[i] <= left:
-            chosen[i].append(e)
-            left -= per_expert[i]
-            plan.expert_bytes += per_expert[i]
-    plan.on_gpu = {i: np.array(sorted(v), np.int64) for i, v in chosen.items()}
+    taken = _choose(counts[layers], per_expert, budget - need)
+    for i, ids, size in zip(layers, taken, per_expert):
+        plan.on_gpu[i] = np.sort(ids)
+        plan.expert_bytes += len(ids) * int(size)
     return plan
+
+
+def _choose(counts: np.ndarray, per_expert: np.ndarray, room: int) -> list[np.ndarray]:
+    """The experts of each MoE layer (counts (L, E), each layer's expert size in bytes) to hold in
+    `room` bytes: a layer's m hottest (ties: lower ids) leave its share of pairs 1 - top_m / total
+    (a layer never counted: 1 - m / E) to the CPU, each pair as costly as its expert's bytes, plus
+    HOST_WAIT_EXPERTS for the layer's wait while m < E. The number per layer that costs least in
+    all is a knapsack over the layers, solved exactly on the budget counted in experts (in steps
+    of 1/GRAIN of the smallest where the sizes differ)."""
+    L, E = counts.shape
+    order = np.argsort(-counts, axis=1, kind="stable")  # each layer's experts, hottest first
+    top = np.concatenate([np.zeros((L, 1)), np.cumsum(np.take_along_axis(counts, order, 1), axis=1)], axis=1)
+    total = top[:, -1:]
+    share = np.where(total > 0, top / np.where(total > 0, total, 1), np.arange(E + 1) / E)  # (L, E + 1)
+    weight = per_expert / per_expert.mean()
+    cost = (1 - share) * weight[:, None] + HOST_WAIT_EXPERTS * (np.arange(E + 1) < E)
+    step = int(per_expert[0]) if (per_expert == per_expert[0]).all() else max(1, int(per_expert.min()) // GRAIN)
+    units = -(-per_expert // step)  # each layer's expert in steps, rounded up
+    B = int(min(room // step, (units * E).sum()))
+    best = np.zeros(B + 1)  # the least cost of the layers so far within b steps
+    picks = np.zeros((L, B + 1), np.int32)
+    for i in range(L):
+        new = np.full(B + 1, np.inf)
+        for m in range(E + 1):
+            u = m * int(units[i])
+            if u > B:
+                break
+            c = np.full(B + 1, np.inf)
+            c[u:] = best[:B + 1 - u] + cost[i, m]
+            better = c < new
+            new[better], picks[i, better] = c[better], m
+        best = new
+    taken, b = [None] * L, B
+    for i in reversed(range(L)):
+        m = int(picks[i, b])
+        taken[i] = order[i, :m].astype(np.int64)
+        b -= m * int(units[i])
+    return taken

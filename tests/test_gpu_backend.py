@@ -62,7 +62,11 @@ def test_emulated_grouped_prompt_experts_equal_the_dequantized_tiles(name, split
     expert, each token's rows added in routing order; the bookkeeping on the device when every
     expert is in VRAM, on the host when half of them are and the CPU's pairs join in) give the
     logits of the dequantized tiles and cuBLAS, both on float16 operands, and the same usage
-    counts."""
+    counts. The prompt's logits within 5e-4 of the spread (the grouped products round the hidden
+    rows to float16 between gate-up and down, the tiles keep them in float32: 1.6e-4 measured on
+    the V2-Lite Q8_0 fixture, 7e-5 on the others); the decode steps after it, which read the cache
+    the prompt wrote, within 1e-2 (their int8 activations can round a value the other way: 3.4e-3
+    on V2-Lite Q8_0, 0 on the others)."""
     kw = {}
     if split:
         full = plan_gpu(GGUFFile(FIXTURES / name), 1 << 40, 4096)
@@ -79,7 +83,8 @@ def test_emulated_grouped_prompt_experts_equal_the_dequantized_tiles(name, split
         assert bool(calls) == grouped
         counts.append(engine.experts.take_counts())
     ref, got = runs[1], runs[0]
-    assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    diff = np.abs(got - ref).max(axis=1) / (ref.max() - ref.min())
+    assert diff[:len(PROMPT)].max() <= 5e-4 and diff[len(PROMPT):].max() <= 1e-2
     assert counts[0].sum() > 0 and (counts[0] == counts[1]).all()
 
 
@@ -139,12 +144,13 @@ def test_a_decode_steps_norms_are_made_by_the_launches_that_read_them():
     assert calls.count("quantize_q8") == moe
 
 
-@pytest.mark.parametrize("name, tol", [("v3-f32.gguf", 1e-5), ("v2lite-q8_0.gguf", 1e-2)])
-@pytest.mark.parametrize("share", [0.5, 0.0])
+@pytest.mark.parametrize("name, tol", [("v3-f32.gguf", 1e-4), ("v2lite-q8_0.gguf", 1e-2)])
+@pytest.mark.parametrize("share", [0.75, 0.0])
 def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result(name, tol, share):
-    """Half of the routed experts in VRAM, or none: the same logits as with all of them there (float32
-    weights: to 1e-5 of the spread, 2e-7 measured; Q8_0: the CPU's int8 products against the GPU's,
-    1e-2, 5e-3 measured), every
+    """Three quarters of the routed experts in VRAM (a whole layer, half of the other: without a
+    profile the plan fills whole layers first), or none: the same logits as with all of them there (float32
+    weights: to 1e-4 of the spread, float32 sums in another order: 2e-7 measured on an AVX-512 CPU,
+    1.1e-5 on an AVX2 one; Q8_0: the CPU's int8 products against the GPU's, 1e-2, 5e-3 measured), every
     decode step's MoE layers through the split step (the CPU's pairs between two graphs on a GPU),
     the pairs counted by the tier that served them."""
     path = FIXTURES / name
@@ -159,12 +165,14 @@ def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result(name, tol,
     everything = load(path, backend=EmulatedCUDABackend())
     ref, got = _logits(everything), _logits(split)
     assert np.abs(got - ref).max() <= tol * (ref.max() - ref.min())
-    assert len(calls) == 3 * len(full.on_gpu)  # every decode step's MoE layers
+    split_layers = [i for i, ids in split.gpu_plan.on_gpu.items() if len(ids) < full.n_expert]
+    assert len(split_layers) == (1 if share else len(full.on_gpu))
+    assert len(calls) == 3 * len(split_layers)  # every decode step's MoE layers with experts on the CPU
     s = split.expert_stats()
     assert s["expert_pairs_cpu"] > 0 and (s["expert_pairs_gpu"] > 0) == (share > 0)
 
 
-@pytest.mark.parametrize("share", [0.5, 0.0])
+@pytest.mark.parametrize("share", [0.75, 0.0])
 def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(share, monkeypatch):
     """A prompt of STREAM_MIN_TOKENS tokens or more: the pairs of experts left on the CPU run on the
     GPU on copies of their blocks, a few experts a buffer (the buffer shrunk here to two experts, so
@@ -190,12 +198,13 @@ def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(s
     prompt = np.arange(cuda.STREAM_MIN_TOKENS + 3) % 13 + 1
     ref, got = _logits(everything, prompt, steps=1), _logits(split, prompt, steps=1)
     assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
-    assert len(streamed) == len(full.on_gpu)  # every MoE layer of the prompt
-    assert set(on_cpu) == {1}  # the decode step's pairs only
+    split_layers = [i for i, ids in split.gpu_plan.on_gpu.items() if len(ids) < full.n_expert]
+    assert len(streamed) == len(split_layers)  # every MoE layer of the prompt with experts on the CPU
+    assert set(on_cpu) <= {1}  # the decode step's pairs only, where its choices left any on the CPU
     streamed.clear()
     short = _logits(split, PROMPT, steps=0)
     assert not streamed and len(PROMPT) in on_cpu
-    assert np.abs(short - _logits(everything, PROMPT, steps=0)).max() <= 1e-5 * (ref.max() - ref.min())
+    assert np.abs(short - _logits(everything, PROMPT, steps=0)).max() <= 1e-4 * (ref.max() - ref.min())  # as above
 
 
 def test_plan_refuses_a_budget_below_the_resident_weights_with_the_figure():
@@ -221,8 +230,10 @@ def test_plan_takes_the_hottest_experts_first():
     budget = full.used - full.expert_bytes + sum(per[i] for i, _ in hot)
     plan = plan_gpu(g, budget, 4096, profile)
     assert {(i, int(e)) for i, ids in plan.on_gpu.items() for e in ids} == hot
-    even = plan_gpu(g, budget, 4096)  # no profile: the same number of experts in every layer
-    assert sorted(len(v) for v in even.on_gpu.values())[-1] - sorted(len(v) for v in even.on_gpu.values())[0] <= 1
+    # no profile: whole layers first (each one a wait for the host less), then a part of the next
+    per_layer = per[layers[0]] * full.n_expert
+    flat = plan_gpu(g, full.used - full.expert_bytes + per_layer + 3 * per[layers[0]], 4096)
+    assert sorted(len(v) for v in flat.on_gpu.values()) == [3, full.n_expert]
 
 
 def test_device_choice_and_its_errors():
