@@ -44,12 +44,12 @@ def max_bytes(gguf_size: int) -> int:
 
 
 def path_for(gguf) -> Path:
-    from .quantize.simd import HAVE_VNNI
+    from .quantize.simd import VNNI_KERNELS
     st = os.stat(gguf.path)
     h = hashlib.sha256()
     with open(gguf.path, "rb") as f:
         h.update(f.read(1 << 20))
-    key = f"{st.st_size}-{st.st_mtime_ns}-{h.hexdigest()[:16]}-{'vnni' if HAVE_VNNI else 'portable'}_l{LAYOUT}"
+    key = f"{st.st_size}-{st.st_mtime_ns}-{h.hexdigest()[:16]}-{'vnni' if VNNI_KERNELS else 'portable'}_l{LAYOUT}"
     return cache_dir() / "packed" / f"{gguf.path.stem}-{key}.pack"
 
 

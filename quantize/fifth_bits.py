@@ -14,7 +14,7 @@ from numba import njit, uint32
 
 from . import tiles
 from .activations import QK, x16
-from .simd import band, bor, dpbusd, load_i, sll, splat_i, srl
+from .simd import band, bor, dpbusd_small, load_i, sll, splat_i, srl
 
 
 @njit(cache=True, inline="always")
@@ -118,15 +118,15 @@ def chunk5(qs, qh, o, oh, xw, k, b, s):
     h = load_i(qh, oh)
     xo = 8 * b
     v = load_i(qs, o)
-    s = dpbusd(s, bor(band(v, low), band(sll(h, 4), five)), splat_i(xw[k, xo]))
-    s = dpbusd(s, bor(band(srl(v, 4), low), band(sll(h, 3), five)), splat_i(xw[k, xo + 4]))
+    s = dpbusd_small(s, bor(band(v, low), band(sll(h, 4), five)), splat_i(xw[k, xo]))
+    s = dpbusd_small(s, bor(band(srl(v, 4), low), band(sll(h, 3), five)), splat_i(xw[k, xo + 4]))
     v = load_i(qs, o + tiles.TILE)
-    s = dpbusd(s, bor(band(v, low), band(sll(h, 2), five)), splat_i(xw[k, xo + 1]))
-    s = dpbusd(s, bor(band(srl(v, 4), low), band(sll(h, 1), five)), splat_i(xw[k, xo + 5]))
+    s = dpbusd_small(s, bor(band(v, low), band(sll(h, 2), five)), splat_i(xw[k, xo + 1]))
+    s = dpbusd_small(s, bor(band(srl(v, 4), low), band(sll(h, 1), five)), splat_i(xw[k, xo + 5]))
     v = load_i(qs, o + 2 * tiles.TILE)
-    s = dpbusd(s, bor(band(v, low), band(h, five)), splat_i(xw[k, xo + 2]))
-    s = dpbusd(s, bor(band(srl(v, 4), low), band(srl(h, 1), five)), splat_i(xw[k, xo + 6]))
+    s = dpbusd_small(s, bor(band(v, low), band(h, five)), splat_i(xw[k, xo + 2]))
+    s = dpbusd_small(s, bor(band(srl(v, 4), low), band(srl(h, 1), five)), splat_i(xw[k, xo + 6]))
     v = load_i(qs, o + 3 * tiles.TILE)
-    s = dpbusd(s, bor(band(v, low), band(srl(h, 2), five)), splat_i(xw[k, xo + 3]))
-    s = dpbusd(s, bor(band(srl(v, 4), low), band(srl(h, 3), five)), splat_i(xw[k, xo + 7]))
+    s = dpbusd_small(s, bor(band(v, low), band(srl(h, 2), five)), splat_i(xw[k, xo + 3]))
+    s = dpbusd_small(s, bor(band(srl(v, 4), low), band(srl(h, 3), five)), splat_i(xw[k, xo + 7]))
     return s

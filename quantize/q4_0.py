@@ -18,7 +18,7 @@ from numba import carray, njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, at_address, band, dpbusd, load_f, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
+from .simd import add_f, at_address, band, dpbusd_small, load_f, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -58,13 +58,13 @@ def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
             lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
             o = ((t * nb + b) * 4 + g) * tiles.TILE
             v = load_i(qs, o)
-            s0 = dpbusd(dpbusd(s0, band(v, low), lo), band(srl(v, 4), low), hi)
+            s0 = dpbusd_small(dpbusd_small(s0, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 16)
-            s1 = dpbusd(dpbusd(s1, band(v, low), lo), band(srl(v, 4), low), hi)
+            s1 = dpbusd_small(dpbusd_small(s1, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 32)
-            s2 = dpbusd(dpbusd(s2, band(v, low), lo), band(srl(v, 4), low), hi)
+            s2 = dpbusd_small(dpbusd_small(s2, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 48)
-            s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
+            s3 = dpbusd_small(dpbusd_small(s3, band(v, low), lo), band(srl(v, 4), low), hi)
         dx = splat_f(xd[k, b])
         o = (t * nb + b) * tiles.TILE
         a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_h(d, o), dx)))
@@ -118,10 +118,10 @@ def _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
             for k in range(r0, r1):
                 w = 8 * b
                 s = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
-                s = dpbusd(dpbusd(s, l0, splat_i(xw[k, w])), h0, splat_i(xw[k, w + 4]))
-                s = dpbusd(dpbusd(s, l1, splat_i(xw[k, w + 1])), h1, splat_i(xw[k, w + 5]))
-                s = dpbusd(dpbusd(s, l2, splat_i(xw[k, w + 2])), h2, splat_i(xw[k, w + 6]))
-                s = dpbusd(dpbusd(s, l3, splat_i(xw[k, w + 3])), h3, splat_i(xw[k, w + 7]))
+                s = dpbusd_small(dpbusd_small(s, l0, splat_i(xw[k, w])), h0, splat_i(xw[k, w + 4]))
+                s = dpbusd_small(dpbusd_small(s, l1, splat_i(xw[k, w + 1])), h1, splat_i(xw[k, w + 5]))
+                s = dpbusd_small(dpbusd_small(s, l2, splat_i(xw[k, w + 2])), h2, splat_i(xw[k, w + 6]))
+                s = dpbusd_small(dpbusd_small(s, l3, splat_i(xw[k, w + 3])), h3, splat_i(xw[k, w + 7]))
                 i = yo + (k - r0) * N + c
                 store_f(y, i, add_f(load_f(y, i), mul_f(to_f(s), mul_f(dr, splat_f(xd[k, b])))))
 

@@ -17,7 +17,7 @@ from numba import njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, band, dpbusd, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
+from .simd import add_f, band, dpbusd_small, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -53,13 +53,13 @@ def _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, yo):
             lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
             o = ((t * nb + b) * 4 + g) * tiles.TILE
             v = load_i(qs, o)
-            s0 = dpbusd(dpbusd(s0, band(v, low), lo), band(srl(v, 4), low), hi)
+            s0 = dpbusd_small(dpbusd_small(s0, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 16)
-            s1 = dpbusd(dpbusd(s1, band(v, low), lo), band(srl(v, 4), low), hi)
+            s1 = dpbusd_small(dpbusd_small(s1, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 32)
-            s2 = dpbusd(dpbusd(s2, band(v, low), lo), band(srl(v, 4), low), hi)
+            s2 = dpbusd_small(dpbusd_small(s2, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 48)
-            s3 = dpbusd(dpbusd(s3, band(v, low), lo), band(srl(v, 4), low), hi)
+            s3 = dpbusd_small(dpbusd_small(s3, band(v, low), lo), band(srl(v, 4), low), hi)
         dx, sx = splat_f(xd[k, b]), splat_f(xs[k, b])
         o = (t * nb + b) * tiles.TILE
         a0 = add_f(a0, add_f(mul_f(to_f(s0), mul_f(load_h(d, o), dx)), mul_f(load_h(m, o), sx)))

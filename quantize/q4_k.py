@@ -19,7 +19,7 @@ from numba import njit, prange
 from . import q8_k
 from .kquants import F32, QK_K, f16_to_f32, quantize_scale_min, scale_min_k4
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, add_i, band, dpbusd, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
+from .simd import (add_f, add_i, band, dpbusd_small, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
                    store_f, sub_f, to_f, zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
@@ -233,8 +233,8 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo):
             xo = 64 * b + 16 * g
             for w in range(8):
                 v = load_i(qs, o + w * VTILE)
-                lo = dpbusd(lo, band(v, low), splat_i(xw[k, xo + w]))
-                hi = dpbusd(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
+                lo = dpbusd_small(lo, band(v, low), splat_i(xw[k, xo + w]))
+                hi = dpbusd_small(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
             so = ((t * nb + b) * 8 + 2 * g) * VTILE
             isum = add_i(isum, add_i(mul_i(lo, load_u8(sc, so)), mul_i(hi, load_u8(sc, so + VTILE))))
         msum = zero_i()

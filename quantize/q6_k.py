@@ -20,7 +20,7 @@ from numba import njit, prange
 from . import q8_k
 from .kquants import F32, GROUP_MAX_EPS, QK_K, dot_levels16, f16_to_f32, f32_to_f16, make_qx_quants, nearest_int
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, add_i, band, bor, dpbusd, load_h, load_i, load_i8, mul_f, mul_i, sll, splat_f, splat_i, srl,
+from .simd import (add_f, add_i, band, bor, dpbusd_small, load_h, load_i, load_i8, mul_f, mul_i, sll, splat_f, splat_i, srl,
                    store_f, store_i, sub_i, to_f, zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
@@ -258,10 +258,10 @@ def _tile_vnni(q, sc, d, t, xw, xd, bsums, k, y, yo):
                 p = 4 * j + i
                 l0, l1, l2, l3 = _level_words(q, base + 3 * p * VTILE, m4, m2)
                 w = 64 * b + p
-                s0 = dpbusd(s0, l0, splat_i(xw[k, w]))
-                s1 = dpbusd(s1, l1, splat_i(xw[k, w + 16]))
-                s2 = dpbusd(s2, l2, splat_i(xw[k, w + 32]))
-                s3 = dpbusd(s3, l3, splat_i(xw[k, w + 48]))
+                s0 = dpbusd_small(s0, l0, splat_i(xw[k, w]))
+                s1 = dpbusd_small(s1, l1, splat_i(xw[k, w + 16]))
+                s2 = dpbusd_small(s2, l2, splat_i(xw[k, w + 32]))
+                s3 = dpbusd_small(s3, l3, splat_i(xw[k, w + 48]))
             isum = _scaled(isum, s0, s1, s2, s3, bsums, k, b, j, sc, so)
         dd = mul_f(splat_f(xd[k, b]), load_h(d, (t * nb + b) * VTILE))
         acc = add_f(acc, mul_f(dd, to_f(isum)))
@@ -298,10 +298,10 @@ def _levels_row(lv, sc, d, t, xw, xd, bsums, k, y, yo):
             s0, s1, s2, s3 = zero_i(), zero_i(), zero_i(), zero_i()
             for i in range(4):
                 w = 64 * b + 4 * j + i
-                s0 = dpbusd(s0, load_i(lv, w * VTILE), splat_i(xw[k, w]))
-                s1 = dpbusd(s1, load_i(lv, (w + 16) * VTILE), splat_i(xw[k, w + 16]))
-                s2 = dpbusd(s2, load_i(lv, (w + 32) * VTILE), splat_i(xw[k, w + 32]))
-                s3 = dpbusd(s3, load_i(lv, (w + 48) * VTILE), splat_i(xw[k, w + 48]))
+                s0 = dpbusd_small(s0, load_i(lv, w * VTILE), splat_i(xw[k, w]))
+                s1 = dpbusd_small(s1, load_i(lv, (w + 16) * VTILE), splat_i(xw[k, w + 16]))
+                s2 = dpbusd_small(s2, load_i(lv, (w + 32) * VTILE), splat_i(xw[k, w + 32]))
+                s3 = dpbusd_small(s3, load_i(lv, (w + 48) * VTILE), splat_i(xw[k, w + 48]))
             isum = _scaled(isum, s0, s1, s2, s3, bsums, k, b, j, sc, so)
         dd = mul_f(splat_f(xd[k, b]), load_h(d, (t * nb + b) * VTILE))
         acc = add_f(acc, mul_f(dd, to_f(isum)))

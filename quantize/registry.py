@@ -21,7 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from edgeseek.errors import UnsupportedError
 
 from .activations import FEW_ROWS, FEW_VALUES, NO_NORM, PROLOGUES
-from .simd import HAVE_VNNI
+from .simd import VNNI_KERNELS
 
 FORMATS: dict[GGMLQuantizationType, "QuantFormat"] = {}
 
@@ -209,7 +209,7 @@ class QuantFormat:
     def __init__(self):
         # the kernels this process computes with: the VNNI set where the CPU has VNNI (and
         # EDGESEEK_PORTABLE_KERNELS is unset) and the format has one
-        self.kernels: Kernels = self.vnni if HAVE_VNNI and self.vnni is not None else self.portable
+        self.kernels: Kernels = self.vnni if VNNI_KERNELS and self.vnni is not None else self.portable
 
     def with_kernels(self, which: str) -> "QuantFormat":
         """This format computing with its 'portable' or its 'vnni' kernel set, whatever the CPU

@@ -10,13 +10,16 @@ say it directly, the way C code uses <immintrin.h>:
     acc = dpbusd(acc, band(w, LOW4), splat_i(x4))   # 16 rows x 4 values each
 
 `VI` is <16 x i32>, `VF` is <16 x float>; they live in registers and never reach Python. `dpbusd`
-compiles to vpdpbusd where the CPU has AVX512-VNNI and to plain vector IR (widen, multiply, add
-groups of four) elsewhere, with the same result. Loads and stores take an array and a flat element
-index into it (C-contiguous arrays only).
+compiles to vpdpbusd where the CPU has AVX512-VNNI; on an AVX2 CPU to vpmaddubsw and vpmaddwd on
+each 256-bit half (llama.cpp's AVX2 dot products; `dpbusd_small` where a's bytes are below 128, one
+pair of them, else two), and to plain vector IR (widen, multiply, add groups of four) elsewhere,
+with the same result. Loads and stores take an array and a flat element index into it
+(C-contiguous arrays only).
 
-HAVE_VNNI decides which kernels the formats compute with (registry.QuantFormat): their VNNI set
-where it is true, their portable set otherwise. EDGESEEK_PORTABLE_KERNELS=1 makes it false on a
-VNNI CPU too, to run (or time) the portable kernels there.
+VNNI_KERNELS decides which kernels the formats compute with (registry.QuantFormat): their VNNI set
+where it is true (a VNNI or AVX2 CPU), their portable set otherwise; HAVE_VNNI, whether dpbusd is
+the vpdpbusd instruction. EDGESEEK_PORTABLE_KERNELS=1 makes both false, to run (or time) the
+portable kernels on any CPU.
 """
 from __future__ import annotations
 
@@ -30,9 +33,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
-CPU_HAS_VNNI = bool(ll.get_host_cpu_features().get("avx512vnni", False))
+_FEATURES = ll.get_host_cpu_features()
+CPU_HAS_VNNI = bool(_FEATURES.get("avx512vnni", False))
+CPU_HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 PORTABLE_KERNELS = os.environ.get("EDGESEEK_PORTABLE_KERNELS", "").strip() not in ("", "0")
 HAVE_VNNI = CPU_HAS_VNNI and not PORTABLE_KERNELS
+# The formats' VNNI kernel set runs on AVX2 too, dpbusd made of vpmaddubsw and vpmaddwd there:
+# 2-3.5x the portable kernels' speed on an AVX2 CPU (bench_kernels.py)
+VNNI_KERNELS = (CPU_HAS_VNNI or CPU_HAS_AVX2) and not PORTABLE_KERNELS
 
 _I32 = ir.IntType(32)
 _F32 = ir.FloatType()
@@ -245,25 +253,70 @@ def dpbusd(typingctx, acc, a, b):
         raise TypeError("dpbusd takes three VI vectors")
 
     def codegen(context, builder, sig, args):
-        acc_, a_, b_ = args
-        if HAVE_VNNI:
-            fnty = ir.FunctionType(_VI, [_VI, _VI, _VI])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-            return builder.call(fn, [acc_, a_, b_])
-        # Portable: widen the 64 bytes to int32, multiply, add each lane's group of four.
-        v64i8, v64i32 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(_I32, 64)
-        ua = builder.zext(builder.bitcast(a_, v64i8), v64i32)
-        sb = builder.sext(builder.bitcast(b_, v64i8), v64i32)
-        prod = builder.mul(ua, sb)
-        undef = ir.Constant(v64i32, ir.Undefined)
-        out = acc_
-        for j in range(4):
-            part = builder.shuffle_vector(prod, undef, ir.Constant(ir.VectorType(_I32, LANES),
-                                                                   [4 * i + j for i in range(LANES)]))
-            out = builder.add(out, part)
-        return out
+        return _dpbusd_ir(builder, *args)
 
     return VI(acc, a, b), codegen
+
+
+def _dpbusd_ir(builder, acc_, a_, b_):
+    if HAVE_VNNI:
+        fnty = ir.FunctionType(_VI, [_VI, _VI, _VI])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc_, a_, b_])
+    if CPU_HAS_AVX2:  # a's bytes as their low seven bits plus 128 times the top one: two exact halves
+        seven = ir.Constant(_VI, [7] * LANES)
+        top = builder.and_(builder.lshr(a_, seven), ir.Constant(_VI, [0x01010101] * LANES))
+        high = _maddubs_ir(builder, ir.Constant(_VI, [0] * LANES), top, b_)
+        low = builder.and_(a_, ir.Constant(_VI, [0x7F7F7F7F] * LANES))
+        return _maddubs_ir(builder, builder.add(acc_, builder.shl(high, seven)), low, b_)
+    # Portable: widen the 64 bytes to int32, multiply, add each lane's group of four.
+    v64i8, v64i32 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(_I32, 64)
+    ua = builder.zext(builder.bitcast(a_, v64i8), v64i32)
+    sb = builder.sext(builder.bitcast(b_, v64i8), v64i32)
+    prod = builder.mul(ua, sb)
+    undef = ir.Constant(v64i32, ir.Undefined)
+    out = acc_
+    for j in range(4):
+        part = builder.shuffle_vector(prod, undef, ir.Constant(ir.VectorType(_I32, LANES),
+                                                               [4 * i + j for i in range(LANES)]))
+        out = builder.add(out, part)
+    return out
+
+
+@intrinsic
+def dpbusd_small(typingctx, acc, a, b):
+    """dpbusd where every byte of a is below 128 (nibbles, 5- and 6-bit levels): vpdpbusd on a VNNI
+    CPU; on AVX2 vpmaddubsw (pairs of byte products summed into int16, which such bytes cannot
+    overflow: 2 x 127 x 128 < 2^15) then vpmaddwd by ones (pairs of those into int32), on each
+    256-bit half, as llama.cpp's AVX2 dot products do; the same result."""
+    if acc != VI or a != VI or b != VI:
+        raise TypeError("dpbusd_small takes three VI vectors")
+
+    def codegen(context, builder, sig, args):
+        if HAVE_VNNI or not CPU_HAS_AVX2:
+            return _dpbusd_ir(builder, *args)
+        return _maddubs_ir(builder, *args)
+
+    return VI(acc, a, b), codegen
+
+
+def _maddubs_ir(builder, acc_, a_, b_):
+    # acc + dpbusd's lane sums by vpmaddubsw and vpmaddwd (AVX2): exact where a's bytes are below 128
+    v64i8, v32i8 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(ir.IntType(8), 32)
+    v16i16, v8i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8)
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    a8, b8 = builder.bitcast(a_, v64i8), builder.bitcast(b_, v64i8)
+    undef, ones = ir.Constant(v64i8, ir.Undefined), ir.Constant(v16i16, [1] * 16)
+    halves = []
+    for h in range(2):  # lanes 8h .. 8h + 7: bytes 32h .. 32h + 31
+        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+        pairs = builder.call(maddubs, [builder.shuffle_vector(a8, undef, pick), builder.shuffle_vector(b8, undef, pick)])
+        halves.append(builder.call(maddwd, [pairs, ones]))
+    both = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES))))
+    return builder.add(acc_, both)
 
 
 def _cast(name: str, src, dst, op: str, doc: str):

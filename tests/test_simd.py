@@ -20,7 +20,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from edgeseek.quantize import FORMATS, get_format, simd
-from edgeseek.quantize.simd import CPU_HAS_VNNI, band, dpbusd, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_i
+from edgeseek.quantize.simd import CPU_HAS_AVX2, CPU_HAS_VNNI, band, dpbusd, dpbusd_small, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_i
 
 CODEGEN = [True, False] if CPU_HAS_VNNI else [False]  # vpdpbusd, and the portable expansion
 
@@ -84,23 +84,49 @@ def test_dpbusd_unsigned_times_signed_bytes(vnni, monkeypatch):
     assert out.min() < -100_000  # the extremes made it in
 
 
+def _small_bytes_kernel(w, x, out):
+    acc = zero_i()
+    for i in range(0, w.size, 16):
+        acc = dpbusd_small(acc, load_i(w, i), splat_i(x[i // 16]))
+    store_f(out, 0, to_f(acc))
+
+
+def test_dpbusd_small_on_bytes_below_128():
+    """dpbusd_small, bytes of a up to 127 against every signed byte of b, the extremes included:
+    numpy's sums; on an AVX2 CPU without VNNI through vpmaddubsw, whose int16 pair sums those bytes
+    cannot overflow."""
+    kernel = numba.njit(_small_bytes_kernel)
+    w, x = _random_words(np.random.default_rng(5), 8)
+    w &= np.uint32(0x7F7F7F7F)
+    w[:16], x[0] = 0x7F7F7F7F, np.int32(np.array([-128] * 4, np.int8).view(np.int32)[0])  # 127 * -128 (x4)
+    w[16:32], x[1] = 0x7F007F01, np.int32(np.array([127, -1, -128, 127], np.int8).view(np.int32)[0])
+    out = np.zeros(16, np.float32)
+    kernel(w, x, out)
+    ua = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64)
+    sb = x.view(np.int8).reshape(-1, 4).astype(np.int64)
+    np.testing.assert_array_equal(out, np.einsum("clb,cb->l", ua, sb).astype(np.float32))
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    assert bool(re.search(r"\bvpmaddubsw\b", asm)) == (CPU_HAS_AVX2 and not simd.HAVE_VNNI)
+
+
 VNNI_KINDS = [q.name for q, f in FORMATS.items() if f.vnni is not None]
 
 
-@pytest.mark.skipif(not CPU_HAS_VNNI, reason="needs AVX512-VNNI")
+@pytest.mark.skipif(not (CPU_HAS_VNNI or CPU_HAS_AVX2), reason="needs AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("kind", VNNI_KINDS)
 def test_format_kernels_compile_to_vpdpbusd(kind, monkeypatch):
+    """The VNNI set's kernels: vpdpbusd on a VNNI CPU, vpmaddubsw on an AVX2 one."""
     fmt = get_format(T[kind]).with_kernels("vnni")
     rng = np.random.default_rng(0)
     raw = fmt.quantize(rng.standard_normal((32, 256)).astype(np.float32)).reshape(32, -1)
     fmt.matmul(fmt.pack(raw), rng.standard_normal((8, 256)).astype(np.float32))  # compiles (or loads) the kernel
     # (from Python: more rows than the row kernels take, which call it inside their own call)
     kernel = fmt.kernels.matmul_kernel
-    monkeypatch.setattr(simd, "HAVE_VNNI", True)  # whatever EDGESEEK_PORTABLE_KERNELS says
+    monkeypatch.setattr(simd, "HAVE_VNNI", CPU_HAS_VNNI)  # whatever EDGESEEK_PORTABLE_KERNELS says
     fresh = numba.njit(parallel=True)(kernel.py_func)
     fresh.compile(kernel.signatures[0])
     asm = fresh.inspect_asm(fresh.signatures[0])
-    assert len(re.findall(r"\bvpdpbusd\b", asm)) >= 8
+    assert len(re.findall(r"\bvpdpbusd\b" if CPU_HAS_VNNI else r"\bvpmaddubsw\b", asm)) >= 8
 
 
 @pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96)), ("Q8_0", (70, 64)),
@@ -254,12 +280,13 @@ def test_experts_of_several_tokens_equal_expert_by_expert():
 
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_portable_kernels_switch(switch):
-    """EDGESEEK_PORTABLE_KERNELS=1: every format computes with its portable kernels, VNNI CPU or not."""
+    """EDGESEEK_PORTABLE_KERNELS=1: every format computes with its portable kernels, VNNI (or AVX2)
+    CPU or not; without it, the VNNI set wherever the CPU has VNNI or AVX2."""
     code = ("from edgeseek.quantize import FORMATS, simd; "
-            "print(simd.HAVE_VNNI, sorted(q.name for q, f in FORMATS.items() if f.kernels is not f.portable))")
+            "print(simd.VNNI_KERNELS, sorted(q.name for q, f in FORMATS.items() if f.kernels is not f.portable))")
     env = dict(os.environ, EDGESEEK_PORTABLE_KERNELS=switch)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    vnni = CPU_HAS_VNNI and switch == "0"
+    vnni = (CPU_HAS_VNNI or CPU_HAS_AVX2) and switch == "0"
     assert out.strip() == f"{vnni} {sorted(VNNI_KINDS) if vnni else []}"
 
 
