@@ -30,8 +30,9 @@ WORKSPACE = 512 << 20
 # both ways, the host's part around its products), in units of one expert's products on the CPU.
 HOST_WAIT_EXPERTS = 1.0
 # Where layers' experts differ in size (a mix of quant types), the plan counts the budget in steps
-# of this fraction of the smallest one, each size rounded up to whole steps.
-GRAIN = 8
+# of this fraction of the smallest one, each size rounded down to whole steps (then set right,
+# expert by expert).
+GRAIN = 4
 
 
 class GPUBudgetError(EdgeseekError):
@@ -115,8 +116,10 @@ def _choose(counts: np.ndarray, per_expert: np.ndarray, room: int) -> list[np.nd
     `room` bytes: a layer's m hottest (ties: lower ids) leave its share of pairs 1 - top_m / total
     (a layer never counted: 1 - m / E) to the CPU, each pair as costly as its expert's bytes, plus
     HOST_WAIT_EXPERTS for the layer's wait while m < E. The number per layer that costs least in
-    all is a knapsack over the layers, solved exactly on the budget counted in experts (in steps
-    of 1/GRAIN of the smallest where the sizes differ)."""
+    all is a knapsack over the layers, solved exactly on the budget counted in experts; where the
+    sizes differ, in steps of 1/GRAIN of the smallest with each size rounded down, then set right
+    expert by expert: out while over the budget (the one that spares least per byte), in while
+    one fits (the one that spares most)."""
     L, E = counts.shape
     order = np.argsort(-counts, axis=1, kind="stable")  # each layer's experts, hottest first
     top = np.concatenate([np.zeros((L, 1)), np.cumsum(np.take_along_axis(counts, order, 1), axis=1)], axis=1)
@@ -125,24 +128,37 @@ def _choose(counts: np.ndarray, per_expert: np.ndarray, room: int) -> list[np.nd
     weight = per_expert / per_expert.mean()
     cost = (1 - share) * weight[:, None] + HOST_WAIT_EXPERTS * (np.arange(E + 1) < E)
     step = int(per_expert[0]) if (per_expert == per_expert[0]).all() else max(1, int(per_expert.min()) // GRAIN)
-    units = -(-per_expert // step)  # each layer's expert in steps, rounded up
+    units = np.maximum(1, per_expert // step)  # each layer's expert in steps, rounded down
     B = int(min(room // step, (units * E).sum()))
     best = np.zeros(B + 1)  # the least cost of the layers so far within b steps
     picks = np.zeros((L, B + 1), np.int32)
     for i in range(L):
-        new = np.full(B + 1, np.inf)
-        for m in range(E + 1):
+        new = best + cost[i, 0]
+        for m in range(1, min(E, B // int(units[i])) + 1):
             u = m * int(units[i])
-            if u > B:
-                break
-            c = np.full(B + 1, np.inf)
-            c[u:] = best[:B + 1 - u] + cost[i, m]
-            better = c < new
-            new[better], picks[i, better] = c[better], m
+            c, into = best[:B + 1 - u] + cost[i, m], new[u:]
+            better = c < into
+            into[better] = c[better]
+            picks[i, u:][better] = m
         best = new
-    taken, b = [None] * L, B
+    m, b = np.zeros(L, np.int64), B
     for i in reversed(range(L)):
-        m = int(picks[i, b])
-        taken[i] = order[i, :m].astype(np.int64)
-        b -= m * int(units[i])
-    return taken
+        m[i] = picks[i, b]
+        b -= m[i] * int(units[i])
+    left = room - int((m * per_expert).sum())
+    while left < 0:  # sizes rounded down: over by less than a step a layer; the expert that spares least per byte out
+        rows = np.flatnonzero(m > 0)
+        loss = (cost[rows, m[rows] - 1] - cost[rows, m[rows]]) / per_expert[rows]
+        i = rows[np.argmin(loss)]
+        m[i] -= 1
+        left += int(per_expert[i])
+    while True:  # what the rounding left: one more expert where it spares the most per byte
+        fits = (m < E) & (per_expert <= left)
+        if not fits.any():
+            break
+        rows = np.flatnonzero(fits)
+        gain = (cost[rows, m[rows]] - cost[rows, m[rows] + 1]) / per_expert[rows]
+        i = rows[np.argmax(gain)]
+        m[i] += 1
+        left -= int(per_expert[i])
+    return [order[i, :m[i]].astype(np.int64) for i in range(L)]

@@ -236,6 +236,23 @@ def test_plan_takes_the_hottest_experts_first():
     assert sorted(len(v) for v in flat.on_gpu.values()) == [3, full.n_expert]
 
 
+def test_plan_with_experts_of_several_sizes_leaves_no_expert_that_fits():
+    """Layers whose experts differ in size (a Q4_K_M mix: some layers' down in Q6_K): the knapsack
+    counts in steps with sizes rounded up, then fills what the rounding left; no expert of a layer
+    not whole would still fit, and without a profile whole layers come first."""
+    from edgeseek.placement import _choose
+    per = np.array([1000, 1153, 1000, 1153, 1153], np.int64)
+    E = 8
+    for room in (3 * 8 * 1000 + 500, 8 * 1153 + 5 * 1000 + 999, 17 * 1077):
+        m = np.array([len(ids) for ids in _choose(np.zeros((5, E)), per, room)])
+        used = int((m * per).sum())
+        assert used <= room and not ((m < E) & (per <= room - used)).any()
+        assert (m == E).sum() >= used // (E * per.max())  # as many whole layers as that many bytes make
+    hot = np.zeros((5, E))
+    hot[3, 5] = 10  # one hot expert: held first
+    assert 5 in _choose(hot, per, 1153)[3]
+
+
 def test_device_choice_and_its_errors():
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(EdgeseekError, match="unknown device 'tpu'"):
