@@ -19,7 +19,7 @@ from numba import carray, njit, prange
 from . import activations, tiles
 from .activations import x16
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, at_address, dpbusd, load_f, load_h, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
+from .simd import Q8_CENTERED, add_f, at_address, dpbusd, dpbusd_centered, load_f, load_h, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -53,6 +53,14 @@ def _matmul(p, xq, xd, xsum, xs, y):
                 y[t, k, r] = acc[k, r]
 
 
+# The VNNI kernels' product of a word of four stored bytes (q + 128) with four activations, and
+# what each block's sum starts from per unit of the activations' sum: vpdpbusd on q + 128, the +128
+# taken back through the exact activation sum; on AVX2 without VNNI the bytes back to q, one
+# vpmaddubsw pair a word instead of two (simd.dpbusd_centered). The same integers.
+_DOT = dpbusd_centered if Q8_CENTERED else dpbusd
+_START = np.int32(0 if Q8_CENTERED else -128)
+
+
 @njit(cache=True, inline="always")
 def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
     # Tile t times activation row k into y.flat[yo : yo + TILE]: qs (n_tiles, nb, 8, TILE) uint32
@@ -61,15 +69,15 @@ def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
     nb = qs.shape[1]
     a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
     for b in range(nb):
-        s0 = splat_i(np.int32(-128) * xsum[k, b])  # the +128 of every stored byte
+        s0 = splat_i(_START * xsum[k, b])  # the +128 of every stored byte
         s1, s2, s3 = s0, s0, s0
         for g in range(8):
             x = splat_i(xw[k, 8 * b + g])
             o = ((t * nb + b) * 8 + g) * tiles.TILE
-            s0 = dpbusd(s0, load_i(qs, o), x)
-            s1 = dpbusd(s1, load_i(qs, o + 16), x)
-            s2 = dpbusd(s2, load_i(qs, o + 32), x)
-            s3 = dpbusd(s3, load_i(qs, o + 48), x)
+            s0 = _DOT(s0, load_i(qs, o), x)
+            s1 = _DOT(s1, load_i(qs, o + 16), x)
+            s2 = _DOT(s2, load_i(qs, o + 32), x)
+            s3 = _DOT(s3, load_i(qs, o + 48), x)
         dx = splat_f(xd[k, b])
         o = (t * nb + b) * tiles.TILE
         a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_h(d, o), dx)))
@@ -91,17 +99,17 @@ def _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo, stride):
     a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
     b0, b1, b2, b3 = zero_f(), zero_f(), zero_f(), zero_f()
     for b in range(nb):
-        s0 = splat_i(np.int32(-128) * xsum[k, b])
+        s0 = splat_i(_START * xsum[k, b])
         s1, s2, s3 = s0, s0, s0
-        r0 = splat_i(np.int32(-128) * xsum[k + 1, b])
+        r0 = splat_i(_START * xsum[k + 1, b])
         r1, r2, r3 = r0, r0, r0
         for g in range(8):
             x = splat_i(xw[k, 8 * b + g])
             z = splat_i(xw[k + 1, 8 * b + g])
             o = ((t * nb + b) * 8 + g) * tiles.TILE
             w0, w1, w2, w3 = load_i(qs, o), load_i(qs, o + 16), load_i(qs, o + 32), load_i(qs, o + 48)
-            s0, s1, s2, s3 = dpbusd(s0, w0, x), dpbusd(s1, w1, x), dpbusd(s2, w2, x), dpbusd(s3, w3, x)
-            r0, r1, r2, r3 = dpbusd(r0, w0, z), dpbusd(r1, w1, z), dpbusd(r2, w2, z), dpbusd(r3, w3, z)
+            s0, s1, s2, s3 = _DOT(s0, w0, x), _DOT(s1, w1, x), _DOT(s2, w2, x), _DOT(s3, w3, x)
+            r0, r1, r2, r3 = _DOT(r0, w0, z), _DOT(r1, w1, z), _DOT(r2, w2, z), _DOT(r3, w3, z)
         dx, dz = splat_f(xd[k, b]), splat_f(xd[k + 1, b])
         o = (t * nb + b) * tiles.TILE
         d0, d1, d2, d3 = load_h(d, o), load_h(d, o + 16), load_h(d, o + 32), load_h(d, o + 48)

@@ -283,6 +283,48 @@ def _dpbusd_ir(builder, acc_, a_, b_):
     return out
 
 
+# Q8_0's bytes (stored q + 128) multiply best as q on AVX2 without VNNI (dpbusd_centered)
+Q8_CENTERED = CPU_HAS_AVX2 and not HAVE_VNNI
+
+
+@intrinsic
+def dpbusd_centered(typingctx, acc, a, b):
+    """acc + sum over the 4 bytes of each lane of (unsigned byte of a - 128) * (signed byte of b),
+    b's bytes in -127..127 (quantize_q8's): on AVX2 a's byte back to q = a ^ 0x80, then llama.cpp's
+    AVX2 product of two signed bytes, vpmaddubsw of |q| with b's sign moved onto q's (vpsignb), then
+    vpmaddwd by ones (2 x 128 x 127 < 2^15: exact); widened elsewhere."""
+    if acc != VI or a != VI or b != VI:
+        raise TypeError("dpbusd_centered takes three VI vectors")
+
+    def codegen(context, builder, sig, args):
+        acc_, a_, b_ = args
+        v64i8 = ir.VectorType(ir.IntType(8), 64)
+        q = builder.xor(builder.bitcast(a_, v64i8), ir.Constant(v64i8, [-128] * 64))
+        b8 = builder.bitcast(b_, v64i8)
+        if not CPU_HAS_AVX2:
+            v64i32 = ir.VectorType(_I32, 64)
+            prod = builder.mul(builder.sext(q, v64i32), builder.sext(b8, v64i32))
+            undef = ir.Constant(v64i32, ir.Undefined)
+            out = acc_
+            for j in range(4):
+                out = builder.add(out, builder.shuffle_vector(prod, undef, ir.Constant(
+                    ir.VectorType(_I32, LANES), [4 * i + j for i in range(LANES)])))
+            return out
+        v32i8 = ir.VectorType(ir.IntType(8), 32)
+        sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
+                                              "llvm.x86.avx2.psign.b")
+        absq = builder.select(builder.icmp_signed("<", q, ir.Constant(v64i8, [0] * 64)), builder.neg(q), q)
+        undef = ir.Constant(v64i8, ir.Undefined)
+        halves = []
+        for h in range(2):
+            pick = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+            halves.append(builder.call(sign, [builder.shuffle_vector(b8, undef, pick), builder.shuffle_vector(q, undef, pick)]))
+        signed_b = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+        return _maddubs_ir(builder, acc_, builder.bitcast(absq, _VI), builder.bitcast(signed_b, _VI))
+
+    return VI(acc, a, b), codegen
+
+
 @intrinsic
 def dpbusd_small(typingctx, acc, a, b):
     """dpbusd where every byte of a is below 128 (nibbles, 5- and 6-bit levels): vpdpbusd on a VNNI

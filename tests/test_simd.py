@@ -20,7 +20,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from edgeseek.quantize import FORMATS, get_format, simd
-from edgeseek.quantize.simd import CPU_HAS_AVX2, CPU_HAS_VNNI, band, dpbusd, dpbusd_small, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_i
+from edgeseek.quantize.simd import CPU_HAS_AVX2, CPU_HAS_VNNI, band, dpbusd, dpbusd_centered, dpbusd_small, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_i
 
 CODEGEN = [True, False] if CPU_HAS_VNNI else [False]  # vpdpbusd, and the portable expansion
 
@@ -107,6 +107,30 @@ def test_dpbusd_small_on_bytes_below_128():
     np.testing.assert_array_equal(out, np.einsum("clb,cb->l", ua, sb).astype(np.float32))
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert bool(re.search(r"\bvpmaddubsw\b", asm)) == (CPU_HAS_AVX2 and not simd.HAVE_VNNI)
+
+
+def _centered_bytes_kernel(w, x, out):
+    acc = zero_i()
+    for i in range(0, w.size, 16):
+        acc = dpbusd_centered(acc, load_i(w, i), splat_i(x[i // 16]))
+    store_f(out, 0, to_f(acc))
+
+
+def test_dpbusd_centered_on_stored_q8_bytes():
+    """dpbusd_centered, every byte of a (Q8_0's q + 128: 0..255) as a - 128 against activations in
+    -127..127 (quantize_q8's), the extremes included: numpy's sums; on AVX2 through vpsignb and
+    vpmaddubsw."""
+    kernel = numba.njit(_centered_bytes_kernel)
+    w, x = _random_words(np.random.default_rng(6), 8)
+    x = np.maximum(x.view(np.int8), -127).view(np.int32)
+    w[:16], x[0] = 0, np.int32(np.array([-127] * 4, np.int8).view(np.int32)[0])  # -128 * -127
+    w[16:32], x[1] = 0xFF80007F, np.int32(np.array([127, -127, 127, -1], np.int8).view(np.int32)[0])
+    out = np.zeros(16, np.float32)
+    kernel(w, x, out)
+    qa = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64) - 128
+    sb = x.view(np.int8).reshape(-1, 4).astype(np.int64)
+    np.testing.assert_array_equal(out, np.einsum("clb,cb->l", qa, sb).astype(np.float32))
+    assert out.max() > 60_000  # 4 x 128 x 127 made it in
 
 
 VNNI_KINDS = [q.name for q, f in FORMATS.items() if f.vnni is not None]
