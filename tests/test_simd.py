@@ -42,11 +42,25 @@ def _nibble_reference(w, x):
     return ((np.einsum("clb,cb->l", lo, xb) + np.einsum("clb,cb->l", hi, xb)) * 0.5).astype(np.float32)
 
 
-def _bytes_kernel(w, x, out):
-    acc = zero_i()
-    for i in range(0, w.size, 16):
-        acc = dpbusd(acc, load_i(w, i), splat_i(x[i // 16]))
-    store_f(out, 0, to_f(acc))
+def _words_kernel(op):
+    """A fresh numba kernel: the 16 lanes of op(acc, w's chunk, x's word splat) over w's chunks."""
+    def kernel(w, x, out):
+        acc = zero_i()
+        for i in range(0, w.size, 16):
+            acc = op(acc, load_i(w, i), splat_i(x[i // 16]))
+        store_f(out, 0, to_f(acc))
+    return numba.njit(kernel)
+
+
+def _lane_sums_equal_numpy(kernel, w, x, bias: int = 0) -> np.ndarray:
+    """Run kernel on words w and x; its lanes must equal numpy's sums of (byte of w - bias) times
+    (signed byte of x), four a lane."""
+    out = np.zeros(16, np.float32)
+    kernel(w, x, out)
+    ua = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64) - bias  # (chunks, lanes, bytes)
+    sb = x.view(np.int8).reshape(-1, 4).astype(np.int64)  # (chunks, bytes)
+    np.testing.assert_array_equal(out, np.einsum("clb,cb->l", ua, sb).astype(np.float32))
+    return out
 
 
 def _random_words(rng, chunks):
@@ -72,64 +86,36 @@ def test_dpbusd_unsigned_times_signed_bytes(vnni, monkeypatch):
     """Every byte of a as unsigned (0..255), every byte of b as signed (-128..127), the four
     products of a lane added to it: the extremes and random words, against numpy."""
     monkeypatch.setattr(simd, "HAVE_VNNI", vnni)
-    kernel = numba.njit(_bytes_kernel)
     w, x = _random_words(np.random.default_rng(4), 8)
     w[:16], x[0] = 0xFFFFFFFF, np.int32(np.array([-128] * 4, np.int8).view(np.int32)[0])  # 255 * -128
     w[16:32], x[1] = 0x80FF7F01, np.int32(np.array([127, -1, -128, 1], np.int8).view(np.int32)[0])
-    out = np.zeros(16, np.float32)
-    kernel(w, x, out)
-    ua = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64)  # (chunks, lanes, bytes)
-    sb = x.view(np.int8).reshape(-1, 4).astype(np.int64)  # (chunks, bytes)
-    np.testing.assert_array_equal(out, np.einsum("clb,cb->l", ua, sb).astype(np.float32))
+    out = _lane_sums_equal_numpy(_words_kernel(dpbusd), w, x)
     assert out.min() < -100_000  # the extremes made it in
-
-
-def _small_bytes_kernel(w, x, out):
-    acc = zero_i()
-    for i in range(0, w.size, 16):
-        acc = dpbusd_small(acc, load_i(w, i), splat_i(x[i // 16]))
-    store_f(out, 0, to_f(acc))
 
 
 def test_dpbusd_small_on_bytes_below_128():
     """dpbusd_small, bytes of a up to 127 against every signed byte of b, the extremes included:
     numpy's sums; on an AVX2 CPU without VNNI through vpmaddubsw, whose int16 pair sums those bytes
     cannot overflow."""
-    kernel = numba.njit(_small_bytes_kernel)
+    kernel = _words_kernel(dpbusd_small)
     w, x = _random_words(np.random.default_rng(5), 8)
     w &= np.uint32(0x7F7F7F7F)
     w[:16], x[0] = 0x7F7F7F7F, np.int32(np.array([-128] * 4, np.int8).view(np.int32)[0])  # 127 * -128 (x4)
     w[16:32], x[1] = 0x7F007F01, np.int32(np.array([127, -1, -128, 127], np.int8).view(np.int32)[0])
-    out = np.zeros(16, np.float32)
-    kernel(w, x, out)
-    ua = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64)
-    sb = x.view(np.int8).reshape(-1, 4).astype(np.int64)
-    np.testing.assert_array_equal(out, np.einsum("clb,cb->l", ua, sb).astype(np.float32))
+    _lane_sums_equal_numpy(kernel, w, x)
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert bool(re.search(r"\bvpmaddubsw\b", asm)) == (CPU_HAS_AVX2 and not simd.HAVE_VNNI)
-
-
-def _centered_bytes_kernel(w, x, out):
-    acc = zero_i()
-    for i in range(0, w.size, 16):
-        acc = dpbusd_centered(acc, load_i(w, i), splat_i(x[i // 16]))
-    store_f(out, 0, to_f(acc))
 
 
 def test_dpbusd_centered_on_stored_q8_bytes():
     """dpbusd_centered, every byte of a (Q8_0's q + 128: 0..255) as a - 128 against activations in
     -127..127 (quantize_q8's), the extremes included: numpy's sums; on AVX2 through vpsignb and
     vpmaddubsw."""
-    kernel = numba.njit(_centered_bytes_kernel)
     w, x = _random_words(np.random.default_rng(6), 8)
     x = np.maximum(x.view(np.int8), -127).view(np.int32)
     w[:16], x[0] = 0, np.int32(np.array([-127] * 4, np.int8).view(np.int32)[0])  # -128 * -127
     w[16:32], x[1] = 0xFF80007F, np.int32(np.array([127, -127, 127, -1], np.int8).view(np.int32)[0])
-    out = np.zeros(16, np.float32)
-    kernel(w, x, out)
-    qa = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64) - 128
-    sb = x.view(np.int8).reshape(-1, 4).astype(np.int64)
-    np.testing.assert_array_equal(out, np.einsum("clb,cb->l", qa, sb).astype(np.float32))
+    out = _lane_sums_equal_numpy(_words_kernel(dpbusd_centered), w, x, bias=128)
     assert out.max() > 60_000  # 4 x 128 x 127 made it in
 
 
