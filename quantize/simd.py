@@ -271,10 +271,14 @@ def _dpbusd_ir(builder, acc_, a_, b_):
         return _maddubs_ir(builder, builder.add(acc_, builder.shl(high, seven)), low, b_)
     # Portable: widen the 64 bytes to int32, multiply, add each lane's group of four.
     v64i8, v64i32 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(_I32, 64)
-    ua = builder.zext(builder.bitcast(a_, v64i8), v64i32)
-    sb = builder.sext(builder.bitcast(b_, v64i8), v64i32)
-    prod = builder.mul(ua, sb)
-    undef = ir.Constant(v64i32, ir.Undefined)
+    return _widened_ir(builder, acc_, builder.zext(builder.bitcast(a_, v64i8), v64i32),
+                       builder.sext(builder.bitcast(b_, v64i8), v64i32))
+
+
+def _widened_ir(builder, acc_, a32, b32):
+    # acc + the four products of each lane's bytes, a and b already widened to <64 x i32>
+    prod = builder.mul(a32, b32)
+    undef = ir.Constant(prod.type, ir.Undefined)
     out = acc_
     for j in range(4):
         part = builder.shuffle_vector(prod, undef, ir.Constant(ir.VectorType(_I32, LANES),
@@ -303,13 +307,7 @@ def dpbusd_centered(typingctx, acc, a, b):
         b8 = builder.bitcast(b_, v64i8)
         if not CPU_HAS_AVX2:
             v64i32 = ir.VectorType(_I32, 64)
-            prod = builder.mul(builder.sext(q, v64i32), builder.sext(b8, v64i32))
-            undef = ir.Constant(v64i32, ir.Undefined)
-            out = acc_
-            for j in range(4):
-                out = builder.add(out, builder.shuffle_vector(prod, undef, ir.Constant(
-                    ir.VectorType(_I32, LANES), [4 * i + j for i in range(LANES)])))
-            return out
+            return _widened_ir(builder, acc_, builder.sext(q, v64i32), builder.sext(b8, v64i32))
         v32i8 = ir.VectorType(ir.IntType(8), 32)
         sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
                                               "llvm.x86.avx2.psign.b")
