@@ -268,3 +268,5 @@ def _built(model):
         yield name, (holder.packed if head is None else holder.packed[head]), kernel_set(holder.fmt)
         if head is None or head == holder.shape[0] - 1:
             holder._packed = None
+            if head is None:
+                holder._bound = None  # (its bound product holds the layout too)

@@ -123,7 +123,7 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
             d = lora.experts(layer, tok, np.full(len(tok), experts[j])) if ys is None and lora is not None else None
             if d is not None:
                 gate, up, down = plus_delta(gate, "gate", d), plus_delta(up, "up", d), plus_delta(down, "down", d)
-            y = ys[i:i + 1] if ys is not None else ffn(x[tok], gate, up, down)
+            y = ys[i:i + 1] if ys is not None else ffn(x[tok], gate, up, down, glu=backend.swiglu)
             parts[j] = (tok, y * weights[tok, slot][:, None])  # (n, D)
     out = np.zeros_like(x)
     for tok, y in parts:  # summed in expert order, whatever order the store served them in

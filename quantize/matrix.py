@@ -18,7 +18,7 @@ def packed_nbytes(packed) -> int:
 
 
 class QMatrix:
-    __slots__ = ("fmt", "raw", "shape", "_packed", "name")
+    __slots__ = ("fmt", "raw", "shape", "_packed", "name", "_bound")
 
     def __init__(self, qtype, raw: np.ndarray, shape: tuple[int, int], name: str = ""):
         self.fmt = get_format(qtype)
@@ -26,6 +26,7 @@ class QMatrix:
         self.shape = shape  # (N, K): y = W @ x
         self.name = name
         self._packed = None
+        self._bound = None  # (the layout it was bound to, the format's bound matvec of it)
 
     @property
     def packed(self):
@@ -48,11 +49,23 @@ class QMatrix:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape == (1, self.shape[1]):  # a decode step's token: the bound product
+            call = self.bound()
+            if call is not None:
+                return call(x)[0]
         if x.ndim == 1:
             return self.fmt.matvec(self.packed, x)
         if x.shape[0] == 1:
             return self.fmt.matvec(self.packed, x[0])[None, :]
         return self.fmt.matmul(self.packed, x)
+
+    def bound(self):
+        """The format's bound matvec of this matrix (QuantFormat.bind), made on first use and again
+        when the layout changes (a fused group's view); None where the format has none."""
+        b, packed = self._bound, self.packed
+        if b is None or b[0] is not packed:
+            b = self._bound = (packed, self.fmt.bind([packed]))
+        return b[1]
 
     @property
     def resident_bytes(self) -> int:

@@ -150,6 +150,38 @@ class TileKernels:
             ys.append(y.reshape(-1)[:p.n])
         return ys
 
+    def bind(self, ps):
+        """matvecs with the arguments of ps looked up once: call(x (1, K) float32 contiguous, norm
+        weight (None: no prologue), eps) -> [(1, N_i), ...], what matvecs(ps, x[0], {"norm": (weight,
+        eps)}) gives, x's activations made once; a decode step's products run through it, without
+        the lookups and checks of a call through matvecs (10 of a 20 us product on SmolLM2's q, k
+        and v)."""
+        outs = [(self._weights(p), p.d.shape[0], p.d.shape[2], p.n) for p in ps]
+        if self.row_kernel is not None:
+            row = self.row_kernel
+
+            def call(x, norm=None, eps=0.0):
+                norm, eps = (NO_NORM, np.float32(0.0)) if norm is None else (norm, np.float32(eps))
+                ys = []
+                for w, tiles, tile, n in outs:
+                    y = np.empty((tiles, 1, tile), np.float32)
+                    row(*w, x, norm, eps, y)
+                    ys.append(y.reshape(1, -1)[:, :n])
+                return ys
+            return call
+        vector = self.matvec_kernel is not None
+        kernel, make = (self.matvec_kernel, self.vector_activations) if vector else (self.matmul_kernel, self.activations)
+
+        def call(x, norm=None, eps=0.0):
+            a = make(x[0]) if norm is None else make(x[0], norm=(norm, eps))
+            ys = []
+            for w, tiles, tile, n in outs:
+                y = np.empty((tiles, tile) if vector else (tiles, 1, tile), np.float32)
+                kernel(*w, *a, y)
+                ys.append(y.reshape(1, -1)[:, :n])
+            return ys
+        return call
+
     def matmuls(self, ps, x, prologue=None):
         if self.row_kernel is not None and len(x) <= FEW_ROWS:  # a verification's few rows, as matvecs
             return [self._row(p, x, prologue) for p in ps]
@@ -286,6 +318,13 @@ class QuantFormat:
         if prologue:
             return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"), prologue)
         return self.kernels.matvecs(packeds, self._activations(packeds[0], x, 1, "matvec"))
+
+    def bind(self, packeds: list):
+        """matvecs of these matrices with their arguments looked up once (the kernel set's `bind`):
+        call(x (1, K) float32 contiguous, norm weight or None, eps) -> [(1, N_i), ...], the norm
+        given only where `prologues`; None where the kernel set has no such binding."""
+        bind = getattr(self.kernels, "bind", None)
+        return bind(packeds) if bind is not None else None
 
     def matmuls(self, packeds: list, x: np.ndarray, prologue=None) -> list:
         """Several matrices of this format times the same rows x (T, K) (a few tokens' q and kv)

@@ -396,6 +396,7 @@ def _binary_f(op):
 add_f = _binary_f("fadd")
 sub_f = _binary_f("fsub")
 mul_f = _binary_f("fmul")
+div_f = _binary_f("fdiv")
 
 
 @intrinsic
@@ -437,6 +438,19 @@ def zero_below(typingctx, x, t, y):
 
 
 
+@intrinsic
+def pick_ge(typingctx, x, t, a, b):
+    """a's lanes where x's lane is at least the float32 t, b's where it is below (or NaN)."""
+    if x != VF or a != VF or b != VF or not isinstance(t, types.Float):
+        raise TypeError("pick_ge takes a VF vector, a float and two VF vectors")
+
+    def codegen(context, builder, sig, args):
+        limit = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF)
+        return builder.select(builder.fcmp_ordered(">=", args[0], limit), args[2], args[3])
+
+    return VF(x, t, a, b), codegen
+
+
 _U16 = (types.uint16,)
 
 
@@ -457,15 +471,20 @@ def load_h(typingctx, ary, index):
 
 @intrinsic
 def hsum_f(typingctx, a):
-    """The sum of the 16 lanes (a float32)."""
+    """The sum of the 16 lanes (a float32), pairwise: the upper half of the lanes added to the lower
+    half until one is left (4 dependent adds where a lane-by-lane chain takes 15: a one-token
+    attention's score takes one sum per head and position)."""
     if a != VF:
         raise TypeError("hsum_f takes a VF vector")
 
     def codegen(context, builder, sig, args):
-        total = builder.extract_element(args[0], ir.Constant(_I32, 0))
-        for i in range(1, LANES):
-            total = builder.fadd(total, builder.extract_element(args[0], ir.Constant(_I32, i)))
-        return total
+        v, n = args[0], LANES
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(_I32, 0))
 
     return types.float32(a), codegen
 

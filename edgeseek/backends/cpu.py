@@ -8,13 +8,14 @@ import numpy as np
 from numba import carray, njit, prange
 
 from edgeseek.errors import UnsupportedError
-from edgeseek.models.common import plus, rms_norm, silu, softmax, swiglu
+from edgeseek.models.common import plus, rms_norm, softmax
+from edgeseek.models.common import swiglu as common_swiglu
 from edgeseek.models.moe import FEW_TOKENS, moe, route
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
-from edgeseek.quantize.simd import (add_f, at_address, exp_f, hsum_f, load_f, load_h, mul_f, splat_f, store_f, sub_f,
-                                    zero_f)
+from edgeseek.quantize.simd import (add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge,
+                                    splat_f, store_f, sub_f, zero_f)
 
 from .normed import Normed, rows
 
@@ -315,6 +316,52 @@ def _rms_norm(x, w, eps, out):
         rms_norm_row(x[t], w, eps, out[t])
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _swiglu_row(g, u, out, t):
+    # out[t] = silu(g[t]) * u[t] for row t of (T, F) float32 arrays, 16 values at a time (numpy's silu
+    # makes four temporaries and an errstate: 9 us for SmolLM2's 1536 values). sigmoid(x) from
+    # e = exp(-|x|) <= 1, so nothing overflows: 1 / (1 + e) for x >= 0, e / (1 + e) below. The
+    # last F % 16 values one by one, the same way.
+    F = g.shape[1]
+    one = splat_f(np.float32(1.0))
+    o = t * F
+    gf, uf, of = g.reshape(-1), u.reshape(-1), out.reshape(-1)
+    for j in range(0, F - F % 16, 16):
+        x = load_f(gf, o + j)
+        e = exp_f(sub_f(zero_f(), max_f(x, sub_f(zero_f(), x))))
+        r = div_f(one, add_f(one, e))
+        store_f(of, o + j, mul_f(mul_f(x, pick_ge(x, np.float32(0.0), r, mul_f(e, r))), load_f(uf, o + j)))
+    for j in range(F - F % 16, F):
+        x = g[t, j]
+        e = np.float32(np.exp(-abs(x)))
+        r = np.float32(1.0) / (np.float32(1.0) + e)
+        out[t, j] = x * (r if x >= 0 else e * r) * u[t, j]
+
+
+@njit(fastmath=True, cache=True)
+def _swiglu_few(g, u, out):
+    for t in range(g.shape[0]):
+        _swiglu_row(g, u, out, t)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _swiglu_many(g, u, out):
+    for t in prange(g.shape[0]):
+        _swiglu_row(g, u, out, t)
+
+
+def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) * u of (T, F) float32 rows (common.swiglu's math in one numba call; row by row, so
+    that a row's values do not depend on the rows beside it)."""
+    g = np.ascontiguousarray(g, dtype=np.float32)
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    if g.ndim != 2 or g.shape != u.shape:
+        return common_swiglu(g, u)
+    out = np.empty_like(g)
+    (_swiglu_few if len(g) <= FEW_TOKENS else _swiglu_many)(g, u, out)
+    return out
+
+
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
 MANY_PAIRS = 64  # (token, head) pairs of MLA's per-head products in one matmul_many call (one kernel
 # compiled per count: a few tokens of V2-Lite's 16 heads, not of V3's 128)
@@ -397,6 +444,7 @@ class CPUBackend:
 
     def __init__(self):
         self._groups: dict = {}  # linears' matrices (their ids) -> (fused layout or None, output cuts, the matrices)
+        self._bound: dict = {}  # linears' matrices (their ids) -> their bound one-token products, or False
 
     @property
     def threads(self) -> int:
@@ -467,7 +515,7 @@ class CPUBackend:
         g, u = gu[:len(gates)], gu[len(gates):]  # (n, F) each
         if delta is not None:  # LoRA: each pair's low-rank deltas (models/lora.py)
             g, u = _plus(g, delta("gate", x[rows])), _plus(u, delta("up", x[rows]))
-        h = silu(g) * u  # (n, F)
+        h = swiglu(g, u)  # (n, F)
         d = None
         if all(m.fmt is downs[0].fmt for m in downs):
             d = downs[0].fmt.matmul_many([m.packed for m in downs], h, np.arange(len(downs)))
@@ -487,7 +535,7 @@ class CPUBackend:
         gu = fmt.matmul_groups([m.packed for m in gates + ups], x, np.concatenate([spans, spans + [0, 0, n]]))
         if gu is None:
             return None
-        h = silu(gu[:n]) * gu[n:]  # (n, F)
+        h = swiglu(gu[:n], gu[n:])  # (n, F)
         d = None
         if all(m.fmt is downs[0].fmt for m in downs):
             d = downs[0].fmt.matmul_groups([m.packed for m in downs], h, spans)
@@ -637,6 +685,15 @@ class CPUBackend:
         8-bit activations made once (three per layer otherwise for q, k and v, two for gate and up),
         in the call that normalizes it where x is a Normed and the format takes a prologue; small
         matrices as one (fused), one kernel call for all of them."""
+        if len(x) == 1:  # a decode step: the products bound once for these matrices
+            call = self._bound.get(tuple(map(id, ws)))
+            if call is None:
+                call = self._bind(ws)
+            if call:
+                norm = x if isinstance(x, Normed) and call.norm else None
+                h = np.ascontiguousarray(rows(x) if norm is None else norm.x, dtype=np.float32)
+                if h.shape[1] == ws[0].shape[1]:
+                    return call(h) if norm is None else call(h, norm.weight, norm.eps)
         if len(x) <= FEW_TOKENS and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
             fmt, group = ws[0].fmt, self._fused(ws)
             packed = [w.packed for w in ws] if group is None else [group[0]]
@@ -652,6 +709,25 @@ class CPUBackend:
             return [y[:, a:b] for a, b in zip(cuts, cuts[1:])]
         x = rows(x)
         return [w(x) for w in ws]
+
+    def _bind(self, ws):
+        """linears' products of one token through ws, bound once (QuantFormat.bind): call(x (1, K)
+        [, norm weight, eps]) -> [(1, N_i), ...], call.norm telling whether it takes x's norm; False
+        where the general path runs (matrices of several formats or widths, a format without a
+        binding)."""
+        call = False
+        if all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
+            fmt, group = ws[0].fmt, self._fused(ws)
+            bound = fmt.bind([w.packed for w in ws] if group is None else [group[0]])
+            if bound is not None:
+                cuts = None if group is None else group[1]
+
+                def call(x, norm=None, eps=0.0, _ws=ws):  # (_ws: the matrices held, their ids stay theirs)
+                    ys = bound(x, norm, eps)
+                    return ys if cuts is None else [ys[0][:, a:b] for a, b in zip(cuts, cuts[1:])]
+                call.norm = fmt.prologues
+        self._bound[tuple(map(id, ws))] = call
+        return call
 
     def _fused(self, ws):
         """The fused layout of matrices that one `linears` call reads (tiles.fused), made on their
@@ -725,6 +801,8 @@ class CPUBackend:
     def warmup(self) -> None:
         from edgeseek.models.common import Rope, rope_freqs
         self.rms_norm(np.ones((1, 16), np.float32), np.ones(16, np.float32), 1e-6)  # the norm kernel
+        for t in (1, FEW_TOKENS + 1):  # silu(g) * u of a few rows and of many
+            swiglu(np.ones((t, 17), np.float32), np.ones((t, 17), np.float32))
         r = Rope(16, rope_freqs(16, 10000.0))
         r.ensure(1)
         self.rope(r, np.zeros((1, 1, 16), np.float32), np.zeros(1, np.int64))  # the rope kernel
