@@ -142,6 +142,13 @@ class Backend(Protocol):
         (G, H, d); None, having stored nothing, where the backend has no such kernel (the caller
         stores, converts the cache and uses causal_attention)."""
 
+    def kv_step(self, q, k, v, rope, k_cache, v_cache, pos, scale: float):
+        """Optional: a decode token's whole grouped-query attention from its projections, q (H*d,),
+        k and v (G*d,), not roped: q and k rotated by `rope` (models/common.Rope) at position pos
+        (the backend's positions, (1,)), k and v stored there in one layer's float16 caches (G,
+        n_ctx, d), q attends positions 0..pos -> (G, H/G, d), what rope and kv_decode give; None,
+        having stored nothing, where it does not apply (the model then ropes and calls kv_decode)."""
+
     def latent_attention(self, q_lat, q_pe, cache_c, cache_k_pe, start: int, scale: float):
         """MLA's absorbed attention of T consecutive queries at positions start..start+T-1: q_lat
         (T, H, C), q_pe (T, H, R) against one layer's cache as stored (float16) up to the last of

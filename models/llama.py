@@ -113,14 +113,22 @@ class LlamaModel(DecoderModel):
     def feed_forward(self, L: Layer, h: np.ndarray, i: int, residual=None) -> np.ndarray:
         return self.backend.ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, residual=residual)
 
-    def _project(self, L: Layer, h: np.ndarray, pos):
-        """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""
-        c = self.config
-        T, H, Hkv, d = len(pos), c.n_head, c.n_head_kv, c.head_dim
-        q, k, v = self.linears([L.attn_q, L.attn_k, L.attn_v], h)  # (T, H*d), (T, Hkv*d), (T, Hkv*d)
+    def _projections(self, L: Layer, h: np.ndarray):
+        """Rows of h -> q (T, H*d), k and v (T, Hkv*d), biases added, not roped."""
+        q, k, v = self.linears([L.attn_q, L.attn_k, L.attn_v], h)
         if L.attn_q_b is not None:
             q, k, v = q + L.attn_q_b, k + L.attn_k_b, v + L.attn_v_b
+        return q, k, v
+
+    def _roped(self, q, k, v, pos):
+        """Projections at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""
+        c = self.config
+        T, H, Hkv, d = len(q), c.n_head, c.n_head_kv, c.head_dim
         return self.rope(q.reshape(T, H, d), pos), self.rope(k.reshape(T, Hkv, d), pos), v.reshape(T, Hkv, d)
+
+    def _project(self, L: Layer, h: np.ndarray, pos):
+        """Rows of h at positions pos -> roped q (T, H, d), roped k and v (T, Hkv, d)."""
+        return self._roped(*self._projections(L, h), pos)
 
     def _attend(self, q, k, v, cache: KVCache, i: int, pos: np.ndarray, pos_x=None) -> np.ndarray:
         """One sequence's new tokens: store their keys and values, attend over the cache -> (T, H*d).
@@ -143,7 +151,13 @@ class LlamaModel(DecoderModel):
 
     def attention(self, L: Layer, h: np.ndarray, cache: KVCache, i: int, pos: np.ndarray, pos_x,
                   residual=None) -> np.ndarray:
-        return self.backend.linear(L.attn_output, self._attend(*self._project(L, h, pos_x), cache, i, pos, pos_x),
+        q, k, v = self._projections(L, h)
+        step = getattr(self.backend, "kv_step", None) if len(pos) == 1 else None
+        if step is not None:  # a decode step: the backend's rope, cache store and attention in one call
+            o = step(q[0], k[0], v[0], self.rope, cache.k[i], cache.v[i], pos_x, 1.0 / np.sqrt(self.config.head_dim))
+            if o is not None:
+                return self.backend.linear(L.attn_output, o.reshape(1, -1), residual)
+        return self.backend.linear(L.attn_output, self._attend(*self._roped(q, k, v, pos_x), cache, i, pos, pos_x),
                                    residual)
 
     def attention_rows(self, L: Layer, h: np.ndarray, caches: list, i: int, pos: np.ndarray, spans: list,

@@ -470,6 +470,26 @@ def load_h(typingctx, ary, index):
 
 
 @intrinsic
+def store_h(typingctx, ary, index, v):
+    """ary.flat[index : index + 16] = v rounded to IEEE half floats (nearest, ties to even: numpy's
+    float32 -> float16), into a uint16 array (a float16 array's view); vcvtps2ph where the CPU has
+    F16C or AVX-512."""
+    _check_array(ary, _U16)
+    if v != VF:
+        raise TypeError("store_h stores a VF vector")
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        halves = builder.bitcast(builder.fptrunc(args[2], ir.VectorType(ir.HalfType(), LANES)),
+                                 ir.VectorType(ir.IntType(16), LANES))
+        builder.store(halves, _lane_ptr(context, builder, sig.args[0], args[0], idx, ir.VectorType(ir.IntType(16), LANES)),
+                      align=2)
+        return context.get_dummy_value()
+
+    return types.none(ary, index, v), codegen
+
+
+@intrinsic
 def hsum_f(typingctx, a):
     """The sum of the 16 lanes (a float32), pairwise: the upper half of the lanes added to the lower
     half until one is left (4 dependent adds where a lane-by-lane chain takes 15: a one-token

@@ -323,6 +323,34 @@ def test_gqa_decode_from_the_float16_cache_equals_numpy():
     np.testing.assert_allclose(got, want[:, :, 0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("G, Hg, d, dim, kind", [(3, 3, 64, 64, "norm"), (2, 4, 128, 128, "neox"), (1, 2, 32, 16, "norm")])
+def test_gqa_step_equals_rope_then_kv_decode(G, Hg, d, dim, kind):
+    """A decode token's rope, cache store and attention in one call (kv_step: llama / qwen2 decode
+    over a short context) give the bits of the steps one by one: the model's rope on q and k, then
+    kv_decode; caches included (float16 rounding as numpy's), a partial rope (dim < d) too. From
+    KV_KERNEL_MIN positions it declines, leaving the caches alone."""
+    from edgeseek.backends import CPUBackend
+    from edgeseek.backends.cpu import KV_KERNEL_MIN
+    from edgeseek.models.common import Rope, rope_freqs
+    b = CPUBackend()
+    rope = Rope(dim, rope_freqs(dim, 10000.0), kind, backend=b)
+    rng = np.random.default_rng(8)
+    for p in (0, 5, 150):
+        k_cache = rng.standard_normal((G, 300, d)).astype(np.float16)
+        v_cache = rng.standard_normal((G, 300, d)).astype(np.float16)
+        k_want, v_want = k_cache.copy(), v_cache.copy()
+        q, k, v = (rng.standard_normal(n * d).astype(np.float32) * 3 for n in (G * Hg, G, G))
+        pos = np.array([p])
+        got = b.kv_step(q, k, v, rope, k_cache, v_cache, pos, 0.125)
+        q_r, k_r = rope(q.reshape(1, G * Hg, d), pos), rope(k.reshape(1, G, d), pos)
+        want = b.kv_decode(q_r.reshape(G, Hg, d), k_r[0], v.reshape(G, d), k_want, v_want, pos, 0.125)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(k_cache, k_want)
+        np.testing.assert_array_equal(v_cache, v_want)
+    long = np.zeros((G, KV_KERNEL_MIN + 1, d), np.float16)
+    assert b.kv_step(q, k, v, rope, long, long.copy(), np.array([KV_KERNEL_MIN]), 0.125) is None and not long.any()
+
+
 @pytest.mark.parametrize("H, n", [(4, 200), (16, 201), (16, 200)])
 def test_latent_decode_on_one_core_equals_both_cores(monkeypatch, H, n):
     """MLA's one-token attention from the float16 latent cache: the one-call kernel for short

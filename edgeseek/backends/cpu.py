@@ -15,7 +15,7 @@ from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
 from edgeseek.quantize.simd import (add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge,
-                                    splat_f, store_f, sub_f, zero_f)
+                                    splat_f, store_f, store_h, sub_f, zero_f)
 
 from .normed import Normed, rows
 
@@ -413,6 +413,26 @@ def _gqa_short(q, k16, v16, n, scale, scores, out):
             _softmax_mix(scores, n, top, v16, g * n_ctx * d, d, out, qo)
 
 
+@njit(fastmath=True, cache=True)
+def _gqa_step(q, k, v, cos, sin, pos, dim, neox, k16, v16, scale, scores, out):
+    # A decode token's whole attention on one core: q (G, Hg, d), k and v (G, 1, d) float32 as the
+    # projections give them; q and k roped at pos[0] (_rope: compiled without fastmath, the same
+    # bits as the model's rope), k and v stored there as float16 (store_h: numpy's rounding) in the
+    # caches k16, v16 (G, n_ctx, d) as uint16, then _gqa_short over positions 0..pos[0]
+    G, Hg, d = q.shape
+    p = pos[0]
+    qr, kr = np.empty_like(q), np.empty_like(k)
+    _rope(q, cos, sin, np.full(G, p, np.int64), dim, neox, qr)  # (each group's heads as one token's)
+    _rope(k, cos, sin, np.full(G, p, np.int64), dim, neox, kr)
+    n_ctx = k16.shape[1]
+    kf, vf, k16f, v16f = kr.reshape(-1), v.reshape(-1), k16.reshape(-1), v16.reshape(-1)
+    for g in range(G):
+        for j in range(0, d, 16):
+            store_h(k16f, (g * n_ctx + p) * d + j, load_f(kf, g * d + j))
+            store_h(v16f, (g * n_ctx + p) * d + j, load_f(vf, g * d + j))
+    _gqa_short(qr, k16, v16, p + 1, scale, scores, out)
+
+
 def _plus(y, d):
     return y if d is None else y + d
 
@@ -656,6 +676,24 @@ class CPUBackend:
             _latent_mix(probs, v_cache[g].view(np.uint16), n, parts, out[g])
         return out
 
+    def kv_step(self, q, k, v, rope, k_cache, v_cache, pos, scale: float):
+        """A decode token's rope, cache store and attention in one numba call (what rope twice and
+        kv_decode do, the same bits), over a short context on one core; None from KV_KERNEL_MIN
+        positions (kv_decode's two-core path then runs), or where head_dim is no multiple of 16."""
+        G, n_ctx, d = k_cache.shape
+        if d % 16 or not isinstance(pos, np.ndarray) or int(pos[0]) + 1 >= KV_KERNEL_MIN or rope.dim % 2 \
+                or k_cache.dtype != np.float16 or v_cache.dtype != np.float16:
+            return None
+        n = int(pos[0]) + 1
+        rope.ensure(n)
+        out = np.empty((G, q.size // (G * d), d), np.float32)
+        _gqa_step(np.ascontiguousarray(q, dtype=np.float32).reshape(G, -1, d),
+                  np.ascontiguousarray(k, dtype=np.float32).reshape(G, 1, d),
+                  np.ascontiguousarray(v, dtype=np.float32).reshape(G, 1, d), rope.cos, rope.sin,
+                  pos.astype(np.int64, copy=False), rope.dim, rope.kind == "neox", k_cache.view(np.uint16),
+                  v_cache.view(np.uint16), np.float32(scale), np.empty(n + 16, np.float32), out)
+        return out
+
     def normed(self, x, weight, eps: float):
         """rms_norm(x, weight, eps) for the products that follow: a decode token's (or a
         verification's few) as a Normed, which linears normalizes in the call that quantizes it
@@ -806,6 +844,9 @@ class CPUBackend:
         r = Rope(16, rope_freqs(16, 10000.0))
         r.ensure(1)
         self.rope(r, np.zeros((1, 1, 16), np.float32), np.zeros(1, np.int64))  # the rope kernel
+        kc = np.zeros((1, 4, 16), np.float16)  # a grouped-query layer cache of 4 positions: one decode token
+        self.kv_step(np.zeros(32, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32), r, kc, kc.copy(),
+                     np.array([1]), 0.25)
         w = np.zeros((1, 1, 16), np.float32)  # (H, R, K) as attn_k_b / attn_v_b
         self.per_head(w, np.zeros((1, 1, 16), np.float32))  # one token: the numba kernel
         c, k = np.zeros((4, 16), np.float16), np.zeros((4, 16), np.float16)  # a latent cache of 4 positions
