@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .activations import FEW_ROWS
 from .registry import get_format
 
 
@@ -49,8 +50,8 @@ class QMatrix:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape == (1, self.shape[1]):  # a decode step's token: the bound product
-            call = self.bound()
+        if x.ndim == 2 and 0 < len(x) <= FEW_ROWS and x.shape[1] == self.shape[1]:  # a decode step's token, a
+            call = self.bound()  # verification's few: the bound product
             if call is not None:
                 return call(x)[0]
         if x.ndim == 1:

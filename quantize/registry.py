@@ -151,34 +151,40 @@ class TileKernels:
         return ys
 
     def bind(self, ps):
-        """matvecs with the arguments of ps looked up once: call(x (1, K) float32 contiguous, norm
-        weight (None: no prologue), eps) -> [(1, N_i), ...], what matvecs(ps, x[0], {"norm": (weight,
-        eps)}) gives, x's activations made once; a decode step's products run through it, without
-        the lookups and checks of a call through matvecs (10 of a 20 us product on SmolLM2's q, k
-        and v)."""
+        """matvecs and matmuls with the arguments of ps looked up once: call(x (T, K) float32
+        contiguous, T <= FEW_ROWS, norm weight (None: no prologue), eps) -> [(T, N_i), ...], what
+        matvecs(ps, x[0], {"norm": (weight, eps)}) gives for one row and matmuls(ps, x, ...) for a
+        few, x's activations made once; a decode step's products (and a verification's few rows) run
+        through it without the lookups and checks of a call through those (10 of a 20 us product on
+        SmolLM2's q, k and v)."""
         outs = [(self._weights(p), p.d.shape[0], p.d.shape[2], p.n) for p in ps]
-        if self.row_kernel is not None:
-            row = self.row_kernel
+        row, vector = self.row_kernel, self.matvec_kernel is not None
 
-            def call(x, norm=None, eps=0.0):
-                norm, eps = (NO_NORM, np.float32(0.0)) if norm is None else (norm, np.float32(eps))
-                ys = []
-                for w, tiles, tile, n in outs:
-                    y = np.empty((tiles, 1, tile), np.float32)
-                    row(*w, x, norm, eps, y)
-                    ys.append(y.reshape(1, -1)[:, :n])
-                return ys
-            return call
-        vector = self.matvec_kernel is not None
-        kernel, make = (self.matvec_kernel, self.vector_activations) if vector else (self.matmul_kernel, self.activations)
+        def tiles_out(y, T, n):  # (n_tiles, T, tile) -> (T, N)
+            return (y.reshape(1, -1) if T == 1 else y.transpose(1, 0, 2).reshape(T, -1))[:, :n]
 
         def call(x, norm=None, eps=0.0):
-            a = make(x[0]) if norm is None else make(x[0], norm=(norm, eps))
-            ys = []
+            T, ys = len(x), []
+            if row is not None:
+                norm, eps = (NO_NORM, np.float32(0.0)) if norm is None else (norm, np.float32(eps))
+                for w, tiles, tile, n in outs:
+                    y = np.empty((tiles, T, tile), np.float32)
+                    row(*w, x, norm, eps, y)
+                    ys.append(tiles_out(y, T, n))
+                return ys
+            pro = {} if norm is None else {"norm": (norm, eps)}
+            if T == 1 and vector:
+                a = self.vector_activations(x[0], **pro)
+                for w, tiles, tile, n in outs:
+                    y = np.empty((tiles, tile), np.float32)
+                    self.matvec_kernel(*w, *a, y)
+                    ys.append(y.reshape(1, -1)[:, :n])
+                return ys
+            a = self.activations(x, **pro)
             for w, tiles, tile, n in outs:
-                y = np.empty((tiles, tile) if vector else (tiles, 1, tile), np.float32)
-                kernel(*w, *a, y)
-                ys.append(y.reshape(1, -1)[:, :n])
+                y = np.empty((tiles, T, tile), np.float32)
+                self.matmul_kernel(*w, *a, y)
+                ys.append(tiles_out(y, T, n))
             return ys
         return call
 
@@ -321,8 +327,8 @@ class QuantFormat:
 
     def bind(self, packeds: list):
         """matvecs of these matrices with their arguments looked up once (the kernel set's `bind`):
-        call(x (1, K) float32 contiguous, norm weight or None, eps) -> [(1, N_i), ...], the norm
-        given only where `prologues`; None where the kernel set has no such binding."""
+        call(x (T, K) float32 contiguous, T <= FEW_ROWS, norm weight or None, eps) -> [(T, N_i), ...],
+        the norm given only where `prologues`; None where the kernel set has no such binding."""
         bind = getattr(self.kernels, "bind", None)
         return bind(packeds) if bind is not None else None
 

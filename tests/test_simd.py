@@ -178,27 +178,36 @@ def test_one_vector_through_several_matrices_equals_each_alone(kind):
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32"])
 @pytest.mark.parametrize("heights", [(48, 16, 80), (64, 64), (128, 64, 40)])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_backend_linears_equal_each_product(kind, heights, tokens):
-    """backend.linears of one token or a verification's few (a layer's q, k and v; gate and up),
-    each bit for bit its own product, whatever the kernel set (VNNI sets run the matmul kernel on
-    one row), with their norm made in the products' calls or not. Matrices of the tile layouts whose
-    rows are whole tiles but the last's run as one fused matrix, each one's layout then a view of it
-    (the weights held once); others one by one."""
+@pytest.mark.parametrize("which", ["vnni", "portable"])
+def test_backend_linears_equal_each_product(kind, heights, tokens, which, monkeypatch):
+    """backend.linears of one token or a verification's few (a layer's q, k and v; gate and up), and
+    each matrix called alone, both through products bound once per matrix (QuantFormat.bind), bit
+    for bit the format's own matvec / matmul, whatever the kernel set (VNNI sets run the matmul
+    kernel on one row), with their norm made in the products' calls or not. Matrices of the tile
+    layouts whose rows are whole tiles but the last's run as one fused matrix, each one's layout
+    then a view of it (the weights held once); others one by one."""
     from edgeseek.backends.cpu import CPUBackend
     from edgeseek.quantize import QMatrix, tiles
     fmt = get_format(T[kind])
+    monkeypatch.setattr(fmt, "kernels", getattr(fmt, which) or fmt.portable)
     k = 256
     rng = np.random.default_rng(8)
     ws = [QMatrix(T[kind], fmt.quantize(rng.standard_normal((n, k)).astype(np.float32)).reshape(n, -1), (n, k))
           for n in heights]
+
+    def plain(w, x):  # the format's own products, unbound
+        return fmt.matvec(w.packed, x[0])[None] if len(x) == 1 else fmt.matmul(w.packed, x)
+
     x = rng.standard_normal((tokens, k)).astype(np.float32)
-    want = [w(x) for w in ws]  # before any fusing
+    want = [plain(w, x) for w in ws]  # before any fusing
+    for w, want_w in zip(ws, want):
+        np.testing.assert_array_equal(w(x), want_w)
     b = CPUBackend()
     for g, w in zip(b.linears(ws, x), want):
         np.testing.assert_array_equal(g, w)
     norm = rng.uniform(0.5, 1.5, k).astype(np.float32)  # the rows' norm made in the products' own calls
     for g, w in zip(b.linears(ws, b.normed(x, norm, 1e-6)), ws):
-        np.testing.assert_array_equal(g, w(b.rms_norm(x, norm, 1e-6)))
+        np.testing.assert_array_equal(g, plain(w, b.rms_norm(x, norm, 1e-6)))
     fusable = type(ws[0].packed) is tiles.Packed and all(n % tiles.TILE == 0 for n in heights[:-1])
     group = b._fused(ws)
     assert (group is not None) == fusable

@@ -12,7 +12,7 @@ from edgeseek.models.common import plus, rms_norm, softmax
 from edgeseek.models.common import swiglu as common_swiglu
 from edgeseek.models.moe import FEW_TOKENS, moe, route
 from edgeseek.quantize import QMatrix, get_format, tiles
-from edgeseek.quantize.activations import rms_norm_row
+from edgeseek.quantize.activations import FEW_ROWS, rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
 from edgeseek.quantize.simd import (add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge,
                                     splat_f, store_f, store_h, sub_f, zero_f)
@@ -723,7 +723,7 @@ class CPUBackend:
         8-bit activations made once (three per layer otherwise for q, k and v, two for gate and up),
         in the call that normalizes it where x is a Normed and the format takes a prologue; small
         matrices as one (fused), one kernel call for all of them."""
-        if len(x) == 1:  # a decode step: the products bound once for these matrices
+        if 0 < len(x) <= FEW_ROWS:  # a decode step, a verification's few: the products bound once for these matrices
             call = self._bound.get(tuple(map(id, ws)))
             if call is None:
                 call = self._bind(ws)
@@ -749,8 +749,9 @@ class CPUBackend:
         return [w(x) for w in ws]
 
     def _bind(self, ws):
-        """linears' products of one token through ws, bound once (QuantFormat.bind): call(x (1, K)
-        [, norm weight, eps]) -> [(1, N_i), ...], call.norm telling whether it takes x's norm; False
+        """linears' products of a token (or a verification's few) through ws, bound once
+        (QuantFormat.bind): call(x (T, K) [, norm weight, eps]) -> [(T, N_i), ...], call.norm telling
+        whether it takes x's norm; False
         where the general path runs (matrices of several formats or widths, a format without a
         binding)."""
         call = False
@@ -839,8 +840,9 @@ class CPUBackend:
     def warmup(self) -> None:
         from edgeseek.models.common import Rope, rope_freqs
         self.rms_norm(np.ones((1, 16), np.float32), np.ones(16, np.float32), 1e-6)  # the norm kernel
-        for t in (1, FEW_TOKENS + 1):  # silu(g) * u of a few rows and of many
-            swiglu(np.ones((t, 17), np.float32), np.ones((t, 17), np.float32))
+        g = np.ones((2, 17), np.float32)
+        for kernel in (_swiglu_few, _swiglu_many):  # silu(g) * u on one core and on both
+            kernel(g, g, np.empty_like(g))
         r = Rope(16, rope_freqs(16, 10000.0))
         r.ensure(1)
         self.rope(r, np.zeros((1, 1, 16), np.float32), np.zeros(1, np.int64))  # the rope kernel
