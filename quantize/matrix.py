@@ -27,7 +27,7 @@ class QMatrix:
         self.shape = shape  # (N, K): y = W @ x
         self.name = name
         self._packed = None
-        self._bound = None  # (the layout it was bound to, the format's bound matvec of it)
+        self._bound = None  # (the layout it was bound to, the format's bound product of it)
 
     @property
     def packed(self):
@@ -61,7 +61,7 @@ class QMatrix:
         return self.fmt.matmul(self.packed, x)
 
     def bound(self):
-        """The format's bound matvec of this matrix (QuantFormat.bind), made on first use and again
+        """The format's bound product of this matrix (QuantFormat.bind), made on first use and again
         when the layout changes (a fused group's view); None where the format has none."""
         b, packed = self._bound, self.packed
         if b is None or b[0] is not packed:

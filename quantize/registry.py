@@ -59,6 +59,13 @@ class Kernels(Protocol):
         of (rows, N); None where the set has no such kernel."""
 
 
+def _tile_rows(y: np.ndarray, n: int) -> np.ndarray:
+    """A tile kernel's output (n_tiles, T, tile) as the product's rows (T, N), the last tile's padding
+    cut (one row: a plain reshape)."""
+    T = y.shape[1]
+    return (y.reshape(1, -1) if T == 1 else y.transpose(1, 0, 2).reshape(T, -1))[:, :n]
+
+
 @dataclass(frozen=True)
 class TileKernels:
     """Kernels over a layout of row tiles (the rows of a tile side by side, so that the kernels'
@@ -110,7 +117,7 @@ class TileKernels:
         # p times t rows whose activations a are made
         y = np.empty((p.d.shape[0], t, p.d.shape[2]), np.float32)
         self.matmul_kernel(*self._weights(p), *a, y)
-        return y.transpose(1, 0, 2).reshape(t, -1)[:, :p.n]  # (n_tiles, T, tile) -> (T, N)
+        return _tile_rows(y, p.n)
 
     @property
     def prologues(self) -> bool:
@@ -123,7 +130,7 @@ class TileKernels:
         y = np.empty((p.d.shape[0], len(x), p.d.shape[2]), np.float32)
         w, eps = prologue["norm"] if prologue else (NO_NORM, 0.0)
         self.row_kernel(*self._weights(p), x, np.ascontiguousarray(w, dtype=np.float32), np.float32(eps), y)
-        return y.transpose(1, 0, 2).reshape(len(x), -1)[:, :p.n]
+        return _tile_rows(y, p.n)
 
     def matvec(self, p, x, prologue=None):
         if self.row_kernel is not None:
@@ -160,9 +167,6 @@ class TileKernels:
         outs = [(self._weights(p), p.d.shape[0], p.d.shape[2], p.n) for p in ps]
         row, vector = self.row_kernel, self.matvec_kernel is not None
 
-        def tiles_out(y, T, n):  # (n_tiles, T, tile) -> (T, N)
-            return (y.reshape(1, -1) if T == 1 else y.transpose(1, 0, 2).reshape(T, -1))[:, :n]
-
         def call(x, norm=None, eps=0.0):
             T, ys = len(x), []
             if row is not None:
@@ -170,7 +174,7 @@ class TileKernels:
                 for w, tiles, tile, n in outs:
                     y = np.empty((tiles, T, tile), np.float32)
                     row(*w, x, norm, eps, y)
-                    ys.append(tiles_out(y, T, n))
+                    ys.append(_tile_rows(y, n))
                 return ys
             pro = {} if norm is None else {"norm": (norm, eps)}
             if T == 1 and vector:
@@ -184,7 +188,7 @@ class TileKernels:
             for w, tiles, tile, n in outs:
                 y = np.empty((tiles, T, tile), np.float32)
                 self.matmul_kernel(*w, *a, y)
-                ys.append(tiles_out(y, T, n))
+                ys.append(_tile_rows(y, n))
             return ys
         return call
 

@@ -431,10 +431,15 @@ def zero_below(typingctx, x, t, y):
         raise TypeError("zero_below takes a VF vector, a float and a VF vector")
 
     def codegen(context, builder, sig, args):
-        limit = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF)
-        return builder.select(builder.fcmp_ordered(">=", args[0], limit), args[2], ir.Constant(_VF, None))
+        return _select_ge(context, builder, sig, args[0], args[1], args[2], ir.Constant(_VF, None))
 
     return VF(x, t, y), codegen
+
+
+def _select_ge(context, builder, sig, x, t, a, b):
+    # a's lanes where x's lane >= the float t (the intrinsic's second argument, sig.args[1]), else b's
+    limit = _splat(builder, context.cast(builder, t, sig.args[1], types.float32), _VF)
+    return builder.select(builder.fcmp_ordered(">=", x, limit), a, b)
 
 
 
@@ -445,8 +450,7 @@ def pick_ge(typingctx, x, t, a, b):
         raise TypeError("pick_ge takes a VF vector, a float and two VF vectors")
 
     def codegen(context, builder, sig, args):
-        limit = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF)
-        return builder.select(builder.fcmp_ordered(">=", args[0], limit), args[2], args[3])
+        return _select_ge(context, builder, sig, *args)
 
     return VF(x, t, a, b), codegen
 

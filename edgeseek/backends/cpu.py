@@ -414,16 +414,15 @@ def _gqa_short(q, k16, v16, n, scale, scores, out):
 
 
 @njit(fastmath=True, cache=True)
-def _gqa_step(q, k, v, cos, sin, pos, dim, neox, k16, v16, scale, scores, out):
+def _gqa_step(q, k, v, cos, sin, p, dim, neox, k16, v16, scale, scores, out):
     # A decode token's whole attention on one core: q (G, Hg, d), k and v (G, 1, d) float32 as the
-    # projections give them; q and k roped at pos[0] (_rope: compiled without fastmath, the same
+    # projections give them; q and k roped at position p (_rope: compiled without fastmath, the same
     # bits as the model's rope), k and v stored there as float16 (store_h: numpy's rounding) in the
-    # caches k16, v16 (G, n_ctx, d) as uint16, then _gqa_short over positions 0..pos[0]
+    # caches k16, v16 (G, n_ctx, d) as uint16, then _gqa_short over positions 0..p
     G, Hg, d = q.shape
-    p = pos[0]
-    qr, kr = np.empty_like(q), np.empty_like(k)
-    _rope(q, cos, sin, np.full(G, p, np.int64), dim, neox, qr)  # (each group's heads as one token's)
-    _rope(k, cos, sin, np.full(G, p, np.int64), dim, neox, kr)
+    qr, kr, at = np.empty_like(q), np.empty_like(k), np.full(G, p, np.int64)  # (each group's heads as one token's)
+    _rope(q, cos, sin, at, dim, neox, qr)
+    _rope(k, cos, sin, at, dim, neox, kr)
     n_ctx = k16.shape[1]
     kf, vf, k16f, v16f = kr.reshape(-1), v.reshape(-1), k16.reshape(-1), v16.reshape(-1)
     for g in range(G):
@@ -431,6 +430,11 @@ def _gqa_step(q, k, v, cos, sin, pos, dim, neox, k16, v16, scale, scores, out):
             store_h(k16f, (g * n_ctx + p) * d + j, load_f(kf, g * d + j))
             store_h(v16f, (g * n_ctx + p) * d + j, load_f(vf, g * d + j))
     _gqa_short(qr, k16, v16, p + 1, scale, scores, out)
+
+
+def _one_kind(ws) -> bool:
+    """Whether ws are QMatrix of one format and one width (linears runs them through one activation)."""
+    return all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1
 
 
 def _plus(y, d):
@@ -681,16 +685,18 @@ class CPUBackend:
         kv_decode do, the same bits), over a short context on one core; None from KV_KERNEL_MIN
         positions (kv_decode's two-core path then runs), or where head_dim is no multiple of 16."""
         G, n_ctx, d = k_cache.shape
-        if d % 16 or not isinstance(pos, np.ndarray) or int(pos[0]) + 1 >= KV_KERNEL_MIN or rope.dim % 2 \
-                or k_cache.dtype != np.float16 or v_cache.dtype != np.float16:
+        if d % 16 or not isinstance(pos, np.ndarray) or rope.dim % 2 or k_cache.dtype != np.float16 \
+                or v_cache.dtype != np.float16:
             return None
         n = int(pos[0]) + 1
+        if n >= KV_KERNEL_MIN:
+            return None
         rope.ensure(n)
         out = np.empty((G, q.size // (G * d), d), np.float32)
         _gqa_step(np.ascontiguousarray(q, dtype=np.float32).reshape(G, -1, d),
                   np.ascontiguousarray(k, dtype=np.float32).reshape(G, 1, d),
                   np.ascontiguousarray(v, dtype=np.float32).reshape(G, 1, d), rope.cos, rope.sin,
-                  pos.astype(np.int64, copy=False), rope.dim, rope.kind == "neox", k_cache.view(np.uint16),
+                  n - 1, rope.dim, rope.kind == "neox", k_cache.view(np.uint16),
                   v_cache.view(np.uint16), np.float32(scale), np.empty(n + 16, np.float32), out)
         return out
 
@@ -732,7 +738,7 @@ class CPUBackend:
                 h = np.ascontiguousarray(rows(x) if norm is None else norm.x, dtype=np.float32)
                 if h.shape[1] == ws[0].shape[1]:
                     return call(h) if norm is None else call(h, norm.weight, norm.eps)
-        if len(x) <= FEW_TOKENS and all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
+        if len(x) <= FEW_TOKENS and _one_kind(ws):
             fmt, group = ws[0].fmt, self._fused(ws)
             packed = [w.packed for w in ws] if group is None else [group[0]]
             pro = {"norm": (x.weight, x.eps)} if isinstance(x, Normed) and fmt.prologues else None
@@ -751,11 +757,10 @@ class CPUBackend:
     def _bind(self, ws):
         """linears' products of a token (or a verification's few) through ws, bound once
         (QuantFormat.bind): call(x (T, K) [, norm weight, eps]) -> [(T, N_i), ...], call.norm telling
-        whether it takes x's norm; False
-        where the general path runs (matrices of several formats or widths, a format without a
-        binding)."""
+        whether it takes x's norm; False where the general path runs (matrices of several formats or
+        widths, a format without a binding)."""
         call = False
-        if all(type(w) is QMatrix for w in ws) and len({(w.fmt, w.shape[1]) for w in ws}) == 1:
+        if _one_kind(ws):
             fmt, group = ws[0].fmt, self._fused(ws)
             bound = fmt.bind([w.packed for w in ws] if group is None else [group[0]])
             if bound is not None:
