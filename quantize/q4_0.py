@@ -41,17 +41,21 @@ def _matmul(p, xq, xd, xsum, xs, y):
 
 
 @njit(cache=True, inline="always")
-def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo):
+def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo, fetch):
     # Tile t times activation row k into y.flat[yo : yo + TILE]. Byte i of word g holds values
     # 4g + i (low nibble) and 16 + 4g + i (high nibble), so masking the word gives four unsigned
     # bytes that vpdpbusd multiplies with the four int8 activations of an int32 word of xw and adds
     # into each row's lane. qs (n_tiles, nb, 4, TILE) uint32, d (n_tiles, nb, TILE) uint16 halves
     # (widened exactly, so the products are those of float32 scales); xw (T, K / 4)
-    # int32 words of int8 activations; xd, xsum (T, nb). TILE = 64: four 16-lane chunks.
+    # int32 words of int8 activations; xd, xsum (T, nb). TILE = 64: four 16-lane chunks. fetch: the
+    # first row over this tile asks for its blocks ahead (tiles.ahead); the rows after it find them in cache.
     nb = qs.shape[1]
     low = splat_i(0x0F0F0F0F)
     a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
     for b in range(nb):
+        if fetch:
+            tiles.ahead(qs, (t * nb + b) * 4 * tiles.TILE, 4 * tiles.TILE)
+            tiles.ahead(d, (t * nb + b) * tiles.TILE, tiles.TILE)
         s0 = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
         s1, s2, s3 = s0, s0, s0
         for g in range(4):
@@ -83,7 +87,7 @@ def _matmul_vnni(qs, d, xw, xd, xsum, y):
     nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            _tile_vnni(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
+            _tile_vnni(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE, k == 0)
 
 
 @njit(parallel=True, cache=True)
@@ -93,7 +97,7 @@ def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
     nt = qss[0].shape[0]
     for job in prange(len(qss) * nt):
         j, t = job // nt, job % nt
-        _tile_vnni(qss[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE)
+        _tile_vnni(qss[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE, True)
 
 
 GROUP_UNPACK = 4  # rows of a run up to which a block's nibbles are unpacked once for all of them
@@ -107,6 +111,8 @@ def _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
     nb = qs.shape[1]
     low = splat_i(0x0F0F0F0F)
     for b in range(nb):
+        tiles.ahead(qs, (t * nb + b) * 4 * tiles.TILE, 4 * tiles.TILE)
+        tiles.ahead(d, (t * nb + b) * tiles.TILE, tiles.TILE)
         for c in range(0, tiles.TILE, 16):
             o = (t * nb + b) * 4 * tiles.TILE + c
             v0, v1 = load_i(qs, o), load_i(qs, o + tiles.TILE)
@@ -143,7 +149,7 @@ def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
             _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N)
         else:
             for k in range(r0, r1):
-                _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N)
+                _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, k == r0)
 
 
 @njit(parallel=True, cache=True)

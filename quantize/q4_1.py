@@ -39,7 +39,7 @@ def _matmul(p, xq, xd, xsum, xs, y):
 
 
 @njit(cache=True, inline="always")
-def _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, yo):
+def _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, yo, fetch):
     # Tile t times activation row k into y.flat[yo : yo + TILE]; qs (n_tiles, nb, 4, TILE) uint32
     # words of nibbles, d, m (n_tiles, nb, TILE); xw (T, K / 4) int32 words of int8 activations,
     # xd, xs (T, nb) (Q8_1's scale and d * sum).
@@ -47,6 +47,10 @@ def _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, yo):
     low = splat_i(0x0F0F0F0F)
     a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
     for b in range(nb):
+        if fetch:  # the first row over this tile: its next blocks (tiles.ahead)
+            tiles.ahead(qs, (t * nb + b) * 4 * tiles.TILE, 4 * tiles.TILE)
+            tiles.ahead(d, (t * nb + b) * tiles.TILE, tiles.TILE)
+            tiles.ahead(m, (t * nb + b) * tiles.TILE, tiles.TILE)
         s0 = splat_i(0)
         s1, s2, s3 = s0, s0, s0
         for g in range(4):
@@ -78,7 +82,7 @@ def _matmul_vnni(qs, d, m, xw, xd, xs, y):
     nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, (t * n_tok + k) * tiles.TILE)
+            _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, (t * n_tok + k) * tiles.TILE, k == 0)
 
 
 @njit(parallel=True, cache=True)
@@ -87,7 +91,7 @@ def _matmul_vnni_many(qss, ds, ms, rows, xw, xd, xs, y):
     nt = qss[0].shape[0]
     for job in prange(len(qss) * nt):
         j, t = job // nt, job % nt
-        _tile_vnni(qss[j], ds[j], ms[j], t, xw, xd, xs, rows[j], y[j], t * tiles.TILE)
+        _tile_vnni(qss[j], ds[j], ms[j], t, xw, xd, xs, rows[j], y[j], t * tiles.TILE, True)
 
 
 @njit(parallel=True, cache=True)

@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from . import q8_k
+from . import q8_k, tiles
 from .kquants import F32, QK_K, f16_to_f32, quantize_scale_min, scale_min_k4
 from .registry import QuantFormat, TileKernels
 from .simd import (add_f, add_i, band, dpbusd_small, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
@@ -215,7 +215,7 @@ def _matmul(qs, sc, mn, d, dmin, xq, xd, bsums, y):
 
 
 @njit(cache=True, inline="always")
-def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo):
+def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
     # Tile t (16 rows, one vector) times activation row k into y.flat[yo : yo + 16]. The products
     # four values at a time (simd.dpbusd): word w of group g holds values 64g + 4w + i (low nibbles,
     # sub-block 2g) and 64g + 32 + 4w + i (high nibbles, sub-block 2g + 1); int32 sums per
@@ -226,6 +226,12 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo):
     low = splat_i(0x0F0F0F0F)
     acc = zero_f()
     for b in range(nb):
+        if fetch:  # the first row over this tile: its next blocks (tiles.ahead)
+            tiles.ahead(qs, (t * nb + b) * 32 * VTILE, 32 * VTILE)
+            tiles.ahead(sc, (t * nb + b) * 8 * VTILE, 8 * VTILE)
+            tiles.ahead(mn, (t * nb + b) * 8 * VTILE, 8 * VTILE)
+            tiles.ahead(d, (t * nb + b) * VTILE, VTILE)
+            tiles.ahead(dmin, (t * nb + b) * VTILE, VTILE)
         isum = zero_i()
         for g in range(4):
             lo, hi = zero_i(), zero_i()
@@ -253,7 +259,7 @@ def _matmul_vnni(qs, sc, mn, d, dmin, xw, xd, bsums, y):
     nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, (t * n_tok + k) * VTILE)
+            _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, (t * n_tok + k) * VTILE, k == 0)
 
 
 @njit(parallel=True, cache=True)
@@ -262,7 +268,7 @@ def _matmul_vnni_many(qss, scs, mns, ds, dmins, rows, xw, xd, bsums, y):
     nt = qss[0].shape[0]
     for job in prange(len(qss) * nt):
         j, t = job // nt, job % nt
-        _tile_vnni(qss[j], scs[j], mns[j], ds[j], dmins[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE)
+        _tile_vnni(qss[j], scs[j], mns[j], ds[j], dmins[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE, True)
 
 
 _WEIGHTS = ("qs", "sc", "mn", "d", "dmin")

@@ -47,13 +47,17 @@ def _scaled(acc, s, d, o, dx):
 
 
 @njit(cache=True, inline="always")
-def _tile_vnni(qs, qh, d, t, xw, xd, xsum, k, y, yo):
+def _tile_vnni(qs, qh, d, t, xw, xd, xsum, k, y, yo, fetch):
     # tile t times activation row k into y.flat[yo : yo + TILE]; the four 16-row chunks of the
     # tile advance together, so that the tile's bytes are read in order
     nb = qs.shape[1]
     a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()
     for b in range(nb):
         o, oh = (t * nb + b) * 4 * tiles.TILE, (t * nb + b) * tiles.TILE
+        if fetch:  # the first row over this tile: its next blocks (tiles.ahead)
+            tiles.ahead(qs, o, 4 * tiles.TILE)
+            tiles.ahead(qh, oh, tiles.TILE)
+            tiles.ahead(d, oh, tiles.TILE)
         s = splat_i(np.int32(-16) * xsum[k, b])  # the -16 of every quant
         dx = splat_f(xd[k, b])
         a0 = _scaled(a0, chunk5(qs, qh, o, oh, xw, k, b, s), d, oh, dx)
@@ -72,7 +76,7 @@ def _matmul_vnni(qs, qh, d, xw, xd, xsum, y):
     nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
         for k in range(n_tok):
-            _tile_vnni(qs, qh, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
+            _tile_vnni(qs, qh, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE, k == 0)
 
 
 @njit(parallel=True, cache=True)
@@ -81,7 +85,7 @@ def _matmul_vnni_many(qss, qhs, ds, rows, xw, xd, xsum, y):
     nt = qss[0].shape[0]
     for job in prange(len(qss) * nt):
         j, t = job // nt, job % nt
-        _tile_vnni(qss[j], qhs[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE)
+        _tile_vnni(qss[j], qhs[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE, True)
 
 
 @njit(parallel=True, cache=True)

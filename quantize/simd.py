@@ -101,6 +101,26 @@ def load_i(typingctx, ary, index):
     return VI(ary, index), codegen
 
 
+@intrinsic
+def prefetch(typingctx, ary, index):
+    """A hint that ary.flat[index]'s cache line is read soon (prefetcht0): a kernel streaming its
+    weights asks for the lines a few blocks ahead, so that memory is read while it computes. The
+    index may run past the array's end (a prefetch never faults)."""
+    if not isinstance(ary, types.Array) or ary.layout != "C":
+        raise TypeError(f"simd: prefetch needs a C-contiguous array, got {ary}")
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        p = builder.bitcast(builder.gep(a.data, [idx]), cgutils.voidptr_t)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t, _I32, _I32, _I32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(ary, index), codegen
+
+
 def _byte_loader(dtype, extend: str, doc: str):
     @intrinsic
     def load(typingctx, ary, index):

@@ -139,6 +139,28 @@ def test_format_kernels_compile_to_vpdpbusd(kind, monkeypatch):
     assert len(re.findall(r"\bvpdpbusd\b" if CPU_HAS_VNNI else r"\bvpmaddubsw\b", asm)) >= 8
 
 
+PREFETCHING = ["Q4_0", "Q4_1", "Q5_0", "Q4_K"]  # the formats whose kernels read their blocks ahead (tiles.ahead)
+
+
+@pytest.mark.parametrize("kind", PREFETCHING)
+def test_kernels_prefetch_their_next_blocks(kind):
+    """A matvec asks for the weight lines a few blocks ahead (prefetcht0), reaching past the last
+    block of the last tile without harm: the kernel over a matrix of one tile and two blocks gives
+    the same values as the matrix dequantized."""
+    fmt = get_format(T[kind]).with_kernels("vnni")
+    rng = np.random.default_rng(1)
+    k = 2 * fmt.block_size
+    raw = fmt.quantize(rng.standard_normal((16, k)).astype(np.float32)).reshape(16, -1)
+    x = rng.standard_normal((8, k)).astype(np.float32)  # more rows than the row kernels take
+    y = fmt.matmul(fmt.pack(raw), x)
+    w = fmt.dequantize(raw.reshape(-1, fmt.type_size)).reshape(16, k)
+    np.testing.assert_allclose(y, x @ w.T, rtol=0.02, atol=0.02 * np.abs(x @ w.T).max())
+    kernel = fmt.kernels.matmul_kernel
+    fresh = numba.njit(parallel=True)(kernel.py_func)  # numba shows no machine code of a cached kernel
+    fresh.compile(kernel.signatures[0])
+    assert re.search(r"\bprefetcht0\b", fresh.inspect_asm(fresh.signatures[0]))
+
+
 @pytest.mark.parametrize("kind, shape", [("Q4_0", (200, 256)), ("Q4_K", (40, 512)), ("Q5_0", (130, 96)), ("Q8_0", (70, 64)),
                                          ("Q4_1", (90, 128)), ("Q6_K", (130, 512))])
 def test_matmul_many_rows_equal_matvec(kind, shape):
