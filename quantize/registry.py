@@ -351,11 +351,12 @@ class QuantFormat:
         times activation row rows[j] of x (R, K) -> (len(packeds), N), in one parallel region;
         each row equal to what matvec gives. None where the kernels have no such kernel."""
         x = self._activations(packeds[0], x, 2, "matmul_many")
-        rows = [int(r) for r in rows]
-        if len(rows) != len(packeds) or min(rows) < 0 or max(rows) >= x.shape[0]:
-            raise ValueError(f"{self.qtype.name} matmul_many: rows {rows} for {len(packeds)} matrices and "
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        listed = rows.tolist()  # checked as Python ints: a decode step makes four such calls a layer
+        if len(listed) != len(packeds) or min(listed) < 0 or max(listed) >= x.shape[0]:
+            raise ValueError(f"{self.qtype.name} matmul_many: rows {listed} for {len(packeds)} matrices and "
                              f"{x.shape[0]} activation rows")
-        return self.kernels.matmul_many(packeds, x, np.array(rows, np.int64))
+        return self.kernels.matmul_many(packeds, x, rows)
 
     def matmul_groups(self, packeds: list, x: np.ndarray, spans) -> np.ndarray | None:
         """Several matrices of one shape, each times a run of activation rows: matrix j times rows

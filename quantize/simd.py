@@ -462,7 +462,6 @@ def _select_ge(context, builder, sig, x, t, a, b):
     return builder.select(builder.fcmp_ordered(">=", x, limit), a, b)
 
 
-
 @intrinsic
 def pick_ge(typingctx, x, t, a, b):
     """a's lanes where x's lane is at least the float32 t, b's where it is below (or NaN)."""

@@ -462,17 +462,6 @@ def _lora_pairs_h(a16, bt16, e, x, s, t, out):
         store_f(out, i * N + m, acc)
 
 
-def _many(fmt, packeds: list, x: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
-    """fmt.matmul_many without the format's checks of x and rows, for the products whose shapes the
-    model checked when it loaded (a layer's experts, its heads): those checks cost 17 us a call, ~4
-    calls a layer and token (2.6% of a V2-Lite decode step); the kernels' own (one shape for all the
-    matrices) stay."""
-    many = getattr(fmt.kernels, "matmul_many", None)
-    if many is None:
-        return fmt.matmul_many(packeds, x, rows)
-    return many(packeds, np.ascontiguousarray(x, dtype=np.float32), np.asarray(rows, np.int64))
-
-
 class CPUBackend:
     xp = np
     device = "cpu"
@@ -520,10 +509,10 @@ class CPUBackend:
                 # where that is few matrices, else a token's heads in one call
                 x = np.ascontiguousarray(x, dtype=np.float32)
                 if T * H <= MANY_PAIRS:
-                    y = _many(w.fmt, w.packed * T, x.reshape(T * H, -1), np.arange(T * H))
+                    y = w.fmt.matmul_many(w.packed * T, x.reshape(T * H, -1), np.arange(T * H))
                     ys = None if y is None else y.reshape(T, H, -1)
                 else:
-                    ys = [_many(w.fmt, w.packed, x[t], np.arange(H)) for t in range(T)]
+                    ys = [w.fmt.matmul_many(w.packed, x[t], np.arange(H)) for t in range(T)]
                     ys = np.stack(ys) if all(y is not None for y in ys) else None
                 if ys is not None:
                     return ys  # (T, H, R)
@@ -544,7 +533,7 @@ class CPUBackend:
         if any(m.fmt is not fmt for m in gates + ups):
             return None
         rows = np.asarray(rows, np.int64)
-        gu = _many(fmt, [m.packed for m in gates + ups], x, np.concatenate([rows, rows]))  # one region
+        gu = fmt.matmul_many([m.packed for m in gates + ups], x, np.concatenate([rows, rows]))  # one region
         if gu is None:
             return None
         g, u = gu[:len(gates)], gu[len(gates):]  # (n, F) each
@@ -553,7 +542,7 @@ class CPUBackend:
         h = swiglu(g, u)  # (n, F)
         d = None
         if all(m.fmt is downs[0].fmt for m in downs):
-            d = _many(downs[0].fmt, [m.packed for m in downs], h, np.arange(len(downs)))
+            d = downs[0].fmt.matmul_many([m.packed for m in downs], h, np.arange(len(downs)))
         d = d if d is not None else np.concatenate([m(h[i:i + 1]) for i, m in enumerate(downs)])
         return _plus(d, delta("down", h)) if delta is not None else d
 
