@@ -67,13 +67,26 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     if count:
         store.count(layer, ids)  # every choice, before the experts are deduplicated
     if len(ids) == 1:  # one token's choices are distinct: unique's sort without its bookkeeping
-        by_id = np.argsort(ids[0], kind="stable")  # expert j of `experts` is the router's slot by_id[j]
-        experts, inverse = ids[0][by_id], np.empty((1, ids.shape[1]), np.int64)
-        inverse[0, by_id] = np.arange(ids.shape[1])
+        by_id = np.argsort(ids[0])  # expert j of `experts` is the router's slot by_id[j]
+        experts = ids[0][by_id]
     else:
         experts, inverse = np.unique(ids, return_inverse=True)
         inverse = inverse.reshape(ids.shape)
     groups = store.fetch_groups(layer, experts)
+    if len(ids) == 1 and len(x) == 1 and lora is None:  # a decode step
+        groups = list(groups)
+        if len(groups) == 1 and len(groups[0]) > 1:  # every expert at hand: no per-expert bookkeeping
+            js = [j for j, _ in groups[0]]
+            ys = backend.experts_rows(x, [triple for _, triple in groups[0]], np.zeros(len(js), np.int64))
+            if ys is not None:  # (k, D), the store's order
+                if js != sorted(js):
+                    ys = ys[np.argsort(js)]
+                # summed in expert order, as below: a reduction over rows adds them one after another
+                return np.add.reduce(ys * weights[0, by_id][:, None], axis=0, keepdims=True,
+                                     initial=0.0).astype(x.dtype, copy=False)
+    if len(ids) == 1:
+        inverse = np.empty((1, ids.shape[1]), np.int64)
+        inverse[0, by_id] = np.arange(ids.shape[1])
     if 1 < len(x) <= FEW_TOKENS:
         groups = list(groups)
         if len(groups) == 1:
@@ -102,16 +115,6 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
                 for s in range(k):  # each token's experts summed in expert order, as below
                     out += ys[where[:, s]]
                 return out
-    elif len(x) == 1 and lora is None:  # a decode step with every expert at hand: no per-expert bookkeeping
-        groups = list(groups)
-        if len(groups) == 1 and len(groups[0]) > 1:
-            js = np.array([j for j, _ in groups[0]])
-            ys = backend.experts_rows(x, [triple for _, triple in groups[0]], np.zeros(len(js), np.int64))
-            if ys is not None:  # (k, D), the store's order
-                order = np.argsort(js)
-                ys = ys[order] * weights[0, by_id[js[order]]][:, None]
-                # summed in expert order, as below: a reduction over rows adds them one after another
-                return np.add.reduce(ys, axis=0, keepdims=True, initial=0.0).astype(x.dtype, copy=False)
     parts = [None] * len(experts)
     for group in groups:
         one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each

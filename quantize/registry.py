@@ -202,8 +202,9 @@ class TileKernels:
     def _one_shape(ps, what: str):
         """The packed shape every matrix of ps shares (the grouped kernels take them as one)."""
         shape, n = ps[0].d.shape, ps[0].n
-        if any(p.d.shape != shape or p.n != n for p in ps):
-            raise ValueError(f"{what}: matrices of different shapes")
+        for p in ps:  # (a loop: any() over a generator costs twice as much, four calls a decode layer)
+            if p.d.shape != shape or p.n != n:
+                raise ValueError(f"{what}: matrices of different shapes")
         return shape
 
     def matmul_many(self, ps, x, rows):
@@ -215,6 +216,18 @@ class TileKernels:
         self.many_kernel(*zip(*map(self._weights, ps)), rows, *self.activations(x), y)
         return y.reshape(len(ps), -1)[:, :ps[0].n]  # (n_mats, n_tiles * tile) -> (n_mats, N)
 
+    def bind_many(self, ps, rows):
+        """matmul_many(ps, x, rows) with the weight arguments gathered once: call(x) -> (n_mats, N)."""
+        if self.many_kernel is None:
+            return None
+        shape, n, weights = self._one_shape(ps, "matmul_many"), ps[0].n, tuple(zip(*map(self._weights, ps)))
+        kernel, activations = self.many_kernel, self.activations
+
+        def call(x):
+            y = np.empty((len(ps), shape[0], shape[2]), np.float32)
+            kernel(*weights, rows, *activations(x), y)
+            return y.reshape(len(ps), -1)[:, :n]
+        return call
 
     def matmul_groups(self, ps, x, spans):
         if self.groups_kernel is None:
@@ -351,12 +364,27 @@ class QuantFormat:
         times activation row rows[j] of x (R, K) -> (len(packeds), N), in one parallel region;
         each row equal to what matvec gives. None where the kernels have no such kernel."""
         x = self._activations(packeds[0], x, 2, "matmul_many")
+        return self.kernels.matmul_many(packeds, x, self._rows(packeds, x, rows))
+
+    def bind_many(self, packeds: list, rows, shape: tuple[int, int]):
+        """matmul_many of these matrices and rows with their arguments gathered and checked once (a
+        layer's per-head products, every decode step): call(x) -> (len(packeds), N), x float32 of
+        `shape` (R, K), C-contiguous (call does not check it); None where the kernels have no
+        matmul_many."""
+        bind = getattr(self.kernels, "bind_many", None)
+        if bind is None:
+            return None
+        x = self._activations(packeds[0], np.zeros(shape, np.float32), 2, "matmul_many")
+        rows = self._rows(packeds, x, rows)
+        return bind(packeds, rows)
+
+    def _rows(self, packeds: list, x: np.ndarray, rows) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         listed = rows.tolist()  # checked as Python ints: a decode step makes four such calls a layer
         if len(listed) != len(packeds) or min(listed) < 0 or max(listed) >= x.shape[0]:
             raise ValueError(f"{self.qtype.name} matmul_many: rows {listed} for {len(packeds)} matrices and "
                              f"{x.shape[0]} activation rows")
-        return self.kernels.matmul_many(packeds, x, rows)
+        return rows
 
     def matmul_groups(self, packeds: list, x: np.ndarray, spans) -> np.ndarray | None:
         """Several matrices of one shape, each times a run of activation rows: matrix j times rows

@@ -176,6 +176,14 @@ def test_matmul_many_rows_equal_matvec(kind, shape):
     assert got.shape == (3, shape[0])
     np.testing.assert_array_equal(got, np.stack([vnni.matvec(vnni.pack(r), x[i]) for r, i in zip(raws, rows)]))
     np.testing.assert_array_equal(got, np.stack([portable.matvec(portable.pack(r), x[i]) for r, i in zip(raws, rows)]))
+    packed = [vnni.pack(r) for r in raws]
+    call = vnni.bind_many(packed, rows, x.shape)  # a layer's per-head products, bound once
+    np.testing.assert_array_equal(call(x), got)
+    np.testing.assert_array_equal(call(x[::-1].copy())[[0, 2]], vnni.matmul_many(packed[::2], x[::-1].copy(), [1, 1]))
+    with pytest.raises(ValueError, match="rows"):
+        vnni.bind_many(packed, [0, 2, 1], x.shape)
+    with pytest.raises(ValueError, match="length"):
+        vnni.bind_many(packed, rows, (2, shape[1] + 32))
 
 
 @pytest.mark.parametrize("kind", [q.name for q in FORMATS])
@@ -473,3 +481,28 @@ def test_vector_exp_is_exp_within_float32_rounding():
     assert out[0] == 1.0
     assert np.max(np.abs(out[ok] - ref[ok]) / ref[ok]) < 3e-7
     assert (out[~ok] == 0).all()
+
+
+def test_backend_router_picks_the_reference_experts():
+    """The CPU backend's router (one numba call) against models.moe.route on random logits, ties
+    included (scores rounded to halves): softmax and sigmoid gating, with and without V3's
+    selection bias, expert groups, normalized and scaled weights, 8 to 256 experts. The same experts
+    in the same order; the weights within float32 rounding (its exp and sums round their own way)."""
+    from edgeseek.backends.cpu import route
+    from edgeseek.models.moe import SIGMOID, SOFTMAX, RouterConfig
+    from edgeseek.models.moe import route as reference
+    rng = np.random.default_rng(7)
+    for trial in range(600):
+        E = int(rng.choice([8, 64, 256]))
+        G = int(rng.choice([g for g in (1, 2, 8) if E // g >= 2]))
+        cfg = RouterConfig(E, int(rng.integers(1, 9)), int(rng.choice([SOFTMAX, SIGMOID])), G, int(rng.integers(1, G + 1)),
+                           bool(rng.integers(2)), float(rng.choice([1.0, 0.0, 2.5])))
+        logits = rng.standard_normal((int(rng.integers(1, 5)), E)).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits * 2) / 2
+        bias = rng.standard_normal(E).astype(np.float32) * 0.1 if trial % 2 else None
+        ids, weights = route(logits, cfg, bias)
+        want_ids, want_weights = reference(logits, cfg, bias)
+        assert np.array_equal(ids, want_ids), (cfg, logits, bias)
+        assert weights.dtype == np.float32
+        np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=0)

@@ -10,7 +10,8 @@ from numba import carray, njit, prange
 from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import plus, rms_norm, softmax
 from edgeseek.models.common import swiglu as common_swiglu
-from edgeseek.models.moe import FEW_TOKENS, moe, route
+from edgeseek.models.moe import FEW_TOKENS, SIGMOID, moe
+from edgeseek.models.moe import route as route_numpy
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import FEW_ROWS, rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
@@ -226,7 +227,17 @@ class Heads:
         t = gguf.tensor(name, shape)
         self.fmt = tensor_format(gguf, t)
         self.name, self.shape, self.raw = name, t.shape, t.raw  # raw (H, R, row_bytes)
-        self._packed = None
+        self._packed, self._bound = None, {}
+
+    def bound(self, T: int):
+        """T tokens' products of every head (matrix h times row t * H + h) as one bound call
+        (QuantFormat.bind_many): call(x (T * H, K) float32 contiguous) -> (T * H, R); None where
+        the format has no matmul_many."""
+        call = self._bound.get(T)
+        if call is None:
+            H, _, K = self.shape
+            call = self._bound[T] = self.fmt.bind_many(self.packed * T, np.arange(T * H), (T * H, K)) or False
+        return call or None
 
     @property
     def packed(self) -> list:
@@ -358,10 +369,94 @@ def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     if g.ndim != 2 or g.shape != u.shape:
         return common_swiglu(g, u)
     out = np.empty_like(g)
-    (_swiglu_few if len(g) <= FEW_TOKENS else _swiglu_many)(g, u, out)
+    (_swiglu_few if g.size <= SWIGLU_ONE_CORE else _swiglu_many)(g, u, out)
     return out
 
 
+@njit(cache=True)
+def _route_rows(logits, bias, sigmoid, n_group, n_group_used, norm, scale, ids, weights):
+    # models.moe.route for each row of logits (T, E) float32 -> ids (T, k) int64, weights (T, k)
+    # float32; bias (E,) or empty. Ranks as its stable sorts do: of equal scores the lower index first.
+    T, E = logits.shape
+    k, G = ids.shape[1], n_group
+    per = E // G
+    probs, select = np.empty(E, np.float32), np.empty(E, np.float32)
+    top2, kept, taken = np.empty(G, np.float32), np.empty(G, np.bool_), np.empty(E, np.bool_)
+    one, inf = np.float32(1.0), np.float32(np.inf)
+    for t in range(T):
+        if sigmoid:
+            for e in range(E):
+                probs[e] = one / (one + np.exp(-logits[t, e]))
+        else:
+            m = logits[t, 0]
+            for e in range(1, E):
+                m = max(m, logits[t, e])
+            s = np.float32(0.0)
+            for e in range(E):
+                probs[e] = np.exp(logits[t, e] - m)
+                s += probs[e]
+            for e in range(E):
+                probs[e] = probs[e] / s
+        for e in range(E):
+            select[e] = probs[e] + bias[e] if len(bias) else probs[e]
+        if G > 1:  # groups ranked by the sum of their two best scores; the others' experts out
+            for g in range(G):
+                a, b = -inf, -inf
+                for e in range(g * per, (g + 1) * per):
+                    if select[e] > a:
+                        a, b = select[e], a
+                    elif select[e] > b:
+                        b = select[e]
+                top2[g] = a + b
+                kept[g] = False
+            for _ in range(min(n_group_used, G)):
+                best = -1
+                for g in range(G):
+                    if not kept[g] and (best < 0 or top2[g] > top2[best]):
+                        best = g
+                kept[best] = True
+            for g in range(G):
+                if not kept[g]:
+                    select[g * per:(g + 1) * per] = -inf
+        taken[:] = False
+        total = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or select[e] > select[best]):
+                    best = e
+            taken[best] = True
+            ids[t, j] = best
+            weights[t, j] = probs[best]
+            total += probs[best]
+        if norm:
+            total = max(total, np.float32(6.103515625e-5))
+            for j in range(k):
+                weights[t, j] = weights[t, j] / total
+        for j in range(k):
+            weights[t, j] = weights[t, j] * scale
+
+
+NO_BIAS = np.zeros(0, np.float32)
+
+
+def route(logits: np.ndarray, cfg, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """models.moe.route in one numba call (its numpy steps cost ~20 us on a decode step's row, 26
+    times a V2-Lite step): the same experts in the same order, the weights within float32 rounding
+    of its (exp's own rounding differs from numpy's)."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or logits.shape[1] % cfg.n_group or not 0 < cfg.n_used <= logits.shape[1]:
+        return route_numpy(logits, cfg, bias)
+    ids = np.empty((len(logits), cfg.n_used), np.int64)
+    weights = np.empty((len(logits), cfg.n_used), np.float32)
+    _route_rows(logits, NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32),
+                cfg.gating == SIGMOID, cfg.n_group, cfg.n_group_used, cfg.norm_weights,
+                np.float32(1.0 if cfg.scale == 0.0 else cfg.scale), ids, weights)
+    return ids, weights
+
+
+SWIGLU_ONE_CORE = 1 << 14  # values: up to here one core (a decode step's six experts, 8448 values: 12 us as a
+# parallel region, 4 on one core)
 KV_KERNEL_MIN = 1024  # positions: from here both cores, below one (a parallel region costs more than the work)
 MANY_PAIRS = 64  # (token, head) pairs of MLA's per-head products in one matmul_many call (one kernel
 # compiled per count: a few tokens of V2-Lite's 16 heads, not of V3's 128)
@@ -508,8 +603,10 @@ class CPUBackend:
                 # head by head (8 calls a layer on edgeseek-mini); every (token, head) pair in one call
                 # where that is few matrices, else a token's heads in one call
                 x = np.ascontiguousarray(x, dtype=np.float32)
-                if T * H <= MANY_PAIRS:
-                    y = w.fmt.matmul_many(w.packed * T, x.reshape(T * H, -1), np.arange(T * H))
+                if T * H <= MANY_PAIRS:  # bound once per token count (a mis-shaped x: matmul_many names it)
+                    call = w.bound(T) if x.shape[1:] == (H, w.shape[2]) else None
+                    y = call(x.reshape(T * H, -1)) if call is not None else \
+                        w.fmt.matmul_many(w.packed * T, x.reshape(T * H, -1), np.arange(T * H))
                     ys = None if y is None else y.reshape(T, H, -1)
                 else:
                     ys = [w.fmt.matmul_many(w.packed, x[t], np.arange(H)) for t in range(T)]
