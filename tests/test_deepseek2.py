@@ -131,6 +131,21 @@ def test_a_decode_steps_norms_made_with_the_activations_change_no_bit(name):
     np.testing.assert_array_equal(fused, _decode_steps(m))
 
 
+@pytest.mark.parametrize("name", ["v2lite-f32", "v3-q4_0", "v3h256-q4_k_m"])
+def test_a_decode_steps_attention_in_the_backends_latent_step_changes_no_bit(name, monkeypatch):
+    """On the CPU a decode step's rope of q_pe and k_pe and norm of its latent run in one call
+    (backend.latent_step) before the attention; the logits are those of the model's own rope, norm
+    and latent_decode, to the bit."""
+    m = edgeseek.load(FIXTURES / f"{name}.gguf", n_ctx=64).model
+    calls = []
+    step = type(m.backend).latent_step
+    monkeypatch.setattr(type(m.backend), "latent_step", lambda *a: calls.append(step(*a)) or calls[-1])
+    fused = _decode_steps(m)
+    assert calls and all(o is not None for o in calls)  # every layer's step ran it
+    monkeypatch.setattr(type(m.backend), "latent_step", lambda *a: None)
+    np.testing.assert_array_equal(fused, _decode_steps(m))
+
+
 def test_prefetching_the_next_layers_experts_changes_no_logit():
     """The speculative prefetch (the next layer's router on this layer's normed input, a decode
     step's input handed over unmade: backend.normed) reads ahead without changing the logits."""

@@ -321,6 +321,24 @@ def _rope(x, cos, sin, positions, dim, neox, out):
 
 
 @njit(cache=True)
+def _latent_entries(q, kv, norm_w, eps, cos, sin, p, dim, neox, q_pe, lat, k_pe):
+    # a decode token's MLA inputs to the attention: q (H, N + R) -> q_pe (H, R) roped; kv (C + R,)
+    # -> lat (C,) normalized, k_pe (R,) roped; _rope's and _rms_norm's steps, so the same bits
+    H, R = q_pe.shape
+    N, C, half = q.shape[1] - R, lat.shape[0], dim // 2
+    rms_norm_row(kv[:C], norm_w, eps, lat)
+    for h in range(H + 1):  # the heads' q_pe, then k_pe
+        x, o, out = (q[h], N, q_pe[h]) if h < H else (kv, C, k_pe)
+        for i in range(dim, R):
+            out[i] = x[o + i]
+        for i in range(half):
+            ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+            a, b, c, s = x[o + ia], x[o + ib], cos[p, i], sin[p, i]
+            out[ia] = a * c - b * s
+            out[ib] = a * s + b * c
+
+
+@njit(cache=True)
 def _rms_norm(x, w, eps, out):
     # x (T, D) float32 -> x / rms(x) * w, row by row (activations.rms_norm_row)
     for t in range(x.shape[0]):
@@ -690,7 +708,20 @@ class CPUBackend:
         return plus(out, residual=residual)
 
     def latent_step(self, q, kv, norm_w, eps: float, rope, q_lat, cache_c, cache_k_pe, pos, scale: float):
-        return None  # the model's rope and norm, then latent_decode
+        """A decode token's rope of q_pe and k_pe and norm of its latent in one numba call (the
+        model's three calls through its rope and norm, the same bits), then latent_decode; None
+        where that does not run (the model's path)."""
+        H, C = q_lat.shape
+        R = cache_k_pe.shape[1]
+        if not isinstance(pos, np.ndarray) or len(pos) != 1 or C % 16 or R % 16 or norm_w.dtype != np.float32 \
+                or kv.shape != (C + R,) or q.ndim != 2 or q.shape[1] <= R or rope.dim > R:
+            return None
+        p = int(pos[0])
+        rope.ensure(p + 1)
+        q_pe, lat, k_pe = np.empty((H, R), np.float32), np.empty((1, C), np.float32), np.empty((1, R), np.float32)
+        _latent_entries(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(kv, dtype=np.float32), norm_w,
+                        np.float32(eps), rope.cos, rope.sin, p, rope.dim, rope.kind == "neox", q_pe, lat[0], k_pe[0])
+        return self.latent_decode(q_lat, q_pe, lat, k_pe, cache_c, cache_k_pe, pos, scale)
 
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
         """One new token's MLA attention straight from the float16 latent cache (two numba kernels,
