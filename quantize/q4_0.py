@@ -18,7 +18,8 @@ from numba import carray, njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, at_address, band, dpbusd_small, load_f, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
+from .simd import (add_f, at_address, band, dpbusd16, load_f, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, sum16,
+                   to_f, zero_f, zero_i)
 
 F32 = np.float32
 QK = 32
@@ -57,18 +58,19 @@ def _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo, fetch):
             tiles.ahead(qs, (t * nb + b) * 4 * tiles.TILE, 4 * tiles.TILE)
             tiles.ahead(d, (t * nb + b) * tiles.TILE, tiles.TILE)
         s0 = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
-        s1, s2, s3 = s0, s0, s0
+        t0, t1, t2, t3 = zero_i(), zero_i(), zero_i(), zero_i()  # a block's 8 nibble products: dpbusd16's bound
         for g in range(4):
             lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
             o = ((t * nb + b) * 4 + g) * tiles.TILE
             v = load_i(qs, o)
-            s0 = dpbusd_small(dpbusd_small(s0, band(v, low), lo), band(srl(v, 4), low), hi)
+            t0 = dpbusd16(dpbusd16(t0, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 16)
-            s1 = dpbusd_small(dpbusd_small(s1, band(v, low), lo), band(srl(v, 4), low), hi)
+            t1 = dpbusd16(dpbusd16(t1, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 32)
-            s2 = dpbusd_small(dpbusd_small(s2, band(v, low), lo), band(srl(v, 4), low), hi)
+            t2 = dpbusd16(dpbusd16(t2, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 48)
-            s3 = dpbusd_small(dpbusd_small(s3, band(v, low), lo), band(srl(v, 4), low), hi)
+            t3 = dpbusd16(dpbusd16(t3, band(v, low), lo), band(srl(v, 4), low), hi)
+        s0, s1, s2, s3 = sum16(s0, t0), sum16(s0, t1), sum16(s0, t2), sum16(s0, t3)
         dx = splat_f(xd[k, b])
         o = (t * nb + b) * tiles.TILE
         a0 = add_f(a0, mul_f(to_f(s0), mul_f(load_h(d, o), dx)))
@@ -100,7 +102,9 @@ def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
         _tile_vnni(qss[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE, True)
 
 
-GROUP_UNPACK = 4  # rows of a run up to which a block's nibbles are unpacked once for all of them
+GROUP_UNPACK = 1  # rows of a run up to which a block's nibbles are unpacked once for all of them; longer
+# runs go row by row, the sums in registers (on AVX2 with dpbusd16 that measured faster from two rows:
+# a 32-sequence step's runs of 3, 56-77 -> 71-85 G multiply-adds/s)
 
 
 @njit(cache=True, inline="always")
@@ -123,11 +127,11 @@ def _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
             dr = load_h(d, (t * nb + b) * tiles.TILE + c)
             for k in range(r0, r1):
                 w = 8 * b
-                s = splat_i(np.int32(-8) * xsum[k, b])  # the -8 of every quant
-                s = dpbusd_small(dpbusd_small(s, l0, splat_i(xw[k, w])), h0, splat_i(xw[k, w + 4]))
-                s = dpbusd_small(dpbusd_small(s, l1, splat_i(xw[k, w + 1])), h1, splat_i(xw[k, w + 5]))
-                s = dpbusd_small(dpbusd_small(s, l2, splat_i(xw[k, w + 2])), h2, splat_i(xw[k, w + 6]))
-                s = dpbusd_small(dpbusd_small(s, l3, splat_i(xw[k, w + 3])), h3, splat_i(xw[k, w + 7]))
+                s = dpbusd16(dpbusd16(zero_i(), l0, splat_i(xw[k, w])), h0, splat_i(xw[k, w + 4]))
+                s = dpbusd16(dpbusd16(s, l1, splat_i(xw[k, w + 1])), h1, splat_i(xw[k, w + 5]))
+                s = dpbusd16(dpbusd16(s, l2, splat_i(xw[k, w + 2])), h2, splat_i(xw[k, w + 6]))
+                s = dpbusd16(dpbusd16(s, l3, splat_i(xw[k, w + 3])), h3, splat_i(xw[k, w + 7]))
+                s = sum16(splat_i(np.int32(-8) * xsum[k, b]), s)  # with the -8 of every quant
                 i = yo + (k - r0) * N + c
                 store_f(y, i, add_f(load_f(y, i), mul_f(to_f(s), mul_f(dr, splat_f(xd[k, b])))))
 
@@ -136,9 +140,9 @@ def _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
 def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
     # Matrix j (its qs and d arrays at addresses at[j, 0], at[j, 1], laid out as _tile_vnni reads
     # them) times activation rows spans[j, 0]..spans[j, 1]-1 -> rows spans[j, 2].. of y
-    # (R, nt * TILE), zeroed: a layer's routed experts, each with the rows routed to it. A short run
-    # (a decode step's few rows per expert) unpacks each block once for all its rows; a long one (a
-    # prompt's) goes row by row with the sums in registers.
+    # (R, nt * TILE), zeroed: a layer's routed experts, each with the rows routed to it. A run of
+    # up to GROUP_UNPACK rows unpacks each block once for all its rows; a longer one goes row by row
+    # with the sums in registers.
     N = y.shape[1]
     for job in prange(at.shape[0] * nt):  # tile-major: the threads' shares match, however the runs differ
         j, t = job % at.shape[0], job // at.shape[0]

@@ -360,6 +360,61 @@ def dpbusd_small(typingctx, acc, a, b):
     return VI(acc, a, b), codegen
 
 
+NIBBLE_PRODUCTS = 8  # dpbusd16 products of 4-bit bytes a partial sum holds before sum16: 8 x 2 x 15 x 128 < 2^15
+
+
+@intrinsic
+def dpbusd16(typingctx, t, a, b):
+    """dpbusd into a partial sum t (from zero_i(), read only through sum16) where every byte of a
+    is below 16 (nibbles), at most NIBBLE_PRODUCTS of them: on an AVX2 CPU without VNNI one
+    vpmaddubsw into t's int16 pairs (which those products cannot overflow), the vpmaddwd that
+    dpbusd_small makes of every product left to sum16, once for all of them; elsewhere dpbusd
+    (t's lanes are then the int32 sums)."""
+    if t != VI or a != VI or b != VI:
+        raise TypeError("dpbusd16 takes three VI vectors")
+
+    def codegen(context, builder, sig, args):
+        t_, a_, b_ = args
+        if HAVE_VNNI or not CPU_HAS_AVX2:
+            return _dpbusd_ir(builder, t_, a_, b_)
+        v64i8, v32i8 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(ir.IntType(8), 32)
+        v16i16, v32i16 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(16), 32)
+        maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                 "llvm.x86.avx2.pmadd.ub.sw")
+        a8, b8, undef = builder.bitcast(a_, v64i8), builder.bitcast(b_, v64i8), ir.Constant(v64i8, ir.Undefined)
+        pairs = [builder.call(maddubs, [builder.shuffle_vector(a8, undef, pick), builder.shuffle_vector(b8, undef, pick)])
+                 for pick in (ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32))) for h in range(2))]
+        both = builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        return builder.bitcast(builder.add(builder.bitcast(t_, v32i16), both), _VI)
+
+    return VI(t, a, b), codegen
+
+
+@intrinsic
+def sum16(typingctx, acc, t):
+    """acc + the lane sums held by dpbusd16's partial sum t: on AVX2 without VNNI t's int16 pairs
+    added into int32 by one vpmaddwd by ones; elsewhere acc + t."""
+    if acc != VI or t != VI:
+        raise TypeError("sum16 takes two VI vectors")
+
+    def codegen(context, builder, sig, args):
+        acc_, t_ = args
+        if HAVE_VNNI or not CPU_HAS_AVX2:
+            return builder.add(acc_, t_)
+        v16i16, v32i16 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(16), 32)
+        v8i32 = ir.VectorType(_I32, 8)
+        maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                "llvm.x86.avx2.pmadd.wd")
+        t16, ones = builder.bitcast(t_, v32i16), ir.Constant(v16i16, [1] * 16)
+        undef = ir.Constant(v32i16, ir.Undefined)
+        halves = [builder.call(maddwd, [builder.shuffle_vector(t16, undef, ir.Constant(
+            ir.VectorType(_I32, 16), list(range(16 * h, 16 * h + 16)))), ones]) for h in range(2)]
+        return builder.add(acc_, builder.shuffle_vector(halves[0], halves[1],
+                                                        ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))))
+
+    return VI(acc, t), codegen
+
+
 def _maddubs_ir(builder, acc_, a_, b_):
     # acc + dpbusd's lane sums by vpmaddubsw and vpmaddwd (AVX2): exact where a's bytes are below 128
     v64i8, v32i8 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(ir.IntType(8), 32)

@@ -107,6 +107,31 @@ def test_dpbusd_small_on_bytes_below_128():
     assert bool(re.search(r"\bvpmaddubsw\b", asm)) == (CPU_HAS_AVX2 and not simd.HAVE_VNNI)
 
 
+def test_dpbusd16_partial_sums_of_nibble_products():
+    """dpbusd16 into a partial sum then sum16 (the Q4_0 kernels' block: eight products of nibbles):
+    numpy's sums with the extremes included (15 x -128 in every byte: the int16 pairs' bound); on
+    an AVX2 CPU without VNNI one vpmaddwd for the eight vpmaddubsw."""
+    def kernel(w, x, out):
+        t = zero_i()
+        for i in range(0, w.size, 16):
+            t = simd.dpbusd16(t, load_i(w, i), splat_i(x[i // 16]))
+        store_f(out, 0, to_f(simd.sum16(splat_i(np.int32(-7)), t)))
+    kernel = numba.njit(kernel)
+    rng = np.random.default_rng(6)
+    for extreme in (False, True):
+        w, x = _random_words(rng, simd.NIBBLE_PRODUCTS)
+        w &= np.uint32(0x0F0F0F0F)
+        if extreme:
+            w[:], x[:] = 0x0F0F0F0F, np.int32(np.array([-128] * 4, np.int8).view(np.int32)[0])
+        out = np.zeros(16, np.float32)
+        kernel(w, x, out)
+        ua = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64)
+        np.testing.assert_array_equal(out, (np.einsum("clb,cb->l", ua, x.view(np.int8).reshape(-1, 4)) - 7).astype(np.float32))
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    if CPU_HAS_AVX2 and not simd.HAVE_VNNI:
+        assert len(re.findall(r"\bvpmaddwd\b", asm)) < len(re.findall(r"\bvpmaddubsw\b", asm))
+
+
 def test_dpbusd_centered_on_stored_q8_bytes():
     """dpbusd_centered, every byte of a (Q8_0's q + 128: 0..255) as a - 128 against activations in
     -127..127 (quantize_q8's), the extremes included: numpy's sums; on AVX2 through vpsignb and

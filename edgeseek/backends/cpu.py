@@ -10,7 +10,7 @@ from numba import carray, njit, prange
 from edgeseek.errors import UnsupportedError
 from edgeseek.models.common import plus, rms_norm, softmax
 from edgeseek.models.common import swiglu as common_swiglu
-from edgeseek.models.moe import FEW_TOKENS, SIGMOID, moe
+from edgeseek.models.moe import FEW_TOKENS, SIGMOID, RouterConfig, moe
 from edgeseek.models.moe import route as route_numpy
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import FEW_ROWS, rms_norm_row
@@ -987,6 +987,13 @@ class CPUBackend:
         c, k = np.zeros((4, 16), np.float16), np.zeros((4, 16), np.float16)  # a latent cache of 4 positions
         q = np.zeros((2, 16), np.float32)
         self.latent_decode(q, q, q[:1], q[:1], c, k, np.array([1]), 0.5)
+        fixed = np.ones(16, np.float32)
+        fixed.setflags(write=False)  # a norm weight as the file's pages give it
+        for norm in (np.ones(16, np.float32), fixed):  # a decode token's rope and norm, then the above
+            self.latent_step(np.zeros((2, 32), np.float32), np.zeros(32, np.float32), norm, 1e-6, r, q, c, k,
+                             np.array([1]), 0.5)
+        for bias in (None, np.zeros(4, np.float32), fixed[:4]):  # the router, V3's bias written or mapped
+            route(np.zeros((1, 4), np.float32), RouterConfig(4, 2), bias)
         rows = np.zeros((2, 2, 16), np.float32)  # two rows (a batch's sequences, a verification's tokens)
         self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)  # on one core
         n = LATENT_SHORT // 3  # and enough positions for both cores (each row still a short one)
