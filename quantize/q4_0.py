@@ -18,8 +18,8 @@ from numba import carray, njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, at_address, band, dpbusd16, load_f, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, sum16,
-                   to_f, zero_f, zero_i)
+from .simd import (add_f, at_address, band, dpbusd16, load_f, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f,
+                   sum16, to_f, zero_f, zero_i)
 
 F32 = np.float32
 QK = 32

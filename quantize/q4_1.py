@@ -17,7 +17,8 @@ from numba import njit, prange
 from . import activations, tiles
 from .nibbles import row_dot
 from .registry import QuantFormat, TileKernels
-from .simd import add_f, band, dpbusd_small, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, to_f, zero_f
+from .simd import (add_f, band, dpbusd16, load_h, load_i, mul_f, splat_f, splat_i, srl, store_f, sum16, to_f, zero_f,
+                   zero_i)
 
 F32 = np.float32
 QK = 32
@@ -51,19 +52,20 @@ def _tile_vnni(qs, d, m, t, xw, xd, xs, k, y, yo, fetch):
             tiles.ahead(qs, (t * nb + b) * 4 * tiles.TILE, 4 * tiles.TILE)
             tiles.ahead(d, (t * nb + b) * tiles.TILE, tiles.TILE)
             tiles.ahead(m, (t * nb + b) * tiles.TILE, tiles.TILE)
-        s0 = splat_i(0)
-        s1, s2, s3 = s0, s0, s0
+        t0, t1, t2, t3 = zero_i(), zero_i(), zero_i(), zero_i()  # a block's 8 nibble products: dpbusd16's bound
         for g in range(4):
             lo, hi = splat_i(xw[k, 8 * b + g]), splat_i(xw[k, 8 * b + 4 + g])
             o = ((t * nb + b) * 4 + g) * tiles.TILE
             v = load_i(qs, o)
-            s0 = dpbusd_small(dpbusd_small(s0, band(v, low), lo), band(srl(v, 4), low), hi)
+            t0 = dpbusd16(dpbusd16(t0, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 16)
-            s1 = dpbusd_small(dpbusd_small(s1, band(v, low), lo), band(srl(v, 4), low), hi)
+            t1 = dpbusd16(dpbusd16(t1, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 32)
-            s2 = dpbusd_small(dpbusd_small(s2, band(v, low), lo), band(srl(v, 4), low), hi)
+            t2 = dpbusd16(dpbusd16(t2, band(v, low), lo), band(srl(v, 4), low), hi)
             v = load_i(qs, o + 48)
-            s3 = dpbusd_small(dpbusd_small(s3, band(v, low), lo), band(srl(v, 4), low), hi)
+            t3 = dpbusd16(dpbusd16(t3, band(v, low), lo), band(srl(v, 4), low), hi)
+        zero = zero_i()
+        s0, s1, s2, s3 = sum16(zero, t0), sum16(zero, t1), sum16(zero, t2), sum16(zero, t3)
         dx, sx = splat_f(xd[k, b]), splat_f(xs[k, b])
         o = (t * nb + b) * tiles.TILE
         a0 = add_f(a0, add_f(mul_f(to_f(s0), mul_f(load_h(d, o), dx)), mul_f(load_h(m, o), sx)))

@@ -19,8 +19,8 @@ from numba import njit, prange
 from . import q8_k, tiles
 from .kquants import F32, QK_K, f16_to_f32, quantize_scale_min, scale_min_k4
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, add_i, band, dpbusd_small, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
-                   store_f, sub_f, to_f, zero_f, zero_i)
+from .simd import (add_f, add_i, band, dpbusd16, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
+                   store_f, sub_f, sum16, to_f, zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
@@ -239,8 +239,9 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
             xo = 64 * b + 16 * g
             for w in range(8):
                 v = load_i(qs, o + w * VTILE)
-                lo = dpbusd_small(lo, band(v, low), splat_i(xw[k, xo + w]))
-                hi = dpbusd_small(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
+                lo = dpbusd16(lo, band(v, low), splat_i(xw[k, xo + w]))  # 8 nibble products each: dpbusd16's bound
+                hi = dpbusd16(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
+            lo, hi = sum16(zero_i(), lo), sum16(zero_i(), hi)
             so = ((t * nb + b) * 8 + 2 * g) * VTILE
             isum = add_i(isum, add_i(mul_i(lo, load_u8(sc, so)), mul_i(hi, load_u8(sc, so + VTILE))))
         msum = zero_i()

@@ -382,7 +382,8 @@ def dpbusd16(typingctx, t, a, b):
         maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
                                                  "llvm.x86.avx2.pmadd.ub.sw")
         a8, b8, undef = builder.bitcast(a_, v64i8), builder.bitcast(b_, v64i8), ir.Constant(v64i8, ir.Undefined)
-        pairs = [builder.call(maddubs, [builder.shuffle_vector(a8, undef, pick), builder.shuffle_vector(b8, undef, pick)])
+        pairs = [builder.call(maddubs, [builder.shuffle_vector(a8, undef, pick),
+                                        builder.shuffle_vector(b8, undef, pick)])
                  for pick in (ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32))) for h in range(2))]
         both = builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
         return builder.bitcast(builder.add(builder.bitcast(t_, v32i16), both), _VI)

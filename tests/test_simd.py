@@ -126,7 +126,8 @@ def test_dpbusd16_partial_sums_of_nibble_products():
         out = np.zeros(16, np.float32)
         kernel(w, x, out)
         ua = w.view(np.uint8).reshape(-1, 16, 4).astype(np.int64)
-        np.testing.assert_array_equal(out, (np.einsum("clb,cb->l", ua, x.view(np.int8).reshape(-1, 4)) - 7).astype(np.float32))
+        want = np.einsum("clb,cb->l", ua, x.view(np.int8).reshape(-1, 4)) - 7
+        np.testing.assert_array_equal(out, want.astype(np.float32))
     asm = kernel.inspect_asm(kernel.signatures[0])
     if CPU_HAS_AVX2 and not simd.HAVE_VNNI:
         assert len(re.findall(r"\bvpmaddwd\b", asm)) < len(re.findall(r"\bvpmaddubsw\b", asm))
