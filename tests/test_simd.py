@@ -532,3 +532,16 @@ def test_backend_router_picks_the_reference_experts():
         assert np.array_equal(ids, want_ids), (cfg, logits, bias)
         assert weights.dtype == np.float32
         np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=0)
+
+
+def test_router_logits_of_a_row_do_not_depend_on_the_rows_beside_it():
+    """The CPU backend's router product: a token's logits are the same bits alone and among 37 rows
+    (a batch's or a verification's; BLAS's one-row and many-row products round differently, which
+    made a token's routing depend on its batch), within float32 rounding of numpy's product."""
+    from edgeseek.backends.cpu import router_logits
+    rng = np.random.default_rng(8)
+    w, x = rng.standard_normal((64, 2048)).astype(np.float32), rng.standard_normal((37, 2048)).astype(np.float32)
+    many = router_logits(x, w)
+    for t in (0, 5, 36):
+        np.testing.assert_array_equal(router_logits(x[t:t + 1], w)[0], many[t])
+    np.testing.assert_allclose(many, x.astype(np.float64) @ w.T.astype(np.float64), rtol=0, atol=2e-4)

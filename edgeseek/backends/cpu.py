@@ -458,6 +458,31 @@ def _route_rows(logits, bias, sigmoid, n_group, n_group_used, norm, scale, ids, 
 NO_BIAS = np.zeros(0, np.float32)
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _router_logits(x, w, out):
+    # out[t, e] = x[t] . w[e], x (T, D) and w (E, D) float32, D a multiple of 16: every dot product
+    # summed in one fixed order (16 lanes, then the lanes), whatever T is
+    T, D = x.shape
+    E = w.shape[0]
+    for job in prange(T * E):
+        t, e = job // E, job % E
+        acc = zero_f()
+        for j in range(0, D, 16):
+            acc = add_f(acc, mul_f(load_f(x, t * D + j), load_f(w, e * D + j)))
+        out[t, e] = hsum_f(acc)
+
+
+def router_logits(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (T, D) @ w.T for the router, each row's logits the same bits whatever rows come with it
+    (BLAS's one-row and many-row products round differently: a token's experts and weights would
+    then depend on the batch it runs in); numpy's product where D is no multiple of 16."""
+    if x.shape[1] % 16 or w.dtype != np.float32 or not w.flags.c_contiguous:
+        return x @ w.T
+    out = np.empty((len(x), w.shape[0]), np.float32)
+    _router_logits(np.ascontiguousarray(x, dtype=np.float32), w, out)
+    return out
+
+
 def route(logits: np.ndarray, cfg, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """models.moe.route in one numba call (its numpy steps cost ~20 us on a decode step's row, 26
     times a V2-Lite step): the same experts in the same order, the weights within float32 rounding
@@ -698,7 +723,7 @@ class CPUBackend:
     def moe(self, x, router_weight, router, bias, store, layer: int, lora=None, shared=None,
             residual=None) -> np.ndarray:
         x = rows(x)
-        logits = x @ router_weight.T  # (T, E)
+        logits = router_logits(x, router_weight)  # (T, E)
         if lora is not None and lora.groups:  # an adapter's router pair (llama.cpp's build_moe_ffn has it)
             logits = lora.add(f"blk.{layer}.ffn_gate_inp.weight", x, logits)
         ids, weights = route(logits, router, bias)  # (T, k)
@@ -994,6 +1019,7 @@ class CPUBackend:
                              np.array([1]), 0.5)
         for bias in (None, np.zeros(4, np.float32), fixed[:4]):  # the router, V3's bias written or mapped
             route(np.zeros((1, 4), np.float32), RouterConfig(4, 2), bias)
+        router_logits(np.zeros((1, 16), np.float32), np.ones((4, 16), np.float32))  # and its logits
         rows = np.zeros((2, 2, 16), np.float32)  # two rows (a batch's sequences, a verification's tokens)
         self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)  # on one core
         n = LATENT_SHORT // 3  # and enough positions for both cores (each row still a short one)
