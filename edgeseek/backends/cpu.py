@@ -15,7 +15,7 @@ from edgeseek.models.moe import route as route_numpy
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import FEW_ROWS, rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
-from edgeseek.quantize.simd import (add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge,
+from edgeseek.quantize.simd import (add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge, prefetch,
                                     splat_f, store_f, store_h, sub_f, zero_f)
 
 from .normed import Normed, rows
@@ -458,28 +458,47 @@ def _route_rows(logits, bias, sigmoid, n_group, n_group_used, norm, scale, ids, 
 NO_BIAS = np.zeros(0, np.float32)
 
 
+ROUTER_AHEAD = 1024  # values: how far ahead the router's product asks for its weights
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _router_dot(x, w, out, job):
+    # out[t, e] = x[t] . w[e] for job t * E + e, x (T, D) and w (E, D) float32, D a multiple of 64:
+    # summed in one fixed order (four 16-lane chains, then the lanes), whatever T is
+    D, E = x.shape[1], w.shape[0]
+    t, e = job // E, job % E
+    a0, a1, a2, a3 = zero_f(), zero_f(), zero_f(), zero_f()  # four chains: the adds' latency overlapped
+    xo, wo = t * D, e * D
+    for j in range(0, D, 64):
+        for line in range(0, 64, 16):  # the lines 4 KiB ahead (past a row's end: the next row's)
+            prefetch(w, wo + j + ROUTER_AHEAD + line)
+        a0 = add_f(a0, mul_f(load_f(x, xo + j), load_f(w, wo + j)))
+        a1 = add_f(a1, mul_f(load_f(x, xo + j + 16), load_f(w, wo + j + 16)))
+        a2 = add_f(a2, mul_f(load_f(x, xo + j + 32), load_f(w, wo + j + 32)))
+        a3 = add_f(a3, mul_f(load_f(x, xo + j + 48), load_f(w, wo + j + 48)))
+    out[t, e] = hsum_f(add_f(add_f(a0, a1), add_f(a2, a3)))
+
+
+@njit(fastmath=True, cache=True)
+def _router_logits_one_core(x, w, out):
+    for job in range(x.shape[0] * w.shape[0]):
+        _router_dot(x, w, out, job)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _router_logits(x, w, out):
-    # out[t, e] = x[t] . w[e], x (T, D) and w (E, D) float32, D a multiple of 16: every dot product
-    # summed in one fixed order (16 lanes, then the lanes), whatever T is
-    T, D = x.shape
-    E = w.shape[0]
-    for job in prange(T * E):
-        t, e = job // E, job % E
-        acc = zero_f()
-        for j in range(0, D, 16):
-            acc = add_f(acc, mul_f(load_f(x, t * D + j), load_f(w, e * D + j)))
-        out[t, e] = hsum_f(acc)
+    for job in prange(x.shape[0] * w.shape[0]):
+        _router_dot(x, w, out, job)
 
 
 def router_logits(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x (T, D) @ w.T for the router, each row's logits the same bits whatever rows come with it
     (BLAS's one-row and many-row products round differently: a token's experts and weights would
-    then depend on the batch it runs in); numpy's product where D is no multiple of 16."""
-    if x.shape[1] % 16 or w.dtype != np.float32 or not w.flags.c_contiguous:
+    then depend on the batch it runs in); numpy's product where D is no multiple of 64."""
+    if x.shape[1] % 64 or w.dtype != np.float32 or not w.flags.c_contiguous:
         return x @ w.T
     out = np.empty((len(x), w.shape[0]), np.float32)
-    _router_logits(np.ascontiguousarray(x, dtype=np.float32), w, out)
+    (_router_logits_one_core if len(x) <= FEW_TOKENS else _router_logits)(np.ascontiguousarray(x, dtype=np.float32), w, out)
     return out
 
 
@@ -1019,7 +1038,8 @@ class CPUBackend:
                              np.array([1]), 0.5)
         for bias in (None, np.zeros(4, np.float32), fixed[:4]):  # the router, V3's bias written or mapped
             route(np.zeros((1, 4), np.float32), RouterConfig(4, 2), bias)
-        router_logits(np.zeros((1, 16), np.float32), np.ones((4, 16), np.float32))  # and its logits
+        for n in (1, FEW_TOKENS + 1):  # and its logits, on one core and on both
+            router_logits(np.zeros((n, 64), np.float32), np.ones((4, 64), np.float32))
         rows = np.zeros((2, 2, 16), np.float32)  # two rows (a batch's sequences, a verification's tokens)
         self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)  # on one core
         n = LATENT_SHORT // 3  # and enough positions for both cores (each row still a short one)
