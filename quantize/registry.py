@@ -208,25 +208,21 @@ class TileKernels:
         return shape
 
     def matmul_many(self, ps, x, rows):
-        if self.many_kernel is None:
-            return None
-        shape = self._one_shape(ps, "matmul_many")
-        y = np.empty((len(ps), shape[0], shape[2]), np.float32)
-        # the kernel takes one tuple per weight field, that field of every matrix
-        self.many_kernel(*zip(*map(self._weights, ps)), rows, *self.activations(x), y)
-        return y.reshape(len(ps), -1)[:, :ps[0].n]  # (n_mats, n_tiles * tile) -> (n_mats, N)
+        call = self.bind_many(ps, rows)
+        return None if call is None else call(x)
 
     def bind_many(self, ps, rows):
         """matmul_many(ps, x, rows) with the weight arguments gathered once: call(x) -> (n_mats, N)."""
         if self.many_kernel is None:
             return None
+        # the kernel takes one tuple per weight field, that field of every matrix
         shape, n, weights = self._one_shape(ps, "matmul_many"), ps[0].n, tuple(zip(*map(self._weights, ps)))
         kernel, activations = self.many_kernel, self.activations
 
         def call(x):
             y = np.empty((len(ps), shape[0], shape[2]), np.float32)
             kernel(*weights, rows, *activations(x), y)
-            return y.reshape(len(ps), -1)[:, :n]
+            return y.reshape(len(ps), -1)[:, :n]  # (n_mats, n_tiles * tile) -> (n_mats, N)
         return call
 
     def matmul_groups(self, ps, x, spans):

@@ -301,23 +301,27 @@ def _latent_rows_one_core(q_lat, q_pe, at, n, scale, out):
         _latent_job(q_lat, q_pe, at, n, scale, out, job)
 
 
+@njit(cache=True, inline="always")
+def _rope_row(x, o, out, cos, sin, p, dim, neox):
+    # x[o:o + len(out)] -> out: its first dim values rotated by the tables' row p (pairs (2i, 2i+1),
+    # or (i, i + dim/2) for neox), the rest copied; the numpy math of models/common.py's Rope,
+    # without its temporaries (compiled without fastmath: the same bits)
+    for i in range(dim, out.shape[0]):
+        out[i] = x[o + i]
+    half = dim // 2
+    for i in range(half):
+        ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+        a, b, c, s = x[o + ia], x[o + ib], cos[p, i], sin[p, i]
+        out[ia] = a * c - b * s
+        out[ib] = a * s + b * c
+
+
 @njit(cache=True)
 def _rope(x, cos, sin, positions, dim, neox, out):
-    # x (T, H, D) float32 -> out: the first dim values of each head rotated by the tables' rows at
-    # positions (pairs (2i, 2i+1), or (i, i + dim/2) for neox), the rest copied; the numpy math of
-    # models/common.py's Rope, without its temporaries
-    T, H, D = x.shape
-    half = dim // 2
-    for t in range(T):
-        p = positions[t]
-        for h in range(H):
-            for i in range(dim, D):
-                out[t, h, i] = x[t, h, i]
-            for i in range(half):
-                ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
-                a, b, c, s = x[t, h, ia], x[t, h, ib], cos[p, i], sin[p, i]
-                out[t, h, ia] = a * c - b * s
-                out[t, h, ib] = a * s + b * c
+    # x (T, H, D) float32 -> out: each head's row roped at its token's position (_rope_row)
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            _rope_row(x[t, h], 0, out[t, h], cos, sin, positions[t], dim, neox)
 
 
 @njit(cache=True)
@@ -325,17 +329,11 @@ def _latent_entries(q, kv, norm_w, eps, cos, sin, p, dim, neox, q_pe, lat, k_pe)
     # a decode token's MLA inputs to the attention: q (H, N + R) -> q_pe (H, R) roped; kv (C + R,)
     # -> lat (C,) normalized, k_pe (R,) roped; _rope's and _rms_norm's steps, so the same bits
     H, R = q_pe.shape
-    N, C, half = q.shape[1] - R, lat.shape[0], dim // 2
+    N, C = q.shape[1] - R, lat.shape[0]
     rms_norm_row(kv[:C], norm_w, eps, lat)
-    for h in range(H + 1):  # the heads' q_pe, then k_pe
-        x, o, out = (q[h], N, q_pe[h]) if h < H else (kv, C, k_pe)
-        for i in range(dim, R):
-            out[i] = x[o + i]
-        for i in range(half):
-            ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
-            a, b, c, s = x[o + ia], x[o + ib], cos[p, i], sin[p, i]
-            out[ia] = a * c - b * s
-            out[ib] = a * s + b * c
+    for h in range(H):
+        _rope_row(q[h], N, q_pe[h], cos, sin, p, dim, neox)
+    _rope_row(kv, C, k_pe, cos, sin, p, dim, neox)
 
 
 @njit(cache=True)
