@@ -790,9 +790,11 @@ class CUDABackend:
         the CPU), without Python between the GPU's launches: routed on the device; the token's row
         and its choices copied to page-locked host memory; the gate-up of every pair queued on the
         GPU (a pair whose expert is on the CPU reads expert slot 0 with weight 0: the launch's shape
-        never depends on the routing); then the host waits, runs the CPU's experts (_SplitLayer.run)
-        and their sum crosses back to join the down launch. In a captured step the wait is a cut
-        between two graphs (_DecodeGraph.cut), the CPU's part runs between their replays."""
+        never depends on the routing), or the shared experts where the layer has none in VRAM; the
+        host waits for the copies only, runs the CPU's experts (_SplitLayer.run) while the GPU runs
+        its own part, and their sum crosses back to join the down launch. In a captured step the
+        wait is a cut between graphs (_DecodeGraph.cut): the host's part runs after the GPU's own
+        part is launched, before the graph that copies the sum back."""
         n, D = router.n_used, x.shape[1]
         key = (id(store), layer)
         s = self._splits.get(key)
@@ -801,13 +803,15 @@ class CUDABackend:
         x = self._route(x, router_weight, router, bias, s.ids, s.w)
         self._copy(x, s.host_x, to_host=True)
         self._copy(s.choice, s.host_choice, to_host=True)
+        beside = s.table is not None or shared is not None  # the GPU has a part of its own
+        copied = self._host_mark() if beside else None
         finish = None
         if s.table is not None:
             finish = self._routed_glu(x, s.table[s.ids].reshape(-1), n, store.device(layer), shared)
             w_gpu = s.w * s.on_gpu[s.ids]
         elif shared is not None:
-            y_shared = self.ffn(x, *shared)  # overlaps the CPU's experts
-        self._then_on_host(s.run)
+            y_shared = self.ffn(x, *shared)
+        self._on_host(s.run, copied, beside)
         self._copy(s.out, s.host_out, to_host=False)
         if finish is not None:
             return finish(w_gpu, s.out, residual)
@@ -828,15 +832,29 @@ class CUDABackend:
                           else (a.data.ptr, host.ctypes.data, rt.memcpyHostToDevice))
         rt.memcpyAsync(dst, src, a.nbytes, kind, cupy.cuda.get_current_stream().ptr)
 
-    def _then_on_host(self, fn) -> None:
-        """Run fn on the host once the work queued so far is done: now, after a wait for the stream,
-        or, while a decode step is being captured, between the replays of the graph so far and the
-        graph of what follows."""
+    def _host_mark(self):
+        """Mark the work queued so far, for a host's part (_on_host) that waits for it and no more:
+        an event on the stream, or, while a decode step is being captured, the end of a graph
+        whose replay the host waits for."""
         if self._step is not None and self._step.capturing:
-            self._step.cut(fn)
+            self._step.cut(wait=True)
+            return None
+        if self.xp is np:
+            return None
+        event = self.xp.cuda.Event(disable_timing=True)
+        event.record()
+        return event
+
+    def _on_host(self, fn, mark=None, beside: bool = False) -> None:
+        """Run fn on the host once the work queued up to mark (_host_mark) is done, while the work
+        queued after it runs on the GPU (beside); without a mark, once everything queued is done.
+        While a decode step is being captured, fn runs between the replays of the graph so far and
+        the graph of what follows."""
+        if self._step is not None and self._step.capturing:
+            self._step.cut(wait=not beside, fn=fn)
             return
         if self.xp is not np:
-            self.xp.cuda.get_current_stream().synchronize()
+            (mark if beside else self.xp.cuda.get_current_stream()).synchronize()
         fn()
 
     def _planned_experts(self, x, ids, w, projections, out, store, layer: int) -> None:
@@ -1596,7 +1614,7 @@ class _DecodeGraph:
         self.ids = xp.zeros((c.n_layer, max(1, getattr(c, "n_expert_used", 0))), np.int32)  # each layer's choice
         self.moe_layers: list[int] = []
         self.graphs: list = []  # the chain's graphs, replayed in order
-        self.host_calls: list = []  # what the host runs after graph i
+        self.host_calls: list = []  # after graph i: whether the host waits for it, what it runs then
         self.capturing = False
         self.logits = None
 
@@ -1606,11 +1624,12 @@ class _DecodeGraph:
         self.moe_layers.append(layer)
         return self.ids[layer:layer + 1]
 
-    def cut(self, fn) -> None:
-        """While capturing: the graph so far ends here, fn runs on the host after its replay, and
-        the capture goes on into the next graph."""
+    def cut(self, wait: bool = True, fn=None) -> None:
+        """While capturing: the graph so far ends here and the capture goes on into the next graph;
+        after its replay the host waits for it (wait), then runs fn (while the next graph runs if
+        the host did not wait: fn's own graph is the one after)."""
         self.graphs.append(self.stream.end_capture())
-        self.host_calls.append(fn)
+        self.host_calls.append((wait, fn))
         self.stream.begin_capture()
 
     def _record(self, pos: int):
@@ -1644,10 +1663,12 @@ class _DecodeGraph:
             self.host_ids = cupyx.empty_pinned(self.ids.shape, np.int32)
         self.host_inputs[0], self.host_inputs[1] = token, pos
         self.inputs.set(self.host_inputs, stream=self.stream)
-        for g, fn in zip(self.graphs, self.host_calls):
+        for g, (wait, fn) in zip(self.graphs, self.host_calls):
             g.launch(self.stream)
-            self.stream.synchronize()
-            fn()
+            if wait:
+                self.stream.synchronize()
+            if fn is not None:
+                fn()
         self.graphs[-1].launch(self.stream)
         self.logits.get(stream=self.stream, out=self.host_logits, blocking=False)
         store = getattr(self.model, "experts", None)
