@@ -172,11 +172,12 @@ def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result(name, tol,
     assert s["expert_pairs_cpu"] > 0 and (s["expert_pairs_gpu"] > 0) == (share > 0)
 
 
-@pytest.mark.parametrize("share", [0.75, 0.0])
-def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(share, monkeypatch):
+@pytest.mark.parametrize("share, pinned", [(0.75, True), (0.0, True), (0.75, False)])
+def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(share, pinned, monkeypatch):
     """A prompt of STREAM_MIN_TOKENS tokens or more: the pairs of experts left on the CPU run on the
     GPU on copies of their blocks, a few experts a buffer (the buffer shrunk here to two experts, so
-    that a layer takes several fills), with the logits of the all-VRAM path (F32: 1e-4 of the spread,
+    that a layer takes several fills; gathered into the two staging buffers by turns, or copied
+    from the file's mapping run by run), with the logits of the all-VRAM path (F32: 1e-4 of the spread,
     2e-5 measured: a token's pairs are added a bufferful at a time, not in routing order) and no CPU
     products; a shorter prompt keeps them on the CPU. The CPU's experts are packed at load."""
     from edgeseek.backends import cuda
@@ -184,6 +185,7 @@ def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(s
     full = plan_gpu(GGUFFile(path), 1 << 40, 4096)
     per_expert = full.expert_bytes // len(full.on_gpu) // full.n_expert
     monkeypatch.setattr(cuda, "STREAM_BYTES", 2 * per_expert)
+    monkeypatch.setattr(cuda, "STREAM_PINNED", pinned)
     budget = full.used - full.expert_bytes + per_expert * int(full.experts_total * share)
     b = EmulatedCUDABackend()
     split = load(path, backend=b, gpu_budget=budget)
@@ -200,6 +202,7 @@ def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(s
     assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
     split_layers = [i for i, ids in split.gpu_plan.on_gpu.items() if len(ids) < full.n_expert]
     assert len(streamed) == len(split_layers)  # every MoE layer of the prompt with experts on the CPU
+    assert bool(b._staging) == pinned
     assert set(on_cpu) <= {1}  # the decode step's pairs only, where its choices left any on the CPU
     streamed.clear()
     short = _logits(split, PROMPT, steps=0)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from numba import njit, prange
 
 from edgeseek.errors import EdgeseekError, UnsupportedError
 from edgeseek.models.common import ffn, plus
@@ -52,6 +53,10 @@ PLAN_EXPERTS = 256  # experts a layer moe_plan sorts pairs for (cuda_prompt.cu)
 # blocks copied over PCIe for the step (llama.cpp copies a CPU-held expert's weights from a batch of 32)
 STREAM_MIN_TOKENS = 32
 STREAM_BYTES = 96 << 20  # VRAM those copies take at a time (placement.WORKSPACE holds it)
+# those copies go through two page-locked host buffers of STREAM_BYTES, filled by the CPU's threads
+# while the GPU copies and multiplies the other: a copy from pageable memory (the file's mapping)
+# runs at what the driver's one staging thread reaches
+STREAM_PINNED = True
 
 
 CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 0, 68, -1
@@ -619,6 +624,7 @@ class CUDABackend:
         self._usage: list = []  # (store, layer, device pair counts) of prompts not yet read back
         self._halves = _ByIdentity(4)  # an activation -> its float16 copy
         self._stream: dict[int, object] = {}  # projection -> a buffer of experts copied in for a prompt
+        self._staging: list = []  # two page-locked host buffers for those copies, and their events
         self._one_matrix: dict[int, tuple] = {}  # rows -> one_matrix's bookkeeping
         self._splits: dict[tuple, _SplitLayer] = {}  # (store, layer) -> a split layer's decode buffers
 
@@ -947,10 +953,13 @@ class CUDABackend:
         where = np.full(store.n_expert, -1, np.int64)
         for c0 in range(0, len(experts), n_buf):
             chunk = experts[c0:c0 + n_buf]
-            starts = np.flatnonzero(np.diff(chunk, prepend=-2) != 1)  # runs of consecutive ids: one copy each
-            for t, buf in zip(tensors, bufs):
-                for a, b in zip(starts, np.append(starts[1:], len(chunk))):
-                    self._copy(buf[a:b], t.raw[chunk[a]:chunk[a] + b - a], to_host=False)
+            if STREAM_PINNED:
+                self._staged_copy(c0 // n_buf % 2, [t.raw for t in tensors], chunk, bufs)
+            else:
+                starts = np.flatnonzero(np.diff(chunk, prepend=-2) != 1)  # runs of consecutive ids: one copy each
+                for t, buf in zip(tensors, bufs):
+                    for a, b in zip(starts, np.append(starts[1:], len(chunk))):
+                        self._copy(buf[a:b], t.raw[chunk[a]:chunk[a] + b - a], to_host=False)
             where[:] = -1
             where[chunk] = np.arange(len(chunk))
             slot = where[ids]
@@ -964,6 +973,26 @@ class CUDABackend:
         if b is None or b.shape[1:] != shape or len(b) < n:
             b = self._stream[i] = self.xp.empty((n, *shape), np.uint8)
         return b
+
+    def _staged_copy(self, i: int, raws: list, chunk: np.ndarray, bufs: list) -> None:
+        """The experts chunk of each projection's blocks raws[j] (E, rows, row bytes) into bufs[j]
+        through page-locked buffer i: once the GPU has copied out what the buffer held last, the
+        CPU's threads gather the experts into it (_gather_experts), then one copy per projection
+        queues on the stream and an event marks when the buffer is free again."""
+        n = len(chunk)
+        size = n * sum(raw[0].nbytes for raw in raws)
+        if not self._staging or len(self._staging[0][0]) < size:  # (an expert above STREAM_BYTES: one at a time)
+            self._staging = [[self.pinned(max(size, STREAM_BYTES), np.uint8), None] for _ in range(2)]
+        host, done = self._staging[i]
+        if done is not None:
+            done.synchronize()
+        at = 0
+        for raw, buf in zip(raws, bufs):
+            part = host[at:at + n * raw[0].nbytes].reshape(n, *raw.shape[1:])
+            _gather_experts(np.asarray(raw), chunk, part)
+            self._copy(buf[:n], part, to_host=False)
+            at += part.nbytes
+        self._staging[i][1] = self._host_mark()
 
     def _host_copy(self, a) -> np.ndarray:
         """A host copy of a small device array that never changes (a router's selection bias), made once."""
@@ -1560,6 +1589,15 @@ class TieredExperts:
     def close(self) -> None:
         self.cpu_store.close()
 
+
+
+@njit(parallel=True, cache=True)
+def _gather_experts(src, ids, dst):
+    # dst[i] = src[ids[i]]: (E, rows, row bytes) uint8 blocks of the experts ids, rows in parallel
+    rows = src.shape[1]
+    for job in prange(len(ids) * rows):
+        i, r = job // rows, job % rows
+        dst[i, r] = src[ids[i], r]
 
 
 class _SplitLayer:
