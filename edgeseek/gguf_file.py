@@ -178,7 +178,34 @@ class _Header:
 
     def strings(self, n: int) -> list[str]:
         """n strings in a row (a vocabulary: 100k and more): one tight loop over lengths and bytes,
-        then the checks; an element that is cut off or not UTF-8 is named as string() names it."""
+        then the checks (an element cut off makes the loop run past the end: read again, checked);
+        an element that is cut off or not UTF-8 is named as string() names it."""
+        buf, pos, length = self.buf, self.pos, _U64.unpack_from
+        items = [b""] * n
+        try:
+            for i in range(n):
+                k = length(buf, pos)[0]
+                pos += 8
+                items[i] = buf[pos:pos + k]
+                pos += k
+        except (struct.error, OverflowError):  # a length past the end
+            pos = self.size + 1
+        if pos > self.size:
+            items, pos = self._checked_strings(n)
+        self.pos = pos
+        try:
+            return list(map(bytes.decode, items))
+        except UnicodeDecodeError:
+            for i, b in enumerate(items):
+                try:
+                    b.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise self.error(f"element {i} is not valid UTF-8 (byte 0x{b[e.start]:02x} at {e.start} of "
+                                     f"{len(b)})") from None
+            raise
+
+    def _checked_strings(self, n: int) -> tuple[list, int]:
+        """strings()'s loop with a check at every element: raises naming the element cut off."""
         buf, pos, size = self.buf, self.pos, self.size
         length = _U64.unpack_from
         items = [b""] * n
@@ -189,17 +216,7 @@ class _Header:
                 self.string()  # raises with the element's name and position
             items[i] = buf[pos + 8: pos + 8 + k]
             pos += 8 + k
-        self.pos = pos
-        try:
-            return [b.decode("utf-8") for b in items]
-        except UnicodeDecodeError:
-            for i, b in enumerate(items):
-                try:
-                    b.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise self.error(f"element {i} is not valid UTF-8 (byte 0x{b[e.start]:02x} at {e.start} of "
-                                     f"{len(b)})") from None
-            raise
+        return items, pos
 
     def count(self, n: int, least_bytes: int, of: str) -> int:
         """A count of items of at least `least_bytes` each, checked against the bytes left."""

@@ -13,6 +13,7 @@ length (8 bytes) and MAGIC.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -89,13 +90,24 @@ class PackedFile:
         fields = [self._array(f) if isinstance(f, dict) else f for f in entry["fields"]]
         if entry["type"] is None:
             return fields[0]
-        module, cls = entry["type"].rsplit(".", 1)
-        return getattr(importlib.import_module(module), cls)(*fields)
+        return _layout_type(entry["type"])(*fields)
 
     def _array(self, f: dict) -> np.ndarray:
-        dtype, shape, off = np.dtype(f["dtype"]), tuple(f["shape"]), f["offset"]
-        n = math.prod(shape) * dtype.itemsize
-        return self.map[off:off + n].view(dtype).reshape(shape)
+        # one ndarray over the mapping: a start makes thousands of these (attach)
+        dtype, shape, off = _dtype(f["dtype"]), f["shape"], f["offset"]
+        if off + math.prod(shape) * dtype.itemsize > len(self.map):
+            raise ValueError(f"{self.path}: an array at byte {off} runs past the file")
+        return np.ndarray(shape, dtype, self.map, off)
+
+
+_dtype = functools.cache(np.dtype)
+
+
+@functools.cache
+def _layout_type(path: str):
+    """The class of a packed layout, by its dotted path in the index."""
+    module, cls = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)
 
 
 def huge_pages(m: mmap.mmap) -> None:
