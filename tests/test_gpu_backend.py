@@ -172,6 +172,55 @@ def test_experts_left_out_of_vram_run_on_the_cpu_with_the_same_result(name, tol,
     assert s["expert_pairs_cpu"] > 0 and (s["expert_pairs_gpu"] > 0) == (share > 0)
 
 
+@pytest.mark.parametrize("share", [0.75, 0.0])
+def test_a_captured_split_step_lets_the_host_run_beside_the_gpus_own_part(share):
+    """While a decode step is captured, a layer with experts on the CPU ends a graph after the copies
+    of its token's row and choices (the host waits for that graph), queues the GPU's own part of the
+    layer (its experts in VRAM with the shared experts, or the shared experts alone) into the next
+    one and hands the CPU's experts to the host without a wait: they run once that graph is
+    launched, beside it. The emulated capture runs each host part at its cut, so the logits are
+    those of the uncaptured step."""
+    path = FIXTURES / "v3-f32.gguf"
+    full = plan_gpu(GGUFFile(path), 1 << 40, 4096)
+    per_expert = full.expert_bytes // full.experts_total
+    budget = full.used - full.expert_bytes + per_expert * int(full.experts_total * share)
+    log = []
+
+    class Capture:  # what _DecodeGraph gives the backend while it records
+        capturing, pos = True, None
+
+        def routed(self, layer: int):
+            return np.zeros((1, full_engine.model.config.n_expert_used), np.int32)
+
+        def cut(self, wait: bool = True, fn=None):
+            log.append(("cut", wait, fn is not None))
+            if fn is not None:
+                fn()
+
+    b = EmulatedCUDABackend()
+    engine, full_engine = load(path, backend=b, gpu_budget=budget), load(path, backend=EmulatedCUDABackend())
+    for name in ("_routed_glu", "ffn"):  # the GPU's own part: experts in VRAM (with the shared), or the shared
+        setattr(b, name, (lambda f: lambda *a, **k: log.append(("gpu",)) or f(*a, **k))(getattr(b, name)))
+    ctx, ref_ctx = engine.new_context(), full_engine.new_context()
+    engine.model.forward(PROMPT, ctx.cache)
+    full_engine.model.forward(PROMPT, ref_ctx.cache)
+    for t in range(3):
+        step = b._step = Capture()
+        step.pos = np.array([ctx.cache.pos], np.int32)
+        try:
+            got = engine.model.forward(np.array([t + 2]), ctx.cache)
+        finally:
+            b._step = None
+        ref = full_engine.model.forward(np.array([t + 2]), ref_ctx.cache)
+        assert np.abs(got - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    split_layers = [i for i, ids in engine.gpu_plan.on_gpu.items() if len(ids) < full.n_expert]
+    assert split_layers and log.count(("cut", False, True)) == 3 * len(split_layers)
+    assert ("cut", True, True) not in log  # the host never waits for the GPU's own part
+    for i, e in enumerate(log):
+        if e == ("cut", False, True):
+            assert log[i - 2:i] == [("cut", True, False), ("gpu",)]
+
+
 @pytest.mark.parametrize("share, pinned", [(0.75, True), (0.0, True), (0.75, False)])
 def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(share, pinned, monkeypatch):
     """A prompt of STREAM_MIN_TOKENS tokens or more: the pairs of experts left on the CPU run on the
