@@ -221,19 +221,19 @@ def test_a_captured_split_step_lets_the_host_run_beside_the_gpus_own_part(share)
             assert log[i - 2:i] == [("cut", True, False), ("gpu",)]
 
 
-@pytest.mark.parametrize("share, pinned", [(0.75, True), (0.0, True), (0.75, False)])
-def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(share, pinned, monkeypatch):
+@pytest.mark.parametrize("share, pinned, buffer", [(0.75, True, 2), (0.0, True, 2), (0.75, False, 2), (0.0, True, 1 / 3)])
+def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(share, pinned, buffer, monkeypatch):
     """A prompt of STREAM_MIN_TOKENS tokens or more: the pairs of experts left on the CPU run on the
     GPU on copies of their blocks, a few experts a buffer (the buffer shrunk here to two experts, so
-    that a layer takes several fills; gathered into the two staging buffers by turns, or copied
-    from the file's mapping run by run), with the logits of the all-VRAM path (F32: 1e-4 of the spread,
+    that a layer takes several fills, or to a third of one: one expert a fill; gathered into the two
+    staging buffers by turns, or copied from the file's mapping run by run), with the logits of the all-VRAM path (F32: 1e-4 of the spread,
     2e-5 measured: a token's pairs are added a bufferful at a time, not in routing order) and no CPU
     products; a shorter prompt keeps them on the CPU. The CPU's experts are packed at load."""
     from edgeseek.backends import cuda
     path = FIXTURES / "v3-f32.gguf"
     full = plan_gpu(GGUFFile(path), 1 << 40, 4096)
     per_expert = full.expert_bytes // len(full.on_gpu) // full.n_expert
-    monkeypatch.setattr(cuda, "STREAM_BYTES", 2 * per_expert)
+    monkeypatch.setattr(cuda, "STREAM_BYTES", int(buffer * per_expert))
     monkeypatch.setattr(cuda, "STREAM_PINNED", pinned)
     budget = full.used - full.expert_bytes + per_expert * int(full.experts_total * share)
     b = EmulatedCUDABackend()
@@ -252,11 +252,53 @@ def test_a_long_prompts_cpu_experts_are_copied_to_the_gpu_with_the_same_result(s
     split_layers = [i for i, ids in split.gpu_plan.on_gpu.items() if len(ids) < full.n_expert]
     assert len(streamed) == len(split_layers)  # every MoE layer of the prompt with experts on the CPU
     assert bool(b._staging) == pinned
+    assert not pinned or len(b._staging[0][0]) >= per_expert  # sized for one expert where it is above STREAM_BYTES
     assert set(on_cpu) <= {1}  # the decode step's pairs only, where its choices left any on the CPU
     streamed.clear()
     short = _logits(split, PROMPT, steps=0)
     assert not streamed and len(PROMPT) in on_cpu
     assert np.abs(short - _logits(everything, PROMPT, steps=0)).max() <= 1e-4 * (ref.max() - ref.min())  # as above
+
+
+def test_staged_experts_lie_side_by_side_in_the_page_locked_buffer():
+    """A chunk's experts of every projection gathered into one staging buffer, one projection after
+    the other (the copies queued from it read while the next gather fills the other buffer: nothing
+    may overlap), and copied into each projection's device buffer."""
+    rng = np.random.default_rng(0)
+    raws = [rng.integers(0, 256, (8, 6, 18), dtype=np.uint8), rng.integers(0, 256, (8, 4, 34), dtype=np.uint8)]
+    b = EmulatedCUDABackend()
+    chunk = np.array([1, 2, 6])
+    bufs = [np.zeros((5, *r.shape[1:]), np.uint8) for r in raws]
+    for i in (0, 1, 0):
+        b._staged_copy(i, raws, chunk, bufs)
+    for raw, buf in zip(raws, bufs):
+        assert np.array_equal(buf[:3], raw[chunk]) and not buf[3:].any()
+    host = b._staging[0][0]
+    sizes = [raw[chunk].nbytes for raw in raws]
+    assert np.array_equal(host[:sizes[0]], raws[0][chunk].reshape(-1))
+    assert np.array_equal(host[sizes[0]:sum(sizes)], raws[1][chunk].reshape(-1))
+
+
+def test_a_decode_chain_waits_where_its_cuts_say_and_runs_the_host_parts_between_launches():
+    """_DecodeGraph.run over a chain recorded with three cuts (a layer's copies: wait, no host part;
+    the GPU's own part: no wait, the CPU's experts; an older-style cut: wait, then a host part): each
+    graph launched in order, the host waiting only where a cut says, each host part after the launch
+    of the graph it follows, the logits read after the last launch."""
+    from types import SimpleNamespace
+    from edgeseek.backends.cuda import _DecodeGraph
+    log = []
+    stream = SimpleNamespace(synchronize=lambda: log.append("wait"))
+    g = object.__new__(_DecodeGraph)
+    g.stream, g.model, g.moe_layers = stream, SimpleNamespace(), []
+    g.graphs = [SimpleNamespace(launch=lambda s, i=i: log.append(f"graph {i}")) for i in range(4)]
+    g.host_calls = [(True, None), (False, lambda: log.append("cpu experts")), (True, lambda: log.append("host"))]
+    g.inputs = SimpleNamespace(set=lambda a, stream: log.append("inputs"))
+    g.host_inputs, g.host_logits = np.zeros(2, np.int32), np.zeros(3, np.float32)
+    g.logits = SimpleNamespace(get=lambda stream, out, blocking: log.append("logits"))
+    g.run(5, 7)
+    assert log == ["inputs", "graph 0", "wait", "graph 1", "cpu experts", "graph 2", "wait", "host", "graph 3",
+                   "logits", "wait"]
+    assert g.host_inputs.tolist() == [5, 7]
 
 
 def test_plan_refuses_a_budget_below_the_resident_weights_with_the_figure():

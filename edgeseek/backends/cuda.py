@@ -693,14 +693,15 @@ class CUDABackend:
         with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
             return cupy.asarray(host)
 
-    def pinned(self, shape, dtype) -> np.ndarray:
+    def pinned(self, shape, dtype, zero: bool = True) -> np.ndarray:
         """Page-locked host memory (a plain array on emulated kernels): what a captured step's copies
-        to and from the host read and write."""
+        to and from the host read and write, and a long prompt's staging buffers (not zeroed)."""
         if self.xp is np:
             return np.zeros(shape, dtype)
         import cupyx
         a = cupyx.empty_pinned(shape, dtype)
-        a[...] = 0
+        if zero:
+            a[...] = 0
         return a
 
     def experts_rows(self, x, triples, rows, delta=None):
@@ -845,8 +846,13 @@ class CUDABackend:
         if self._step is not None and self._step.capturing:
             self._step.cut(wait=True)
             return None
+        return self._event()
+
+    def _event(self):
+        """An event recorded on the current stream now (None on emulated kernels, which run at once)."""
         if self.xp is np:
             return None
+        assert self._step is None or not self._step.capturing, "an event while a decode step is captured"
         event = self.xp.cuda.Event(disable_timing=True)
         event.record()
         return event
@@ -982,7 +988,10 @@ class CUDABackend:
         n = len(chunk)
         size = n * sum(raw[0].nbytes for raw in raws)
         if not self._staging or len(self._staging[0][0]) < size:  # (an expert above STREAM_BYTES: one at a time)
-            self._staging = [[self.pinned(max(size, STREAM_BYTES), np.uint8), None] for _ in range(2)]
+            for _, done in self._staging:  # the copies out of the buffers replaced
+                if done is not None:
+                    done.synchronize()
+            self._staging = [[self.pinned(max(size, STREAM_BYTES), np.uint8, zero=False), None] for _ in range(2)]
         host, done = self._staging[i]
         if done is not None:
             done.synchronize()
@@ -992,7 +1001,7 @@ class CUDABackend:
             _gather_experts(np.asarray(raw), chunk, part)
             self._copy(buf[:n], part, to_host=False)
             at += part.nbytes
-        self._staging[i][1] = self._host_mark()
+        self._staging[i][1] = self._event()
 
     def _host_copy(self, a) -> np.ndarray:
         """A host copy of a small device array that never changes (a router's selection bias), made once."""
@@ -1339,7 +1348,9 @@ class CUDABackend:
         return sum(m.nbytes for m in matrices)  # in VRAM since load
 
     def warmup(self) -> None:
-        pass  # the module compiles when Kernels is made
+        """The CUDA module compiles when Kernels is made; the host's gather of a long prompt's CPU
+        experts (_staged_copy) is compiled (or loaded from numba's cache) here, not by that prompt."""
+        _gather_experts(np.zeros((2, 1, 1), np.uint8), np.zeros(1, np.int64), np.zeros((1, 1, 1), np.uint8))
 
     # --- the device ------------------------------------------------------------------------
     def memory(self) -> tuple[int, int]:
