@@ -1602,13 +1602,21 @@ class TieredExperts:
 
 
 
+GATHER_PIECE = 1 << 18  # bytes one thread copies at a time (_gather_experts)
+
+
 @njit(parallel=True, cache=True)
 def _gather_experts(src, ids, dst):
-    # dst[i] = src[ids[i]]: (E, rows, row bytes) uint8 blocks of the experts ids, rows in parallel
-    rows = src.shape[1]
-    for job in prange(len(ids) * rows):
-        i, r = job // rows, job % rows
-        dst[i, r] = src[ids[i], r]
+    # dst[i] = src[ids[i]]: (E, rows, row bytes) uint8 blocks of the experts ids, copied as runs of
+    # GATHER_PIECE bytes of the flat arrays in parallel (a run of one dimension is a plain copy: a
+    # row or an expert as a 2-D slice copies byte by byte, 4-5 GB/s on 16 threads against ~50)
+    per = src.shape[1] * src.shape[2]
+    s, d = src.reshape(src.shape[0] * per), dst.reshape(dst.shape[0] * per)
+    pieces = (per + GATHER_PIECE - 1) // GATHER_PIECE
+    for job in prange(len(ids) * pieces):
+        i, a = job // pieces, job % pieces * GATHER_PIECE
+        b = min(per, a + GATHER_PIECE)
+        d[i * per + a:i * per + b] = s[ids[i] * per + a:ids[i] * per + b]
 
 
 class _SplitLayer:
