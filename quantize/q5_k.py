@@ -14,13 +14,17 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from . import q8_k
+from . import q8_k, tiles
 from .kquants import F32, QK_K, dot_levels32, f16_to_f32, quantize_scale_min, scale_min_k4
 from .registry import QuantFormat, TileKernels
+from .simd import (add_f, add_i, band, bor, dpbusd16, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, sll,
+                   srl, store_f, sub_f, sum16, to_f, zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
 TILE = 128
+# The VNNI kernel's tiles: 16 rows, one vector; a tile's bytes lie in the order the kernel reads them.
+VTILE = 16
 QH, QS = 16, 48  # byte offsets of qh and qs in a block
 
 
@@ -51,11 +55,13 @@ def _dequantize(blocks, out):
 
 class PackedQ5K(NamedTuple):
     qs: np.ndarray  # (n_tiles, nb, 4, 32, TILE) uint8: byte l of group g of each row
+    #                 VNNI: (n_tiles, nb, 4, 8, VTILE) uint32, bytes 4w..4w+3 of group g in word w
     qh: np.ndarray  # (n_tiles, nb, 32, TILE) uint8: fifth bits, bit j for sub-block j
+    #                 VNNI: (n_tiles, nb, 8, VTILE) uint32, qh bytes 4w..4w+3 in word w
     sc: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit scale of sub-block j
     mn: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit min of sub-block j
-    d: np.ndarray  # (n_tiles, nb, TILE) float32
-    dmin: np.ndarray  # (n_tiles, nb, TILE) float32
+    d: np.ndarray  # (n_tiles, nb, TILE) float32; VNNI: uint16 fp16 bits
+    dmin: np.ndarray  # (n_tiles, nb, TILE) as d
     n: int  # rows of the matrix (the last tile is padded with zero rows)
 
 
@@ -89,6 +95,44 @@ def pack(raw3: np.ndarray) -> PackedQ5K:
     d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
     dmin = np.zeros((n_tiles, nb, TILE), np.float32)
     _pack(raw3, qs, qh, sc, mn, d, dmin)
+    return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
+
+
+@njit(cache=True, nogil=True)
+def _pack_words(raw3, qs, qh, sc, mn, d, dmin):
+    # the VNNI layout: qs (n_tiles, nb, 4, 8, VTILE, 4) uint8, word w of group g of each row (as
+    # Q4_K's); qh (n_tiles, nb, 8, VTILE, 4), word w of the fifth bits (bytes 4w..4w+3 of qh)
+    n = raw3.shape[0]
+    for t in range(qs.shape[0]):
+        for b in range(qs.shape[1]):
+            for i in range(min(VTILE, n - t * VTILE)):
+                blk = raw3[t * VTILE + i, b]
+                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
+                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
+                for j in range(8):
+                    sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+                for w in range(8):
+                    for u in range(4):
+                        qh[t, b, w, i, u] = blk[QH + 4 * w + u]
+                        for g in range(4):
+                            qs[t, b, g, w, i, u] = blk[QS + 32 * g + 4 * w + u]
+
+
+def pack_words(raw3: np.ndarray) -> PackedQ5K:
+    """The VNNI kernels' layout: tiles of VTILE rows, qs and qh as uint32 words, d and dmin as fp16
+    bits (simd.load_h widens them as the kernels read them)."""
+    n, nb = raw3.shape[:2]
+    n_tiles = -(-n // VTILE)
+    qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
+    qh = np.zeros((n_tiles, nb, 8, VTILE, 4), np.uint8)
+    sc = np.zeros((n_tiles, nb, 8, VTILE), np.uint8)
+    mn = np.zeros((n_tiles, nb, 8, VTILE), np.uint8)
+    d = np.zeros((n_tiles, nb, VTILE), np.float32)  # zero rows pad the last tile
+    dmin = np.zeros((n_tiles, nb, VTILE), np.float32)
+    _pack_words(raw3, qs, qh, sc, mn, d, dmin)
+    qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
+    qh = qh.view(np.uint32).reshape(n_tiles, nb, 8, VTILE)
+    d, dmin = (a.astype(np.float16).view(np.uint16) for a in (d, dmin))  # fp16 bits again, exactly
     return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
 
 
@@ -175,9 +219,75 @@ def _matmul(qs, qh, sc, mn, d, dmin, xq, xd, bsums, y):
                 y[t, k, r] = acc[k, r]
 
 
+@njit(cache=True, inline="always")
+def _tile_vnni(qs, qh, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
+    # Tile t (16 rows, one vector) times activation row k into y.flat[yo : yo + 16], as Q4_K's
+    # _tile_vnni with each value's fifth bit put in as bit 4 of its byte: word w of the qh words
+    # holds, in bit 2g (2g + 1) of byte i, the fifth bit of value 64g + 4w + i (64g + 32 + 4w + i),
+    # shifted down by 2g and up to bit 4 (no bit of a neighbouring byte lands there). Levels up
+    # to 31: four products a partial sum keep dpbusd16's int16 pairs in range (4 x 2 x 31 x 128).
+    nb = qs.shape[1]
+    low, five = splat_i(0x0F0F0F0F), splat_i(0x10101010)
+    acc = zero_f()
+    for b in range(nb):
+        if fetch:  # the first row over this tile: its next blocks (tiles.ahead)
+            tiles.ahead(qs, (t * nb + b) * 32 * VTILE, 32 * VTILE)
+            tiles.ahead(qh, (t * nb + b) * 8 * VTILE, 8 * VTILE)
+            tiles.ahead(sc, (t * nb + b) * 8 * VTILE, 8 * VTILE)
+            tiles.ahead(mn, (t * nb + b) * 8 * VTILE, 8 * VTILE)
+            tiles.ahead(d, (t * nb + b) * VTILE, VTILE)
+            tiles.ahead(dmin, (t * nb + b) * VTILE, VTILE)
+        isum = zero_i()
+        ho = (t * nb + b) * 8 * VTILE
+        for g in range(4):
+            lo32, hi32 = zero_i(), zero_i()
+            o = ((t * nb + b) * 4 + g) * 8 * VTILE
+            xo = 64 * b + 16 * g
+            for half in range(2):
+                lo, hi = zero_i(), zero_i()
+                for w in range(4 * half, 4 * half + 4):
+                    v = load_i(qs, o + w * VTILE)
+                    h = srl(load_i(qh, ho + w * VTILE), 2 * g)
+                    lo = dpbusd16(lo, bor(band(v, low), band(sll(h, 4), five)), splat_i(xw[k, xo + w]))
+                    hi = dpbusd16(hi, bor(band(srl(v, 4), low), band(sll(h, 3), five)), splat_i(xw[k, xo + 8 + w]))
+                lo32, hi32 = sum16(lo32, lo), sum16(hi32, hi)
+            so = ((t * nb + b) * 8 + 2 * g) * VTILE
+            isum = add_i(isum, add_i(mul_i(lo32, load_u8(sc, so)), mul_i(hi32, load_u8(sc, so + VTILE))))
+        msum = zero_i()
+        for j in range(8):
+            bs = splat_i(bsums[k, b, 2 * j] + bsums[k, b, 2 * j + 1])
+            msum = add_i(msum, mul_i(load_u8(mn, ((t * nb + b) * 8 + j) * VTILE), bs))
+        o = (t * nb + b) * VTILE
+        part = sub_f(mul_f(load_h(d, o), to_f(isum)), mul_f(load_h(dmin, o), to_f(msum)))
+        acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
+    store_f(y, yo, acc)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni(qs, qh, sc, mn, d, dmin, xw, xd, bsums, y):
+    # y (n_tiles, T, 16)
+    nt, n_tok = qs.shape[0], xw.shape[0]
+    for t in prange(nt):
+        for k in range(n_tok):
+            _tile_vnni(qs, qh, sc, mn, d, dmin, t, xw, xd, bsums, k, y, (t * n_tok + k) * VTILE, k == 0)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_vnni_many(qss, qhs, scs, mns, ds, dmins, rows, xw, xd, bsums, y):
+    # matrix j times activation row rows[j] -> y[j] (n_tiles, 16); the arguments are tuples of arrays
+    nt = qss[0].shape[0]
+    for job in prange(len(qss) * nt):
+        j, t = job // nt, job % nt
+        _tile_vnni(qss[j], qhs[j], scs[j], mns[j], ds[j], dmins[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE, True)
+
+
+_WEIGHTS = ("qs", "qh", "sc", "mn", "d", "dmin")
+
+
 class Q5_K(QuantFormat):
     qtype = GGMLQuantizationType.Q5_K
-    portable = TileKernels(pack, ("qs", "qh", "sc", "mn", "d", "dmin"), q8_k.ints, _matmul, _matvec, q8_k.vector)
+    portable = TileKernels(pack, _WEIGHTS, q8_k.ints, _matmul, _matvec, q8_k.vector)
+    vnni = TileKernels(pack_words, _WEIGHTS, q8_k.words, _matmul_vnni, many_kernel=_matmul_vnni_many)
 
     def quantize_blocks(self, x):
         """Bit-identical to llama.cpp."""
