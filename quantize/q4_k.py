@@ -228,10 +228,7 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
     for b in range(nb):
         if fetch:  # the first row over this tile: its next blocks (tiles.ahead)
             tiles.ahead(qs, (t * nb + b) * 32 * VTILE, 32 * VTILE)
-            tiles.ahead(sc, (t * nb + b) * 8 * VTILE, 8 * VTILE)
-            tiles.ahead(mn, (t * nb + b) * 8 * VTILE, 8 * VTILE)
-            tiles.ahead(d, (t * nb + b) * VTILE, VTILE)
-            tiles.ahead(dmin, (t * nb + b) * VTILE, VTILE)
+            ahead_scales(sc, mn, d, dmin, t * nb + b)
         isum = zero_i()
         for g in range(4):
             lo, hi = zero_i(), zero_i()
@@ -244,14 +241,29 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
             lo, hi = sum16(zero_i(), lo), sum16(zero_i(), hi)
             so = ((t * nb + b) * 8 + 2 * g) * VTILE
             isum = add_i(isum, add_i(mul_i(lo, load_u8(sc, so)), mul_i(hi, load_u8(sc, so + VTILE))))
-        msum = zero_i()
-        for j in range(8):
-            bs = splat_i(bsums[k, b, 2 * j] + bsums[k, b, 2 * j + 1])
-            msum = add_i(msum, mul_i(load_u8(mn, ((t * nb + b) * 8 + j) * VTILE), bs))
-        o = (t * nb + b) * VTILE
-        part = sub_f(mul_f(load_h(d, o), to_f(isum)), mul_f(load_h(dmin, o), to_f(msum)))
-        acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
+        acc = block_total(acc, isum, mn, d, dmin, t * nb + b, xd[k, b], bsums[k, b])
     store_f(y, yo, acc)
+
+
+@njit(cache=True, inline="always")
+def ahead_scales(sc, mn, d, dmin, tb):
+    # the scales' share of tiles.ahead for block tb (t * nb + b) of a VTILE-row tile (Q4_K, Q5_K)
+    tiles.ahead(sc, tb * 8 * VTILE, 8 * VTILE)
+    tiles.ahead(mn, tb * 8 * VTILE, 8 * VTILE)
+    tiles.ahead(d, tb * VTILE, VTILE)
+    tiles.ahead(dmin, tb * VTILE, VTILE)
+
+
+@njit(cache=True, inline="always")
+def block_total(acc, isum, mn, d, dmin, tb, xd, bsums):
+    # acc + xd * (d * isum - dmin * sum_j mn_j * (Q8_K's sum over sub-block j)) for block tb of a
+    # VTILE-row tile, isum its scaled integer sums (Q4_K, Q5_K); bsums (16,) per 16 values
+    msum = zero_i()
+    for j in range(8):
+        bs = splat_i(bsums[2 * j] + bsums[2 * j + 1])
+        msum = add_i(msum, mul_i(load_u8(mn, (tb * 8 + j) * VTILE), bs))
+    part = sub_f(mul_f(load_h(d, tb * VTILE), to_f(isum)), mul_f(load_h(dmin, tb * VTILE), to_f(msum)))
+    return add_f(acc, mul_f(splat_f(xd), part))
 
 
 @njit(parallel=True, cache=True)

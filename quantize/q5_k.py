@@ -16,9 +16,9 @@ from numba import njit, prange
 
 from . import q8_k, tiles
 from .kquants import F32, QK_K, dot_levels32, f16_to_f32, quantize_scale_min, scale_min_k4
+from .q4_k import _pack_scales, _pack_tiles, ahead_scales, block_total
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, add_i, band, bor, dpbusd16, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, sll,
-                   srl, store_f, sub_f, sum16, to_f, zero_f, zero_i)
+from .simd import add_i, band, bor, dpbusd16, load_i, load_u8, mul_i, splat_i, sll, srl, store_f, sum16, zero_f, zero_i
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
@@ -73,10 +73,7 @@ def _pack(raw3, qs, qh, sc, mn, d, dmin):
         for b in range(qs.shape[1]):
             for i in range(min(TILE, n - t * TILE)):
                 blk = raw3[t * TILE + i, b]
-                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
-                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
-                for j in range(8):
-                    sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+                _pack_scales(blk, t, b, i, sc, mn, d, dmin)  # the same first 16 bytes as Q4_K's
                 for l in range(32):
                     qh[t, b, l, i] = blk[QH + l]
                 for g in range(4):
@@ -107,10 +104,7 @@ def _pack_words(raw3, qs, qh, sc, mn, d, dmin):
         for b in range(qs.shape[1]):
             for i in range(min(VTILE, n - t * VTILE)):
                 blk = raw3[t * VTILE + i, b]
-                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
-                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
-                for j in range(8):
-                    sc[t, b, j, i], mn[t, b, j, i] = scale_min_k4(j, blk[4:16])
+                _pack_scales(blk, t, b, i, sc, mn, d, dmin)
                 for w in range(8):
                     for u in range(4):
                         qh[t, b, w, i, u] = blk[QH + 4 * w + u]
@@ -121,14 +115,11 @@ def _pack_words(raw3, qs, qh, sc, mn, d, dmin):
 def pack_words(raw3: np.ndarray) -> PackedQ5K:
     """The VNNI kernels' layout: tiles of VTILE rows, qs and qh as uint32 words, d and dmin as fp16
     bits (simd.load_h widens them as the kernels read them)."""
-    n, nb = raw3.shape[:2]
-    n_tiles = -(-n // VTILE)
+    n = raw3.shape[0]
+    sc, mn, d, dmin = _pack_tiles(raw3, VTILE)
+    n_tiles, nb = d.shape[:2]
     qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
     qh = np.zeros((n_tiles, nb, 8, VTILE, 4), np.uint8)
-    sc = np.zeros((n_tiles, nb, 8, VTILE), np.uint8)
-    mn = np.zeros((n_tiles, nb, 8, VTILE), np.uint8)
-    d = np.zeros((n_tiles, nb, VTILE), np.float32)  # zero rows pad the last tile
-    dmin = np.zeros((n_tiles, nb, VTILE), np.float32)
     _pack_words(raw3, qs, qh, sc, mn, d, dmin)
     qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
     qh = qh.view(np.uint32).reshape(n_tiles, nb, 8, VTILE)
@@ -233,10 +224,7 @@ def _tile_vnni(qs, qh, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
         if fetch:  # the first row over this tile: its next blocks (tiles.ahead)
             tiles.ahead(qs, (t * nb + b) * 32 * VTILE, 32 * VTILE)
             tiles.ahead(qh, (t * nb + b) * 8 * VTILE, 8 * VTILE)
-            tiles.ahead(sc, (t * nb + b) * 8 * VTILE, 8 * VTILE)
-            tiles.ahead(mn, (t * nb + b) * 8 * VTILE, 8 * VTILE)
-            tiles.ahead(d, (t * nb + b) * VTILE, VTILE)
-            tiles.ahead(dmin, (t * nb + b) * VTILE, VTILE)
+            ahead_scales(sc, mn, d, dmin, t * nb + b)
         isum = zero_i()
         ho = (t * nb + b) * 8 * VTILE
         for g in range(4):
@@ -253,13 +241,7 @@ def _tile_vnni(qs, qh, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
                 lo32, hi32 = sum16(lo32, lo), sum16(hi32, hi)
             so = ((t * nb + b) * 8 + 2 * g) * VTILE
             isum = add_i(isum, add_i(mul_i(lo32, load_u8(sc, so)), mul_i(hi32, load_u8(sc, so + VTILE))))
-        msum = zero_i()
-        for j in range(8):
-            bs = splat_i(bsums[k, b, 2 * j] + bsums[k, b, 2 * j + 1])
-            msum = add_i(msum, mul_i(load_u8(mn, ((t * nb + b) * 8 + j) * VTILE), bs))
-        o = (t * nb + b) * VTILE
-        part = sub_f(mul_f(load_h(d, o), to_f(isum)), mul_f(load_h(dmin, o), to_f(msum)))
-        acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
+        acc = block_total(acc, isum, mn, d, dmin, t * nb + b, xd[k, b], bsums[k, b])
     store_f(y, yo, acc)
 
 
