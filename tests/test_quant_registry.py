@@ -60,10 +60,13 @@ def test_converter_types_are_the_registered_quantizers():
 
 def test_with_kernels_names_an_existing_set():
     q5_k = get_format(T.Q5_K)
+    chosen = q5_k.kernels
     assert q5_k.with_kernels("portable").kernels is q5_k.portable
-    assert q5_k.kernels is q5_k.portable  # the registered instance keeps its own choice
-    with pytest.raises(ValueError, match="Q5_K has no 'vnni' kernels"):
-        q5_k.with_kernels("vnni")
+    assert q5_k.with_kernels("vnni").kernels is q5_k.vnni
+    assert q5_k.kernels is chosen  # the registered instance keeps its own choice
+    f16 = get_format(T.F16)  # a format with one set
+    with pytest.raises(ValueError, match="F16 has no 'vnni' kernels"):
+        f16.with_kernels("vnni")
     with pytest.raises(ValueError, match="no 'fast' kernels"):
         q5_k.with_kernels("fast")
 
