@@ -69,7 +69,7 @@ class PackedQ4K(NamedTuple):
 
 
 @njit(cache=True, inline="always")
-def _pack_scales(blk, t, b, i, sc, mn, d, dmin):
+def pack_scales(blk, t, b, i, sc, mn, d, dmin):
     # a block's d, dmin and 6-bit scales and mins into row i of tile t (either layout)
     d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
     dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
@@ -85,7 +85,7 @@ def _pack(raw3, qs, sc, mn, d, dmin):
         for b in range(qs.shape[1]):
             for i in range(min(TILE, n - t * TILE)):
                 blk = raw3[t * TILE + i, b]
-                _pack_scales(blk, t, b, i, sc, mn, d, dmin)
+                pack_scales(blk, t, b, i, sc, mn, d, dmin)
                 for g in range(4):
                     for l in range(32):
                         qs[t, b, g, l, i] = blk[16 + 32 * g + l]
@@ -99,14 +99,14 @@ def _pack_words(raw3, qs, sc, mn, d, dmin):
         for b in range(qs.shape[1]):
             for i in range(min(VTILE, n - t * VTILE)):
                 blk = raw3[t * VTILE + i, b]
-                _pack_scales(blk, t, b, i, sc, mn, d, dmin)
+                pack_scales(blk, t, b, i, sc, mn, d, dmin)
                 for g in range(4):
                     for w in range(8):
                         for u in range(4):
                             qs[t, b, g, w, i, u] = blk[16 + 32 * g + 4 * w + u]
 
 
-def _pack_tiles(raw3, tile):
+def pack_tiles(raw3, tile):
     # raw3 (N, nb, 144) -> zeroed arrays of PackedQ4K for tiles of `tile` rows, qs left to the caller
     n, nb = raw3.shape[:2]
     n_tiles = -(-n // tile)
@@ -119,7 +119,7 @@ def _pack_tiles(raw3, tile):
 
 def pack(raw3: np.ndarray) -> PackedQ4K:
     """The portable kernels' layout of raw3 (N, nb, 144) file blocks: tiles of TILE rows."""
-    sc, mn, d, dmin = _pack_tiles(raw3, TILE)
+    sc, mn, d, dmin = pack_tiles(raw3, TILE)
     qs = np.zeros((d.shape[0], d.shape[1], 4, 32, TILE), np.uint8)
     _pack(raw3, qs, sc, mn, d, dmin)
     return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
@@ -128,7 +128,7 @@ def pack(raw3: np.ndarray) -> PackedQ4K:
 def pack_words(raw3: np.ndarray) -> PackedQ4K:
     """The VNNI kernels' layout: tiles of VTILE rows, qs as uint32 words, d and dmin as fp16 bits
     (simd.load_h widens them as the kernels read them)."""
-    sc, mn, d, dmin = _pack_tiles(raw3, VTILE)
+    sc, mn, d, dmin = pack_tiles(raw3, VTILE)
     n_tiles, nb = d.shape[:2]
     qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
     _pack_words(raw3, qs, sc, mn, d, dmin)

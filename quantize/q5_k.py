@@ -16,7 +16,7 @@ from numba import njit, prange
 
 from . import q8_k, tiles
 from .kquants import F32, QK_K, dot_levels32, f16_to_f32, quantize_scale_min, scale_min_k4
-from .q4_k import _pack_scales, _pack_tiles, ahead_scales, block_total
+from .q4_k import pack_scales, pack_tiles, ahead_scales, block_total
 from .registry import QuantFormat, TileKernels
 from .simd import add_i, band, bor, dpbusd16, load_i, load_u8, mul_i, splat_i, sll, srl, store_f, sum16, zero_f, zero_i
 
@@ -73,7 +73,7 @@ def _pack(raw3, qs, qh, sc, mn, d, dmin):
         for b in range(qs.shape[1]):
             for i in range(min(TILE, n - t * TILE)):
                 blk = raw3[t * TILE + i, b]
-                _pack_scales(blk, t, b, i, sc, mn, d, dmin)  # the same first 16 bytes as Q4_K's
+                pack_scales(blk, t, b, i, sc, mn, d, dmin)  # the same first 16 bytes as Q4_K's
                 for l in range(32):
                     qh[t, b, l, i] = blk[QH + l]
                 for g in range(4):
@@ -104,7 +104,7 @@ def _pack_words(raw3, qs, qh, sc, mn, d, dmin):
         for b in range(qs.shape[1]):
             for i in range(min(VTILE, n - t * VTILE)):
                 blk = raw3[t * VTILE + i, b]
-                _pack_scales(blk, t, b, i, sc, mn, d, dmin)
+                pack_scales(blk, t, b, i, sc, mn, d, dmin)
                 for w in range(8):
                     for u in range(4):
                         qh[t, b, w, i, u] = blk[QH + 4 * w + u]
@@ -116,7 +116,7 @@ def pack_words(raw3: np.ndarray) -> PackedQ5K:
     """The VNNI kernels' layout: tiles of VTILE rows, qs and qh as uint32 words, d and dmin as fp16
     bits (simd.load_h widens them as the kernels read them)."""
     n = raw3.shape[0]
-    sc, mn, d, dmin = _pack_tiles(raw3, VTILE)
+    sc, mn, d, dmin = pack_tiles(raw3, VTILE)
     n_tiles, nb = d.shape[:2]
     qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
     qh = np.zeros((n_tiles, nb, 8, VTILE, 4), np.uint8)
