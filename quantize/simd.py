@@ -36,6 +36,9 @@ LANES = 16
 _FEATURES = ll.get_host_cpu_features()
 CPU_HAS_VNNI = bool(_FEATURES.get("avx512vnni", False))
 CPU_HAS_AVX2 = bool(_FEATURES.get("avx2", False))
+# 32 vector registers of 512 bits: kernels with sixteen VF sums in flight fit them (AVX2's sixteen 256-bit
+# registers hold four)
+WIDE_VECTORS = bool(_FEATURES.get("avx512f", False))
 PORTABLE_KERNELS = os.environ.get("EDGESEEK_PORTABLE_KERNELS", "").strip() not in ("", "0")
 HAVE_VNNI = CPU_HAS_VNNI and not PORTABLE_KERNELS
 # The formats' VNNI kernel set runs on AVX2 too, dpbusd made of vpmaddubsw and vpmaddwd there:

@@ -416,11 +416,13 @@ def test_gqa_step_equals_rope_then_kv_decode(G, Hg, d, dim, kind):
     assert b.kv_step(q, k, v, rope, long, long.copy(), np.array([KV_KERNEL_MIN]), 0.125) is None and not long.any()
 
 
-@pytest.mark.parametrize("H, n", [(4, 200), (16, 201), (16, 200)])
+@pytest.mark.parametrize("H, n", [(4, 200), (16, 201), (16, 200), (3, 77)])
 def test_latent_decode_on_one_core_equals_both_cores(monkeypatch, H, n):
-    """MLA's one-token attention from the float16 latent cache: the one-call kernel for short
-    contexts against the two parallel kernels (eight heads and two positions at a time where H is a
-    multiple of 8, an odd last position included), and both against float64."""
+    """MLA's one-token attention from the float16 latent cache: the one-core kernel for short
+    contexts against the two-core one (two heads by two positions, an odd last position included;
+    eight heads at a time on AVX-512 where H is a multiple of 8), bit for bit: the same arithmetic
+    per head, so that a batch's rows and a verification's tokens (one core per row) give what
+    decoding gives; both against float64."""
     import edgeseek.backends.cpu as cpu
     rng = np.random.default_rng(8)
     C, R, n_ctx = 128, 32, 300
@@ -432,7 +434,7 @@ def test_latent_decode_on_one_core_equals_both_cores(monkeypatch, H, n):
     for limit in (0, 10**6):
         monkeypatch.setattr(cpu, "LATENT_SHORT", limit)
         out[limit] = cpu.CPUBackend().latent_decode(q_lat, q_pe, new_c, new_k, c.copy(), k.copy(), np.array([n - 1]), 0.1)
-    np.testing.assert_allclose(out[10**6], out[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out[10**6], out[0])
     lat, kpe = c[:n].astype(np.float64), k[:n].astype(np.float64)
     lat[n - 1], kpe[n - 1] = new_c[0].astype(np.float16), new_k[0].astype(np.float16)
     s = (q_lat @ lat.T + q_pe @ kpe.T) * 0.1
@@ -464,13 +466,18 @@ def test_rms_norm_kernel_is_the_float64_mean_of_squares():
     np.testing.assert_allclose(got, rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
 
 
-def test_latent_decode_of_several_sequences_equals_one_by_one():
+@pytest.mark.parametrize("positions", [(5, 0, 40), (5, 0, 600)])
+def test_latent_decode_of_several_sequences_equals_one_by_one(positions):
     """A batch's decode step: every sequence's new token attends its own latent cache in one call,
-    bit for bit what the one-token kernel gives sequence by sequence, the same entries stored."""
+    bit for bit what the one-token kernel gives sequence by sequence, the same entries stored; a
+    long context too, where the one-token kernel runs on both cores (LATENT_SHORT) and the rows'
+    kernel still one (sequence, four heads) per iteration."""
     from edgeseek.backends import CPUBackend
+    from edgeseek.backends.cpu import LATENT_SHORT
     rng = np.random.default_rng(10)
-    H, C, R, n_ctx = 4, 128, 32, 64
-    pos = np.array([5, 0, 40])
+    H, C, R, n_ctx = 6, 128, 32, 700  # (six heads: a group of four and one of two repeated)
+    pos = np.array(positions)
+    assert (pos.max() + 1) * H >= LATENT_SHORT or pos.max() < 50
     caches = [(rng.standard_normal((n_ctx, C)).astype(np.float16), rng.standard_normal((n_ctx, R)).astype(np.float16))
               for _ in pos]
     q_lat = rng.standard_normal((len(pos), H, C)).astype(np.float32)
@@ -486,8 +493,6 @@ def test_latent_decode_of_several_sequences_equals_one_by_one():
     for (c, k), (c1, k1) in zip(caches, mine):
         np.testing.assert_array_equal(c, c1)
         np.testing.assert_array_equal(k, k1)
-    assert b.latent_decode_rows(q_lat, q_pe, new_c, new_k, [c for c, _ in caches], [k for _, k in caches],
-                                np.array([5, 0, 600]), 0.1) is None  # a long context: row by row
 
 
 @numba.njit(fastmath=True)

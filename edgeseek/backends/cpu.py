@@ -15,7 +15,7 @@ from edgeseek.models.moe import route as route_numpy
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import FEW_ROWS, rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
-from edgeseek.quantize.simd import (add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge, prefetch,
+from edgeseek.quantize.simd import (WIDE_VECTORS, add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge, prefetch,
                                     splat_f, store_f, store_h, sub_f, zero_f)
 
 from .normed import Normed, rows
@@ -64,18 +64,6 @@ def _dot_h(acc, a16, ao, q, qo, width):
     for j in range(0, width, 16):
         acc = add_f(acc, mul_f(load_h(a16, ao + j), load_f(q, qo + j)))
     return acc
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores):
-    # scores[h, s] = scale * (q_lat[h] . c[s] + q_pe[h] . k_pe[s]) for s < n, the float16 cache rows
-    # (uint16 views) widened 16 values at a time: no float32 copy of the cache
-    H, C = q_lat.shape
-    R = q_pe.shape[1]
-    for s in prange(n):
-        for h in range(H):
-            acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, h * C, C), kpe16, s * R, q_pe, h * R, R)
-            scores[h, s] = hsum_f(acc) * scale
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -252,44 +240,165 @@ class Heads:
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _latent_head(q_lat, q_pe, i, c16, kpe16, n, scale, scores, out):
-    # One head's attention over n positions of a latent cache: query row i of q_lat (.., C) and
-    # q_pe (.., R) (flat), the cache's latents c16 and k_pe kpe16 (float16 as uint16) -> row i of out
+def _scores_2x2(q_lat, q_pe, c16, kpe16, i, k, s, t, scale, scores, ri, rk):
+    # scale * (query . cache entry) of the query rows i and k (flat rows of q_lat (.., C) and q_pe
+    # (.., R)) at positions s and t of a latent cache (float16 as uint16) -> scores[ri, s], scores[ri, t],
+    # scores[rk, s], scores[rk, t]: four sums in flight, each cache piece widened once for both
+    # rows and each query piece loaded once for both positions (eight vector registers on AVX2)
     C, R = q_lat.shape[-1], q_pe.shape[-1]
+    a0 = a1 = b0 = b1 = zero_f()
+    for j in range(0, C, 16):
+        x, y = load_h(c16, s * C + j), load_h(c16, t * C + j)
+        q = load_f(q_lat, i * C + j)
+        a0 = add_f(a0, mul_f(x, q))
+        b0 = add_f(b0, mul_f(y, q))
+        q = load_f(q_lat, k * C + j)
+        a1 = add_f(a1, mul_f(x, q))
+        b1 = add_f(b1, mul_f(y, q))
+    for j in range(0, R, 16):
+        x, y = load_h(kpe16, s * R + j), load_h(kpe16, t * R + j)
+        q = load_f(q_pe, i * R + j)
+        a0 = add_f(a0, mul_f(x, q))
+        b0 = add_f(b0, mul_f(y, q))
+        q = load_f(q_pe, k * R + j)
+        a1 = add_f(a1, mul_f(x, q))
+        b1 = add_f(b1, mul_f(y, q))
+    scores[ri, s] = hsum_f(a0) * scale
+    scores[rk, s] = hsum_f(a1) * scale
+    scores[ri, t] = hsum_f(b0) * scale
+    scores[rk, t] = hsum_f(b1) * scale
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _mix_4(p, k, c16, n, out, i, last, j):
+    # columns j..j+15 of out's flat rows i..i+3 (none past `last`, a row repeated where fewer are
+    # left) = rows k..k+3 of p (none past its last) @ rows 0..n-1 of c16 (float16 as uint16, out's
+    # width): four sums held in registers over every position, each cache piece widened once for
+    # the four
+    C, P = out.shape[-1], p.shape[0]
+    k1, k2, k3 = min(k + 1, P - 1), min(k + 2, P - 1), min(k + 3, P - 1)
+    a0 = a1 = a2 = a3 = zero_f()
+    for s in range(n):
+        x = load_h(c16, s * C + j)
+        a0 = add_f(a0, mul_f(x, splat_f(p[k, s])))
+        a1 = add_f(a1, mul_f(x, splat_f(p[k1, s])))
+        a2 = add_f(a2, mul_f(x, splat_f(p[k2, s])))
+        a3 = add_f(a3, mul_f(x, splat_f(p[k3, s])))
+    store_f(out, min(i + 3, last) * C + j, a3)
+    store_f(out, min(i + 2, last) * C + j, a2)
+    store_f(out, min(i + 1, last) * C + j, a1)
+    store_f(out, i * C + j, a0)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _probabilities(row, n):
+    # row[:n] -> softmax(row[:n]) in place (row has room for 16 more), the exponentials 16 at a time
+    # (simd.exp_f); weights below 1e-30 made zero (subnormal ones would run the products at
+    # microcode speed)
     top = np.float32(-np.inf)
     for s in range(n):
-        acc = _dot_h(_dot_h(zero_f(), c16, s * C, q_lat, i * C, C), kpe16, s * R, q_pe, i * R, R)
-        x = hsum_f(acc) * scale
-        scores[s] = x
-        top = max(top, x)
-    _softmax_mix(scores, n, top, c16, 0, C, out, i * C)
+        top = max(top, row[s])
+    for s in range(n, n + (-n) % 16):
+        row[s] = -np.inf
+    t, acc = splat_f(top), zero_f()
+    for s in range(0, n, 16):
+        e = exp_f(sub_f(load_f(row, s), t))
+        store_f(row, s, e)
+        acc = add_f(acc, e)
+    inv = np.float32(1.0) / hsum_f(acc)
+    for s in range(n):
+        w = row[s] * inv
+        row[s] = w if w >= np.float32(1e-30) else np.float32(0.0)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _latent_four(q_lat, q_pe, i, last, c16, kpe16, n, scale, scores, out):
+    # Attention of the query rows i..i+3 (flat rows of q_lat (.., C) and q_pe (.., R), none past
+    # `last`: a row repeated where fewer are left) over n positions of one latent cache (c16, kpe16:
+    # float16 as uint16) -> the same rows of out; scores (4, n + 16) scratch. Four heads at a time,
+    # on one core: scores two heads by two positions, then each head's softmax, then the mix four
+    # heads by 16 columns
+    i1, i2, i3 = min(i + 1, last), min(i + 2, last), min(i + 3, last)
+    for s in range(0, n, 2):
+        t = min(s + 1, n - 1)  # an odd last position computed twice
+        _scores_2x2(q_lat, q_pe, c16, kpe16, i, i1, s, t, scale, scores, 0, 1)
+        _scores_2x2(q_lat, q_pe, c16, kpe16, i2, i3, s, t, scale, scores, 2, 3)
+    for r in range(4):
+        _probabilities(scores[r], n)
+    for j in range(0, q_lat.shape[-1], 16):
+        _mix_4(scores, 0, c16, n, out, i, last, j)
 
 
 @njit(fastmath=True, cache=True)
 def _latent_short(q_lat, q_pe, c16, kpe16, n, scale, scores, out):
-    # _latent_scores, the softmax and _latent_mix in one call on one core, for short contexts
-    for h in range(q_lat.shape[0]):
-        _latent_head(q_lat, q_pe, h, c16, kpe16, n, scale, scores, out)
+    # _latent_scores, the softmax and _latent_mix in one call on one core, for short contexts:
+    # q_lat (H, C), q_pe (H, R), scores (4, n + 16) scratch, out (H, C)
+    H = q_lat.shape[0]
+    for h in range(0, H, 4):
+        _latent_four(q_lat, q_pe, h, H - 1, c16, kpe16, n, scale, scores, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores):
+    # scores[h, s] = scale * (q_lat[h] . c[s] + q_pe[h] . k_pe[s]) for s < n, from the float16 cache
+    # (no float32 copy): a (pair of heads, pair of positions) per iteration, a head pair's queries
+    # staying in L1 while the positions stream past; both cores
+    H = q_lat.shape[0]
+    P = (n + 1) // 2
+    for job in prange(((H + 1) // 2) * P):
+        h, s = (job // P) * 2, (job % P) * 2
+        k = min(h + 1, H - 1)
+        _scores_2x2(q_lat, q_pe, c16, kpe16, h, k, s, min(s + 1, n - 1), scale, scores, h, k)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_mix4(p, c16, n, out):
+    # out (H, C) = p (H, n) @ c[:n], a (16 columns, four heads) per iteration: the four sums stay in
+    # registers over every position; both cores, no partial sums to add up
+    H, C = out.shape
+    G = (H + 3) // 4
+    for job in prange((C // 16) * G):
+        h = (job % G) * 4
+        _mix_4(p, h, c16, n, out, h, H - 1, (job // G) * 16)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _latent_long(q_lat, q_pe, c16, kpe16, n, scale, by8, scores, out):
+    # One token's attention over a long context on both cores, in one call: the scores, each head's
+    # softmax (_probabilities, as _latent_short's), the mix; scores (H, n + 16) scratch. by8: the
+    # kernels of eight heads at a time (AVX-512's registers hold their sixteen sums)
+    if by8:
+        _latent_scores8(q_lat, q_pe, c16, kpe16, n, scale, scores)
+    else:
+        _latent_scores(q_lat, q_pe, c16, kpe16, n, scale, scores)
+    for h in prange(q_lat.shape[0]):
+        _probabilities(scores[h], n)
+    if by8:
+        _latent_mix8(scores, c16, n, out)
+    else:
+        _latent_mix4(scores, c16, n, out)
 
 
 @njit(fastmath=True, cache=True, inline="always")
 def _latent_job(q_lat, q_pe, at, n, scale, out, job):
-    # (sequence, head) pair `job` of _latent_rows: _latent_head on that sequence's caches
+    # (sequence, group of four heads) `job` of _latent_rows: _latent_four on that sequence's caches
     B, H, C = q_lat.shape
-    b = job // H
+    G = (H + 3) // 4
+    b = job // G
     m = n[b]
     c16 = carray(at_address(at[b, 0]), (m * C,), np.uint16)
     kpe16 = carray(at_address(at[b, 1]), (m * q_pe.shape[2],), np.uint16)
-    _latent_head(q_lat, q_pe, job, c16, kpe16, m, scale, np.empty(m + 16, np.float32), out)
+    _latent_four(q_lat, q_pe, b * H + (job % G) * 4, b * H + H - 1, c16, kpe16, m, scale,
+                 np.empty((4, m + 16), np.float32), out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _latent_rows(q_lat, q_pe, at, n, scale, out):
-    # _latent_short of several sequences' new tokens in one call, a (sequence, head) pair per
+    # _latent_short of several sequences' new tokens in one call, a (sequence, four heads) per
     # iteration on both cores: q_lat (B, H, C), q_pe (B, H, R); row b's layer caches c (.., C) and
     # k_pe (.., R) float16 (as uint16) at addresses at[b, 0], at[b, 1], its first n[b] positions
     # attended; out (B, H, C). Per head the same steps as _latent_short, so the same results.
-    for job in prange(q_lat.shape[0] * q_lat.shape[1]):
+    for job in prange(q_lat.shape[0] * ((q_lat.shape[1] + 3) // 4)):
         _latent_job(q_lat, q_pe, at, n, scale, out, job)
 
 
@@ -297,7 +406,7 @@ def _latent_rows(q_lat, q_pe, at, n, scale, out):
 def _latent_rows_one_core(q_lat, q_pe, at, n, scale, out):
     # _latent_rows where the work is less than a parallel region costs (a speculative verification's
     # few tokens over a short context)
-    for job in range(q_lat.shape[0] * q_lat.shape[1]):
+    for job in range(q_lat.shape[0] * ((q_lat.shape[1] + 3) // 4)):
         _latent_job(q_lat, q_pe, at, n, scale, out, job)
 
 
@@ -522,7 +631,7 @@ MANY_PAIRS = 64  # (token, head) pairs of MLA's per-head products in one matmul_
 # compiled per count: a few tokens of V2-Lite's 16 heads, not of V3's 128)
 FUSE_MAX = 2 << 20  # bytes of the matrices one linears call reads up to which they run as one matrix (SmolLM2's
 # gate and up, 1.9 MB in Q8_0: a call's own cost is then as much as its bytes take; 7-8% of its decode step)
-LATENT_SHORT = 2048  # MLA decode: positions x heads below which one core does it in one call
+LATENT_SHORT = 1024  # MLA decode: positions x heads below which one core does it (both cores from 64 of V2-Lite's)
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -780,31 +889,24 @@ class CPUBackend:
         if n * H < LATENT_SHORT:  # little work: one core, one call
             out = np.empty((H, C), np.float32)
             _latent_short(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32),
-                          c16, cache_k_pe.view(np.uint16), n, np.float32(scale), np.empty(n + 16, np.float32), out)
+                          c16, cache_k_pe.view(np.uint16), n, np.float32(scale), np.empty((4, n + 16), np.float32), out)
             return out[None]
-        scores = np.empty((H, n), np.float32)
-        q_lat, q_pe = np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32)
-        by8 = H % 8 == 0
-        (_latent_scores8 if by8 else _latent_scores)(q_lat, q_pe, c16, cache_k_pe.view(np.uint16), n,
-                                                      np.float32(scale), scores)
         out = np.empty((H, C), np.float32)
-        probs = np.ascontiguousarray(softmax(scores), dtype=np.float32)
-        probs[probs < 1e-30] = 0.0  # subnormal weights would run the products at microcode speed
-        if by8:
-            _latent_mix8(probs, c16, n, out)
-        else:
-            _latent_mix(probs, c16, n, np.empty((max(1, min(numba.get_num_threads(), n // 16)), H * C), np.float32), out)
+        _latent_long(np.ascontiguousarray(q_lat, dtype=np.float32), np.ascontiguousarray(q_pe, dtype=np.float32), c16,
+                     cache_k_pe.view(np.uint16), n, np.float32(scale), WIDE_VECTORS and H % 8 == 0,
+                     np.empty((H, n + 16), np.float32), out)
         return out[None]
 
     def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c: list, caches_k_pe: list, pos,
                            scale: float):
         """latent_decode of one new token for each of several sequences (a batch's decode step), in
         one call: row b stores lat_new[b], k_pe_new[b] at pos[b] of its layer caches caches_c[b]
-        (S_b, C), caches_k_pe[b] (S_b, R) and attends positions 0..pos[b] -> o_lat (B, H, C); None
-        (nothing stored) where the one-token kernel would not run every row on one core."""
+        (S_b, C), caches_k_pe[b] (S_b, R) and attends positions 0..pos[b] -> o_lat (B, H, C), each row
+        bit for bit what latent_decode gives (the same per-head arithmetic, whichever of its paths runs);
+        None (nothing stored) where C or R is no multiple of 16 or a cache is not contiguous."""
         B, H, C = q_lat.shape
         R = q_pe.shape[2]
-        if C % 16 or R % 16 or (int(pos.max()) + 1) * H >= LATENT_SHORT:
+        if C % 16 or R % 16:
             return None
         at = np.empty((B, 2), np.int64)
         addresses: dict = {}  # a verification's rows share one cache: its addresses looked up once
@@ -1040,6 +1142,7 @@ class CPUBackend:
             router_logits(np.zeros((n, 64), np.float32), np.ones((4, 64), np.float32))
         rows = np.zeros((2, 2, 16), np.float32)  # two rows (a batch's sequences, a verification's tokens)
         self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)  # on one core
-        n = LATENT_SHORT // 3  # and enough positions for both cores (each row still a short one)
+        n = LATENT_SHORT // 2  # and enough positions for both cores
         c, k = np.zeros((n + 1, 16), np.float16), np.zeros((n + 1, 16), np.float16)
         self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([n, n]), 0.5)
+        self.latent_decode(q, q, q[:1], q[:1], c, k, np.array([n]), 0.5)  # one token over a long context
