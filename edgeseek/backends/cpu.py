@@ -240,29 +240,29 @@ class Heads:
 
 
 @njit(fastmath=True, cache=True, inline="always")
+def _dots_2x2(a0, a1, b0, b1, c16, s, t, q, i, k, width):
+    # the four sums of _scores_2x2 plus one piece of their products: rows s and t of c16 (float16 as
+    # uint16, `width` a row) times the query rows i and k of q (flat, `width` a row)
+    for j in range(0, width, 16):
+        x, y = load_h(c16, s * width + j), load_h(c16, t * width + j)
+        v = load_f(q, i * width + j)
+        a0 = add_f(a0, mul_f(x, v))
+        b0 = add_f(b0, mul_f(y, v))
+        v = load_f(q, k * width + j)
+        a1 = add_f(a1, mul_f(x, v))
+        b1 = add_f(b1, mul_f(y, v))
+    return a0, a1, b0, b1
+
+
+@njit(fastmath=True, cache=True, inline="always")
 def _scores_2x2(q_lat, q_pe, c16, kpe16, i, k, s, t, scale, scores, ri, rk):
     # scale * (query . cache entry) of the query rows i and k (flat rows of q_lat (.., C) and q_pe
     # (.., R)) at positions s and t of a latent cache (float16 as uint16) -> scores[ri, s], scores[ri, t],
     # scores[rk, s], scores[rk, t]: four sums in flight, each cache piece widened once for both
     # rows and each query piece loaded once for both positions (eight vector registers on AVX2)
-    C, R = q_lat.shape[-1], q_pe.shape[-1]
-    a0 = a1 = b0 = b1 = zero_f()
-    for j in range(0, C, 16):
-        x, y = load_h(c16, s * C + j), load_h(c16, t * C + j)
-        q = load_f(q_lat, i * C + j)
-        a0 = add_f(a0, mul_f(x, q))
-        b0 = add_f(b0, mul_f(y, q))
-        q = load_f(q_lat, k * C + j)
-        a1 = add_f(a1, mul_f(x, q))
-        b1 = add_f(b1, mul_f(y, q))
-    for j in range(0, R, 16):
-        x, y = load_h(kpe16, s * R + j), load_h(kpe16, t * R + j)
-        q = load_f(q_pe, i * R + j)
-        a0 = add_f(a0, mul_f(x, q))
-        b0 = add_f(b0, mul_f(y, q))
-        q = load_f(q_pe, k * R + j)
-        a1 = add_f(a1, mul_f(x, q))
-        b1 = add_f(b1, mul_f(y, q))
+    z = zero_f()
+    a0, a1, b0, b1 = _dots_2x2(z, z, z, z, c16, s, t, q_lat, i, k, q_lat.shape[-1])
+    a0, a1, b0, b1 = _dots_2x2(a0, a1, b0, b1, kpe16, s, t, q_pe, i, k, q_pe.shape[-1])
     scores[ri, s] = hsum_f(a0) * scale
     scores[rk, s] = hsum_f(a1) * scale
     scores[ri, t] = hsum_f(b0) * scale
