@@ -107,7 +107,8 @@ def _pack_words(raw3, qs, sc, mn, d, dmin):
 
 
 def pack_tiles(raw3, tile):
-    # raw3 (N, nb, 144) -> zeroed arrays of PackedQ4K for tiles of `tile` rows, qs left to the caller
+    # raw3 (N, nb, block bytes) -> zeroed sc, mn, d, dmin for tiles of `tile` rows (Q4_K's and Q5_K's
+    # layouts; zero rows pad the last tile), the quants' arrays left to the caller
     n, nb = raw3.shape[:2]
     n_tiles = -(-n // tile)
     sc = np.zeros((n_tiles, nb, 8, tile), np.uint8)

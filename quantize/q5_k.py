@@ -83,16 +83,12 @@ def _pack(raw3, qs, qh, sc, mn, d, dmin):
 
 def pack(raw3: np.ndarray) -> PackedQ5K:
     """raw3 (N, nb, 176) file blocks -> tiles of TILE rows."""
-    n, nb = raw3.shape[:2]
-    n_tiles = -(-n // TILE)
+    sc, mn, d, dmin = pack_tiles(raw3, TILE)
+    n_tiles, nb = d.shape[:2]
     qs = np.zeros((n_tiles, nb, 4, 32, TILE), np.uint8)
     qh = np.zeros((n_tiles, nb, 32, TILE), np.uint8)
-    sc = np.zeros((n_tiles, nb, 8, TILE), np.uint8)
-    mn = np.zeros((n_tiles, nb, 8, TILE), np.uint8)
-    d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
-    dmin = np.zeros((n_tiles, nb, TILE), np.float32)
     _pack(raw3, qs, qh, sc, mn, d, dmin)
-    return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
+    return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
 
 
 @njit(cache=True, nogil=True)
