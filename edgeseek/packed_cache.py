@@ -28,10 +28,10 @@ import numpy as np
 from .hub import cache_dir
 
 MAGIC = b"EDGESEEK-PACKED1"
-LAYOUT = 6  # bumped when a kernel layout changes (2: Q6_K's VNNI layout holds its levels one a byte;
+LAYOUT = 7  # bumped when a kernel layout changes (2: Q6_K's VNNI layout holds its levels one a byte;
 #              3: Q4_0 and Q8_0, 4: every VNNI layout keep the file's fp16 scales; 5: Q6_K's VNNI
 #              layout in the file's 210 bytes a block again, its words in reading order; 6: Q5_K
-#              gets VNNI kernels and their layout)
+#              gets VNNI kernels and their layout; 7: Q4_K's VNNI layout holds the mins in pairs)
 ALIGN = 64
 
 

@@ -19,8 +19,8 @@ from numba import njit, prange
 from . import q8_k, tiles
 from .kquants import F32, QK_K, f16_to_f32, quantize_scale_min, scale_min_k4
 from .registry import QuantFormat, TileKernels
-from .simd import (add_f, add_i, band, dpbusd16, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, srl,
-                   store_f, sub_f, sum16, to_f, zero_f, zero_i)
+from .simd import (HAVE_VNNI, add_f, add_i, band, dpbusd16, dpwssd, load_h, load_i, load_u8, load_u8_pairs, mul_f,
+                   mul_i, splat_f, splat_i, sra, srl, store_f, sub_f, sum16, to_f, zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
@@ -63,6 +63,8 @@ class PackedQ4K(NamedTuple):
     #                 VNNI: (n_tiles, nb, 4, 8, TILE) uint32, bytes 4w..4w+3 of group g in word w
     sc: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit scale of sub-block j
     mn: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit min of sub-block j
+    #                 VNNI: (n_tiles, nb, 4, 2 * TILE), the mins of sub-blocks 2q and 2q + 1 of row i
+    #                 at bytes 2i and 2i + 1 of pair q (the 16-bit halves simd.dpwssd multiplies)
     d: np.ndarray  # (n_tiles, nb, TILE) float32; VNNI: uint16 fp16 bits
     dmin: np.ndarray  # (n_tiles, nb, TILE) as d
     n: int  # rows of the matrix (the last tile is padded with zero rows)
@@ -93,13 +95,17 @@ def _pack(raw3, qs, sc, mn, d, dmin):
 
 @njit(cache=True, nogil=True)
 def _pack_words(raw3, qs, sc, mn, d, dmin):
-    # as _pack, with qs (n_tiles, nb, 4, 8, VTILE, 4) uint8: word w of group g of each row
+    # as _pack, with qs (n_tiles, nb, 4, 8, VTILE, 4) uint8: word w of group g of each row; mn
+    # (n_tiles, nb, 4, VTILE, 2): the mins in pairs
     n = raw3.shape[0]
     for t in range(qs.shape[0]):
         for b in range(qs.shape[1]):
             for i in range(min(VTILE, n - t * VTILE)):
                 blk = raw3[t * VTILE + i, b]
-                pack_scales(blk, t, b, i, sc, mn, d, dmin)
+                d[t, b, i] = f16_to_f32(blk[0] | (blk[1] << 8))
+                dmin[t, b, i] = f16_to_f32(blk[2] | (blk[3] << 8))
+                for j in range(8):
+                    sc[t, b, j, i], mn[t, b, j // 2, i, j % 2] = scale_min_k4(j, blk[4:16])
                 for g in range(4):
                     for w in range(8):
                         for u in range(4):
@@ -111,17 +117,17 @@ def pack_tiles(raw3, tile):
     # layouts; zero rows pad the last tile), the quants' arrays left to the caller
     n, nb = raw3.shape[:2]
     n_tiles = -(-n // tile)
-    sc = np.zeros((n_tiles, nb, 8, tile), np.uint8)
-    mn = np.zeros((n_tiles, nb, 8, tile), np.uint8)
-    d = np.zeros((n_tiles, nb, tile), np.float32)  # zero rows pad the last tile
-    dmin = np.zeros((n_tiles, nb, tile), np.float32)
+    sc = tiles.zeros((n_tiles, nb, 8, tile), np.uint8)
+    mn = tiles.zeros((n_tiles, nb, 8, tile), np.uint8)
+    d = tiles.zeros((n_tiles, nb, tile), np.float32)  # zero rows pad the last tile
+    dmin = tiles.zeros((n_tiles, nb, tile), np.float32)
     return sc, mn, d, dmin
 
 
 def pack(raw3: np.ndarray) -> PackedQ4K:
     """The portable kernels' layout of raw3 (N, nb, 144) file blocks: tiles of TILE rows."""
     sc, mn, d, dmin = pack_tiles(raw3, TILE)
-    qs = np.zeros((d.shape[0], d.shape[1], 4, 32, TILE), np.uint8)
+    qs = tiles.zeros((d.shape[0], d.shape[1], 4, 32, TILE), np.uint8)
     _pack(raw3, qs, sc, mn, d, dmin)
     return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
 
@@ -131,9 +137,11 @@ def pack_words(raw3: np.ndarray) -> PackedQ4K:
     (simd.load_h widens them as the kernels read them)."""
     sc, mn, d, dmin = pack_tiles(raw3, VTILE)
     n_tiles, nb = d.shape[:2]
-    qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
+    qs = tiles.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
+    mn = mn.reshape(n_tiles, nb, 4, VTILE, 2)
     _pack_words(raw3, qs, sc, mn, d, dmin)
     qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
+    mn = mn.reshape(n_tiles, nb, 8, VTILE)
     d, dmin = (a.astype(np.float16).view(np.uint16) for a in (d, dmin))  # fp16 bits again, exactly
     return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
 
@@ -220,29 +228,45 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
     # Tile t (16 rows, one vector) times activation row k into y.flat[yo : yo + 16]. The products
     # four values at a time (simd.dpbusd): word w of group g holds values 64g + 4w + i (low nibbles,
     # sub-block 2g) and 64g + 32 + 4w + i (high nibbles, sub-block 2g + 1); int32 sums per
-    # sub-block, times the 6-bit scales; the mins against Q8_K's block sums. qs (n_tiles, nb, 4, 8,
-    # 16) uint32; sc, mn (n_tiles, nb, 8, 16) uint8; d, dmin (n_tiles, nb, 16); xw (T, K / 4) int32
-    # words of int8; bsums (T, nb, 16).
+    # sub-block, times the 6-bit scales; the mins' products with Q8_K's sums over their sub-blocks
+    # as 16-bit pairs (simd.dpwssd). With vpdpbusd the high nibbles are masked in place (16 times
+    # their value: the sub-block's sum is shifted down once); dpbusd16's int16 pairs on AVX2 need
+    # them shifted first. qs (n_tiles, nb, 4, 8, 16) uint32; sc (n_tiles, nb, 8, 16) uint8; mn
+    # paired (PackedQ4K); d, dmin (n_tiles, nb, 16) fp16 bits; xw (T, K / 4) int32 words of int8;
+    # bsums (T, nb, 16).
     nb = qs.shape[1]
     low = splat_i(0x0F0F0F0F)
+    high = splat_i(-0x0F0F0F10)  # 0xF0F0F0F0
     acc = zero_f()
     for b in range(nb):
+        tb = t * nb + b
         if fetch:  # the first row over this tile: its next blocks (tiles.ahead)
-            tiles.ahead(qs, (t * nb + b) * 32 * VTILE, 32 * VTILE)
-            ahead_scales(sc, mn, d, dmin, t * nb + b)
+            tiles.ahead(qs, tb * 32 * VTILE, 32 * VTILE)
+            ahead_scales(sc, mn, d, dmin, tb)
         isum = zero_i()
         for g in range(4):
             lo, hi = zero_i(), zero_i()
-            o = ((t * nb + b) * 4 + g) * 8 * VTILE
+            o = (tb * 4 + g) * 8 * VTILE
             xo = 64 * b + 16 * g
             for w in range(8):
                 v = load_i(qs, o + w * VTILE)
                 lo = dpbusd16(lo, band(v, low), splat_i(xw[k, xo + w]))  # 8 nibble products each: dpbusd16's bound
-                hi = dpbusd16(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
+                if HAVE_VNNI:
+                    hi = dpbusd16(hi, band(v, high), splat_i(xw[k, xo + 8 + w]))
+                else:
+                    hi = dpbusd16(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
             lo, hi = sum16(zero_i(), lo), sum16(zero_i(), hi)
-            so = ((t * nb + b) * 8 + 2 * g) * VTILE
+            if HAVE_VNNI:
+                hi = sra(hi, 4)
+            so = (tb * 8 + 2 * g) * VTILE
             isum = add_i(isum, add_i(mul_i(lo, load_u8(sc, so)), mul_i(hi, load_u8(sc, so + VTILE))))
-        acc = block_total(acc, isum, mn, d, dmin, t * nb + b, xd[k, b], bsums[k, b])
+        msum = zero_i()
+        for q in range(4):  # Q8_K's sums over sub-blocks 2q and 2q + 1 (each within +-32 * 127) as int16 halves
+            s0 = (bsums[k, b, 4 * q] + bsums[k, b, 4 * q + 1]) & 0xFFFF
+            s1 = bsums[k, b, 4 * q + 2] + bsums[k, b, 4 * q + 3]
+            msum = dpwssd(msum, load_u8_pairs(mn, (tb * 4 + q) * 2 * VTILE), splat_i(s0 | (s1 << 16)))
+        part = sub_f(mul_f(load_h(d, tb * VTILE), to_f(isum)), mul_f(load_h(dmin, tb * VTILE), to_f(msum)))
+        acc = add_f(acc, mul_f(splat_f(xd[k, b]), part))
     store_f(y, yo, acc)
 
 
@@ -253,18 +277,6 @@ def ahead_scales(sc, mn, d, dmin, tb):
     tiles.ahead(mn, tb * 8 * VTILE, 8 * VTILE)
     tiles.ahead(d, tb * VTILE, VTILE)
     tiles.ahead(dmin, tb * VTILE, VTILE)
-
-
-@njit(cache=True, inline="always")
-def block_total(acc, isum, mn, d, dmin, tb, xd, bsums):
-    # acc + xd * (d * isum - dmin * sum_j mn_j * (Q8_K's sum over sub-block j)) for block tb of a
-    # VTILE-row tile, isum its scaled integer sums (Q4_K, Q5_K); bsums (16,) per 16 values
-    msum = zero_i()
-    for j in range(8):
-        bs = splat_i(bsums[2 * j] + bsums[2 * j + 1])
-        msum = add_i(msum, mul_i(load_u8(mn, (tb * 8 + j) * VTILE), bs))
-    part = sub_f(mul_f(load_h(d, tb * VTILE), to_f(isum)), mul_f(load_h(dmin, tb * VTILE), to_f(msum)))
-    return add_f(acc, mul_f(splat_f(xd), part))
 
 
 @njit(parallel=True, cache=True)

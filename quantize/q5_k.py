@@ -16,9 +16,10 @@ from numba import njit, prange
 
 from . import q8_k, tiles
 from .kquants import F32, QK_K, dot_levels32, f16_to_f32, quantize_scale_min, scale_min_k4
-from .q4_k import pack_scales, pack_tiles, ahead_scales, block_total
+from .q4_k import pack_scales, pack_tiles, ahead_scales
 from .registry import QuantFormat, TileKernels
-from .simd import add_i, band, bor, dpbusd16, load_i, load_u8, mul_i, splat_i, sll, srl, store_f, sum16, zero_f, zero_i
+from .simd import (add_f, add_i, band, bor, dpbusd16, load_h, load_i, load_u8, mul_f, mul_i, splat_f, splat_i, sll, srl,
+                   store_f, sub_f, sum16, to_f, zero_f, zero_i)
 
 # Rows per kernel tile: the kernels' vector loops run across the rows of a tile. Kept in this
 # module so that numba's cache of the kernels follows it.
@@ -114,8 +115,8 @@ def pack_words(raw3: np.ndarray) -> PackedQ5K:
     n = raw3.shape[0]
     sc, mn, d, dmin = pack_tiles(raw3, VTILE)
     n_tiles, nb = d.shape[:2]
-    qs = np.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
-    qh = np.zeros((n_tiles, nb, 8, VTILE, 4), np.uint8)
+    qs = tiles.zeros((n_tiles, nb, 4, 8, VTILE, 4), np.uint8)
+    qh = tiles.zeros((n_tiles, nb, 8, VTILE, 4), np.uint8)
     _pack_words(raw3, qs, qh, sc, mn, d, dmin)
     qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
     qh = qh.view(np.uint32).reshape(n_tiles, nb, 8, VTILE)
@@ -204,6 +205,18 @@ def _matmul(qs, qh, sc, mn, d, dmin, xq, xd, bsums, y):
         for k in range(acc.shape[0]):  # element by element: y[t] = acc compiles numba's
             for r in range(acc.shape[1]):  # shape-error path, seconds on a first run
                 y[t, k, r] = acc[k, r]
+
+
+@njit(cache=True, inline="always")
+def block_total(acc, isum, mn, d, dmin, tb, xd, bsums):
+    # acc + xd * (d * isum - dmin * sum_j mn_j * (Q8_K's sum over sub-block j)) for block tb of a
+    # VTILE-row tile, isum its scaled integer sums; bsums (16,) per 16 values
+    msum = zero_i()
+    for j in range(8):
+        bs = splat_i(bsums[2 * j] + bsums[2 * j + 1])
+        msum = add_i(msum, mul_i(load_u8(mn, (tb * 8 + j) * VTILE), bs))
+    part = sub_f(mul_f(load_h(d, tb * VTILE), to_f(isum)), mul_f(load_h(dmin, tb * VTILE), to_f(msum)))
+    return add_f(acc, mul_f(splat_f(xd), part))
 
 
 @njit(cache=True, inline="always")

@@ -124,6 +124,21 @@ def prefetch(typingctx, ary, index):
     return types.none(ary, index), codegen
 
 
+@intrinsic
+def load_u8_pairs(typingctx, ary, index):
+    """Bytes ary.flat[index : index + 32] of a uint8 array, zero-extended to 16-bit halves (vpmovzxbw):
+    lane i holds byte 2i in its low half and byte 2i + 1 in its high half, as dpwssd reads them."""
+    _check_array(ary, (types.uint8,))
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        v = builder.load(_lane_ptr(context, builder, sig.args[0], args[0], idx, ir.VectorType(ir.IntType(8), 2 * LANES)),
+                         align=1)
+        return builder.bitcast(builder.zext(v, ir.VectorType(ir.IntType(16), 2 * LANES)), _VI)
+
+    return VI(ary, index), codegen
+
+
 def _byte_loader(dtype, extend: str, doc: str):
     @intrinsic
     def load(typingctx, ary, index):
@@ -266,6 +281,7 @@ def _shift(op):
 
 
 srl = _shift("lshr")  # logical shift right of each lane by a constant
+sra = _shift("ashr")  # arithmetic shift right (a signed lane's sign kept)
 sll = _shift("shl")
 
 
@@ -417,6 +433,44 @@ def sum16(typingctx, acc, t):
                                                         ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))))
 
     return VI(acc, t), codegen
+
+
+@intrinsic
+def dpwssd(typingctx, acc, a, b):
+    """acc + in each lane the two products of a's and b's signed 16-bit halves (low by low, high by
+    high): vpdpwssd where the CPU has AVX512-VNNI, vpmaddwd and an add on each 256-bit half on AVX2,
+    widened vector IR elsewhere."""
+    if acc != VI or a != VI or b != VI:
+        raise TypeError("dpwssd takes three VI vectors")
+
+    def codegen(context, builder, sig, args):
+        acc_, a_, b_ = args
+        if HAVE_VNNI:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VI, _VI]),
+                                                "llvm.x86.avx512.vpdpwssd.512")
+            return builder.call(fn, [acc_, a_, b_])
+        v32i16 = ir.VectorType(ir.IntType(16), 2 * LANES)
+        a16, b16 = builder.bitcast(a_, v32i16), builder.bitcast(b_, v32i16)
+        if CPU_HAS_AVX2:
+            v16i16, v8i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8)
+            maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                    "llvm.x86.avx2.pmadd.wd")
+            undef = ir.Constant(v32i16, ir.Undefined)
+            halves = []
+            for h in range(2):
+                pick = ir.Constant(ir.VectorType(_I32, 16), list(range(16 * h, 16 * h + 16)))
+                halves.append(builder.call(maddwd, [builder.shuffle_vector(a16, undef, pick),
+                                                    builder.shuffle_vector(b16, undef, pick)]))
+            return builder.add(acc_, builder.shuffle_vector(halves[0], halves[1], ir.Constant(
+                ir.VectorType(_I32, LANES), list(range(LANES)))))
+        v32i32 = ir.VectorType(_I32, 2 * LANES)
+        prod = builder.mul(builder.sext(a16, v32i32), builder.sext(b16, v32i32))
+        undef = ir.Constant(v32i32, ir.Undefined)
+        even, odd = (builder.shuffle_vector(prod, undef, ir.Constant(ir.VectorType(_I32, LANES), list(range(h, 2 * LANES, 2))))
+                     for h in range(2))
+        return builder.add(acc_, builder.add(even, odd))
+
+    return VI(acc, a, b), codegen
 
 
 def _maddubs_ir(builder, acc_, a_, b_):

@@ -22,6 +22,7 @@ typed on another dispatcher, nor closures over one.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -127,9 +128,20 @@ def tile_scales(n: int, blocks, offset, halves: bool) -> np.ndarray:
     return out
 
 
+def zeros(shape: tuple, dtype=np.uint32) -> np.ndarray:
+    """Zeros of `shape` from the start of a cache line, as the packed-weights cache lays its arrays:
+    numpy's 16-byte alignment would leave a kernel's 64-byte loads straddling two lines (a layer's
+    Q4_K experts through matmul_many: 19-20 GB/s against 24-27 aligned, on 2 AVX2 cores)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = np.zeros(nbytes + LINE, np.uint8)
+    start = -buf.ctypes.data % LINE
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def tiled(n: int, nb: int, *inner, dtype=np.uint32) -> np.ndarray:
-    """Zeros of shape (n_tiles, nb, *inner, TILE) for a matrix of n rows."""
-    return np.zeros((-(-n // TILE), nb, *inner, TILE), dtype)
+    """Zeros of shape (n_tiles, nb, *inner, TILE) for a matrix of n rows, from a cache line's start."""
+    return zeros((-(-n // TILE), nb, *inner, TILE), dtype)
 
 
 def fused(packeds: list) -> tuple[Packed, list[Packed]] | None:

@@ -133,6 +133,33 @@ def test_dpbusd16_partial_sums_of_nibble_products():
         assert len(re.findall(r"\bvpmaddwd\b", asm)) < len(re.findall(r"\bvpmaddubsw\b", asm))
 
 
+@pytest.mark.parametrize("vnni,avx2", [(v, a) for v in CODEGEN for a in ([CPU_HAS_AVX2, False] if not v else [True])])
+def test_dpwssd_of_paired_bytes_and_int16_halves(vnni, avx2, monkeypatch):
+    """dpwssd on load_u8_pairs' halves (Q4_K's mins, two sub-blocks a lane) times int16 halves
+    packed from int32 sums as the kernel packs them, the extremes included, then sra: numpy's
+    sums; vpdpwssd on a VNNI CPU, vpmaddwd on AVX2, widened IR elsewhere."""
+    monkeypatch.setattr(simd, "HAVE_VNNI", vnni)  # read when the kernel compiles
+    monkeypatch.setattr(simd, "CPU_HAS_AVX2", avx2)
+
+    def kernel(m, s, out):
+        acc = simd.sra(splat_i(np.int32(-4096)), 4)  # -256, arithmetically
+        for q in range(s.shape[0]):
+            packed = (s[q, 0] & 0xFFFF) | (s[q, 1] << 16)
+            acc = simd.dpwssd(acc, simd.load_u8_pairs(m, 32 * q), splat_i(packed))
+        store_f(out, 0, to_f(acc))
+    kernel = numba.njit(kernel)
+    rng = np.random.default_rng(7)
+    m = rng.integers(0, 256, 32 * 4).astype(np.uint8)
+    s = rng.integers(-4064, 4065, (4, 2)).astype(np.int32)
+    m[:32], s[0] = 255, (-32768, 32767)
+    out = np.zeros(16, np.float32)
+    kernel(m, s, out)
+    pairs = m.reshape(4, 16, 2).astype(np.int64)  # (q, lane, half)
+    np.testing.assert_array_equal(out, (np.einsum("qlh,qh->l", pairs, s) - 256).astype(np.float32))
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    assert bool(re.search(r"\bvpdpwssd\b", asm)) == vnni
+
+
 def test_dpbusd_centered_on_stored_q8_bytes():
     """dpbusd_centered, every byte of a (Q8_0's q + 128: 0..255) as a - 128 against activations in
     -127..127 (quantize_q8's), the extremes included: numpy's sums; on AVX2 through vpsignb and
