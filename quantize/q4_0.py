@@ -97,7 +97,7 @@ def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
     # Several matrices of one shape in one parallel region: matrix j (qss[j], ds[j]) times
     # activation row rows[j] -> y[j] (n_tiles, TILE). qss, ds: tuples of arrays.
     nt = qss[0].shape[0]
-    for job in prange(len(qss) * nt):
+    for job in prange(len(rows) * nt):  # the tuples may be longer (TileKernels.bind_many pads them)
         j, t = job // nt, job % nt
         _tile_vnni(qss[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE, True)
 

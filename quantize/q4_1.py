@@ -91,7 +91,7 @@ def _matmul_vnni(qs, d, m, xw, xd, xs, y):
 def _matmul_vnni_many(qss, ds, ms, rows, xw, xd, xs, y):
     # matrix j times activation row rows[j] -> y[j] (n_tiles, TILE), one parallel region
     nt = qss[0].shape[0]
-    for job in prange(len(qss) * nt):
+    for job in prange(len(rows) * nt):  # the tuples may be longer (TileKernels.bind_many pads them)
         j, t = job // nt, job % nt
         _tile_vnni(qss[j], ds[j], ms[j], t, xw, xd, xs, rows[j], y[j], t * tiles.TILE, True)
 

@@ -83,7 +83,7 @@ def _matmul_vnni(qs, qh, d, xw, xd, xsum, y):
 def _matmul_vnni_many(qss, qhs, ds, rows, xw, xd, xsum, y):
     # matrix j times activation row rows[j] -> y[j] (n_tiles, TILE); the arguments are tuples of arrays
     nt = qss[0].shape[0]
-    for job in prange(len(qss) * nt):
+    for job in prange(len(rows) * nt):  # the tuples may be longer (TileKernels.bind_many pads them)
         j, t = job // nt, job % nt
         _tile_vnni(qss[j], qhs[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE, True)
 

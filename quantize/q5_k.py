@@ -120,7 +120,7 @@ def pack_words(raw3: np.ndarray) -> PackedQ5K:
     _pack_words(raw3, qs, qh, sc, mn, d, dmin)
     qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
     qh = qh.view(np.uint32).reshape(n_tiles, nb, 8, VTILE)
-    d, dmin = (a.astype(np.float16).view(np.uint16) for a in (d, dmin))  # fp16 bits again, exactly
+    d, dmin = (tiles.aligned(a.astype(np.float16).view(np.uint16)) for a in (d, dmin))  # fp16 bits again, exactly
     return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
 
 
@@ -267,7 +267,7 @@ def _matmul_vnni(qs, qh, sc, mn, d, dmin, xw, xd, bsums, y):
 def _matmul_vnni_many(qss, qhs, scs, mns, ds, dmins, rows, xw, xd, bsums, y):
     # matrix j times activation row rows[j] -> y[j] (n_tiles, 16); the arguments are tuples of arrays
     nt = qss[0].shape[0]
-    for job in prange(len(qss) * nt):
+    for job in prange(len(rows) * nt):  # the tuples may be longer (TileKernels.bind_many pads them)
         j, t = job // nt, job % nt
         _tile_vnni(qss[j], qhs[j], scs[j], mns[j], ds[j], dmins[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE, True)
 

@@ -329,7 +329,7 @@ def _matmul_vnni_many(qs, scs, ds, rows, xw, xd, bsums, y):
     # matrix j times activation row rows[j] -> y[j] (n_tiles, 16); the arguments are tuples of
     # arrays (MLA's per-head k_b / v_b of a Q4_K_M mix: a decode step's 16 heads in one call)
     nt = qs[0].shape[0]
-    for job in prange(len(qs) * nt):
+    for job in prange(len(rows) * nt):  # the tuples may be longer (TileKernels.bind_many pads them)
         j, t = job // nt, job % nt
         _tile_vnni(qs[j], scs[j], ds[j], t, xw, xd, bsums, rows[j], y[j], t * VTILE)
 

@@ -59,6 +59,14 @@ class Kernels(Protocol):
         of (rows, N); None where the set has no such kernel."""
 
 
+def many_size(n: int) -> int:
+    """The length of the weight tuples a matmul_many of n matrices passes its kernel: the next power of
+    two (2 at least). numba compiles a kernel for each tuple length; a layer's CPU experts beside a GPU
+    or a RAM budget's store come in every count from 1 to 6 (12 with gate and up), which would compile
+    at their first tokens; padded, the counts of a model share a few lengths that load compiles."""
+    return max(2, 1 << (n - 1).bit_length())
+
+
 def _tile_rows(y: np.ndarray, n: int) -> np.ndarray:
     """A tile kernel's output (n_tiles, T, tile) as the product's rows (T, N), the last tile's padding
     cut (one row: a plain reshape)."""
@@ -215,8 +223,10 @@ class TileKernels:
         """matmul_many(ps, x, rows) with the weight arguments gathered once: call(x) -> (n_mats, N)."""
         if self.many_kernel is None:
             return None
-        # the kernel takes one tuple per weight field, that field of every matrix
-        shape, n, weights = self._one_shape(ps, "matmul_many"), ps[0].n, tuple(zip(*map(self._weights, ps)))
+        # the kernel takes one tuple per weight field, that field of every matrix, padded to many_size
+        # with the first matrix's (the kernel runs len(rows) of them)
+        shape, n = self._one_shape(ps, "matmul_many"), ps[0].n
+        weights = tuple(zip(*map(self._weights, [*ps, *[ps[0]] * (many_size(len(ps)) - len(ps))])))
         kernel, activations = self.many_kernel, self.activations
 
         def call(x):
@@ -413,7 +423,7 @@ class QuantFormat:
         it from its cache) now rather than at the first token: with the argument types the model
         passes (a read-only matrix as the file's mmap gives it, or a writable copy; one and two
         activation rows; `n_many` matrices in one matmul_many call, a decode step's experts, or
-        a tuple of such counts: numba compiles one kernel per count)."""
+        a tuple of such counts: numba compiles one kernel per tuple length, many_size)."""
         rng = np.random.default_rng(0)
         rows, k = 64, 256  # one tile of rows; whole blocks of every format, K-quants' 256 included
         # (rows, row_bytes) of random bytes: the values do not matter, and quantizing would compile
@@ -435,8 +445,9 @@ class QuantFormat:
         self.matmul(packed, np.repeat(x, FEW_ROWS // 2 + 1, axis=0))  # more rows than the row kernels take
         self.matmul(packed, np.repeat(x, FEW_VALUES // k // 2 + 1, axis=0))  # a prompt's, quantized on both
         self.matmul_groups([packed, packed], x, [[0, 2, 0], [1, 2, 2]])
-        for n in (n_many if isinstance(n_many, tuple) else (n_many,)):
-            if n > 1:
+        top = max(n_many if isinstance(n_many, tuple) else (n_many,))
+        if top > 1:  # every tuple length (many_size) up to the largest count's
+            for n in (1 << i for i in range(1, many_size(top).bit_length())):
                 self.matmul_many([packed] * n, x[:1], [0] * n)
 
 

@@ -139,6 +139,15 @@ def zeros(shape: tuple, dtype=np.uint32) -> np.ndarray:
     return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def aligned(a: np.ndarray) -> np.ndarray:
+    """a, or a copy of it from the start of a cache line (as zeros)."""
+    if a.ctypes.data % LINE == 0:
+        return a
+    out = zeros(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def tiled(n: int, nb: int, *inner, dtype=np.uint32) -> np.ndarray:
     """Zeros of shape (n_tiles, nb, *inner, TILE) for a matrix of n rows, from a cache line's start."""
     return zeros((-(-n // TILE), nb, *inner, TILE), dtype)
