@@ -63,8 +63,8 @@ class PackedQ4K(NamedTuple):
     #                 VNNI: (n_tiles, nb, 4, 8, TILE) uint32, bytes 4w..4w+3 of group g in word w
     sc: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit scale of sub-block j
     mn: np.ndarray  # (n_tiles, nb, 8, TILE) uint8: 6-bit min of sub-block j
-    #                 VNNI: (n_tiles, nb, 4, 2 * TILE), the mins of sub-blocks 2q and 2q + 1 of row i
-    #                 at bytes 2i and 2i + 1 of pair q (the 16-bit halves simd.dpwssd multiplies)
+    #                 VNNI: the same bytes in pairs, the mins of sub-blocks 2q and 2q + 1 of row i at
+    #                 bytes 2i and 2i + 1 of the q-th 2 * TILE (the 16-bit halves simd.dpwssd multiplies)
     d: np.ndarray  # (n_tiles, nb, TILE) float32; VNNI: uint16 fp16 bits
     dmin: np.ndarray  # (n_tiles, nb, TILE) as d
     n: int  # rows of the matrix (the last tile is padded with zero rows)
