@@ -142,7 +142,7 @@ def pack_words(raw3: np.ndarray) -> PackedQ4K:
     _pack_words(raw3, qs, sc, mn, d, dmin)
     qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
     mn = mn.reshape(n_tiles, nb, 8, VTILE)
-    d, dmin = (tiles.aligned(a.astype(np.float16).view(np.uint16)) for a in (d, dmin))  # fp16 bits again, exactly
+    d, dmin = (tiles.aligned(a, np.float16).view(np.uint16) for a in (d, dmin))  # fp16 bits again, exactly
     return PackedQ4K(qs=qs, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
 
 

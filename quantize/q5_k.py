@@ -86,8 +86,8 @@ def pack(raw3: np.ndarray) -> PackedQ5K:
     """raw3 (N, nb, 176) file blocks -> tiles of TILE rows."""
     sc, mn, d, dmin = pack_tiles(raw3, TILE)
     n_tiles, nb = d.shape[:2]
-    qs = np.zeros((n_tiles, nb, 4, 32, TILE), np.uint8)
-    qh = np.zeros((n_tiles, nb, 32, TILE), np.uint8)
+    qs = tiles.zeros((n_tiles, nb, 4, 32, TILE), np.uint8)
+    qh = tiles.zeros((n_tiles, nb, 32, TILE), np.uint8)
     _pack(raw3, qs, qh, sc, mn, d, dmin)
     return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=raw3.shape[0])
 
@@ -120,7 +120,7 @@ def pack_words(raw3: np.ndarray) -> PackedQ5K:
     _pack_words(raw3, qs, qh, sc, mn, d, dmin)
     qs = qs.view(np.uint32).reshape(n_tiles, nb, 4, 8, VTILE)
     qh = qh.view(np.uint32).reshape(n_tiles, nb, 8, VTILE)
-    d, dmin = (tiles.aligned(a.astype(np.float16).view(np.uint16)) for a in (d, dmin))  # fp16 bits again, exactly
+    d, dmin = (tiles.aligned(a, np.float16).view(np.uint16) for a in (d, dmin))  # fp16 bits again, exactly
     return PackedQ5K(qs=qs, qh=qh, sc=sc, mn=mn, d=d, dmin=dmin, n=n)
 
 

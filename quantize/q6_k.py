@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from . import q8_k
+from . import q8_k, tiles
 from .kquants import F32, GROUP_MAX_EPS, QK_K, dot_levels16, f16_to_f32, f32_to_f16, make_qx_quants, nearest_int
 from .registry import QuantFormat, TileKernels
 from .simd import (add_f, add_i, band, bor, dpbusd_small, load_h, load_i, load_i8, mul_f, mul_i, sll, splat_f, splat_i, srl,
@@ -146,9 +146,9 @@ def pack(raw3: np.ndarray) -> PackedQ6K:
     """The portable kernels' layout of raw3 (N, nb, 210) file blocks: tiles of TILE rows."""
     n, nb = raw3.shape[:2]
     n_tiles = -(-n // TILE)
-    q3 = np.zeros((n_tiles, nb, 3, 64, TILE), np.uint8)
-    sc = np.zeros((n_tiles, nb, 16, TILE), np.int8)
-    d = np.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
+    q3 = tiles.zeros((n_tiles, nb, 3, 64, TILE), np.uint8)
+    sc = tiles.zeros((n_tiles, nb, 16, TILE), np.int8)
+    d = tiles.zeros((n_tiles, nb, TILE), np.float32)  # zero rows pad the last tile
     _pack(raw3, q3, sc, d)
     return PackedQ6K(q3=q3, sc=sc, d=d, n=n)
 
@@ -212,13 +212,12 @@ def pack_words(b: np.ndarray) -> PackedQ6KWords:
     pad[:n] = b
     levels = np.empty((nt * VTILE, nb, QK_K), np.uint8)
     _level_bytes(pad, levels)
-    q = np.empty((nt, nb, WORDS, VTILE), np.uint32)
+    q = tiles.zeros((nt, nb, WORDS, VTILE))
     _words(levels.reshape(nt, VTILE, nb, 64, 4), q)
     pad = pad.reshape(nt, VTILE, nb, b.shape[2])
     sc = pad[..., SC:D].view(np.int8)  # (nt, VTILE, nb, 16)
     d = np.ascontiguousarray(pad[..., D:D + 2]).view(np.uint16)[..., 0]  # (nt, VTILE, nb) fp16 bits
-    return PackedQ6KWords(q=q, sc=np.ascontiguousarray(sc.transpose(0, 2, 3, 1)),
-                          d=np.ascontiguousarray(d.transpose(0, 2, 1)), n=n)
+    return PackedQ6KWords(q=q, sc=tiles.aligned(sc.transpose(0, 2, 3, 1)), d=tiles.aligned(d.transpose(0, 2, 1)), n=n)
 
 
 @njit(cache=True, inline="always")

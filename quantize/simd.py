@@ -421,16 +421,7 @@ def sum16(typingctx, acc, t):
         acc_, t_ = args
         if HAVE_VNNI or not CPU_HAS_AVX2:
             return builder.add(acc_, t_)
-        v16i16, v32i16 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(16), 32)
-        v8i32 = ir.VectorType(_I32, 8)
-        maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                "llvm.x86.avx2.pmadd.wd")
-        t16, ones = builder.bitcast(t_, v32i16), ir.Constant(v16i16, [1] * 16)
-        undef = ir.Constant(v32i16, ir.Undefined)
-        halves = [builder.call(maddwd, [builder.shuffle_vector(t16, undef, ir.Constant(
-            ir.VectorType(_I32, 16), list(range(16 * h, 16 * h + 16)))), ones]) for h in range(2)]
-        return builder.add(acc_, builder.shuffle_vector(halves[0], halves[1],
-                                                        ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))))
+        return _maddwd_ir(builder, acc_, t_, ir.Constant(_VI, [0x00010001] * LANES))  # pairs times ones
 
     return VI(acc, t), codegen
 
@@ -449,20 +440,10 @@ def dpwssd(typingctx, acc, a, b):
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VI, _VI]),
                                                 "llvm.x86.avx512.vpdpwssd.512")
             return builder.call(fn, [acc_, a_, b_])
+        if CPU_HAS_AVX2:
+            return _maddwd_ir(builder, acc_, a_, b_)
         v32i16 = ir.VectorType(ir.IntType(16), 2 * LANES)
         a16, b16 = builder.bitcast(a_, v32i16), builder.bitcast(b_, v32i16)
-        if CPU_HAS_AVX2:
-            v16i16, v8i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8)
-            maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                    "llvm.x86.avx2.pmadd.wd")
-            undef = ir.Constant(v32i16, ir.Undefined)
-            halves = []
-            for h in range(2):
-                pick = ir.Constant(ir.VectorType(_I32, 16), list(range(16 * h, 16 * h + 16)))
-                halves.append(builder.call(maddwd, [builder.shuffle_vector(a16, undef, pick),
-                                                    builder.shuffle_vector(b16, undef, pick)]))
-            return builder.add(acc_, builder.shuffle_vector(halves[0], halves[1], ir.Constant(
-                ir.VectorType(_I32, LANES), list(range(LANES)))))
         v32i32 = ir.VectorType(_I32, 2 * LANES)
         prod = builder.mul(builder.sext(a16, v32i32), builder.sext(b16, v32i32))
         undef = ir.Constant(v32i32, ir.Undefined)
@@ -471,6 +452,22 @@ def dpwssd(typingctx, acc, a, b):
         return builder.add(acc_, builder.add(even, odd))
 
     return VI(acc, a, b), codegen
+
+
+def _maddwd_ir(builder, acc_, a_, b_):
+    # acc + the two products of each lane's signed 16-bit halves of a and b, by vpmaddwd on each
+    # 256-bit half (AVX2): sum16's and dpwssd's
+    v32i16, v16i16, v8i32 = (ir.VectorType(ir.IntType(16), 2 * LANES), ir.VectorType(ir.IntType(16), LANES),
+                             ir.VectorType(_I32, LANES // 2))
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    a16, b16, undef = builder.bitcast(a_, v32i16), builder.bitcast(b_, v32i16), ir.Constant(v32i16, ir.Undefined)
+    halves = []
+    for h in range(2):  # lanes 8h .. 8h + 7: halves 16h .. 16h + 15
+        pick = ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES * h, LANES * h + LANES)))
+        halves.append(builder.call(maddwd, [builder.shuffle_vector(a16, undef, pick), builder.shuffle_vector(b16, undef, pick)]))
+    return builder.add(acc_, builder.shuffle_vector(halves[0], halves[1],
+                                                    ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))))
 
 
 def _maddubs_ir(builder, acc_, a_, b_):

@@ -130,8 +130,8 @@ def tile_scales(n: int, blocks, offset, halves: bool) -> np.ndarray:
 
 def zeros(shape: tuple, dtype=np.uint32) -> np.ndarray:
     """Zeros of `shape` from the start of a cache line, as the packed-weights cache lays its arrays:
-    numpy's 16-byte alignment would leave a kernel's 64-byte loads straddling two lines (a layer's
-    Q4_K experts through matmul_many: 19-20 GB/s against 24-27 aligned, on 2 AVX2 cores)."""
+    with numpy's 16-byte alignment three arrays in four would have a kernel's 64-byte loads straddle
+    two lines."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     buf = np.zeros(nbytes + LINE, np.uint8)
@@ -139,11 +139,13 @@ def zeros(shape: tuple, dtype=np.uint32) -> np.ndarray:
     return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def aligned(a: np.ndarray) -> np.ndarray:
-    """a, or a copy of it from the start of a cache line (as zeros)."""
-    if a.ctypes.data % LINE == 0:
+def aligned(a: np.ndarray, dtype=None) -> np.ndarray:
+    """a's values as a C-contiguous array of `dtype` (a's own by default) from the start of a cache
+    line (as zeros): a itself where it already is one, else one copy."""
+    dtype = a.dtype if dtype is None else np.dtype(dtype)
+    if a.dtype == dtype and a.flags.c_contiguous and a.ctypes.data % LINE == 0:
         return a
-    out = zeros(a.shape, a.dtype)
+    out = zeros(a.shape, dtype)
     out[...] = a
     return out
 
