@@ -85,6 +85,12 @@ class Backend(Protocol):
         roped are stored at pos, q's last R values of each head roped, and the token attends over
         positions 0..pos -> o_lat (1, H, C)."""
 
+    def latent_steps(self, q, kv, norm_w, eps: float, rope, q_lat, cache_c, cache_k_pe, pos, scale: float):
+        """Optional: latent_step for a few new tokens of one sequence at consecutive positions pos
+        (a speculative verification): q (T, H, N + R), kv (T, C + R), q_lat (T, H, C) -> o_lat (T,
+        H, C), each row what latent_step gives it; None where it does not apply."""
+        return None
+
     def latent_decode_rows(self, q_lat, q_pe, lat_new, k_pe_new, caches_c: list, caches_k_pe: list, pos,
                            scale: float):
         """latent_decode for one new token of each of several sequences (row b: q_lat (B, H, C),

@@ -388,6 +388,9 @@ class DeepSeek2Model(DecoderModel):
         if len(pos) == 1:  # a decode step: the backend's whole attention where it has one
             o_lat = self.backend.latent_step(q[0], kv[0], L.attn_kv_a_norm, c.rms_eps, self.rope, q_lat[0],
                                              cache.c[i], cache.k_pe[i], pos_x, c.kq_scale)
+        elif len(pos) <= FEW_TOKENS and pos[-1] - pos[0] + 1 == len(pos) and hasattr(self.backend, "latent_steps"):
+            o_lat = self.backend.latent_steps(q, kv, L.attn_kv_a_norm, c.rms_eps, self.rope, q_lat, cache.c[i],
+                                              cache.k_pe[i], pos_x, c.kq_scale)  # a verification's few tokens
         if o_lat is None:
             q_pe, lat, k_pe = self._entries(L, q, kv, pos_x)
             o_lat = self._attend_few(q_lat, q_pe, lat, k_pe, cache, i, pos, pos_x)

@@ -538,6 +538,36 @@ def test_latent_decode_of_several_sequences_equals_one_by_one(positions):
         np.testing.assert_array_equal(k, k1)
 
 
+@pytest.mark.parametrize("start", [40, 300])
+def test_a_verifications_latent_steps_equal_latent_step_token_by_token(start):
+    """A speculative verification's few tokens of one sequence: their rope, norm, cache entries and
+    attention in one call (latent_steps), bit for bit what latent_step gives token after token (each
+    row attends up to its own position), the caches left the same; a long context too, where the
+    entries come first and the rows' kernel runs on both cores (LATENT_SHORT)."""
+    from edgeseek.backends import CPUBackend
+    from edgeseek.backends.cpu import LATENT_SHORT
+    from edgeseek.models.common import Rope, yarn_freqs
+    rng = np.random.default_rng(11)
+    H, C, R, N, T, n_ctx = 6, 128, 32, 16, 3, 400
+    assert ((start + 1) * T + T) * H >= LATENT_SHORT or start < 50
+    rope = Rope(R, yarn_freqs(R, 10000.0, 4.0, 64, 32.0, 1.0), "norm")
+    c0, k0 = rng.standard_normal((n_ctx, C)).astype(np.float16), rng.standard_normal((n_ctx, R)).astype(np.float16)
+    q = rng.standard_normal((T, H, N + R)).astype(np.float32)
+    kv = rng.standard_normal((T, C + R)).astype(np.float32) * 3
+    q_lat = rng.standard_normal((T, H, C)).astype(np.float32)
+    norm = rng.standard_normal(C).astype(np.float32)
+    pos = np.arange(start, start + T)
+    b = CPUBackend()
+    c1, k1 = c0.copy(), k0.copy()
+    want = np.concatenate([b.latent_step(q[t], kv[t], norm, 1e-6, rope, q_lat[t], c1, k1, pos[t:t + 1], 0.1)
+                           for t in range(T)])
+    c2, k2 = c0.copy(), k0.copy()
+    got = b.latent_steps(q, kv, norm, 1e-6, rope, q_lat, c2, k2, pos, 0.1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(c2, c1)
+    np.testing.assert_array_equal(k2, k1)
+
+
 @numba.njit(fastmath=True)
 def _exp_kernel(x, out):
     for i in range(0, x.shape[0], 16):

@@ -446,6 +446,37 @@ def _latent_entries(q, kv, norm_w, eps, cos, sin, p, dim, neox, q_pe, lat, k_pe)
 
 
 @njit(cache=True)
+def _latent_entries_rows(q, kv, norm_w, eps, cos, sin, pos, dim, neox, c16, kpe16, q_pe):
+    # a verification's few tokens of one sequence: row t's entries as _latent_entries makes them
+    # (q_pe[t] roped; its latent normalized and k_pe roped), the two stored as float16 (store_h:
+    # numpy's rounding) at position pos[t] of the layer caches c16 (S, C) and kpe16 (S, R) (uint16)
+    T, C, R = q.shape[0], c16.shape[1], kpe16.shape[1]
+    lat, k_pe = np.empty(C, np.float32), np.empty(R, np.float32)
+    cf, kf = c16.reshape(-1), kpe16.reshape(-1)
+    for t in range(T):
+        _latent_entries(q[t], kv[t], norm_w, eps, cos, sin, pos[t], dim, neox, q_pe[t], lat, k_pe)
+        for j in range(0, C, 16):
+            store_h(cf, pos[t] * C + j, load_f(lat, j))
+        for j in range(0, R, 16):
+            store_h(kf, pos[t] * R + j, load_f(k_pe, j))
+
+
+@njit(fastmath=True, cache=True)
+def _latent_few(q, kv, norm_w, eps, cos, sin, pos, dim, neox, q_lat, c16, kpe16, scale, out):
+    # _latent_entries_rows, then each row attends up to its own position as _latent_short (the same
+    # steps per head, so the same results), all on one core in one call: q (T, H, N + R), kv
+    # (T, C + R), q_lat and out (T, H, C)
+    T, H, C = q_lat.shape
+    q_pe = np.empty((T, H, kpe16.shape[1]), np.float32)
+    _latent_entries_rows(q, kv, norm_w, eps, cos, sin, pos, dim, neox, c16, kpe16, q_pe)
+    scores = np.empty((4, pos.max() + 17), np.float32)
+    cf, kf = c16.reshape(-1), kpe16.reshape(-1)
+    for t in range(T):
+        for h in range(0, H, 4):
+            _latent_four(q_lat, q_pe, t * H + h, t * H + H - 1, cf, kf, pos[t] + 1, scale, scores, out)
+
+
+@njit(cache=True)
 def _rms_norm(x, w, eps, out):
     # x (T, D) float32 -> x / rms(x) * w, row by row (activations.rms_norm_row)
     for t in range(x.shape[0]):
@@ -874,6 +905,34 @@ class CPUBackend:
                         np.float32(eps), rope.cos, rope.sin, p, rope.dim, rope.kind == "neox", q_pe, lat[0], k_pe[0])
         return self.latent_decode(q_lat, q_pe, lat, k_pe, cache_c, cache_k_pe, pos, scale)
 
+    def latent_steps(self, q, kv, norm_w, eps: float, rope, q_lat, cache_c, cache_k_pe, pos, scale: float):
+        """latent_step for a few new tokens of one sequence (a speculative verification): q (T, H,
+        N + R), kv (T, C + R), q_lat (T, H, C) at host positions pos (T,) -> o_lat (T, H, C), each row
+        what latent_step gives it (the same entries, stored before any row attends; each row attends
+        up to its own position); one numba call over a short context, two (the entries, then
+        _latent_rows on both cores) over a long one. None where latent_step would not run."""
+        T, H, C = q_lat.shape
+        R = cache_k_pe.shape[1]
+        if not isinstance(pos, np.ndarray) or C % 16 or R % 16 or norm_w.dtype != np.float32 \
+                or kv.shape != (T, C + R) or q.ndim != 3 or q.shape[2] <= R or rope.dim > R \
+                or not (cache_c.flags.c_contiguous and cache_k_pe.flags.c_contiguous):
+            return None
+        pos = pos.astype(np.int64, copy=False)
+        rope.ensure(int(pos.max()) + 1)
+        args = (np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(kv, dtype=np.float32), norm_w,
+                np.float32(eps), rope.cos, rope.sin, pos, rope.dim, rope.kind == "neox")
+        c16, k16 = cache_c.view(np.uint16), cache_k_pe.view(np.uint16)
+        q_lat = np.ascontiguousarray(q_lat, dtype=np.float32)
+        out = np.empty((T, H, C), np.float32)
+        if int(pos.sum() + T) * H < LATENT_SHORT:
+            _latent_few(*args, q_lat, c16, k16, np.float32(scale), out)
+            return out
+        q_pe = np.empty((T, H, R), np.float32)
+        _latent_entries_rows(*args, c16, k16, q_pe)
+        at = np.tile(np.array([[c16.ctypes.data, k16.ctypes.data]], np.int64), (T, 1))
+        _latent_rows(q_lat, q_pe, at, pos + 1, np.float32(scale), out)
+        return out
+
     def latent_decode(self, q_lat, q_pe, lat_new, k_pe_new, cache_c, cache_k_pe, pos, scale: float):
         """One new token's MLA attention straight from the float16 latent cache (two numba kernels,
         both cores), where C and R are multiples of 16; else None (the model's numpy math)."""
@@ -1140,6 +1199,11 @@ class CPUBackend:
             route(np.zeros((1, 4), np.float32), RouterConfig(4, 2), bias)
         for n in (1, FEW_TOKENS + 1):  # and its logits, on one core and on both
             router_logits(np.zeros((n, 64), np.float32), np.ones((4, 64), np.float32))
+        for norm in (np.ones(16, np.float32), fixed):  # a verification's tokens' whole attention,
+            for n in (1, LATENT_SHORT):  # on one core and on both
+                cc, kk = np.zeros((n + 2, 16), np.float16), np.zeros((n + 2, 16), np.float16)
+                self.latent_steps(np.zeros((2, 2, 32), np.float32), np.zeros((2, 32), np.float32), norm, 1e-6, r,
+                                  np.zeros((2, 2, 16), np.float32), cc, kk, np.array([n, n + 1]), 0.5)
         rows = np.zeros((2, 2, 16), np.float32)  # two rows (a batch's sequences, a verification's tokens)
         self.latent_decode_rows(rows, rows, q, q, [c, c], [k, k], np.array([1, 2]), 0.5)  # on one core
         n = LATENT_SHORT // 2  # and enough positions for both cores
