@@ -256,6 +256,7 @@ class QuantFormat:
     type_size: int  # bytes per block
     portable: Kernels
     vnni: Kernels | None = None
+    many_loaded = 0  # the longest matmul_many tuple whose kernel warmup has compiled or loaded
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -449,6 +450,7 @@ class QuantFormat:
         if top > 1:  # every tuple length (many_size) up to the largest count's
             for n in (1 << i for i in range(1, many_size(top).bit_length())):
                 self.matmul_many([packed] * n, x[:1], [0] * n)
+            self.many_loaded = max(self.many_loaded, many_size(top))
 
 
 def get_format(qtype) -> QuantFormat:

@@ -79,19 +79,21 @@ def test_greedy_reply_equals_the_recorded_one(path, mtp):
 
 @requires_llama_cpp
 def test_a_verifications_per_head_products_equal_the_decode_steps(path):
-    """MLA's quantized per-head products of 2-4 tokens (an MTP verification; Q8_0 has no grouped
-    products, so every (token, head) pair goes in one call) give each token the bits its own decode
-    step gives it: greedy output with MTP stays token for token what it is without."""
-    engine = edgeseek.load(path, n_ctx=64, mtp="off")
-    b, L = engine.model.backend, engine.model.layers[1]
+    """MLA's quantized per-head products of 2-4 tokens (an MTP verification: every (token, head)
+    pair in one call where load compiled that count, as it does with MTP on; else a token's heads in
+    one call) give each token the bits its own decode step gives it: greedy output with MTP stays
+    token for token what it is without."""
     rng = np.random.default_rng(3)
-    for w in (L.attn_k_b, L.attn_v_b):
-        H, _, K = w.shape
-        for T in (2, 3, 4):
-            x = rng.standard_normal((T, H, K)).astype(np.float32)
-            got = b.per_head(w, x)
-            for t in range(T):
-                np.testing.assert_array_equal(got[t], b.per_head(w, x[t:t + 1])[0])
+    for mtp in ("off", 1):
+        engine = edgeseek.load(path, n_ctx=64, mtp=mtp)
+        b, L = engine.model.backend, engine.model.layers[1]
+        for w in (L.attn_k_b, L.attn_v_b):
+            H, _, K = w.shape
+            for T in (2, 3, 4):
+                x = rng.standard_normal((T, H, K)).astype(np.float32)
+                got = b.per_head(w, x)
+                for t in range(T):
+                    np.testing.assert_array_equal(got[t], b.per_head(w, x[t:t + 1])[0])
 
 
 def test_logits_within_the_quantized_file_criterion(path, f32_path):

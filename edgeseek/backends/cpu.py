@@ -15,6 +15,7 @@ from edgeseek.models.moe import route as route_numpy
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import FEW_ROWS, rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
+from edgeseek.quantize.registry import many_size
 from edgeseek.quantize.simd import (WIDE_VECTORS, add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge, prefetch,
                                     splat_f, store_f, store_h, sub_f, zero_f)
 
@@ -787,32 +788,34 @@ class CPUBackend:
         return Embedding(gguf, name, shape)
 
     def per_head(self, w, x: np.ndarray) -> np.ndarray:
-        # Quantized heads, a few tokens: every head in one kernel call per token; more: every head
-        # with its rows in one call where the format has it (matmul_groups). A float32 stack,
-        # a few tokens: a numba kernel on both cores (numpy's einsum runs these on one core, at a
-        # third of the bandwidth); more tokens: batched BLAS.
+        # Quantized heads, a few tokens (a verification's, up to MANY_PAIRS (token, head) pairs): every
+        # pair in one bound matmul_many call; more: every head with its rows in one call where the
+        # format has it (matmul_groups), else a token's heads in one call. A float32 stack, a few
+        # tokens: a numba kernel on both cores (numpy's einsum runs these on one core, at a third of
+        # the bandwidth); more tokens: batched BLAS.
         if isinstance(w, Heads):
             H, T = w.shape[0], len(x)
+            if T <= FEW_TOKENS and T * H <= MANY_PAIRS and (T == 1 or many_size(T * H) <= w.fmt.many_loaded):
+                # bound once per token count where load made its kernel (the grouped call's addresses,
+                # transposes and spans cost more: 55 against 17 us for three tokens of edgeseek-mini's
+                # k_b, 277 against 134 of V2-Lite's); a mis-shaped x: matmul_many names it
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                call = w.bound(T) if x.shape[1:] == (H, w.shape[2]) else None
+                y = call(x.reshape(T * H, -1)) if call is not None else \
+                    w.fmt.matmul_many(w.packed * T, x.reshape(T * H, -1), np.arange(T * H))
+                if y is not None:
+                    return y.reshape(T, H, -1)  # (T, H, R)
             if T > 2:
                 starts = np.arange(H) * T
                 y = w.fmt.matmul_groups(w.packed, np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32)
                                         .reshape(H * T, -1), np.stack([starts, starts + T, starts], axis=1))
                 if y is not None:  # (H * T, R) head-major: every head in one call, as head by head
                     return y.reshape(H, T, -1).transpose(1, 0, 2)
-            if T <= FEW_TOKENS:  # a format without grouped products: a verification's 3-4 tokens went
-                # head by head (8 calls a layer on edgeseek-mini); every (token, head) pair in one call
-                # where that is few matrices, else a token's heads in one call
+            if T <= FEW_TOKENS:  # many heads (V3's 128), or a count load did not compile: a token's heads
                 x = np.ascontiguousarray(x, dtype=np.float32)
-                if T * H <= MANY_PAIRS:  # bound once per token count (a mis-shaped x: matmul_many names it)
-                    call = w.bound(T) if x.shape[1:] == (H, w.shape[2]) else None
-                    y = call(x.reshape(T * H, -1)) if call is not None else \
-                        w.fmt.matmul_many(w.packed * T, x.reshape(T * H, -1), np.arange(T * H))
-                    ys = None if y is None else y.reshape(T, H, -1)
-                else:
-                    ys = [w.fmt.matmul_many(w.packed, x[t], np.arange(H)) for t in range(T)]
-                    ys = np.stack(ys) if all(y is not None for y in ys) else None
-                if ys is not None:
-                    return ys  # (T, H, R)
+                ys = [w.fmt.matmul_many(w.packed, x[t], np.arange(H)) for t in range(T)]
+                if all(y is not None for y in ys):
+                    return np.stack(ys)  # (T, H, R)
             return np.stack([w.matrix(h)(np.ascontiguousarray(x[:, h])) for h in range(H)], axis=1)
         if len(x) <= 2:
             out = np.empty((len(x), w.shape[0], w.shape[1]), np.float32)  # (T, H, R)
