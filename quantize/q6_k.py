@@ -212,7 +212,7 @@ def pack_words(b: np.ndarray) -> PackedQ6KWords:
     pad[:n] = b
     levels = np.empty((nt * VTILE, nb, QK_K), np.uint8)
     _level_bytes(pad, levels)
-    q = tiles.zeros((nt, nb, WORDS, VTILE))
+    q = tiles.zeros((nt, nb, WORDS, VTILE), np.uint32)
     _words(levels.reshape(nt, VTILE, nb, 64, 4), q)
     pad = pad.reshape(nt, VTILE, nb, b.shape[2])
     sc = pad[..., SC:D].view(np.int8)  # (nt, VTILE, nb, 16)

@@ -465,7 +465,8 @@ def _maddwd_ir(builder, acc_, a_, b_):
     halves = []
     for h in range(2):  # lanes 8h .. 8h + 7: halves 16h .. 16h + 15
         pick = ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES * h, LANES * h + LANES)))
-        halves.append(builder.call(maddwd, [builder.shuffle_vector(a16, undef, pick), builder.shuffle_vector(b16, undef, pick)]))
+        halves.append(builder.call(maddwd, [builder.shuffle_vector(a16, undef, pick),
+                                            builder.shuffle_vector(b16, undef, pick)]))
     return builder.add(acc_, builder.shuffle_vector(halves[0], halves[1],
                                                     ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))))
 

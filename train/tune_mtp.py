@@ -353,10 +353,11 @@ def train(a) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        if step % 25 == 0:
+        evaluate = a.eval_every and step % a.eval_every == 0
+        if step % 25 == 0 or evaluate:
             agree = float((logq.argmax(-1) == main.argmax(-1)).float().mean())
             entry = {"step": step, "loss": round(loss.item(), 4), "agreement": round(agree, 4)}
-            if a.eval_every and step % a.eval_every == 0:
+            if evaluate:
                 entry["held_out"], entry["held_out_greedy"] = (round(x, 4) for x in held_out())
             print(" ".join(f"{k} {v}" for k, v in entry.items()) + f" {time.time() - t0:.0f} s", flush=True)
             log.append(entry)

@@ -462,19 +462,16 @@ def _latent_entries_rows(q, kv, norm_w, eps, cos, sin, pos, dim, neox, c16, kpe1
             store_h(kf, pos[t] * R + j, load_f(k_pe, j))
 
 
-@njit(fastmath=True, cache=True)
+@njit(cache=True)
 def _latent_few(q, kv, norm_w, eps, cos, sin, pos, dim, neox, q_lat, c16, kpe16, scale, out):
-    # _latent_entries_rows, then each row attends up to its own position as _latent_short (the same
-    # steps per head, so the same results), all on one core in one call: q (T, H, N + R), kv
-    # (T, C + R), q_lat and out (T, H, C)
-    T, H, C = q_lat.shape
+    # _latent_entries_rows, then each row's _latent_short up to its own position, all on one core in
+    # one call: q (T, H, N + R), kv (T, C + R), q_lat and out (T, H, C)
+    T, H = q_lat.shape[:2]
     q_pe = np.empty((T, H, kpe16.shape[1]), np.float32)
     _latent_entries_rows(q, kv, norm_w, eps, cos, sin, pos, dim, neox, c16, kpe16, q_pe)
     scores = np.empty((4, pos.max() + 17), np.float32)
-    cf, kf = c16.reshape(-1), kpe16.reshape(-1)
     for t in range(T):
-        for h in range(0, H, 4):
-            _latent_four(q_lat, q_pe, t * H + h, t * H + H - 1, cf, kf, pos[t] + 1, scale, scores, out)
+        _latent_short(q_lat[t], q_pe[t], c16, kpe16, pos[t] + 1, scale, scores, out[t])
 
 
 @njit(cache=True)
