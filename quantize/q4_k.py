@@ -27,6 +27,11 @@ from .simd import (HAVE_VNNI, add_f, add_i, band, dpbusd16, dpwssd, load_h, load
 TILE = 128
 # The VNNI kernel's tiles: 16 rows, one vector; a tile's bytes lie in the order the kernel reads them.
 VTILE = 16
+# Independent sums a group's eight words of products go into: with vpdpbusd each sum is a chain of
+# dependent instructions, and two chains of four read a decode step's experts at 116-127 GB/s where
+# one of eight read them at 101-116 (16 threads of an AVX-512 Xeon, bench/bench_experts.py's gate
+# and up over 2 GB). On AVX2 a chain is one vpaddw a product and a second costs a vpmaddwd: one.
+CHAINS = 2 if HAVE_VNNI else 1
 
 
 # --- dequantize -------------------------------------------------------------------------------
@@ -248,14 +253,16 @@ def _tile_vnni(qs, sc, mn, d, dmin, t, xw, xd, bsums, k, y, yo, fetch):
             lo, hi = zero_i(), zero_i()
             o = (tb * 4 + g) * 8 * VTILE
             xo = 64 * b + 16 * g
-            for w in range(8):
-                v = load_i(qs, o + w * VTILE)
-                lo = dpbusd16(lo, band(v, low), splat_i(xw[k, xo + w]))  # 8 nibble products each: dpbusd16's bound
-                if HAVE_VNNI:
-                    hi = dpbusd16(hi, band(v, high), splat_i(xw[k, xo + 8 + w]))
-                else:
-                    hi = dpbusd16(hi, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
-            lo, hi = sum16(zero_i(), lo), sum16(zero_i(), hi)
+            for c in range(CHAINS):
+                lc, hc = zero_i(), zero_i()
+                for w in range(c * 8 // CHAINS, (c + 1) * 8 // CHAINS):
+                    v = load_i(qs, o + w * VTILE)
+                    lc = dpbusd16(lc, band(v, low), splat_i(xw[k, xo + w]))  # 8 nibble products each: dpbusd16's bound
+                    if HAVE_VNNI:
+                        hc = dpbusd16(hc, band(v, high), splat_i(xw[k, xo + 8 + w]))
+                    else:
+                        hc = dpbusd16(hc, band(srl(v, 4), low), splat_i(xw[k, xo + 8 + w]))
+                lo, hi = sum16(lo, lc), sum16(hi, hc)
             if HAVE_VNNI:
                 hi = sra(hi, 4)
             so = (tb * 8 + 2 * g) * VTILE
