@@ -95,9 +95,10 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
             tok = np.repeat(np.arange(T), k)
             delta = lora.experts(layer, tok, experts[inverse.reshape(-1)]) if lora is not None else None
             ys = backend.experts_rows(x, [triples[j] for j in inverse.reshape(-1)], tok, delta)
-            if ys is not None:
-                return (ys.reshape(T, k, -1) * weights[:, :, None]).sum(1).astype(x.dtype)
-    elif len(x) > FEW_TOKENS and lora is None:
+            if ys is not None:  # each token's experts summed in expert order, as a decode step sums them
+                ys = ys.reshape(T, k, -1) * weights[:, :, None]
+                return np.take_along_axis(ys, np.argsort(ids, axis=1)[:, :, None], 1).sum(1).astype(x.dtype)
+    if len(x) > 1 and lora is None:  # more tokens, or a few whose pairs the backend did not take
         groups = list(groups)
         if len(groups) == 1:
             triples = dict(groups[0])

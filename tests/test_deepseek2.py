@@ -153,3 +153,28 @@ def test_prefetching_the_next_layers_experts_changes_no_logit():
     plain = _decode_steps(m)
     m.prefetch_experts = True
     np.testing.assert_array_equal(_decode_steps(m), plain)
+
+
+@pytest.mark.parametrize("name", ["v3-q4_0", "v2lite-q8_0"])
+def test_a_few_tokens_experts_sum_as_each_tokens_decode_step(name, monkeypatch):
+    """A few tokens' routed experts (a speculative verification, a batch step of a few sequences), as
+    (token, expert) pairs in one product or as runs of rows by expert, give each token the bits its
+    own decode step gives: the same rows, each token's experts summed in expert order."""
+    from edgeseek.models.moe import moe
+
+    m = edgeseek.load(FIXTURES / f"{name}.gguf", n_ctx=64).model
+    i = next(i for i, L in enumerate(m.layers) if not L.dense)
+    c, rng = m.config, np.random.default_rng(0)
+    T, k = 3, c.router.n_used
+    x = rng.standard_normal((T, c.n_embd)).astype(np.float32)
+    ids = np.stack([rng.permutation(c.n_expert)[:k] for _ in range(T)])
+    weights = rng.random((T, k)).astype(np.float32)
+    fmt = m.experts.experts(i, ids[0, :1])[0][0].fmt
+    alone = np.concatenate([moe(x[t:t + 1], ids[t:t + 1], weights[t:t + 1], m.experts, i, m.backend, count=False)
+                            for t in range(T)])
+    fmt.warmup(2 * T * k)  # the pairs' tuple length, as load compiles it with MTP on
+    pairs = moe(x, ids, weights, m.experts, i, m.backend, count=False)
+    monkeypatch.setattr(fmt, "many_loaded", 0)  # as without MTP: the runs
+    runs = moe(x, ids, weights, m.experts, i, m.backend, count=False)
+    np.testing.assert_array_equal(pairs, alone)
+    np.testing.assert_array_equal(runs, alone)

@@ -37,14 +37,22 @@ caching.Cache.load_overload = spy
 
 with event.install_listener("numba:compile", Compiles()):
     sampler = edgeseek.SamplerConfig(temperature=0)
-    for _ in edgeseek.stream_generate(engine, "Hello, how are you today?", max_tokens=4, sampler=sampler):
-        pass
+    if sys.argv[2:] == ["batch"]:  # steps of 2, 3 and 4 sequences: their (token, expert) pairs come in tuple
+        # lengths a decode step does not use
+        from edgeseek import batch
+        for n in (2, 3, 4):
+            reqs = [batch.Request(f"r{i}", i, "completion", f"Request {i}: hello", 3, sampler, []) for i in range(n)]
+            batch.run(engine, reqs, lambda line: None, parallel=n)
+    else:
+        for _ in edgeseek.stream_generate(engine, "Hello, how are you today?", max_tokens=4, sampler=sampler):
+            pass
 print(json.dumps(sorted(set(names))))
 """
 
 
-def _compiled_after_load(path) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", AFTER_LOAD, str(path)], capture_output=True, text=True, check=True)
+def _compiled_after_load(path, *args) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", AFTER_LOAD, str(path), *args], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -53,6 +61,13 @@ def test_nothing_compiles_after_load(name):
     """A prompt (several tokens) and decode steps (one) after load: every kernel they call was
     prepared by load."""
     assert _compiled_after_load(DEEPSEEK2 / f"{name}.gguf") == []
+
+
+@pytest.mark.parametrize("name", ["v3-q4_k_m", "v3-q4_0"])
+def test_a_batch_of_a_few_sequences_compiles_nothing_after_load(name):
+    """A batch step of 2-4 sequences without MTP: its experts go as runs (any count), not as (token,
+    expert) pairs in a matmul_many tuple length that load did not compile."""
+    assert _compiled_after_load(DEEPSEEK2 / f"{name}.gguf", "batch") == []
 
 
 def test_nothing_compiles_after_load_on_a_real_model(smollm2_path):

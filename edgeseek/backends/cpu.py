@@ -829,6 +829,9 @@ class CPUBackend:
         fmt = gates[0].fmt
         if any(m.fmt is not fmt for m in gates + ups):
             return None
+        if len(x) > 1 and delta is None and many_size(2 * len(gates)) > fmt.many_loaded:
+            return None  # several tokens' pairs in a tuple length load did not compile (a batch step of a
+            # few sequences without MTP): numba would compile it now, seconds to minutes; the runs path
         rows = np.asarray(rows, np.int64)
         gu = fmt.matmul_many([m.packed for m in gates + ups], x, np.concatenate([rows, rows]))  # one region
         if gu is None:
