@@ -96,6 +96,25 @@ def test_a_verifications_per_head_products_equal_the_decode_steps(path):
                     np.testing.assert_array_equal(got[t], b.per_head(w, x[t:t + 1])[0])
 
 
+@pytest.mark.parametrize("mtp", ["off", 1])
+def test_a_verifications_logits_equal_the_decode_steps(path, mtp):
+    """A forward pass over 2-4 new positions of one sequence (an MTP verification) gives each position
+    the logits, to the bit, that decoding its tokens one at a time gives: whatever path each part
+    takes (MTP on compiles the (token, expert) and (token, head) pairs' tuple lengths, off does not),
+    greedy output with MTP stays token for token what it is without."""
+    engine = edgeseek.load(path, n_ctx=64, mtp=mtp)
+    m = engine.model
+    rng = np.random.default_rng(5)
+    for text, T in zip(PROMPTS, (2, 3, 4, 2, 4)):
+        prompt = np.array(prompt_tokens(engine, text), np.int32)
+        new = rng.integers(100, m.config.vocab_size, T).astype(np.int32)
+        cache = m.new_cache()
+        m.forward(prompt, cache)
+        steps = np.concatenate([m.forward(new[t:t + 1], cache) for t in range(T)])
+        cache.truncate(len(prompt))
+        np.testing.assert_array_equal(m.forward(new, cache, all_logits=True), steps, err_msg=text)
+
+
 def test_logits_within_the_quantized_file_criterion(path, f32_path):
     from make_deepseek2_fixtures import llama_logits
     engine = edgeseek.load(path, n_ctx=256)
