@@ -29,8 +29,9 @@ TILE = 128
 VTILE = 16
 # Independent sums a group's eight words of products go into: with vpdpbusd each sum is a chain of
 # dependent instructions, and two chains of four read a decode step's experts at 116-127 GB/s where
-# one of eight read them at 101-116 (16 threads of an AVX-512 Xeon, bench/bench_experts.py's gate
-# and up over 2 GB). On AVX2 a chain is one vpaddw a product and a second costs a vpmaddwd: one.
+# one of eight read them at 101-116 (16 threads of an AVX-512 Xeon; bench/bench_experts.py's step
+# over 104 layers of gate and up, 2 GB). On AVX2 a chain is one vpaddw a product and a second sum
+# would cost a vpmaddwd: one.
 CHAINS = 2 if HAVE_VNNI else 1
 
 
