@@ -77,8 +77,8 @@ def run(formats: dict, layers: int, used: int, repeats: int, bandwidth: float | 
             if bandwidth and "GB_per_s" in rows[part]:
                 rows[part]["bandwidth_fraction"] = round(rows[part]["GB_per_s"] / bandwidth, 3)
         out[name] = rows
-        print(f"{name}: " + "; ".join(f"{p} {r.get('ms', '-')} ms {r.get('GB_per_s', '')} GB/s" for p, r in rows.items()),
-              flush=True)
+        said = (f"{p} {r['ms']} ms {r['GB_per_s']} GB/s" if "ms" in r else f"{p} skipped" for p, r in rows.items())
+        print(f"{name}: " + "; ".join(said), flush=True)
     return out
 
 
