@@ -45,9 +45,20 @@ def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) 
     mean) and the output head."""
     import edgeseek
     from edgeseek.gguf_file import GGUFFile
-    has_mtp = bool(GGUFFile(path).arch_meta("nextn_predict_layers", 0))
+    gguf = GGUFFile(path)
+    has_mtp = bool(gguf.arch_meta("nextn_predict_layers", 0))
     engine = edgeseek.load(path, n_ctx=256, device=device, mtp=1 if has_mtp else "off", ram_budget=ram_budget)
     model = engine.model
+    if not has_mtp and device == "cpu":  # the kernels a verification runs where the file has MTP (load
+        # compiles their (token, expert) and (token, head) counts only then; without, they take other paths)
+        from edgeseek.engine import verification_counts
+        from edgeseek.quantize import FORMATS
+        heads = gguf.arch_meta("attention.head_count") if gguf.has("blk.0.attn_k_b.weight") else 0
+        counts = verification_counts(gguf.arch_meta("expert_used_count", 0), heads)
+        names = ("blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight", "blk.0.attn_k_b.weight",
+                 "blk.0.attn_v_b.weight")  # the experts' and heads' formats (every format: minutes of numba)
+        for q in {gguf.tensors[n].qtype for n in names if gguf.has(n)} & set(FORMATS):
+            FORMATS[q].warmup(counts)
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, model.config.vocab_size, 64).astype(np.int32)
     cache = model.new_cache()

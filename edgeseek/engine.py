@@ -216,6 +216,14 @@ def _collector_paused(f):
 
 
 @_collector_paused
+def verification_counts(used: int, heads: int) -> tuple[int, ...]:
+    """The matmul_many counts of a speculative verification of 2-4 tokens, which load compiles where
+    MTP is on: the (token, expert) pairs (down; gate and up together) and the (token, head) pairs of
+    MLA's per-head products."""
+    return (tuple(n * used * t for n in (1, 2) for t in range(2, FEW_TOKENS + 1))
+            + tuple(heads * t for t in range(2, FEW_TOKENS + 1) if 0 < heads * t <= MANY_PAIRS))
+
+
 def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budget: int | str | None = None,
          io_threads: int = IO_THREADS, use_profile: bool = True, on_compile=None, device: str | None = "auto",
          gpu_budget: int | str | None = None, backend=None, mtp: str | int | None = "auto") -> Engine:
@@ -273,10 +281,8 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
         if gguf.arch == "deepseek2" and gguf.has("blk.0.attn_k_b.weight") and device == "cpu" else 0
     # matmul_many: a decode step's experts (gate and up in one call, then down), MLA's heads
     many = (used, 2 * used, heads) if heads else (used, 2 * used)
-    if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and used:  # MTP's verification: the
-        # (token, expert) pairs and the (token, head) pairs of MLA's per-head products of 2-4 tokens
-        many += tuple(n * used * t for n in (1, 2) for t in range(2, FEW_TOKENS + 1))
-        many += tuple(heads * t for t in range(2, FEW_TOKENS + 1) if 0 < heads * t <= MANY_PAIRS)
+    if gguf.arch_meta("nextn_predict_layers", 0) and mtp != "off" and used:
+        many += verification_counts(used, heads)
     kernels.prepare(cpu_types, many, notify=on_compile, extra=backend.warmup)
     if expert_store is None and gguf.arch_meta("expert_count", 0):
         expert_store = _expert_store(gguf, plan, io_threads, use_profile)
