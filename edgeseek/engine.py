@@ -215,7 +215,6 @@ def _collector_paused(f):
     return paused
 
 
-@_collector_paused
 def verification_counts(used: int, heads: int) -> tuple[int, ...]:
     """The matmul_many counts of a speculative verification of 2-4 tokens, which load compiles where
     MTP is on: the (token, expert) pairs (down; gate and up together) and the (token, head) pairs of
@@ -224,6 +223,7 @@ def verification_counts(used: int, heads: int) -> tuple[int, ...]:
             + tuple(heads * t for t in range(2, FEW_TOKENS + 1) if 0 < heads * t <= MANY_PAIRS))
 
 
+@_collector_paused
 def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budget: int | str | None = None,
          io_threads: int = IO_THREADS, use_profile: bool = True, on_compile=None, device: str | None = "auto",
          gpu_budget: int | str | None = None, backend=None, mtp: str | int | None = "auto") -> Engine:

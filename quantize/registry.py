@@ -452,6 +452,11 @@ class QuantFormat:
                 self.matmul_many([packed] * n, x[:1], [0] * n)
             self.many_loaded = max(self.many_loaded, many_size(top))
 
+    def many_compiled(self, n: int) -> bool:
+        """Whether warmup compiled (or loaded) the matmul_many kernel that n matrices call: a length it
+        did not would compile at that call, seconds to minutes."""
+        return many_size(n) <= self.many_loaded
+
 
 def get_format(qtype) -> QuantFormat:
     fmt = FORMATS.get(qtype)  # an int or the enum member: the same key (thousands of calls a load)

@@ -15,7 +15,6 @@ from edgeseek.models.moe import route as route_numpy
 from edgeseek.quantize import QMatrix, get_format, tiles
 from edgeseek.quantize.activations import FEW_ROWS, rms_norm_row
 from edgeseek.quantize.matrix import packed_nbytes
-from edgeseek.quantize.registry import many_size
 from edgeseek.quantize.simd import (WIDE_VECTORS, add_f, at_address, div_f, exp_f, hsum_f, load_f, load_h, max_f, mul_f, pick_ge, prefetch,
                                     splat_f, store_f, store_h, sub_f, zero_f)
 
@@ -792,7 +791,7 @@ class CPUBackend:
         # the bandwidth); more tokens: batched BLAS.
         if isinstance(w, Heads):
             H, T = w.shape[0], len(x)
-            if T <= FEW_TOKENS and T * H <= MANY_PAIRS and (T == 1 or many_size(T * H) <= w.fmt.many_loaded):
+            if T <= FEW_TOKENS and T * H <= MANY_PAIRS and (T == 1 or w.fmt.many_compiled(T * H)):
                 # bound once per token count where load made its kernel (the grouped call's addresses,
                 # transposes and spans cost more: 55 against 17 us for three tokens of edgeseek-mini's
                 # k_b, 277 against 134 of V2-Lite's); a mis-shaped x: matmul_many names it
@@ -829,7 +828,7 @@ class CPUBackend:
         fmt = gates[0].fmt
         if any(m.fmt is not fmt for m in gates + ups):
             return None
-        if len(x) > 1 and delta is None and many_size(2 * len(gates)) > fmt.many_loaded:
+        if len(x) > 1 and delta is None and not fmt.many_compiled(2 * len(gates)):
             return None  # several tokens' pairs in a tuple length load did not compile (a batch step of a
             # few sequences without MTP): numba would compile it now, seconds to minutes; the runs path
         rows = np.asarray(rows, np.int64)
