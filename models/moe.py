@@ -69,6 +69,8 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
     if len(ids) == 1:  # one token's choices are distinct: unique's sort without its bookkeeping
         by_id = np.argsort(ids[0])  # expert j of `experts` is the router's slot by_id[j]
         experts = ids[0][by_id]
+    elif len(ids) <= FEW_TOKENS:  # a verification's, a few sequences' step: np.unique's result in one call
+        experts, inverse = backend.unique_experts(ids)
     else:
         experts, inverse = np.unique(ids, return_inverse=True)
         inverse = inverse.reshape(ids.shape)
@@ -78,12 +80,8 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
         if len(groups) == 1 and len(groups[0]) > 1:  # every expert at hand: no per-expert bookkeeping
             js = [j for j, _ in groups[0]]
             ys = backend.experts_rows(x, [triple for _, triple in groups[0]], np.zeros(len(js), np.int64))
-            if ys is not None:  # (k, D), the store's order
-                if js != sorted(js):
-                    ys = ys[np.argsort(js)]
-                # summed in expert order, as below: a reduction over rows adds them one after another
-                return np.add.reduce(ys * weights[0, by_id][:, None], axis=0, keepdims=True,
-                                     initial=0.0).astype(x.dtype, copy=False)
+            if ys is not None:  # (k, D), the store's order: expert experts[j] with its router slot's weight
+                return backend.expert_sums(ys, weights[0, by_id[js]][None], experts[js][None]).astype(x.dtype, copy=False)
     if len(ids) == 1:
         inverse = np.empty((1, ids.shape[1]), np.int64)
         inverse[0, by_id] = np.arange(ids.shape[1])
@@ -96,26 +94,19 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, store, layer: int, 
             delta = lora.experts(layer, tok, experts[inverse.reshape(-1)]) if lora is not None else None
             ys = backend.experts_rows(x, [triples[j] for j in inverse.reshape(-1)], tok, delta)
             if ys is not None:  # each token's experts summed in expert order, as a decode step sums them
-                ys = ys.reshape(T, k, -1) * weights[:, :, None]
-                return np.take_along_axis(ys, np.argsort(ids, axis=1)[:, :, None], 1).sum(1).astype(x.dtype)
+                return backend.expert_sums(ys, weights, ids).astype(x.dtype, copy=False)
     if len(x) > 1 and lora is None:  # more tokens, or a few whose pairs the backend did not take
         groups = list(groups)
         if len(groups) == 1:
             triples = dict(groups[0])
             T, k = ids.shape
             pairs = np.argsort(inverse.reshape(-1), kind="stable")  # (T * k,) by expert, then token
-            tok, slot = pairs // k, pairs % k
-            ys = backend.experts_runs(x[tok], [triples[j] for j in range(len(experts))],
+            ys = backend.experts_runs(x[pairs // k], [triples[j] for j in range(len(experts))],
                                       np.bincount(inverse.reshape(-1), minlength=len(experts)))
-            if ys is not None:  # (T * k, D)
-                ys *= weights[tok, slot][:, None]
-                where = np.empty(T * k, np.int64)
-                where[pairs] = np.arange(T * k)
-                where = np.take_along_axis(where.reshape(T, k), np.argsort(inverse, axis=1), axis=1)  # (T, k)
-                out = np.zeros_like(x)
-                for s in range(k):  # each token's experts summed in expert order, as below
-                    out += ys[where[:, s]]
-                return out
+            if ys is not None:  # (T * k, D) by expert: back in (token, slot) order, each token's summed in expert order
+                by_slot = np.empty_like(ys)
+                by_slot[pairs] = ys
+                return backend.expert_sums(by_slot, weights, ids).astype(x.dtype, copy=False)
     parts = [None] * len(experts)
     for group in groups:
         one = len(x) == 1 and len(group) > 1  # a decode step: the group's experts in one product each

@@ -178,3 +178,26 @@ def test_a_few_tokens_experts_sum_as_each_tokens_decode_step(name, monkeypatch):
     runs = moe(x, ids, weights, m.experts, i, m.backend, count=False)
     np.testing.assert_array_equal(pairs, alone)
     np.testing.assert_array_equal(runs, alone)
+
+
+def test_the_backends_expert_sums_and_unique_are_numpys():
+    """CPUBackend.expert_sums: each token's weighted rows added one after another in expert order,
+    the bits of numpy's product and reduction; unique_experts: np.unique's experts and inverse."""
+    from edgeseek.backends.cpu import CPUBackend
+
+    rng = np.random.default_rng(1)
+    for T, k, E, D in ((1, 6, 64, 2048), (3, 4, 32, 192), (4, 8, 256, 96)):
+        ids = np.stack([rng.permutation(E)[:k] for _ in range(T)])
+        weights = rng.random((T, k)).astype(np.float32)
+        ys = rng.standard_normal((T * k, D)).astype(np.float32)
+        ys[0, :3] = -0.0  # a negative zero comes out as numpy's (0 + -0 = 0)
+        order = np.argsort(ids, axis=1)
+        slots = np.take_along_axis(ys.reshape(T, k, D) * weights[:, :, None], order[:, :, None], 1)
+        want = np.add.reduce(slots, axis=1, initial=0.0)
+        got = CPUBackend.expert_sums(ys, weights, ids)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+        experts, inverse = CPUBackend.unique_experts(ids)
+        e2, i2 = np.unique(ids, return_inverse=True)
+        np.testing.assert_array_equal(experts, e2)
+        np.testing.assert_array_equal(inverse, i2.reshape(ids.shape))

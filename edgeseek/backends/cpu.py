@@ -514,6 +514,50 @@ def _swiglu_many(g, u, out):
         _swiglu_row(g, u, out, t)
 
 
+@njit(cache=True)
+def _expert_sums(ys, weights, ids, out):
+    # ys (T * k, D) float32, row t * k + s token t's expert in router slot s; weights, ids (T, k) ->
+    # out (T, D): each token's weight * row summed in expert order, one add after another from zero
+    # (the float32 products and adds of numpy's multiply and a reduction over the slots)
+    T, k = ids.shape
+    order = np.empty(k, np.int64)
+    for t in range(T):
+        for s in range(k):  # the slots by expert id: an insertion sort of a few
+            v, j = s, s - 1
+            while j >= 0 and ids[t, order[j]] > ids[t, v]:
+                order[j + 1] = order[j]
+                j -= 1
+            order[j + 1] = v
+        out[t, :] = 0.0
+        for s in range(k):
+            r, w = t * k + order[s], weights[t, order[s]]
+            for d in range(ys.shape[1]):
+                out[t, d] += ys[r, d] * w
+
+
+@njit(cache=True)
+def _unique_small(ids, experts, inverse):
+    # ids (n,) int64 -> experts (n,) its distinct values ascending in the first m slots, inverse (n,)
+    # each id's index among them; returns m (np.unique's, for a few tokens' choices)
+    n = ids.shape[0]
+    experts[:] = np.sort(ids)
+    m = 0
+    for i in range(n):
+        if m == 0 or experts[i] != experts[m - 1]:
+            experts[m] = experts[i]
+            m += 1
+    for i in range(n):
+        lo, hi = 0, m - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if experts[mid] < ids[i]:
+                lo = mid + 1
+            else:
+                hi = mid
+        inverse[i] = lo
+    return m
+
+
 def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """silu(g) * u of (T, F) float32 rows (common.swiglu's math in one numba call; row by row, so
     that a row's values do not depend on the rows beside it)."""
@@ -819,6 +863,23 @@ class CPUBackend:
                 _heads_matvec(w, np.ascontiguousarray(x[t], dtype=np.float32), out[t])
             return out
         return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
+
+    @staticmethod
+    def expert_sums(ys: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Each token's routed rows weighted and summed in expert order: ys (T * k, D) float32 (row
+        t * k + s: token t's choice s), weights and ids (T, k) -> (T, D), the bits of numpy's product
+        and reduction over the choices sorted by expert (models.moe), in one numba call."""
+        out = np.empty((ids.shape[0], ys.shape[1]), np.float32)
+        _expert_sums(np.ascontiguousarray(ys, dtype=np.float32), np.ascontiguousarray(weights, dtype=np.float32),
+                     np.ascontiguousarray(ids, dtype=np.int64), out)
+        return out
+
+    @staticmethod
+    def unique_experts(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """np.unique(ids, return_inverse=True) for a few tokens' choices (T, k), in one numba call."""
+        flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        experts, inverse = np.empty_like(flat), np.empty_like(flat)
+        return experts[:_unique_small(flat, experts, inverse)], inverse.reshape(ids.shape)
 
     def experts_rows(self, x: np.ndarray, triples, rows, delta=None) -> np.ndarray | None:
         # a decode step's experts (or a verification's (token, expert) pairs): two kernel calls per
@@ -1201,6 +1262,9 @@ class CPUBackend:
             route(np.zeros((1, 4), np.float32), RouterConfig(4, 2), bias)
         for n in (1, FEW_TOKENS + 1):  # and its logits, on one core and on both
             router_logits(np.zeros((n, 64), np.float32), np.ones((4, 64), np.float32))
+        ids = np.array([[3, 1], [0, 3]])  # a few tokens' choices: their experts, and their rows summed by expert
+        self.unique_experts(ids)
+        self.expert_sums(np.ones((4, 16), np.float32), np.ones((2, 2), np.float32), ids)
         for norm in (np.ones(16, np.float32), fixed):  # a verification's tokens' whole attention,
             for n in (1, LATENT_SHORT):  # on one core and on both
                 cc, kk = np.zeros((n + 2, 16), np.float16), np.zeros((n + 2, 16), np.float16)
