@@ -19,7 +19,7 @@ from numba import carray, njit, prange
 from . import activations, tiles
 from .activations import x16
 from .registry import QuantFormat, TileKernels
-from .simd import Q8_CENTERED, add_f, at_address, dpbusd, dpbusd_centered, load_f, load_h, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
+from .simd import Q8_CENTERED, WIDE_VECTORS, add_f, at_address, dpbusd, dpbusd_centered, load_f, load_h, load_i, mul_f, splat_f, splat_i, store_f, to_f, zero_f
 
 F32 = np.float32
 QK = 32
@@ -59,6 +59,10 @@ def _matmul(p, xq, xd, xsum, xs, y):
 # vpmaddubsw pair a word instead of two (simd.dpbusd_centered). The same integers.
 _DOT = dpbusd_centered if Q8_CENTERED else dpbusd
 _START = np.int32(0 if Q8_CENTERED else -128)
+# Rows two at a time (_tile_vnni2: each weight word loaded once for both) where the CPU has 32 vector
+# registers; with AVX2's 16 its two rows' sums and accumulators spill, and one row after another runs
+# 17-30% faster (the output head of edgeseek-mini over 2-4 rows, a layer's products over 16-64)
+PAIRS = WIDE_VECTORS
 
 
 @njit(cache=True, inline="always")
@@ -134,13 +138,17 @@ def _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo, stride):
 
 @njit(parallel=True, cache=True)
 def _matmul_vnni(qs, d, xw, xd, xsum, y):
-    # y (n_tiles, T, TILE); rows two at a time (each weight word loaded once for both), an odd last alone
+    # y (n_tiles, T, TILE); rows two at a time (PAIRS; an odd last alone), else one after another
     nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
-        for k in range(0, n_tok - 1, 2):
-            _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE, tiles.TILE)
-        if n_tok % 2:
-            _tile_vnni(qs, d, t, xw, xd, xsum, n_tok - 1, y, (t * n_tok + n_tok - 1) * tiles.TILE)
+        if PAIRS:
+            for k in range(0, n_tok - 1, 2):
+                _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE, tiles.TILE)
+            if n_tok % 2:
+                _tile_vnni(qs, d, t, xw, xd, xsum, n_tok - 1, y, (t * n_tok + n_tok - 1) * tiles.TILE)
+        else:
+            for k in range(n_tok):
+                _tile_vnni(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
 
 
 @njit(cache=True)
@@ -164,17 +172,21 @@ def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
     # Matrix j (its qs and d arrays at addresses at[j, 0], at[j, 1], laid out as _tile_vnni reads
     # them) times activation rows spans[j, 0]..spans[j, 1]-1 -> rows spans[j, 2].. of y
     # (R, nt * TILE), zeroed: a feed-forward's gate and up for a prompt's rows, a layer's routed
-    # experts each with the rows routed to it; two rows at a time, as _matmul_vnni.
+    # experts each with the rows routed to it; rows as _matmul_vnni takes them.
     N = y.shape[1]
     for job in prange(at.shape[0] * nt):  # tile-major: the threads' shares match, however the runs differ
         j, t = job % at.shape[0], job // at.shape[0]
         qs = carray(at_address(at[j, 0]), (nt, nb, 8, tiles.TILE), np.uint32)
         d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.uint16)
         r0, r1, yo = spans[j, 0], spans[j, 1], spans[j, 2] * N + t * tiles.TILE
-        for k in range(r0, r1 - 1, 2):  # two rows at a time, as _matmul_vnni
-            _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
-        if (r1 - r0) % 2:
-            _tile_vnni(qs, d, t, xw, xd, xsum, r1 - 1, y, yo + (r1 - 1 - r0) * N)
+        if PAIRS:  # two rows at a time, as _matmul_vnni
+            for k in range(r0, r1 - 1, 2):
+                _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
+            if (r1 - r0) % 2:
+                _tile_vnni(qs, d, t, xw, xd, xsum, r1 - 1, y, yo + (r1 - 1 - r0) * N)
+        else:
+            for k in range(r0, r1):
+                _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N)
 
 
 @njit(parallel=True, cache=True)
