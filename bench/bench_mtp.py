@@ -111,10 +111,13 @@ PROMPTS = ["Tell me about the history of the printing press.", "Explain photosyn
 
 def with_model(path: Path, device: str, n: int, runs: int = 7) -> dict:
     """Greedy replies of up to n tokens to five prompts (their lengths and the MTP head's acceptance
-    differ from prompt to prompt: one reply of 30 tokens measured mostly its first steps), each mode
-    the median over `runs` rounds of all replies' tokens over all replies' decode time; the modes
-    take turns within each round (one engine each), and a mode's speedup is the median of its
-    rounds' rates over plain decoding's in the same round."""
+    differ from prompt to prompt: one reply of 30 tokens measured mostly its first steps), `runs`
+    rounds; within a round each prompt is answered by every mode in turn (one engine each; the order
+    rotated from round to round), so that a mode's reply and plain decoding's reply to the same prompt
+    are timed within a second of each other: this machine's speed drifts by a quarter within
+    minutes, more than the modes differ. A mode's speedup is the median, over every (round, prompt),
+    of its reply's tokens/s over plain decoding's; its decode tok/s all its replies' tokens over their
+    decode time."""
     import edgeseek
     from edgeseek.sampler import SamplerConfig
     modes = ("off", 1, 2, 3)
@@ -126,20 +129,23 @@ def with_model(path: Path, device: str, n: int, runs: int = 7) -> dict:
         list(edgeseek.stream_generate(e, prompts[0], max_tokens=8, sampler=SamplerConfig.greedy()))  # warm
         if e.mtp is not None:
             e.mtp.steps = e.mtp.drafted = e.mtp.accepted = 0
-    rates: dict = {mode: [] for mode in modes}
-    for _ in range(runs):  # a small model's reply takes a fraction of a second
-        for mode in modes:
-            tokens = seconds = 0.0
-            for ids in prompts:
+    tokens, seconds = dict.fromkeys(modes, 0.0), dict.fromkeys(modes, 0.0)
+    ratios: dict = {mode: [] for mode in modes}
+    for r in range(runs):
+        for ids in prompts:
+            rate = {}
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 last = None
-                for r in edgeseek.stream_generate(engines[mode], ids, max_tokens=n, sampler=SamplerConfig.greedy()):
-                    last = r
-                tokens += last.generation_tokens
-                seconds += last.generation_tokens / last.generation_tps
-            rates[mode].append(tokens / seconds)
-    off = np.array(rates["off"])
-    return {str(mode): {"decode_tps": round(float(np.median(rates[mode])), 2), "runs": runs, "prompts": len(PROMPTS),
-                        "speedup": round(float(np.median(np.array(rates[mode]) / off)), 3),
+                for last in edgeseek.stream_generate(engines[mode], ids, max_tokens=n, sampler=SamplerConfig.greedy()):
+                    pass
+                tokens[mode] += last.generation_tokens
+                seconds[mode] += last.generation_tokens / last.generation_tps
+                rate[mode] = last.generation_tps
+            for mode in modes:
+                ratios[mode].append(rate[mode] / rate["off"])
+    return {str(mode): {"decode_tps": round(tokens[mode] / seconds[mode], 2), "runs": runs, "prompts": len(PROMPTS),
+                        "speedup": round(float(np.median(ratios[mode])), 3),
+                        "speedup_quartiles": [round(float(q), 3) for q in np.percentile(ratios[mode], [25, 75])],
                         **(engines[mode].mtp.stats() if engines[mode].mtp else {})} for mode in modes}
 
 
