@@ -352,16 +352,19 @@ def test_matmul_groups_rows_equal_matmul(qtype):
     shape = (200, 256)  # a last tile padded with zero rows
     raws = [fmt.quantize(rng.standard_normal(shape).astype(np.float32)).reshape(shape[0], -1) for _ in range(3)]
     x = rng.standard_normal((9, shape[1])).astype(np.float32)
-    spans = [[0, 2, 0], [2, 2, 2], [2, 8, 2], [0, 2, 10], [2, 8, 12]]  # matrix 1 gets no rows; rows 8, 9 none
+    spans = [[0, 2, 0], [2, 2, 2], [2, 8, 2], [0, 2, 10], [2, 8, 12], [1, 8, 18], [8, 9, 25]]  # matrix 1 gets no
+    # rows; rows 8, 9 of the result none
     packs = [vnni.pack(r) for r in raws]
-    got = vnni.matmul_groups([packs[0], packs[1], packs[2], packs[1], packs[2]], x, spans)
-    assert got.shape == (18, shape[0])
-    for which in (vnni, portable):  # runs of 2 rows (each block unpacked once for all) and of 6 (row by row)
+    got = vnni.matmul_groups([packs[0], packs[1], packs[2], packs[1], packs[2], packs[0], packs[1]], x, spans)
+    assert got.shape == (26, shape[0])
+    for which in (vnni, portable):  # runs of 1, 2, 6 and 7 rows (blocks of four and two rows on AVX2, and one)
         ps = [which.pack(r) for r in raws]
         np.testing.assert_array_equal(got[0:2], which.matmul(ps[0], x[0:2]))
         np.testing.assert_array_equal(got[2:8], which.matmul(ps[2], x[2:8]))
         np.testing.assert_array_equal(got[10:12], which.matmul(ps[1], x[0:2]))
         np.testing.assert_array_equal(got[12:18], which.matmul(ps[2], x[2:8]))
+        np.testing.assert_array_equal(got[18:25], which.matmul(ps[0], x[1:8]))
+        np.testing.assert_array_equal(got[25:26], which.matmul(ps[1], x[8:9]))
     assert not got[8:10].any()
     assert portable.matmul_groups([portable.pack(raws[0])], x, [[0, 1, 0]]) is None
     with pytest.raises(ValueError, match="spans"):
