@@ -78,14 +78,15 @@ def costs(path: Path, device: str, repeats: int, ram_budget: str | None = None) 
     if has_mtp:
         hidden = xp.asarray(rng.standard_normal((2, model.config.n_embd)).astype(np.float32))
         ids2 = model.backend.tokens(rng.integers(100, model.config.vocab_size, 2))
+        rows = engine.mtp.draft_rows  # the head's rows the drafts come from, as generation runs the block
         for T in (1, 2):
-            runs["mtp", T] = lambda T=T: model.mtp_step(hidden[:T], ids2[:T], np.arange(64, 64 + T), cache)
+            runs["mtp", T] = lambda T=T: model.mtp_step(hidden[:T], ids2[:T], np.arange(64, 64 + T), cache, rows)
     t = interleaved(runs, repeats)
     out, head = {T: t[T] for T in (1, 2, 3, 4)}, t["head"]
     layer = (out[1] - head) / model.config.n_layer
     mtp = {T: t["mtp", T] for T in (1, 2)} if has_mtp else {1: layer + head, 2: layer + head}
     return {"forward_s": out, "head_s": head, "layer_s": layer, "mtp_block_s": mtp, "mtp_measured": has_mtp,
-            "n_layer": model.config.n_layer}
+            "n_layer": model.config.n_layer, "draft_rows": engine.mtp.draft_rows if engine.mtp else None}
 
 
 def predicted_speedup(c: dict, tokens: float, k: int) -> float:

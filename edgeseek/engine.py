@@ -123,6 +123,15 @@ DEVICES = ("auto", "cpu", "cuda")
 MTP_MAX = 3  # drafts per step: beyond one, the single MTP module drafts from its own output
 AUTO_PLAIN = 8  # --mtp auto: plain decode steps timed first (the MTP entries kept written meanwhile)
 AUTO_STEPS = 16  # then MTP steps measured before it decides
+# The MTP block drafts from the vocabulary's first third (its most frequent tokens in a BPE
+# vocabulary, whose ids follow the merges' order): its output head, the largest part of a small
+# model's draft, over a third of the rows. A draft cannot be a later token, so where the main model's
+# tokens at the drafted positions fall there more often than DRAFT_MISS_MAX of the steps (counted
+# from DRAFT_MISS_STEPS on), drafts take the whole head again. Verification is unchanged: the same
+# tokens (greedy) and the same distribution (sampling: the rule holds for any draft distribution).
+DRAFT_SHARE = 3
+DRAFT_MISS_MAX = 0.05
+DRAFT_MISS_STEPS = 32
 
 
 @dataclass
@@ -134,18 +143,26 @@ class MTP:
     experts of every position are read)."""
     k: int
     auto: bool = False
+    draft_rows: int | None = None  # the head's rows the drafts come from (None: all)
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
     seconds: float = 0.0
     plain_steps: int = 0
     plain_seconds: float = 0.0
+    draft_misses: int = 0  # steps whose first drafted position held a token past draft_rows
 
-    def step(self, drafted: int, accepted: int, seconds: float) -> None:
+    def step(self, drafted: int, accepted: int, seconds: float, first: int | None = None) -> None:
+        """A step's drafts, how many were kept, its seconds, and the main model's token at the
+        first drafted position (`first`)."""
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
         self.seconds += seconds
+        if self.draft_rows is not None and first is not None and first >= self.draft_rows:
+            self.draft_misses += 1
+            if self.steps >= DRAFT_MISS_STEPS and self.draft_misses > DRAFT_MISS_MAX * self.steps:
+                self.draft_rows = None  # this text's tokens lie past the draft vocabulary too often
         if self.auto and self.steps == AUTO_STEPS:
             self.auto = False
             # MTP steps begin only once AUTO_PLAIN plain steps were timed (measuring_plain)
@@ -294,7 +311,7 @@ def load(path: str | os.PathLike, n_ctx: int = 4096, expert_store=None, ram_budg
     if mtp_k:
         try:
             model.load_mtp(gguf)
-            mtp_state = MTP(mtp_k, mtp_auto)
+            mtp_state = MTP(mtp_k, mtp_auto, model.draft_rows(model.config.vocab_size // DRAFT_SHARE))
         except GGUFError as e:
             if not mtp_auto:
                 raise

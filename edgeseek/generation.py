@@ -171,7 +171,7 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
         context.tokens.extend(new)
         token = sampler(logits[-1], context.tokens)
         yield token
-        q_logits, g = _mtp_catch_up(model, hidden, list(new[1:]) + [token], start, cache, context)
+        q_logits, g = _mtp_catch_up(model, hidden, list(new[1:]) + [token], start, cache, context, mtp.draft_rows)
         while not _context_full(context):
             n = len(context.tokens)  # the pending token's position
             if mtp.k == 0 or mtp.measuring_plain():  # auto: plain steps timed first; or decided off
@@ -184,7 +184,7 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
                 context.tokens.append(token)
                 token = sampler(logits[-1], context.tokens)
                 if keep:
-                    q_logits, g = _mtp_catch_up(model, hidden, [token], n, cache, context)
+                    q_logits, g = _mtp_catch_up(model, hidden, [token], n, cache, context, mtp.draft_rows)
                 yield token
                 continue
             k = min(mtp.k, context.n_ctx - n - 1)  # 0 at the context's end: a plain step
@@ -196,14 +196,15 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
                 drafts.append(d)
                 q_dists.append(q)
                 if j + 1 < k:  # the block again, on its own output and the draft, at position n + j
-                    q_logits, g = model.mtp_step(g[-1:], b.tokens([d]), np.array([n + j]), cache)
+                    q_logits, g = model.mtp_step(g[-1:], b.tokens([d]), np.array([n + j]), cache, mtp.draft_rows)
             verify = [token] + drafts
             logits, hidden = model.forward(np.asarray(verify, dtype=np.int32), cache, all_logits=True, hidden=True)
             accepted, nxt = _accept(sampler, logits, drafts, q_dists, context.tokens + [token])
             cache.truncate(n + accepted + 1)  # the main cache keeps the pending token and the accepted drafts
             token = nxt
-            q_logits, g = _mtp_catch_up(model, hidden[:accepted + 1], drafts[:accepted] + [token], n, cache, context)
-            mtp.step(len(drafts), accepted, time.perf_counter() - t0)
+            q_logits, g = _mtp_catch_up(model, hidden[:accepted + 1], drafts[:accepted] + [token], n, cache, context,
+                                        mtp.draft_rows)
+            mtp.step(len(drafts), accepted, time.perf_counter() - t0, (drafts[:accepted] + [token])[0] if drafts else None)
             for fed, t in zip(verify, drafts[:accepted] + [token]):
                 context.tokens.append(fed)  # as one token per step would have it when t is drawn
                 yield t
@@ -211,15 +212,15 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
         context.truncate(len(context.tokens))
 
 
-def _mtp_catch_up(model, hidden, next_tokens: list[int], start: int, cache, context: Context):
+def _mtp_catch_up(model, hidden, next_tokens: list[int], start: int, cache, context: Context, rows=None):
     """MTP entries for positions start.. (hidden row j with next_tokens[j]) -> the block's logits
-    and output of the last chunk (a prompt's rows PROMPT_CHUNK at a time), whose last row drafts the
-    next token."""
+    (over the head's first `rows` tokens where given) and output of the last chunk (a prompt's rows
+    PROMPT_CHUNK at a time), whose last row drafts the next token."""
     chunk = model_common.PROMPT_CHUNK
     for a in range(0, len(next_tokens), chunk):
         b = min(len(next_tokens), a + chunk)
         q_logits, g = model.mtp_step(hidden[a:b], model.backend.tokens(next_tokens[a:b]), np.arange(start + a, start + b),
-                                     cache)
+                                     cache, rows)
         context.mtp_valid = start + b
     return q_logits, g
 
@@ -485,7 +486,8 @@ in one forward pass).
             logits, hidden = model.forward(np.asarray(new, np.int32), context.cache, hidden=True)
             context.tokens.extend(new)
             delta = self._advance(uid, row, logits[-1])
-            row.draft_from = _mtp_catch_up(model, hidden, new[1:] + [row.last], n, context.cache, context)
+            row.draft_from = _mtp_catch_up(model, hidden, new[1:] + [row.last], n, context.cache, context,
+                                           self.engine.mtp.draft_rows)
             return delta
         logits = model.forward(np.asarray(new, np.int32), context.cache)[-1]
         context.tokens.extend(new)
@@ -532,7 +534,8 @@ in one forward pass).
             for i, (r, d) in enumerate(zip(rows, deltas)):
                 if not d.finish_reason:  # the entry pairing the fed token's hidden state with the new token
                     n = len(r.context.tokens) - 1
-                    r.draft_from = _mtp_catch_up(model, hidden[i:i + 1], [r.last], n, r.context.cache, r.context)
+                    r.draft_from = _mtp_catch_up(model, hidden[i:i + 1], [r.last], n, r.context.cache, r.context,
+                                                 mtp.draft_rows)
         for d in deltas:
             if d.finish_reason:
                 del self.rows[d.uid]
@@ -555,7 +558,7 @@ in one forward pass).
                 drafts.append(d)
                 qs.append(q)
                 if j + 1 < k:
-                    q_logits, g = model.mtp_step(g[-1:], b.tokens([d]), np.array([n + j]), r.context.cache)
+                    q_logits, g = model.mtp_step(g[-1:], b.tokens([d]), np.array([n + j]), r.context.cache, mtp.draft_rows)
             chunks.append([r.last] + drafts)
             drafts_of.append(drafts)
             q_of.append(qs)
@@ -575,8 +578,9 @@ in one forward pass).
             r.context.tokens.extend(chunk[:accepted + 1])
             r.context.cache.pos = n + accepted + 1
             r.draft_from = _mtp_catch_up(model, hd[:accepted + 1], drafts[:accepted] + [nxt], n, r.context.cache,
-                                         r.context)
-            mtp.step(len(drafts), accepted, (time.perf_counter() - t0) / len(rows))
+                                         r.context, mtp.draft_rows)
+            mtp.step(len(drafts), accepted, (time.perf_counter() - t0) / len(rows),
+                     (drafts[:accepted] + [nxt])[0] if drafts else None)
             for j, token in enumerate(drafts[:accepted] + [nxt]):
                 d = self._emit(uid, r, token, n + 1 + j >= r.context.n_ctx)  # full as one token per step has it
                 deltas.append(d)

@@ -27,6 +27,7 @@ from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 # sum of V, where the absorbed form takes C + R and C (576 and 512 against 192 and 128 on V2-Lite);
 # decompressing costs the cache's positions times k_b and v_b once a chunk. On the host only.
 DECOMPRESS_TOKENS = 64
+DRAFT_TILE = 64  # rows: a multiple of every kernel layout's tile (mtp_step's drafts over the head's first rows)
 
 
 @dataclass(frozen=True)
@@ -262,12 +263,30 @@ class DeepSeek2Model(DecoderModel):
         self.mtp = MTPLayer(self.backend, g, self.config.n_layer, self.config, self)
         return self.mtp
 
-    def mtp_step(self, hidden, next_ids, pos: np.ndarray, cache):
+    def draft_rows(self, rows: int) -> int | None:
+        """The head rows mtp_step(rows=...) drafts from for a wish of `rows`: whole tiles of the
+        kernel layouts (DRAFT_TILE); None where the backend has no view of a head's first rows or
+        they would be all of it."""
+        rows = -(-rows // DRAFT_TILE) * DRAFT_TILE
+        return rows if hasattr(self.backend, "head_rows") and rows < self.config.vocab_size else None
+
+    def _head_rows(self, rows: int):
+        """The MTP head's first `rows` rows as a matrix over its current kernel layout (made at the
+        first draft, after load has put the layout in place; again if the layout changes), or None."""
+        head = self.mtp.head
+        packed = getattr(head, "_packed", None)
+        d = getattr(self, "_draft", None)
+        if d is None or d[0] is not packed or d[1] != rows:
+            view = self.backend.head_rows(head, rows)
+            d = self._draft = (getattr(head, "_packed", None), rows, view)
+        return d[2]
+
+    def mtp_step(self, hidden, next_ids, pos: np.ndarray, cache, rows: int | None = None):
         """The MTP block over rows i of `hidden` (main hidden states, (T, D), backend arrays) with the
         tokens that follow them (`next_ids`, backend ids), at consecutive positions pos -> (logits
         (1, V) of the last row on the host: the next draft; the block's output for that row (1, D),
         to draft further with the same module). Every row writes the block's cache entry at its
-        position.
+        position. `rows` (draft_rows'): logits of the first `rows` tokens only, the others -inf.
 
         The block is one layer, so a row's cache entry comes from its input alone (the latent and
         k_pe of its normed input) and no later row reads a row's output: the rows before the last
@@ -288,7 +307,13 @@ class DeepSeek2Model(DecoderModel):
         pos_x = b.positions(pos)
         x = self.attention(M, self.normed(x, M.attn_norm, eps), cache, i, pos, pos_x, residual=x)
         x = self.feed_forward(M, self.normed(x, M.ffn_norm, eps), i, residual=x)
-        return b.host(M.head(b.rms_norm(x[-1:], M.head_norm, eps))), x
+        h = b.rms_norm(x[-1:], M.head_norm, eps)
+        if rows is None:
+            return b.host(M.head(h)), x
+        head = self._head_rows(rows)
+        logits = np.full((1, c.vocab_size), -np.inf, np.float32)
+        logits[:, :rows] = b.host(head(h)) if head is not None else b.host(M.head(h))[:, :rows]
+        return logits, x
 
     def _entries_only(self, L: Layer, h: np.ndarray, cache: LatentCache, i: int, pos: np.ndarray) -> None:
         """Rows h (normed layer input) at consecutive positions pos: their cache entries of layer i

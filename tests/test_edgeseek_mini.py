@@ -179,3 +179,25 @@ def test_greedy_tokens_of_the_f32_file_equal_llama_cpp(f32_path):
         gaps = router_gaps(engine, ids + ours[:first])
         assert gaps[:, -1].min() < TIE, (text, first, gaps[:, -1])
     assert identical >= 4
+
+
+def test_drafts_come_from_the_heads_first_rows(path):
+    """The MTP block drafts from the first third of the vocabulary: its logits there are the whole
+    head's, to the bit (a view of the same kernel layout), and -inf past it; the greedy drafts the
+    generation keeps are still verified, so a reply is the same token for token (above)."""
+    e = edgeseek.load(path, mtp=1)
+    m, rows = e.model, e.mtp.draft_rows
+    assert rows == 16384 and rows % 64 == 0
+    rng = np.random.default_rng(4)
+    ids = e.tokenizer.encode("The sea is wide and the sky is blue")
+    hidden = rng.standard_normal((2, m.config.n_embd)).astype(np.float32)
+    outs = []
+    for r in (None, rows):
+        cache = m.new_cache()
+        m.forward(np.array(ids), cache)
+        outs.append(m.mtp_step(hidden, np.array([11, 40]), np.arange(len(ids), len(ids) + 2), cache, r)[0])
+    whole, draft = outs
+    np.testing.assert_array_equal(draft[:, :rows], whole[:, :rows])
+    assert np.all(np.isneginf(draft[:, rows:]))
+    view = m._head_rows(rows)  # the head's own layout, no copy
+    assert view.shape == (rows, m.config.n_embd) and np.shares_memory(view.packed.qs, m.mtp.head.packed.qs)

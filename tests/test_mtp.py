@@ -270,3 +270,23 @@ def test_auto_in_batch_mode_measures_then_decides(mtp_file):
     e = edgeseek.load(mtp_file, mtp="auto")
     assert _batch(e, prompts, 30) == plain
     assert e.mtp.plain_steps >= 8 and e.mtp.steps >= 16 and not e.mtp.auto
+
+
+def test_drafts_take_the_whole_head_where_the_text_lies_past_the_draft_rows():
+    """The MTP state counts the steps whose first drafted position held a token past the draft rows;
+    past DRAFT_MISS_MAX of DRAFT_MISS_STEPS or more steps, drafts take every row again."""
+    from edgeseek.engine import DRAFT_MISS_MAX, DRAFT_MISS_STEPS, MTP
+
+    within = MTP(1, draft_rows=128)
+    for _ in range(200):
+        within.step(1, 1, 0.01, 127)
+    assert within.draft_rows == 128 and within.draft_misses == 0
+    past = MTP(1, draft_rows=128)
+    for i in range(4 * DRAFT_MISS_STEPS):
+        past.step(1, 0, 0.01, 500 if i % 10 == 0 else 3)  # one step in ten: above DRAFT_MISS_MAX
+        if i < DRAFT_MISS_STEPS - 1:
+            assert past.draft_rows == 128  # too few steps to tell
+    assert past.draft_rows is None and DRAFT_MISS_MAX < 0.1
+    plain = MTP(1)  # no draft rows (a GPU's head, a head without a tiled layout)
+    plain.step(1, 0, 0.01, 10 ** 6)
+    assert plain.draft_rows is None and plain.draft_misses == 0

@@ -865,6 +865,22 @@ class CPUBackend:
         return np.matmul(x.transpose(1, 0, 2), w.transpose(0, 2, 1)).transpose(1, 0, 2)
 
     @staticmethod
+    def head_rows(w, rows: int) -> QMatrix | None:
+        """A matrix of w's first `rows` rows over a view of w's kernel layout (no bytes of its own);
+        None where w has no tiled layout, the rows are all of it or no whole number of tiles."""
+        if not isinstance(w, QMatrix):
+            return None
+        p = w.packed
+        if not (hasattr(p, "_fields") and p._fields[-1] == "n" and "d" in p._fields):
+            return None
+        n_tiles, tile = p.d.shape[0], p.d.shape[-1]
+        keep = rows // tile
+        if rows % tile or keep >= n_tiles:
+            return None
+        cut = [a[:keep] if isinstance(a, np.ndarray) and a.ndim and a.shape[0] == n_tiles else a for a in p[:-1]]
+        return QMatrix.from_packed(w.fmt.qtype, type(p)(*cut, keep * tile), (keep * tile, w.shape[1]), f"{w.name}[:{keep * tile}]")
+
+    @staticmethod
     def expert_sums(ys: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Each token's routed rows weighted and summed in expert order: ys (T * k, D) float32 (row
         t * k + s: token t's choice s), weights and ids (T, k) -> (T, D), the bits of numpy's product
