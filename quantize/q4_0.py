@@ -101,9 +101,9 @@ def _fold(s, k, b, xd, xsum, dr, y, i):
 
 
 @njit(cache=True, inline="always")
-def _tile_vnni4(qs, d, t, xw, xd, xsum, k, y, yo, N):
-    # _tile_vnni for activation rows k..k+3 into y.flat[yo + r * N ...]: the same int32 sums and
-    # float32 steps per row, so the same results
+def _tile_vnni4(qs, d, t, xw, xd, xsum, k, n, y, yo, N):
+    # _tile_vnni for activation rows k..k+n-1 (n = 4 or 2, a constant where inlined) into
+    # y.flat[yo + r * N ...]: the same int32 sums and float32 steps per row, so the same results
     nb = qs.shape[1]
     low = splat_i(0x0F0F0F0F)
     for b in range(nb):
@@ -117,34 +117,15 @@ def _tile_vnni4(qs, d, t, xw, xd, xsum, k, y, yo, N):
                 w = 8 * b + g
                 s0 = dpbusd16(dpbusd16(s0, lo, splat_i(xw[k, w])), hi, splat_i(xw[k, w + 4]))
                 s1 = dpbusd16(dpbusd16(s1, lo, splat_i(xw[k + 1, w])), hi, splat_i(xw[k + 1, w + 4]))
-                s2 = dpbusd16(dpbusd16(s2, lo, splat_i(xw[k + 2, w])), hi, splat_i(xw[k + 2, w + 4]))
-                s3 = dpbusd16(dpbusd16(s3, lo, splat_i(xw[k + 3, w])), hi, splat_i(xw[k + 3, w + 4]))
+                if n == 4:
+                    s2 = dpbusd16(dpbusd16(s2, lo, splat_i(xw[k + 2, w])), hi, splat_i(xw[k + 2, w + 4]))
+                    s3 = dpbusd16(dpbusd16(s3, lo, splat_i(xw[k + 3, w])), hi, splat_i(xw[k + 3, w + 4]))
             dr = load_h(d, (t * nb + b) * tiles.TILE + c)
             _fold(s0, k, b, xd, xsum, dr, y, yo + c)
             _fold(s1, k + 1, b, xd, xsum, dr, y, yo + N + c)
-            _fold(s2, k + 2, b, xd, xsum, dr, y, yo + 2 * N + c)
-            _fold(s3, k + 3, b, xd, xsum, dr, y, yo + 3 * N + c)
-
-
-@njit(cache=True, inline="always")
-def _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo, N):
-    # _tile_vnni4 for two rows
-    nb = qs.shape[1]
-    low = splat_i(0x0F0F0F0F)
-    for b in range(nb):
-        tiles.ahead(qs, (t * nb + b) * 4 * tiles.TILE, 4 * tiles.TILE)
-        tiles.ahead(d, (t * nb + b) * tiles.TILE, tiles.TILE)
-        for c in range(0, tiles.TILE, 16):
-            s0, s1 = zero_i(), zero_i()
-            for g in range(4):
-                v = load_i(qs, ((t * nb + b) * 4 + g) * tiles.TILE + c)
-                lo, hi = band(v, low), band(srl(v, 4), low)
-                w = 8 * b + g
-                s0 = dpbusd16(dpbusd16(s0, lo, splat_i(xw[k, w])), hi, splat_i(xw[k, w + 4]))
-                s1 = dpbusd16(dpbusd16(s1, lo, splat_i(xw[k + 1, w])), hi, splat_i(xw[k + 1, w + 4]))
-            dr = load_h(d, (t * nb + b) * tiles.TILE + c)
-            _fold(s0, k, b, xd, xsum, dr, y, yo + c)
-            _fold(s1, k + 1, b, xd, xsum, dr, y, yo + N + c)
+            if n == 4:
+                _fold(s2, k + 2, b, xd, xsum, dr, y, yo + 2 * N + c)
+                _fold(s3, k + 3, b, xd, xsum, dr, y, yo + 3 * N + c)
 
 
 @njit(cache=True, inline="always")
@@ -153,10 +134,10 @@ def _tile_run(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
     k = r0
     if ROW_BLOCKS:
         while k + 4 <= r1:
-            _tile_vnni4(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
+            _tile_vnni4(qs, d, t, xw, xd, xsum, k, 4, y, yo + (k - r0) * N, N)
             k += 4
         if k + 2 <= r1:
-            _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
+            _tile_vnni4(qs, d, t, xw, xd, xsum, k, 2, y, yo + (k - r0) * N, N)
             k += 2
     for k in range(k, r1):
         _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, True)
