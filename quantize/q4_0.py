@@ -163,46 +163,11 @@ def _matmul_vnni_many(qss, ds, rows, xw, xd, xsum, y):
         _tile_vnni(qss[j], ds[j], t, xw, xd, xsum, rows[j], y[j], t * tiles.TILE, True)
 
 
-GROUP_UNPACK = 1  # rows of a run up to which a block's nibbles are unpacked once for all of them; longer
-# runs go row by row, the sums in registers (on AVX2 with dpbusd16 that measured faster from two rows:
-# a 32-sequence step's runs of 3, 56-77 -> 71-85 G multiply-adds/s)
-
-
-@njit(cache=True, inline="always")
-def _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
-    # _tile_vnni for activation rows r0..r1-1 into y.flat[yo + (k - r0) * N ...], each block's nibbles
-    # unpacked once, 16 rows of the tile at a time, for all of them; the sums in y (zeroed). Per row
-    # the same int32 sums and float32 steps as _tile_vnni, so the same results.
-    nb = qs.shape[1]
-    low = splat_i(0x0F0F0F0F)
-    for b in range(nb):
-        tiles.ahead(qs, (t * nb + b) * 4 * tiles.TILE, 4 * tiles.TILE)
-        tiles.ahead(d, (t * nb + b) * tiles.TILE, tiles.TILE)
-        for c in range(0, tiles.TILE, 16):
-            o = (t * nb + b) * 4 * tiles.TILE + c
-            v0, v1 = load_i(qs, o), load_i(qs, o + tiles.TILE)
-            v2, v3 = load_i(qs, o + 2 * tiles.TILE), load_i(qs, o + 3 * tiles.TILE)
-            l0, l1, l2, l3 = band(v0, low), band(v1, low), band(v2, low), band(v3, low)
-            h0, h1 = band(srl(v0, 4), low), band(srl(v1, 4), low)
-            h2, h3 = band(srl(v2, 4), low), band(srl(v3, 4), low)
-            dr = load_h(d, (t * nb + b) * tiles.TILE + c)
-            for k in range(r0, r1):
-                w = 8 * b
-                s = dpbusd16(dpbusd16(zero_i(), l0, splat_i(xw[k, w])), h0, splat_i(xw[k, w + 4]))
-                s = dpbusd16(dpbusd16(s, l1, splat_i(xw[k, w + 1])), h1, splat_i(xw[k, w + 5]))
-                s = dpbusd16(dpbusd16(s, l2, splat_i(xw[k, w + 2])), h2, splat_i(xw[k, w + 6]))
-                s = dpbusd16(dpbusd16(s, l3, splat_i(xw[k, w + 3])), h3, splat_i(xw[k, w + 7]))
-                s = sum16(splat_i(np.int32(-8) * xsum[k, b]), s)  # with the -8 of every quant
-                i = yo + (k - r0) * N + c
-                store_f(y, i, add_f(load_f(y, i), mul_f(to_f(s), mul_f(dr, splat_f(xd[k, b])))))
-
-
 @njit(parallel=True, cache=True)
 def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
     # Matrix j (its qs and d arrays at addresses at[j, 0], at[j, 1], laid out as _tile_vnni reads
     # them) times activation rows spans[j, 0]..spans[j, 1]-1 -> rows spans[j, 2].. of y
-    # (R, nt * TILE), zeroed: a layer's routed experts, each with the rows routed to it. A run of
-    # up to GROUP_UNPACK rows unpacks each block once for all its rows; a longer one goes as
+    # (R, nt * TILE), zeroed: a layer's routed experts, each with the rows routed to it, as
     # _tile_run takes rows.
     N = y.shape[1]
     for job in prange(at.shape[0] * nt):  # tile-major: the threads' shares match, however the runs differ
@@ -210,10 +175,7 @@ def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
         qs = carray(at_address(at[j, 0]), (nt, nb, 4, tiles.TILE), np.uint32)
         d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.uint16)
         r0, r1, yo = spans[j, 0], spans[j, 1], spans[j, 2] * N + t * tiles.TILE
-        if r1 - r0 <= GROUP_UNPACK:
-            _tile_vnni_rows(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N)
-        else:
-            _tile_run(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N)
+        _tile_run(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N)
 
 
 @njit(parallel=True, cache=True)
