@@ -235,6 +235,7 @@ class DeepSeek2Model(DecoderModel):
         self.output = b.matrix(g, head, (c.vocab_size, c.n_embd))
         self.experts = expert_store
         self.mtp: MTPLayer | None = None  # load_mtp() reads it when multi-token prediction is on
+        self._draft = None  # (the head's layout, rows, the matrix of its first rows): _head_rows
         if c.yarn_factor > 1.0:
             inv = yarn_freqs(c.qk_rope, c.rope_base, c.yarn_factor, c.yarn_orig_ctx,
                              c.yarn_beta_fast, c.yarn_beta_slow)
@@ -273,11 +274,9 @@ class DeepSeek2Model(DecoderModel):
     def _head_rows(self, rows: int):
         """The MTP head's first `rows` rows as a matrix over its current kernel layout (made at the
         first draft, after load has put the layout in place; again if the layout changes), or None."""
-        head = self.mtp.head
-        packed = getattr(head, "_packed", None)
-        d = getattr(self, "_draft", None)
-        if d is None or d[0] is not packed or d[1] != rows:
-            view = self.backend.head_rows(head, rows)
+        head, d = self.mtp.head, self._draft
+        if d is None or d[0] is not getattr(head, "_packed", None) or d[1] != rows:
+            view = self.backend.head_rows(head, rows)  # (packs the head where it was not yet)
             d = self._draft = (getattr(head, "_packed", None), rows, view)
         return d[2]
 

@@ -626,3 +626,29 @@ def test_router_logits_of_a_row_do_not_depend_on_the_rows_beside_it():
     for t in (0, 5, 36):
         np.testing.assert_array_equal(router_logits(x[t:t + 1], w)[0], many[t])
     np.testing.assert_allclose(many, x.astype(np.float64) @ w.T.astype(np.float64), rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("qtype", sorted(FORMATS, key=lambda q: q.name), ids=lambda q: q.name)
+def test_a_heads_first_rows_are_a_view_that_computes_them(qtype):
+    """CPUBackend.head_rows (the MTP block's drafts over the head's first rows): a matrix over a view
+    of the head's kernel layout that gives, row for row, the whole matrix's first rows, one token or a
+    few; None where the format has no tiled layout or the rows are no whole number of its tiles."""
+    from edgeseek.backends.cpu import CPUBackend
+    from edgeseek.quantize import QMatrix
+
+    fmt = get_format(qtype)
+    rng = np.random.default_rng(7)
+    n, k = 448, 256
+    raw = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32)).reshape(n, -1)
+    w = QMatrix(qtype, raw, (n, k), "output.weight")
+    view = CPUBackend.head_rows(w, 128)
+    if view is None:
+        pytest.skip(f"{qtype.name}: no tiled layout to view")
+    assert view.shape == (128, k)
+    for a in view.packed[:-1]:
+        if isinstance(a, np.ndarray) and a.size:
+            assert any(np.shares_memory(a, b) for b in w.packed[:-1] if isinstance(b, np.ndarray))
+    for x in (rng.standard_normal((1, k)), rng.standard_normal((3, k)), rng.standard_normal((9, k))):
+        x = x.astype(np.float32)
+        np.testing.assert_array_equal(view(x), w(x)[:, :128])
+    assert CPUBackend.head_rows(w, 100) is None and CPUBackend.head_rows(w, n) is None
