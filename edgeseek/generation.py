@@ -198,7 +198,11 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
                 if j + 1 < k:  # the block again, on its own output and the draft, at position n + j
                     q_logits, g = model.mtp_step(g[-1:], b.tokens([d]), np.array([n + j]), cache, mtp.draft_rows)
             verify = [token] + drafts
-            logits, hidden = model.forward(np.asarray(verify, dtype=np.int32), cache, all_logits=True, hidden=True)
+            if cache.lora:  # the adapters' head rows as the pass assigned them
+                logits, hidden = model.forward(np.asarray(verify, dtype=np.int32), cache, all_logits=True, hidden=True)
+            else:  # the head over the rows _accept reads, up to the first rejected draft
+                _, hidden = model.forward(np.asarray(verify, dtype=np.int32), cache, hidden=True, head=False)
+                logits = _HeadRows(model, hidden)
             accepted, nxt = _accept(sampler, logits, drafts, q_dists, context.tokens + [token])
             cache.truncate(n + accepted + 1)  # the main cache keeps the pending token and the accepted drafts
             token = nxt
@@ -210,6 +214,21 @@ def _mtp_steps(engine: Engine, new: Sequence[int], context: Context, sampler: Sa
                 yield t
     finally:
         context.truncate(len(context.tokens))
+
+
+class _HeadRows:
+    """A verification's logits, row j the output head over hidden row j when first read (_accept
+    reads them in order and stops at the first rejected draft): what a decode step of that token
+    computes, one row through the same product."""
+
+    def __init__(self, model, hidden):
+        self.model, self.hidden, self.rows = model, hidden, {}
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        if j not in self.rows:
+            m = self.model
+            self.rows[j] = m.backend.host(m.output(self.hidden[j:j + 1]))[0]
+        return self.rows[j]
 
 
 def _mtp_catch_up(model, hidden, next_tokens: list[int], start: int, cache, context: Context, rows=None):

@@ -220,11 +220,13 @@ class DecoderModel:
         mats = [m for L in self.layers for m in vars(L).values() if _is_linear(m)] + [self.output]
         return self.backend.pack(mats, gguf)
 
-    def forward(self, tokens: np.ndarray, cache, all_logits: bool = False, hidden: bool = False):
+    def forward(self, tokens: np.ndarray, cache, all_logits: bool = False, hidden: bool = False, head: bool = True):
         """tokens (T,) at positions cache.pos.. -> logits (T, V) or, by default, (1, V) of the last,
         as a numpy array whatever device the activations live on; with `hidden`, also the final
         hidden states (T, D) after output_norm, as the backend's array (multi-token prediction
-        drafts from them). A backend may run a one-token step as a replay of the same step captured
+        drafts from them). `head` False (with `hidden`): no logits (None), the caller runs the output
+        head on the rows it needs (a verification's, up to its first rejected draft). A backend may
+        run a one-token step as a replay of the same step captured
         once (backend.replay, a CUDA graph). A prompt longer than PROMPT_CHUNK runs chunk after
         chunk, each attending to the cache the earlier ones filled: its attention scores (chunk, H,
         S) and activations stay bounded however long the prompt."""
@@ -234,9 +236,9 @@ class DecoderModel:
             raise ValueError(f"context full: {start} + {T} tokens > {cache.n_ctx}")
         chunk = PROMPT_CHUNK
         if T > chunk:
-            outs = [self.forward(tokens[a:a + chunk], cache, all_logits, hidden) for a in range(0, T, chunk)]
+            outs = [self.forward(tokens[a:a + chunk], cache, all_logits, hidden, head) for a in range(0, T, chunk)]
             logits = [o[0] if hidden else o for o in outs]
-            logits = np.concatenate(logits) if all_logits else logits[-1]
+            logits = None if not head else np.concatenate(logits) if all_logits else logits[-1]
             return (logits, self.backend.xp.concatenate([o[1] for o in outs])) if hidden else logits
         self.begin_step()
         self.rope.ensure(cache.n_ctx)
@@ -246,16 +248,18 @@ class DecoderModel:
             else None
         h = None
         if logits is None:
-            out = self.step(self.backend.tokens(tokens), np.arange(start, start + T), cache, all_logits, hidden)
+            out = self.step(self.backend.tokens(tokens), np.arange(start, start + T), cache, all_logits, hidden,
+                            head or not hidden)
             logits, h = out if hidden else (out, None)
-            logits = self.backend.host(logits)
+            logits = self.backend.host(logits) if logits is not None else None
         cache.pos = start + T
         return (logits, h) if hidden else logits
 
-    def step(self, ids, pos: np.ndarray, cache, all_logits: bool = False, hidden: bool = False):
+    def step(self, ids, pos: np.ndarray, cache, all_logits: bool = False, hidden: bool = False, head: bool = True):
         """The forward pass on the backend's arrays: token ids (T,) (backend.tokens), their
-        positions (host ints) -> logits (T, V), or (1, V) of the last token (and, with `hidden`,
-        the normed final hidden states); the cache's position is the caller's to advance."""
+        positions (host ints) -> logits (T, V), or (1, V) of the last token, or None without `head`
+        (and, with `hidden`, the normed final hidden states); the cache's position is the caller's
+        to advance."""
         eps = self.config.rms_eps
         pos_x = self.backend.positions(pos)
         x = self.token_embd(ids)  # (T, D)
@@ -265,7 +269,7 @@ class DecoderModel:
         if not all_logits and not hidden:
             x = x[-1:]
         h = self.backend.rms_norm(x, self.output_norm, eps)
-        logits = self.output(h if all_logits or not hidden else h[-1:])
+        logits = self.output(h if all_logits or not hidden else h[-1:]) if head else None
         return (logits, h) if hidden else logits
 
     def forward_rows(self, tokens: np.ndarray, caches: list, counts: list[int] | None = None, hidden: bool = False,
