@@ -27,7 +27,8 @@ from .moe import FEW_TOKENS, SIGMOID, SOFTMAX, RouterConfig, route
 # sum of V, where the absorbed form takes C + R and C (576 and 512 against 192 and 128 on V2-Lite);
 # decompressing costs the cache's positions times k_b and v_b once a chunk. On the host only.
 DECOMPRESS_TOKENS = 64
-DRAFT_TILE = 64  # rows: a multiple of every kernel layout's tile (mtp_step's drafts over the head's first rows)
+DRAFT_TILE = 128  # rows: a multiple of every kernel layout's tile (16, 64, the K-quants' portable 128): mtp_step's
+# drafts over the head's first rows
 
 
 @dataclass(frozen=True)
