@@ -129,7 +129,7 @@ def with_model(path: Path, device: str, n: int, runs: int = 7) -> dict:
     for e in engines.values():
         list(edgeseek.stream_generate(e, prompts[0], max_tokens=8, sampler=SamplerConfig.greedy()))  # warm
         if e.mtp is not None:
-            e.mtp.steps = e.mtp.drafted = e.mtp.accepted = 0
+            e.mtp.steps = e.mtp.drafted = e.mtp.accepted = e.mtp.draft_misses = 0
     tokens, seconds = dict.fromkeys(modes, 0.0), dict.fromkeys(modes, 0.0)
     ratios: dict = {mode: [] for mode in modes}
     for r in range(runs):
