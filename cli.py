@@ -507,13 +507,17 @@ def chat(
             continue
         if not text.strip():
             continue
-        if text.startswith("/"):
-            result = session.command(text)
-            if result.leave:
-                return
-            _show(result, session.engine)
-            continue
-        _reply(session, text)
+        try:  # Ctrl+C stops the turn wherever it lands (a reply's stats line, a slash command), not the chat
+            if text.startswith("/"):
+                result = session.command(text)
+                if result.leave:
+                    return
+                _show(result, session.engine)
+            else:
+                _reply(session, text)
+        except KeyboardInterrupt:
+            out.print()
+            err.print("[stopped]", markup=False)
 
 
 def _read_message() -> str:

@@ -91,9 +91,9 @@ class ChatSession:
     def send(self, text: str) -> Iterator[GenerationResponse]:
         """Streams the reply to `text`. The reply (even when stopped early) joins the conversation."""
         self.messages.append({"role": "user", "content": text})
-        ids = chat_prompt_ids(self.engine, self.conversation())
         reply = []
         try:
+            ids = chat_prompt_ids(self.engine, self.conversation())
             for r in stream_generate(self.engine, ids, max_tokens=self.max_tokens,
                                      sampler=self.sampler, context=self.context):
                 reply.append(r.text)

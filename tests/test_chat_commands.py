@@ -108,6 +108,18 @@ def test_interrupted_reply_joins_the_conversation(session):
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
 
 
+def test_a_turn_stopped_while_its_prompt_is_rendered_leaves_no_message(session, monkeypatch):
+    import edgeseek.chat
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgeseek.chat, "chat_prompt_ids", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        next(session.send("Hello"))
+    assert session.messages == []  # the next turn does not follow an unanswered one
+
+
 def test_model_without_template_is_refused(engine, monkeypatch):
     monkeypatch.setattr(engine, "chat_template", None)
     with pytest.raises(EdgeseekError, match="no chat template"):

@@ -210,3 +210,24 @@ def test_a_missing_lora_file_is_said_before_the_model_loads(tmp_path, monkeypatc
 def test_ctx_below_one_is_refused(tmp_path):
     r = runner.invoke(app, ["generate", str(tmp_path / "never-loaded.gguf"), "-p", "hi", "--ctx", "0"])
     assert r.exit_code == 1 and r.stderr == "error: --ctx must be at least 1, got 0\n", r.output
+
+
+def test_ctrl_c_after_a_reply_or_in_a_command_stops_the_turn_not_the_chat(smollm2_path, monkeypatch):
+    import edgeseek.app.cli as cli_module
+
+    stats_line = cli_module._stats_line
+    calls = []
+
+    def interrupted_once(*args):
+        calls.append(1)
+        if len(calls) == 1:  # Ctrl+C lands as the first reply's stats line is printed
+            raise KeyboardInterrupt
+        return stats_line(*args)
+
+    monkeypatch.setattr(cli_module, "_stats_line", interrupted_once)
+    script = "Hello\n/stats\nAnd again?\n/bye\n"
+    r = runner.invoke(app, ["chat", str(smollm2_path), "-n", "4", "--temp", "0"], input=script)
+    assert r.exit_code == 0, r.output
+    assert "[stopped]" in r.stderr
+    assert r.stderr.count("[ prompt:") == 2  # /stats, then the second reply's stats line
+    assert "generation: 4 tok" in r.stderr  # /stats: the first turn counted
