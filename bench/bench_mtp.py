@@ -11,7 +11,9 @@ MoE layer and the output head); from those, the speedup that acceptance a (DeepS
 step's cost (the verification, the catch-up over the step's tokens, k-1 further drafts) in units of
 a plain step. --model: greedy decode with MTP off and with k = 1, 2, 3 on five prompts; tokens/s,
 acceptance, tokens per step, and, where --cost is the same file, the speedup the cost model
-predicts from the measured tokens per step next to the measured one.
+predicts from the measured tokens per step next to the measured one. With --cost it also gives the
+acceptance at which the cost model reaches --target (1.3x by default) for each k, and the speedup
+with every draft accepted (the ceiling the step's costs leave).
 """
 from __future__ import annotations
 
@@ -105,6 +107,19 @@ def at_acceptance(a: float, k: int) -> float:
     return sum(a ** j for j in range(k + 1))
 
 
+def acceptance_for(c: dict, target: float, k: int) -> float | None:
+    """The per-draft acceptance at which the cost model reaches `target` times plain decoding with
+    k drafts (the speedup grows with acceptance: bisection), None where even every draft accepted
+    falls short."""
+    if predicted_speedup(c, at_acceptance(1.0, k), k) < target:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predicted_speedup(c, at_acceptance(mid, k), k) < target else (lo, mid)
+    return hi
+
+
 PROMPTS = ["Tell me about the history of the printing press.", "Explain photosynthesis to a child.",
            "Write a short poem about the sea.", "Give three tips for learning a new language.",
            "Tell me a story about a robot who learns to paint."]
@@ -159,6 +174,7 @@ def main():
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--runs", type=int, default=7, help="--model: replies per mode (their median)")
+    p.add_argument("--target", type=float, default=1.3, help="the speedup whose acceptance the cost model reports")
     p.add_argument("--out", type=Path, default=HERE / "results" / "mtp.json")
     a = p.parse_args()
     result = {"device": a.device, "ram_budget": a.ram_budget}
@@ -174,6 +190,12 @@ def main():
               f" ({'measured' if c['mtp_measured'] else 'estimated'}; head {c['head_s'] * 1e3:.2f} ms)")
         for acc, row in c["predicted_speedup"].items():
             print(f"  predicted speedup at {acc}: " + ", ".join(f"{k} {v:.2f}x" for k, v in row.items()))
+        c["ceiling"] = {f"k={k}": round(predicted_speedup(c, at_acceptance(1.0, k), k), 3) for k in (1, 2, 3)}
+        need = {f"k={k}": acceptance_for(c, a.target, k) for k in (1, 2, 3)}
+        c["acceptance_for"] = {f"{a.target}x": {k: None if v is None else round(v, 3) for k, v in need.items()}}
+        print(f"  {a.target}x needs acceptance " + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in need.items())
+              + " (every draft accepted: " + ", ".join(f"{k} {v:.2f}x" for k, v in c["ceiling"].items()) + ")")
+        result["cost"].update(ceiling=c["ceiling"], acceptance_for=c["acceptance_for"])
     if a.model:
         rows = with_model(a.model, a.device, a.decode, a.runs)
         result["model"] = {"file": a.model.name, "runs": rows}
