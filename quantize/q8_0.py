@@ -136,19 +136,25 @@ def _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo, stride):
     store_f(y, yo + 48, b3)
 
 
+@njit(cache=True, inline="always")
+def _tile_run(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N):
+    # activation rows r0..r1-1 through tile t into y.flat[yo + (k - r0) * N ...]: two at a time
+    # (PAIRS; an odd last alone), else one after another
+    k = r0
+    if PAIRS:
+        while k + 2 <= r1:
+            _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
+            k += 2
+    for k in range(k, r1):
+        _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_vnni(qs, d, xw, xd, xsum, y):
-    # y (n_tiles, T, TILE); rows two at a time (PAIRS; an odd last alone), else one after another
+    # y (n_tiles, T, TILE)
     nt, n_tok = qs.shape[0], xw.shape[0]
     for t in prange(nt):
-        if PAIRS:
-            for k in range(0, n_tok - 1, 2):
-                _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE, tiles.TILE)
-            if n_tok % 2:
-                _tile_vnni(qs, d, t, xw, xd, xsum, n_tok - 1, y, (t * n_tok + n_tok - 1) * tiles.TILE)
-        else:
-            for k in range(n_tok):
-                _tile_vnni(qs, d, t, xw, xd, xsum, k, y, (t * n_tok + k) * tiles.TILE)
+        _tile_run(qs, d, t, xw, xd, xsum, 0, n_tok, y, t * n_tok * tiles.TILE, tiles.TILE)
 
 
 @njit(cache=True)
@@ -179,14 +185,7 @@ def _matmul_vnni_groups(at, nt, nb, spans, xw, xd, xsum, y):
         qs = carray(at_address(at[j, 0]), (nt, nb, 8, tiles.TILE), np.uint32)
         d = carray(at_address(at[j, 1]), (nt, nb, tiles.TILE), np.uint16)
         r0, r1, yo = spans[j, 0], spans[j, 1], spans[j, 2] * N + t * tiles.TILE
-        if PAIRS:  # two rows at a time, as _matmul_vnni
-            for k in range(r0, r1 - 1, 2):
-                _tile_vnni2(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N, N)
-            if (r1 - r0) % 2:
-                _tile_vnni(qs, d, t, xw, xd, xsum, r1 - 1, y, yo + (r1 - 1 - r0) * N)
-        else:
-            for k in range(r0, r1):
-                _tile_vnni(qs, d, t, xw, xd, xsum, k, y, yo + (k - r0) * N)
+        _tile_run(qs, d, t, xw, xd, xsum, r0, r1, y, yo, N)
 
 
 @njit(parallel=True, cache=True)
