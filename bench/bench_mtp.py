@@ -182,6 +182,9 @@ def main():
         c = costs(a.cost, a.device, a.repeats, a.ram_budget)
         c["predicted_speedup"] = {f"a={acc}": {f"k={k}": round(predicted_speedup(c, at_acceptance(acc, k), k), 3)
                                                for k in (1, 2, 3)} for acc in (0.5, 0.7, 0.85, 0.9)}
+        c["ceiling"] = {f"k={k}": round(predicted_speedup(c, at_acceptance(1.0, k), k), 3) for k in (1, 2, 3)}
+        need = {f"k={k}": acceptance_for(c, a.target, k) for k in (1, 2, 3)}
+        c["acceptance_for"] = {f"{a.target}x": {k: None if v is None else round(v, 3) for k, v in need.items()}}
         result["cost"] = {"file": a.cost.name, **c}
         f = c["forward_s"]
         print(f"{a.cost.name}: forward over 1/2/3/4 positions {f[1] * 1e3:.1f} / {f[2] * 1e3:.1f} / "
@@ -190,12 +193,8 @@ def main():
               f" ({'measured' if c['mtp_measured'] else 'estimated'}; head {c['head_s'] * 1e3:.2f} ms)")
         for acc, row in c["predicted_speedup"].items():
             print(f"  predicted speedup at {acc}: " + ", ".join(f"{k} {v:.2f}x" for k, v in row.items()))
-        c["ceiling"] = {f"k={k}": round(predicted_speedup(c, at_acceptance(1.0, k), k), 3) for k in (1, 2, 3)}
-        need = {f"k={k}": acceptance_for(c, a.target, k) for k in (1, 2, 3)}
-        c["acceptance_for"] = {f"{a.target}x": {k: None if v is None else round(v, 3) for k, v in need.items()}}
         print(f"  {a.target}x needs acceptance " + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in need.items())
               + " (every draft accepted: " + ", ".join(f"{k} {v:.2f}x" for k, v in c["ceiling"].items()) + ")")
-        result["cost"].update(ceiling=c["ceiling"], acceptance_for=c["acceptance_for"])
     if a.model:
         rows = with_model(a.model, a.device, a.decode, a.runs)
         result["model"] = {"file": a.model.name, "runs": rows}
